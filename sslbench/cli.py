@@ -1,0 +1,308 @@
+"""The ``sslbench`` command line (also ``python -m sslbench``).
+
+Every user error (unknown method/task/key, bad data, wrong checkpoint) is printed as one line naming the
+file or key and what was expected, with exit status 2; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import SSLBenchError
+
+DEFAULT_METHOD = "scratch"
+DEFAULT_TASK = "phantom-btcv"
+
+EXAMPLES = {
+    "run": "sslbench run --method scratch --task phantom-btcv\n  sslbench run --method voco --task mmwhs --root /data/MM-WHS --preset paper\n  sslbench run --task phantom-mmwhs --seed 1 --set task.finetune.max_steps=200",
+    "pretrain": "sslbench pretrain --method voco\n  sslbench pretrain --method voco --corpus phantom-corpus --set method.params.lambda=0.5",
+    "finetune": "sslbench finetune --task phantom-btcv --init runs/pretrain/voco/phantom-corpus/<hash>-s0/checkpoints/backbone.pt\n  sslbench finetune --task btcv --root /data/BTCV --init model_swinvit.pt --method swinunetr-ssl",
+    "evaluate": "sslbench evaluate runs/finetune/phantom-btcv/scratch/<hash>-s0\n  sslbench evaluate RUN_DIR --checkpoint RUN_DIR/checkpoints/last.pt",
+    "sweep": "sslbench sweep lambda --task phantom-mmwhs --values 0.5 1.0 1.5",
+    "report": "sslbench report --format md --out leaderboards/rendered",
+    "data": "sslbench data synth --like btcv --out /tmp/btcv-phantom --cases 8\n  sslbench data check --task btcv --root /tmp/btcv-phantom",
+    "list": "sslbench list methods\n  sslbench list tasks",
+    "bench": "sslbench bench pretrain --method voco --variant paper --steps 10",
+}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="sslbench", formatter_class=fmt,
+                                description="One pretrain -> finetune -> evaluate protocol for VoCo and its "
+                                            "self-supervised baselines on 3D medical imaging tasks.",
+                                epilog="examples:\n  sslbench run                      # the demo: scratch on phantom BTCV (CPU, minutes)\n"
+                                       "  sslbench list tasks\n  sslbench <command> --help")
+    sub = p.add_subparsers(dest="command", metavar="command")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, formatter_class=fmt,
+                              epilog="example:\n  " + EXAMPLES[name])
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--preset", choices=("paper", "tiny"), help="settings profile (default: the task's; phantoms: tiny)")
+        sp.add_argument("--seed", type=int, help="run seed (default 0)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any key of the resolved recipe, e.g. task.finetune.lr=1e-3 (repeatable)")
+        sp.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
+        sp.add_argument("--force", action="store_true", help="replace an existing run folder")
+        sp.add_argument("--out", help="folder for run records (default: runs/)")
+
+    sp = add("run", "Pre-train (if the method has a pre-training; reused when an identical one finished), fine-tune and evaluate.")
+    sp.add_argument("--method", default=DEFAULT_METHOD, help=f"method recipe name (default {DEFAULT_METHOD})")
+    sp.add_argument("--task", default=DEFAULT_TASK, help=f"task recipe name (default {DEFAULT_TASK})")
+    sp.add_argument("--root", help="dataset root of the task (phantom tasks synthesise their own)")
+    sp.add_argument("--corpus", help="pre-training corpus recipe (default: the method's)")
+    sp.add_argument("--corpus-root", help="dataset root of the corpus")
+    common(sp)
+
+    sp = add("pretrain", "Pre-train a method's backbone on a corpus and write its checkpoint.")
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--corpus", help="corpus recipe (default: the method's, phantom-corpus)")
+    sp.add_argument("--corpus-root", "--root", dest="corpus_root", help="dataset root of the corpus")
+    common(sp)
+
+    sp = add("finetune", "Fine-tune and evaluate a task from random init or from a checkpoint (--init).")
+    sp.add_argument("--task", default=DEFAULT_TASK)
+    sp.add_argument("--root", help="dataset root of the task")
+    sp.add_argument("--init", help="backbone checkpoint (sslbench, official VoCo or SwinUNETR layouts)")
+    sp.add_argument("--method", help="method label for the record (default: 'scratch' without --init, 'external' with it)")
+    common(sp)
+
+    sp = add("evaluate", "Evaluate a finished fine-tuning run again (sliding-window Dice per case).")
+    sp.add_argument("run_dir", help="a run folder under runs/finetune/")
+    sp.add_argument("--checkpoint", help="checkpoint to evaluate (default: best.pt, else last.pt)")
+    sp.add_argument("--root", help="dataset root (default: the one recorded)")
+
+    sp = add("sweep", "Optuna sweeps over recipe keys (the lambda ablation first).")
+    sp.add_argument("key", nargs="?", default="lambda")
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sp = add("report", "Render leaderboard tables from run records beside the published numbers.")
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sp = add("data", "Write phantom datasets in real layouts, or check a dataset on disk.")
+    dsub = sp.add_subparsers(dest="data_command", metavar="action")
+    d = dsub.add_parser("synth", help="write a miniature phantom tree in a dataset's real layout", formatter_class=fmt,
+                        epilog="example:\n  sslbench data synth --like mmwhs --out /tmp/mmwhs --cases 6 --seed 1")
+    d.add_argument("--like", required=True, help="layout to imitate: btcv, btcv-raw, msd-spleen, mmwhs")
+    d.add_argument("--out", required=True)
+    d.add_argument("--cases", type=int, default=8)
+    d.add_argument("--seed", type=int, default=0)
+    d = dsub.add_parser("check", help="validate a dataset against its task recipe", formatter_class=fmt,
+                        epilog="example:\n  sslbench data check --task mmwhs --root /data/MM-WHS")
+    d.add_argument("--task", required=True)
+    d.add_argument("--root", help="dataset root (phantom tasks: their synthesised folder)")
+
+    sp = add("list", "List method or task recipes with their source paper and status.")
+    sp.add_argument("what", choices=("methods", "tasks"))
+
+    sp = add("bench", "Performance benchmarks (GPU): pre-training throughput of a method.")
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="e.g. pretrain --method voco --variant paper")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+def _results_table(metrics: dict, console) -> None:
+    from rich.table import Table
+
+    phantom = " [PHANTOM data, not the real dataset]" if metrics.get("phantom") else ""
+    t = Table(title=f"{metrics['method']} on {metrics['task_title']}{phantom}: Dice (validation split, "
+                    f"{metrics['n_cases']} cases, checkpoint {metrics.get('checkpoint', '?')})")
+    t.add_column("class")
+    t.add_column("Dice", justify="right")
+    for name, value in metrics["per_class"].items():
+        t.add_row(name, "n/a" if value is None else f"{100 * value:.2f}")
+    t.add_row("[bold]mean (per case, then over cases)", f"[bold]{100 * metrics['mean_dice']:.2f} ± {100 * metrics['std_dice']:.2f}")
+    console.print(t)
+
+
+def _cmd_list(args, console) -> int:
+    from rich.table import Table
+
+    from . import recipes
+
+    t = Table(title=f"sslbench {args.what}")
+    kind = "methods" if args.what == "methods" else "benchmarks"
+    t.add_column("name")
+    t.add_column("title")
+    if kind == "benchmarks":
+        t.add_column("kind")
+    t.add_column("source paper")
+    t.add_column("status")
+    for name in recipes.list_recipes(kind):
+        r = recipes.load_method(name) if kind == "methods" else recipes.load_task(name)
+        colour = "green" if r["status"] == "available" else "yellow"
+        row = [name, r["title"]] + ([r["kind"]] if kind == "benchmarks" else []) + [r["source"], f"[{colour}]{r['status']}"]
+        t.add_row(*row)
+    console.print(t)
+    return 0
+
+
+def _resolve(args, method: str, task: str | None, corpus: str | None = None) -> dict:
+    from . import recipes
+
+    cfg = recipes.resolve(method, task, preset=args.preset, overrides=args.overrides, seed=args.seed, corpus=corpus)
+    if args.out:
+        cfg["run"]["out"] = args.out
+    return cfg
+
+
+def _pretrain_init(cfg_full: dict, args, console) -> dict | None:
+    """Pre-train (or reuse) the method's backbone; None for methods without pre-training."""
+    from . import protocol, recipes
+
+    if cfg_full["method"].get("pretrain") is None:
+        return None
+    pcfg = recipes.split_config(cfg_full, "corpus")
+    out = protocol.pretrain(pcfg, root=getattr(args, "corpus_root", None), resume=args.resume, force=False,
+                            console=console)
+    ckpt = out.record.ckpt_dir / "backbone.pt"
+    return {"path": str(ckpt), "source": "pretrain", "pretrain_run": str(out.record.path),
+            "hash": recipes.protocol_hash(pcfg), "method": cfg_full["method"]["name"],
+            "include_decoder": bool(out.metrics.get("transfers_decoder", False))}
+
+
+def _cmd_run(args, console) -> int:
+    from . import protocol, recipes
+
+    cfg = _resolve(args, args.method, args.task, corpus=args.corpus)
+    init = _pretrain_init(cfg, args, console)
+    fcfg = recipes.split_config(cfg, "task")
+    out = protocol.finetune(fcfg, root=args.root, init=init, resume=args.resume, force=args.force, console=console)
+    _results_table(out.metrics, console)
+    console.print(f"run record: {out.record.path}")
+    return 0
+
+
+def _cmd_pretrain(args, console) -> int:
+    from . import protocol, recipes
+
+    cfg = _resolve(args, args.method, None, corpus=args.corpus)
+    if cfg["method"].get("pretrain") is None:
+        from .errors import RecipeError
+
+        raise RecipeError(f"method '{args.method}' has no pre-training (methods/{args.method}.yaml: pretrain is null)")
+    pcfg = recipes.split_config(cfg, "corpus")
+    out = protocol.pretrain(pcfg, root=args.corpus_root, resume=args.resume, force=args.force, console=console)
+    m = out.metrics
+    phantom = " on PHANTOM data" if m.get("phantom") else ""
+    console.print(f"pre-trained {m.get('method')} ({m.get('variant') or 'default'}){phantom}: {m.get('steps')} steps, "
+                  f"final loss {m.get('final_loss')}")
+    console.print(f"backbone checkpoint: {out.record.ckpt_dir / 'backbone.pt'}")
+    return 0
+
+
+def _cmd_finetune(args, console) -> int:
+    from . import protocol, recipes
+
+    label = args.method or ("external" if args.init else "scratch")
+    method = args.method if (args.method and args.method in recipes.list_recipes("methods")) else "scratch"
+    cfg = _resolve(args, method, args.task)
+    cfg["run"]["label"] = label
+    init = None
+    if args.init:
+        path = Path(args.init)
+        from .backbones import read_checkpoint
+
+        read_checkpoint(path)  # fail early, with one line, on a missing or unreadable file
+        init = {"path": str(path), "source": "file", "hash": protocol.file_digest(path), "method": label}
+    out = protocol.finetune(recipes.split_config(cfg, "task"), root=args.root, init=init, resume=args.resume,
+                            force=args.force, console=console)
+    _results_table(out.metrics, console)
+    console.print(f"run record: {out.record.path}")
+    return 0
+
+
+def _cmd_evaluate(args, console) -> int:
+    from . import protocol
+
+    res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console)
+    rec = json.loads((Path(args.run_dir) / "metrics.json").read_text()) if (Path(args.run_dir) / "metrics.json").is_file() else {}
+    _results_table({**rec, **res, "method": rec.get("method", "?"), "task_title": rec.get("task_title", "?"),
+                    "checkpoint": res["checkpoint"]}, console)
+    console.print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
+    return 0
+
+
+def _cmd_data(args, console) -> int:
+    from rich.table import Table
+
+    if args.data_command == "synth":
+        from .data import phantom
+
+        root = phantom.synth(args.like, Path(args.out), cases=args.cases, seed=args.seed)
+        console.print(f"wrote {args.cases} phantom cases like '{args.like}' to {root} "
+                      f"(procedurally generated anatomy, NOT patient data)")
+        return 0
+    if args.data_command == "check":
+        from . import protocol, recipes
+        from .data import check as check_mod
+
+        task = recipes.load_task(args.task)
+        root, _ = protocol.locate_data(task, args.root, log=console.print)
+        report = check_mod.check_dataset(task, root)
+        rows = check_mod.summarize(report)
+        if rows:
+            t = Table(title=f"{task['title']} at {root} (layout {report.layout})" + (" [PHANTOM]" if report.phantom else ""))
+            for col in rows[0]:
+                t.add_column(str(col))
+            for r in rows:
+                t.add_row(*[str(v) for v in r.values()])
+            console.print(t)
+        if report.problems:
+            for line in report.problems:
+                print(f"problem: {line}", file=sys.stderr)
+            print(f"{len(report.problems)} problem(s) found in {root}", file=sys.stderr)
+            return 1
+        console.print(f"[green]ok[/green]: {len(report.rows)} cases checked, no problems")
+        return 0
+    print("usage: sslbench data {synth,check} ... (see sslbench data --help)", file=sys.stderr)
+    return 2
+
+
+def _not_yet(name: str, issue: str) -> int:
+    print(f"sslbench {name}: not implemented yet ({issue}); see README.md for what works today", file=sys.stderr)
+    return 3
+
+
+def _cmd_bench(args, console) -> int:
+    try:
+        from . import bench
+    except ImportError:
+        return _not_yet("bench", "the benchmark module is not installed")
+    return int(bench.main(args.rest) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    console = _console()
+    handlers = {"run": _cmd_run, "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "evaluate": _cmd_evaluate,
+                "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench,
+                "sweep": lambda a, c: _not_yet("sweep", "Optuna sweeps arrive with issue 6"),
+                "report": lambda a, c: _not_yet("report", "leaderboard tables arrive with issue 6")}
+    try:
+        return int(handlers[args.command](args, console) or 0)
+    except SSLBenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The contract between a self-supervised method and the shared protocol.
+
+A method knows nothing of tasks: it receives pre-processed volumes of the corpus and returns a loss; it
+hands over backbone weights in SwinUNETR's own key layout (``swinViT.*``, ``encoder*``), which every
+task's fine-tuning loads.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+class PretrainMethod(nn.Module):
+    """Base class of a pre-training method (one file per method under sslbench/methods/).
+
+    Subclasses set ``name`` and implement ``forward``; they may override the rest.
+    """
+
+    name: str = ""
+    #: whether the method trains SwinUNETR's decoder too, so fine-tuning should also load decoder*.
+    transfers_decoder: bool = False
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__()
+        self.params = dict(params)
+        self.model_cfg = dict(model_cfg)
+
+    @staticmethod
+    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        """Spatial size every corpus volume is resized to before batching (None: random crops)."""
+        return None
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """One training step's loss on a batch of volumes [B, 1, X, Y, Z] scaled to [0, 1]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Hook run after the optimizer step (e.g. an EMA teacher update)."""
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained backbone tensors in SwinUNETR's key layout (what fine-tuning loads)."""
+        raise NotImplementedError
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Method-specific heads (projection MLPs, predictors...), saved apart from the backbone."""
+        return {}

@@ -1,0 +1,613 @@
+"""The one protocol: pretrain(method, corpus) -> checkpoint -> finetune(task) -> evaluate(task) -> record.
+
+Written once for every method and task: a method only supplies a loss on a batch of corpus volumes
+(sslbench/methods/), a task only supplies a recipe (benchmarks/) and, where its layout is new, a reader
+(sslbench/data/layouts.py). Training is counted in steps; every random draw of step ``s`` is seeded by
+(run seed, s), so a run killed at any moment and continued with ``--resume`` from its last checkpoint
+ends with the same metrics as an uninterrupted run (on the CPU, where kernels are deterministic).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from . import recipes
+from .backbones import build_swinunetr, load_backbone, read_checkpoint
+from .errors import DataError, RecipeError, RunError
+from .records import RunRecord, atomic_torch_save, atomic_write_json, atomic_write_text, prepare_run_folder
+
+PHANTOM_MARKER = "sslbench_phantom.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and precision
+# --------------------------------------------------------------------------------------------------
+def select_device(run_cfg: Mapping[str, Any]) -> torch.device:
+    want = run_cfg.get("device", "auto")
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"run.device: '{want}' asked for, but no CUDA device is visible (use run.device=cpu)")
+    return torch.device(want)
+
+
+def use_bf16(run_cfg: Mapping[str, Any], device: torch.device) -> bool:
+    p = run_cfg.get("precision", "auto")
+    return p == "bf16" or (p == "auto" and device.type == "cuda")
+
+
+def autocast(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: where it lives, whether it is a phantom, and the preprocessed cases
+# --------------------------------------------------------------------------------------------------
+def data_home() -> Path:
+    return Path(os.environ.get("SSLBENCH_DATA", "data"))
+
+
+def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, bool]:
+    """The dataset root for a task, synthesising the phantom twin when the recipe says ``root: auto``."""
+    from .data import phantom as phantom_mod
+
+    data = task.get("data") or {}
+    if root is None:
+        root = data.get("root")
+    if root in (None, ""):
+        raise DataError(f"task '{task['name']}' needs --root DIR (your copy of {task['title']} in its distributed "
+                        f"layout: {', '.join(data.get('layouts', []))}); for a demo use --task phantom-{task['name']}")
+    if root == "auto":
+        like = data.get("phantom_like")
+        if not like:
+            raise DataError(f"task '{task['name']}': data.root is 'auto' but data.phantom_like is not set")
+        cases = int(data.get("phantom_cases", 8))
+        out = data_home() / "phantoms" / f"{like}-n{cases}"
+        existing = next(iter(sorted(out.rglob(PHANTOM_MARKER))), None) if out.is_dir() else None
+        if existing is None:
+            log(f"writing {cases} phantom cases like {like} to {out} (procedural anatomy, not patient data)")
+            path = phantom_mod.synth(like, out, cases=cases, seed=0)
+        else:
+            path = existing.parent
+        return Path(path), True
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{path}: dataset root not found (expected a folder holding {task['title']})")
+    return path, (path / PHANTOM_MARKER).is_file()
+
+
+def labeled_subset(items: list[dict], labeled: int | float | None) -> list[dict]:
+    """A deterministic label-efficiency subset: the same cases for every method and seed."""
+    if labeled is None:
+        return items
+    n = int(labeled) if (isinstance(labeled, int) or float(labeled) >= 1) else max(1, round(float(labeled) * len(items)))
+    if n > len(items) or n <= 0:
+        raise RecipeError(f"task.finetune.labeled_cases: expected 1..{len(items)} cases (or a fraction), got {labeled}")
+    order = np.random.default_rng(0).permutation(len(items))
+    return [items[i] for i in sorted(order[:n])]
+
+
+def read_splits(task: Mapping[str, Any], root: Path) -> dict[str, list[dict]]:
+    from .data import layouts
+
+    splits = layouts.read_datalist(task, root)
+    for name in ("train", "val"):
+        if not splits.get(name):
+            raise DataError(f"{root}: the {name} split of task '{task['name']}' is empty")
+    return splits
+
+
+def load_cases(items: list[dict], transform, desc: str, progress=None) -> list[dict]:
+    """Apply the deterministic preprocessing to every case once (kept in memory for the run)."""
+    out = []
+    job = progress.add_task(desc, total=len(items), info="") if progress is not None else None
+    for item in items:
+        d = {k: item[k] for k in ("image", "label") if item.get(k)}
+        try:
+            case = transform(d)
+        except Exception as exc:  # MONAI wraps reader errors; keep one line naming the file
+            msg = str(exc).strip().splitlines()
+            raise DataError(f"{item['image']}: cannot be loaded and preprocessed ({(msg[-1] if msg else type(exc).__name__)[:200]})") from None
+        case["id"] = item["id"]
+        out.append(case)
+        if job is not None:
+            progress.advance(job)
+    if job is not None:
+        progress.remove_task(job)
+    return out
+
+
+def make_progress(console=None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    console=console, transient=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation (shared by every method): sliding-window inference, Dice per class per case
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mapping[str, Any],
+                          device: torch.device, bf16: bool, progress=None) -> list[dict]:
+    """Per-case Dice of each foreground class (NaN where a class is absent from both prediction and truth)."""
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import compute_dice
+
+    ev, roi = task["evaluate"], tuple(task["finetune"]["roi"])
+    classes = task["classes"]
+    model.eval()
+    rows = []
+    job = progress.add_task("evaluate", total=len(cases), info="") if progress is not None else None
+    for case in cases:
+        image = case["image"].unsqueeze(0).to(device)
+        label = case["label"].unsqueeze(0).to(device).long()
+        with autocast(bf16, device):
+            logits = sliding_window_inference(image, roi, ev["sw_batch_size"], model, overlap=ev["overlap"],
+                                              mode=ev.get("mode", "gaussian"))
+        pred = logits.float().argmax(1, keepdim=True)
+        n = len(classes)
+        onehot_p = torch.nn.functional.one_hot(pred[:, 0], n).permute(0, 4, 1, 2, 3)
+        onehot_y = torch.nn.functional.one_hot(label[:, 0].clamp(0, n - 1), n).permute(0, 4, 1, 2, 3)
+        dice = compute_dice(onehot_p, onehot_y, include_background=False, ignore_empty=True)[0].cpu().numpy()
+        row = {"case": case["id"]}
+        row.update({classes[i + 1]: float(d) for i, d in enumerate(dice)})
+        row["mean"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
+        rows.append(row)
+        if job is not None:
+            progress.update(job, advance=1, info=f"dice {row['mean']:.3f}")
+    if job is not None:
+        progress.remove_task(job)
+    model.train()
+    return rows
+
+
+def summarize(rows: list[dict], classes: list[str]) -> dict[str, Any]:
+    import pandas as pd
+
+    df = pd.DataFrame(rows).set_index("case")
+    fg = [c for c in classes[1:]]
+    return {
+        "mean_dice": float(df["mean"].mean()),
+        "std_dice": float(df["mean"].std(ddof=0)),
+        "per_class": {c: (None if math.isnan(v) else float(v)) for c, v in df[fg].mean(skipna=True).items()},
+        "n_cases": int(len(df)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared training machinery
+# --------------------------------------------------------------------------------------------------
+def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
+
+
+def make_schedule(opt, warmup: int, total: int):
+    from monai.optimizers import WarmupCosineSchedule
+
+    return WarmupCosineSchedule(opt, warmup_steps=min(warmup, max(total - 1, 0)), t_total=max(total, 1))
+
+
+def _kill_point(step: int) -> None:
+    """Test hook: SSLBENCH_KILL_AFTER_STEP=N kills the process (SIGKILL) right after step N."""
+    at = os.environ.get("SSLBENCH_KILL_AFTER_STEP")
+    if at is not None and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Prefetcher:
+    """Builds the batches of the next steps in background threads (each batch depends only on its step)."""
+
+    def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2, workers: int = 1):
+        self.make, self.stop = make, stop
+        self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        self.pending: dict[int, Any] = {}
+        self.depth = depth
+        self._fill(start)
+
+    def _fill(self, step: int) -> None:
+        if self.pool is None:
+            return
+        for s in range(step, min(step + self.depth, self.stop)):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(self.make, s)
+
+    def get(self, step: int):
+        fut = self.pending.pop(step, None)
+        self._fill(step + 1)
+        return fut.result() if fut is not None else self.make(step)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Outcome:
+    record: RunRecord
+    action: str                    # new | resume | skip
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_dir(cfg: Mapping[str, Any], stage: str, protocol: str) -> Path:
+    out = Path(cfg["run"]["out"])
+    seed = cfg["run"]["seed"]
+    if stage == "pretrain":
+        return out / "pretrain" / cfg["method"]["name"] / cfg["corpus"]["name"] / f"{protocol}-s{seed}"
+    return out / "finetune" / cfg["task"]["name"] / cfg["run"].get("label", cfg["method"]["name"]) / f"{protocol}-s{seed}"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning + evaluation
+# --------------------------------------------------------------------------------------------------
+def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
+             force: bool = False, console=None) -> Outcome:
+    """Fine-tune SwinUNETR on a task (optionally from pre-trained backbone weights) and evaluate it.
+
+    ``init``: {"path": checkpoint, "source": "pretrain"|"file", "pretrain_run": folder, "hash": ...} or None.
+    """
+    from monai.losses import DiceCELoss
+
+    from .data.transforms import preprocess_transforms, step_seed, train_augmentation
+
+    task = cfg["task"]
+    if task["status"] != "available":
+        raise RecipeError(f"task '{task['name']}' is {task['status']} (not implemented yet); "
+                          f"see `sslbench list tasks` for the available ones")
+    if task["kind"] != "segmentation":
+        raise RecipeError(f"task '{task['name']}' is a {task['kind']} task; only segmentation fine-tuning exists yet")
+    cfg = dict(cfg)
+    cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
+    protocol = recipes.protocol_hash(cfg)
+    record = RunRecord(_run_dir(cfg, "finetune", protocol))
+    action = prepare_run_folder(record, protocol, resume, force)
+    say = (console.print if console is not None else print)
+    if action == "skip":
+        say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
+        return Outcome(record, "skip", record.metrics or {})
+
+    device = select_device(cfg["run"])
+    bf16 = use_bf16(cfg["run"], device)
+    if cfg["run"].get("num_threads"):
+        torch.set_num_threads(int(cfg["run"]["num_threads"]))
+    root_path, phantom = locate_data(task, root, log=say)
+    phantom = phantom or bool(task.get("phantom"))
+    splits = read_splits(task, root_path)
+    ft = task["finetune"]
+    train_items = labeled_subset(splits["train"], ft.get("labeled_cases"))
+    val_items = splits["val"]
+
+    record.path.mkdir(parents=True, exist_ok=True)
+    if action == "new":
+        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+        record.write_env(str(device))
+        record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
+                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
+               f"at {root_path}), protocol {protocol}, device {device}")
+
+    steps_per_epoch = math.ceil(len(train_items) / ft["batch_size"])
+    total = int(ft["max_steps"]) if ft.get("max_steps") else int(ft["epochs"]) * steps_per_epoch
+    val_every = ft.get("val_every") or 0
+    ckpt_every = max(1, int(ft.get("checkpoint_every") or total))
+    seed = int(cfg["run"]["seed"])
+
+    progress = make_progress(console)
+    with progress:
+        pre = preprocess_transforms(task)
+        train_cases = load_cases(train_items, pre, "preprocess train", progress)
+        val_cases = load_cases(val_items, pre, "preprocess val", progress)
+        n_classes = len(task["classes"])
+        for case in train_cases + val_cases:
+            bad = torch.unique(case["label"])
+            bad = bad[(bad < 0) | (bad >= n_classes)]
+            if len(bad):
+                raise DataError(f"{case['id']}: label values {bad.tolist()} outside the task's {n_classes} classes "
+                                f"(0..{n_classes - 1}); check data.label_map in {cfg['recipe_files']['task']}")
+
+        torch.manual_seed(seed)
+        model = build_swinunetr(cfg["model"], in_channels=1, out_channels=n_classes)
+        load_report = None
+        if init and init.get("path"):
+            state = read_checkpoint(init["path"])
+            load_report = load_backbone(model, state, str(init["path"]),
+                                        include_decoder=bool(init.get("include_decoder", False)))
+            say(load_report.summary())
+            record.log(load_report.summary())
+        model.to(device)
+        opt = make_optimizer(model.parameters(), ft["lr"], ft["weight_decay"], device)
+        sched = make_schedule(opt, ft["warmup_steps"], total)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        aug = train_augmentation(task)
+
+        start, best, best_step, history = 0, -1.0, -1, []
+        last = record.ckpt_dir / "last.pt"
+        if action == "resume" and last.is_file():
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
+            history = list(state.get("history", []))
+            say(f"resuming {record.path} from step {start}/{total}")
+            record.log(f"resumed from step {start}")
+
+        def make_batch(step: int):
+            rng = np.random.default_rng([seed, step])
+            picks = rng.integers(0, len(train_cases), size=ft["batch_size"])
+            aug.set_random_state(seed=step_seed(seed, step))
+            crops = []
+            for i in picks:
+                case = train_cases[int(i)]
+                out = aug({"image": case["image"], "label": case["label"]})
+                crops.extend(out if isinstance(out, list) else [out])
+            x = torch.stack([torch.as_tensor(c["image"]) for c in crops]).float()
+            y = torch.stack([torch.as_tensor(c["label"]) for c in crops]).float()
+            return x, y
+
+        def save_last(step: int) -> None:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "step": step, "best": best,
+                               "best_step": best_step, "history": history}, last)
+            record.set_status(step=step)
+
+        workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+        fetch = Prefetcher(make_batch, start, total, depth=4, workers=workers)
+        train_job = progress.add_task(f"finetune {task['name']}", total=total, completed=start, info="")
+        model.train()
+        loss_sum, loss_n = torch.zeros((), device=device), 0
+        try:
+            for step in range(start, total):
+                x, y = fetch.get(step)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(bf16, device):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach()
+                loss_n += 1
+                done = step + 1
+                if done % ft.get("log_every", 10) == 0 or done == total:
+                    mean_loss = float(loss_sum / loss_n)
+                    loss_sum.zero_()
+                    loss_n = 0
+                    history.append({"step": done, "loss": mean_loss})
+                    record.log(f"step {done}/{total} loss {mean_loss:.4f}")
+                    progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best dice {best:.3f}" if best >= 0 else ""))
+                if val_every and (done % val_every == 0 or done == total):
+                    rows = evaluate_segmentation(model, val_cases, task, device, bf16)
+                    score = float(np.nanmean([r["mean"] for r in rows]))
+                    history.append({"step": done, "val_dice": score})
+                    record.log(f"step {done} validation dice {score:.4f}")
+                    if score > best:
+                        best, best_step = score, done
+                        atomic_torch_save({"model": model.state_dict(), "step": done, "val_dice": score},
+                                          record.ckpt_dir / "best.pt")
+                    progress.update(train_job, info=f"val dice {score:.3f} (best {best:.3f})")
+                if done % ckpt_every == 0 or done == total:
+                    save_last(done)
+                progress.update(train_job, advance=1)
+                _kill_point(done)
+        finally:
+            fetch.close()
+
+        # Final evaluation on the validation split with the selected checkpoint.
+        chosen = "last"
+        if best_step > 0 and (record.ckpt_dir / "best.pt").is_file():
+            model.load_state_dict(torch.load(record.ckpt_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
+            chosen = f"best (step {best_step})"
+        rows = evaluate_segmentation(model, val_cases, task, device, bf16, progress)
+
+    summary = summarize(rows, task["classes"])
+    write_results(record, cfg, rows, summary, protocol=protocol, phantom=phantom, root=root_path,
+                  extra={"checkpoint": chosen, "steps": total, "train_cases": len(train_items),
+                         "init": {**(init or {}), "load": load_report.as_dict() if load_report else None},
+                         "history": history})
+    return Outcome(record, action, record.metrics or {})
+
+
+def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], summary: dict, protocol: str,
+                  phantom: bool, root: Path, extra: Mapping[str, Any]) -> None:
+    import pandas as pd
+
+    task = cfg["task"]
+    metrics = {
+        "kind": "finetune",
+        "task": task["name"],
+        "task_title": task["title"],
+        "method": cfg["run"].get("label", cfg["method"]["name"]),
+        "method_recipe": cfg["method"]["name"],
+        "variant": (cfg["method"].get("params") or {}).get("variant"),
+        "preset": cfg["run"]["preset"],
+        "seed": cfg["run"]["seed"],
+        "protocol": protocol,
+        "phantom": phantom,
+        "data_root": str(root),
+        "metric": "dice",
+        **summary,
+        "cases": rows,
+        **extra,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    pd.DataFrame(rows).to_csv(record.path / ".cases.csv.tmp", index=False)
+    os.replace(record.path / ".cases.csv.tmp", record.path / "cases.csv")
+    atomic_write_json(record.path / "metrics.json", metrics)
+    record.set_status(state="finished", finished=metrics["finished"])
+    record.log(f"finished: mean dice {summary['mean_dice']:.4f} over {summary['n_cases']} cases"
+               f"{' (PHANTOM data)' if phantom else ''}")
+
+
+def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | Path | None = None,
+               console=None) -> dict:
+    """Evaluate a finished fine-tuning run again (e.g. with another checkpoint); writes evaluation.json."""
+    from .data.transforms import preprocess_transforms
+
+    record = RunRecord(run_dir)
+    if not (record.path / "recipe.yaml").is_file():
+        raise RunError(f"{record.path}: not a run folder (no recipe.yaml)")
+    cfg = record.read_recipe()
+    task = cfg["task"]
+    device = select_device(cfg["run"])
+    bf16 = use_bf16(cfg["run"], device)
+    root_path, phantom = locate_data(task, root or (cfg.get("data") or {}).get("root"))
+    splits = read_splits(task, root_path)
+    ckpt = Path(checkpoint) if checkpoint else next((p for p in (record.ckpt_dir / "best.pt", record.ckpt_dir / "last.pt") if p.is_file()), None)
+    if ckpt is None or not ckpt.is_file():
+        raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
+    model = build_swinunetr(cfg["model"], 1, len(task["classes"]))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    progress = make_progress(console)
+    with progress:
+        cases = load_cases(splits["val"], preprocess_transforms(task), "preprocess val", progress)
+        rows = evaluate_segmentation(model, cases, task, device, bf16, progress)
+    summary = summarize(rows, task["classes"])
+    out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **summary, "cases": rows}
+    atomic_write_json(record.path / "evaluation.json", out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-training
+# --------------------------------------------------------------------------------------------------
+def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
+             console=None) -> Outcome:
+    """Pre-train a method's backbone on a corpus; writes checkpoints/backbone.pt in SwinUNETR's key layout."""
+    from monai import transforms as mt
+
+    from .data.transforms import preprocess_transforms, step_seed
+    from .methods import get_method_class
+
+    method_cfg, corpus = cfg["method"], cfg["corpus"]
+    if method_cfg.get("pretrain") is None:
+        raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
+    cls = get_method_class(method_cfg["name"])
+    if cls is None or method_cfg["status"] != "available":
+        raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
+    pt = method_cfg["pretrain"]
+    protocol = recipes.protocol_hash(cfg)
+    record = RunRecord(_run_dir(cfg, "pretrain", protocol))
+    action = prepare_run_folder(record, protocol, resume, force)
+    say = (console.print if console is not None else print)
+    if action == "skip":
+        say(f"pre-training already finished: {record.path} (protocol {protocol}); reusing it")
+        return Outcome(record, "skip", record.metrics or {})
+
+    device = select_device(cfg["run"])
+    bf16 = use_bf16(cfg["run"], device)
+    root_path, phantom = locate_data(corpus, root, log=say)
+    phantom = phantom or bool(corpus.get("phantom"))
+    from .data import layouts
+
+    splits = layouts.read_datalist(corpus, root_path)
+    items = [it for name in ("train", "val", "test") for it in splits.get(name, [])]
+    items = [{"id": it["id"], "image": it["image"]} for it in items]
+    if not items:
+        raise DataError(f"{root_path}: the corpus '{corpus['name']}' lists no images")
+    record.path.mkdir(parents=True, exist_ok=True)
+    if action == "new":
+        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+        record.write_env(str(device))
+        record.set_status(state="running", stage="pretrain", step=0, protocol=protocol,
+                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    seed = int(cfg["run"]["seed"])
+    total = int(pt["steps"])
+    size = cls.input_size(method_cfg.get("params") or {})
+    if size is None:
+        raise RecipeError(f"method '{method_cfg['name']}': random-crop corpora are not supported yet (input_size is None)")
+
+    progress = make_progress(console)
+    with progress:
+        pre = mt.Compose([preprocess_transforms(corpus, with_label=False),
+                          mt.Resized(keys="image", spatial_size=tuple(size), mode="trilinear")])
+        volumes = load_cases(items, pre, "preprocess corpus", progress)
+        stack = torch.stack([torch.as_tensor(v["image"]).float() for v in volumes])  # [N, 1, X, Y, Z]
+        if device.type == "cuda":
+            stack = stack.to(device)  # GPU-resident corpus: batches are gathered on the device
+        torch.manual_seed(seed)
+        method = cls(method_cfg.get("params") or {}, cfg["model"]).to(device)
+        opt = make_optimizer([p for p in method.parameters() if p.requires_grad], pt["lr"], pt["weight_decay"], device)
+        sched = make_schedule(opt, pt["warmup_steps"], total)
+        start, history = 0, []
+        last = record.ckpt_dir / "last.pt"
+        if action == "resume" and last.is_file():
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            method.load_state_dict(state["method"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, history = int(state["step"]), list(state.get("history", []))
+            say(f"resuming {record.path} from step {start}/{total}")
+        job = progress.add_task(f"pretrain {method_cfg['name']}", total=total, completed=start, info="")
+        acc: dict[str, torch.Tensor] = {}
+        n_acc = 0
+        t0 = time.perf_counter()
+        for step in range(start, total):
+            rng = np.random.default_rng([seed, step])
+            idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
+            torch.manual_seed(step_seed(seed, step, 1))
+            volumes_b = stack.index_select(0, idx).to(device, non_blocking=True)
+            with autocast(bf16, device):
+                loss, logs = method(volumes_b, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            method.after_step(step)
+            for k, v in {"loss": loss, **logs}.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                acc[k] = acc.get(k, 0) + v
+            n_acc += 1
+            done = step + 1
+            if done % pt.get("log_every", 10) == 0 or done == total:
+                entry = {"step": done, **{k: float(v / n_acc) for k, v in acc.items()}}
+                history.append(entry)
+                acc, n_acc = {}, 0
+                record.log("step {step} ".format(step=done) + " ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
+                progress.update(job, info=f"loss {entry['loss']:.4f}")
+            if done % pt.get("checkpoint_every", 500) == 0 or done == total:
+                atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "step": done, "history": history}, last)
+                record.set_status(step=done)
+            progress.update(job, advance=1)
+            _kill_point(done)
+        elapsed = time.perf_counter() - t0
+    backbone = {k: v.detach().cpu() for k, v in method.backbone_state_dict().items()}
+    atomic_torch_save(backbone, record.ckpt_dir / "backbone.pt")
+    atomic_torch_save({k: v.detach().cpu() for k, v in method.head_state_dict().items()}, record.ckpt_dir / "heads.pt")
+    metrics = {"kind": "pretrain", "method": method_cfg["name"], "variant": (method_cfg.get("params") or {}).get("variant"),
+               "corpus": corpus["name"], "phantom": phantom, "protocol": protocol, "seed": seed,
+               "preset": cfg["run"]["preset"], "steps": total, "volumes": len(items),
+               "final_loss": history[-1]["loss"] if history else None, "history": history,
+               "seconds_this_session": elapsed, "backbone_tensors": len(backbone),
+               "transfers_decoder": bool(getattr(cls, "transfers_decoder", False)),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(record.path / "metrics.json", metrics)
+    record.set_status(state="finished", finished=metrics["finished"])
+    return Outcome(record, action, metrics)

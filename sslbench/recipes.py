@@ -1,0 +1,467 @@
+"""Recipes as data: method recipes (methods/*.yaml), task recipes (benchmarks/*.yaml), shared defaults.
+
+A run's configuration is resolved from four layers, each validated up front with one-line errors that
+name the file, the key and what was expected:
+
+    sslbench/defaults.yaml  ->  the method recipe  ->  the task recipe  ->  the preset  ->  --set overrides
+
+The resolved config has the sections ``run``, ``model``, ``method`` and ``task``; ``--set`` addresses any
+key of it by dotted path (``--set task.finetune.lr=1e-3``, ``--set method.params.lambda=0.5``). Presets are
+dotted overrides declared inside each recipe under ``presets: {name: {key: value}}``.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import RecipeError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_REPO_DIR = PACKAGE_DIR.parent
+KINDS = {"methods": "sslbench.recipes.methods", "benchmarks": "sslbench.recipes.benchmarks",
+         "leaderboards": "sslbench.recipes.leaderboards"}
+PRESETS = ("paper", "tiny")
+STATUSES = ("available", "planned")
+
+
+def recipe_dir(kind: str) -> Path:
+    """Folder of one recipe kind: the repository's top-level folder, else the installed wheel's copy."""
+    local = _REPO_DIR / kind
+    if local.is_dir() and any(local.glob("*.yaml")):
+        return local
+    try:
+        return Path(str(resources.files(KINDS[kind])))
+    except (ModuleNotFoundError, TypeError) as exc:  # pragma: no cover - broken installation
+        raise RecipeError(f"cannot find the {kind}/ recipes next to {PACKAGE_DIR} nor in the installed package") from exc
+
+
+def list_recipes(kind: str) -> list[str]:
+    return sorted(p.stem for p in recipe_dir(kind).glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemas: a small declarative checker, so that every error names file, key and expectation.
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    types: tuple = ()                # accepted python types (int is accepted where float is)
+    choices: tuple = ()              # accepted values
+    items: "Spec | None" = None      # for lists: spec of each item
+    length: int | None = None        # for lists: exact length
+    nullable: bool = False
+    fields: Mapping[str, "Spec"] | None = None   # for mappings with a fixed set of keys
+    free: bool = False               # a mapping whose keys are free (method params, label maps)
+    required: bool = False
+
+    def describe(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.fields is not None or self.free:
+            text = "a mapping"
+        elif self.items is not None:
+            text = f"a list of {self.length or ''}{' ' if self.length else ''}{self.items.describe()}".replace("  ", " ")
+        else:
+            text = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a string",
+                                list: "a list", dict: "a mapping"}.get(t, t.__name__) for t in self.types)
+        return text + (" or null" if self.nullable else "")
+
+
+def S(*types, **kw) -> Spec:
+    return Spec(types=types, **kw)
+
+
+def _type_ok(value: Any, types: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def check(value: Any, spec: Spec, where: str, key: str) -> None:
+    """Raise RecipeError('<where>: key <key>: expected ..., got ...') when value does not fit spec."""
+    if value is None:
+        if spec.nullable:
+            return
+        raise RecipeError(f"{where}: key '{key}': expected {spec.describe()}, got null")
+    if spec.choices:
+        if value not in spec.choices:
+            raise RecipeError(f"{where}: key '{key}': expected {spec.describe()}, got {value!r}"
+                              f"{did_you_mean(value, spec.choices)}")
+        return
+    if spec.fields is not None:
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{where}: key '{key}': expected a mapping, got {type(value).__name__}")
+        for k, v in value.items():
+            sub_key = f"{key}.{k}" if key else str(k)
+            if k not in spec.fields:
+                raise RecipeError(f"{where}: unknown key '{sub_key}'{did_you_mean(k, spec.fields)}; "
+                                  f"expected one of {', '.join(spec.fields)}")
+            check(v, spec.fields[k], where, sub_key)
+        for k, sub in spec.fields.items():
+            if sub.required and k not in value:
+                raise RecipeError(f"{where}: missing key '{f'{key}.{k}' if key else k}' ({sub.describe()})")
+        return
+    if spec.free:
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{where}: key '{key}': expected a mapping, got {type(value).__name__}")
+        return
+    if spec.items is not None:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: key '{key}': expected {spec.describe()}, got {value!r}")
+        if spec.length is not None and len(value) != spec.length:
+            raise RecipeError(f"{where}: key '{key}': expected {spec.length} values, got {len(value)}")
+        for i, item in enumerate(value):
+            check(item, spec.items, where, f"{key}[{i}]")
+        return
+    if not _type_ok(value, spec.types):
+        raise RecipeError(f"{where}: key '{key}': expected {spec.describe()}, got {value!r}")
+
+
+NUM = S(float)
+INT = S(int)
+POS_INT = S(int)
+STR = S(str)
+BOOL = S(bool)
+PRESET_MAP = Spec(free=True)
+
+_HEADER = {
+    "name": S(str, required=True),
+    "title": S(str, required=True),
+    "source": S(str, required=True),
+    "code": S(str, nullable=True),
+    "status": Spec(choices=STATUSES, required=True),
+    "presets": PRESET_MAP,
+}
+
+METHOD_SCHEMA = Spec(fields={
+    **_HEADER,
+    "pretrain": Spec(nullable=True, fields={
+        "corpus": STR, "steps": INT, "lr": NUM, "weight_decay": NUM, "warmup_steps": INT,
+        "batch_size": INT, "checkpoint_every": INT, "log_every": INT,
+    }),
+    "params": Spec(free=True),
+})
+
+TASK_SCHEMA = Spec(fields={
+    **_HEADER,
+    "extends": STR,
+    "kind": Spec(choices=("segmentation", "classification", "classification2d", "corpus"), required=True),
+    "modality": S(str, required=True),
+    "phantom": BOOL,
+    "default_preset": Spec(choices=PRESETS),
+    "data": Spec(fields={
+        "layouts": Spec(items=STR),
+        "datalist": S(str, nullable=True),
+        "train_split": S(str, nullable=True),
+        "val_split": S(str, nullable=True),
+        "val_ids": Spec(items=STR, nullable=True),
+        "val_last": S(int, nullable=True),
+        "label_map": Spec(free=True, nullable=True),
+        "phantom_like": S(str, nullable=True),
+        "phantom_cases": INT,
+        "root": S(str, nullable=True),
+    }),
+    "classes": Spec(items=STR),
+    "preprocess": Spec(fields={
+        "orientation": STR, "spacing": Spec(items=NUM, length=3), "a_min": NUM, "a_max": NUM,
+        "b_min": NUM, "b_max": NUM, "clip": BOOL, "crop_foreground": BOOL,
+    }),
+    "finetune": Spec(fields={
+        "roi": Spec(items=INT, length=3), "epochs": INT, "max_steps": S(int, nullable=True), "lr": NUM,
+        "weight_decay": NUM, "warmup_steps": INT, "batch_size": INT, "num_samples": INT, "pos": NUM,
+        "neg": NUM, "val_every": S(int, nullable=True), "checkpoint_every": INT,
+        "labeled_cases": S(int, float, nullable=True), "loss": Spec(choices=("dicece",)),
+        "log_every": INT,
+    }),
+    "evaluate": Spec(fields={
+        "overlap": NUM, "sw_batch_size": INT, "metrics": Spec(items=Spec(choices=("dice",))),
+        "mode": Spec(choices=("gaussian", "constant")),
+    }),
+})
+
+DEFAULTS_SCHEMA = Spec(fields={
+    "run": Spec(fields={
+        "seed": INT, "device": STR, "precision": Spec(choices=("auto", "fp32", "bf16")), "out": STR,
+        "num_threads": INT, "preset": Spec(choices=PRESETS), "label": STR,
+    }),
+    "model": Spec(fields={
+        "name": Spec(choices=("swinunetr",)), "feature_size": INT, "use_v2": BOOL, "use_checkpoint": BOOL,
+        "drop_rate": NUM, "attn_drop_rate": NUM, "dropout_path_rate": NUM,
+    }),
+    "presets": PRESET_MAP,
+})
+
+#: Keys every task recipe gets unless it sets them (so that --set can address them).
+TASK_DEFAULTS: dict[str, Any] = {
+    "phantom": False,
+    "default_preset": "paper",
+    "data": {"layouts": [], "datalist": None, "train_split": "training", "val_split": "validation",
+             "val_ids": None, "val_last": None, "label_map": None, "phantom_like": None,
+             "phantom_cases": 8, "root": None},
+    "finetune": {"max_steps": None, "val_every": None, "checkpoint_every": 200, "labeled_cases": None,
+                 "loss": "dicece", "log_every": 10},
+    "evaluate": {"mode": "gaussian"},
+}
+METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
+PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10}
+
+
+def deep_merge(base: Mapping, top: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _unknown(kind: str, name: str) -> RecipeError:
+    names = list_recipes(kind)
+    label = {"methods": "method", "benchmarks": "task"}[kind]
+    return RecipeError(f"unknown {label} '{name}'{did_you_mean(name, names)}; known: {', '.join(names)}")
+
+
+def load_method(name: str) -> dict:
+    path = recipe_dir("methods") / f"{name}.yaml"
+    if not path.is_file():
+        raise _unknown("methods", name)
+    data = _read_yaml(path)
+    check(data, METHOD_SCHEMA, str(path), "")
+    if data["name"] != name:
+        raise RecipeError(f"{path}: key 'name': expected '{name}' (the file name), got {data['name']!r}")
+    out = deep_merge(METHOD_DEFAULTS, data)
+    if out.get("pretrain") is not None:
+        out["pretrain"] = deep_merge(PRETRAIN_DEFAULTS, out["pretrain"])
+    out["_file"] = str(path)
+    return out
+
+
+def load_task(name: str, _seen: tuple = ()) -> dict:
+    path = recipe_dir("benchmarks") / f"{name}.yaml"
+    if not path.is_file():
+        raise _unknown("benchmarks", name)
+    data = _read_yaml(path)
+    parent = data.get("extends")
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise RecipeError(f"{path}: key 'extends': expected a task name, got {parent!r}")
+        if parent in _seen:
+            raise RecipeError(f"{path}: key 'extends': circular extension through '{parent}'")
+        base = load_task(parent, _seen + (name,))
+        base.pop("_file", None)
+        base.pop("extends", None)
+        presets = deep_merge(base.get("presets", {}), data.get("presets", {}))
+        data = deep_merge(base, data)
+        data["presets"] = presets
+    check(data, TASK_SCHEMA, str(path), "")
+    if data["name"] != name:
+        raise RecipeError(f"{path}: key 'name': expected '{name}' (the file name), got {data['name']!r}")
+    if data["status"] == "available":
+        needed = ["data", "preprocess"] + ([] if data["kind"] == "corpus" else ["classes", "finetune", "evaluate"])
+        for key in needed:
+            if key not in data:
+                raise RecipeError(f"{path}: missing key '{key}' (required for an available {data['kind']} task)")
+    out = deep_merge(TASK_DEFAULTS, data)
+    out["_file"] = str(path)
+    return out
+
+
+def load_defaults() -> dict:
+    path = PACKAGE_DIR / "defaults.yaml"
+    data = _read_yaml(path)
+    check(data, DEFAULTS_SCHEMA, str(path), "")
+    data["_file"] = str(path)
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Dotted keys, presets and overrides
+# --------------------------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(value: Any, current: Any, where: str, key: str) -> Any:
+    """Make a parsed override fit the type of the value it replaces (YAML reads '1e-3' as a string)."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(current, str):
+        return str(value) if not isinstance(value, (dict, list)) else value
+    elif isinstance(current, list):
+        if isinstance(value, list):
+            return value
+        if isinstance(value, (int, float)) and len(current) and not isinstance(value, bool):
+            return [type(current[0])(value)] * len(current)  # --set task.finetune.roi=32 -> [32, 32, 32]
+    elif isinstance(current, dict):
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise RecipeError(f"{where}: key '{key}': expected {type(current).__name__} like {current!r}, got {value!r}")
+
+
+def set_dotted(cfg: dict, key: str, value: Any, where: str, parse: bool = True) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        if not isinstance(node, dict):
+            raise RecipeError(f"{where}: key '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
+        visible = [k for k in node if not str(k).startswith("_")]
+        if part not in node or part.startswith("_"):
+            raise RecipeError(f"{where}: unknown key '{path}'{did_you_mean(part, visible)}; "
+                              f"expected one of {', '.join(map(str, visible))}")
+        if i == len(parts) - 1:
+            new = _parse_value(value) if parse and isinstance(value, str) else value
+            node[part] = _coerce(new, node[part], where, key)
+        else:
+            node = node[part]
+
+
+def get_dotted(cfg: Mapping, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def parse_set(items: Iterable[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items or ():
+        if "=" not in item:
+            raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. --set task.finetune.lr=1e-3")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def resolve(method: str, task: str | None = None, preset: str | None = None, overrides: Iterable[str] = (),
+            seed: int | None = None, corpus: str | None = None) -> dict:
+    """The full, validated configuration of one protocol run.
+
+    Sections: ``run``, ``model``, ``method``, and ``task`` (fine-tuning) and/or ``corpus`` (pre-training).
+    A method with a ``pretrain`` section gets its corpus (``method.pretrain.corpus`` unless ``corpus`` is
+    given), so one resolution validates every override of a pre-train -> fine-tune run.
+    """
+    defaults = load_defaults()
+    m = load_method(method)
+    t = load_task(task) if task else None
+    if corpus is None and m.get("pretrain"):
+        corpus = m["pretrain"]["corpus"]
+    c = load_task(corpus) if corpus else None
+    if c is not None and c["kind"] != "corpus" and c["status"] != "available":
+        raise RecipeError(f"{c['_file']}: task '{corpus}' is {c['status']}, not a usable pre-training corpus")
+    lead = t or c
+    preset = preset or (lead.get("default_preset") if lead else None) or "paper"
+    if preset not in PRESETS:
+        raise RecipeError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}{did_you_mean(preset, PRESETS)}")
+    cfg: dict[str, Any] = {"run": copy.deepcopy(defaults["run"]), "model": copy.deepcopy(defaults["model"]),
+                           "method": {k: v for k, v in m.items() if k not in ("presets", "_file")}}
+    files = {"defaults": defaults["_file"], "method": m["_file"]}
+    layers = [("", defaults), ("method", m)]
+    for section, recipe in (("task", t), ("corpus", c)):
+        if recipe is not None:
+            cfg[section] = {k: v for k, v in recipe.items() if k not in ("presets", "_file")}
+            files[section] = recipe["_file"]
+            layers.append((section, recipe))
+    cfg["run"]["preset"] = preset
+    for section, recipe in layers:
+        for key, value in (recipe.get("presets", {}).get(preset) or {}).items():
+            full = f"{section}.{key}" if section else key
+            set_dotted(cfg, full, value, f"{recipe['_file']} (preset '{preset}')", parse=False)
+    for key, value in parse_set(overrides):
+        set_dotted(cfg, key, value, f"--set {key}")
+    if seed is not None:
+        cfg["run"]["seed"] = int(seed)
+    _validate_resolved(cfg, files)
+    cfg["recipe_files"] = files
+    return cfg
+
+
+def split_config(cfg: Mapping, part: str) -> dict:
+    """The pre-training ('corpus') or fine-tuning ('task') view of a resolved run config."""
+    drop = "task" if part == "corpus" else "corpus"
+    out = {k: copy.deepcopy(v) for k, v in cfg.items() if k != drop}
+    if "recipe_files" in out:
+        out["recipe_files"] = {k: v for k, v in out["recipe_files"].items() if k != drop}
+    return out
+
+
+def _validate_resolved(cfg: dict, files: Mapping[str, str]) -> None:
+    check({k: cfg[k] for k in ("run", "model")}, DEFAULTS_SCHEMA, f"{files['defaults']} (after presets and --set)", "")
+    check(cfg["method"], METHOD_SCHEMA, f"{files['method']} (after presets and --set)", "method")
+    for section in ("task", "corpus"):
+        if section in cfg:
+            check(cfg[section], TASK_SCHEMA, f"{files[section]} (after presets and --set)", section)
+    task_file = files.get("task", "")
+    ft = cfg.get("task", {}).get("finetune")
+    if ft:
+        for k in ("lr", "batch_size", "num_samples"):
+            if ft[k] <= 0:
+                raise RecipeError(f"{task_file}: key 'finetune.{k}': expected a positive value, got {ft[k]}")
+        if (ft.get("max_steps") or 0) <= 0 and ft["epochs"] <= 0:
+            raise RecipeError(f"{task_file}: keys 'finetune.epochs' / 'finetune.max_steps': expected one positive")
+
+
+# Keys that do not change what a run computes; they are left out of its protocol hash.
+_NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "recipe_files")
+
+
+def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:
+    """Short SHA-256 of the resolved config minus keys that do not change results (out dir, device)."""
+    c = copy.deepcopy(dict(cfg))
+    for key in tuple(_NOT_PROTOCOL) + tuple(exclude):
+        parts = key.split(".")
+        node = c
+        for p in parts[:-1]:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    text = json.dumps(c, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,200 @@
+"""Run records: one folder per run, written atomically, readable by the report without the code.
+
+Layout of a run folder::
+
+    recipe.yaml      the resolved configuration (what ran)
+    env.json         python / torch / monai versions, git commit, device, host
+    status.json      {"state": "running" | "finished" | "failed", "step": ..., timestamps, protocol hash}
+    metrics.json     the summary (like nnU-Net's summary.json): mean and per-class metrics, per case too
+    cases.csv        one row per evaluated case
+    log.txt          what the run printed
+    checkpoints/     last.pt (resume), best.pt (selected on validation); pre-training: backbone.pt, heads.pt
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import RunError
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    import numpy
+    import torch
+
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "git_commit": git_commit(),
+        "device": device,
+        "cpu_threads": torch.get_num_threads(),
+        "argv": sys.argv,
+    }
+    for pkg in ("monai", "timm", "optuna", "nibabel"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            env[pkg] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+class RunRecord:
+    """A run folder. ``state`` in status.json tells whether it may be resumed, skipped or replaced."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+
+    # -- status -----------------------------------------------------------------------------------
+    @property
+    def status(self) -> dict[str, Any] | None:
+        f = self.path / "status.json"
+        return read_json(f) if f.is_file() else None
+
+    @property
+    def finished(self) -> bool:
+        s = self.status
+        return bool(s) and s.get("state") == "finished"
+
+    def set_status(self, **fields: Any) -> None:
+        status = self.status or {}
+        status.update(fields)
+        status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(self.path / "status.json", status)
+
+    # -- contents ---------------------------------------------------------------------------------
+    def write_recipe(self, cfg: Mapping[str, Any]) -> None:
+        atomic_write_text(self.path / "recipe.yaml", yaml.safe_dump(json.loads(json.dumps(cfg, default=str)),
+                                                                     sort_keys=False))
+
+    def read_recipe(self) -> dict[str, Any]:
+        return yaml.safe_load((self.path / "recipe.yaml").read_text())
+
+    def write_env(self, device: str) -> None:
+        atomic_write_json(self.path / "env.json", environment(device))
+
+    def log(self, line: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / "log.txt", "a") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line.rstrip() + "\n")
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        f = self.path / "metrics.json"
+        return read_json(f) if f.is_file() else None
+
+
+def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bool) -> str:
+    """Decide what to do with a run folder: 'new', 'resume' or 'skip' (finished identical run).
+
+    Raises RunError for an unfinished folder without --resume/--force, and for a folder whose recorded
+    protocol hash differs (results are never mixed across protocols).
+    """
+    import shutil
+
+    status = record.status
+    if status is None:
+        if record.path.exists() and any(record.path.iterdir()) and not force:
+            raise RunError(f"{record.path}: folder exists but holds no status.json; pass --force to replace it")
+        if force and record.path.exists():
+            shutil.rmtree(record.path)
+        return "new"
+    if status.get("protocol") not in (None, protocol):
+        raise RunError(f"{record.path}/status.json: protocol hash {status.get('protocol')} differs from this "
+                       f"run's {protocol}; refusing to mix results (pass --force to replace the folder)")
+    if force:
+        shutil.rmtree(record.path)
+        return "new"
+    if status.get("state") == "finished":
+        return "skip"
+    if resume:
+        return "resume"
+    raise RunError(f"{record.path}: an unfinished run (state {status.get('state')}, step {status.get('step')}) is "
+                   f"there; pass --resume to continue it or --force to start over")

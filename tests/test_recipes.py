@@ -1,0 +1,127 @@
+"""Recipe loading, presets, overrides and validation errors (one line naming file, key, expectation)."""
+import pytest
+import yaml
+
+from sslbench import recipes
+from sslbench.errors import RecipeError
+
+
+def test_every_recipe_validates():
+    for name in recipes.list_recipes("methods"):
+        m = recipes.load_method(name)
+        assert m["name"] == name and m["status"] in recipes.STATUSES
+    for name in recipes.list_recipes("benchmarks"):
+        t = recipes.load_task(name)
+        assert t["name"] == name
+    assert {"voco", "scratch", "mg", "transvw", "simsiam", "pcrlv1", "pcrlv2", "mae", "swinunetr-ssl"} <= set(
+        recipes.list_recipes("methods"))
+    assert {"btcv", "msd-spleen", "mmwhs", "lits", "brats21", "ccccii", "chestxray14", "flare23", "amos22"} <= set(
+        recipes.list_recipes("benchmarks"))
+
+
+def test_presets_and_overrides_resolve():
+    cfg = recipes.resolve("scratch", "phantom-btcv")
+    assert cfg["run"]["preset"] == "tiny"           # phantom tasks default to the CPU preset
+    assert cfg["model"]["feature_size"] == 12
+    assert cfg["task"]["finetune"]["roi"] == [64, 64, 32]
+    assert cfg["task"]["classes"][6] == "liver"     # inherited from btcv through 'extends'
+    paper = recipes.resolve("scratch", "btcv", preset="paper")
+    assert paper["model"]["feature_size"] == 48 and paper["task"]["finetune"]["roi"] == [96, 96, 96]
+    assert paper["task"]["finetune"]["epochs"] == 3000 and paper["task"]["finetune"]["lr"] == 3e-4
+    cfg = recipes.resolve("voco", "phantom-mmwhs", overrides=["method.params.lambda=0.5", "task.finetune.lr=1e-3",
+                                                                "task.finetune.roi=32"])
+    assert cfg["method"]["params"]["lambda"] == 0.5
+    assert cfg["task"]["finetune"]["lr"] == pytest.approx(1e-3)          # YAML reads 1e-3 as a string: coerced
+    assert cfg["task"]["finetune"]["roi"] == [32, 32, 32]
+    assert cfg["corpus"]["name"] == "phantom-corpus"                      # a pre-training method gets its corpus
+    assert cfg["task"]["data"]["label_map"][205] == 1
+
+
+def test_protocol_hash_tracks_protocol_not_paths():
+    a = recipes.resolve("scratch", "phantom-btcv")
+    b = recipes.resolve("scratch", "phantom-btcv", overrides=["run.out=/elsewhere", "run.device=cpu"])
+    c = recipes.resolve("scratch", "phantom-btcv", overrides=["task.finetune.lr=0.5"])
+    assert recipes.protocol_hash(a) == recipes.protocol_hash(b)
+    assert recipes.protocol_hash(a) != recipes.protocol_hash(c)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("task.finetune.lrr=1", "unknown key 'task.finetune.lrr' (did you mean 'lr'?)"),
+    ("method.params.lamda=1", "did you mean 'lambda'?"),
+    ("task.finetune.lr=abc", "key 'task.finetune.lr': expected float"),
+    ("model.feature_size=1.5", "key 'model.feature_size': expected int"),
+    ("run.precision=fp8", "expected one of 'auto', 'fp32', 'bf16'"),
+    ("nosuch=1", "unknown key 'nosuch'"),
+    ("task.finetune.lr", "expected KEY=VALUE"),
+])
+def test_override_errors_name_the_key(override, needle):
+    with pytest.raises(RecipeError) as err:
+        recipes.resolve("voco", "phantom-btcv", overrides=[override])
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_unknown_names_suggest():
+    with pytest.raises(RecipeError, match=r"unknown method 'vocoo' \(did you mean 'voco'\?\)"):
+        recipes.resolve("vocoo", "btcv")
+    with pytest.raises(RecipeError, match=r"unknown task 'mmwsh' \(did you mean 'mmwhs'\?\)"):
+        recipes.resolve("scratch", "mmwsh")
+    with pytest.raises(RecipeError, match="--preset"):
+        recipes.resolve("scratch", "btcv", preset="huge")
+
+
+def _write_task(tmp_path, monkeypatch, text: str, name: str = "mytask"):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir(exist_ok=True)
+    for src in recipes.recipe_dir("benchmarks").glob("*.yaml"):
+        (bench / src.name).write_text(src.read_text())
+    (bench / f"{name}.yaml").write_text(text)
+    real = recipes.recipe_dir
+    monkeypatch.setattr(recipes, "recipe_dir", lambda kind: bench if kind == "benchmarks" else real(kind))
+    return bench / f"{name}.yaml"
+
+
+def test_bad_recipe_files_name_file_and_key(tmp_path, monkeypatch):
+    base = yaml.safe_load((recipes.recipe_dir("benchmarks") / "btcv.yaml").read_text())
+    base["name"] = "mytask"
+    bad = dict(base, finetune=dict(base["finetune"], epochz=3))
+    path = _write_task(tmp_path, monkeypatch, yaml.safe_dump(bad))
+    with pytest.raises(RecipeError) as err:
+        recipes.load_task("mytask")
+    assert str(path) in str(err.value) and "unknown key 'finetune.epochz' (did you mean 'epochs'?)" in str(err.value)
+
+    bad = dict(base, preprocess=dict(base["preprocess"], spacing=[1.5, 1.5]))
+    _write_task(tmp_path, monkeypatch, yaml.safe_dump(bad))
+    with pytest.raises(RecipeError, match="key 'preprocess.spacing': expected 3 values"):
+        recipes.load_task("mytask")
+
+    bad = dict(base, kind="segmentaton")
+    _write_task(tmp_path, monkeypatch, yaml.safe_dump(bad))
+    with pytest.raises(RecipeError, match="did you mean 'segmentation'"):
+        recipes.load_task("mytask")
+
+    bad = dict(base, presets={"tiny": {"finetune.roii": [32, 32, 32]}})
+    path = _write_task(tmp_path, monkeypatch, yaml.safe_dump(bad))
+    with pytest.raises(RecipeError) as err:
+        recipes.resolve("scratch", "mytask", preset="tiny")
+    assert "preset 'tiny'" in str(err.value) and "did you mean 'roi'" in str(err.value)
+
+    _write_task(tmp_path, monkeypatch, "name: mytask\n  bad: [indent\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        recipes.load_task("mytask")
+
+
+def test_recipes_resolve_from_an_installed_package(tmp_path, monkeypatch):
+    """Without the repository's folders, recipes come from the wheel's sslbench.recipes.* packages."""
+    import importlib.resources
+
+    monkeypatch.setattr(recipes, "_REPO_DIR", tmp_path)       # no methods/ or benchmarks/ here
+    seen = {}
+
+    def fake_files(package):
+        seen[package] = True
+        return recipes.PACKAGE_DIR.parent / {"sslbench.recipes.methods": "methods",
+                                             "sslbench.recipes.benchmarks": "benchmarks"}[package]
+    monkeypatch.setattr(importlib.resources, "files", fake_files)
+    assert "voco" in recipes.list_recipes("methods")
+    assert seen == {"sslbench.recipes.methods": True}
