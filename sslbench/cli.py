@@ -14,7 +14,7 @@ from typing import Sequence
 from .errors import SSLBenchError
 
 DEFAULT_METHOD = "scratch"
-DEFAULT_TASK = "phantom-btcv"
+DEFAULT_TASK = "phantom-mmwhs"
 
 EXAMPLES = {
     "run": "sslbench run --method scratch --task phantom-btcv\n  sslbench run --method voco --task mmwhs --root /data/MM-WHS --preset paper\n  sslbench run --task phantom-mmwhs --seed 1 --set task.finetune.max_steps=200",
@@ -157,28 +157,12 @@ def _resolve(args, method: str, task: str | None, corpus: str | None = None) -> 
     return cfg
 
 
-def _pretrain_init(cfg_full: dict, args, console) -> dict | None:
-    """Pre-train (or reuse) the method's backbone; None for methods without pre-training."""
-    from . import protocol, recipes
-
-    if cfg_full["method"].get("pretrain") is None:
-        return None
-    pcfg = recipes.split_config(cfg_full, "corpus")
-    out = protocol.pretrain(pcfg, root=getattr(args, "corpus_root", None), resume=args.resume, force=False,
-                            console=console)
-    ckpt = out.record.ckpt_dir / "backbone.pt"
-    return {"path": str(ckpt), "source": "pretrain", "pretrain_run": str(out.record.path),
-            "hash": recipes.protocol_hash(pcfg), "method": cfg_full["method"]["name"],
-            "include_decoder": bool(out.metrics.get("transfers_decoder", False))}
-
-
 def _cmd_run(args, console) -> int:
-    from . import protocol, recipes
+    from . import protocol
 
-    cfg = _resolve(args, args.method, args.task, corpus=args.corpus)
-    init = _pretrain_init(cfg, args, console)
-    fcfg = recipes.split_config(cfg, "task")
-    out = protocol.finetune(fcfg, root=args.root, init=init, resume=args.resume, force=args.force, console=console)
+    out = protocol.run_protocol(args.method, args.task, preset=args.preset, overrides=args.overrides, seed=args.seed,
+                                root=args.root, corpus=args.corpus, corpus_root=args.corpus_root, out=args.out,
+                                resume=args.resume, force=args.force, console=console)
     _results_table(out.metrics, console)
     console.print(f"run record: {out.record.path}")
     return 0
@@ -253,12 +237,16 @@ def _cmd_data(args, console) -> int:
         report = check_mod.check_dataset(task, root)
         rows = check_mod.summarize(report)
         if rows:
+            # One column per split, one row per field: fits a terminal whatever the number of classes.
             t = Table(title=f"{task['title']} at {root} (layout {report.layout})" + (" [PHANTOM]" if report.phantom else ""))
-            for col in rows[0]:
-                t.add_column(str(col))
+            t.add_column("")
             for r in rows:
-                t.add_row(*[str(v) for v in r.values()])
+                t.add_column(str(r.get("split", "")), justify="right")
+            for key in [k for k in rows[0] if k != "split"]:
+                t.add_row(str(key), *[str(r.get(key, "")) for r in rows])
             console.print(t)
+        for note in getattr(report, "notes", []) or []:
+            console.print(f"note: {note}")
         if report.problems:
             for line in report.problems:
                 print(f"problem: {line}", file=sys.stderr)
@@ -275,6 +263,12 @@ def _not_yet(name: str, issue: str) -> int:
     return 3
 
 
+def _cmd_report(args, console) -> int:
+    from . import report
+
+    return int(report.main(args.rest) or 0)
+
+
 def _cmd_bench(args, console) -> int:
     try:
         from . import bench
@@ -283,17 +277,54 @@ def _cmd_bench(args, console) -> int:
     return int(bench.main(args.rest) or 0)
 
 
+def _forward_report(argv: list[str]) -> int:
+    from . import report
+
+    return report.main(argv)
+
+
+def _forward_bench(argv: list[str]) -> int:
+    from . import bench
+
+    return bench.main(argv)
+
+
+_FORWARDED = {"report": _forward_report, "bench": _forward_bench}
+
+
+def _quiet_third_party() -> None:
+    """MONAI warns on import about optional GPU codecs; irrelevant to users of sslbench."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+    logging.getLogger("monai").setLevel(logging.ERROR)
+    for name in ("monai.data.image_reader", "pydicom"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] and raw[0] in _FORWARDED and not (len(raw) > 1 and raw[1] in ("-h", "--help") and raw[0] == "bench"):
+        # These commands own their argument parsers (options go straight through).
+        _quiet_third_party()
+        try:
+            return int(_FORWARDED[raw[0]](raw[1:]) or 0)
+        except SSLBenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(raw)
     if args.command is None:
         parser.print_help()
         return 0
+    _quiet_third_party()
     console = _console()
     handlers = {"run": _cmd_run, "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "evaluate": _cmd_evaluate,
                 "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench,
                 "sweep": lambda a, c: _not_yet("sweep", "Optuna sweeps arrive with issue 6"),
-                "report": lambda a, c: _not_yet("report", "leaderboard tables arrive with issue 6")}
+                "report": _cmd_report}
     try:
         return int(handlers[args.command](args, console) or 0)
     except SSLBenchError as exc:

@@ -30,6 +30,28 @@ from .records import RunRecord, atomic_torch_save, atomic_write_json, atomic_wri
 PHANTOM_MARKER = "sslbench_phantom.json"
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed tensor memory instead of returning it to the kernel after every step.
+
+    A CPU training step allocates and frees the same activation buffers each time; with glibc's defaults
+    buffers above 128 KiB are mmap-ed and unmapped, and the page faults that follow cost ~40% of a tiny
+    SwinUNETR step on a 2-core machine (measured: 1.6 s -> 0.9 s per step). No effect off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
 # --------------------------------------------------------------------------------------------------
 # Devices and precision
 # --------------------------------------------------------------------------------------------------
@@ -62,8 +84,6 @@ def data_home() -> Path:
 
 def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, bool]:
     """The dataset root for a task, synthesising the phantom twin when the recipe says ``root: auto``."""
-    from .data import phantom as phantom_mod
-
     data = task.get("data") or {}
     if root is None:
         root = data.get("root")
@@ -71,6 +91,8 @@ def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[
         raise DataError(f"task '{task['name']}' needs --root DIR (your copy of {task['title']} in its distributed "
                         f"layout: {', '.join(data.get('layouts', []))}); for a demo use --task phantom-{task['name']}")
     if root == "auto":
+        from .data import phantom as phantom_mod
+
         like = data.get("phantom_like")
         if not like:
             raise DataError(f"task '{task['name']}': data.root is 'auto' but data.phantom_like is not set")
@@ -133,8 +155,8 @@ def load_cases(items: list[dict], transform, desc: str, progress=None) -> list[d
 def make_progress(console=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                     console=console, transient=False)
 
 
@@ -264,10 +286,12 @@ def file_digest(path: Path) -> str:
 # Fine-tuning + evaluation
 # --------------------------------------------------------------------------------------------------
 def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
-             force: bool = False, console=None) -> Outcome:
+             force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> Outcome:
     """Fine-tune SwinUNETR on a task (optionally from pre-trained backbone weights) and evaluate it.
 
     ``init``: {"path": checkpoint, "source": "pretrain"|"file", "pretrain_run": folder, "hash": ...} or None.
+    ``on_validation(step, mean_dice)`` is called after each periodic validation, after the checkpoint of
+    that step is safe on disk (a sweep reports intermediate values there and may raise to prune).
     """
     from monai.losses import DiceCELoss
 
@@ -291,6 +315,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
 
     device = select_device(cfg["run"])
     bf16 = use_bf16(cfg["run"], device)
+    keep_freed_memory()
     if cfg["run"].get("num_threads"):
         torch.set_num_threads(int(cfg["run"]["num_threads"]))
     root_path, phantom = locate_data(task, root, log=say)
@@ -414,6 +439,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                     save_last(done)
                 progress.update(train_job, advance=1)
                 _kill_point(done)
+                if on_validation is not None and val_every and (done % val_every == 0 or done == total):
+                    on_validation(done, float(history[-1]["val_dice"]))
         finally:
             fetch.close()
 
@@ -522,6 +549,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
 
     device = select_device(cfg["run"])
     bf16 = use_bf16(cfg["run"], device)
+    keep_freed_memory()
     root_path, phantom = locate_data(corpus, root, log=say)
     phantom = phantom or bool(corpus.get("phantom"))
     from .data import layouts
@@ -611,3 +639,28 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     atomic_write_json(record.path / "metrics.json", metrics)
     record.set_status(state="finished", finished=metrics["finished"])
     return Outcome(record, action, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole protocol for one (method, task, seed)
+# --------------------------------------------------------------------------------------------------
+def run_protocol(method: str, task: str, *, preset: str | None = None, overrides=(), seed: int | None = None,
+                 root: str | Path | None = None, corpus: str | None = None, corpus_root: str | Path | None = None,
+                 out: str | None = None, resume: bool = False, force: bool = False, console=None,
+                 on_validation: Callable[[int, float], None] | None = None) -> Outcome:
+    """pretrain (if the method has one; an identical finished pre-training is reused) -> finetune -> evaluate.
+
+    This is what ``sslbench run`` does and what every sweep trial calls.
+    """
+    cfg = recipes.resolve(method, task, preset=preset, overrides=overrides, seed=seed, corpus=corpus)
+    if out:
+        cfg["run"]["out"] = out
+    init = None
+    if cfg["method"].get("pretrain") is not None:
+        pcfg = recipes.split_config(cfg, "corpus")
+        pre = pretrain(pcfg, root=corpus_root, resume=resume, force=False, console=console)
+        init = {"path": str(pre.record.ckpt_dir / "backbone.pt"), "source": "pretrain",
+                "pretrain_run": str(pre.record.path), "hash": recipes.protocol_hash(pcfg),
+                "method": cfg["method"]["name"], "include_decoder": bool(pre.metrics.get("transfers_decoder", False))}
+    return finetune(recipes.split_config(cfg, "task"), root=root, init=init, resume=resume, force=force,
+                    console=console, on_validation=on_validation)

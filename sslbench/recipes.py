@@ -16,7 +16,7 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -26,8 +26,8 @@ from .errors import RecipeError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_DIR = PACKAGE_DIR.parent
-KINDS = {"methods": "sslbench.recipes.methods", "benchmarks": "sslbench.recipes.benchmarks",
-         "leaderboards": "sslbench.recipes.leaderboards"}
+KINDS = {"methods": "sslbench.recipe_files.methods", "benchmarks": "sslbench.recipe_files.benchmarks",
+         "leaderboards": "sslbench.recipe_files.leaderboards"}
 PRESETS = ("paper", "tiny")
 STATUSES = ("available", "planned")
 
@@ -37,10 +37,15 @@ def recipe_dir(kind: str) -> Path:
     local = _REPO_DIR / kind
     if local.is_dir() and any(local.glob("*.yaml")):
         return local
+    # Installed wheel: the folders ship as data-only (namespace) packages sslbench.recipe_files.<kind>.
     try:
-        return Path(str(resources.files(KINDS[kind])))
-    except (ModuleNotFoundError, TypeError) as exc:  # pragma: no cover - broken installation
-        raise RecipeError(f"cannot find the {kind}/ recipes next to {PACKAGE_DIR} nor in the installed package") from exc
+        spec = importlib.util.find_spec(KINDS[kind])
+    except ModuleNotFoundError:
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise RecipeError(f"cannot find the {kind}/ recipes next to {PACKAGE_DIR} nor in the installed package")
+    return Path(locations[0])
 
 
 def list_recipes(kind: str) -> list[str]:
@@ -392,6 +397,12 @@ def resolve(method: str, task: str | None = None, preset: str | None = None, ove
     defaults = load_defaults()
     m = load_method(method)
     t = load_task(task) if task else None
+    for kind, recipe in (("method", m), ("task", t)):
+        if recipe is not None and recipe["status"] != "available":
+            ready = [n for n in list_recipes("methods" if kind == "method" else "benchmarks")
+                     if (load_method(n) if kind == "method" else load_task(n))["status"] == "available"]
+            raise RecipeError(f"{kind} '{recipe['name']}' is {recipe['status']} (not implemented yet; "
+                              f"{recipe['_file']}); available: {', '.join(ready)}")
     if corpus is None and m.get("pretrain"):
         corpus = m["pretrain"]["corpus"]
     c = load_task(corpus) if corpus else None
@@ -449,8 +460,10 @@ def _validate_resolved(cfg: dict, files: Mapping[str, str]) -> None:
             raise RecipeError(f"{task_file}: keys 'finetune.epochs' / 'finetune.max_steps': expected one positive")
 
 
-# Keys that do not change what a run computes; they are left out of its protocol hash.
-_NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "recipe_files")
+# Keys left out of a run's protocol hash: those that do not change what it computes (output folder,
+# device) and the seed, so that runs of one protocol over several seeds share a hash and are averaged
+# together by the report (the run folder is named <hash>-s<seed>).
+_NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "recipe_files")
 
 
 def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:

@@ -111,17 +111,25 @@ def test_bad_recipe_files_name_file_and_key(tmp_path, monkeypatch):
         recipes.load_task("mytask")
 
 
-def test_recipes_resolve_from_an_installed_package(tmp_path, monkeypatch):
-    """Without the repository's folders, recipes come from the wheel's sslbench.recipes.* packages."""
-    import importlib.resources
+def test_recipes_resolve_from_an_installed_wheel(tmp_path):
+    """Build the wheel, unpack it alone (no repository folders beside it) and find every recipe kind."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
 
-    monkeypatch.setattr(recipes, "_REPO_DIR", tmp_path)       # no methods/ or benchmarks/ here
-    seen = {}
-
-    def fake_files(package):
-        seen[package] = True
-        return recipes.PACKAGE_DIR.parent / {"sslbench.recipes.methods": "methods",
-                                             "sslbench.recipes.benchmarks": "benchmarks"}[package]
-    monkeypatch.setattr(importlib.resources, "files", fake_files)
-    assert "voco" in recipes.list_recipes("methods")
-    assert seen == {"sslbench.recipes.methods": True}
+    repo = Path(recipes.__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(repo),
+                          "-w", str(tmp_path / "whl")], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {out.stderr.strip().splitlines()[-1:]}")
+    wheel = next((tmp_path / "whl").glob("*.whl"))
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import sslbench.recipes as r; assert 'site' in r.__file__; "
+            "print(len(r.list_recipes('methods')), len(r.list_recipes('benchmarks')), "
+            "len(r.list_recipes('leaderboards')), r.load_task('phantom-btcv')['classes'][6])")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    n_methods, n_tasks, n_boards, liver = res.stdout.split()
+    assert int(n_methods) >= 9 and int(n_tasks) >= 20 and int(n_boards) >= 1 and liver == "liver"

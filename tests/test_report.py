@@ -1,0 +1,406 @@
+"""`sslbench report`: published tables reproduce the seed cell by cell; measured runs aggregate by protocol;
+phantoms are always labelled; every output format renders; a malformed leaderboard gives one line."""
+from __future__ import annotations
+
+import io
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sslbench import recipes, report
+from sslbench.errors import RecipeError
+from sslbench.records import RunRecord, atomic_write_json
+
+# --------------------------------------------------------------------------------------------------
+# The seed's Tables 3-7, transcribed independently of leaderboards/ (as printed, with daggers).
+# --------------------------------------------------------------------------------------------------
+SEED = {
+    "table3": {("0.5", "btcv"): "83.52", ("0.5", "mmwhs"): "90.16",
+               ("1.0", "btcv"): "83.85", ("1.0", "mmwhs"): "90.54",
+               ("1.5", "btcv"): "83.80", ("1.5", "mmwhs"): "90.48"},
+    "table4": {("scratch", "chestxray14"): "75.4", ("mg", "chestxray14"): "77.3",
+               ("transvw", "chestxray14"): "77.6", ("c2l", "chestxray14"): "79.0",
+               ("simsiam", "chestxray14"): "79.4", ("pcrlv1", "chestxray14"): "79.9",
+               ("pcrlv2", "chestxray14"): "81.5", ("voco", "chestxray14"): "82.02"},
+    "table5": {("left-ventricle", "mmwhs"): "91.32", ("whole-aorta", "mmwhs"): "91.30",
+               ("right-ventricle", "mmwhs"): "94.64", ("left-atrium", "mmwhs"): "86.89",
+               ("myocardium", "mmwhs"): "89.16", ("right-atrium", "mmwhs"): "96.35",
+               ("pulmonary-artery", "mmwhs"): "84.13", ("average", "mmwhs"): "90.54"},
+    "table6": {("swinunetr", "btcv"): "†84.72", ("swinunetr", "flare23"): "87.84",
+               ("swinunetr", "amos22-dsc"): "†88.00", ("swinunetr", "amos22-nsd"): "†76.15",
+               ("voco", "btcv"): "86.44", ("voco", "flare23"): "90.07",
+               ("voco", "amos22-dsc"): "89.06", ("voco", "amos22-nsd"): "78.86"},
+    "table7": {**{("swinunetr", f"msd{i:02d}"): f"†{v}" for i, v in zip(
+                   (1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+                   ("75.13", "95.89", "81.72", "91.98", "80.23", "63.46", "64.32", "70.54", "94.63", "44.57"))},
+               **{("voco", f"msd{i:02d}"): v for i, v in zip(
+                   (1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+                   ("76.26", "96.93", "84.98", "92.09", "82.16", "67.74", "67.85", "70.92", "96.34", "45.17"))}},
+}
+# Row label and column header as rendered (to find each seed cell in the CSV / Markdown output).
+ROW_LABELS = {
+    "table3": {"0.5": "0.5", "1.0": "1.0", "1.5": "1.5"},
+    "table4": {"scratch": "From scratch", "mg": "MG [22]", "transvw": "TransVW [6]", "c2l": "C2L [19]",
+               "simsiam": "SimSiam [3]", "pcrlv1": "PCRLv1 [20]", "pcrlv2": "PCRLv2 [21]", "voco": "VoCo"},
+    "table5": {"left-ventricle": "Left Ventricle", "whole-aorta": "Whole aorta", "right-ventricle": "Right Ventricle",
+               "left-atrium": "Left Atrium", "myocardium": "Myocardium of Left Ventricle",
+               "right-atrium": "Right Atrium", "pulmonary-artery": "Pulmonary Artery", "average": "Average"},
+    "table6": {"swinunetr": "SwinUNETR [7]", "voco": "VoCo"},
+    "table7": {"swinunetr": "†SwinUNETR [7]", "voco": "VoCo"},
+}
+COLUMN_HEADERS = {
+    "table3": {"btcv": "BTCV", "mmwhs": "MM-WHS"},
+    "table4": {"chestxray14": "NIH ChestX-ray"},
+    "table5": {"mmwhs": "Dice Scores(%)"},
+    "table6": {"btcv": "BTCV", "flare23": "Flare23", "amos22-dsc": "Amos22 (DSC)", "amos22-nsd": "Amos22 (NSD)"},
+    "table7": {f"msd{i:02d}": f"Task{i}" for i in range(1, 11)},
+}
+SEED_TABLE1 = [("BTCV [10]", "pre-training", "CT", "pre-train", 24, 6), ("TCIA Covid19 [5]", "pre-training", "CT", "pre-train", 722, 49),
+               ("LUNA [13]", "pre-training", "CT", "pre-train", 843, 45), ("BTCV [10]", "downstream", "CT", "segmentation", 24, 6),
+               ("LiTs [2]", "downstream", "CT", "segmentation", 100, 31), ("MSD Spleen [1]", "downstream", "CT", "segmentation", 32, 9),
+               ("MM-WHS [24]", "downstream", "CT", "segmentation", 14, 6), ("BraTs [14]", "downstream", "MRI", "segmentation", 387, 97),
+               ("CC-CCII [18]", "downstream", "CT", "classification", 2514, 1664)]
+MMWHS_STRUCTURES = {"left-ventricle": "left ventricle", "whole-aorta": "whole aorta", "right-ventricle": "right ventricle",
+                    "left-atrium": "left atrium", "myocardium": "myocardium of left ventricle",
+                    "right-atrium": "right atrium", "pulmonary-artery": "pulmonary artery", "average": "mean"}
+MMWHS_CLASSES = ["background", "myocardium of left ventricle", "left atrium", "left ventricle", "right atrium",
+                 "right ventricle", "whole aorta", "pulmonary artery"]
+
+
+@pytest.fixture(scope="module")
+def published():
+    return report.load_published()
+
+
+@pytest.fixture(scope="module")
+def empty_tables(published):
+    return {t.id: t for t in report.build_tables(published, None)}
+
+
+def _csv_cells(table) -> dict[tuple[str, str], str]:
+    df = pd.read_csv(io.StringIO(report.render_table(table, "csv")), dtype=str, keep_default_na=False)
+    first = df.columns[0]
+    return {(row[first], col): row[col] for _, row in df.iterrows() for col in df.columns[1:]}
+
+
+@pytest.mark.parametrize("table_id", sorted(SEED))
+def test_published_tables_reproduce_the_seed_cell_by_cell(published, empty_tables, table_id):
+    table = empty_tables[table_id]
+    expected = SEED[table_id]
+    spec = next(t for t in published["tables"] if t["id"] == table_id)
+    in_yaml = {(r["id"], c) for r in spec["rows"] for c in r["cells"]}
+    assert in_yaml == set(expected), "the YAML holds exactly the seed's cells"
+    csv_cells = _csv_cells(table)
+    md = report.render_table(table, "md")
+    md_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+               for line in md.splitlines() if line.startswith("| ") and not line.startswith("|--")}
+    header = md_rows.pop(table.row_header)
+    for (row_id, col_id), text in expected.items():
+        assert table.cell(row_id, col_id).published_text() == text
+        label, head = ROW_LABELS[table_id][row_id], COLUMN_HEADERS[table_id][col_id]
+        assert csv_cells[(label, head)] == text, (table_id, row_id, col_id)
+        assert md_rows[label][header.index(head)] == text, (table_id, row_id, col_id)
+
+
+def test_published_sources_marks_and_task_names(published, empty_tables):
+    tasks = set(recipes.list_recipes("benchmarks"))
+    for spec in published["tables"]:
+        if spec["kind"] != "results":
+            continue
+        for col in spec["columns"]:
+            assert col["task"] in tasks, col
+        for row in spec["rows"]:
+            for col_id, cell in row["cells"].items():
+                assert cell["source"].startswith(f"VoCo supplement, Table {spec['number']}")
+                assert cell["metric"] in ("dice", "auc", "nsd")
+    t4 = next(t for t in published["tables"] if t["id"] == "table4")
+    for row in t4["rows"]:
+        assert ("[21]" in row["cells"]["chestxray14"]["source"]) == (row["method"] != "voco")
+        assert row["cells"]["chestxray14"]["metric"] == "auc"
+    t6 = next(t for t in published["tables"] if t["id"] == "table6")
+    swin = next(r for r in t6["rows"] if r["id"] == "swinunetr")
+    assert {c for c, cell in swin["cells"].items() if cell["marks"] == ["†"]} == {"btcv", "amos22-dsc", "amos22-nsd"}
+    assert all("previous papers" in swin["cells"][c]["source"] for c in ("btcv", "amos22-dsc", "amos22-nsd"))
+    assert swin["cells"]["amos22-nsd"]["metric"] == "nsd"
+    t7 = next(t for t in published["tables"] if t["id"] == "table7")
+    assert next(c for c in t7["columns"] if c["id"] == "msd09")["task"] == "msd-spleen"
+    assert next(r for r in t7["rows"] if r["id"] == "swinunetr")["marks"] == ["†"]
+    # Table 5 rows name the sslbench MM-WHS classes.
+    t5 = next(t for t in published["tables"] if t["id"] == "table5")
+    assert {r["id"]: r["class"] for r in t5["rows"]} == MMWHS_STRUCTURES
+    assert set(MMWHS_STRUCTURES.values()) - {"mean"} <= set(recipes.load_task("mmwhs")["classes"])
+    # Table 3 rows are λ of voco; Table 1 as printed.
+    t3 = next(t for t in published["tables"] if t["id"] == "table3")
+    assert [(r["method"], r["params"]["lambda"]) for r in t3["rows"]] == [("voco", 0.5), ("voco", 1.0), ("voco", 1.5)]
+    t1 = next(t for t in published["tables"] if t["id"] == "table1")
+    assert [(r["dataset"], r["stage"], r["modality"], r["task"], r["train"], r["valid"]) for r in t1["rows"]] == SEED_TABLE1
+    rendered = report.render_table(empty_tables["table1"], "csv")
+    assert "CC-CCII [18],downstream,CT,classification,2514,1664" in rendered
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake run folders, written the way sslbench/protocol.py writes them
+# --------------------------------------------------------------------------------------------------
+def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float = 2e-3, preset: str = "tiny",
+         init: dict | None = None, phantom: bool = False) -> dict:
+    params = {"variant": "paper", "n": 4} | ({"lambda": lam} if lam is not None else {})
+    task_cfg = {"name": task, "title": "MM-WHS (phantom)" if phantom else "MM-WHS (CT)", "kind": "segmentation",
+                "classes": MMWHS_CLASSES, "phantom": phantom, "finetune": {"lr": lr, "max_steps": 120}}
+    if phantom:
+        task_cfg["extends"] = "mmwhs"
+    return {"run": {"seed": seed, "device": "cpu", "out": "runs", "preset": preset, "label": method},
+            "model": {"name": "swinunetr", "feature_size": 12},
+            "method": {"name": method, "status": "available", "params": params},
+            "task": task_cfg, "recipe_files": {"task": f"benchmarks/{task}.yaml"}, "init": init}
+
+
+def _pretrain(runs: Path, method: str, seed: int, lam: float) -> tuple[Path, str]:
+    cfg = {"run": {"seed": seed, "preset": "tiny", "out": "runs"}, "model": {"name": "swinunetr"},
+           "method": {"name": method, "params": {"lambda": lam}}, "corpus": {"name": "phantom-corpus"}}
+    protocol = recipes.protocol_hash(cfg)
+    rec = RunRecord(runs / "pretrain" / method / "phantom-corpus" / f"{protocol}-s{seed}")
+    rec.path.mkdir(parents=True)
+    rec.write_recipe({**cfg, "data": {"root": "/somewhere", "phantom": True}})
+    atomic_write_json(rec.path / "metrics.json", {"kind": "pretrain", "method": method, "protocol": protocol})
+    rec.set_status(state="finished", protocol=protocol)
+    return rec.path, protocol
+
+
+def write_run(runs: Path, *, method: str = "voco", task: str = "mmwhs", seed: int = 0, dice: float = 0.9,
+              per_class: dict | None = None, state: str = "finished", pretrain_from: Path | None = None,
+              pretrain_hash: str | None = None, **kw) -> Path:
+    init = {"source": "pretrain", "hash": pretrain_hash, "method": method} if pretrain_from else None
+    cfg = _cfg(method, task, seed, init=init, **kw)
+    protocol = recipes.protocol_hash(cfg)           # as protocol.finetune: the recorded hash includes the seed
+    rec = RunRecord(runs / "finetune" / task / method / f"{protocol}-s{seed}")
+    rec.path.mkdir(parents=True)
+    phantom = bool(kw.get("phantom"))
+    rec.write_recipe({**cfg, "data": {"root": "/data/x", "phantom": phantom}})
+    rec.set_status(state="running", stage="finetune", step=0, protocol=protocol)
+    if state != "finished":
+        return rec.path
+    per_class = per_class or {c: dice for c in MMWHS_CLASSES[1:]}
+    metrics = {"kind": "finetune", "task": task, "task_title": cfg["task"]["title"], "method": method,
+               "method_recipe": method, "variant": "paper", "preset": cfg["run"]["preset"], "seed": seed,
+               "protocol": protocol, "phantom": phantom, "data_root": "/data/x", "metric": "dice",
+               "mean_dice": dice, "std_dice": 0.01, "per_class": per_class, "n_cases": 2,
+               "cases": [{"case": "a", "mean": dice}], "checkpoint": "last", "steps": 120,
+               "init": {**(init or {}), **({"pretrain_run": str(pretrain_from)} if pretrain_from else {}), "load": None},
+               "finished": "2025-01-01T00:00:00"}
+    atomic_write_json(rec.path / "metrics.json", metrics)
+    rec.set_status(state="finished", finished=metrics["finished"])
+    return rec.path
+
+
+def _tables(runs: Path) -> tuple[pd.DataFrame, dict]:
+    df = report.collect_runs(runs)
+    return df, {t.id: t for t in report.build_tables(report.load_published(), df)}
+
+
+def test_collect_runs_aggregates_mean_and_std_over_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    values = [0.90, 0.91, 0.92]
+    for seed, v in enumerate(values):
+        per_class = {c: v for c in MMWHS_CLASSES[1:]} | {"left ventricle": v - 0.05}
+        write_run(runs, seed=seed, dice=v, per_class=per_class)
+    write_run(runs, seed=7, dice=0.1, state="running")                 # unfinished: ignored
+    write_run(runs, seed=0, dice=0.5, lam=0.5)                            # λ sweep: Table 3 only
+    df, tables = _tables(runs)
+    assert len(df) == 4 and sorted(df["seed"]) == [0, 0, 1, 2]
+    df = df[df["lambda"] == 1.0]
+    assert df["protocol"].nunique() == 1 and df["run_protocol"].nunique() == 1    # seeds share one protocol
+    assert {"task", "method", "variant", "seed", "preset", "protocol", "phantom", "mean_dice", "lambda",
+            "path", "dice:left ventricle"} <= set(df.columns)
+    assert set(df["lambda"]) == {1.0} and not df["phantom"].any()
+    mean = sum(values) / 3 * 100
+    std = math.sqrt(sum((100 * v - mean) ** 2 for v in values) / 2)
+    avg = tables["table5"].cell("average", "mmwhs")
+    (g,) = avg.groups
+    assert g.n == 3 and g.mean == pytest.approx(mean) and g.std == pytest.approx(std)
+    assert avg.text() == f"90.54 / {mean:.2f} ± {std:.2f} (Δ {mean - 90.54:+.2f}, n=3)"
+    lv = tables["table5"].cell("left-ventricle", "mmwhs")
+    assert lv.groups[0].mean == pytest.approx(mean - 5.0)
+    assert avg.agreement() == "green" and lv.agreement() == "red"
+    # Table 3: only the λ = 1.0 row is measured; the comparison's voco x MM-WHS too.
+    t3 = tables["table3"]
+    assert t3.cell("1.0", "mmwhs").groups[0].n == 3 and t3.cell("0.5", "mmwhs").groups[0].n == 1
+    assert not t3.cell("1.5", "mmwhs").groups and not t3.cell("1.0", "btcv").groups
+    assert [g.n for g in tables["comparison"].cell("voco", "mmwhs").groups] == [3]    # λ = 1 (published setting)
+    assert not tables["table6"].measured                                  # test-set table: never filled
+
+
+def test_seeds_from_their_own_pretraining_share_a_protocol(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        pre, h = _pretrain(runs, "voco", seed, 0.5)
+        write_run(runs, seed=seed, lam=0.5, dice=0.8 + seed / 100, pretrain_from=pre, pretrain_hash=h)
+    df, tables = _tables(runs)
+    assert df["run_protocol"].nunique() == 1 and df["protocol"].nunique() == 1
+    (g,) = tables["table3"].cell("0.5", "mmwhs").groups
+    assert g.n == 2 and g.lam == 0.5
+
+
+def test_different_protocols_are_never_averaged(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, seed=0, dice=0.90)
+    write_run(runs, seed=1, dice=0.92)
+    write_run(runs, seed=0, dice=0.50, lr=1e-2)                          # another protocol, same cell
+    df, tables = _tables(runs)
+    assert df["protocol"].nunique() == 2
+    cell = tables["table5"].cell("average", "mmwhs")
+    assert [g.n for g in cell.groups] == [2, 1]
+    assert cell.groups[0].mean == pytest.approx(91.0) and cell.groups[1].mean == pytest.approx(50.0)
+    text = cell.text()
+    assert text.count("p:") == 2 and "n=2" in text and "n=1" in text
+    assert "71.00" not in text                                            # never the mean over both protocols
+    md = report.render_table(tables["table5"], "md")
+    assert "never averaged" in md
+
+
+def test_phantom_runs_are_labelled_phantom_in_every_format(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, task="phantom-mmwhs", seed=seed, dice=0.6 + seed / 100, phantom=True)
+    df, tables = _tables(runs)
+    assert list(df["base_task"]) == ["mmwhs", "mmwhs"] and df["phantom"].all()
+    t5 = tables["table5"]
+    assert t5.headers == ["Dice Scores(%)", "Dice Scores(%) (phantom)"]
+    real, phantom = t5.cell("average", "mmwhs"), t5.cell("average", "mmwhs@phantom")
+    assert not real.groups and real.text() == "90.54"                    # the real dataset's cell stays published-only
+    assert phantom.published is None and phantom.diff(phantom.groups[0]) is None
+    assert phantom.text().startswith("PHANTOM 60.50 ± 0.71") and "Δ" not in phantom.text()
+    assert phantom.agreement() == "magenta"
+    for table in (t5, tables["table3"], tables["comparison"]):
+        for fmt in report.FORMATS:
+            out = report.render_table(table, fmt)
+            assert "PHANTOM" in out and "(phantom)" in out, (table.id, fmt)
+    console = _console()
+    report.print_rich([t5], console)
+    assert "PHANTOM" in console.export_text()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(record=True, width=250, file=io.StringIO(), color_system="truecolor")
+
+
+def test_every_format_renders(tmp_path, empty_tables):
+    runs = tmp_path / "runs"
+    write_run(runs, seed=0, dice=0.9)
+    _, tables = _tables(runs)
+    tl = list(tables.values())
+    md, tex, htm, csv = (report.render(tl, f) for f in ("md", "latex", "html", "csv"))
+    assert md.count("### Table") == 6 and "| λ" in md
+    assert tex.count("\\begin{table}") == 7 and "\\begin{tabular}" in tex
+    assert "90.54 / 90.00 ($\\Delta$ -0.54, n=1)" in report.render_table(tables["table5"], "latex")
+    assert "$\\lambda$" in tex and "$^\\dagger$84.72" in tex and "Dice Scores(\\%)" in tex
+    assert htm.count("<table>") == 7 and "&lt;" not in htm.replace("<", "")
+    assert csv.count("# Table") == 6
+    t5 = pd.read_csv(io.StringIO(report.render_table(tables["table5"], "csv")))
+    assert list(t5.columns) == ["Organs", "Dice Scores(%)"] and len(t5) == 8
+    assert t5.iloc[7, 1].startswith("90.54 / 90.00 (Δ -0.54, n=1)")
+    with pytest.raises(RecipeError, match="--format"):
+        report.render_table(tables["table5"], "docx")
+
+
+def test_rich_colours_by_agreement(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, seed=0, dice=0.9100)                                 # average 90.54 -> +0.46: green
+    write_run(runs, seed=0, dice=0.8800, lr=1e-2)                        # -2.54: yellow
+    write_run(runs, seed=0, dice=0.8000, lr=1e-1)                        # -10.54: red
+    _, tables = _tables(runs)
+    cell = tables["table5"].cell("average", "mmwhs")
+    assert sorted(cell.agreement(g) for g in cell.groups) == ["green", "red", "yellow"]
+    assert tables["table5"].cell("whole-aorta", "mmwhs").agreement() in ("green", "yellow", "red")
+    assert tables["table4"].cell("voco", "chestxray14").agreement() == "grey"
+    console = _console()
+    report.print_rich([tables["table5"], tables["table4"]], console)
+    out = console.export_text(styles=True)
+    assert "Regression" in out and "\x1b[" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation of the leaderboard YAML
+# --------------------------------------------------------------------------------------------------
+def _mutate(data: dict, fn) -> dict:
+    fn(data)
+    return data
+
+
+def _table(data, tid):
+    return next(t for t in data["tables"] if t["id"] == tid)
+
+
+@pytest.mark.parametrize("mutation, key", [
+    (lambda d: _table(d, "table3")["rows"][0]["cells"]["btcv"].__setitem__("value", "83.5x"),
+     "tables[1].rows[0].cells.btcv.value"),
+    (lambda d: _table(d, "table5")["rows"][2]["cells"]["mmwhs"].pop("source"), "tables[3].rows[2].cells.mmwhs.source"),
+    (lambda d: _table(d, "table6")["rows"][0]["cells"]["flare23"].__setitem__("metric", "hd95"),
+     "tables[4].rows[0].cells.flare23.metric"),
+    (lambda d: _table(d, "table7")["rows"][1].__setitem__("cels", {}), "tables[5].rows[1].cels"),
+    (lambda d: _table(d, "table4")["rows"][0]["cells"].__setitem__("chest", {}), "tables[2].rows[0].cells.chest"),
+    (lambda d: _table(d, "table1")["rows"][3].__setitem__("train", -1), "tables[0].rows[3].train"),
+    (lambda d: _table(d, "comparison")["published"][0]["ref"].__setitem__("row", "2.0"),
+     "tables[6].published[0].ref.row"),
+    (lambda d: _table(d, "table5")["params"].__setitem__("lambda", "one"), "tables[3].params.lambda"),
+    (lambda d: d.__setitem__("tables", {}), "tables"),
+])
+def test_malformed_leaderboard_gives_one_line_naming_file_and_key(tmp_path, mutation, key):
+    data = yaml.safe_load(report.default_leaderboard().read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_mutate(data, mutation), allow_unicode=True, sort_keys=False))
+    with pytest.raises(RecipeError) as info:
+        report.load_published(bad)
+    msg = str(info.value)
+    assert "\n" not in msg and str(bad) in msg and f"'{key}'" in msg, msg
+
+
+def test_unparsable_leaderboard_and_cli_error(tmp_path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("tables: [\n")
+    with pytest.raises(RecipeError, match=re.escape(str(bad))):
+        report.load_published(bad)
+    assert report.main(["--published", str(bad), "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+def test_main_without_runs_prints_published_tables(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert report.main([]) == 0
+    cap = capsys.readouterr()
+    for needle in ("### Table 3", "### Table 5", "| 1.0 | 83.85  | 90.54    |", "91.32", "†84.72", "45.17", "82.02"):
+        assert needle in cap.out, needle
+    assert "sslbench sweep lambda --task mmwhs" in cap.err and "sslbench run --method voco --task mmwhs" in cap.err
+    assert report.main(["--runs", str(tmp_path / "nowhere"), "--format", "csv"]) == 0
+    assert "# Table 7" in capsys.readouterr().out
+
+
+def test_main_out_writes_one_file_per_table_and_plots(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "rendered"
+    for lam in (0.5, 1.0, 1.5):
+        for seed in (0, 1):
+            write_run(runs, seed=seed, lam=lam, dice=0.85 + lam / 100 + seed / 200)
+            write_run(runs, task="phantom-mmwhs", seed=seed, lam=lam, dice=0.5 + seed / 100, phantom=True)
+    assert report.main(["--runs", str(runs), "--out", str(out), "--format", "latex"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    tables = [f"{t}.tex" for t in ("table1", "table3", "table4", "table5", "table6", "table7", "comparison")]
+    assert set(tables) <= set(names) and not [n for n in names if n.startswith(".")]
+    assert "PHANTOM" in (out / "table3.tex").read_text()
+    pytest.importorskip("matplotlib")
+    assert {"table3_lambda.png", "table5_mmwhs_structures.png"} <= set(names)
+    assert (out / "table3_lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # No measurement, no plot.
+    shutil.rmtree(out)
+    assert report.main(["--runs", str(tmp_path / "empty"), "--out", str(out)]) == 0
+    assert not list(out.glob("*.png")) and (out / "table5.md").is_file()
