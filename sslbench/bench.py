@@ -1,0 +1,258 @@
+"""GPU benchmark of pre-training steps: real training steps on synthetic volumes already on the device.
+
+    python -m sslbench.bench pretrain --method voco --variant paper teacher-student --steps 10
+
+One step = the method's forward (crops, backbone, loss), backward, the AdamW step (fused on CUDA,
+foreach on CPU) and ``after_step`` (e.g. the EMA teacher). Timing: host clock around each step with a
+device synchronisation after it (never inside it), median over ``steps`` after ``warmup`` steps. FLOPs:
+``torch.utils.flop_counter.FlopCounterMode`` over one extra eager step (matrix products, convolutions and
+attention; element-wise work is not counted), so TFLOP/s = counted FLOPs / median step time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+PRECISIONS = ("bf16", "fp32")
+
+
+def _recipe_params(method: str) -> dict[str, Any]:
+    """The ``params`` of methods/<method>.yaml (validated; found in a checkout or an installed wheel)."""
+    from . import recipes
+
+    return dict(recipes.load_method(method).get("params") or {})
+
+
+def phantom_volumes(batch: int, size: Sequence[int], device: torch.device | str, seed: int = 0) -> torch.Tensor:
+    """Smooth synthetic volumes [batch, 1, *size] in [0, 1]: an ellipsoid body with a few blobs."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    axes = [torch.linspace(-1, 1, int(s), device=device) for s in size]
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+    vols = []
+    for _ in range(batch):
+        r = torch.rand(4, 5, generator=g).tolist()
+        body = ((x / 0.9) ** 2 + (y / 0.7) ** 2 + (z / 1.2) ** 2 < 1).float() * 0.3
+        for cx, cy, cz, rad, val in r:
+            d2 = (x - (cx * 1.2 - 0.6)) ** 2 + (y - (cy * 1.0 - 0.5)) ** 2 + (z - (cz - 0.5)) ** 2
+            body = body + (0.3 + 0.5 * val) * torch.exp(-d2 / (2 * (0.05 + 0.15 * rad) ** 2))
+        vols.append(body.clamp(0, 1))
+    return torch.stack(vols).unsqueeze(1).contiguous()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: int = 48, batch: int = 2,
+                   sw: int = 2, n: int = 4, crop: int = 64, steps: int = 10, warmup: int = 3,
+                   precision: str = "bf16", compile: bool = False, device: str = "cuda",
+                   attention: str = "sdpa", size: Sequence[int] | None = None, use_checkpoint: bool = False,
+                   augment: bool = True, lr: float = 1e-4, seed: int = 0, profile: bool = False,
+                   compile_mode: str | None = None) -> dict[str, Any]:
+    """Time real pre-training steps of ``method`` and return the figures as a dict.
+
+    Geometry: ``batch`` volumes of ``size`` (default n * 1.5 * crop in x-y and crop in z: 384x384x64 for
+    n=4, crop=64), ``sw`` random crops + n*n bases each, every crop resized to crop^3.
+    """
+    from .methods import get_method_class
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS} (fp16 would need a GradScaler)")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    cls = get_method_class(method)
+    if cls is None:
+        raise ValueError(f"unknown method {method!r}")
+    params = _recipe_params(method)
+    overrides = dict(variant=variant, n=n, sw_batch_size=sw, crop_size=crop, attention=attention, augment=augment)
+    params.update({k: v for k, v in overrides.items() if method == "voco" or k in params})
+    if size is None:
+        side = n * int(round(1.5 * crop))
+        size = (side, side, crop)
+    params["resize"] = list(size)
+    model_cfg = {"feature_size": feature_size, "use_v2": True, "use_checkpoint": use_checkpoint}
+    model = cls(params, model_cfg).to(dev).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
+    opt = torch.optim.AdamW(trainable, lr=lr, **opt_kw)
+    volumes = phantom_volumes(batch, size, dev, seed=seed)
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(i: int) -> torch.Tensor:
+        with autocast:
+            loss, _ = model(volumes, i)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_step(i)
+        return loss.detach()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(0)
+    flops = float(counter.get_total_flops())
+    _sync(dev)
+
+    if compile:
+        if hasattr(model, "compile_encoders"):
+            model.compile_encoders(mode=compile_mode)
+        else:
+            model.forward = torch.compile(model.forward, mode=compile_mode)
+    t_start = time.perf_counter()
+    for i in range(warmup):
+        step(1 + i)
+    _sync(dev)
+    warmup_s = time.perf_counter() - t_start
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times, losses = [], []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step(1 + warmup + i))
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times) if times else float("nan")
+    profile_table = None
+    if profile:   # one more step under the profiler: where the device time goes, by kernel / operator
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as _profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with _profile(activities=acts) as prof:
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")   # any host sync inside the step is printed
+            step(1 + warmup + steps)
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+            _sync(dev)
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        profile_table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    if dev.type == "cuda":
+        peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30
+        card = torch.cuda.get_device_name(dev)
+        peak_kind = "torch.cuda.max_memory_allocated"
+    else:
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+        card = platform.processor() or platform.machine() or "cpu"
+        peak_kind = "host max RSS"
+    try:
+        import monai
+
+        monai_version = monai.__version__
+    except ImportError:
+        monai_version = None
+    crops_per_step = batch * (sw + n * n) if method == "voco" else batch
+    return {
+        "method": method, "variant": variant, "attention": attention, "precision": precision,
+        "compile": (compile_mode or "default") if compile else False,
+        "use_checkpoint": bool(use_checkpoint), "augment": bool(augment),
+        "feature_size": feature_size, "batch": batch, "sw": sw, "n": n, "crop": crop, "size": list(size),
+        "crops_per_step": crops_per_step, "steps": steps, "warmup": warmup,
+        "step_s": step_s, "step_s_min": min(times) if times else float("nan"),
+        "step_s_max": max(times) if times else float("nan"),
+        "volumes_per_s": batch / step_s, "tflop_per_step": flops / 1e12, "tflops": flops / step_s / 1e12,
+        "peak_gib": peak_gib, "peak_kind": peak_kind, "warmup_s": warmup_s,
+        "loss_first": float(losses[0]) if losses else None, "loss_last": float(losses[-1]) if losses else None,
+        "params_trainable": sum(p.numel() for p in trainable),
+        "device": str(dev), "card": card, "torch": torch.__version__, "monai": monai_version,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **({"profile": profile_table} if profile_table is not None else {}),
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = [("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
+            ("use_checkpoint", "ckpt"), ("volumes_per_s", "vol/s"), ("step_s", "s/step"),
+            ("tflop_per_step", "TFLOP/step"), ("tflops", "TFLOP/s"), ("peak_gib", "peak GiB")]
+    lines = [[h for _, h in cols]]
+    for r in rows:
+        if "error" in r:
+            lines.append([str(r.get("variant")), str(r.get("attention")), str(r.get("precision")),
+                          str(r.get("compile")), "", "ERROR: " + r["error"][:80]])
+            continue
+        line = []
+        for key, _ in cols:
+            v = r.get(key)
+            line.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append(line)
+    widths = [max(len(l[i]) for l in lines if i < len(l)) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(l)) for l in lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sslbench bench", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("pretrain", help="time pre-training steps of a method")
+    p.add_argument("--method", default="voco")
+    p.add_argument("--variant", nargs="+", default=["paper"], help="one or more variants to time")
+    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "monai"])
+    p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone + head")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the Swin blocks")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--feature-size", type=int, default=48)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--sw", type=int, default=2)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--size", type=int, nargs=3, default=None, help="volume size X Y Z")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="print a profiler table of one more step")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(list(argv) if argv is not None else None)
+
+    rows: list[dict[str, Any]] = []
+    for variant in args.variant:
+        for attention in args.attention:
+            for precision in args.precision:
+                try:
+                    row = bench_pretrain(method=args.method, variant=variant, feature_size=args.feature_size,
+                                         batch=args.batch, sw=args.sw, n=args.n, crop=args.crop,
+                                         steps=args.steps, warmup=args.warmup, precision=precision,
+                                         compile=args.compile, device=args.device, attention=attention,
+                                         size=args.size, use_checkpoint=args.checkpointing,
+                                         augment=not args.no_augment, profile=args.profile,
+                                         compile_mode=args.compile_mode)
+                except Exception as exc:  # keep the other configurations (an OOM must not end the table)
+                    traceback.print_exc()
+                    row = {"variant": variant, "attention": attention, "precision": precision,
+                           "compile": args.compile, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+                table = row.pop("profile", None)
+                if table:
+                    print(f"== profile: {variant} / {attention} / {precision}\n{table}", flush=True)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    print(_table(rows))
+    text = json.dumps(rows, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

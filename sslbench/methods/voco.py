@@ -1,0 +1,530 @@
+"""VoCo: volume contrast with position priors.
+
+Wu, Zhuang, Chen. "VoCo: A Simple-yet-Effective Volume Contrastive Learning Framework for 3D Medical
+Image Analysis", CVPR 2024 (code: github.com/Luffy03/VoCo).
+
+A volume resized to W_x x W_y x Z is cut into an n x n grid of *base crops* over the x-y plane (full
+depth); k *random crops* of the same x-y size are taken at random centres. Every crop is resized to
+crop_size^3 and embedded by the backbone + projection head f. The equations implemented here:
+
+* position label (paper Sec. 3.2):  y_{k,j} = |crop_k  intersect  base_j|_xy / |base_j|_xy
+  (each row sums to 1 while the crop lies inside the grid)                      -> ``position_labels``
+* logits:  l_{k,j} = ReLU(cos(f(crop_k), f(base_j)))                            -> ``voco_logits``
+* prediction loss (paper):  L_pred = -(1/N) sum log(1 - |y - l|)                 -> ``prediction_loss``
+  the official repository splits it:  pos = -sum y log(1 - |y - l| + 1e-6) / sum y,
+  neg = sum_{y=0} l^2 / #(y=0), per volume, averaged over the batch       -> ``prediction_loss_official``
+* regularisation:  L_reg = mean_{i<j} ReLU(cos(b_i, sg(b_j)))^2 over the bases of one volume, averaged
+  over the batch                                                          -> ``regularization_loss``
+* total:  L = L_pred + lambda * L_reg  (lambda = params["lambda"], 1.0 in the paper).
+
+Variants (``params["variant"]``):
+
+* ``paper`` (default): one network; features = the last Swin stage (16 * feature_size channels),
+  globally pooled, through the MLP 16fs -> 2048 -> 2048 -> 2048 (BatchNorm1d without affine or running
+  statistics + ReLU after the first two layers). Only SwinUNETR's ``swinViT`` is trained and transferred:
+  the full-resolution convolution blocks are never run.
+* ``teacher-student`` (the official repository's form): features = SwinUNETR's encoder1(x),
+  encoder2(hs0), encoder3(hs1), encoder4(hs2), encoder10(hs4), each pooled and concatenated (24fs) ->
+  the same MLP; an EMA teacher (backbone + head, no gradients); logits
+  = 1/2 [l(x_stu, bases_tea) + l(x_tea, bases_stu)]; the pos/neg loss; L_reg on the student's bases.
+  The EMA  param_t <- 0.9 param_t + 0.1 param_s  runs in ``after_step`` (after the optimizer step) with one
+  ``torch._foreach_lerp_``; the official code runs the same update at the start of the next forward, with
+  the same student weights, so the two orders give the same teacher at every forward. Unlike the
+  official code, the teacher starts as a copy of the student instead of a second random initialisation.
+
+Both variants augment every crop independently, as the official data pipeline does (Table 2 of the
+supplement: random rotate and flip): flip p=0.2 per axis, rot90 in the x-y plane p=0.2 (k in 1..3),
+intensity shift U(-0.1, 0.1) p=0.1; ``params["augment"] = false`` turns it off. Random crop centres are
+integers ~ U[half, W - half) as in the official ``get_position_label``; bases are ordered x-major
+(index = i * n + j for the i-th x slab and j-th y slab) as in the official ``get_crop_transform``.
+
+Everything inside a step is batched on the volumes' device: crop boxes, labels, one ``grid_sample`` for
+every crop and base of the batch, augmentation by ``torch.where``, ONE backbone call for all crops and
+bases of the batch (crops first, then bases, as the official code orders them; the projection head's
+BatchNorm therefore normalises over all of them, as the official code does), and the losses as small
+matrix products. ``forward`` returns its logs as detached 0-dim tensors so that no host sync happens
+inside the step: call ``float()`` on them when logging.
+
+Window attention: MONAI's ``use_flash_attention=True`` (MONAI 1.6.1) only takes effect when autograd is
+off, so it cannot speed up training. With ``params["attention"] = "sdpa"`` (default) each
+``WindowAttention`` of the backbone is switched to a subclass that computes the same function with
+``torch.nn.functional.scaled_dot_product_attention`` (the memory-efficient kernel, relative position bias
++ shift mask as a contiguous additive bias, gradients to the bias table included) in training too, and
+the Swin LayerNorms return bf16 under autocast (their outputs only feed Linears, which autocast casts to
+bf16 anyway). ``"monai"`` keeps MONAI's modules as they are (and turns on MONAI's own SDPA path for the
+no-grad teacher). Parameter names and the state-dict layout are unchanged. ``compile_encoders()``
+wraps the backbone + head in ``torch.compile`` (static shapes; the attention stays eager). Figures on an
+H100: BENCHMARKS.md, section "VoCo pre-training".
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import build_swinunetr
+from ..errors import RecipeError
+from .base import PretrainMethod
+
+VARIANTS = ("paper", "teacher-student")
+ATTENTIONS = ("sdpa", "monai")
+#: floor of 1 - |y - l| inside the paper's log: |y - l| reaches 1 when a crop fully inside base k gets
+#: logit 0 (or a disjoint base gets logit 1), where log(0) = -inf would poison the step.
+LOG_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Crops and labels
+# --------------------------------------------------------------------------------------------------
+
+def base_crop_boxes(size_xy: Sequence[int], n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The n x n grid of base crops over the x-y plane: Tensor[n*n, 4] of (x0, y0, x1, y1), voxel units.
+
+    Boxes are half-open [x0, x1) x [y0, y1) and span the full depth. Index i * n + j is the i-th slab
+    along x and the j-th along y.
+    """
+    sx, sy = float(size_xy[0]), float(size_xy[1])
+    edges = torch.arange(n + 1, dtype=torch.float32, device=device)
+    ex, ey = edges * (sx / n), edges * (sy / n)
+    x0, x1 = ex[:-1].repeat_interleave(n), ex[1:].repeat_interleave(n)
+    y0, y1 = ey[:-1].repeat(n), ey[1:].repeat(n)
+    return torch.stack([x0, y0, x1, y1], dim=-1)
+
+
+def random_crop_boxes(batch: int, k: int, size_xy: Sequence[int], crop_xy: Sequence[int],
+                      generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """k random crops of size crop_xy per volume: Tensor[batch, k, 4] of (x0, y0, x1, y1).
+
+    Integer centres c ~ U[half, W - half) per axis (the official ``np.random.randint(half, W - half)``),
+    box [c - half, c - half + crop). Drawn on ``device`` (default: the generator's), so no host sync.
+    """
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    boxes = []
+    for w, c in ((int(size_xy[0]), int(crop_xy[0])), (int(size_xy[1]), int(crop_xy[1]))):
+        if c > w:
+            raise ValueError(f"crop size {c} exceeds the volume size {w}")
+        half = c // 2
+        centre = torch.randint(half, max(w - half, half + 1), (batch, k), generator=generator, device=device)
+        boxes.append((centre - half).to(torch.float32))
+    x0, y0 = boxes
+    return torch.stack([x0, y0, x0 + float(crop_xy[0]), y0 + float(crop_xy[1])], dim=-1)
+
+
+def position_labels(crop_boxes: torch.Tensor, base_boxes: torch.Tensor) -> torch.Tensor:
+    """Overlap area in x-y of each crop with each base / area of that base: Tensor[..., n*n].
+
+    crop_boxes [..., 4], base_boxes [n*n, 4] (or broadcastable [..., n*n, 4]).
+    """
+    c = crop_boxes.unsqueeze(-2).to(torch.float32)
+    b = base_boxes.to(device=c.device, dtype=torch.float32)
+    dx = (torch.minimum(c[..., 2], b[..., 2]) - torch.maximum(c[..., 0], b[..., 0])).clamp_min(0)
+    dy = (torch.minimum(c[..., 3], b[..., 3]) - torch.maximum(c[..., 1], b[..., 1])).clamp_min(0)
+    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return dx * dy / area
+
+
+def _axis_coords(lo: torch.Tensor, hi: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=True) of n_out samples over voxels lo .. hi - 1: [..., n_out]."""
+    if n_out > 1:
+        t = torch.linspace(0.0, 1.0, n_out, device=lo.device, dtype=torch.float32)
+    else:
+        t = torch.full((1,), 0.5, device=lo.device, dtype=torch.float32)
+    pos = lo.unsqueeze(-1) + t * (hi - 1 - lo).unsqueeze(-1)
+    return pos * (2.0 / (n_in - 1)) - 1.0 if n_in > 1 else torch.zeros_like(pos)
+
+
+def crop_and_resize(volumes: torch.Tensor, boxes: torch.Tensor, out_size: int | Sequence[int]) -> torch.Tensor:
+    """Cut every box of every volume (full depth) and resize it (trilinear): Tensor[B, k, C, *out_size].
+
+    volumes [B, C, X, Y, Z]; boxes [B, k, 4] (x0, y0, x1, y1) half-open in voxels. Sampling follows
+    MONAI's Resize(mode="trilinear", align_corners=True) after SpatialCrop, as the official pipeline:
+    output voxel o of an axis reads voxel x0 + o * (x1 - 1 - x0) / (out - 1). All B*k crops come from ONE
+    ``grid_sample`` call (the k crops of a volume are stacked along the output's first axis, so the
+    volumes are never copied).
+    """
+    b, c, sx, sy, sz = volumes.shape
+    ox, oy, oz = (int(out_size),) * 3 if isinstance(out_size, int) else tuple(int(s) for s in out_size)
+    k = boxes.shape[1]
+    boxes = boxes.to(device=volumes.device, dtype=torch.float32)
+    gx = _axis_coords(boxes[..., 0], boxes[..., 2], ox, sx)[..., :, None, None]          # [B, k, ox, 1, 1]
+    gy = _axis_coords(boxes[..., 1], boxes[..., 3], oy, sy)[..., None, :, None]          # [B, k, 1, oy, 1]
+    zero = torch.zeros((), device=volumes.device)
+    gz = _axis_coords(zero, zero + sz, oz, sz).view(1, 1, 1, 1, oz)                    # [1, 1, 1, 1, oz]
+    # grid_sample's last grid axis is (W, H, D) = (z, y, x) of a [B, C, X, Y, Z] input
+    grid = torch.stack(torch.broadcast_tensors(gz, gy, gx), dim=-1).reshape(b, k * ox, oy, oz, 3)
+    out = F.grid_sample(volumes, grid.to(volumes.dtype), mode="bilinear", padding_mode="border",
+                        align_corners=True)                                                # [B, C, k*ox, oy, oz]
+    return out.view(b, c, k, ox, oy, oz).transpose(1, 2).contiguous()
+
+
+def augment_crops(x: torch.Tensor, generator: torch.Generator | None = None, p_flip: float = 0.2,
+                  p_rot90: float = 0.2, p_shift: float = 0.1, max_shift: float = 0.1) -> torch.Tensor:
+    """Independent random augmentation of each crop of x [N, C, X, Y, Z] (X == Y), batched.
+
+    The official per-crop chain: RandFlip p=0.2 on each spatial axis, RandRotate90 p=0.2 (k in 1..3, x-y
+    plane), RandShiftIntensity(offsets=0.1) p=0.1. Each choice is a torch.where over the whole batch.
+    """
+    n = x.shape[0]
+    u = torch.rand(n, 6, generator=generator, device=x.device)
+    rot_k = torch.randint(1, 4, (n,), generator=generator, device=x.device)
+    view = (n,) + (1,) * (x.dim() - 1)
+    for axis in range(3):
+        x = torch.where((u[:, axis] < p_flip).view(view), x.flip(2 + axis), x)
+    if x.shape[2] == x.shape[3]:
+        rotate = u[:, 3] < p_rot90
+        for kk in (1, 2, 3):
+            x = torch.where((rotate & (rot_k == kk)).view(view), x.rot90(kk, dims=(2, 3)), x)
+    shift = (u[:, 4] * 2 - 1) * max_shift * (u[:, 5] < p_shift)
+    return x + shift.view(view).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits and losses
+# --------------------------------------------------------------------------------------------------
+
+def voco_logits(crop_feats: torch.Tensor, base_feats: torch.Tensor) -> torch.Tensor:
+    """l = ReLU(cos(crop, base)): crop_feats [B, k, D], base_feats [B, n*n, D] -> [B, k, n*n]."""
+    c = F.normalize(crop_feats.float(), dim=-1)
+    b = F.normalize(base_feats.float(), dim=-1)
+    return F.relu(c @ b.transpose(-1, -2))
+
+
+def prediction_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float = LOG_EPS) -> torch.Tensor:
+    """Paper: L_pred = -(1/N) sum log(1 - |y - l|), mean over every entry.
+
+    1 - |y - l| is clamped to >= eps (1e-6) for numerical safety: it is 0 when a crop that lies fully in
+    base k gets logit 0, and fp32 cosines can exceed 1 by an ulp.
+    """
+    dist = (labels.to(logits.dtype) - logits).abs()
+    return -torch.log((1 - dist).clamp_min(eps)).mean()
+
+
+def prediction_loss_official(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official repository: (pos, neg), each computed per volume over its [k, n*n] entries, then averaged.
+
+    pos = -sum(y * log(1 - |y - l| + 1e-6)) / (sum y + 1e-6);  neg = sum_{y=0} l^2 / (#(y=0) + 1e-6).
+    Total prediction loss = pos + neg. (1 - |y - l| is clamped at 0 before the +1e-6 so that an fp32
+    cosine of 1 + ulp cannot give log of a negative number.)
+    """
+    labels = labels.to(logits.dtype)
+    dims = (-2, -1) if logits.dim() >= 2 else (-1,)
+    dist = (labels - logits).abs()
+    pos = -(labels * torch.log((1 - dist).clamp_min(0) + 1e-6)).sum(dims) / (labels.sum(dims) + 1e-6)
+    neg_mask = (labels == 0).to(logits.dtype)
+    neg = (neg_mask * logits.square()).sum(dims) / (neg_mask.sum(dims) + 1e-6)
+    return pos.mean(), neg.mean()
+
+
+def regularization_loss(base_features: torch.Tensor) -> torch.Tensor:
+    """L_reg = mean over pairs i<j of ReLU(cos(b_i, sg(b_j)))^2 per volume, averaged over volumes.
+
+    base_features [B, n*n, D] (or [n*n, D]). One [B, n*n, n*n] cosine matrix; the gradient flows through
+    the row (b_i) only, as in the official pairwise loop.
+    """
+    m = base_features.shape[-2]
+    if m < 2:
+        return base_features.sum() * 0.0
+    b = F.normalize(base_features.float(), dim=-1)
+    cos = b @ b.detach().transpose(-1, -2)
+    # a multiplicative mask, not cos[..., upper]: boolean indexing would sync the host mid-step
+    upper = torch.ones(m, m, device=b.device).triu(1)
+    per_volume = (F.relu(cos).square() * upper).sum(dim=(-2, -1)) / (m * (m - 1) / 2)
+    return per_volume.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------------------
+
+def _window_attention_class():
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    return WindowAttention
+
+
+def _window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                 mask: torch.Tensor | None, scale: float, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T * scale + relative position bias (+ shift mask)) v for q, k, v [b, h, n, d]."""
+    b, h, n, d = q.shape
+    # contiguous: the fused kernels need a unit-stride last dim of the bias, else SDPA silently falls
+    # back to its fp32 math path
+    bias = table[index[:n, :n].reshape(-1)].reshape(n, n, h).permute(2, 0, 1).contiguous()   # [h, n, n]
+    if mask is not None:
+        nw = mask.shape[0]
+        # windows of one sample are consecutive in the batch: [b, h] -> [b / nw, nw * h], so the bias is
+        # [nw * h, n, n] broadcast over samples instead of a [b, h, n, n] copy
+        bias = (bias.unsqueeze(0) + mask.to(bias.dtype).unsqueeze(1)).reshape(1, nw * h, n, n)
+        q, k, v = (t.reshape(b // nw, nw * h, n, d) for t in (q, k, v))
+    else:
+        bias = bias.unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).contiguous(),
+                                         dropout_p=dropout_p, scale=scale)
+    return out.reshape(b, h, n, d)
+
+
+#: the same function hidden from torch.compile: inductor (torch 2.11) may lay the bias out with a
+#: non-unit last stride, which the efficient-attention kernel rejects; eager SDPA inside the compiled
+#: model costs a graph break per block and nothing else.
+_window_sdpa_opaque = torch.compiler.disable(_window_sdpa, recursive=True)
+
+
+class _SDPAWindowAttention(_window_attention_class()):
+    """MONAI's WindowAttention computed by scaled_dot_product_attention, with autograd on too.
+
+    Same parameters, buffers and function (softmax(q k^T * scale + relative bias + shift mask) v), exact
+    to fp64 rounding in values and gradients (tests/test_voco.py).
+    """
+
+    opaque_to_compile = False
+
+    def forward(self, x, mask):
+        b, n, c = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)   # [b, h, n, d]
+        fn = _window_sdpa_opaque if self.opaque_to_compile else _window_sdpa
+        out = fn(q, k, v, self.relative_position_bias_table, self.relative_position_index, mask, self.scale,
+                 self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+
+class _LowPrecisionLayerNorm(nn.LayerNorm):
+    """LayerNorm that, under autocast, returns the input's dtype (bf16) instead of fp32.
+
+    Inside a Swin block every LayerNorm output feeds a Linear (after a roll and a window partition for
+    norm1), which autocast casts to bf16 anyway; rounding right after the norm gives the Linear the same
+    operand but moves the roll, the partition copies and the saved activation in bf16, not fp32. The
+    statistics are still accumulated in fp32 by the kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                w = self.weight.to(x.dtype) if self.weight is not None else None
+                b = self.bias.to(x.dtype) if self.bias is not None else None
+                return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        return super().forward(x)
+
+
+def use_sdpa_window_attention(module: nn.Module) -> int:
+    """Switch every MONAI WindowAttention inside ``module`` to the SDPA form and its LayerNorms to
+    ``_LowPrecisionLayerNorm`` (same parameters and keys); returns how many attention modules."""
+    base_cls = _window_attention_class()
+    count = 0
+    for m in module.modules():
+        if type(m) is base_cls:
+            m.__class__ = _SDPAWindowAttention
+            count += 1
+        elif type(m) is nn.LayerNorm:
+            m.__class__ = _LowPrecisionLayerNorm
+    return count
+
+
+class ProjectionHead(nn.Module):
+    """in_dim -> hidden -> hidden -> out, BatchNorm1d(affine=False, track_running_stats=False) + ReLU
+    after the first two layers (the official ``projection_head``)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Linear(in_dim, hidden_dim),
+                                    nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
+                                    nn.ReLU(inplace=True))
+        self.layer2 = nn.Sequential(nn.Linear(hidden_dim, hidden_dim),
+                                    nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
+                                    nn.ReLU(inplace=True))
+        self.layer3 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+class VoCoBackbone(nn.Module):
+    """The parts of a SwinUNETR that VoCo trains, under SwinUNETR's own attribute names.
+
+    ``all_stages=False``: ``swinViT`` only; features = pooled, layer-normed last stage (16fs).
+    ``all_stages=True``: also encoder1..4 and encoder10; features = pooled and concatenated
+    encoder1(x), encoder2(hs0), encoder3(hs1), encoder4(hs2), encoder10(hs4) (24fs).
+    Its state_dict keys are SwinUNETR's (``swinViT.*``, ``encoder1.*``...).
+    """
+
+    def __init__(self, net: nn.Module, all_stages: bool):
+        super().__init__()
+        self.all_stages = all_stages
+        self.swinViT = net.swinViT
+        if all_stages:
+            self.encoder1, self.encoder2, self.encoder3 = net.encoder1, net.encoder2, net.encoder3
+            self.encoder4, self.encoder10 = net.encoder4, net.encoder10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # SwinTransformer.forward, minus the layer norms of stage outputs that are not used
+        swin = self.swinViT
+        h = swin.pos_drop(swin.patch_embed(x))
+        stages = [h]
+        for i in range(1, 5):
+            if swin.use_v2:
+                h = getattr(swin, f"layers{i}c")[0](h.contiguous())
+            h = getattr(swin, f"layers{i}")[0](h.contiguous())
+            stages.append(h)
+
+        def hs(i: int) -> torch.Tensor:
+            return swin.proj_out(stages[i], True)
+
+        if not self.all_stages:
+            return hs(4).mean(dim=(2, 3, 4))
+        encs = (self.encoder1(x), self.encoder2(hs(0)), self.encoder3(hs(1)), self.encoder4(hs(2)),
+                self.encoder10(hs(4)))
+        return torch.cat([e.mean(dim=(2, 3, 4)) for e in encs], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------------
+
+class VoCo(PretrainMethod):
+    """VoCo pre-training on volumes [B, 1, X, Y, Z] in [0, 1], already resized to ``params["resize"]``.
+
+    params: variant (paper | teacher-student), n, sw_batch_size, resize, crop_size, lambda; optional
+    augment (true), attention (sdpa | monai), head_dim (2048), ema_momentum (0.9).
+    """
+
+    name = "voco"
+    transfers_decoder = False
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = self.params
+        self.variant = str(p.get("variant", "paper"))
+        if self.variant not in VARIANTS:
+            raise RecipeError(f"method.params.variant: unknown value {self.variant!r} for method voco; "
+                              f"expected one of {', '.join(VARIANTS)}")
+        attention = str(p.get("attention", "sdpa"))
+        if attention not in ATTENTIONS:
+            raise RecipeError(f"method.params.attention: unknown value {attention!r} for method voco; "
+                              f"expected one of {', '.join(ATTENTIONS)}")
+        self.n = int(p.get("n", 4))
+        self.sw_batch_size = int(p.get("sw_batch_size", 4))
+        self.crop_size = int(p.get("crop_size", 64))
+        if self.crop_size % 32:
+            raise RecipeError(f"method.params.crop_size: {self.crop_size} for method voco; expected a multiple "
+                              f"of 32 (SwinUNETR downsamples 5 times)")
+        if self.variant == "teacher-student" and self.crop_size < 64:
+            raise RecipeError(f"method.params.crop_size: {self.crop_size} with variant teacher-student; expected "
+                              f">= 64 (encoder10 instance-normalises the 1/32-scale map, a single voxel at 32)")
+        self.lam = float(p.get("lambda", 1.0))
+        self.augment = bool(p.get("augment", True))
+        self.ema_momentum = float(p.get("ema_momentum", 0.9))
+        head_dim = int(p.get("head_dim", 2048))
+        fs = int(self.model_cfg["feature_size"])
+
+        net = build_swinunetr(self.model_cfg)
+        if attention == "sdpa":
+            use_sdpa_window_attention(net.swinViT)
+        teacher_student = self.variant == "teacher-student"
+        self.backbone = VoCoBackbone(net, all_stages=teacher_student)   # SwinUNETR's decoder is dropped
+        self.head = ProjectionHead((24 if teacher_student else 16) * fs, head_dim, head_dim)
+        self.teacher: VoCoBackbone | None = None
+        self.teacher_head: ProjectionHead | None = None
+        if teacher_student:
+            self.teacher = copy.deepcopy(self.backbone).requires_grad_(False)
+            self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+            if attention == "monai":
+                for m in self.teacher.modules():
+                    if hasattr(m, "use_flash_attention"):
+                        m.use_flash_attention = True   # MONAI's SDPA path: only used without autograd
+        # torch.compile'd encoders (compile_encoders); None: run the modules eagerly
+        self._compiled_student = None
+        self._compiled_teacher = None
+
+    @staticmethod
+    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        return tuple(int(s) for s in params["resize"])
+
+    def compile_encoders(self, **kwargs: Any) -> None:
+        """torch.compile the backbone + head calls (static shapes); crops and losses stay eager."""
+        for m in self.modules():
+            if isinstance(m, _SDPAWindowAttention):
+                m.opaque_to_compile = True
+        # static shapes: the stages call the same block code with four shapes, and automatic dynamic
+        # shapes would turn every recompile into a slower symbolic one
+        import torch._dynamo
+
+        kwargs.setdefault("dynamic", False)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._compiled_student = torch.compile(self._encode_student, **kwargs)
+        if self.teacher is not None:
+            self._compiled_teacher = torch.compile(self._encode_teacher, **kwargs)
+
+    def _encode_student(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def _encode_teacher(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher_head(self.teacher(x))
+
+    def make_views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All crops of a batch: (views [B*k + B*n*n, C, s, s, s], labels [B, k, n*n]).
+
+        Random crops of all volumes first, then the bases of all volumes (volume-major in each part).
+        """
+        b, c, sx, sy, _ = volumes.shape
+        n, k, s = self.n, self.sw_batch_size, self.crop_size
+        bases = base_crop_boxes((sx, sy), n, device=volumes.device)
+        crops = random_crop_boxes(b, k, (sx, sy), (sx // n, sy // n), device=volumes.device)
+        labels = position_labels(crops, bases)
+        views = crop_and_resize(volumes, torch.cat([crops, bases.expand(b, -1, -1)], dim=1), s)
+        views = torch.cat([views[:, :k].reshape(b * k, c, s, s, s), views[:, k:].reshape(b * n * n, c, s, s, s)])
+        if self.augment:
+            views = augment_crops(views)
+        return views, labels
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if hasattr(volumes, "as_tensor"):          # MONAI MetaTensor -> plain tensor (cheaper, compiles)
+            volumes = volumes.as_tensor()
+        if not volumes.is_floating_point():
+            volumes = volumes.float()
+        b = volumes.shape[0]
+        k, nn_ = self.sw_batch_size, self.n * self.n
+        views, labels = self.make_views(volumes)
+
+        feats = (self._compiled_student or self._encode_student)(views).float()
+        crops_s, bases_s = feats[: b * k].view(b, k, -1), feats[b * k:].view(b, nn_, -1)
+        reg = regularization_loss(bases_s)
+        logs: dict[str, torch.Tensor] = {}
+        if self.teacher is None:
+            logits = voco_logits(crops_s, bases_s)
+            pred = prediction_loss(logits, labels)
+        else:
+            with torch.no_grad():
+                feats_t = (self._compiled_teacher or self._encode_teacher)(views).float()
+            crops_t, bases_t = feats_t[: b * k].view(b, k, -1), feats_t[b * k:].view(b, nn_, -1)
+            logits = 0.5 * (voco_logits(crops_s, bases_t) + voco_logits(crops_t, bases_s))
+            pos, neg = prediction_loss_official(logits, labels)
+            pred = pos + neg
+            logs.update(pos=pos.detach(), neg=neg.detach())
+        loss = pred + self.lam * reg
+        logs.update(loss=loss.detach(), pred=pred.detach(), reg=reg.detach(),
+                    logit_mean=logits.detach().mean())
+        return loss, logs
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """EMA teacher update param_t = m param_t + (1 - m) param_s, one foreach kernel group."""
+        if self.teacher is None:
+            return
+        teacher = list(self.teacher.parameters()) + list(self.teacher_head.parameters())
+        student = list(self.backbone.parameters()) + list(self.head.parameters())
+        torch._foreach_lerp_(teacher, student, 1.0 - self.ema_momentum)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """swinViT.* (paper), plus encoder1..4 and encoder10 (teacher-student), SwinUNETR's key layout."""
+        return {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"head.{k}": v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        if self.teacher_head is not None:
+            out.update({f"teacher_head.{k}": v.detach().cpu().clone()
+                        for k, v in self.teacher_head.state_dict().items()})
+        return out

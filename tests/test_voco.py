@@ -1,0 +1,262 @@
+"""VoCo (sslbench/methods/voco.py): hand-computed labels and losses, crops, tiny CPU training steps.
+
+Sizes are the smallest SwinUNETR accepts (feature size 12, 32^3 crops; 64^3 for the teacher-student
+variant, whose encoder10 needs more than one voxel at 1/32 scale) so the file runs in about a minute on
+two CPU cores.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sslbench.backbones import load_backbone
+from sslbench.bench import bench_pretrain, phantom_volumes
+from sslbench.errors import RecipeError
+from sslbench.methods import voco as V
+
+MODEL = {"feature_size": 12, "use_v2": True}
+
+
+def make(**kw) -> V.VoCo:
+    # head_dim 256 instead of 2048 keeps the optimizer cheap; 1 random crop + 2 x 2 bases = 5 crops a step
+    params = dict(variant="paper", n=2, sw_batch_size=1, resize=[64, 64, 32], crop_size=32, augment=False,
+                  head_dim=256)
+    params.update(kw)
+    return V.VoCo(params, MODEL)
+
+
+# ------------------------------------------------------------------------------------------ crops, labels
+
+def test_base_crop_boxes_grid_is_x_major():
+    boxes = V.base_crop_boxes((64, 64), 2)
+    assert boxes.tolist() == [[0, 0, 32, 32], [0, 32, 32, 64], [32, 0, 64, 32], [32, 32, 64, 64]]
+    big = V.base_crop_boxes((384, 384), 4)
+    assert big.shape == (16, 4)
+    assert big[5].tolist() == [96, 96, 192, 192]           # i = 1 along x, j = 1 along y
+    assert big[7].tolist() == [96, 288, 192, 384]          # i = 1, j = 3
+
+
+def test_position_labels_hand_computed():
+    bases = V.base_crop_boxes((64, 64), 2)                 # four 32 x 32 bases
+    crops = torch.tensor([[16.0, 8.0, 48.0, 40.0],          # straddles all four bases
+                          [32.0, 0.0, 64.0, 32.0],          # equals base 2
+                          [48.0, 48.0, 80.0, 80.0]])        # a quarter of it inside the grid
+    labels = V.position_labels(crops, bases)
+    # overlaps: x 16 in each column, y 24 with the first row of bases and 8 with the second; / 32*32
+    expected = torch.tensor([[16 * 24, 16 * 8, 16 * 24, 16 * 8],
+                             [0, 0, 1024, 0],
+                             [0, 0, 0, 16 * 16]]) / 1024.0
+    torch.testing.assert_close(labels, expected)
+    assert labels[0].sum().item() == pytest.approx(1.0)
+
+
+def test_random_crops_lie_in_the_grid_and_labels_sum_to_one():
+    g = torch.Generator().manual_seed(0)
+    crops = V.random_crop_boxes(4, 8, (384, 384), (96, 96), generator=g)
+    assert crops.shape == (4, 8, 4)
+    assert torch.equal(crops, crops.round())
+    assert crops[..., :2].min() >= 0 and crops[..., 2:].max() <= 384
+    centres = (crops[..., :2] + crops[..., 2:]) / 2
+    assert centres.min() >= 48 and centres.max() < 336     # U[half, W - half), as the official code
+    assert torch.equal(crops[..., 2:] - crops[..., :2], torch.full((4, 8, 2), 96.0))
+    labels = V.position_labels(crops, V.base_crop_boxes((384, 384), 4))
+    assert labels.shape == (4, 8, 16)
+    torch.testing.assert_close(labels.sum(-1), torch.ones(4, 8))
+    again = V.random_crop_boxes(4, 8, (384, 384), (96, 96), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+
+
+def test_crop_and_resize_of_a_ramp():
+    x, y, z = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), torch.arange(32.0), indexing="ij")
+    ramp = (x + 100 * y + 1000 * z)[None, None]
+    vols = torch.cat([ramp, ramp + 0.5])                    # the second volume tells the volumes apart
+    boxes = torch.tensor([[[16.0, 8.0, 48.0, 40.0]], [[0.0, 32.0, 32.0, 64.0]]])
+    out = V.crop_and_resize(vols, boxes, 32)
+    assert out.shape == (2, 1, 1, 32, 32, 32)
+    # same size as the box: the voxels themselves (fp32 grid arithmetic: ~1e-7 relative)
+    torch.testing.assert_close(out[0, 0, 0], ramp[0, 0, 16:48, 8:40, :], rtol=0, atol=0.05)
+    torch.testing.assert_close(out[1, 0, 0], ramp[0, 0, 0:32, 32:64, :] + 0.5, rtol=0, atol=0.05)
+    # resized: align_corners sampling, output o reads voxel x0 + o (x1 - 1 - x0) / (out - 1)
+    small = V.crop_and_resize(vols, boxes, (16, 8, 4))
+    assert small.shape == (2, 1, 1, 16, 8, 4)
+    t16, t8, t4 = (torch.linspace(0, 1, s) for s in (16, 8, 4))
+    expected = ((16 + 31 * t16)[:, None, None] + 100 * (8 + 31 * t8)[None, :, None]
+                + 1000 * (31 * t4)[None, None, :])
+    torch.testing.assert_close(small[0, 0, 0], expected, rtol=0, atol=0.05)
+
+
+def test_augment_crops_all_or_nothing():
+    x = torch.rand(3, 1, 8, 8, 8)
+    assert torch.equal(V.augment_crops(x, p_flip=0, p_rot90=0, p_shift=0), x)
+    flipped = V.augment_crops(x, p_flip=1, p_rot90=0, p_shift=0)
+    assert torch.equal(flipped, x.flip(2, 3, 4))
+    shifted = V.augment_crops(x, p_flip=0, p_rot90=0, p_shift=1, max_shift=0.1) - x
+    assert shifted.amax(dim=(1, 2, 3, 4)).sub(shifted.amin(dim=(1, 2, 3, 4))).abs().max() < 1e-6
+    assert shifted.abs().max() <= 0.1 + 1e-6
+    rotated = V.augment_crops(x, p_flip=0, p_rot90=1, p_shift=0)
+    for i in range(3):
+        assert any(torch.equal(rotated[i], x[i].rot90(k, dims=(1, 2))) for k in (1, 2, 3))
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+def test_prediction_loss_paper():
+    labels = torch.tensor([[[0.75, 0.25, 0.0, 0.0]]])
+    assert V.prediction_loss(labels.clone(), labels).item() == pytest.approx(0.0, abs=1e-7)
+    logits = torch.tensor([[[0.25, 0.25, 0.5, 0.0]]])
+    # -(1/4) [log(1 - 0.5) + log 1 + log(1 - 0.5) + log 1] = log(2) / 2
+    assert V.prediction_loss(logits, labels).item() == pytest.approx(math.log(2) / 2, rel=1e-6)
+    # |y - l| = 1 is clamped (log(1e-6)), not infinite
+    worst = V.prediction_loss(torch.tensor([0.0]), torch.tensor([1.0]))
+    assert worst.item() == pytest.approx(-math.log(V.LOG_EPS), rel=1e-4)
+
+
+def test_prediction_loss_official_split():
+    labels = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]])
+    logits = torch.tensor([[[0.5, 0.2, 0.0], [0.5, 0.5, 0.4]]])
+    pos, neg = V.prediction_loss_official(logits, labels)
+    # pos: -(1 * log(0.5) + 0.5 log 1 + 0.5 log 1) / 2; neg over the three y = 0 entries: (0.04 + 0 + 0.16) / 3
+    assert pos.item() == pytest.approx(-math.log(0.5 + 1e-6) / (2 + 1e-6), rel=1e-5)
+    assert neg.item() == pytest.approx(0.2 / (3 + 1e-6), rel=1e-5)
+    p0, n0 = V.prediction_loss_official(labels * (labels > 0), labels)
+    assert p0.item() == pytest.approx(0.0, abs=1e-5) and n0.item() == 0.0
+
+
+def test_regularization_loss():
+    orthogonal = torch.eye(4).unsqueeze(0)                  # four mutually orthogonal bases
+    assert V.regularization_loss(orthogonal).item() == 0.0
+    # pairs (0,1): cos 0; (0,2): 1/sqrt2 -> 1/2; (1,2): 1/sqrt2 -> 1/2  => mean 1/3
+    three = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    assert V.regularization_loss(three).item() == pytest.approx(1 / 3, rel=1e-6)
+    # opposite bases are not penalised (ReLU); per-volume losses are averaged over the batch
+    pair = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [-1.0, 0.0]]], requires_grad=True)
+    loss = V.regularization_loss(pair)
+    assert loss.item() == pytest.approx((0.5 + 0.0) / 2, rel=1e-6)
+    loss.backward()
+    assert pair.grad[0, 0].abs().sum() > 0                  # b_i gets the gradient ...
+    assert pair.grad[0, 1].abs().sum() == 0                 # ... b_j is behind a stop-gradient
+
+
+def test_voco_logits_are_relu_cosines():
+    crops = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    bases = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]]])
+    expected = torch.tensor([[[1.0, 0.0, 0.0], [2 ** -0.5, 2 ** -0.5, 0.0]]])
+    torch.testing.assert_close(V.voco_logits(crops, bases), expected)
+
+
+# ------------------------------------------------------------------------------------------- networks
+
+def test_sdpa_window_attention_matches_monai():
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    ref = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
+    fast = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
+    fast.load_state_dict(ref.state_dict())
+    assert V.use_sdpa_window_attention(fast) == 8
+    x = torch.rand(1, 1, 32, 32, 32, dtype=torch.float64)
+    outs = [sum(h.square().mean() for h in net.swinViT(x)) for net in (ref, fast)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=0)
+    for loss in outs:
+        loss.backward()
+    grads = dict(ref.swinViT.named_parameters())
+    for name, p in fast.swinViT.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-8, atol=1e-12)
+
+
+def test_unknown_variant_and_bad_crop_size_are_recipe_errors():
+    with pytest.raises(RecipeError, match=r"method\.params\.variant.*paper, teacher-student"):
+        make(variant="momentum")
+    with pytest.raises(RecipeError, match=r"method\.params\.crop_size"):
+        make(variant="teacher-student", crop_size=32)
+    assert V.VoCo.input_size({"resize": [384, 384, 64]}) == (384, 384, 64)
+
+
+def test_step_gradients_reach_the_backbone():
+    torch.manual_seed(0)
+    model = make(augment=True)
+    loss, logs = model(phantom_volumes(1, (64, 64, 32), "cpu"), 0)
+    assert torch.isfinite(loss)
+    assert set(logs) >= {"loss", "pred", "reg"} and all(v.dim() == 0 for v in logs.values())
+    loss.backward()
+    assert model.backbone.swinViT.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.head.layer1[0].weight.grad.abs().sum() > 0
+
+
+def test_loss_falls_on_a_fixed_phantom_batch():
+    torch.manual_seed(0)
+    model = make()
+    vols = phantom_volumes(1, (64, 64, 32), "cpu", seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+    losses = []
+    for step in range(24):
+        torch.manual_seed(123)                              # the same crops every step: a fixed batch
+        loss, _ = model(vols, step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_step(step)
+        losses.append(loss.item())
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.7 * first, losses
+
+
+def test_teacher_student_step_and_ema():
+    torch.manual_seed(0)
+    # five 64^3 crops (1 random + 2 x 2 bases): the smallest geometry where the views differ (with n = 1
+    # every view is the whole plane, and the head's BatchNorm over identical samples passes no gradient)
+    model = make(variant="teacher-student", n=2, sw_batch_size=1, crop_size=64, resize=[128, 128, 32])
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss, logs = model(phantom_volumes(1, (128, 128, 32), "cpu"), 0)
+    assert torch.isfinite(loss) and {"pos", "neg", "reg"} <= set(logs)
+    loss.backward()
+    assert model.backbone.encoder1.layer.conv1.conv.weight.grad.abs().sum() > 0
+    opt.step()
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    model.after_step(0)
+    moved = 0
+    for before, t, s in zip(teacher_before, model.teacher.parameters(), model.backbone.parameters()):
+        torch.testing.assert_close(t, 0.9 * before + 0.1 * s)
+        moved += int(not torch.equal(t, before))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("variant", ["paper", "teacher-student"])
+def test_backbone_state_dict_loads_into_swinunetr(tmp_path, variant):
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    model = make(variant=variant, crop_size=64, resize=[128, 128, 64])
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.01)                                    # differ from any fresh initialisation
+    state = model.backbone_state_dict()
+    prefixes = {k.split(".")[0] for k in state}
+    if variant == "paper":
+        assert prefixes == {"swinViT"}
+    else:
+        assert prefixes == {"swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"}
+    path = tmp_path / "backbone.pt"
+    torch.save(state, path)
+    loaded_state = torch.load(path, map_location="cpu", weights_only=True)
+    net = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True)
+    report = load_backbone(net, loaded_state, "voco")
+    assert len(report.matched) == len(state) and not report.unexpected and not report.shape_mismatch
+    target = net.state_dict()
+    for key, value in state.items():
+        assert torch.equal(target[key], value), key
+    heads = model.head_state_dict()
+    assert heads and all(k.startswith(("head.", "teacher_head.")) for k in heads)
+
+
+def test_bench_pretrain_runs_on_cpu():
+    out = bench_pretrain(device="cpu", feature_size=12, crop=32, batch=1, sw=1, n=2, steps=1, warmup=0,
+                         precision="fp32")
+    for key in ("volumes_per_s", "step_s", "tflops", "tflop_per_step", "peak_gib"):
+        assert out[key] > 0, key
+    for key in ("card", "torch", "monai", "date", "variant", "precision"):
+        assert out[key], key
+    assert out["crops_per_step"] == 1 * (1 + 4)
