@@ -289,7 +289,13 @@ def _forward_bench(argv: list[str]) -> int:
     return bench.main(argv)
 
 
-_FORWARDED = {"report": _forward_report, "bench": _forward_bench}
+def _forward_sweep(argv: list[str]) -> int:
+    from . import sweep
+
+    return sweep.main(argv)
+
+
+_FORWARDED = {"report": _forward_report, "bench": _forward_bench, "sweep": _forward_sweep}
 
 
 def _quiet_third_party() -> None:
@@ -323,7 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = _console()
     handlers = {"run": _cmd_run, "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "evaluate": _cmd_evaluate,
                 "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench,
-                "sweep": lambda a, c: _not_yet("sweep", "Optuna sweeps arrive with issue 6"),
                 "report": _cmd_report}
     try:
         return int(handlers[args.command](args, console) or 0)

@@ -9,10 +9,12 @@ ends with the same metrics as an uninterrupted run (on the CPU, where kernels ar
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -156,7 +158,7 @@ def make_progress(console=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                     console=console, transient=False)
 
 
@@ -380,14 +382,20 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             say(f"resuming {record.path} from step {start}/{total}")
             record.log(f"resumed from step {start}")
 
+        local = threading.local()
+
         def make_batch(step: int):
+            # Each loader thread draws with its own copy of the random transforms, re-seeded for the step.
+            mine = getattr(local, "aug", None)
+            if mine is None:
+                mine = local.aug = copy.deepcopy(aug)
             rng = np.random.default_rng([seed, step])
             picks = rng.integers(0, len(train_cases), size=ft["batch_size"])
-            aug.set_random_state(seed=step_seed(seed, step))
+            mine.set_random_state(seed=step_seed(seed, step))
             crops = []
             for i in picks:
                 case = train_cases[int(i)]
-                out = aug({"image": case["image"], "label": case["label"]})
+                out = mine({"image": case["image"], "label": case["label"]})
                 crops.extend(out if isinstance(out, list) else [out])
             x = torch.stack([torch.as_tensor(c["image"]) for c in crops]).float()
             y = torch.stack([torch.as_tensor(c["label"]) for c in crops]).float()
@@ -401,7 +409,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
 
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
         fetch = Prefetcher(make_batch, start, total, depth=4, workers=workers)
-        train_job = progress.add_task(f"finetune {task['name']}", total=total, completed=start, info="")
+        train_job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
         loss_sum, loss_n = torch.zeros((), device=device), 0
         try:
@@ -424,7 +432,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                     loss_n = 0
                     history.append({"step": done, "loss": mean_loss})
                     record.log(f"step {done}/{total} loss {mean_loss:.4f}")
-                    progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best dice {best:.3f}" if best >= 0 else ""))
+                    progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best {best:.3f}" if best >= 0 else ""))
                 if val_every and (done % val_every == 0 or done == total):
                     rows = evaluate_segmentation(model, val_cases, task, device, bf16)
                     score = float(np.nanmean([r["mean"] for r in rows]))
@@ -434,7 +442,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                         best, best_step = score, done
                         atomic_torch_save({"model": model.state_dict(), "step": done, "val_dice": score},
                                           record.ckpt_dir / "best.pt")
-                    progress.update(train_job, info=f"val dice {score:.3f} (best {best:.3f})")
+                    progress.update(train_job, info=f"dice {score:.3f} best {best:.3f}")
                 if done % ckpt_every == 0 or done == total:
                     save_last(done)
                 progress.update(train_job, advance=1)
