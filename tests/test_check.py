@@ -9,15 +9,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
+
+from sslbench import recipes
 
 from sslbench.data import check, phantom
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def task(name: str, **data) -> dict:
-    t = yaml.safe_load((BENCHMARKS / f"{name}.yaml").read_text())
+    """The resolved task recipe (extends + defaults, as the protocol sees it) with data keys overridden."""
+    t = recipes.load_task(name)
     t["data"].update(data)
     return t
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
+
+from sslbench import recipes
 
 from sslbench.data import check, layouts, phantom
 from sslbench.errors import DataError
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MMWHS_RAW = {0, 205, 420, 500, 550, 600, 820, 850}
 
 # like -> (task recipe, data overrides, cases, expected (train, val, test) sizes)
@@ -28,7 +28,8 @@ CASES = {
 
 
 def task(name: str, **data) -> dict:
-    t = yaml.safe_load((BENCHMARKS / f"{name}.yaml").read_text())
+    """The resolved task recipe (extends + defaults, as the protocol sees it) with data keys overridden."""
+    t = recipes.load_task(name)
     t["data"].update(data)
     return t
 
