@@ -19,6 +19,20 @@ from .errors import CheckpointError
 ENCODER_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
 #: Key prefixes of SwinUNETR's decoder (transferred by methods that train one: MG, TransVW, PCRL).
 DECODER_PREFIXES = ("decoder5.", "decoder4.", "decoder3.", "decoder2.", "decoder1.")
+
+#: model.name -> (encoder prefixes, decoder prefixes). The task-specific output layer is never transferred.
+#: * swinunetr: MONAI SwinUNETR (the shared backbone of every table).
+#: * unet3d: MONAI BasicUNet with Models Genesis' UNet3D widths (32-64-128-256-512), batch norm: the original
+#:   backbone of Models Genesis, TransVW and PCRL, offered as a recipe option (``--set model.name=unet3d``).
+#: * unetr: MONAI UNETR, whose ``vit`` is the ViT that MAE pre-trains (``--set model.name=unetr``).
+TRANSFER_PREFIXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "swinunetr": (ENCODER_PREFIXES, DECODER_PREFIXES),
+    "unet3d": (("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
+               ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")),
+    "unetr": (("vit.",), ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "decoder5.", "decoder4.",
+                          "decoder3.", "decoder2.")),
+}
+MODEL_NAMES = tuple(TRANSFER_PREFIXES)
 _WRAPPERS = ("state_dict", "student", "net", "model", "network_weights", "backbone_state_dict")
 _STRIP = ("module.", "backbone.", "_orig_mod.", "student.", "model.")
 
@@ -39,8 +53,56 @@ def build_swinunetr(model_cfg: Mapping[str, Any], in_channels: int = 1, out_chan
     )
 
 
-def is_transferable(key: str, include_decoder: bool = False) -> bool:
-    prefixes = ENCODER_PREFIXES + (DECODER_PREFIXES if include_decoder else ())
+def build_unet3d(model_cfg: Mapping[str, Any], in_channels: int = 1, out_channels: int = 1) -> nn.Module:
+    """MONAI BasicUNet at Models Genesis' UNet3D widths (``model.unet_features``; 5 levels + the last upsample)."""
+    from monai.networks.nets import BasicUNet
+
+    feats = tuple(int(f) for f in model_cfg.get("unet_features") or (32, 64, 128, 256, 512, 32))
+    return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, features=feats,
+                     norm=("batch", {"affine": True}), act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+                     dropout=float(model_cfg.get("drop_rate", 0.0)))
+
+
+def vit_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ViT geometry shared by MAE pre-training and UNETR fine-tuning (``model.vit``)."""
+    vit = dict(model_cfg.get("vit") or {})
+    return {"patch_size": int(vit.get("patch_size", 16)), "hidden_size": int(vit.get("hidden_size", 768)),
+            "mlp_dim": int(vit.get("mlp_dim", 3072)), "num_layers": int(vit.get("num_layers", 12)),
+            "num_heads": int(vit.get("num_heads", 12))}
+
+
+def build_unetr(model_cfg: Mapping[str, Any], in_channels: int, out_channels: int,
+                img_size: tuple[int, int, int]) -> nn.Module:
+    """MONAI UNETR (ViT encoder at ``img_size``, the fine-tuning ROI) for MAE's ViT weights."""
+    from monai.networks.nets import UNETR
+
+    v = vit_config(model_cfg)
+    if v["patch_size"] != 16:
+        raise ValueError(f"model.vit.patch_size: MONAI UNETR uses 16, got {v['patch_size']}")
+    return UNETR(in_channels=in_channels, out_channels=out_channels, img_size=tuple(int(s) for s in img_size),
+                 feature_size=16, hidden_size=v["hidden_size"], mlp_dim=v["mlp_dim"], num_heads=v["num_heads"],
+                 proj_type="conv", norm_name="instance", dropout_rate=float(model_cfg.get("drop_rate", 0.0)),
+                 qkv_bias=True)
+
+
+def build_model(model_cfg: Mapping[str, Any], in_channels: int = 1, out_channels: int = 1,
+                img_size: tuple[int, int, int] | None = None) -> nn.Module:
+    """The fine-tuning network named by ``model.name`` (pre-training methods build the same one)."""
+    name = str(model_cfg.get("name", "swinunetr"))
+    if name == "swinunetr":
+        return build_swinunetr(model_cfg, in_channels, out_channels)
+    if name == "unet3d":
+        return build_unet3d(model_cfg, in_channels, out_channels)
+    if name == "unetr":
+        if img_size is None:
+            raise ValueError("model.name=unetr needs the input size (its ViT position embedding is fixed)")
+        return build_unetr(model_cfg, in_channels, out_channels, img_size)
+    raise ValueError(f"model.name: unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+
+
+def is_transferable(key: str, include_decoder: bool = False, model_name: str = "swinunetr") -> bool:
+    enc, dec = TRANSFER_PREFIXES.get(model_name, (ENCODER_PREFIXES, DECODER_PREFIXES))
+    prefixes = enc + (dec if include_decoder else ())
     return key.startswith(prefixes)
 
 
@@ -107,14 +169,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                  include_decoder: bool = False) -> LoadReport:
+                  include_decoder: bool = False, model_name: str = "swinunetr") -> LoadReport:
     """Copy the checkpoint tensors that match the model's transferable keys; report the rest.
 
     Raises CheckpointError when no backbone tensor matches (a wrong file must never load silently).
     """
     target = model.state_dict()
     report = LoadReport(source=source)
-    wanted = {k for k in target if is_transferable(k, include_decoder)}
+    wanted = {k for k in target if is_transferable(k, include_decoder, model_name)}
     update = {}
     for key, value in state.items():
         if key in wanted:
@@ -127,8 +189,10 @@ def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
             report.unexpected.append(key)
     report.missing = sorted(wanted - set(update) - {m.split(" ")[0] for m in report.shape_mismatch})
     if not update:
-        raise CheckpointError(f"{source}: matches no backbone tensor of SwinUNETR "
-                              f"(expected keys like swinViT.patch_embed.proj.weight; got e.g. {list(state)[:3]})")
+        example = {"swinunetr": "swinViT.patch_embed.proj.weight", "unet3d": "conv_0.conv_0.conv.weight",
+                   "unetr": "vit.patch_embedding.patch_embeddings.weight"}.get(model_name, "?")
+        raise CheckpointError(f"{source}: matches no backbone tensor of {model_name} "
+                              f"(expected keys like {example}; got e.g. {list(state)[:3]})")
     target.update({k: v.to(target[k].dtype) for k, v in update.items()})
     model.load_state_dict(target)
     return report

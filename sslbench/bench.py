@@ -60,7 +60,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
                    precision: str = "bf16", compile: bool = False, device: str = "cuda",
                    attention: str = "sdpa", size: Sequence[int] | None = None, use_checkpoint: bool = False,
                    augment: bool = True, lr: float = 1e-4, seed: int = 0, profile: bool = False,
-                   compile_mode: str | None = None) -> dict[str, Any]:
+                   compile_mode: str | None = None, model_name: str = "swinunetr") -> dict[str, Any]:
     """Time real pre-training steps of ``method`` and return the figures as a dict.
 
     Geometry: ``batch`` volumes of ``size`` (default n * 1.5 * crop in x-y and crop in z: 384x384x64 for
@@ -80,18 +80,29 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if cls is None:
         raise ValueError(f"unknown method {method!r}")
     params = _recipe_params(method)
-    overrides = dict(variant=variant, n=n, sw_batch_size=sw, crop_size=crop, attention=attention, augment=augment)
-    params.update({k: v for k, v in overrides.items() if method == "voco" or k in params})
-    if size is None:
-        side = n * int(round(1.5 * crop))
-        size = (side, side, crop)
-    params["resize"] = list(size)
-    model_cfg = {"feature_size": feature_size, "use_v2": True, "use_checkpoint": use_checkpoint}
+    if method == "voco":
+        params.update(variant=variant, n=n, sw_batch_size=sw, crop_size=crop, attention=attention, augment=augment)
+        if size is None:
+            side = n * int(round(1.5 * crop))
+            size = (side, side, crop)
+        params["resize"] = list(size)
+    else:   # another method: its recipe's paper params; --variant / --attention apply where it has them
+        params.update({k: v for k, v in dict(variant=variant, attention=attention).items() if k in params})
+        if size is not None and "resize" in params:
+            params["resize"] = list(size)
+        size = cls.input_size(params) if size is None else size
+        if size is None:
+            raise ValueError(f"method {method!r}: input_size is None; pass --size X Y Z")
+    from . import recipes
+
+    model_cfg = {**recipes.load_defaults()["model"], "name": model_name, "feature_size": feature_size,
+                 "use_v2": True, "use_checkpoint": use_checkpoint}
     model = cls(params, model_cfg).to(dev).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(trainable, lr=lr, **opt_kw)
     volumes = phantom_volumes(batch, size, dev, seed=seed)
+    model.prepare(phantom_volumes(max(batch, 8), size, dev, seed=seed + 1), seed)
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(i: int) -> torch.Tensor:
@@ -161,7 +172,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         monai_version = None
     crops_per_step = batch * (sw + n * n) if method == "voco" else batch
     return {
-        "method": method, "variant": variant, "attention": attention, "precision": precision,
+        "method": method, "model": model_name, "variant": variant if method == "voco" or "variant" in params else None, "attention": attention, "precision": precision,
         "compile": (compile_mode or "default") if compile else False,
         "use_checkpoint": bool(use_checkpoint), "augment": bool(augment),
         "feature_size": feature_size, "batch": batch, "sw": sw, "n": n, "crop": crop, "size": list(size),
@@ -180,7 +191,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    cols = [("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
+    cols = [("method", "method"), ("model", "model"), ("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
             ("use_checkpoint", "ckpt"), ("volumes_per_s", "vol/s"), ("step_s", "s/step"),
             ("tflop_per_step", "TFLOP/step"), ("tflops", "TFLOP/s"), ("peak_gib", "peak GiB")]
     lines = [[h for _, h in cols]]
@@ -211,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the Swin blocks")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--feature-size", type=int, default=48)
+    p.add_argument("--model", default="swinunetr", choices=["swinunetr", "unet3d", "unetr"],
+                   help="backbone family (methods/<m>.yaml says which ones a method supports)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--sw", type=int, default=2)
     p.add_argument("--n", type=int, default=4)
@@ -234,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          compile=args.compile, device=args.device, attention=attention,
                                          size=args.size, use_checkpoint=args.checkpointing,
                                          augment=not args.no_augment, profile=args.profile,
-                                         compile_mode=args.compile_mode)
+                                         compile_mode=args.compile_mode, model_name=args.model)
                 except Exception as exc:  # keep the other configurations (an OOM must not end the table)
                     traceback.print_exc()
                     row = {"variant": variant, "attention": attention, "precision": precision,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import recipes
-from .backbones import build_swinunetr, load_backbone, read_checkpoint
+from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .records import RunRecord, atomic_torch_save, atomic_write_json, atomic_write_text, prepare_run_folder
 
@@ -356,12 +356,13 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                                 f"(0..{n_classes - 1}); check data.label_map in {cfg['recipe_files']['task']}")
 
         torch.manual_seed(seed)
-        model = build_swinunetr(cfg["model"], in_channels=1, out_channels=n_classes)
+        model = build_model(cfg["model"], in_channels=1, out_channels=n_classes, img_size=tuple(ft["roi"]))
         load_report = None
         if init and init.get("path"):
             state = read_checkpoint(init["path"])
             load_report = load_backbone(model, state, str(init["path"]),
-                                        include_decoder=bool(init.get("include_decoder", False)))
+                                        include_decoder=bool(init.get("include_decoder", False)),
+                                        model_name=str(cfg["model"].get("name", "swinunetr")))
             say(load_report.summary())
             record.log(load_report.summary())
         model.to(device)
@@ -515,7 +516,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     ckpt = Path(checkpoint) if checkpoint else next((p for p in (record.ckpt_dir / "best.pt", record.ckpt_dir / "last.pt") if p.is_file()), None)
     if ckpt is None or not ckpt.is_file():
         raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
-    model = build_swinunetr(cfg["model"], 1, len(task["classes"]))
+    model = build_model(cfg["model"], 1, len(task["classes"]), img_size=tuple(task["finetune"]["roi"]))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.to(device)
@@ -589,6 +590,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
             stack = stack.to(device)  # GPU-resident corpus: batches are gathered on the device
         torch.manual_seed(seed)
         method = cls(method_cfg.get("params") or {}, cfg["model"]).to(device)
+        method.prepare(stack, seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
         opt = make_optimizer([p for p in method.parameters() if p.requires_grad], pt["lr"], pt["weight_decay"], device)
         sched = make_schedule(opt, pt["warmup_steps"], total)
         start, history = 0, []

@@ -216,8 +216,11 @@ DEFAULTS_SCHEMA = Spec(fields={
         "num_threads": INT, "preset": Spec(choices=PRESETS), "label": STR,
     }),
     "model": Spec(fields={
-        "name": Spec(choices=("swinunetr",)), "feature_size": INT, "use_v2": BOOL, "use_checkpoint": BOOL,
-        "drop_rate": NUM, "attn_drop_rate": NUM, "dropout_path_rate": NUM,
+        "name": Spec(choices=("swinunetr", "unet3d", "unetr")), "feature_size": INT, "use_v2": BOOL,
+        "use_checkpoint": BOOL, "drop_rate": NUM, "attn_drop_rate": NUM, "dropout_path_rate": NUM,
+        "unet_features": Spec(items=INT, length=6),
+        "vit": Spec(fields={"patch_size": INT, "hidden_size": INT, "mlp_dim": INT, "num_layers": INT,
+                            "num_heads": INT}),
     }),
     "presets": PRESET_MAP,
 })

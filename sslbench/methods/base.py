@@ -32,6 +32,14 @@ class PretrainMethod(nn.Module):
         """Spatial size every corpus volume is resized to before batching (None: random crops)."""
         return None
 
+    def prepare(self, corpus: torch.Tensor, seed: int) -> None:
+        """Corpus-level set-up run once before training (and again before a resume loads its state).
+
+        ``corpus`` is every pre-processed corpus volume [N, 1, *input_size] on the training device. It must be
+        deterministic given ``seed``; whatever it builds that training depends on (e.g. TransVW's visual-word
+        coordinates) belongs in registered buffers so checkpoints carry it.
+        """
+
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """One training step's loss on a batch of volumes [B, 1, X, Y, Z] scaled to [0, 1]."""
         raise NotImplementedError
