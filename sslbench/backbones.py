@@ -146,14 +146,19 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)       # backbone tensors the checkpoint lacks
     unexpected: list[str] = field(default_factory=list)    # checkpoint tensors that fit nothing
     shape_mismatch: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)       # input-channel kernels repeated 1 -> C (see load_backbone)
 
     def summary(self) -> str:
-        return (f"{self.source}: {len(self.matched)} backbone tensors matched, {len(self.missing)} missing, "
+        text = (f"{self.source}: {len(self.matched)} backbone tensors matched, {len(self.missing)} missing, "
                 f"{len(self.unexpected)} unexpected, {len(self.shape_mismatch)} with another shape (kept random)")
+        if self.adapted:
+            text += f"; {len(self.adapted)} input kernels adapted from 1 to more channels (repeated, divided by C)"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "matched": len(self.matched), "missing": len(self.missing),
-                "unexpected": len(self.unexpected), "shape_mismatch": self.shape_mismatch}
+                "unexpected": len(self.unexpected), "shape_mismatch": self.shape_mismatch,
+                "adapted": self.adapted}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -168,21 +173,46 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return normalize_state_dict(obj, source=str(path))
 
 
+def adapt_input_kernel(value: torch.Tensor, channels: int) -> torch.Tensor:
+    """A 1-input-channel convolution kernel ``[F, 1, k...]`` for ``channels`` inputs: repeated, divided by C.
+
+    The common inflation of single-channel pre-trained weights to multi-channel inputs (as for RGB
+    ImageNet weights on 1-channel data, in reverse): on an input whose C channels are all equal to x the
+    adapted kernel gives exactly the pre-trained response to x.
+    """
+    return value.repeat(1, channels, *([1] * (value.dim() - 2))) / channels
+
+
 def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                  include_decoder: bool = False, model_name: str = "swinunetr") -> LoadReport:
+                  include_decoder: bool = False, model_name: str = "swinunetr",
+                  channel_adapt: str = "random") -> LoadReport:
     """Copy the checkpoint tensors that match the model's transferable keys; report the rest.
 
+    ``channel_adapt`` decides what a 1-input-channel checkpoint gives a C-channel model (BraTS, MSD Task01
+    and Task05), whose input kernels (SwinUNETR: the patch embedding and encoder1's convolutions) have
+    shape ``[F, C, k...]`` instead of ``[F, 1, k...]``: ``repeat`` loads them through
+    :func:`adapt_input_kernel` (listed in ``LoadReport.adapted``); ``random`` (the default) keeps them random
+    (listed in ``shape_mismatch``), which is what the official VoCo BraTS fine-tuning does with its patch
+    embedding. Multi-channel task recipes choose with ``finetune.channel_adapt``.
     Raises CheckpointError when no backbone tensor matches (a wrong file must never load silently).
     """
+    if channel_adapt not in ("repeat", "random"):
+        raise ValueError(f"channel_adapt: expected 'repeat' or 'random', got {channel_adapt!r}")
     target = model.state_dict()
     report = LoadReport(source=source)
     wanted = {k for k in target if is_transferable(k, include_decoder, model_name)}
     update = {}
     for key, value in state.items():
         if key in wanted:
-            if tuple(value.shape) == tuple(target[key].shape):
+            shape = tuple(target[key].shape)
+            if tuple(value.shape) == shape:
                 update[key] = value
                 report.matched.append(key)
+            elif (channel_adapt == "repeat" and value.dim() >= 3 and value.shape[1] == 1 and shape[1] > 1
+                  and tuple(value.shape[:1] + value.shape[2:]) == shape[:1] + shape[2:]):
+                update[key] = adapt_input_kernel(value, shape[1])
+                report.matched.append(key)
+                report.adapted.append(f"{key} {tuple(value.shape)} -> {shape}")
             else:
                 report.shape_mismatch.append(f"{key} {tuple(value.shape)} vs {tuple(target[key].shape)}")
         else:

@@ -70,7 +70,10 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS} (fp16 would need a GradScaler)")
-    dev = torch.device(device)
+    from . import distributed
+
+    dist = distributed.setup(device)
+    dev = distributed.device_for(dist, torch.device(device))
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -101,13 +104,14 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(trainable, lr=lr, **opt_kw)
-    volumes = phantom_volumes(batch, size, dev, seed=seed)
+    volumes = phantom_volumes(batch, size, dev, seed=seed + dist.rank)
     model.prepare(phantom_volumes(max(batch, 8), size, dev, seed=seed + 1), seed)
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    run_model = distributed.wrap(model, dist, dev)   # DDP under torchrun (gradients all-reduced every step)
 
     def step(i: int) -> torch.Tensor:
         with autocast:
-            loss, _ = model(volumes, i)
+            loss, _ = run_model(volumes, i)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,11 +179,11 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         "method": method, "model": model_name, "variant": variant if method == "voco" or "variant" in params else None, "attention": attention, "precision": precision,
         "compile": (compile_mode or "default") if compile else False,
         "use_checkpoint": bool(use_checkpoint), "augment": bool(augment),
-        "feature_size": feature_size, "batch": batch, "sw": sw, "n": n, "crop": crop, "size": list(size),
+        "feature_size": feature_size, "batch": batch, **({"sw": sw, "n": n, "crop": crop} if method == "voco" else {}), "size": list(size),
         "crops_per_step": crops_per_step, "steps": steps, "warmup": warmup,
         "step_s": step_s, "step_s_min": min(times) if times else float("nan"),
         "step_s_max": max(times) if times else float("nan"),
-        "volumes_per_s": batch / step_s, "tflop_per_step": flops / 1e12, "tflops": flops / step_s / 1e12,
+        "world_size": dist.world_size, "volumes_per_s": dist.world_size * batch / step_s, "tflop_per_step": flops / 1e12, "tflops": flops / step_s / 1e12,
         "peak_gib": peak_gib, "peak_kind": peak_kind, "warmup_s": warmup_s,
         "loss_first": float(losses[0]) if losses else None, "loss_last": float(losses[-1]) if losses else None,
         "params_trainable": sum(p.numel() for p in trainable),
@@ -191,7 +195,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    cols = [("method", "method"), ("model", "model"), ("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
+    cols = [("method", "method"), ("model", "model"), ("world_size", "procs"), ("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
             ("use_checkpoint", "ckpt"), ("volumes_per_s", "vol/s"), ("step_s", "s/step"),
             ("tflop_per_step", "TFLOP/step"), ("tflops", "TFLOP/s"), ("peak_gib", "peak GiB")]
     lines = [[h for _, h in cols]]
@@ -226,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="backbone family (methods/<m>.yaml says which ones a method supports)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--sw", type=int, default=2)
-    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--grid", "--n", dest="n", type=int, default=4, help="VoCo: n x n base crops")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--size", type=int, nargs=3, default=None, help="volume size X Y Z")
     p.add_argument("--steps", type=int, default=10)
@@ -234,7 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="print a profiler table of one more step")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="time DistributedDataParallel steps on N local GPUs (torchrun); vol/s is then global")
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    args = ap.parse_args(raw)
+    if args.gpus and int(__import__("os").environ.get("WORLD_SIZE", "1")) <= 1:
+        from .distributed import launch
+
+        return launch(args.gpus, ["bench", *raw])
+    from . import distributed
 
     rows: list[dict[str, Any]] = []
     for variant in args.variant:
@@ -256,14 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if table:
                     print(f"== profile: {variant} / {attention} / {precision}\n{table}", flush=True)
                 rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                if distributed.current().is_main:
+                    print(json.dumps(row), file=sys.stderr, flush=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+    if not distributed.current().is_main:
+        distributed.cleanup()
+        return 1 if any("error" in r for r in rows) else 0
     print(_table(rows))
     text = json.dumps(rows, indent=1)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    distributed.cleanup()
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -30,8 +30,12 @@ EXAMPLES = {
 
 
 def _console():
+    import os
+
     from rich.console import Console
 
+    if int(os.environ.get("RANK", "0") or 0) > 0:   # torchrun: only rank 0 talks
+        return Console(file=open(os.devnull, "w"), highlight=False)
     return Console(stderr=False, highlight=False)
 
 
@@ -56,19 +60,22 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
         sp.add_argument("--force", action="store_true", help="replace an existing run folder")
         sp.add_argument("--out", help="folder for run records (default: runs/)")
+        sp.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="run on N local processes under torchrun (DistributedDataParallel; one per GPU)")
 
     sp = add("run", "Pre-train (if the method has a pre-training; reused when an identical one finished), fine-tune and evaluate.")
     sp.add_argument("--method", default=DEFAULT_METHOD, help=f"method recipe name (default {DEFAULT_METHOD})")
     sp.add_argument("--task", default=DEFAULT_TASK, help=f"task recipe name (default {DEFAULT_TASK})")
     sp.add_argument("--root", help="dataset root of the task (phantom tasks synthesise their own)")
     sp.add_argument("--corpus", help="pre-training corpus recipe (default: the method's)")
-    sp.add_argument("--corpus-root", help="dataset root of the corpus")
+    sp.add_argument("--corpus-root", help="dataset root of the corpus; a corpus of several sources (voco-corpus): NAME=PATH,NAME=PATH")
     common(sp)
 
     sp = add("pretrain", "Pre-train a method's backbone on a corpus and write its checkpoint.")
     sp.add_argument("--method", required=True)
     sp.add_argument("--corpus", help="corpus recipe (default: the method's, phantom-corpus)")
-    sp.add_argument("--corpus-root", "--root", dest="corpus_root", help="dataset root of the corpus")
+    sp.add_argument("--corpus-root", "--root", dest="corpus_root",
+                    help="dataset root of the corpus; a corpus of several sources (voco-corpus): NAME=PATH,NAME=PATH")
     common(sp)
 
     sp = add("finetune", "Fine-tune and evaluate a task from random init or from a checkpoint (--init).")
@@ -94,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     dsub = sp.add_subparsers(dest="data_command", metavar="action")
     d = dsub.add_parser("synth", help="write a miniature phantom tree in a dataset's real layout", formatter_class=fmt,
                         epilog="example:\n  sslbench data synth --like mmwhs --out /tmp/mmwhs --cases 6 --seed 1")
-    d.add_argument("--like", required=True, help="layout to imitate: btcv, btcv-raw, msd-spleen, mmwhs")
+    d.add_argument("--like", required=True, help="layout to imitate: btcv, btcv-raw, msd-spleen, mmwhs, msd01..msd08, msd10 (Task09 is msd-spleen), brats21, "
+                   "lits, flare23, amos22, tcia-covid19, luna16, ccccii, chestxray14")
     d.add_argument("--out", required=True)
     d.add_argument("--cases", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
@@ -102,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
                         epilog="example:\n  sslbench data check --task mmwhs --root /data/MM-WHS")
     d.add_argument("--task", required=True)
     d.add_argument("--root", help="dataset root (phantom tasks: their synthesised folder)")
+
+    d = dsub.add_parser("cache", help="preprocess a task's cases once into memory-mapped arrays keyed by the preprocessing",
+                        formatter_class=fmt,
+                        epilog="example:\n  sslbench data cache --task btcv --root /data/BTCV\n"
+                               "  sslbench data cache --task phantom-corpus")
+    d.add_argument("--task", required=True, help="task or corpus recipe")
+    d.add_argument("--root", help="dataset root (phantom tasks: their synthesised folder)")
+    d.add_argument("--preset", choices=("paper", "tiny"), help="preset whose preprocessing to cache (default: the task's)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a task key, e.g. task.preprocess.spacing=[2,2,2]")
+    d.add_argument("--cache", help="cache folder (default: $SSLBENCH_CACHE or <data home>/cache)")
 
     sp = add("list", "List method or task recipes with their source paper and status.")
     sp.add_argument("what", choices=("methods", "tasks"))
@@ -115,14 +134,30 @@ def _parser() -> argparse.ArgumentParser:
 def _results_table(metrics: dict, console) -> None:
     from rich.table import Table
 
+    if metrics.get("metric") in ("accuracy", "auc"):   # classification tasks (CC-CCII, ChestX-ray14)
+        from .classify import print_results
+
+        return print_results(metrics, console)
     phantom = " [PHANTOM data, not the real dataset]" if metrics.get("phantom") else ""
     t = Table(title=f"{metrics['method']} on {metrics['task_title']}{phantom}: Dice (validation split, "
                     f"{metrics['n_cases']} cases, checkpoint {metrics.get('checkpoint', '?')})")
     t.add_column("class")
     t.add_column("Dice", justify="right")
+    nsd = metrics.get("per_class_nsd")
+    if nsd is not None:
+        t.add_column(f"NSD @{metrics.get('nsd_tolerance_mm')} mm", justify="right")
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
     for name, value in metrics["per_class"].items():
-        t.add_row(name, "n/a" if value is None else f"{100 * value:.2f}")
-    t.add_row("[bold]mean (per case, then over cases)", f"[bold]{100 * metrics['mean_dice']:.2f} ± {100 * metrics['std_dice']:.2f}")
+        t.add_row(name, pct(value), *([pct(nsd.get(name))] if nsd is not None else []))
+    mean = f"[bold]{100 * metrics['mean_dice']:.2f} ± {100 * metrics['std_dice']:.2f}"
+    extra = []
+    if nsd is not None:
+        extra = ["[bold]n/a" if metrics.get("mean_nsd") is None else
+                 f"[bold]{100 * metrics['mean_nsd']:.2f} ± {100 * (metrics.get('std_nsd') or 0.0):.2f}"]
+    t.add_row("[bold]mean (per case, then over cases)", mean, *extra)
     console.print(t)
 
 
@@ -163,6 +198,8 @@ def _cmd_run(args, console) -> int:
     out = protocol.run_protocol(args.method, args.task, preset=args.preset, overrides=args.overrides, seed=args.seed,
                                 root=args.root, corpus=args.corpus, corpus_root=args.corpus_root, out=args.out,
                                 resume=args.resume, force=args.force, console=console)
+    if "rank" in out.metrics:   # torchrun rank > 0: rank 0 prints and records
+        return 0
     _results_table(out.metrics, console)
     console.print(f"run record: {out.record.path}")
     return 0
@@ -202,6 +239,8 @@ def _cmd_finetune(args, console) -> int:
         init = {"path": str(path), "source": "file", "hash": protocol.file_digest(path), "method": label}
     out = protocol.finetune(recipes.split_config(cfg, "task"), root=args.root, init=init, resume=args.resume,
                             force=args.force, console=console)
+    if "rank" in out.metrics:
+        return 0
     _results_table(out.metrics, console)
     console.print(f"run record: {out.record.path}")
     return 0
@@ -233,6 +272,11 @@ def _cmd_data(args, console) -> int:
         from .data import check as check_mod
 
         task = recipes.load_task(args.task)
+        if (task.get("data") or {}).get("sources"):   # a combined corpus (voco-corpus): check each source
+            from .data.corpus import source_roots
+
+            return max(_cmd_data(argparse.Namespace(data_command="check", task=src["name"], root=src_root), console)
+                       for src, src_root in source_roots(task, args.root))
         root, _ = protocol.locate_data(task, args.root, log=console.print)
         report = check_mod.check_dataset(task, root)
         rows = check_mod.summarize(report)
@@ -254,7 +298,24 @@ def _cmd_data(args, console) -> int:
             return 1
         console.print(f"[green]ok[/green]: {len(report.rows)} cases checked, no problems")
         return 0
-    print("usage: sslbench data {synth,check} ... (see sslbench data --help)", file=sys.stderr)
+    if args.data_command == "cache":
+        from . import protocol, recipes
+        from .data import cache as cache_mod
+
+        # The task section exactly as a run resolves it (preset, --set), so the cache key matches the run's.
+        if recipes.load_task(args.task)["kind"] == "corpus":
+            task = recipes.resolve("voco", None, preset=args.preset, overrides=args.overrides, corpus=args.task)["corpus"]
+        else:
+            task = recipes.resolve("scratch", args.task, preset=args.preset, overrides=args.overrides)["task"]
+        progress = protocol.make_progress(console)
+        with progress:
+            info = cache_mod.build(task, args.root, cache_root=args.cache, progress=progress)
+        phantom = " [PHANTOM]" if info["phantom"] else ""
+        console.print(f"{info['task']}{phantom}: {info['cases']} cases cached in {info['folder']} "
+                      f"({info['written']} written, {info['reused']} already there, {info['bytes'] / 2**20:.1f} MiB); "
+                      f"runs with run.cache=read (the default) now map them instead of preprocessing")
+        return 0
+    print("usage: sslbench data {synth,check,cache} ... (see sslbench data --help)", file=sys.stderr)
     return 2
 
 
@@ -326,6 +387,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _quiet_third_party()
+    if getattr(args, "gpus", None) is not None:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            print("error: --gpus: already running under torchrun (drop --gpus or torchrun)", file=sys.stderr)
+            return 2
+        if args.gpus < 1:
+            print(f"error: --gpus: expected a positive number of processes, got {args.gpus}", file=sys.stderr)
+            return 2
+        from .distributed import launch
+
+        return launch(args.gpus, raw)
     console = _console()
     handlers = {"run": _cmd_run, "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "evaluate": _cmd_evaluate,
                 "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench,

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from . import recipes
+from . import distributed
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
+from .metrics import score_names
 from .records import RunRecord, atomic_torch_save, atomic_write_json, atomic_write_text, prepare_run_folder
 
 PHANTOM_MARKER = "sslbench_phantom.json"
@@ -87,6 +89,10 @@ def data_home() -> Path:
 def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, bool]:
     """The dataset root for a task, synthesising the phantom twin when the recipe says ``root: auto``."""
     data = task.get("data") or {}
+    if data.get("sources"):   # a combined corpus: every source located (phantoms synthesised), their common folder
+        from .data.corpus import locate_sources
+
+        return locate_sources(task, None if root is None else str(root), log)
     if root is None:
         root = data.get("root")
     if root in (None, ""):
@@ -134,17 +140,46 @@ def read_splits(task: Mapping[str, Any], root: Path) -> dict[str, list[dict]]:
     return splits
 
 
-def load_cases(items: list[dict], transform, desc: str, progress=None) -> list[dict]:
-    """Apply the deterministic preprocessing to every case once (kept in memory for the run)."""
+def case_cache(run_cfg: Mapping[str, Any], task: Mapping[str, Any], with_label: bool):
+    """(the preprocessed-case cache of ``task``, whether to write to it) per ``run.cache`` (read | write | none)."""
+    mode = str(run_cfg.get("cache", "read"))
+    if mode == "none":
+        return None, False
+    from .data.cache import CaseCache
+
+    return CaseCache(task, with_label=with_label), mode == "write"
+
+
+def load_cases(items: list[dict], transform, desc: str, progress=None, cache=None, write: bool = False) -> list[dict]:
+    """Apply the deterministic preprocessing to every case once (kept in memory for the run).
+
+    ``cache`` (a :class:`sslbench.data.cache.CaseCache` keyed by this very preprocessing) serves cases built by
+    ``sslbench data cache``; with ``write`` the cases preprocessed here are stored into it too.
+    """
     out = []
     job = progress.add_task(desc, total=len(items), info="") if progress is not None else None
     for item in items:
         d = {k: item[k] for k in ("image", "label") if item.get(k)}
+        hit = cache.get(item) if cache is not None else None
+        if hit is not None:
+            hit["id"] = item["id"]
+            out.append(hit)
+            if job is not None:
+                progress.advance(job)
+            continue
         try:
             case = transform(d)
         except Exception as exc:  # MONAI wraps reader errors; keep one line naming the file
+            inner = exc                                      # a reader's own one-line DataError, if any
+            while inner is not None and not isinstance(inner, DataError):
+                inner = inner.__cause__
+            if inner is not None:
+                raise DataError(str(inner)) from None
             msg = str(exc).strip().splitlines()
-            raise DataError(f"{item['image']}: cannot be loaded and preprocessed ({(msg[-1] if msg else type(exc).__name__)[:200]})") from None
+            first = item["image"] if isinstance(item["image"], str) else item["image"][0]
+            raise DataError(f"{first}: cannot be loaded and preprocessed ({(msg[-1] if msg else type(exc).__name__)[:200]})") from None
+        if cache is not None and write:
+            cache.put(item, case)
         case["id"] = item["id"]
         out.append(case)
         if job is not None:
@@ -168,12 +203,20 @@ def make_progress(console=None):
 @torch.no_grad()
 def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mapping[str, Any],
                           device: torch.device, bf16: bool, progress=None) -> list[dict]:
-    """Per-case Dice of each foreground class (NaN where a class is absent from both prediction and truth)."""
+    """Per-case scores of each scored channel (foreground classes, or the task's regions).
+
+    Sliding-window inference with the recipe's ROI and overlap, then Dice (``<name>`` columns, NaN where a
+    channel is absent from both prediction and truth) and, where ``evaluate.metrics`` lists ``nsd``, the
+    normalised surface Dice at ``evaluate.nsd_tolerance`` mm on the preprocessed grid (``nsd:<name>``
+    columns, spacing ``preprocess.spacing``); ``mean`` / ``nsd:mean`` are each case's mean over channels.
+    """
     from monai.inferers import sliding_window_inference
-    from monai.metrics import compute_dice
+
+    from .metrics import dice_per_channel, nsd_per_channel, predict_masks, truth_masks
 
     ev, roi = task["evaluate"], tuple(task["finetune"]["roi"])
-    classes = task["classes"]
+    names = score_names(task)
+    with_nsd = "nsd" in (ev.get("metrics") or [])
     model.eval()
     rows = []
     job = progress.add_task("evaluate", total=len(cases), info="") if progress is not None else None
@@ -183,14 +226,15 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
         with autocast(bf16, device):
             logits = sliding_window_inference(image, roi, ev["sw_batch_size"], model, overlap=ev["overlap"],
                                               mode=ev.get("mode", "gaussian"))
-        pred = logits.float().argmax(1, keepdim=True)
-        n = len(classes)
-        onehot_p = torch.nn.functional.one_hot(pred[:, 0], n).permute(0, 4, 1, 2, 3)
-        onehot_y = torch.nn.functional.one_hot(label[:, 0].clamp(0, n - 1), n).permute(0, 4, 1, 2, 3)
-        dice = compute_dice(onehot_p, onehot_y, include_background=False, ignore_empty=True)[0].cpu().numpy()
-        row = {"case": case["id"]}
-        row.update({classes[i + 1]: float(d) for i, d in enumerate(dice)})
+        pred, truth = predict_masks(logits, task), truth_masks(label, task)
+        dice = dice_per_channel(pred, truth)[0].cpu().numpy()
+        row: dict[str, Any] = {"case": case["id"]}
+        row.update({name: float(d) for name, d in zip(names, dice)})
         row["mean"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
+        if with_nsd:
+            nsd = nsd_per_channel(pred, truth, float(ev["nsd_tolerance"]), task["preprocess"]["spacing"])[0].numpy()
+            row.update({f"nsd:{name}": float(v) for name, v in zip(names, nsd)})
+            row["nsd:mean"] = float(np.nanmean(nsd)) if np.isfinite(nsd).any() else float("nan")
         rows.append(row)
         if job is not None:
             progress.update(job, advance=1, info=f"dice {row['mean']:.3f}")
@@ -200,17 +244,70 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
     return rows
 
 
-def summarize(rows: list[dict], classes: list[str]) -> dict[str, Any]:
+def summarize(rows: list[dict], names: list[str]) -> dict[str, Any]:
+    """Mean over cases of each case's mean (``mean_dice``), its std, the per-channel means (NaN-skipping).
+
+    ``names`` are the scored channels (:func:`sslbench.metrics.score_names`). Where the rows hold NSD
+    columns the same keys appear for NSD: ``mean_nsd``, ``std_nsd``, ``per_class_nsd``.
+    """
     import pandas as pd
 
     df = pd.DataFrame(rows).set_index("case")
-    fg = [c for c in classes[1:]]
-    return {
+
+    def clean(v: float) -> float | None:
+        return None if math.isnan(v) else float(v)
+
+    out: dict[str, Any] = {
         "mean_dice": float(df["mean"].mean()),
         "std_dice": float(df["mean"].std(ddof=0)),
-        "per_class": {c: (None if math.isnan(v) else float(v)) for c, v in df[fg].mean(skipna=True).items()},
+        "per_class": {c: clean(v) for c, v in df[names].mean(skipna=True).items()},
         "n_cases": int(len(df)),
     }
+    if "nsd:mean" in df.columns:
+        out["mean_nsd"] = clean(float(df["nsd:mean"].mean()))
+        out["std_nsd"] = clean(float(df["nsd:mean"].std(ddof=0)))
+        out["per_class_nsd"] = {c: clean(df[f"nsd:{c}"].mean(skipna=True)) for c in names}
+    return out
+
+
+def output_channels(task: Mapping[str, Any]) -> int:
+    """The model's output channels: one per region (sigmoid) for a regions task, else one per class (softmax)."""
+    return len(task["regions"]) if task.get("regions") else len(task["classes"])
+
+
+def make_loss(task: Mapping[str, Any]) -> torch.nn.Module:
+    """DiceCE with softmax over classes, or, for a regions task, Dice with a sigmoid per region channel.
+
+    The regions loss is the SwinUNETR BraTS recipe's (Hatamizadeh et al. 2022, Sec. 3: soft Dice on the
+    TC / WT / ET sigmoid outputs), MONAI ``DiceLoss(sigmoid=True)``.
+    """
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if task.get("regions"):
+        return DiceLoss(to_onehot_y=False, sigmoid=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def input_channels(task: Mapping[str, Any]) -> int:
+    """The number of input channels of a task's images (``task.channels``; 1 where the recipe has none)."""
+    return len(task.get("channels") or []) or 1
+
+
+def check_cases(cases: list[dict], task: Mapping[str, Any], items: list[dict], recipe_file: str) -> None:
+    """Each preprocessed case has the task's input channels and only label values of its classes."""
+    want = input_channels(task)
+    n_classes = len(task["classes"])
+    for case, item in zip(cases, items):
+        image = item["image"] if isinstance(item["image"], str) else item["image"][0]
+        got = int(case["image"].shape[0])
+        if got != want:
+            raise DataError(f"{image}: {got} image channel(s) after loading; expected {want} "
+                            f"({', '.join(task.get('channels') or ['one 3-D volume'])}; see 'channels' in {recipe_file})")
+        bad = torch.unique(case["label"])
+        bad = bad[(bad < 0) | (bad >= n_classes)]
+        if len(bad):
+            raise DataError(f"{case['id']}: label values {bad.tolist()} outside the task's {n_classes} classes "
+                            f"(0..{n_classes - 1}); check data.label_map in {recipe_file}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +365,18 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def run_protocol_hash(cfg: Mapping[str, Any], dist: "distributed.Dist | None" = None) -> str:
+    """The protocol hash of a run: the recipe's, plus the number of processes when there are several.
+
+    Under torchrun every process draws its own batch, so N processes train with an N times larger global batch:
+    another protocol, which must never be mixed with (or reused as) the single-process one.
+    """
+    dist = dist or distributed.current()
+    if dist.world_size > 1:
+        return recipes.protocol_hash({**cfg, "world_size": dist.world_size})
+    return recipes.protocol_hash(cfg)
+
+
 def _run_dir(cfg: Mapping[str, Any], stage: str, protocol: str) -> Path:
     out = Path(cfg["run"]["out"])
     seed = cfg["run"]["seed"]
@@ -295,42 +404,54 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
     ``on_validation(step, mean_dice)`` is called after each periodic validation, after the checkpoint of
     that step is safe on disk (a sweep reports intermediate values there and may raise to prune).
     """
-    from monai.losses import DiceCELoss
-
     from .data.transforms import preprocess_transforms, step_seed, train_augmentation
+    from .metrics import targets
 
     task = cfg["task"]
     if task["status"] != "available":
         raise RecipeError(f"task '{task['name']}' is {task['status']} (not implemented yet); "
                           f"see `sslbench list tasks` for the available ones")
+    if task["kind"] in ("classification", "classification2d"):
+        from . import classify
+
+        return classify.finetune(cfg, root=root, init=init, resume=resume, force=force, console=console,
+                                 on_validation=on_validation)
     if task["kind"] != "segmentation":
         raise RecipeError(f"task '{task['name']}' is a {task['kind']} task; only segmentation fine-tuning exists yet")
     cfg = dict(cfg)
     cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
-    protocol = recipes.protocol_hash(cfg)
+    dist = distributed.setup(cfg["run"].get("device", "auto"))
+    protocol = run_protocol_hash(cfg, dist)
     record = RunRecord(_run_dir(cfg, "finetune", protocol))
-    action = prepare_run_folder(record, protocol, resume, force)
-    say = (console.print if console is not None else print)
+    # Under torchrun rank 0 owns the run folder and the others follow its decision; see sslbench/distributed.py.
+    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
+    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
     if action == "skip":
         say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
         return Outcome(record, "skip", record.metrics or {})
 
-    device = select_device(cfg["run"])
+    device = distributed.device_for(dist, select_device(cfg["run"]))
     bf16 = use_bf16(cfg["run"], device)
     keep_freed_memory()
     if cfg["run"].get("num_threads"):
         torch.set_num_threads(int(cfg["run"]["num_threads"]))
+    if not dist.is_main:
+        dist.barrier()   # rank 0 synthesises a phantom task first
     root_path, phantom = locate_data(task, root, log=say)
+    if dist.is_main:
+        dist.barrier()
     phantom = phantom or bool(task.get("phantom"))
     splits = read_splits(task, root_path)
     ft = task["finetune"]
     train_items = labeled_subset(splits["train"], ft.get("labeled_cases"))
     val_items = splits["val"]
 
+    if not dist.is_main:   # the other ranks never write to the run folder
+        record = _SilentRecord(record.path)
     record.path.mkdir(parents=True, exist_ok=True)
     if action == "new":
         record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-        record.write_env(str(device))
+        record.write_env(str(device), **({"world_size": dist.world_size} if dist.enabled else {}))
         record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
                           started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
@@ -345,30 +466,27 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
     progress = make_progress(console)
     with progress:
         pre = preprocess_transforms(task)
-        train_cases = load_cases(train_items, pre, "preprocess train", progress)
-        val_cases = load_cases(val_items, pre, "preprocess val", progress)
-        n_classes = len(task["classes"])
-        for case in train_cases + val_cases:
-            bad = torch.unique(case["label"])
-            bad = bad[(bad < 0) | (bad >= n_classes)]
-            if len(bad):
-                raise DataError(f"{case['id']}: label values {bad.tolist()} outside the task's {n_classes} classes "
-                                f"(0..{n_classes - 1}); check data.label_map in {cfg['recipe_files']['task']}")
+        cache, write = case_cache(cfg["run"], task, with_label=True)
+        train_cases = load_cases(train_items, pre, "preprocess train", progress, cache=cache, write=write)
+        val_cases = load_cases(val_items, pre, "preprocess val", progress, cache=cache, write=write)
+        check_cases(train_cases + val_cases, task, train_items + val_items, cfg["recipe_files"]["task"])
 
         torch.manual_seed(seed)
-        model = build_model(cfg["model"], in_channels=1, out_channels=n_classes, img_size=tuple(ft["roi"]))
+        model = build_model(cfg["model"], in_channels=input_channels(task), out_channels=output_channels(task),
+                            img_size=tuple(ft["roi"]))
         load_report = None
         if init and init.get("path"):
             state = read_checkpoint(init["path"])
             load_report = load_backbone(model, state, str(init["path"]),
                                         include_decoder=bool(init.get("include_decoder", False)),
-                                        model_name=str(cfg["model"].get("name", "swinunetr")))
+                                        model_name=str(cfg["model"].get("name", "swinunetr")),
+                                        channel_adapt=str(ft.get("channel_adapt", "random")))
             say(load_report.summary())
             record.log(load_report.summary())
         model.to(device)
         opt = make_optimizer(model.parameters(), ft["lr"], ft["weight_decay"], device)
         sched = make_schedule(opt, ft["warmup_steps"], total)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_fn = make_loss(task)
         aug = train_augmentation(task)
 
         start, best, best_step, history = 0, -1.0, -1, []
@@ -390,9 +508,10 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             mine = getattr(local, "aug", None)
             if mine is None:
                 mine = local.aug = copy.deepcopy(aug)
-            rng = np.random.default_rng([seed, step])
+            # rank 0 draws what a single process draws; other ranks their own streams (global batch N x batch)
+            rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
             picks = rng.integers(0, len(train_cases), size=ft["batch_size"])
-            mine.set_random_state(seed=step_seed(seed, step))
+            mine.set_random_state(seed=step_seed(seed, step, 1000 * dist.rank))
             crops = []
             for i in picks:
                 case = train_cases[int(i)]
@@ -403,6 +522,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             return x, y
 
         def save_last(step: int) -> None:
+            if not dist.is_main:
+                return
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "step": step, "best": best,
                                "best_step": best_step, "history": history}, last)
@@ -412,13 +533,14 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         fetch = Prefetcher(make_batch, start, total, depth=4, workers=workers)
         train_job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
+        train_model = distributed.wrap(model, dist, device)   # DDP under torchrun; the model itself otherwise
         loss_sum, loss_n = torch.zeros((), device=device), 0
         try:
             for step in range(start, total):
                 x, y = fetch.get(step)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = x.to(device, non_blocking=True), targets(y.to(device, non_blocking=True), task)
                 with autocast(bf16, device):
-                    logits = model(x)
+                    logits = train_model(x)
                 loss = loss_fn(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -428,21 +550,22 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                 loss_n += 1
                 done = step + 1
                 if done % ft.get("log_every", 10) == 0 or done == total:
-                    mean_loss = float(loss_sum / loss_n)
+                    mean_loss = float(dist.mean(loss_sum / loss_n))
                     loss_sum.zero_()
                     loss_n = 0
                     history.append({"step": done, "loss": mean_loss})
                     record.log(f"step {done}/{total} loss {mean_loss:.4f}")
                     progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best {best:.3f}" if best >= 0 else ""))
                 if val_every and (done % val_every == 0 or done == total):
-                    rows = evaluate_segmentation(model, val_cases, task, device, bf16)
+                    rows = _evaluate_sharded(model, val_cases, task, device, bf16, dist)
                     score = float(np.nanmean([r["mean"] for r in rows]))
                     history.append({"step": done, "val_dice": score})
                     record.log(f"step {done} validation dice {score:.4f}")
                     if score > best:
                         best, best_step = score, done
-                        atomic_torch_save({"model": model.state_dict(), "step": done, "val_dice": score},
-                                          record.ckpt_dir / "best.pt")
+                        if dist.is_main:
+                            atomic_torch_save({"model": model.state_dict(), "step": done, "val_dice": score},
+                                              record.ckpt_dir / "best.pt")
                     progress.update(train_job, info=f"dice {score:.3f} best {best:.3f}")
                 if done % ckpt_every == 0 or done == total:
                     save_last(done)
@@ -454,18 +577,43 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             fetch.close()
 
         # Final evaluation on the validation split with the selected checkpoint.
+        dist.barrier()   # best.pt is on disk for every rank
         chosen = "last"
         if best_step > 0 and (record.ckpt_dir / "best.pt").is_file():
             model.load_state_dict(torch.load(record.ckpt_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
             chosen = f"best (step {best_step})"
-        rows = evaluate_segmentation(model, val_cases, task, device, bf16, progress)
+        rows = _evaluate_sharded(model, val_cases, task, device, bf16, dist, progress)
 
-    summary = summarize(rows, task["classes"])
+    if not dist.is_main:
+        dist.barrier()
+        return Outcome(record, action, {"kind": "finetune", "rank": dist.rank})
+    summary = summarize(rows, score_names(task))
     write_results(record, cfg, rows, summary, protocol=protocol, phantom=phantom, root=root_path,
                   extra={"checkpoint": chosen, "steps": total, "train_cases": len(train_items),
                          "init": {**(init or {}), "load": load_report.as_dict() if load_report else None},
-                         "history": history})
+                         "history": history, "world_size": dist.world_size})
+    dist.barrier()
     return Outcome(record, action, record.metrics or {})
+
+
+def _evaluate_sharded(model, cases: list[dict], task: Mapping[str, Any], device: torch.device, bf16: bool,
+                      dist: "distributed.Dist", progress=None) -> list[dict]:
+    """Sliding-window evaluation with the cases split across ranks; every rank gets all rows, in case order."""
+    if not dist.enabled:
+        return evaluate_segmentation(model, cases, task, device, bf16, progress)
+    order = {c["id"]: i for i, c in enumerate(cases)}
+    mine = evaluate_segmentation(model, dist.shard(cases), task, device, bf16, progress if dist.is_main else None)
+    rows = dist.gather_rows(mine)
+    return sorted(rows, key=lambda r: order.get(r.get("case"), len(order)))
+
+
+class _SilentRecord(RunRecord):
+    """The run record seen by ranks other than 0: reads work, writes do nothing."""
+
+    def write_recipe(self, *a, **k) -> None: ...
+    def write_env(self, *a, **k) -> None: ...
+    def set_status(self, *a, **k) -> None: ...
+    def log(self, *a, **k) -> None: ...
 
 
 def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], summary: dict, protocol: str,
@@ -486,6 +634,9 @@ def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], s
         "phantom": phantom,
         "data_root": str(root),
         "metric": "dice",
+        "metrics": list(task["evaluate"].get("metrics") or ["dice"]),
+        "nsd_tolerance_mm": task["evaluate"].get("nsd_tolerance"),
+        "scored": "regions" if task.get("regions") else "classes",
         **summary,
         "cases": rows,
         **extra,
@@ -509,6 +660,10 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
         raise RunError(f"{record.path}: not a run folder (no recipe.yaml)")
     cfg = record.read_recipe()
     task = cfg["task"]
+    if task["kind"] in ("classification", "classification2d"):
+        from . import classify
+
+        return classify.reevaluate(record, cfg, checkpoint=checkpoint, root=root, console=console)
     device = select_device(cfg["run"])
     bf16 = use_bf16(cfg["run"], device)
     root_path, phantom = locate_data(task, root or (cfg.get("data") or {}).get("root"))
@@ -516,7 +671,8 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     ckpt = Path(checkpoint) if checkpoint else next((p for p in (record.ckpt_dir / "best.pt", record.ckpt_dir / "last.pt") if p.is_file()), None)
     if ckpt is None or not ckpt.is_file():
         raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
-    model = build_model(cfg["model"], 1, len(task["classes"]), img_size=tuple(task["finetune"]["roi"]))
+    model = build_model(cfg["model"], input_channels(task), output_channels(task),
+                        img_size=tuple(task["finetune"]["roi"]))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.to(device)
@@ -524,7 +680,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     with progress:
         cases = load_cases(splits["val"], preprocess_transforms(task), "preprocess val", progress)
         rows = evaluate_segmentation(model, cases, task, device, bf16, progress)
-    summary = summarize(rows, task["classes"])
+    summary = summarize(rows, score_names(task))
     out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **summary, "cases": rows}
     atomic_write_json(record.path / "evaluation.json", out)
     return out
@@ -548,31 +704,34 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     if cls is None or method_cfg["status"] != "available":
         raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
     pt = method_cfg["pretrain"]
-    protocol = recipes.protocol_hash(cfg)
+    dist = distributed.setup(cfg["run"].get("device", "auto"))
+    protocol = run_protocol_hash(cfg, dist)
     record = RunRecord(_run_dir(cfg, "pretrain", protocol))
-    action = prepare_run_folder(record, protocol, resume, force)
-    say = (console.print if console is not None else print)
+    # Rank 0 owns the run folder; the others follow its decision (new / resume / skip).
+    action = prepare_run_folder(record, protocol, resume, force) if dist.is_main else None
+    action = dist.broadcast_object(action)
+    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {protocol}); reusing it")
         return Outcome(record, "skip", record.metrics or {})
 
-    device = select_device(cfg["run"])
+    device = distributed.device_for(dist, select_device(cfg["run"]))
     bf16 = use_bf16(cfg["run"], device)
     keep_freed_memory()
-    root_path, phantom = locate_data(corpus, root, log=say)
-    phantom = phantom or bool(corpus.get("phantom"))
-    from .data import layouts
+    if not dist.is_main:
+        dist.barrier()   # rank 0 synthesises a phantom corpus first
+    from .data.corpus import corpus_items
 
-    splits = layouts.read_datalist(corpus, root_path)
-    items = [it for name in ("train", "val", "test") for it in splits.get(name, [])]
-    items = [{"id": it["id"], "image": it["image"]} for it in items]
-    if not items:
-        raise DataError(f"{root_path}: the corpus '{corpus['name']}' lists no images")
-    record.path.mkdir(parents=True, exist_ok=True)
-    if action == "new":
+    root_path, phantom, items = corpus_items(corpus, root, log=say)   # one root, or the roots of data.sources
+    if dist.is_main:
+        dist.barrier()
+    phantom = phantom or bool(corpus.get("phantom"))
+    if dist.is_main:
+        record.path.mkdir(parents=True, exist_ok=True)
+    if action == "new" and dist.is_main:
         record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-        record.write_env(str(device))
-        record.set_status(state="running", stage="pretrain", step=0, protocol=protocol,
+        record.write_env(str(device), world_size=dist.world_size)
+        record.set_status(state="running", stage="pretrain", step=0, protocol=protocol, world_size=dist.world_size,
                           started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     seed = int(cfg["run"]["seed"])
     total = int(pt["steps"])
@@ -582,10 +741,13 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
 
     progress = make_progress(console)
     with progress:
-        pre = mt.Compose([preprocess_transforms(corpus, with_label=False),
-                          mt.Resized(keys="image", spatial_size=tuple(size), mode="trilinear")])
-        volumes = load_cases(items, pre, "preprocess corpus", progress)
-        stack = torch.stack([torch.as_tensor(v["image"]).float() for v in volumes])  # [N, 1, X, Y, Z]
+        cache, write = case_cache(cfg["run"], corpus, with_label=False)
+        volumes = load_cases(items, preprocess_transforms(corpus, with_label=False), "preprocess corpus", progress,
+                             cache=cache, write=write)
+        resize = mt.Resize(spatial_size=tuple(size), mode="trilinear")
+        stack = torch.stack([torch.as_tensor(resize(torch.as_tensor(v["image"]).float())).float()
+                             for v in volumes])  # [N, 1, X, Y, Z]
+        del volumes
         if device.type == "cuda":
             stack = stack.to(device)  # GPU-resident corpus: batches are gathered on the device
         torch.manual_seed(seed)
@@ -602,17 +764,20 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
             sched.load_state_dict(state["scheduler"])
             start, history = int(state["step"]), list(state.get("history", []))
             say(f"resuming {record.path} from step {start}/{total}")
+        # Under torchrun: DDP averages gradients; each rank draws its own batch (rank 0 draws what a single
+        # process would), so the global batch is world_size x batch_size.
+        step_fn = distributed.wrap(method, dist, device)
         job = progress.add_task(f"pretrain {method_cfg['name']}", total=total, completed=start, info="")
         acc: dict[str, torch.Tensor] = {}
         n_acc = 0
         t0 = time.perf_counter()
         for step in range(start, total):
-            rng = np.random.default_rng([seed, step])
+            rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
             idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
-            torch.manual_seed(step_seed(seed, step, 1))
+            torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))
             volumes_b = stack.index_select(0, idx).to(device, non_blocking=True)
             with autocast(bf16, device):
-                loss, logs = method(volumes_b, step)
+                loss, logs = step_fn(volumes_b, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -624,30 +789,38 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
             n_acc += 1
             done = step + 1
             if done % pt.get("log_every", 10) == 0 or done == total:
-                entry = {"step": done, **{k: float(v / n_acc) for k, v in acc.items()}}
+                entry = {"step": done, **{k: float(dist.mean(v.to(device) / n_acc)) for k, v in acc.items()}}
                 history.append(entry)
                 acc, n_acc = {}, 0
-                record.log("step {step} ".format(step=done) + " ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
+                if dist.is_main:
+                    record.log("step {step} ".format(step=done) + " ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
                 progress.update(job, info=f"loss {entry['loss']:.4f}")
             if done % pt.get("checkpoint_every", 500) == 0 or done == total:
-                atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(),
-                                   "scheduler": sched.state_dict(), "step": done, "history": history}, last)
-                record.set_status(step=done)
+                if dist.is_main:
+                    atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict(), "step": done, "history": history}, last)
+                    record.set_status(step=done)
+                dist.barrier()
             progress.update(job, advance=1)
             _kill_point(done)
         elapsed = time.perf_counter() - t0
+    if not dist.is_main:   # rank 0 writes the weights and the record; the others wait for them
+        dist.barrier()
+        return Outcome(record, action, {"kind": "pretrain", "rank": dist.rank,
+                                        "transfers_decoder": bool(getattr(cls, "transfers_decoder", False))})
     backbone = {k: v.detach().cpu() for k, v in method.backbone_state_dict().items()}
     atomic_torch_save(backbone, record.ckpt_dir / "backbone.pt")
     atomic_torch_save({k: v.detach().cpu() for k, v in method.head_state_dict().items()}, record.ckpt_dir / "heads.pt")
     metrics = {"kind": "pretrain", "method": method_cfg["name"], "variant": (method_cfg.get("params") or {}).get("variant"),
                "corpus": corpus["name"], "phantom": phantom, "protocol": protocol, "seed": seed,
-               "preset": cfg["run"]["preset"], "steps": total, "volumes": len(items),
+               "preset": cfg["run"]["preset"], "steps": total, "volumes": len(items), "world_size": dist.world_size,
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "seconds_this_session": elapsed, "backbone_tensors": len(backbone),
                "transfers_decoder": bool(getattr(cls, "transfers_decoder", False)),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(record.path / "metrics.json", metrics)
     record.set_status(state="finished", finished=metrics["finished"])
+    dist.barrier()
     return Outcome(record, action, metrics)
 
 
@@ -666,6 +839,10 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
     if out:
         cfg["run"]["out"] = out
     init = None
+    if cfg["task"]["kind"] == "classification2d":
+        from . import classify
+
+        classify.refuse_pretraining_for_2d(cfg)   # every method pre-trains a 3D backbone
     if cfg["method"].get("pretrain") is not None:
         pcfg = recipes.split_config(cfg, "corpus")
         pre = pretrain(pcfg, root=corpus_root, resume=resume, force=False, console=console)

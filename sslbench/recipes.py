@@ -187,25 +187,37 @@ TASK_SCHEMA = Spec(fields={
         "val_split": S(str, nullable=True),
         "val_ids": Spec(items=STR, nullable=True),
         "val_last": S(int, nullable=True),
+        "val_fold": S(int, nullable=True),
+        "folds_dir": S(str, nullable=True), "pretrain_fraction": NUM,   # CC-CCII fold CSVs; ChestX-ray14
         "label_map": Spec(free=True, nullable=True),
         "phantom_like": S(str, nullable=True),
         "phantom_cases": INT,
         "root": S(str, nullable=True),
+        # a combined pre-training corpus: the task recipes it reads (sslbench/data/corpus.py)
+        "sources": Spec(items=Spec(fields={"task": S(str, required=True), "root": S(str, nullable=True)}),
+                        nullable=True),
     }),
     "classes": Spec(items=STR),
+    "channels": Spec(items=STR, nullable=True),
+    "regions": Spec(free=True, nullable=True),
     "preprocess": Spec(fields={
         "orientation": STR, "spacing": Spec(items=NUM, length=3), "a_min": NUM, "a_max": NUM,
         "b_min": NUM, "b_max": NUM, "clip": BOOL, "crop_foreground": BOOL,
+        "normalize": Spec(choices=("window", "zscore")),
+        "size": Spec(items=INT), "center_crop": NUM,   # classification: resize to size after a central crop
     }),
     "finetune": Spec(fields={
         "roi": Spec(items=INT, length=3), "epochs": INT, "max_steps": S(int, nullable=True), "lr": NUM,
         "weight_decay": NUM, "warmup_steps": INT, "batch_size": INT, "num_samples": INT, "pos": NUM,
         "neg": NUM, "val_every": S(int, nullable=True), "checkpoint_every": INT,
-        "labeled_cases": S(int, float, nullable=True), "loss": Spec(choices=("dicece",)),
-        "log_every": INT,
+        "labeled_cases": S(int, float, nullable=True), "loss": Spec(choices=("dicece", "ce", "bce")),
+        "log_every": INT, "channel_adapt": Spec(choices=("repeat", "random")),
+        "flip_axes": Spec(items=INT), "shift": NUM, "brightness": NUM, "contrast": NUM,   # classification
     }),
     "evaluate": Spec(fields={
-        "overlap": NUM, "sw_batch_size": INT, "metrics": Spec(items=Spec(choices=("dice",))),
+        "overlap": NUM, "sw_batch_size": INT, "metrics": Spec(items=Spec(choices=("dice", "nsd", "accuracy", "auc"))),
+        "batch_size": INT,
+        "nsd_tolerance": NUM,
         "mode": Spec(choices=("gaussian", "constant")),
     }),
 })
@@ -214,6 +226,7 @@ DEFAULTS_SCHEMA = Spec(fields={
     "run": Spec(fields={
         "seed": INT, "device": STR, "precision": Spec(choices=("auto", "fp32", "bf16")), "out": STR,
         "num_threads": INT, "preset": Spec(choices=PRESETS), "label": STR,
+        "cache": Spec(choices=("read", "write", "none")),
     }),
     "model": Spec(fields={
         "name": Spec(choices=("swinunetr", "unet3d", "unetr")), "feature_size": INT, "use_v2": BOOL,
@@ -457,16 +470,31 @@ def _validate_resolved(cfg: dict, files: Mapping[str, str]) -> None:
     ft = cfg.get("task", {}).get("finetune")
     if ft:
         for k in ("lr", "batch_size", "num_samples"):
-            if ft[k] <= 0:
+            if ft.get(k, 1) <= 0:   # classification tasks have no num_samples
                 raise RecipeError(f"{task_file}: key 'finetune.{k}': expected a positive value, got {ft[k]}")
         if (ft.get("max_steps") or 0) <= 0 and ft["epochs"] <= 0:
             raise RecipeError(f"{task_file}: keys 'finetune.epochs' / 'finetune.max_steps': expected one positive")
+        _check_scoring(cfg["task"], task_file)
+
+
+def _check_scoring(task: Mapping[str, Any], task_file: str) -> None:
+    """NSD needs a tolerance; regions must name foreground classes (sslbench.metrics.region_class_ids)."""
+    from .metrics import region_class_ids
+
+    ev = task.get("evaluate") or {}
+    if "nsd" in (ev.get("metrics") or []) and not (ev.get("nsd_tolerance") or 0) > 0:
+        raise RecipeError(f"{task_file}: key 'evaluate.nsd_tolerance': expected a positive tolerance in mm "
+                          f"(evaluate.metrics lists nsd), got {ev.get('nsd_tolerance')!r}")
+    try:
+        region_class_ids(task)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RecipeError(f"{task_file}: key 'regions': {exc}") from None
 
 
 # Keys left out of a run's protocol hash: those that do not change what it computes (output folder,
 # device) and the seed, so that runs of one protocol over several seeds share a hash and are averaged
 # together by the report (the run folder is named <hash>-s<seed>).
-_NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "recipe_files")
+_NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.cache", "recipe_files")
 
 
 def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:

@@ -157,8 +157,8 @@ class RunRecord:
     def read_recipe(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / "recipe.yaml").read_text())
 
-    def write_env(self, device: str) -> None:
-        atomic_write_json(self.path / "env.json", environment(device))
+    def write_env(self, device: str, **extra) -> None:
+        atomic_write_json(self.path / "env.json", {**environment(device), **extra})
 
     def log(self, line: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -358,7 +358,9 @@ def _float(v: Any) -> float:
 def collect_runs(runs_dir: str | Path):
     """One row per finished fine-tuning run under ``runs_dir/finetune/**`` (a pandas DataFrame).
 
-    Columns: RUN_COLUMNS plus ``dice:<class>`` per foreground class (fractions, as recorded).
+    Columns: RUN_COLUMNS plus ``dice:<class>`` per foreground class (fractions, as recorded). A run that
+    records NSD too (``metrics`` lists ``nsd``) has a second row with ``metric`` nsd, ``score`` its mean_nsd
+    and its per-class NSD in the ``dice:<class>`` columns.
     ``protocol`` is the seed-free protocol (see the module docstring), ``run_protocol`` the recorded hash,
     ``series`` the protocol without λ (what a λ curve joins), ``score`` the recorded mean of the run's
     metric (``mean_dice`` for Dice). Unreadable folders are skipped and listed in ``df.attrs['skipped']``.
@@ -414,6 +416,14 @@ def collect_runs(runs_dir: str | Path):
         for cls, v in (m.get("per_class") or {}).items():
             row[f"dice:{cls}"] = _float(v)
         rows.append(row)
+        if "nsd" in (m.get("metrics") or ()) and m.get("mean_nsd") is not None:
+            # Runs scored with NSD as well (metrics.json: mean_nsd, per_class_nsd) give a second row whose
+            # metric is nsd; its per-class columns (same "dice:<class>" names) hold the per-class NSD.
+            nsd_row = {k: v for k, v in row.items() if not k.startswith("dice:")}
+            nsd_row.update({"metric": "nsd", "score": _float(m.get("mean_nsd"))})
+            for cls, v in (m.get("per_class_nsd") or {}).items():
+                nsd_row[f"dice:{cls}"] = _float(v)
+            rows.append(nsd_row)
     df = pd.DataFrame(rows)
     for col in RUN_COLUMNS:
         if col not in df.columns:

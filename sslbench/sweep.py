@@ -824,7 +824,7 @@ class Worker:
             self.say(f"[red]trial #{trial.number} failed[/red]: {type(exc).__name__}: {esc(first)} "
                      f"(traceback in {esc(log)})")
             return "failed", True
-        dice = float(outcome.metrics.get("mean_dice", float("nan")))
+        dice = float(outcome.metrics.get(f"mean_{outcome.metrics.get('metric', 'dice')}", float("nan")))
         for k, v in (("run_folder", str(outcome.record.path)), ("protocol", outcome.metrics.get("protocol", proto)),
                      ("dice", dice), ("phantom", bool(outcome.metrics.get("phantom", sw.phantom))),
                      ("action", outcome.action)):

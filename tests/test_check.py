@@ -176,12 +176,15 @@ def test_float_labels_integral_ok_fractional_not(btcv):
     assert line.startswith(f"{path}:") and "NaN" in line
 
 
-def test_four_d_image_compares_the_spatial_part(btcv):
+def test_four_d_image_on_a_one_channel_task_is_one_problem(btcv):
     path = btcv / "imagesTr" / "img0001.nii.gz"
     img = np.asarray(nib.load(path).dataobj)
     rewrite(path, np.stack([img, img], axis=-1))
     report = check.check_dataset(task("btcv"), btcv)
-    assert report.problems == [] and report.rows[0]["channels"] == 2
+    assert len(report.problems) == 1, report.problems
+    assert report.problems[0].startswith(f"{path}:") and "2 channel(s); expected 1" in report.problems[0]
+    rewrite(path, img[..., None])                      # a trailing axis of 1 is still one channel: fine
+    assert check.check_dataset(task("btcv"), btcv).problems == []
 
 
 def test_label_map_raw_values(pristine, tmp_path):

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
-from sslbench.data import layouts
+from sslbench.data import ct_layouts, layouts
 from sslbench.data.phantom import MARKER, PARTIAL_MARKER
 from sslbench.errors import DataError
 
@@ -73,6 +73,12 @@ def _label_map(task: Mapping[str, Any]) -> dict[int, int] | None:
 
 def _read(path: str, what: str, where: str, problems: list[str]) -> tuple[Any, np.ndarray | None]:
     """(nibabel image or None, unscaled data or None); a problem line per defect."""
+    if ct_layouts.is_itk(path) or Path(path).is_dir():   # LUNA16 .mhd/.raw, DICOM series folders
+        try:
+            return _read_converted(path)
+        except DataError as exc:
+            problems.append(str(exc))
+            return None, None
     if not Path(path).is_file():
         problems.append(f"{path}: {what} file not found ({where}); expected the file to exist")
         return None, None
@@ -89,6 +95,12 @@ def _read(path: str, what: str, where: str, problems: list[str]) -> tuple[Any, n
                         f"(truncated or corrupt download?)")
         return img, None
     return img, raw
+
+
+def _read_converted(path: str) -> tuple[Any, np.ndarray]:
+    """A MetaImage or DICOM series read into memory as a nibabel image (see sslbench.data.ct_layouts)."""
+    img = ct_layouts.read_volume(path)
+    return img, np.asanyarray(img.dataobj)
 
 
 def _scaling(img: Any) -> tuple[float, float]:
@@ -123,12 +135,41 @@ def _spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(s) for s in shape[:3])
 
 
+def _check_channels(task: Mapping[str, Any], files: list[str], img: Any, row: dict, problems: list[str]) -> None:
+    """The image has the task's input channels (``task.channels``; one 3-D volume where it has none).
+
+    Channels come from a 4-D NIfTI's 4th axis or from one 3-D file per channel; per-channel files must
+    share the first one's grid (shape and affine).
+    """
+    want = len(task.get("channels") or []) or 1
+    if len(files) > 1:
+        for other in files[1:]:
+            try:
+                hdr = nib.load(other)
+            except Exception as exc:  # missing or corrupt: nibabel raises several types
+                problems.append(f"{other}: cannot be read as NIfTI ({_one_line(exc)}); expected a channel "
+                                f"image of case '{row['id']}'")
+                continue
+            if tuple(hdr.shape) != tuple(img.shape):
+                problems.append(f"{other}: shape {hdr.shape} differs from {files[0]} {img.shape}; expected "
+                                f"every channel on the same grid")
+            elif not np.allclose(hdr.affine, img.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+                problems.append(f"{other}: affine differs from {files[0]}; expected every channel on the same grid")
+        row["channels"] = len(files) * row["channels"]
+    if row["channels"] != want:
+        names = ", ".join(task.get("channels") or []) or "a single 3-D volume"
+        problems.append(f"{files[0]}: {'x'.join(map(str, img.shape))} image with {row['channels']} channel(s); "
+                        f"expected {want} ({names}) for task '{task.get('name', '?')}'")
+
+
 def _check_case(task: Mapping[str, Any], split: str, item: Mapping[str, Any],
                 label_map: dict[int, int] | None, problems: list[str]) -> dict:
     """Check one listed case; returns its row and appends its problems."""
     n_before = len(problems)
     classes = task.get("classes") or []
     where = f"{split} case '{item['id']}'"
+    files = list(item["image"]) if isinstance(item["image"], (list, tuple)) else [item["image"]]
+    item = {**item, "image": files[0]}     # one file per channel (BraTS): the first stands for the case
     row: dict[str, Any] = {"split": split, "id": item["id"], "image": item["image"], "label": item.get("label"),
                            "shape": None, "channels": None, "spacing": None, "intensity": None,
                            "labels": None, "classes": None, "ok": True}
@@ -142,6 +183,7 @@ def _check_case(task: Mapping[str, Any], split: str, item: Mapping[str, Any],
             row["shape"] = _spatial(img.shape)
             row["channels"] = int(np.prod(img.shape[3:])) if len(img.shape) > 3 else 1
             row["spacing"] = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
+            _check_channels(task, files, img, row, problems)
     if raw is not None and raw.size:
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             problems.append(f"{item['image']}: contains NaN or infinite values; expected finite intensities")
@@ -152,7 +194,7 @@ def _check_case(task: Mapping[str, Any], split: str, item: Mapping[str, Any],
     del raw
 
     if item.get("label") is None:
-        if split != "test":
+        if split != "test" and task.get("kind") != "corpus":   # corpora are images only
             problems.append(f"{item['image']}: {where} has no label; expected a label file")
             row["ok"] = False
         else:
@@ -227,6 +269,10 @@ def check_dataset(task: Mapping[str, Any], root: Path) -> CheckReport:
     values are classes of the task (after data.label_map; float labels must hold integral values), and image
     and label share the spatial shape and the affine.
     """
+    if task.get("kind") in ("classification", "classification2d"):   # CC-CCII slice folders, ChestX-ray14 PNGs
+        from sslbench.data import classification
+
+        return classification.check_dataset(task, root)
     root = Path(root).expanduser()
     report = CheckReport(root=root, task=str(task.get("name", "?")), classes=list(task.get("classes") or []))
     report.phantom, unfinished = _phantom_state(root)
@@ -252,7 +298,8 @@ def check_dataset(task: Mapping[str, Any], root: Path) -> CheckReport:
     for split, items in dl.splits.items():
         seen: dict[str, int] = {}
         for it in items:
-            seen[it["image"]] = seen.get(it["image"], 0) + 1
+            key = layouts.image_key(it["image"])
+            seen[key] = seen.get(key, 0) + 1
         for image, n in seen.items():
             if n > 1:
                 report.problems.append(f"{image}: listed {n} times in the '{split}' split "

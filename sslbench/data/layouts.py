@@ -12,7 +12,8 @@ renaming by hand). A task recipe names, in ``data.layouts``, the layouts to try 
   the task folder itself or the folder holding exactly one task); macOS ``._*`` junk files are skipped.
 * ``mmwhs``: ``ct_train_1001_image.nii.gz`` + ``ct_train_1001_label.nii.gz``, at the root or in ``ct_train/``.
 
-Every item is ``{"id": str, "image": absolute path, "label": absolute path or None}``. The validation split
+Every item is ``{"id": str, "image": absolute path, "label": absolute path or None}``; a layout whose
+channels are separate files (``brats``, :mod:`sslbench.data.brats`) gives ``image`` as a list of paths. The validation split
 comes from the datalist's own validation list where it has one, else from ``data.val_ids`` (case ids, e.g.
 BTCV's 0035-0040) or ``data.val_last`` (the last N cases of the training list, in JSON order for JSON layouts
 and in id order otherwise). This module does not check that files exist; :mod:`sslbench.data.check` does.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -309,6 +311,18 @@ LAYOUTS: dict[str, _Layout] = {
     "mmwhs": _Layout("ROOT/ct_train_NNNN_image.nii.gz or ROOT/ct_train/ct_train_NNNN_image.nii.gz",
                      _locate_mmwhs, _read_mmwhs),
 }
+# Layouts written in their own modules register here (they receive this module; no import cycle).
+from sslbench.data import brats as _brats  # noqa: E402
+
+_brats.register_layout(sys.modules[__name__])
+# LiTS, FLARE23, AMOS22, TCIA COVID-19 and LUNA16 (their module adds them to LAYOUTS when imported).
+from sslbench.data import ct_layouts as _ct_layouts  # noqa: E402,F401
+# CC-CCII and NIH ChestX-ray14 (classification tasks).
+import sys  # noqa: E402
+
+from sslbench.data import classification as _classification  # noqa: E402
+
+_classification.register_layouts(sys.modules[__name__])
 
 
 def _task_layouts(task: Mapping[str, Any]) -> list[str]:
@@ -376,16 +390,21 @@ def read_datalist(task: Mapping[str, Any], root: Path, *, strict: bool = True) -
     return dl.splits
 
 
+def image_key(image: str | list[str]) -> str:
+    """A hashable key of an item's image: the path, or the first path of a multi-file (one per channel) image."""
+    return image if isinstance(image, str) else image[0]
+
+
 def overlaps(splits: Mapping[str, list[dict]]) -> list[str]:
     """One line per case found in two splits (by id or by image path), naming the image file."""
     lines = []
     names = list(splits)
     for i, a in enumerate(names):
         ids = {it["id"] for it in splits[a]}
-        paths = {it["image"] for it in splits[a]}
+        paths = {image_key(it["image"]) for it in splits[a]}
         for b in names[i + 1:]:
             for it in splits[b]:
-                if it["image"] in paths or it["id"] in ids:
+                if image_key(it["image"]) in paths or it["id"] in ids:
                     lines.append(f"{it['image']}: case '{it['id']}' is in both the '{a}' and '{b}' splits; "
                                  f"expected disjoint splits")
     return lines

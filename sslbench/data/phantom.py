@@ -35,6 +35,7 @@ import gzip
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -699,12 +700,16 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
+#: A code per body for the case random streams (task modules add theirs when they register).
+_BODY_CODES: dict[str, int] = {"abdomen": 1, "chest": 2}
+
+
 def _case_rng(seed: int, body: str, number: int) -> np.random.Generator:
     """The random stream of one case: a function of (seed, body, case number) only.
 
     So the same seed gives the same volume for case 0001 whether written like ``btcv`` or ``btcv-raw``.
     """
-    body_code = {"abdomen": 1, "chest": 2}[body]
+    body_code = _BODY_CODES[body]
     return np.random.default_rng(np.random.SeedSequence([int(seed), body_code, int(number)]))
 
 
@@ -864,10 +869,21 @@ _LIKES: dict[str, _Like] = {
                         subdir="Task09_Spleen"),
     "mmwhs": _Like("chest", _write_mmwhs, ("ct_train",)),
 }
-#: The layouts :func:`synth` can write.
-LIKES = tuple(_LIKES)
 #: Likes that write unlabelled test images by default (the real layout has a test folder / list).
 _HAS_TEST = {"btcv", "btcv-raw", "msd-spleen"}
+# Task modules with their own phantoms register them here (they import this module only inside functions).
+from sslbench.data import brats as _brats, msd as _msd  # noqa: E402
+
+_msd.register(sys.modules[__name__])
+_brats.register(sys.modules[__name__])
+from sslbench.data import classification as _classification  # noqa: E402
+
+_classification.register_phantoms(sys.modules[__name__])
+from sslbench.data import phantom_ct as _phantom_ct  # noqa: E402  (LiTS, FLARE23, AMOS22, TCIA COVID-19, LUNA16)
+
+_phantom_ct.register(sys.modules[__name__])
+#: The layouts :func:`synth` can write.
+LIKES = tuple(_LIKES)
 
 
 def read_marker(root: Path) -> dict | None:

@@ -13,16 +13,25 @@ from typing import Any, Mapping
 import numpy as np
 from monai import transforms as mt
 
+from sslbench.data.ct_layouts import SimpleITKReader
+
 
 def preprocess_transforms(task: Mapping[str, Any], with_label: bool = True) -> mt.Compose:
-    """Load -> channel first -> label map -> orientation -> spacing -> intensity window -> foreground crop."""
+    """Load -> channel first -> label map -> orientation -> spacing -> intensity window -> foreground crop.
+
+    Multi-channel images load as channels: a channel-last 4-D NIfTI (MSD Task01 / Task05) becomes channel
+    first, and a list of 3-D files (BraTS' four modalities) is stacked in list order. With
+    ``preprocess.normalize: zscore`` (MRI) the window is replaced by a per-channel z-score over non-zero
+    voxels, after the foreground crop.
+    """
     pre = task["preprocess"]
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    steps: list = [
-        mt.LoadImaged(keys=keys, image_only=False),
-        mt.EnsureChannelFirstd(keys=keys),
-    ]
+    load = mt.LoadImaged(keys=keys, image_only=False)
+    load.register(SimpleITKReader())   # LUNA16 .mhd/.raw; claims only .mhd/.mha (DICOM folders: PydicomReader)
+    steps: list = [load, mt.EnsureChannelFirstd(keys=keys)]
+    if with_label:
+        steps.append(mt.Lambdad(keys="label", func=round_labels))
     label_map = (task.get("data") or {}).get("label_map")
     if with_label and label_map:
         orig = [float(k) for k in label_map]
@@ -31,13 +40,25 @@ def preprocess_transforms(task: Mapping[str, Any], with_label: bool = True) -> m
     steps += [
         mt.Orientationd(keys=keys, axcodes=pre["orientation"], labels=None),
         mt.Spacingd(keys=keys, pixdim=tuple(pre["spacing"]), mode=modes),
-        mt.ScaleIntensityRanged(keys="image", a_min=pre["a_min"], a_max=pre["a_max"], b_min=pre["b_min"],
-                                b_max=pre["b_max"], clip=pre["clip"]),
     ]
-    if pre.get("crop_foreground", True):
-        steps.append(mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
+    if pre.get("normalize", "window") == "zscore":
+        # MRI (SwinUNETR's BraTS / MSD MRI recipes): crop to the non-zero head or body first (raw intensities
+        # are >= 0 there; z-scored ones are not), then z-score each channel over its non-zero voxels.
+        if pre.get("crop_foreground", True):
+            steps.append(mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
+        steps.append(mt.NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+    else:
+        steps.append(mt.ScaleIntensityRanged(keys="image", a_min=pre["a_min"], a_max=pre["a_max"],
+                                             b_min=pre["b_min"], b_max=pre["b_max"], clip=pre["clip"]))
+        if pre.get("crop_foreground", True):
+            steps.append(mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
     steps.append(mt.EnsureTyped(keys=keys, track_meta=False))
     return mt.Compose(steps)
+
+
+def round_labels(label):
+    """Float label files store class values like 1.9999999: round before anything compares or casts them."""
+    return label.round()
 
 
 def train_augmentation(task: Mapping[str, Any]) -> mt.Compose:

@@ -21,6 +21,8 @@ class PretrainMethod(nn.Module):
     name: str = ""
     #: whether the method trains SwinUNETR's decoder too, so fine-tuning should also load decoder*.
     transfers_decoder: bool = False
+    #: set True when some trainable parameters get no gradient in a step (DistributedDataParallel must know).
+    find_unused_parameters: bool = False
 
     def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
         super().__init__()

@@ -1,0 +1,507 @@
+"""Fine-tuning and evaluation of the classification tasks: CC-CCII (3D) and NIH ChestX-ray14 (2D, multi-label).
+
+The same protocol as segmentation (:func:`sslbench.protocol.finetune` dispatches here for task kinds
+``classification`` and ``classification2d``): one run folder per (task, method, protocol hash, seed), atomic
+records, ``--resume`` from the last checkpoint with every random draw of step ``s`` seeded by (run seed, s),
+best checkpoint chosen on the validation split, phantom results flagged.
+
+* Model: the pre-trained backbone's Swin encoder (MONAI SwinUNETR's ``swinViT``, the part every method's
+  checkpoint transfers, loaded by the shared key rules of :mod:`sslbench.backbones`) -> global average
+  pool of its last stage -> ``Linear``. 3D for CC-CCII, ``spatial_dims=2`` for ChestX-ray14.
+* Losses: cross-entropy over the 3 CC-CCII classes; binary cross-entropy per finding for ChestX-ray14.
+* Augmentation (VoCo's CC-CCII code): random flips, a random shift of the crop, brightness and contrast,
+  drawn per sample as tensors and applied to the whole batch at once on the device (one ``grid_sample``).
+* Metrics: accuracy (the VoCo paper's CC-CCII metric) and one-vs-rest AUC per class with their macro mean
+  (scikit-learn ``roc_auc_score``); per-finding AUC and their mean for ChestX-ray14 (Wang et al. 2017, the
+  VoCo supplement's Table 4 metric).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import protocol as P
+from . import recipes
+from .backbones import LoadReport, build_model, load_backbone, read_checkpoint
+from .errors import CheckpointError, DataError, RecipeError, RunError
+from .records import RunRecord, atomic_torch_save, atomic_write_json, prepare_run_folder
+
+KINDS = ("classification", "classification2d")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+class EncoderClassifier(nn.Module):
+    """Swin encoder -> global average pool of the last stage -> linear head (logits)."""
+
+    def __init__(self, swin: nn.Module, width: int, n_outputs: int):
+        super().__init__()
+        self.swinViT = swin          # the name SwinUNETR gives it, so that backbone keys match
+        self.head = nn.Linear(width, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = self.swinViT(x, normalize=True)[-1]
+        return self.head(last.flatten(2).mean(-1))
+
+
+def build_classifier(model_cfg: Mapping[str, Any], n_outputs: int, spatial_dims: int) -> EncoderClassifier:
+    """SwinUNETR's ``swinViT`` (3D from the shared builder, or the same configuration in 2D) with a head."""
+    if str(model_cfg.get("name", "swinunetr")) != "swinunetr":
+        raise RecipeError(f"model.name: classification tasks use the SwinUNETR encoder (swinunetr), "
+                          f"got {model_cfg.get('name')!r}")
+    if spatial_dims == 3:
+        net = build_model(model_cfg, in_channels=1, out_channels=1)
+    else:
+        from monai.networks.nets import SwinUNETR
+
+        net = SwinUNETR(in_channels=1, out_channels=1, spatial_dims=2, feature_size=int(model_cfg["feature_size"]),
+                        use_v2=bool(model_cfg.get("use_v2", True)),
+                        use_checkpoint=bool(model_cfg.get("use_checkpoint", False)),
+                        drop_rate=float(model_cfg.get("drop_rate", 0.0)),
+                        attn_drop_rate=float(model_cfg.get("attn_drop_rate", 0.0)),
+                        dropout_path_rate=float(model_cfg.get("dropout_path_rate", 0.0)))
+    return EncoderClassifier(net.swinViT, 16 * int(model_cfg["feature_size"]), n_outputs)
+
+
+def refuse_3d_init_of_2d(task: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, source: str) -> None:
+    """A 3D checkpoint (5-D patch embedding) cannot initialise the 2D Swin of a ``classification2d`` task."""
+    if task["kind"] != "classification2d":
+        return
+    w = (state or {}).get("swinViT.patch_embed.proj.weight")
+    if state is None or (w is not None and w.dim() == 5):
+        raise CheckpointError(f"{source}: a 3D pre-trained backbone cannot initialise the 2D Swin encoder of task "
+                              f"'{task['name']}' (2D pre-training is not built yet); fine-tune it with --method scratch")
+
+
+def refuse_pretraining_for_2d(cfg: Mapping[str, Any]) -> None:
+    """Called before a pre-training starts: every method pre-trains a 3D backbone, useless for a 2D task."""
+    task = cfg.get("task") or {}
+    if task.get("kind") == "classification2d" and cfg["method"].get("pretrain") is not None:
+        refuse_3d_init_of_2d(task, None, f"method '{cfg['method']['name']}'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation: per-sample draws as tensors, applied to the batch at once
+# --------------------------------------------------------------------------------------------------
+def draw_augmentation(n: int, spatial_dims: int, ft: Mapping[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per-sample parameters: flip signs [n, dims], shifts (fraction of the size) [n, dims], brightness, contrast."""
+    signs = torch.ones(n, spatial_dims)
+    coin = torch.rand(n, spatial_dims, generator=gen)
+    for axis in ft.get("flip_axes") or ():
+        signs[:, axis] = torch.where(coin[:, axis] < 0.5, -1.0, 1.0)
+    shift = (torch.rand(n, spatial_dims, generator=gen) * 2 - 1) * float(ft.get("shift") or 0.0)
+    bright = (torch.rand(n, generator=gen) * 2 - 1) * float(ft.get("brightness") or 0.0)
+    contrast = 1 + (torch.rand(n, generator=gen) * 2 - 1) * float(ft.get("contrast") or 0.0)
+    return {"signs": signs, "shift": shift, "brightness": bright, "contrast": contrast}
+
+
+def apply_augmentation(x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Flip + shift as one batched affine resampling, then ``(x + brightness) * contrast`` clipped to [0, 1].
+
+    ``x``: [B, 1, *spatial] in [0, 1]. Spatial axis ``a`` is grid coordinate ``dims - 1 - a`` of
+    ``affine_grid`` (which orders coordinates x = last axis first). A shift of fraction ``f`` of the size is
+    ``2 f`` in normalised coordinates; pixels shifted in from outside repeat the border.
+    """
+    n, dims = x.shape[0], x.dim() - 2
+    signs, shift = params["signs"].to(x), params["shift"].to(x)
+    theta = torch.zeros(n, dims, dims + 1, dtype=x.dtype, device=x.device)
+    for a in range(dims):
+        c = dims - 1 - a
+        theta[:, c, c] = signs[:, a]
+        theta[:, c, dims] = 2 * shift[:, a]
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    view = (n,) + (1,) * (dims + 1)
+    x = (x + params["brightness"].to(x).view(view)) * params["contrast"].to(x).view(view)
+    return x.clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics (pure functions on arrays)
+# --------------------------------------------------------------------------------------------------
+def accuracy(probs: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of cases whose arg-max class is the true class (None without cases)."""
+    return float(np.mean(np.argmax(probs, axis=1) == truth)) if len(truth) else None
+
+
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """ROC AUC (scikit-learn ``roc_auc_score``); None where only one class occurs (AUC undefined)."""
+    from sklearn.metrics import roc_auc_score
+
+    positive = np.asarray(positive).astype(bool)
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, scores))
+
+
+def per_class_auc(probs: np.ndarray, truth: np.ndarray, names: Sequence[str], multilabel: bool) -> dict[str, float | None]:
+    """One-vs-rest AUC of each class (multi-class: truth [N] indices) or each label (multi-label: truth [N, K])."""
+    out = {}
+    for k, name in enumerate(names):
+        pos = truth[:, k] if multilabel else (truth == k)
+        out[name] = binary_auc(probs[:, k], pos)
+    return out
+
+
+def mean_defined(values: Mapping[str, float | None]) -> float | None:
+    """Mean over the defined values (macro average); None when none is defined."""
+    vals = [v for v in values.values() if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(probs: np.ndarray, truth: np.ndarray, task: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json summary: ``metric``, ``mean_<metric>``, ``per_class`` AUCs, counts.
+
+    CC-CCII: metric ``accuracy`` (``mean_accuracy``), with ``mean_auc`` the macro one-vs-rest AUC over the
+    classes present in the truth and a confusion matrix. ChestX-ray14: metric ``auc`` (``mean_auc``, the
+    mean over findings with both outcomes present). ``per_class`` holds the AUC of each class / finding.
+    """
+    names = list(task["classes"])
+    multilabel = task["kind"] == "classification2d"
+    aucs = per_class_auc(probs, truth, names, multilabel)
+    out: dict[str, Any] = {"metric": "auc" if multilabel else "accuracy", "mean_auc": mean_defined(aucs),
+                           "per_class": aucs, "n_cases": int(len(truth))}
+    if multilabel:
+        out["auc_defined_for"] = int(sum(v is not None for v in aucs.values()))
+        out["positives"] = {n: int(truth[:, k].sum()) for k, n in enumerate(names)}
+    else:
+        out["mean_accuracy"] = accuracy(probs, truth)
+        pred = np.argmax(probs, axis=1)
+        out["confusion"] = [[int(np.sum((truth == i) & (pred == j))) for j in range(len(names))]
+                            for i in range(len(names))]
+    return out
+
+
+def score_of(summary: Mapping[str, Any]) -> float:
+    """The validation score that selects the best checkpoint: the task's headline metric."""
+    v = summary[f"mean_{summary['metric']}"]
+    return -math.inf if v is None else float(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, task: Mapping[str, Any], device: torch.device,
+            bf16: bool) -> np.ndarray:
+    """Class probabilities [N, K] (softmax) or finding probabilities (sigmoid), in batches."""
+    model.eval()
+    bs = int(task["evaluate"].get("batch_size", 4))
+    out = []
+    for i in range(0, images.shape[0], bs):
+        x = images[i:i + bs].to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+        with P.autocast(bf16, device):
+            logits = model(x).float()
+        out.append(torch.sigmoid(logits) if task["kind"] == "classification2d" else torch.softmax(logits, 1))
+    model.train()
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(task["classes"])))
+
+
+def case_rows(items: list[dict], probs: np.ndarray, task: Mapping[str, Any]) -> list[dict]:
+    """cases.csv rows: id, patient, truth, prediction and every class probability."""
+    names = list(task["classes"])
+    rows = []
+    for it, p in zip(items, probs):
+        row: dict[str, Any] = {"case": it["id"], "patient": it.get("patient")}
+        if task["kind"] == "classification2d":
+            row.update({f"truth:{n}": int(v) for n, v in zip(names, it["label"])})
+        else:
+            row["truth"] = names[int(it["label"])]
+            row["pred"] = names[int(np.argmax(p))]
+        row.update({f"p:{n}": float(v) for n, v in zip(names, p)})
+        rows.append(row)
+    return rows
+
+
+def truth_array(items: list[dict], task: Mapping[str, Any]) -> np.ndarray:
+    if task["kind"] == "classification2d":
+        return np.asarray([it["label"] for it in items], dtype=np.int64).reshape(len(items), len(task["classes"]))
+    return np.asarray([int(it["label"]) for it in items], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------------
+def _load_init(model: nn.Module, task: Mapping[str, Any], init: Mapping[str, Any] | None) -> LoadReport | None:
+    if not init or not init.get("path"):
+        return None
+    state = read_checkpoint(init["path"])
+    refuse_3d_init_of_2d(task, state, str(init["path"]))
+    return load_backbone(model, state, str(init["path"]), include_decoder=False, model_name="swinunetr")
+
+
+def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
+             force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> P.Outcome:
+    """Fine-tune the Swin encoder + linear head on a classification task and evaluate it (see module doc).
+
+    Arguments as :func:`sslbench.protocol.finetune`; ``on_validation(step, score)`` gets the validation
+    accuracy (CC-CCII) or mean AUC (ChestX-ray14).
+    """
+    from .data import classification as data_mod
+    from .data.transforms import step_seed
+
+    from . import distributed
+
+    task = cfg["task"]
+    if distributed.env_world_size() > 1:
+        raise RecipeError(f"task '{task['name']}': classification fine-tuning runs in one process; "
+                          f"run it without --gpus / torchrun")
+    two_d = task["kind"] == "classification2d"
+    dims = 2 if two_d else 3
+    cfg = dict(cfg)
+    cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
+    protocol = recipes.protocol_hash(cfg)
+    record = RunRecord(P._run_dir(cfg, "finetune", protocol))
+    action = prepare_run_folder(record, protocol, resume, force)
+    say = (console.print if console is not None else print)
+    if action == "skip":
+        say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
+        return P.Outcome(record, "skip", record.metrics or {})
+
+    device = P.select_device(cfg["run"])
+    bf16 = P.use_bf16(cfg["run"], device)
+    P.keep_freed_memory()
+    if cfg["run"].get("num_threads"):
+        torch.set_num_threads(int(cfg["run"]["num_threads"]))
+    root_path, phantom = P.locate_data(task, root, log=say)
+    phantom = phantom or bool(task.get("phantom"))
+    from .data import layouts
+
+    dl = layouts.load_datalist(task, root_path)
+    splits = dl.splits
+    for name in ("train", "val"):
+        if not splits.get(name):
+            raise DataError(f"{dl.source}: the '{name}' split ({dl.origin.get(name, '?')}) is empty; expected cases")
+    clash = layouts.overlaps(splits)
+    if clash:
+        raise DataError(clash[0])
+    ft = task["finetune"]
+    train_items = P.labeled_subset(splits["train"], ft.get("labeled_cases"))
+    val_items = splits["val"]
+
+    record.path.mkdir(parents=True, exist_ok=True)
+    if action == "new":
+        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+        record.write_env(str(device))
+        record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
+                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        unused = [it for it in splits["train"] if it not in train_items]   # left out by finetune.labeled_cases
+        _write_split(record, {**splits, "train": train_items, **({"train-unused": unused} if unused else {})})
+    record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
+               f"at {root_path}), protocol {protocol}, device {device}")
+
+    steps_per_epoch = math.ceil(len(train_items) / ft["batch_size"])
+    total = int(ft["max_steps"]) if ft.get("max_steps") else int(ft["epochs"]) * steps_per_epoch
+    val_every = ft.get("val_every") or 0
+    ckpt_every = max(1, int(ft.get("checkpoint_every") or total))
+    seed = int(cfg["run"]["seed"])
+    metric = "auc" if two_d else "accuracy"
+
+    progress = P.make_progress(console)
+    with progress:
+        train_x = torch.from_numpy(data_mod.load_split(task, train_items, progress, "load train"))
+        val_x = torch.from_numpy(data_mod.load_split(task, val_items, progress, "load val"))
+        if device.type == "cuda":   # uint8 on the device: batches are gathered and augmented there
+            train_x = train_x.to(device)
+        if two_d:
+            train_y = torch.as_tensor(truth_array(train_items, task), dtype=torch.float32)
+        else:
+            train_y = torch.as_tensor(truth_array(train_items, task), dtype=torch.long)
+        train_y = train_y.to(device)
+        val_truth = truth_array(val_items, task)
+
+        torch.manual_seed(seed)
+        model = build_classifier(cfg["model"], len(task["classes"]), dims)
+        load_report = _load_init(model, task, init)
+        if load_report is not None:
+            say(load_report.summary())
+            record.log(load_report.summary())
+        model.to(device)
+        opt = P.make_optimizer(model.parameters(), ft["lr"], ft["weight_decay"], device)
+        sched = P.make_schedule(opt, ft["warmup_steps"], total)
+        loss_fn = nn.BCEWithLogitsLoss() if two_d else nn.CrossEntropyLoss()
+
+        start, best, best_step, history = 0, -math.inf, -1, []
+        last = record.ckpt_dir / "last.pt"
+        if action == "resume" and last.is_file():
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
+            history = list(state.get("history", []))
+            say(f"resuming {record.path} from step {start}/{total}")
+            record.log(f"resumed from step {start}")
+
+        def save_last(step: int) -> None:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "step": step, "best": best,
+                               "best_step": best_step, "history": history}, last)
+            record.set_status(step=step)
+
+        job = progress.add_task("finetune", total=total, completed=start, info="")
+        model.train()
+        loss_sum, loss_n = torch.zeros((), device=device), 0
+        for step in range(start, total):
+            picks = np.random.default_rng([seed, step]).integers(0, len(train_items), size=ft["batch_size"])
+            idx = torch.as_tensor(picks, device=train_x.device)
+            gen = torch.Generator().manual_seed(step_seed(seed, step, 2))
+            params = draw_augmentation(len(picks), dims, ft, gen)
+            x = train_x.index_select(0, idx).to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+            x = apply_augmentation(x, params)
+            y = train_y.index_select(0, idx.to(device))
+            with P.autocast(bf16, device):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            loss_n += 1
+            done = step + 1
+            if done % ft.get("log_every", 10) == 0 or done == total:
+                mean_loss = float(loss_sum / loss_n)
+                loss_sum.zero_()
+                loss_n = 0
+                history.append({"step": done, "loss": mean_loss})
+                record.log(f"step {done}/{total} loss {mean_loss:.4f}")
+                progress.update(job, info=f"loss {mean_loss:.3f}")
+            validated = bool(val_every) and (done % val_every == 0 or done == total)
+            if validated:
+                summary = summarize(predict(model, val_x, task, device, bf16), val_truth, task)
+                score = score_of(summary)
+                history.append({"step": done, f"val_{metric}": summary[f"mean_{metric}"]})
+                record.log(f"step {done} validation {metric} {_fmt(summary[f'mean_{metric}'])}")
+                if score > best:
+                    best, best_step = score, done
+                    atomic_torch_save({"model": model.state_dict(), "step": done, f"val_{metric}": score},
+                                      record.ckpt_dir / "best.pt")
+            if done % ckpt_every == 0 or done == total:
+                save_last(done)
+            progress.update(job, advance=1)
+            P._kill_point(done)
+            if on_validation is not None and validated:
+                value = history[-1][f"val_{metric}"]
+                on_validation(done, math.nan if value is None else float(value))
+
+        chosen = "last"
+        if best_step > 0 and (record.ckpt_dir / "best.pt").is_file():
+            model.load_state_dict(torch.load(record.ckpt_dir / "best.pt", map_location="cpu",
+                                             weights_only=True)["model"])
+            chosen = f"best (step {best_step})"
+        probs = predict(model, val_x, task, device, bf16)
+
+    summary = summarize(probs, val_truth, task)
+    write_results(record, cfg, case_rows(val_items, probs, task), summary, protocol=protocol, phantom=phantom,
+                  root=root_path, extra={"checkpoint": chosen, "steps": total, "train_cases": len(train_items),
+                                         "split": {k: {"cases": len(v), "from": dl.origin.get(k, "")}
+                                                   for k, v in splits.items()},
+                                         "init": {**(init or {}),
+                                                  "load": load_report.as_dict() if load_report else None},
+                                         "history": history})
+    return P.Outcome(record, action, record.metrics or {})
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _write_split(record: RunRecord, splits: Mapping[str, list[dict]]) -> None:
+    """split.csv: every case id with its patient and split (the record of a deterministic split)."""
+    import pandas as pd
+
+    rows = [{"case": it["id"], "patient": it.get("patient"), "split": name}
+            for name, items in splits.items() for it in items]
+    tmp = record.path / ".split.csv.tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(record.path / "split.csv")
+
+
+def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], summary: Mapping[str, Any],
+                  protocol: str, phantom: bool, root: Path, extra: Mapping[str, Any]) -> None:
+    """metrics.json (summary + per-case rows) and cases.csv, atomically; the status becomes finished."""
+    import pandas as pd
+
+    task = cfg["task"]
+    metrics = {
+        "kind": "finetune",
+        "task_kind": task["kind"],
+        "task": task["name"],
+        "task_title": task["title"],
+        "method": cfg["run"].get("label", cfg["method"]["name"]),
+        "method_recipe": cfg["method"]["name"],
+        "variant": (cfg["method"].get("params") or {}).get("variant"),
+        "preset": cfg["run"]["preset"],
+        "seed": cfg["run"]["seed"],
+        "protocol": protocol,
+        "phantom": phantom,
+        "data_root": str(root),
+        **summary,
+        "cases": rows,
+        **extra,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = record.path / ".cases.csv.tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(record.path / "cases.csv")
+    atomic_write_json(record.path / "metrics.json", metrics)
+    record.set_status(state="finished", finished=metrics["finished"])
+    head = summary["metric"]
+    record.log(f"finished: {head} {_fmt(summary[f'mean_{head}'])} over {summary['n_cases']} cases"
+               f"{' (PHANTOM data)' if phantom else ''}")
+
+
+def reevaluate(record: RunRecord, cfg: Mapping[str, Any], checkpoint: str | None = None,
+               root: str | Path | None = None, console=None) -> dict:
+    """Evaluate a finished classification run again (e.g. another checkpoint); writes evaluation.json."""
+    from .data import classification as data_mod
+    from .data import layouts
+
+    task = cfg["task"]
+    device = P.select_device(cfg["run"])
+    bf16 = P.use_bf16(cfg["run"], device)
+    root_path, phantom = P.locate_data(task, root or (cfg.get("data") or {}).get("root"))
+    val_items = layouts.read_datalist(task, root_path)["val"]
+    ckpt = Path(checkpoint) if checkpoint else next((p for p in (record.ckpt_dir / "best.pt", record.ckpt_dir / "last.pt")
+                                                     if p.is_file()), None)
+    if ckpt is None or not ckpt.is_file():
+        raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
+    model = build_classifier(cfg["model"], len(task["classes"]), 2 if task["kind"] == "classification2d" else 3)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    model.to(device)
+    progress = P.make_progress(console)
+    with progress:
+        images = torch.from_numpy(data_mod.load_split(task, val_items, progress, "load val"))
+        probs = predict(model, images, task, device, bf16)
+    summary = summarize(probs, truth_array(val_items, task), task)
+    out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **summary,
+           "cases": case_rows(val_items, probs, task)}
+    atomic_write_json(record.path / "evaluation.json", out)
+    return out
+
+
+def print_results(metrics: Mapping[str, Any], console) -> None:
+    """The terminal table of a classification run: headline metric, macro / mean AUC, per-class AUC."""
+    from rich.table import Table
+
+    phantom = " [PHANTOM data, not the real dataset]" if metrics.get("phantom") else ""
+    head = metrics["metric"]
+    t = Table(title=f"{metrics.get('method', '?')} on {metrics.get('task_title', '?')}{phantom}: validation split, "
+                    f"{metrics['n_cases']} cases, checkpoint {metrics.get('checkpoint', '?')}")
+    t.add_column("class" if head == "accuracy" else "finding")
+    t.add_column("AUC (one-vs-rest)" if head == "accuracy" else "AUC", justify="right")
+    for name, value in metrics["per_class"].items():
+        t.add_row(name, "n/a" if value is None else f"{100 * value:.2f}")
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    t.add_row("[bold]macro AUC" if head == "accuracy" else "[bold]mean AUC", f"[bold]{fmt(metrics.get('mean_auc'))}")
+    if head == "accuracy":
+        t.add_row("[bold]accuracy", f"[bold]{fmt(metrics.get('mean_accuracy'))}")
+    console.print(t)

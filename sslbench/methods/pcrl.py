@@ -1,0 +1,829 @@
+"""PCRL v1 and PCRL v2: preservational contrastive representation learning.
+
+* PCRL v1: Zhou, Lu, Yang, Han, Yu. "Preservational Learning Improves Self-supervised Medical Image Models by
+  Reconstructing Diverse Contexts", ICCV 2021 (code: github.com/Luchixiang/PCRL, ``pytorch/pcrl_3d.py``).
+* PCRL v2: Zhou, Lu, Chen, Yang, Yu. "A Unified Visual Information Preservation Framework for Self-supervised
+  Pre-training in Medical Image Analysis", TPAMI 2023 (code: github.com/RL4M/PCRLv2, ``src/train_3d.py``).
+
+Both run on a fine-tuning network built by ``sslbench.backbones.build_model`` (``model.name`` swinunetr, the
+default, or unet3d) and call its own submodules, so the weights handed over are in the fine-tuning layout.
+
+PCRL v1 (``PCRLv1``), per batch of B volumes:
+
+* views: two overlapping crops per volume (IoU > ``min_iou`` = 0.25, sizes and positions drawn on the device),
+  resized to ``view_size`` with one ``grid_sample`` -> clean crops c1, c2; encoder inputs x = Models Genesis
+  local pixel shuffling + in/out-painting of c (``sslbench.methods.genesis``);
+* transformation T = random flips of the three axes (p = 0.5 each) + rot90 by k in {0..3} in the x-y plane,
+  coded as the 7-d one-hot a = [flip_x, flip_y, flip_z, onehot(k)] (the official ``spatial_aug``);
+* transformation-conditioned attention: g(a) = sigmoid(FC(ReLU(FC(a)))) gates the bottleneck channels
+  (``TransformGate``); the decoder reconstructs T(c) from the gated bottleneck;
+* momentum (key) encoder: encoder + projection, param_k <- m param_k + (1 - m) param_q, m = 0.999
+  (``momentum_update``, run in ``after_step``); memory queue of K keys (``MemoryQueue``);
+* mixup: lambda ~ Beta(1, 1), lambda <- max(lambda, 1 - lambda); mixed inputs x~ = lambda x + (1 - lambda) x[perm]
+  and mixed key features k~ = lambda k + (1 - lambda) k[perm] (``mixup_weight``, ``mixup``);
+* hybrid features: h_alpha = alpha g(a1) h_q(x1) + (1 - alpha) g(a2) h_k(x2) at the bottleneck and
+  alpha h_q + (1 - alpha) h_k at every skip, alpha ~ max(Beta(1,1), 1 - Beta(1,1));
+* L = L_contrast + L_rec with
+  L_contrast = 1/3 [NCE(q, k) + NCE(q~, k(x~2)) + NCE(q~, k~)]                       (the three NCE pairs)
+  L_rec = 1/4 [MSE(D(g1 h_q(x1)), T1 c1) + MSE(D(h_q(x~1)), c~1)
+               + MSE(D(h_alpha1), alpha1 T1 c1 + (1 - alpha1) T2 c2)
+               + MSE(D(h_alpha2 of x~1, x~2), alpha2 c~1 + (1 - alpha2) c~2)]         (the four MSE terms)
+
+PCRL v2 (``PCRLv2``):
+
+* views: two global crops per volume (IoU > 0.3) resized to ``global_size`` and ``num_local`` (6) local crops
+  whose origins lie in the union box of the two global crops, resized to ``local_size``; random flips (the
+  spatial part: gt = flipped crop), then on the network inputs Models Genesis local pixel shuffling (global views
+  only), non-linear intensity and Gaussian noise (standing in for torchio's swap / gamma / noise of the official
+  code; its blur and affine are not applied);
+* a decoder WITHOUT skip connections (``SkiplessDecoder``): per scale s, x_s = up-block(x_{s+1}),
+  pro_s = BN(GAP(x_s)), pre_s = predictor(pro_s), mask_s = sigmoid(conv1x1(x_s)) upsampled to full size;
+* L = MSE(out(v1), gt1) + L_cos(s) + beta MSE(mask_s(v1), gt1) + L_local, with
+  L_cos(s) = -1/2 [cos(pre_s(v1), sg(pro_s(v2))) + cos(pre_s(v2), sg(pro_s(v1)))] on one random scale s,
+  L_local = mean over the 2 global x num_local local pairs of L_cos at a random scale per pair,
+  beta = 1/2 (1 + cos(pi t / T)), t = the step, T = ``params["schedule_steps"]`` (the recipe sets it to
+  ``pretrain.steps``; beta stays 0 after T).
+
+GPU-first: crops, transforms, mixup, the queue update and every loss are batched tensor ops; the plain and mixed
+views share one encoder call, the four reconstructions one decoder call, and randomness is drawn as tensors.
+
+Departures from the official code (each one deliberate; the recipe comments repeat the user-facing ones):
+
+* v1 contrast: ``contrast: nce`` (default) is the official estimator (P_n = 1 / ``nce_n_data``; the official
+  n_data is the number of batches per epoch, which only enters through the 1e-5 eps); its constant Z is set
+  from the first step's three pairs (the official: from the first (q, k) call). ``infonce`` is MoCo's softmax
+  form. The three pairs are scored against the queue as it was before the step and their 3B keys are then
+  enqueued together (the official enqueues after each of its three calls).
+* v1 target: ``target: clean`` (default) reconstructs T(clean crop), as Models Genesis restores the clean
+  image; the official 3D loader reconstructs T(corrupted input) in the plain and hybrid branches
+  (``mask = spatial_aug(input)``), offered as ``target: corrupted``. The mixed branches restore the mixed
+  clean crops in both.
+* v1 views: torchio's RandomAffine / RandomBlur of the official loader are not applied (flips / rot90 /
+  shuffling / painting only); crop sizes are fractions of the corpus volume (``crop_scale``) instead of the
+  official absolute LUNA16 sizes. ShuffleBN is not used: on one device a batch permutation does not change
+  BatchNorm statistics (SwinUNETR has none). BatchNorm (unet3d) sees the plain and mixed views together (one
+  encoder call of 2B) and the four decoder inputs together (4B); the official calls them one at a time.
+* v2: both global views share one encoder / decoder call (BatchNorm over 2B, the official: B each);
+  ``schedule_steps`` plays the official's 240 epochs; the deep-supervision heads are 1x1 convs.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import TRANSFER_PREFIXES, build_model
+from ..errors import RecipeError
+from .base import PretrainMethod
+from .genesis import local_pixel_shuffle, nonlinear_intensity, paint
+from .voco import _axis_coords, use_sdpa_window_attention
+
+FAMILIES = ("swinunetr", "unet3d")
+CONTRASTS = ("nce", "infonce")
+TARGETS = ("clean", "corrupted")
+#: output layer of each family (the task head: used for reconstruction, never transferred)
+OUT_LAYER = {"swinunetr": "out", "unet3d": "final_conv"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Boxes and crops
+# --------------------------------------------------------------------------------------------------
+
+def box_iou_3d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of axis-aligned boxes a, b [..., 6] = (x0, y0, z0, x1, y1, z1) (broadcasting): Tensor[...]."""
+    lo = torch.maximum(a[..., :3], b[..., :3])
+    hi = torch.minimum(a[..., 3:], b[..., 3:])
+    inter = (hi - lo).clamp_min(0).prod(-1)
+    vol_a = (a[..., 3:] - a[..., :3]).prod(-1)
+    vol_b = (b[..., 3:] - b[..., :3]).prod(-1)
+    return inter / (vol_a + vol_b - inter)
+
+
+def _sides(scale: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Box sides [..., 3] = scale [...] x volume size (isotropic fraction of each side)."""
+    s = torch.as_tensor([float(v) for v in size], device=scale.device)
+    return scale.unsqueeze(-1) * s
+
+
+def random_boxes(shape: Sequence[int], size: Sequence[int], scale_range: Sequence[float],
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boxes [*shape, 6] inside a volume of ``size``: side = U(scale_range) x size per box, origin uniform."""
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    scale = lo + (hi - lo) * torch.rand(tuple(shape), generator=generator, device=device)
+    sides = _sides(scale, size)
+    vol = torch.as_tensor([float(v) for v in size], device=device)
+    origin = torch.rand(tuple(shape) + (3,), generator=generator, device=device) * (vol - sides)
+    return torch.cat([origin, origin + sides], dim=-1)
+
+
+def overlapping_box_pairs(batch: int, size: Sequence[int], scale_range: Sequence[float], min_iou: float,
+                          candidates: int = 128, generator: torch.Generator | None = None,
+                          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Two crops per volume with IoU > ``min_iou`` (the official generators' rejection loop, batched).
+
+    Box 1 ~ ``random_boxes``. ``candidates`` boxes 2 per volume get a side ~ U(scale_range) x size and a centre
+    uniform within (side1 + side2) / 2 of box 1's centre on each axis (every overlapping position); the first
+    candidate inside the volume with IoU > min_iou is taken (``argmax`` of the mask: no host sync). If none
+    qualifies (rare), box 2 = box 1 (IoU 1). Returns (boxes1, boxes2), each [batch, 6].
+    """
+    box1 = random_boxes((batch,), size, scale_range, generator, device)
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    scale = lo + (hi - lo) * torch.rand((batch, candidates), generator=generator, device=device)
+    sides2 = _sides(scale, size)
+    sides1 = (box1[:, 3:] - box1[:, :3]).unsqueeze(1)
+    centre1 = ((box1[:, 3:] + box1[:, :3]) / 2).unsqueeze(1)
+    # IoU <= overlap / max side on every axis, so IoU > t needs |centre offset| < (s1 + s2) / 2 - t max(s1, s2):
+    # proposing exactly that range covers every admissible position and wastes few candidates
+    reach = ((sides1 + sides2) / 2 - min_iou * torch.maximum(sides1, sides2)).clamp_min(0)
+    offset = (torch.rand((batch, candidates, 3), generator=generator, device=device) * 2 - 1) * reach
+    origin2 = centre1 + offset - sides2 / 2
+    cand = torch.cat([origin2, origin2 + sides2], dim=-1)                          # [B, C, 6]
+    vol = torch.as_tensor([float(v) for v in size], device=device)
+    inside = (cand[..., :3] >= 0).all(-1) & (cand[..., 3:] <= vol).all(-1)
+    ok = inside & (box_iou_3d(cand, box1.unsqueeze(1)) > min_iou)
+    first = ok.to(torch.int8).argmax(dim=1)                                         # first qualifying candidate
+    chosen = cand.gather(1, first.view(batch, 1, 1).expand(batch, 1, 6)).squeeze(1)
+    box2 = torch.where(ok.any(dim=1, keepdim=True), chosen, box1)
+    return box1, box2
+
+
+def local_boxes(box1: torch.Tensor, box2: torch.Tensor, k: int, size: Sequence[int],
+                scale_range: Sequence[float], generator: torch.Generator | None = None) -> torch.Tensor:
+    """PCRL v2's local crops: k boxes per volume whose origin is uniform in the union box of the two global
+    crops (as the official generator), kept inside the volume: Tensor[B, k, 6]."""
+    b = box1.shape[0]
+    device = box1.device
+    lo_s, hi_s = float(scale_range[0]), float(scale_range[1])
+    scale = lo_s + (hi_s - lo_s) * torch.rand((b, k), generator=generator, device=device)
+    sides = _sides(scale, size)
+    vol = torch.as_tensor([float(v) for v in size], device=device)
+    u_lo = torch.minimum(box1[:, :3], box2[:, :3]).unsqueeze(1)
+    u_hi = torch.maximum(box1[:, 3:], box2[:, 3:]).unsqueeze(1)
+    hi = torch.minimum(u_hi, vol - sides)
+    lo = torch.minimum(u_lo, hi)
+    origin = lo + torch.rand((b, k, 3), generator=generator, device=device) * (hi - lo)
+    return torch.cat([origin, origin + sides], dim=-1)
+
+
+def crop_and_resize_3d(volumes: torch.Tensor, boxes: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """Cut every 3-D box of every volume and resize it (trilinear): Tensor[B, k, C, *out_size].
+
+    volumes [B, C, X, Y, Z]; boxes [B, k, 6] (x0, y0, z0, x1, y1, z1) in voxels. Sampling as VoCo's
+    ``crop_and_resize`` (MONAI Resize with align_corners=True after a crop), generalised to boxes in z; ONE
+    ``grid_sample`` for all B*k crops (the k crops of a volume stacked along the output's first axis).
+    """
+    b, c, sx, sy, sz = volumes.shape
+    ox, oy, oz = (int(s) for s in out_size)
+    k = boxes.shape[1]
+    boxes = boxes.to(device=volumes.device, dtype=torch.float32)
+    gx = _axis_coords(boxes[..., 0], boxes[..., 3], ox, sx)[..., :, None, None]      # [B, k, ox, 1, 1]
+    gy = _axis_coords(boxes[..., 1], boxes[..., 4], oy, sy)[..., None, :, None]      # [B, k, 1, oy, 1]
+    gz = _axis_coords(boxes[..., 2], boxes[..., 5], oz, sz)[..., None, None, :]      # [B, k, 1, 1, oz]
+    # grid_sample's last grid axis is (W, H, D) = (z, y, x) of a [B, C, X, Y, Z] input
+    grid = torch.stack(torch.broadcast_tensors(gz, gy, gx), dim=-1).reshape(b, k * ox, oy, oz, 3)
+    out = F.grid_sample(volumes, grid.to(volumes.dtype), mode="bilinear", padding_mode="border",
+                        align_corners=True)                                            # [B, C, k*ox, oy, oz]
+    return out.view(b, c, k, ox, oy, oz).transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformations, attention gate, mixup
+# --------------------------------------------------------------------------------------------------
+
+def random_spatial_codes(n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                         p_flip: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCRL v1's transformation T per sample: (flips [n, 3] bool, rot90 k [n] in 0..3, one-hot code [n, 7]).
+
+    As the official ``spatial_aug``: each axis flipped with p = 0.5, then rot90 by k ~ U{0..3} in the x-y plane;
+    code = [flip_x, flip_y, flip_z, onehot(k)].
+    """
+    flips = torch.rand((n, 3), generator=generator, device=device) < p_flip
+    k = torch.randint(0, 4, (n,), generator=generator, device=device)
+    return flips, k, transform_code(flips, k)
+
+
+def transform_code(flips: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The 7-d code of PCRL v1's attention: [flip_x, flip_y, flip_z, onehot(k, 4)] for flips [n, 3], k [n]."""
+    return torch.cat([flips.float(), F.one_hot(k.long(), 4).float()], dim=1)
+
+
+def flip_axes(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Flip each sample of x [n, C, X, Y, Z] along the spatial axes where flips [n, 3] is true."""
+    view = (x.shape[0],) + (1,) * (x.dim() - 1)
+    for axis in range(3):
+        x = torch.where(flips[:, axis].view(view), x.flip(2 + axis), x)
+    return x
+
+
+def apply_spatial(x: torch.Tensor, flips: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Apply per-sample flips [n, 3] then rot90 by k [n] in the (X, Y) plane to x [n, C, X, Y, Z] (X == Y)."""
+    if x.shape[2] != x.shape[3]:
+        raise ValueError(f"rot90 in the x-y plane needs X == Y, got a view of {tuple(x.shape[2:])}")
+    x = flip_axes(x, flips)
+    view = (x.shape[0],) + (1,) * (x.dim() - 1)
+    out = x
+    for kk in (1, 2, 3):
+        out = torch.where((k == kk).view(view), x.rot90(kk, dims=(2, 3)), out)
+    return out
+
+
+class TransformGate(nn.Module):
+    """Transformation-conditioned attention (PCRL v1, Sec. 3.3): g(a) = sigmoid(W2 ReLU(W1 a + b1) + b2).
+
+    ``a`` [n, 7] is the one-hot code of the applied flips / rot90; the result [n, C, 1, 1, 1] multiplies the
+    bottleneck channels (the official ``aug_fc1`` 7 -> 256, ``aug_fc2`` 256 -> 512 for C = 512).
+    """
+
+    def __init__(self, channels: int, hidden: int | None = None, code_dim: int = 7):
+        super().__init__()
+        hidden = hidden or max(channels // 2, 1)
+        self.fc1 = nn.Linear(code_dim, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.fc2(F.relu(self.fc1(code))))
+        return g.view(*g.shape, 1, 1, 1)
+
+
+def mixup_weight(shape: Sequence[int] = (), generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """lambda ~ Beta(1, 1) (= U(0, 1)), returned as max(lambda, 1 - lambda) in [0.5, 1] (the official mixup_data)."""
+    lam = torch.rand(tuple(shape), generator=generator, device=device)
+    return torch.maximum(lam, 1 - lam)
+
+
+def mixup(x: torch.Tensor, index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """lambda x + (1 - lambda) x[index] along the batch (lambda a 0-dim tensor, index a permutation)."""
+    lam = lam.to(x.dtype)
+    return lam * x + (1 - lam) * x.index_select(0, index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Contrast: queue, NCE losses, momentum update
+# --------------------------------------------------------------------------------------------------
+
+class MemoryQueue(nn.Module):
+    """A fixed-size FIFO of K keys [K, D] with its write pointer, both registered buffers (checkpointed).
+
+    Initialised as the official ``MemoryC2L``: U(-stdv, stdv), stdv = 1 / sqrt(D / 3).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        stdv = 1.0 / math.sqrt(dim / 3)
+        self.register_buffer("keys", torch.rand(size, dim).mul_(2 * stdv).sub_(stdv))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write keys [n, D] at ptr, ptr+1, ... (mod K) in one ``index_copy_``; under torch.distributed the keys
+        of every rank are all-gathered first (rank order), as the official DDP queues are filled."""
+        keys = keys.detach().to(self.keys.dtype)
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            parts = [torch.empty_like(keys) for _ in range(tdist.get_world_size())]
+            tdist.all_gather(parts, keys.contiguous())
+            keys = torch.cat(parts)
+        size = self.keys.shape[0]
+        if keys.shape[0] > size:       # more keys than slots: the last K win, as sequential writes would
+            keys = keys[-size:]
+        ids = torch.remainder(self.ptr + torch.arange(keys.shape[0], device=self.keys.device), size)
+        self.keys.index_copy_(0, ids, keys)
+        self.ptr.copy_(torch.remainder(self.ptr + keys.shape[0], size))
+
+
+def contrast_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+    """[q.k, q.queue_1, ..., q.queue_K]: Tensor[n, 1 + K] for q, k [n, D] (L2-normalised by the caller)."""
+    pos = (q * k).sum(-1, keepdim=True)
+    return torch.cat([pos, q @ queue.t()], dim=1)
+
+
+def nce_loss(logits: torch.Tensor, temperature: float, z: torch.Tensor | float, n_data: int) -> torch.Tensor:
+    """The official PCRL contrastive loss: noise-contrastive estimation (CMC's ``NCECriterion``, ``MemoryC2L``).
+
+    P = exp(l / T) / Z for the positive (column 0) and the K queue negatives; noise P_n = 1 / n_data, m = K;
+    L = -1/n sum_rows [ log(P_pos / (P_pos + m P_n + eps)) + sum_neg log(m P_n / (P_neg + m P_n + eps)) ], eps 1e-5.
+    """
+    p = torch.exp(logits.float() / temperature) / z
+    m = logits.shape[1] - 1
+    noise = m / float(n_data)
+    eps = 1e-5
+    log_d1 = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
+    log_d0 = torch.log(noise / (p[:, 1:] + noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / logits.shape[0]
+
+
+def info_nce_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE: cross-entropy of softmax(logits / T) with the positive (column 0) as the target."""
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits.float() / temperature, target)
+
+
+@torch.no_grad()
+def momentum_update(key_params: Sequence[torch.Tensor], query_params: Sequence[torch.Tensor], m: float) -> None:
+    """param_k <- m param_k + (1 - m) param_q (the official ``moment_update``), one foreach kernel group."""
+    torch._foreach_lerp_(list(key_params), list(query_params), 1.0 - m)
+
+
+def pcrlv2_beta(step: int, total: int) -> float:
+    """PCRL v2's deep-supervision weight beta = 1/2 (1 + cos(pi t / T)), t clamped to [0, T]."""
+    t = min(max(int(step), 0), int(total))
+    return 0.5 * (1.0 + math.cos(math.pi * t / max(int(total), 1)))
+
+
+def symmetric_cosine_loss(pre_a: torch.Tensor, pro_a: torch.Tensor, pre_b: torch.Tensor,
+                          pro_b: torch.Tensor) -> torch.Tensor:
+    """PCRL v2 / SimSiam: -1/2 [cos(pre_a, sg(pro_b)) + cos(pre_b, sg(pro_a))], mean over the last-but-one axis.
+
+    Inputs [..., n, D]; returns [...] (one value per leading index, e.g. per view pair).
+    """
+    ab = F.cosine_similarity(pre_a.float(), pro_b.detach().float(), dim=-1).mean(-1)
+    ba = F.cosine_similarity(pre_b.float(), pro_a.detach().float(), dim=-1).mean(-1)
+    return -0.5 * (ab + ba)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fine-tuning network's encoder and decoder, called through its own submodules
+# --------------------------------------------------------------------------------------------------
+
+def _family(model_cfg: Mapping[str, Any], method: str) -> str:
+    name = str(model_cfg.get("name", "swinunetr"))
+    if name not in FAMILIES:
+        raise RecipeError(f"model.name: {name!r} is not supported by method {method}; expected one of "
+                          f"{', '.join(FAMILIES)}")
+    return name
+
+
+class UNetEncoder(nn.Module):
+    """The encoder of a ``build_model`` network under its own attribute names (its keys = fine-tuning keys).
+
+    swinunetr: ``swinViT`` + ``encoder1..4`` + ``encoder10``; features = [enc0, enc1, enc2, enc3, hs3, dec4]
+    (SwinUNETR.forward's skips, then the bottleneck). unet3d (MONAI BasicUNet): ``conv_0`` + ``down_1..4``;
+    features = [x0, x1, x2, x3, x4]. ``bottleneck_only``: keep only the modules on the path input ->
+    bottleneck (on swinunetr: swinViT and encoder10, without SwinUNETR's skip blocks encoder1..4).
+    """
+
+    def __init__(self, net: nn.Module, family: str, bottleneck_only: bool = False):
+        super().__init__()
+        self.family = family
+        self.bottleneck_only = bottleneck_only
+        for prefix in TRANSFER_PREFIXES[family][0]:
+            name = prefix.rstrip(".")
+            if bottleneck_only and family == "swinunetr" and name not in ("swinViT", "encoder10"):
+                continue
+            setattr(self, name, getattr(net, name))
+
+    @property
+    def bottleneck_channels(self) -> int:
+        if self.family == "swinunetr":
+            return self.encoder10.layer.conv1.conv.out_channels
+        return self.down_4.convs.conv_1.conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.family == "swinunetr":
+            if self.bottleneck_only:
+                raise RuntimeError("this encoder keeps only the bottleneck path: call bottleneck()")
+            hs = self.swinViT(x, True)
+            return [self.encoder1(x), self.encoder2(hs[0]), self.encoder3(hs[1]), self.encoder4(hs[2]), hs[3],
+                    self.encoder10(hs[4])]
+        x0 = self.conv_0(x)
+        x1 = self.down_1(x0)
+        x2 = self.down_2(x1)
+        x3 = self.down_3(x2)
+        return [x0, x1, x2, x3, self.down_4(x3)]
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the path input -> bottleneck (for decoders without skips)."""
+        if self.family == "swinunetr":
+            return self.encoder10(self.swinViT(x, True)[4])
+        return self.forward(x)[-1]
+
+
+class UNetDecoder(nn.Module):
+    """The skip-connected decoder of a ``build_model`` network under its own attribute names.
+
+    swinunetr: ``decoder5..1``; unet3d: ``upcat_4..1``. ``forward(features)`` -> the last decoder map (before
+    the output layer), exactly as the network's own forward.
+    """
+
+    def __init__(self, net: nn.Module, family: str):
+        super().__init__()
+        self.family = family
+        for prefix in TRANSFER_PREFIXES[family][1]:
+            name = prefix.rstrip(".")
+            setattr(self, name, getattr(net, name))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.family == "swinunetr":
+            enc0, enc1, enc2, enc3, hs3, dec4 = feats
+            d = self.decoder5(dec4, hs3)
+            d = self.decoder4(d, enc3)
+            d = self.decoder3(d, enc2)
+            d = self.decoder2(d, enc1)
+            return self.decoder1(d, enc0)
+        x0, x1, x2, x3, x4 = feats
+        u = self.upcat_4(x4, x3)
+        u = self.upcat_3(u, x2)
+        u = self.upcat_2(u, x1)
+        return self.upcat_1(u, x0)
+
+
+def _build(model_cfg: Mapping[str, Any], family: str, attention: str) -> nn.Module:
+    net = build_model(model_cfg, in_channels=1, out_channels=1)
+    if family == "swinunetr" and attention == "sdpa":
+        use_sdpa_window_attention(net.swinViT)
+    return net
+
+
+def _check_size(size: Sequence[int], family: str, key: str, method: str) -> tuple[int, int, int]:
+    size = tuple(int(s) for s in size)
+    step = 32 if family == "swinunetr" else 16
+    if len(size) != 3 or any(s <= 0 or s % step for s in size):
+        raise RecipeError(f"method.params.{key}: {list(size)} for method {method} on {family}; expected three "
+                          f"multiples of {step} (the network downsamples {int(math.log2(step))} times)")
+    if family == "swinunetr" and max(size) < 64:
+        raise RecipeError(f"method.params.{key}: {list(size)} for method {method} on swinunetr; expected a side "
+                          f">= 64 (encoder10 instance-normalises the 1/32-scale map, a single voxel otherwise)")
+    return size
+
+
+def _choice(params: Mapping[str, Any], key: str, default: str, options: Sequence[str], method: str) -> str:
+    value = str(params.get(key, default))
+    if value not in options:
+        raise RecipeError(f"method.params.{key}: unknown value {value!r} for method {method}; expected one of "
+                          f"{', '.join(options)}")
+    return value
+
+
+def _scale_range(params: Mapping[str, Any], key: str, default: Sequence[float], method: str) -> tuple[float, float]:
+    value = params.get(key, default)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        lo, hi = -1.0, -1.0
+    if not 0 < lo <= hi <= 1:
+        raise RecipeError(f"method.params.{key}: {value!r} for method {method}; expected [low, high] with "
+                          f"0 < low <= high <= 1 (crop side / volume side)")
+    return lo, hi
+
+
+def _plain(volumes: torch.Tensor) -> torch.Tensor:
+    if hasattr(volumes, "as_tensor"):      # MONAI MetaTensor -> plain tensor
+        volumes = volumes.as_tensor()
+    return volumes if volumes.is_floating_point() else volumes.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# PCRL v1
+# --------------------------------------------------------------------------------------------------
+
+class ProjectionHead(nn.Module):
+    """GAP(bottleneck) -> Linear(C, D) -> ReLU -> Linear(D, D) (the official ``fc1``, ``fc2``; D = 128)."""
+
+    def __init__(self, channels: int, dim: int = 128):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(bottleneck.mean(dim=(2, 3, 4)))))
+
+
+class PCRLv1(PretrainMethod):
+    """PCRL v1 on volumes [B, 1, *volume_size] in [0, 1] (see the module docstring for the equations).
+
+    params: volume_size, view_size, crop_scale, min_iou, queue_size (K), dim (128), temperature (T),
+    momentum (m), contrast (nce | infonce), nce_n_data, target (clean | corrupted), local_rate, paint_rate,
+    inpaint_rate, attention (sdpa | monai).
+
+    The encoder, the skip-connected decoder (``transfers_decoder``) and the output layer are the fine-tuning
+    network's own; the momentum encoder is a copy of the encoder + projection head.
+    """
+
+    name = "pcrlv1"
+    transfers_decoder = True
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = self.params
+        self.family = _family(self.model_cfg, self.name)
+        self.contrast = _choice(p, "contrast", "nce", CONTRASTS, self.name)
+        self.target = _choice(p, "target", "clean", TARGETS, self.name)
+        attention = _choice(p, "attention", "sdpa", ("sdpa", "monai"), self.name)
+        self.view_size = _check_size(p.get("view_size", (96, 96, 64)), self.family, "view_size", self.name)
+        if self.view_size[0] != self.view_size[1]:
+            raise RecipeError(f"method.params.view_size: {list(self.view_size)} for method pcrlv1; expected X == Y "
+                              f"(the transformation rotates by 90 degrees in the x-y plane)")
+        self.crop_scale = _scale_range(p, "crop_scale", (0.3, 0.6), self.name)
+        self.min_iou = float(p.get("min_iou", 0.25))
+        self.temperature = float(p.get("temperature", 0.2))
+        self.momentum = float(p.get("momentum", 0.999))
+        self.nce_n_data = int(p.get("nce_n_data", 1000))
+        self.local_rate = float(p.get("local_rate", 0.5))
+        self.paint_rate = float(p.get("paint_rate", 0.9))
+        self.inpaint_rate = float(p.get("inpaint_rate", 0.2))
+        dim = int(p.get("dim", 128))
+
+        net = _build(self.model_cfg, self.family, attention)
+        self.encoder = UNetEncoder(net, self.family)
+        self.decoder = UNetDecoder(net, self.family)
+        self.out_layer = getattr(net, OUT_LAYER[self.family])
+        channels = self.encoder.bottleneck_channels
+        self.head = ProjectionHead(channels, dim)
+        self.gate = TransformGate(channels)
+        self.queue = MemoryQueue(int(p.get("queue_size", 16384)), dim)
+        # Z of the NCE estimator: set from the first batch (official MemoryC2L), -1 until then
+        self.register_buffer("nce_z", torch.full((), -1.0))
+        self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.key_head = copy.deepcopy(self.head).requires_grad_(False)
+
+    @staticmethod
+    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        return tuple(int(s) for s in params["volume_size"])
+
+    # ------------------------------------------------------------------------------------------ views
+    def make_views(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Clean crops c1, c2 [B, 1, *view_size], their Genesis-corrupted inputs x1, x2, transformations."""
+        b = volumes.shape[0]
+        dev = volumes.device
+        box1, box2 = overlapping_box_pairs(b, volumes.shape[2:], self.crop_scale, self.min_iou, device=dev)
+        crops = crop_and_resize_3d(volumes, torch.stack([box1, box2], dim=1), self.view_size)
+        clean = torch.cat([crops[:, 0], crops[:, 1]])                                   # [2B, 1, ...]
+        corrupt = paint(local_pixel_shuffle(clean, self.local_rate), self.paint_rate, self.inpaint_rate)
+        flips, k, code = random_spatial_codes(2 * b, device=dev)
+        source = clean if self.target == "clean" else corrupt
+        return {"c": clean, "x": corrupt, "t": apply_spatial(source, flips, k), "code": code,
+                "box1": box1, "box2": box2}
+
+    # ----------------------------------------------------------------------------------------- losses
+    def _contrast_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Mean NCE over the rows of q, k [n, D] against the queue as it was before this step; then k enqueued.
+
+        In fp32 (autocast off): cosines / T = 0.2 inside exp need more than bf16's 8 mantissa bits.
+        """
+        with torch.autocast(q.device.type, enabled=False):
+            return self._contrast_loss_fp32(q.float(), k.float())
+
+    def _contrast_loss_fp32(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(q, dim=1)
+        k = F.normalize(k, dim=1)
+        # a copy: the enqueue below writes the buffer that the backward of q @ queue^T still needs
+        logits = contrast_logits(q, k, self.queue.keys.detach().clone())
+        if self.contrast == "infonce":
+            loss = info_nce_loss(logits, self.temperature)
+        else:
+            with torch.no_grad():
+                first = torch.exp(logits / self.temperature).mean() * self.nce_n_data
+                self.nce_z.copy_(torch.where(self.nce_z < 0, first, self.nce_z))
+            loss = nce_loss(logits, self.temperature, self.nce_z, self.nce_n_data)
+        self.queue.enqueue(k)
+        return loss
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        volumes = _plain(volumes)
+        b = volumes.shape[0]
+        dev = volumes.device
+        v = self.make_views(volumes)
+        x1, x2 = v["x"][:b], v["x"][b:]
+        c1, c2 = v["c"][:b], v["c"][b:]
+        t1, t2 = v["t"][:b], v["t"][b:]
+        lam, alpha1, alpha2 = mixup_weight((3,), device=dev).unbind(0)
+        perm = torch.randperm(b, device=dev)
+        mx1, mx2, mc1, mc2 = (mixup(t, perm, lam) for t in (x1, x2, c1, c2))
+
+        # queries of x1 and of mixed x1 in one encoder call; keys of x2 and mixed x2 from the momentum encoder
+        fq = self.encoder(torch.cat([x1, mx1]))
+        with torch.no_grad():
+            fk = self.key_encoder(torch.cat([x2, mx2]))
+            keys = self.key_head(fk[-1]).float()
+        q_all = self.head(fq[-1]).float()
+        q, mq = q_all[:b], q_all[b:]
+        k, mk = keys[:b], keys[b:]
+        mk_feat = mixup(k, perm, lam)
+        contrast = self._contrast_loss(torch.cat([q, mq, mq]), torch.cat([k, mk, mk_feat]))
+
+        # the four reconstructions in one decoder call: plain (gated), mixed, hybrid (gated), mixed hybrid
+        gates = self.gate(v["code"]).to(fq[-1].dtype)
+        g1, g2 = gates[:b], gates[b:]
+        a1 = alpha1.to(fq[-1].dtype)
+        a2 = alpha2.to(fq[-1].dtype)
+        dec_in = []
+        last = len(fq) - 1
+        for i, (q_map, k_map) in enumerate(zip(fq, fk)):
+            q_plain, q_mixed = q_map[:b], q_map[b:]
+            k_plain, k_mixed = k_map[:b], k_map[b:]
+            if i == last:
+                q_plain, k_plain = q_plain * g1, k_plain * g2
+            dec_in.append(torch.cat([q_plain, q_mixed, a1 * q_plain + (1 - a1) * k_plain,
+                                     a2 * q_mixed + (1 - a2) * k_mixed]))
+        out = torch.sigmoid(self.out_layer(self.decoder(dec_in))).float()
+        targets = torch.cat([t1, mc1, alpha1 * t1 + (1 - alpha1) * t2, alpha2 * mc1 + (1 - alpha2) * mc2]).float()
+        rec = F.mse_loss(out, targets)     # = 1/4 sum of the four per-branch MSEs (equal sizes)
+        loss = contrast + rec
+        logs = {"loss": loss.detach(), "contrast": contrast.detach(), "rec": rec.detach(),
+                "lambda": lam.detach(), "pos_cos": F.cosine_similarity(q, k, dim=1).mean().detach()}
+        return loss, logs
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Momentum update of the key encoder and key head: param_k <- m param_k + (1 - m) param_q."""
+        momentum_update(list(self.key_encoder.parameters()) + list(self.key_head.parameters()),
+                        list(self.encoder.parameters()) + list(self.head.parameters()), self.momentum)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Encoder + skip-connected decoder, in the fine-tuning network's key layout."""
+        state = {**self.encoder.state_dict(), **self.decoder.state_dict()}
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for prefix, module in (("head", self.head), ("gate", self.gate), ("out_layer", self.out_layer),
+                               ("key_head", self.key_head)):
+            out.update({f"{prefix}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()})
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# PCRL v2
+# --------------------------------------------------------------------------------------------------
+
+class SkiplessDecoder(nn.Module):
+    """PCRL v2's decoder without skip connections, with per-scale heads.
+
+    Stage s: transposed conv (k 2, stride 2) + MONAI ``UnetBasicBlock`` (two conv-norm-LeakyReLU); then
+    pro_s = BatchNorm1d(GAP(x_s)), pre_s = Linear(C, 2C) -> BN -> ReLU -> Linear(2C, C) (the predictor), and the
+    deep-supervision map sigmoid(conv1x1(x_s)). ``out`` = sigmoid(conv1x1(last stage)). (The official
+    deep-supervision head is a 3x3 conv + 1-channel BatchNorm + sigmoid; a 1x1 conv + sigmoid is used here.)
+    """
+
+    def __init__(self, widths: Sequence[int], norm: str):
+        super().__init__()
+        from monai.networks.blocks.dynunet_block import UnetBasicBlock, get_conv_layer
+
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.pro_norms = nn.ModuleList()
+        self.predictors = nn.ModuleList()
+        self.ds_heads = nn.ModuleList()
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            self.ups.append(get_conv_layer(3, cin, cout, kernel_size=2, stride=2, conv_only=True, is_transposed=True))
+            self.blocks.append(UnetBasicBlock(3, cout, cout, kernel_size=3, stride=1, norm_name=norm))
+            self.pro_norms.append(nn.BatchNorm1d(cout))
+            self.predictors.append(nn.Sequential(nn.Linear(cout, 2 * cout), nn.BatchNorm1d(2 * cout),
+                                                 nn.ReLU(inplace=True), nn.Linear(2 * cout, cout)))
+            self.ds_heads.append(nn.Conv3d(cout, 1, kernel_size=1))
+        self.out = nn.Conv3d(widths[-1], 1, kernel_size=1)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor, restore_rows: int = 0
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+        """(pros, preds, out, masks): per-scale projections / predictions [n, C_s]; for the first
+        ``restore_rows`` samples also the restoration ``out`` and the deep-supervision masks (full size)."""
+        pros, preds, maps = [], [], []
+        for up, block, norm, predictor in zip(self.ups, self.blocks, self.pro_norms, self.predictors):
+            x = block(up(x))
+            pro = norm(x.mean(dim=(2, 3, 4)).float())
+            pros.append(pro)
+            preds.append(predictor(pro))
+            maps.append(x)
+        if restore_rows <= 0:
+            return pros, preds, None, []
+        size = maps[-1].shape[2:]
+        masks = [F.interpolate(torch.sigmoid(head(m[:restore_rows])).float(), size=size, mode="trilinear")
+                 for head, m in zip(self.ds_heads, maps)]
+        out = torch.sigmoid(self.out(maps[-1][:restore_rows])).float()
+        return pros, preds, out, masks
+
+
+def _decoder_widths(model_cfg: Mapping[str, Any], family: str) -> list[int]:
+    if family == "swinunetr":
+        fs = int(model_cfg["feature_size"])
+        return [16 * fs, 8 * fs, 4 * fs, 2 * fs, fs, fs]
+    f = [int(v) for v in (model_cfg.get("unet_features") or (32, 64, 128, 256, 512, 32))]
+    return [f[4], f[3], f[2], f[1], f[5]]
+
+
+class PCRLv2(PretrainMethod):
+    """PCRL v2 on volumes [B, 1, *volume_size] in [0, 1] (see the module docstring for the equations).
+
+    params: volume_size, global_size, local_size, num_local (6), global_scale, local_scale, min_iou (0.3),
+    schedule_steps (T of beta), noise_std, nonlinear_rate, local_rate, attention (sdpa | monai).
+
+    The skip-less decoder is not the fine-tuning network's decoder: only the encoder is handed over. On
+    swinunetr the path input -> bottleneck is swinViT -> encoder10, so ``swinViT.*`` and ``encoder10.*`` are
+    trained and handed over, and ``encoder1..4`` (SwinUNETR's skip blocks, unused without skips) are not.
+    On unet3d the whole encoder (conv_0, down_1..4) is handed over.
+    """
+
+    name = "pcrlv2"
+    transfers_decoder = False
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = self.params
+        self.family = _family(self.model_cfg, self.name)
+        attention = _choice(p, "attention", "sdpa", ("sdpa", "monai"), self.name)
+        self.global_size = _check_size(p.get("global_size", (96, 96, 64)), self.family, "global_size", self.name)
+        self.local_size = _check_size(p.get("local_size", (64, 64, 32)), self.family, "local_size", self.name)
+        self.num_local = int(p.get("num_local", 6))
+        if self.num_local < 1:
+            raise RecipeError(f"method.params.num_local: {self.num_local} for method pcrlv2; expected >= 1")
+        self.global_scale = _scale_range(p, "global_scale", (0.4, 0.8), self.name)
+        self.local_scale = _scale_range(p, "local_scale", (0.1, 0.3), self.name)
+        self.min_iou = float(p.get("min_iou", 0.3))
+        self.schedule_steps = int(p.get("schedule_steps", 100000))
+        self.noise_std = float(p.get("noise_std", 0.05))
+        self.nonlinear_rate = float(p.get("nonlinear_rate", 0.9))
+        self.local_rate = float(p.get("local_rate", 0.5))
+
+        net = _build(self.model_cfg, self.family, attention)
+        # only the bottleneck path is trained (see the class docstring)
+        self.encoder = UNetEncoder(net, self.family, bottleneck_only=True)
+        norm = "instance" if self.family == "swinunetr" else "batch"
+        self.decoder = SkiplessDecoder(_decoder_widths(self.model_cfg, self.family), norm)
+
+    @staticmethod
+    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        return tuple(int(s) for s in params["volume_size"])
+
+    def make_views(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """gt = flipped global crops [2B] (view 1 of every volume, then view 2), their corrupted inputs, and the
+        corrupted local views [num_local * B] (local j of every volume, then local j + 1)."""
+        b = volumes.shape[0]
+        dev = volumes.device
+        box1, box2 = overlapping_box_pairs(b, volumes.shape[2:], self.global_scale, self.min_iou, device=dev)
+        glob = crop_and_resize_3d(volumes, torch.stack([box1, box2], dim=1), self.global_size)
+        gt = glob.transpose(0, 1).reshape(2 * b, *glob.shape[2:])
+        boxes_l = local_boxes(box1, box2, self.num_local, volumes.shape[2:], self.local_scale)
+        loc = crop_and_resize_3d(volumes, boxes_l, self.local_size)
+        loc = loc.transpose(0, 1).reshape(self.num_local * b, *loc.shape[2:])
+        gt = self._flip(gt)
+        loc = self._flip(loc)
+        x = self._noise(nonlinear_intensity(local_pixel_shuffle(gt, self.local_rate), self.nonlinear_rate))
+        loc = self._noise(nonlinear_intensity(loc, self.nonlinear_rate))
+        return {"gt": gt, "x": x, "local": loc, "box1": box1, "box2": box2, "local_boxes": boxes_l}
+
+    @staticmethod
+    def _flip(x: torch.Tensor) -> torch.Tensor:
+        return flip_axes(x, torch.rand((x.shape[0], 3), device=x.device) < 0.5)
+
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.noise_std <= 0:
+            return x
+        std = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) * self.noise_std
+        return x + std * torch.randn_like(x)
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        volumes = _plain(volumes)
+        b = volumes.shape[0]
+        dev = volumes.device
+        v = self.make_views(volumes)
+        n_s = self.decoder.num_scales
+        pros_g, preds_g, out, masks = self.decoder(self.encoder.bottleneck(v["x"]), restore_rows=b)
+        pros_l, preds_l, _, _ = self.decoder(self.encoder.bottleneck(v["local"]))
+        gt1 = v["gt"][:b].float()
+
+        # global pair: L_cos at every scale [S], one random scale s kept (as the official random index)
+        per_scale = torch.stack([symmetric_cosine_loss(pre[:b], pro[:b], pre[b:], pro[b:])
+                                 for pre, pro in zip(preds_g, pros_g)])
+        s = torch.randint(0, n_s, (), device=dev)
+        cos_global = per_scale[s]
+        # local pairs: [S, 2, L] (each global view against each local view), a random scale per pair
+        local_terms = []
+        for pre_g, pro_g, pre_l, pro_l in zip(preds_g, pros_g, preds_l, pros_l):
+            pg = pre_g.view(2, 1, b, -1)
+            qg = pro_g.view(2, 1, b, -1)
+            pl = pre_l.view(1, self.num_local, b, -1)
+            ql = pro_l.view(1, self.num_local, b, -1)
+            local_terms.append(symmetric_cosine_loss(pg.expand(2, self.num_local, b, -1),
+                                                     qg.expand(2, self.num_local, b, -1),
+                                                     pl.expand(2, self.num_local, b, -1),
+                                                     ql.expand(2, self.num_local, b, -1)))
+        local_all = torch.stack(local_terms)                                         # [S, 2, L]
+        pick = torch.randint(0, n_s, (1, 2, self.num_local), device=dev)
+        cos_local = local_all.gather(0, pick).mean()
+
+        rec = F.mse_loss(out, gt1)
+        ds_all = torch.stack([F.mse_loss(m, gt1) for m in masks])                   # [S]
+        beta = pcrlv2_beta(step, self.schedule_steps)
+        ds = beta * ds_all[s]
+        loss = rec + cos_global + ds + cos_local
+        logs = {"loss": loss.detach(), "rec": rec.detach(), "cos_global": cos_global.detach(),
+                "cos_local": cos_local.detach(), "deep_supervision": ds.detach(),
+                "beta": torch.tensor(beta, device=dev)}
+        return loss, logs
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder only (swinViT + encoder10 on swinunetr; conv_0 + down_1..4 on unet3d)."""
+        return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}
+
