@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from . import recipes
+from . import distributed, recipes
 from .errors import RecipeError, SSLBenchError
 
 
@@ -789,20 +789,37 @@ class Worker:
                 trial.set_user_attr("pruned_at", step)
                 raise self.optuna.TrialPruned(f"pruned at step {step} (validation Dice {dice:.4f})")
 
+        dist = distributed.current()
+
+        def on_validation_everywhere(step: int, dice: float) -> None:
+            # Under torchrun the decision is rank 0's (the only rank that talks to the study); every rank
+            # receives it at the same validation and stops together.
+            pruned: Exception | None = None
+            try:
+                on_validation(step, dice)
+            except self.optuna.TrialPruned as exc:
+                pruned = exc
+            if dist.enabled:
+                dist.broadcast_object(pruned is not None)
+            if pruned is not None:
+                raise pruned
+
         locks = Path(sw.out) / "sweeps" / "locks"
         try:
             if pcfg is not None:
                 pre = (f"pretrain-{pcfg['method']['name']}-{pcfg['corpus']['name']}-"
                        f"{recipes.protocol_hash(pcfg)}-s{pcfg['run']['seed']}.lock")
                 with exclusive(locks / pre, self.say, "this pre-training"):
+                    command(dist, ("pretrain", pcfg, sw.corpus_root))
                     protocol.pretrain(pcfg, root=sw.corpus_root, resume=True, force=False, console=self.console)
             with exclusive(locks / f"finetune-{_safe_name(sw.task)}-{proto}-s{cfg['run']['seed']}.lock",
                            self.say, "this fine-tuning run"):
-                outcome = protocol.run_protocol(sw.method, sw.task, preset=sw.preset,
-                                                overrides=sw.overrides + [sw.override(value)], seed=sw.seed,
-                                                root=sw.root, corpus=sw.corpus, corpus_root=sw.corpus_root,
-                                                out=sw.out, resume=True, force=False, console=self.console,
-                                                on_validation=on_validation)
+                run_kwargs = dict(method=sw.method, task=sw.task, preset=sw.preset,
+                                  overrides=sw.overrides + [sw.override(value)], seed=sw.seed, root=sw.root,
+                                  corpus=sw.corpus, corpus_root=sw.corpus_root, out=sw.out, resume=True, force=False)
+                command(dist, ("run", run_kwargs))   # the trial's parameters, from rank 0 to every rank
+                outcome = protocol.run_protocol(**run_kwargs, console=self.console,
+                                                on_validation=on_validation_everywhere)
         except self.optuna.TrialPruned as exc:
             beat.stop()
             self.study.tell(trial, state=TrialState.PRUNED)
@@ -873,6 +890,49 @@ class Worker:
                     return self.plan()
             else:
                 self.failures_here = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Trials that span several processes (torchrun): rank 0 runs the study, the other ranks follow it
+# --------------------------------------------------------------------------------------------------
+def command(dist: "distributed.Dist", message: tuple) -> None:
+    """Rank 0 tells the other ranks what to run next (nothing to do in a single process)."""
+    if dist.enabled:
+        dist.broadcast_object(message)
+
+
+class _PrunedByRank0(Exception):
+    """Rank 0 pruned the trial this follower is running."""
+
+
+def follow(dist: "distributed.Dist") -> int:
+    """The loop of a rank > 0 in a distributed sweep: run what rank 0 broadcasts until it says stop.
+
+    Messages: ("pretrain", corpus config, corpus root), ("run", run_protocol keyword arguments), ("stop",).
+    At every periodic validation the follower receives rank 0's pruning decision (a bool) and stops the trial
+    with it. A failure here is printed on this rank's stderr and the loop continues with rank 0's next order
+    (rank 0 records the trial's fate in the study); a failure on one rank only leaves the others waiting in a
+    collective: torchrun then ends the job.
+    """
+    from . import protocol
+
+    def on_validation(step: int, dice: float) -> None:
+        if dist.broadcast_object(None):
+            raise _PrunedByRank0()
+
+    while True:
+        message = dist.broadcast_object(None)
+        if not message or message[0] == "stop":
+            return 0
+        try:
+            if message[0] == "pretrain":
+                protocol.pretrain(message[1], root=message[2], resume=True, force=False)
+            elif message[0] == "run":
+                protocol.run_protocol(**message[1], on_validation=on_validation)
+        except _PrunedByRank0:
+            continue
+        except Exception as exc:  # noqa: BLE001 - rank 0 records the failure; keep following its orders
+            print(f"rank {dist.rank}: {type(exc).__name__}: {str(exc).strip()[:300]}", file=sys.stderr)
 
 
 def check_data(sw: Sweep, console) -> None:
@@ -1053,6 +1113,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-retries", type=int, default=3,
                    help="retries in a row of a point whose worker died, within one run (default 3)")
     s.add_argument("--status", action="store_true", help="print the study's trials and exit (runs nothing)")
+    s.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="each trial runs on N local processes under torchrun (DDP); rank 0 drives the study "
+                        "and broadcasts every trial's parameters and pruning decision")
     return p
 
 
@@ -1068,10 +1131,30 @@ def _console():
 def main(argv: Sequence[str] | None = None) -> int:
     """`sslbench sweep KEY [options]`; returns the exit status (0 done or left to other workers, 1 points
     failed, 2 user error, 130 interrupted)."""
+    raw = list(argv) if argv is not None else sys.argv[1:]
     try:
-        args = _parser().parse_args(list(argv) if argv is not None else None)
+        args = _parser().parse_args(raw)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if args.gpus is not None and distributed.env_world_size() <= 1:
+        if args.gpus < 1:
+            print(f"error: --gpus: expected a positive number of processes, got {args.gpus}", file=sys.stderr)
+            return 2
+        return distributed.launch(args.gpus, ["sweep", *raw])
+    device = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run.device=")), "auto")
+    dist = distributed.setup(device)
+    if not dist.is_main:
+        code = follow(dist)
+        distributed.cleanup()
+        return code
+    try:
+        return _main(args)
+    finally:
+        command(dist, ("stop",))
+        distributed.cleanup()
+
+
+def _main(args: argparse.Namespace) -> int:
     console = _console()
     try:
         import optuna

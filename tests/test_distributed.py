@@ -143,3 +143,77 @@ def test_torchrun_finetune_two_processes_one_record_all_cases(phantom_home, tmp_
     log = (runs[0] / "log.txt").read_text()
     assert log.count("validation dice") == 2                          # rank 0 alone writes the log
     assert proc.stdout.count("run record") == 1
+
+
+def test_sweep_trials_on_two_processes(phantom_home, tmp_path):
+    """`sslbench sweep ... --gpus 2`: rank 0 drives the Optuna study and broadcasts each trial's value; every
+    trial is one 2-process fine-tuning run with its own record, and the study ends with both points done."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SSLBENCH_DATA=str(phantom_home))
+    cmd = [sys.executable, "-m", "sslbench", "sweep", "task.finetune.lr", "--method", "scratch", "--task", "phantom-btcv",
+           "--values", "0.001", "0.002", "--gpus", "2", "--out", str(tmp_path),
+           "--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32,32]",
+           "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=2",
+           "--set", "task.evaluate.overlap=0.0", "--set", "task.finetune.warmup_steps=1", "--set", "run.device=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-2000:]
+    runs = sorted((tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir())
+    assert len(runs) == 2
+    lrs = set()
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["world_size"] == 2
+        import yaml
+
+        lrs.add(yaml.safe_load((run / "recipe.yaml").read_text())["task"]["finetune"]["lr"])
+    assert lrs == {0.001, 0.002}                               # each rank ran the value rank 0 drew
+    import optuna
+
+    journal = next((tmp_path / "sweeps").glob("*.journal"))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _prune_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), SSLBENCH_DATA=data, OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from sslbench import protocol, sweep
+
+    d = distributed.setup("cpu")
+    if rank > 0:
+        sweep.follow(d)            # returns when rank 0 says stop
+        distributed.cleanup()
+        return
+    kwargs = dict(method="scratch", task="phantom-btcv", out=out, resume=True, force=False, overrides=[
+        "task.finetune.max_steps=6", "task.finetune.roi=[64,32,32]", "task.finetune.num_samples=1",
+        "task.finetune.val_every=2", "task.finetune.checkpoint_every=2", "task.evaluate.overlap=0.0",
+        "task.finetune.warmup_steps=1", "run.device=cpu"])
+    seen = []
+
+    def on_validation(step, dice):   # what Worker._execute does: decide, broadcast, stop together
+        seen.append(step)
+        d.broadcast_object(step == 4)
+        if step == 4:
+            raise _Stop()
+
+    sweep.command(d, ("run", kwargs))
+    try:
+        protocol.run_protocol(**kwargs, on_validation=on_validation)
+    except _Stop:
+        pass
+    sweep.command(d, ("stop",))
+    torch.save(seen, os.path.join(out, "seen.pt"))
+    distributed.cleanup()
+
+
+def test_a_pruning_decision_of_rank_0_stops_every_rank(phantom_home, tmp_path):
+    mp.spawn(_prune_worker, args=(2, _free_port(), str(phantom_home), str(tmp_path)), nprocs=2, join=True)
+    assert torch.load(tmp_path / "seen.pt") == [2, 4]           # stopped at step 4 of 6, on both ranks (join)
+    run = next((tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir())
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "running" and status["step"] == 4     # resumable from the pruned step's checkpoint
