@@ -250,27 +250,33 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
     from . import distributed
 
     task = cfg["task"]
-    if distributed.env_world_size() > 1:
-        raise RecipeError(f"task '{task['name']}': classification fine-tuning runs in one process; "
-                          f"run it without --gpus / torchrun")
     two_d = task["kind"] == "classification2d"
     dims = 2 if two_d else 3
     cfg = dict(cfg)
     cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
-    protocol = recipes.protocol_hash(cfg)
+    # Under torchrun (see sslbench/distributed.py): rank 0 owns the run folder, every rank draws its own batch,
+    # DDP averages gradients, and every rank scores the whole validation split (cheap for classification).
+    dist = distributed.setup(cfg["run"].get("device", "auto"))
+    protocol = P.run_protocol_hash(cfg, dist)
     record = RunRecord(P._run_dir(cfg, "finetune", protocol))
-    action = prepare_run_folder(record, protocol, resume, force)
-    say = (console.print if console is not None else print)
+    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
+    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
     if action == "skip":
         say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
         return P.Outcome(record, "skip", record.metrics or {})
 
-    device = P.select_device(cfg["run"])
+    device = distributed.device_for(dist, P.select_device(cfg["run"]))
     bf16 = P.use_bf16(cfg["run"], device)
     P.keep_freed_memory()
     if cfg["run"].get("num_threads"):
         torch.set_num_threads(int(cfg["run"]["num_threads"]))
+    if not dist.is_main:
+        dist.barrier()   # rank 0 synthesises a phantom task first
     root_path, phantom = P.locate_data(task, root, log=say)
+    if dist.is_main:
+        dist.barrier()
+    if not dist.is_main:
+        record = P._SilentRecord(record.path)
     phantom = phantom or bool(task.get("phantom"))
     from .data import layouts
 
@@ -293,7 +299,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
                           started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         unused = [it for it in splits["train"] if it not in train_items]   # left out by finetune.labeled_cases
-        _write_split(record, {**splits, "train": train_items, **({"train-unused": unused} if unused else {})})
+        if dist.is_main:
+            _write_split(record, {**splits, "train": train_items, **({"train-unused": unused} if unused else {})})
     record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
                f"at {root_path}), protocol {protocol}, device {device}")
 
@@ -341,6 +348,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             record.log(f"resumed from step {start}")
 
         def save_last(step: int) -> None:
+            if not dist.is_main:
+                return
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "step": step, "best": best,
                                "best_step": best_step, "history": history}, last)
@@ -348,17 +357,19 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
 
         job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
+        train_model = distributed.wrap(model, dist, device)   # DDP under torchrun; the model itself otherwise
         loss_sum, loss_n = torch.zeros((), device=device), 0
         for step in range(start, total):
-            picks = np.random.default_rng([seed, step]).integers(0, len(train_items), size=ft["batch_size"])
+            stream = [seed, step] if dist.rank == 0 else [seed, step, dist.rank]   # rank 0 = one process
+            picks = np.random.default_rng(stream).integers(0, len(train_items), size=ft["batch_size"])
             idx = torch.as_tensor(picks, device=train_x.device)
-            gen = torch.Generator().manual_seed(step_seed(seed, step, 2))
+            gen = torch.Generator().manual_seed(step_seed(seed, step, 2 + 1000 * dist.rank))
             params = draw_augmentation(len(picks), dims, ft, gen)
             x = train_x.index_select(0, idx).to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
             x = apply_augmentation(x, params)
             y = train_y.index_select(0, idx.to(device))
             with P.autocast(bf16, device):
-                logits = model(x)
+                logits = train_model(x)
             loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -368,7 +379,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             loss_n += 1
             done = step + 1
             if done % ft.get("log_every", 10) == 0 or done == total:
-                mean_loss = float(loss_sum / loss_n)
+                mean_loss = float(dist.mean(loss_sum / loss_n))
                 loss_sum.zero_()
                 loss_n = 0
                 history.append({"step": done, "loss": mean_loss})
@@ -382,8 +393,9 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                 record.log(f"step {done} validation {metric} {_fmt(summary[f'mean_{metric}'])}")
                 if score > best:
                     best, best_step = score, done
-                    atomic_torch_save({"model": model.state_dict(), "step": done, f"val_{metric}": score},
-                                      record.ckpt_dir / "best.pt")
+                    if dist.is_main:
+                        atomic_torch_save({"model": model.state_dict(), "step": done, f"val_{metric}": score},
+                                          record.ckpt_dir / "best.pt")
             if done % ckpt_every == 0 or done == total:
                 save_last(done)
             progress.update(job, advance=1)
@@ -392,6 +404,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                 value = history[-1][f"val_{metric}"]
                 on_validation(done, math.nan if value is None else float(value))
 
+        dist.barrier()   # best.pt is on disk for every rank
         chosen = "last"
         if best_step > 0 and (record.ckpt_dir / "best.pt").is_file():
             model.load_state_dict(torch.load(record.ckpt_dir / "best.pt", map_location="cpu",
@@ -399,6 +412,9 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             chosen = f"best (step {best_step})"
         probs = predict(model, val_x, task, device, bf16)
 
+    if not dist.is_main:
+        dist.barrier()
+        return P.Outcome(record, action, {"kind": "finetune", "rank": dist.rank})
     summary = summarize(probs, val_truth, task)
     write_results(record, cfg, case_rows(val_items, probs, task), summary, protocol=protocol, phantom=phantom,
                   root=root_path, extra={"checkpoint": chosen, "steps": total, "train_cases": len(train_items),
@@ -406,7 +422,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                                                    for k, v in splits.items()},
                                          "init": {**(init or {}),
                                                   "load": load_report.as_dict() if load_report else None},
-                                         "history": history})
+                                         "history": history, "world_size": dist.world_size})
+    dist.barrier()
     return P.Outcome(record, action, record.metrics or {})
 
 

@@ -217,3 +217,19 @@ def test_a_pruning_decision_of_rank_0_stops_every_rank(phantom_home, tmp_path):
     run = next((tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir())
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "running" and status["step"] == 4     # resumable from the pruned step's checkpoint
+
+
+def test_torchrun_classification_finetune_two_processes(phantom_home, tmp_path):
+    """CC-CCII (3D classification) under `--gpus 2` on CPU: one record, written by rank 0, every case scored."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SSLBENCH_DATA=str(phantom_home))
+    cmd = [sys.executable, "-m", "sslbench", "run", "--method", "scratch", "--task", "phantom-ccccii", "--gpus", "2",
+           "--set", "task.finetune.max_steps=4", "--set", "task.finetune.val_every=2", "--set", "task.finetune.log_every=2",
+           "--set", "task.finetune.warmup_steps=1", "--set", "run.device=cpu", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((tmp_path / "finetune" / "phantom-ccccii" / "scratch").iterdir())
+    assert len(runs) == 1
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["metric"] == "accuracy"
+    assert metrics["n_cases"] == len(metrics["cases"]) > 0 and 0.0 <= metrics["mean_accuracy"] <= 1.0
+    assert (runs[0] / "log.txt").read_text().count("validation accuracy") == 2
