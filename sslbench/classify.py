@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from . import protocol as P
-from . import recipes
 from .backbones import LoadReport, build_model, load_backbone, read_checkpoint
 from .errors import CheckpointError, DataError, RecipeError, RunError
-from .records import RunRecord, atomic_torch_save, atomic_write_json, prepare_run_folder
+from .records import RunRecord, atomic_torch_save, atomic_write_json
 
 KINDS = ("classification", "classification2d")
 
@@ -244,40 +243,20 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
     Arguments as :func:`sslbench.protocol.finetune`; ``on_validation(step, score)`` gets the validation
     accuracy (CC-CCII) or mean AUC (ChestX-ray14).
     """
+    from . import distributed
     from .data import classification as data_mod
     from .data.transforms import step_seed
-
-    from . import distributed
 
     task = cfg["task"]
     two_d = task["kind"] == "classification2d"
     dims = 2 if two_d else 3
-    cfg = dict(cfg)
-    cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
     # Under torchrun (see sslbench/distributed.py): rank 0 owns the run folder, every rank draws its own batch,
     # DDP averages gradients, and every rank scores the whole validation split (cheap for classification).
-    dist = distributed.setup(cfg["run"].get("device", "auto"))
-    protocol = P.run_protocol_hash(cfg, dist)
-    record = RunRecord(P._run_dir(cfg, "finetune", protocol))
-    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
-    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
-    if action == "skip":
-        say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
-        return P.Outcome(record, "skip", record.metrics or {})
-
-    device = distributed.device_for(dist, P.select_device(cfg["run"]))
-    bf16 = P.use_bf16(cfg["run"], device)
-    P.keep_freed_memory()
-    if cfg["run"].get("num_threads"):
-        torch.set_num_threads(int(cfg["run"]["num_threads"]))
-    if not dist.is_main:
-        dist.barrier()   # rank 0 synthesises a phantom task first
-    root_path, phantom = P.locate_data(task, root, log=say)
-    if dist.is_main:
-        dist.barrier()
-    if not dist.is_main:
-        record = P._SilentRecord(record.path)
-    phantom = phantom or bool(task.get("phantom"))
+    run = P.open_finetune(cfg, init, root, resume, force, console)
+    if isinstance(run, P.Outcome):
+        return run
+    cfg, dist, protocol, record, action = run.cfg, run.dist, run.protocol, run.record, run.action
+    say, device, bf16, root_path, phantom = run.say, run.device, run.bf16, run.root, run.phantom
     from .data import layouts
 
     dl = layouts.load_datalist(task, root_path)
@@ -335,17 +314,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         sched = P.make_schedule(opt, ft["warmup_steps"], total)
         loss_fn = nn.BCEWithLogitsLoss() if two_d else nn.CrossEntropyLoss()
 
-        start, best, best_step, history = 0, -math.inf, -1, []
+        start, best, best_step, history = P.resume_finetune(run, model, opt, sched, total, best=-math.inf)
         last = record.ckpt_dir / "last.pt"
-        if action == "resume" and last.is_file():
-            state = torch.load(last, map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
-            history = list(state.get("history", []))
-            say(f"resuming {record.path} from step {start}/{total}")
-            record.log(f"resumed from step {start}")
 
         def save_last(step: int) -> None:
             if not dist.is_main:

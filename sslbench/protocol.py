@@ -24,12 +24,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import recipes
-from . import distributed
+from . import distributed, recipes
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names
-from .records import RunRecord, atomic_torch_save, atomic_write_json, atomic_write_text, prepare_run_folder
+from .records import RunRecord, atomic_torch_save, atomic_write_json, prepare_run_folder
 
 PHANTOM_MARKER = "sslbench_phantom.json"
 
@@ -418,36 +417,16 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                                  on_validation=on_validation)
     if task["kind"] != "segmentation":
         raise RecipeError(f"task '{task['name']}' is a {task['kind']} task; only segmentation fine-tuning exists yet")
-    cfg = dict(cfg)
-    cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
-    dist = distributed.setup(cfg["run"].get("device", "auto"))
-    protocol = run_protocol_hash(cfg, dist)
-    record = RunRecord(_run_dir(cfg, "finetune", protocol))
-    # Under torchrun rank 0 owns the run folder and the others follow its decision; see sslbench/distributed.py.
-    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
-    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
-    if action == "skip":
-        say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
-        return Outcome(record, "skip", record.metrics or {})
-
-    device = distributed.device_for(dist, select_device(cfg["run"]))
-    bf16 = use_bf16(cfg["run"], device)
-    keep_freed_memory()
-    if cfg["run"].get("num_threads"):
-        torch.set_num_threads(int(cfg["run"]["num_threads"]))
-    if not dist.is_main:
-        dist.barrier()   # rank 0 synthesises a phantom task first
-    root_path, phantom = locate_data(task, root, log=say)
-    if dist.is_main:
-        dist.barrier()
-    phantom = phantom or bool(task.get("phantom"))
+    run = open_finetune(cfg, init, root, resume, force, console)
+    if isinstance(run, Outcome):
+        return run
+    cfg, dist, protocol, record, action = run.cfg, run.dist, run.protocol, run.record, run.action
+    say, device, bf16, root_path, phantom = run.say, run.device, run.bf16, run.root, run.phantom
     splits = read_splits(task, root_path)
     ft = task["finetune"]
     train_items = labeled_subset(splits["train"], ft.get("labeled_cases"))
     val_items = splits["val"]
 
-    if not dist.is_main:   # the other ranks never write to the run folder
-        record = _SilentRecord(record.path)
     record.path.mkdir(parents=True, exist_ok=True)
     if action == "new":
         record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
@@ -489,17 +468,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         loss_fn = make_loss(task)
         aug = train_augmentation(task)
 
-        start, best, best_step, history = 0, -1.0, -1, []
+        start, best, best_step, history = resume_finetune(run, model, opt, sched, total, best=-1.0)
         last = record.ckpt_dir / "last.pt"
-        if action == "resume" and last.is_file():
-            state = torch.load(last, map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start, best, best_step = int(state["step"]), float(state["best"]), int(state["best_step"])
-            history = list(state.get("history", []))
-            say(f"resuming {record.path} from step {start}/{total}")
-            record.log(f"resumed from step {start}")
 
         local = threading.local()
 
@@ -594,6 +564,71 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                          "history": history, "world_size": dist.world_size})
     dist.barrier()
     return Outcome(record, action, record.metrics or {})
+
+
+@dataclass
+class FinetuneRun:
+    """A fine-tuning run being opened: what every fine-tuning loop (segmentation, classification) shares."""
+
+    cfg: dict
+    dist: "distributed.Dist"
+    protocol: str
+    record: RunRecord
+    action: str
+    say: Callable[..., None]
+    device: torch.device
+    bf16: bool
+    root: Path
+    phantom: bool
+
+
+def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume: bool, force: bool,
+                  console=None) -> "FinetuneRun | Outcome":
+    """Hash the protocol, decide new / resume / skip, pick the device and find the data (an Outcome: skipped).
+
+    Under torchrun (sslbench/distributed.py) rank 0 owns the run folder and the others follow its decision,
+    wait while it synthesises a phantom task, stay silent and get a record whose writes do nothing.
+    """
+    task = cfg["task"]
+    cfg = dict(cfg)
+    cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
+    dist = distributed.setup(cfg["run"].get("device", "auto"))
+    protocol = run_protocol_hash(cfg, dist)
+    record = RunRecord(_run_dir(cfg, "finetune", protocol))
+    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
+    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
+    if action == "skip":
+        say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
+        return Outcome(record, "skip", record.metrics or {})
+    device = distributed.device_for(dist, select_device(cfg["run"]))
+    bf16 = use_bf16(cfg["run"], device)
+    keep_freed_memory()
+    if cfg["run"].get("num_threads"):
+        torch.set_num_threads(int(cfg["run"]["num_threads"]))
+    if not dist.is_main:
+        dist.barrier()   # rank 0 synthesises a phantom task first
+    root_path, phantom = locate_data(task, root, log=say)
+    if dist.is_main:
+        dist.barrier()
+    if not dist.is_main:   # the other ranks never write to the run folder
+        record = _SilentRecord(record.path)
+    return FinetuneRun(cfg, dist, protocol, record, action, say, device, bf16, Path(root_path),
+                       phantom or bool(task.get("phantom")))
+
+
+def resume_finetune(run: FinetuneRun, model, opt, sched, total: int, best: float) -> tuple[int, float, int, list]:
+    """(start step, best score, its step, history): from checkpoints/last.pt when resuming, else a fresh start."""
+    last = run.record.ckpt_dir / "last.pt"
+    if run.action != "resume" or not last.is_file():
+        return 0, best, -1, []
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    start = int(state["step"])
+    run.say(f"resuming {run.record.path} from step {start}/{total}")
+    run.record.log(f"resumed from step {start}")
+    return start, float(state["best"]), int(state["best_step"]), list(state.get("history", []))
 
 
 def _evaluate_sharded(model, cases: list[dict], task: Mapping[str, Any], device: torch.device, bf16: bool,

@@ -55,7 +55,6 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import ENCODER_PREFIXES, build_model, vit_config
