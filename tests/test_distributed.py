@@ -233,3 +233,25 @@ def test_torchrun_classification_finetune_two_processes(phantom_home, tmp_path):
     assert metrics["world_size"] == 2 and metrics["metric"] == "accuracy"
     assert metrics["n_cases"] == len(metrics["cases"]) > 0 and 0.0 <= metrics["mean_accuracy"] <= 1.0
     assert (runs[0] / "log.txt").read_text().count("validation accuracy") == 2
+
+
+def test_a_killed_two_process_run_resumes_on_both_ranks(phantom_home, tmp_path):
+    """Both ranks SIGKILLed after step 3 (checkpoint at step 2); `--resume` continues the same folder from step 2
+    on both ranks and finishes with one record."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SSLBENCH_DATA=str(phantom_home))
+    cmd = [sys.executable, "-m", "sslbench", "run", "--method", "scratch", "--task", "phantom-btcv", "--gpus", "2",
+           "--set", "task.finetune.max_steps=4", "--set", "task.finetune.roi=[64,32,32]",
+           "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=0",
+           "--set", "task.finetune.checkpoint_every=2", "--set", "task.evaluate.overlap=0.0",
+           "--set", "task.finetune.warmup_steps=1", "--set", "run.device=cpu", "--out", str(tmp_path)]
+    killed = subprocess.run(cmd, env=dict(env, SSLBENCH_KILL_AFTER_STEP="3"), capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode != 0
+    run = next((tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir())
+    assert json.loads((run / "status.json").read_text())["step"] == 2
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir()] == [run.name]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert "resumed from step 2" in (run / "log.txt").read_text()
+    assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
