@@ -582,6 +582,36 @@ class FinetuneRun:
     phantom: bool
 
 
+def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, console=None):
+    """(dist, protocol hash, record, action, say): join the torchrun job if any, hash the protocol, and let
+    rank 0 decide new / resume / skip for the run folder; every rank gets its decision; only rank 0 talks."""
+    dist = distributed.setup(cfg["run"].get("device", "auto"))
+    protocol = run_protocol_hash(cfg, dist)
+    record = RunRecord(_run_dir(cfg, stage, protocol))
+    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
+    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
+    return dist, protocol, record, action, say
+
+
+def _device_setup(run_cfg: Mapping[str, Any], dist: "distributed.Dist") -> tuple[torch.device, bool]:
+    """This rank's device and bf16 choice; allocator and thread settings of the run."""
+    device = distributed.device_for(dist, select_device(run_cfg))
+    keep_freed_memory()
+    if run_cfg.get("num_threads"):
+        torch.set_num_threads(int(run_cfg["num_threads"]))
+    return device, use_bf16(run_cfg, device)
+
+
+def _rank0_first(dist: "distributed.Dist", find: Callable[[], Any]) -> Any:
+    """``find()`` (locating data, which may synthesise a phantom tree) on rank 0 first, then on the others."""
+    if not dist.is_main:
+        dist.barrier()
+    found = find()
+    if dist.is_main:
+        dist.barrier()
+    return found
+
+
 def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume: bool, force: bool,
                   console=None) -> "FinetuneRun | Outcome":
     """Hash the protocol, decide new / resume / skip, pick the device and find the data (an Outcome: skipped).
@@ -592,24 +622,12 @@ def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume:
     task = cfg["task"]
     cfg = dict(cfg)
     cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
-    dist = distributed.setup(cfg["run"].get("device", "auto"))
-    protocol = run_protocol_hash(cfg, dist)
-    record = RunRecord(_run_dir(cfg, "finetune", protocol))
-    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
-    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
+    dist, protocol, record, action, say = _claim_run(cfg, "finetune", resume, force, console)
     if action == "skip":
         say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
         return Outcome(record, "skip", record.metrics or {})
-    device = distributed.device_for(dist, select_device(cfg["run"]))
-    bf16 = use_bf16(cfg["run"], device)
-    keep_freed_memory()
-    if cfg["run"].get("num_threads"):
-        torch.set_num_threads(int(cfg["run"]["num_threads"]))
-    if not dist.is_main:
-        dist.barrier()   # rank 0 synthesises a phantom task first
-    root_path, phantom = locate_data(task, root, log=say)
-    if dist.is_main:
-        dist.barrier()
+    device, bf16 = _device_setup(cfg["run"], dist)
+    root_path, phantom = _rank0_first(dist, lambda: locate_data(task, root, log=say))
     if not dist.is_main:   # the other ranks never write to the run folder
         record = _SilentRecord(record.path)
     return FinetuneRun(cfg, dist, protocol, record, action, say, device, bf16, Path(root_path),
@@ -739,27 +757,16 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     if cls is None or method_cfg["status"] != "available":
         raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
     pt = method_cfg["pretrain"]
-    dist = distributed.setup(cfg["run"].get("device", "auto"))
-    protocol = run_protocol_hash(cfg, dist)
-    record = RunRecord(_run_dir(cfg, "pretrain", protocol))
-    # Rank 0 owns the run folder; the others follow its decision (new / resume / skip).
-    action = prepare_run_folder(record, protocol, resume, force) if dist.is_main else None
-    action = dist.broadcast_object(action)
-    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
+    dist, protocol, record, action, say = _claim_run(cfg, "pretrain", resume, force, console)
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {protocol}); reusing it")
         return Outcome(record, "skip", record.metrics or {})
 
-    device = distributed.device_for(dist, select_device(cfg["run"]))
-    bf16 = use_bf16(cfg["run"], device)
-    keep_freed_memory()
-    if not dist.is_main:
-        dist.barrier()   # rank 0 synthesises a phantom corpus first
+    device, bf16 = _device_setup(cfg["run"], dist)
     from .data.corpus import corpus_items
 
-    root_path, phantom, items = corpus_items(corpus, root, log=say)   # one root, or the roots of data.sources
-    if dist.is_main:
-        dist.barrier()
+    # one root, or the roots of data.sources
+    root_path, phantom, items = _rank0_first(dist, lambda: corpus_items(corpus, root, log=say))
     phantom = phantom or bool(corpus.get("phantom"))
     if dist.is_main:
         record.path.mkdir(parents=True, exist_ok=True)

@@ -22,20 +22,7 @@ from sslbench.errors import DataError, RecipeError
 CT5N = Path(__import__("pydicom").data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 
 
-def task(name: str, **data) -> dict:
-    t = recipes.load_task(name)
-    t["data"].update(data)
-    return t
-
-
-def touch(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-    return path
-
-
-def ids(items: list[dict]) -> list[str]:
-    return [it["id"] for it in items]
+from treekit import ids, task, touch  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,20 +25,7 @@ FAST = ["--set", "task.finetune.max_steps=4", "--set", "task.finetune.roi=[64,32
         "--set", "task.preprocess.spacing=[5.0,5.0,5.0]"]
 
 
-def task(name: str, **data) -> dict:
-    t = recipes.load_task(name)
-    t["data"].update(data)
-    return t
-
-
-def touch(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-    return path
-
-
-def ids(items: list[dict]) -> list[str]:
-    return [it["id"] for it in items]
+from treekit import ids, task, touch  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,10 +25,7 @@ def task(name: str, **data) -> dict:
     return t
 
 
-def touch(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-    return path
+from treekit import touch  # noqa: E402
 
 
 def write_btcv_json(root: Path, **changes) -> Path:
