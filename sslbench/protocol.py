@@ -597,6 +597,8 @@ def _device_setup(run_cfg: Mapping[str, Any], dist: "distributed.Dist") -> tuple
     """This rank's device and bf16 choice; allocator and thread settings of the run."""
     device = distributed.device_for(dist, select_device(run_cfg))
     keep_freed_memory()
+    if device.type == "cuda":   # fixed crop geometry: let cuDNN pick the fastest convolution once per shape
+        torch.backends.cudnn.benchmark = True
     if run_cfg.get("num_threads"):
         torch.set_num_threads(int(run_cfg["num_threads"]))
     return device, use_bf16(run_cfg, device)

@@ -494,7 +494,10 @@ def _check_scoring(task: Mapping[str, Any], task_file: str) -> None:
 # Keys left out of a run's protocol hash: those that do not change what it computes (output folder,
 # device) and the seed, so that runs of one protocol over several seeds share a hash and are averaged
 # together by the report (the run folder is named <hash>-s<seed>).
-_NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.cache", "recipe_files")
+#: keys that change how a run computes, not what: the same protocol whatever their values (the window-attention
+#: kernel computes the same function, to rounding, with any of its values)
+_NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.cache", "recipe_files",
+                 "method.params.attention")
 
 
 def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:

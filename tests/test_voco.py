@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sslbench.backbones import load_backbone
 from sslbench.bench import bench_pretrain, phantom_volumes
@@ -148,14 +149,15 @@ def test_voco_logits_are_relu_cosines():
 
 # ------------------------------------------------------------------------------------------- networks
 
-def test_sdpa_window_attention_matches_monai():
+@pytest.mark.parametrize("kernel", ["sdpa", "fused"])
+def test_sdpa_window_attention_matches_monai(kernel):
     from monai.networks.nets import SwinUNETR
 
     torch.manual_seed(0)
     ref = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
     fast = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
     fast.load_state_dict(ref.state_dict())
-    assert V.use_sdpa_window_attention(fast) == 8
+    assert V.use_sdpa_window_attention(fast, kernel=kernel) == 8
     x = torch.rand(1, 1, 32, 32, 32, dtype=torch.float64)
     outs = [sum(h.square().mean() for h in net.swinViT(x)) for net in (ref, fast)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=0)
@@ -164,6 +166,38 @@ def test_sdpa_window_attention_matches_monai():
     grads = dict(ref.swinViT.named_parameters())
     for name, p in fast.swinViT.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-8, atol=1e-12)
+
+
+def test_single_channel_conv_as_matmul_equals_conv3d():
+    from monai.networks.blocks import UnetrBasicBlock
+
+    torch.manual_seed(0)
+    block = UnetrBasicBlock(3, 1, 12, 3, 1, "instance", res_block=True).double()
+    assert V.use_single_channel_convs(block) == 2           # the 3^3 conv1 and the 1^3 residual conv3
+    x = torch.rand(2, 1, 8, 9, 10, dtype=torch.float64)
+    for conv, pad in ((block.layer.conv1.conv, 1), (block.layer.conv3.conv, 0)):
+        assert isinstance(conv, V._SingleChannelConv3d)
+        torch.testing.assert_close(V.conv_as_matmul(conv, x), F.conv3d(x, conv.weight, conv.bias, padding=pad),
+                                   rtol=1e-12, atol=1e-12)
+    wide = UnetrBasicBlock(3, 2, 12, 3, 1, "instance", res_block=True)      # 2 input channels: untouched
+    assert V.use_single_channel_convs(wide) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path")
+def test_single_channel_conv_on_cuda_matches_cudnn_with_gradients():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 48, 3, padding=1, bias=False).cuda().double()
+    x = torch.rand(4, 1, 32, 32, 32, device="cuda", dtype=torch.float64)
+    ref = F.conv3d(x, conv.weight, padding=1)
+    g = torch.randn_like(ref)
+    (ref * g).sum().backward()
+    ref_grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    V.use_single_channel_convs(conv)
+    out = conv(x)
+    (out * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(conv.weight.grad, ref_grad, rtol=1e-10, atol=1e-8)
 
 
 def test_unknown_variant_and_bad_crop_size_are_recipe_errors():

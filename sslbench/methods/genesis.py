@@ -347,17 +347,17 @@ def check_crop(method: str, model_name: str, crop: Sequence[int], resize: Sequen
                           f"instance-normalises the 1/32-scale map, which needs >= 2 voxels (e.g. 64x32x32)")
 
 
-def build_restoration_net(model_cfg: Mapping[str, Any], attention: str = "sdpa") -> nn.Module:
+def build_restoration_net(model_cfg: Mapping[str, Any], attention: str = "fused") -> nn.Module:
     """The fine-tuning network itself (1 input, 1 output channel), so its keys are the fine-tuning layout.
 
     SwinUNETR's window attention is switched to VoCo's SDPA form (same parameters and keys) unless
     ``attention == "monai"``.
     """
     net = build_model(model_cfg, in_channels=1, out_channels=1)
-    if str(model_cfg.get("name", "swinunetr")) == "swinunetr" and attention == "sdpa":
+    if str(model_cfg.get("name", "swinunetr")) == "swinunetr" and attention != "monai":
         from .voco import use_sdpa_window_attention
 
-        use_sdpa_window_attention(net.swinViT)
+        use_sdpa_window_attention(net.swinViT, kernel=attention)
     return net
 
 
@@ -390,7 +390,7 @@ class ModelsGenesis(PretrainMethod):
     """Models Genesis pre-training on corpus volumes [B, 1, *resize] in [0, 1].
 
     params: resize (corpus volume size), crop (sub-volume size), the five rates of GENESIS_DEFAULTS,
-    attention (sdpa | monai). Each step takes one random crop per volume (integer corner, exact voxels),
+    attention (fused | sdpa | monai). Each step takes one random crop per volume (integer corner, exact voxels),
     makes (input, target) with ``genesis_views`` and restores the target with the full network.
     """
 
@@ -409,7 +409,7 @@ class ModelsGenesis(PretrainMethod):
             if not 0.0 <= rate <= 1.0:
                 raise RecipeError(f"method.params.{key}: {rate} for method {self.name}; "
                                   f"expected a probability in [0, 1]")
-        self.net = build_restoration_net(self.model_cfg, str(p.get("attention", "sdpa")))
+        self.net = build_restoration_net(self.model_cfg, str(p.get("attention", "fused")))
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:

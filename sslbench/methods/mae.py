@@ -258,13 +258,13 @@ class SimMIMSwin(nn.Module):
     Holds the SwinUNETR itself as ``net`` (its state dict keys are SwinUNETR's under ``net.``).
     """
 
-    def __init__(self, model_cfg: Mapping[str, Any], sdpa: bool):
+    def __init__(self, model_cfg: Mapping[str, Any], sdpa: bool, kernel: str = "fused"):
         super().__init__()
         from monai.networks.layers import trunc_normal_
 
         self.net = build_model(model_cfg, 1, 1)
         if sdpa:
-            use_sdpa_window_attention(self.net.swinViT)
+            use_sdpa_window_attention(self.net.swinViT, kernel=kernel)
         embed_dim = int(self.net.swinViT.patch_embed.proj.out_channels)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1, 1))
         trunc_normal_(self.mask_token, mean=0.0, std=0.02, a=-2.0, b=2.0)
@@ -314,7 +314,7 @@ class MAE(PretrainMethod):
     """Masked volume modelling on volumes [B, 1, *resize] in [0, 1]: MAE (unetr) or SimMIM-style (swinunetr).
 
     params: resize, crop, flip_prob, mae_mask_ratio (0.75), norm_pix_loss (true), decoder {hidden_size,
-    num_layers, num_heads, mlp_dim}, simmim_mask_ratio (0.6), simmim_mask_patch (16), attention (sdpa | monai).
+    num_layers, num_heads, mlp_dim}, simmim_mask_ratio (0.6), simmim_mask_patch (16), attention (fused | sdpa | monai).
     """
 
     name = "mae"
@@ -328,7 +328,7 @@ class MAE(PretrainMethod):
             raise RecipeError(f"model.name: {model_name!r} for method mae; expected one of {', '.join(FORMS)} "
                               f"(MAE on UNETR's ViT, SimMIM-style masked tokens on SwinUNETR)")
         self.form = FORMS[model_name]
-        attention = str(p.get("attention", "sdpa"))
+        attention = str(p.get("attention", "fused"))
         if attention not in ATTENTIONS:
             raise RecipeError(f"method.params.attention: unknown value {attention!r} for method mae; "
                               f"expected one of {', '.join(ATTENTIONS)}")
@@ -363,12 +363,12 @@ class MAE(PretrainMethod):
             raise RecipeError(f"method.params.{ratio_key}: {ratio} masks {self.n_masked} of {n_tokens} patches of "
                               f"crop {list(self.crop)}; expected at least one masked and one visible")
 
-        sdpa = attention == "sdpa"
+        sdpa = attention != "monai"
         if self.form == "mae":
             self.norm_pix_loss = bool(p.get("norm_pix_loss", True))
             self.model = MAEViT(self.model_cfg, self.crop, dict(p.get("decoder") or {}), sdpa)
         else:
-            self.model = SimMIMSwin(self.model_cfg, sdpa)
+            self.model = SimMIMSwin(self.model_cfg, sdpa, kernel=attention if sdpa else "sdpa")
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:

@@ -434,8 +434,8 @@ class UNetDecoder(nn.Module):
 
 def _build(model_cfg: Mapping[str, Any], family: str, attention: str) -> nn.Module:
     net = build_model(model_cfg, in_channels=1, out_channels=1)
-    if family == "swinunetr" and attention == "sdpa":
-        use_sdpa_window_attention(net.swinViT)
+    if family == "swinunetr" and attention != "monai":
+        use_sdpa_window_attention(net.swinViT, kernel=attention)
     return net
 
 
@@ -498,7 +498,7 @@ class PCRLv1(PretrainMethod):
 
     params: volume_size, view_size, crop_scale, min_iou, queue_size (K), dim (128), temperature (T),
     momentum (m), contrast (nce | infonce), nce_n_data, target (clean | corrupted), local_rate, paint_rate,
-    inpaint_rate, attention (sdpa | monai).
+    inpaint_rate, attention (fused | sdpa | monai).
 
     The encoder, the skip-connected decoder (``transfers_decoder``) and the output layer are the fine-tuning
     network's own; the momentum encoder is a copy of the encoder + projection head.
@@ -513,7 +513,7 @@ class PCRLv1(PretrainMethod):
         self.family = _family(self.model_cfg, self.name)
         self.contrast = _choice(p, "contrast", "nce", CONTRASTS, self.name)
         self.target = _choice(p, "target", "clean", TARGETS, self.name)
-        attention = _choice(p, "attention", "sdpa", ("sdpa", "monai"), self.name)
+        attention = _choice(p, "attention", "fused", ("fused", "sdpa", "monai"), self.name)
         self.view_size = _check_size(p.get("view_size", (96, 96, 64)), self.family, "view_size", self.name)
         if self.view_size[0] != self.view_size[1]:
             raise RecipeError(f"method.params.view_size: {list(self.view_size)} for method pcrlv1; expected X == Y "
@@ -714,7 +714,7 @@ class PCRLv2(PretrainMethod):
     """PCRL v2 on volumes [B, 1, *volume_size] in [0, 1] (see the module docstring for the equations).
 
     params: volume_size, global_size, local_size, num_local (6), global_scale, local_scale, min_iou (0.3),
-    schedule_steps (T of beta), noise_std, nonlinear_rate, local_rate, attention (sdpa | monai).
+    schedule_steps (T of beta), noise_std, nonlinear_rate, local_rate, attention (fused | sdpa | monai).
 
     The skip-less decoder is not the fine-tuning network's decoder: only the encoder is handed over. On
     swinunetr the path input -> bottleneck is swinViT -> encoder10, so ``swinViT.*`` and ``encoder10.*`` are
@@ -729,7 +729,7 @@ class PCRLv2(PretrainMethod):
         super().__init__(params, model_cfg)
         p = self.params
         self.family = _family(self.model_cfg, self.name)
-        attention = _choice(p, "attention", "sdpa", ("sdpa", "monai"), self.name)
+        attention = _choice(p, "attention", "fused", ("fused", "sdpa", "monai"), self.name)
         self.global_size = _check_size(p.get("global_size", (96, 96, 64)), self.family, "global_size", self.name)
         self.local_size = _check_size(p.get("local_size", (64, 64, 32)), self.family, "local_size", self.name)
         self.num_local = int(p.get("num_local", 6))

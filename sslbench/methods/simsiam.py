@@ -219,7 +219,7 @@ class SimSiam(PretrainMethod):
 
     params: resize, crop_size (views are crop_size^3), sw_batch_size (view pairs per volume), features
     (all | last), proj_dim (2048), pred_dim (512), crop_scale, p_flip, p_rot90, p_intensity,
-    intensity_scale, intensity_shift, p_blur, blur_sigma, p_noise, noise_std, attention (sdpa | monai).
+    intensity_scale, intensity_shift, p_blur, blur_sigma, p_noise, noise_std, attention (fused | sdpa | monai).
     """
 
     name = "simsiam"
@@ -236,7 +236,7 @@ class SimSiam(PretrainMethod):
         if self.features not in FEATURES:
             raise RecipeError(f"method.params.features: unknown value {self.features!r} for method simsiam; "
                               f"expected one of {', '.join(FEATURES)}")
-        attention = str(p.get("attention", "sdpa"))
+        attention = str(p.get("attention", "fused"))
         if attention not in ATTENTIONS:
             raise RecipeError(f"method.params.attention: unknown value {attention!r} for method simsiam; "
                               f"expected one of {', '.join(ATTENTIONS)}")
@@ -261,8 +261,8 @@ class SimSiam(PretrainMethod):
         fs = int(self.model_cfg["feature_size"])
         if self.model_name == "swinunetr":
             net = build_swinunetr(self.model_cfg)
-            if attention == "sdpa":
-                use_sdpa_window_attention(net.swinViT)
+            if attention != "monai":
+                use_sdpa_window_attention(net.swinViT, kernel=attention)
             # swinViT + encoder1..4, encoder10 under SwinUNETR's names (SwinUNETR's decoder is dropped)
             self.backbone: nn.Module = VoCoBackbone(net, all_stages=True)
             if self.features == "last":

@@ -242,7 +242,7 @@ class SwinUNETRSSL(PretrainMethod):
     params: resize, crop_size (int or [X, Y, Z], Y == Z, each a multiple of 32, >= 2 tokens at 1/32
     scale), sw_batch_size, temperature (0.5), contrastive_dim (512), rotation_weight,
     contrastive_weight, reconstruction_weight (1.0 each), max_drop (0.3), max_block (0.25),
-    tolerance (0.05), attention (sdpa | monai). model.name must be swinunetr.
+    tolerance (0.05), attention (fused | sdpa | monai). model.name must be swinunetr.
     """
 
     name = "swinunetr-ssl"
@@ -265,7 +265,7 @@ class SwinUNETRSSL(PretrainMethod):
         size = self.input_size(p)
         if any(c > s for c, s in zip(self.crop, size)):
             raise RecipeError(f"method.params.crop_size: {list(self.crop)} exceeds method.params.resize {list(size)}")
-        attention = str(p.get("attention", "sdpa"))
+        attention = str(p.get("attention", "fused"))
         if attention not in ATTENTIONS:
             raise RecipeError(f"method.params.attention: unknown value {attention!r} for method swinunetr-ssl; "
                               f"expected one of {', '.join(ATTENTIONS)}")
@@ -278,8 +278,8 @@ class SwinUNETRSSL(PretrainMethod):
         dim = 16 * int(self.model_cfg["feature_size"])
 
         net = build_swinunetr(self.model_cfg)
-        if attention == "sdpa":
-            use_sdpa_window_attention(net.swinViT)
+        if attention != "monai":
+            use_sdpa_window_attention(net.swinViT, kernel=attention)
         # swinViT + encoder1..4, encoder10 under SwinUNETR's names; only swinViT is trained (see module doc)
         self.backbone = VoCoBackbone(net, all_stages=True)
         for name, module in self.backbone.named_children():

@@ -70,7 +70,7 @@ TRANSVW_DEFAULTS: dict[str, Any] = {
     "resize": [192, 192, 128], "crop": [64, 64, 64], "num_classes": 44, "instances": 200,
     "min_distance": 5, "embed_grid": [8, 8, 8], "multires_patches": 3,
     "multires_size": [0.78125, 1.234375], "multires_shift": 0.15625, "elastic": True,
-    "elastic_alpha": 991.0, "elastic_sigma": 8.0, "lambda_rec": 1.0, "lambda_cls": 0.01, "attention": "sdpa",
+    "elastic_alpha": 991.0, "elastic_sigma": 8.0, "lambda_rec": 1.0, "lambda_cls": 0.01, "attention": "fused",
 }
 #: tries per class to find a coordinate min_distance away from the earlier ones (official: 200)
 COORDINATE_TRIES = 200

@@ -46,14 +46,19 @@ matrix products. ``forward`` returns its logs as detached 0-dim tensors so that 
 inside the step: call ``float()`` on them when logging.
 
 Window attention: MONAI's ``use_flash_attention=True`` (MONAI 1.6.1) only takes effect when autograd is
-off, so it cannot speed up training. With ``params["attention"] = "sdpa"`` (default) each
-``WindowAttention`` of the backbone is switched to a subclass that computes the same function with
-``torch.nn.functional.scaled_dot_product_attention`` (the memory-efficient kernel, relative position bias
-+ shift mask as a contiguous additive bias, gradients to the bias table included) in training too, and
-the Swin LayerNorms return bf16 under autocast (their outputs only feed Linears, which autocast casts to
-bf16 anyway). ``"monai"`` keeps MONAI's modules as they are (and turns on MONAI's own SDPA path for the
-no-grad teacher). Parameter names and the state-dict layout are unchanged. ``compile_encoders()``
-wraps the backbone + head in ``torch.compile`` (static shapes; the attention stays eager). Figures on an
+off, so it cannot speed up training. ``params["attention"]`` picks what replaces it; in every case each
+``WindowAttention`` of the backbone is switched to a subclass that computes the same function (relative
+position bias + shift mask, gradients to the bias table included) and the Swin LayerNorms return bf16
+under autocast (their outputs only feed Linears, which autocast casts to bf16 anyway):
+``"fused"`` (default) runs sslbench/window_attention.py, a Triton kernel that reads the bias table and
+the shift-mask region ids per window instead of materialising a (windows, heads, n, n) bias, in forward
+and backward (CUDA with Triton and a power-of-two head dim; anything else falls back to SDPA);
+``"sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernel) with the
+bias materialised; ``"monai"`` keeps MONAI's modules as they are (and turns on MONAI's own SDPA path for
+the no-grad teacher). Parameter names and the state-dict layout are unchanged. With the teacher-student
+variant the first convolution of each encoder (one input channel) runs as a matmul over shifted copies
+on CUDA (``conv_as_matmul``), which cuDNN does slowly for one channel. ``compile_encoders()`` wraps the
+backbone + head in ``torch.compile`` (static shapes; the attention stays an opaque call). Figures on an
 H100: BENCHMARKS.md, section "VoCo pre-training".
 """
 from __future__ import annotations
@@ -65,12 +70,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import window_attention as _wa
 from ..backbones import build_swinunetr
 from ..errors import RecipeError
 from .base import PretrainMethod
 
 VARIANTS = ("paper", "teacher-student")
-ATTENTIONS = ("sdpa", "monai")
+ATTENTIONS = ("fused", "sdpa", "monai")
 #: floor of 1 - |y - l| inside the paper's log: |y - l| reaches 1 when a crop fully inside base k gets
 #: logit 0 (or a disjoint base gets logit 1), where log(0) = -inf would poison the step.
 LOG_EPS = 1e-6
@@ -273,6 +279,20 @@ def _window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch
 _window_sdpa_opaque = torch.compiler.disable(_window_sdpa, recursive=True)
 
 
+def _fused(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """qkv projection + sslbench.window_attention's fused kernel: [b, n, c] before the output projection."""
+    n = x.shape[1]
+    h = attn.num_heads
+    bias = attn.relative_position_bias_table[attn.relative_position_index[:n, :n].reshape(-1)]
+    bias = bias.reshape(n, n, h).permute(2, 0, 1).float()                                  # [h, n, n]
+    region = _wa.regions_from_mask(mask) if mask is not None else None
+    return _wa.window_attention(attn.qkv(x), bias, region, h, attn.scale)
+
+
+#: Triton launches are opaque to torch.compile (the rest of the block still compiles around them)
+_fused_opaque = torch.compiler.disable(_fused, recursive=True)
+
+
 class _SDPAWindowAttention(_window_attention_class()):
     """MONAI's WindowAttention computed by scaled_dot_product_attention, with autograd on too.
 
@@ -281,10 +301,20 @@ class _SDPAWindowAttention(_window_attention_class()):
     """
 
     opaque_to_compile = False
+    #: "fused": sslbench.window_attention's Triton kernel where it can run (CUDA, head dim a power of
+    #: two >= 16, no attention dropout in training), else SDPA; "sdpa": always SDPA
+    kernel = "fused"
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        d = x.shape[-1] // self.num_heads
+        return (self.kernel == "fused" and _wa.available(x) and d >= 16 and not d & (d - 1)
+                and not (self.training and self.attn_drop.p > 0))
 
     def forward(self, x, mask):
         b, n, c = x.shape
         h = self.num_heads
+        if self._fused_ok(x):
+            return self.proj_drop(self.proj(_fused_opaque(self, x, mask)))
         q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)   # [b, h, n, d]
         fn = _window_sdpa_opaque if self.opaque_to_compile else _window_sdpa
         out = fn(q, k, v, self.relative_position_bias_table, self.relative_position_index, mask, self.scale,
@@ -310,17 +340,62 @@ class _LowPrecisionLayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
-def use_sdpa_window_attention(module: nn.Module) -> int:
-    """Switch every MONAI WindowAttention inside ``module`` to the SDPA form and its LayerNorms to
-    ``_LowPrecisionLayerNorm`` (same parameters and keys); returns how many attention modules."""
+def use_sdpa_window_attention(module: nn.Module, kernel: str = "fused") -> int:
+    """Switch every MONAI WindowAttention inside ``module`` to the fast form (``kernel``: "fused" = the
+    Triton kernel of sslbench.window_attention where it can run, else SDPA; "sdpa" = SDPA always) and its
+    LayerNorms to ``_LowPrecisionLayerNorm`` (same parameters and keys); returns how many attention
+    modules."""
+    if kernel not in ("fused", "sdpa"):
+        raise ValueError(f"window attention kernel: {kernel!r}; expected fused or sdpa")
     base_cls = _window_attention_class()
     count = 0
     for m in module.modules():
         if type(m) is base_cls:
             m.__class__ = _SDPAWindowAttention
+            m.kernel = kernel
             count += 1
         elif type(m) is nn.LayerNorm:
             m.__class__ = _LowPrecisionLayerNorm
+    return count
+
+
+class _SingleChannelConv3d(nn.Conv3d):
+    """nn.Conv3d with one input channel (stride 1, 'same' padding), computed on CUDA as one batched matrix
+    product over the k^3 shifted copies of the input (cuDNN picks a slow generic kernel for a 1-channel
+    3x3x3 convolution of 64^3 crops: 1.9 ms per call on an H200 against ~0.4 ms this way). Same parameters,
+    same function: out[c] = sum_ijk w[c, 0, i, j, k] * x_pad[. + (i, j, k)] (+ bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_as_matmul(self, x) if x.is_cuda else super().forward(x)
+
+
+def conv_as_matmul(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1-input-channel, stride-1 nn.Conv3d applied to x [b, 1, d, h, w] as weight [C, k^3] @ shifted copies
+    [b, k^3, d*h*w] (under autocast, in its dtype, as the convolution would be)."""
+    kd, kh, kw = conv.kernel_size
+    pd, ph, pw = conv.padding
+    b, _, d, h, w = x.shape
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    xp = F.pad(x[:, 0], (pw, pw, ph, ph, pd, pd)) if (pd or ph or pw) else x[:, 0]
+    cols = torch.stack([xp[:, i:i + d, j:j + h, k:k + w] for i in range(kd) for j in range(kh) for k in range(kw)],
+                       dim=1).view(b, kd * kh * kw, d * h * w)
+    out = torch.matmul(conv.weight.view(conv.out_channels, -1).to(cols.dtype), cols)          # [b, C, d*h*w]
+    if conv.bias is not None:
+        out = out + conv.bias.to(out.dtype).view(1, -1, 1)
+    return out.view(b, conv.out_channels, d, h, w)
+
+
+def use_single_channel_convs(module: nn.Module) -> int:
+    """Switch every 1-input-channel, stride-1, 'same'-padded nn.Conv3d in ``module`` to
+    ``_SingleChannelConv3d`` (same parameters and keys); returns how many."""
+    count = 0
+    for m in module.modules():
+        if (type(m) is nn.Conv3d and m.in_channels == 1 and m.groups == 1 and tuple(m.stride) == (1, 1, 1)
+                and tuple(m.dilation) == (1, 1, 1) and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+                and all(2 * p + 1 == k for p, k in zip(m.padding, m.kernel_size))):
+            m.__class__ = _SingleChannelConv3d
+            count += 1
     return count
 
 
@@ -388,7 +463,7 @@ class VoCo(PretrainMethod):
     """VoCo pre-training on volumes [B, 1, X, Y, Z] in [0, 1], already resized to ``params["resize"]``.
 
     params: variant (paper | teacher-student), n, sw_batch_size, resize, crop_size, lambda; optional
-    augment (true), attention (sdpa | monai), head_dim (2048), ema_momentum (0.9).
+    augment (true), attention (fused | sdpa | monai), head_dim (2048), ema_momentum (0.9).
     """
 
     name = "voco"
@@ -401,7 +476,7 @@ class VoCo(PretrainMethod):
         if self.variant not in VARIANTS:
             raise RecipeError(f"method.params.variant: unknown value {self.variant!r} for method voco; "
                               f"expected one of {', '.join(VARIANTS)}")
-        attention = str(p.get("attention", "sdpa"))
+        attention = str(p.get("attention", "fused"))
         if attention not in ATTENTIONS:
             raise RecipeError(f"method.params.attention: unknown value {attention!r} for method voco; "
                               f"expected one of {', '.join(ATTENTIONS)}")
@@ -421,10 +496,12 @@ class VoCo(PretrainMethod):
         fs = int(self.model_cfg["feature_size"])
 
         net = build_swinunetr(self.model_cfg)
-        if attention == "sdpa":
-            use_sdpa_window_attention(net.swinViT)
+        if attention != "monai":
+            use_sdpa_window_attention(net.swinViT, kernel=attention)
         teacher_student = self.variant == "teacher-student"
         self.backbone = VoCoBackbone(net, all_stages=teacher_student)   # SwinUNETR's decoder is dropped
+        if teacher_student:
+            use_single_channel_convs(self.backbone.encoder1)   # its 3^3 and 1^3 convolutions of the 1-channel crop
         self.head = ProjectionHead((24 if teacher_student else 16) * fs, head_dim, head_dim)
         self.teacher: VoCoBackbone | None = None
         self.teacher_head: ProjectionHead | None = None

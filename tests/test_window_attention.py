@@ -1,0 +1,119 @@
+"""sslbench.window_attention: the fused Swin window attention against plain torch.
+
+The kernel itself needs CUDA + Triton (the GPU tests are skipped on CPU-only machines such as CI; they run
+on the device machine: ``python -m pytest tests/test_window_attention.py``). Its CPU pieces (region ids
+from MONAI's mask, the dispatch that falls back to SDPA) are tested everywhere.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslbench import window_attention as W
+
+cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and W.triton is not None),
+                                 reason="the fused kernel needs CUDA and Triton")
+
+
+def _monai_mask(size, window, shift):
+    from monai.networks.nets.swin_unetr import compute_mask
+
+    return compute_mask(list(size), list(window), list(shift), torch.device("cpu"))
+
+
+def test_regions_reproduce_monai_shift_mask():
+    mask = _monai_mask((14, 14, 14), (7, 7, 7), (3, 3, 3))          # [8, 343, 343], 0 / -100
+    rid = W.regions_from_mask(mask)
+    assert rid.shape == (8, 343) and rid.dtype == torch.int32
+    rebuilt = torch.where(rid[:, :, None] == rid[:, None, :], 0.0, W.MASK_VALUE)
+    assert torch.equal(rebuilt, mask.float())
+    assert rid[0].unique().numel() == 1             # the first window lies in a single region
+    assert rid[-1].unique().numel() == 8            # the last window straddles 2 x 2 x 2 regions
+
+
+def test_reference_matches_monai_window_attention():
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(dim=32, num_heads=2, window_size=(7, 7, 7)).double()
+    torch.nn.init.normal_(attn.relative_position_bias_table, std=0.5)
+    mask = _monai_mask((14, 14, 14), (7, 7, 7), (3, 3, 3)).double()
+    x = torch.randn(16, 343, 32, dtype=torch.float64)
+    n, h = 343, 2
+    bias = attn.relative_position_bias_table[attn.relative_position_index[:n, :n].reshape(-1)]
+    bias = bias.reshape(n, n, h).permute(2, 0, 1)
+    with torch.no_grad():
+        for m in (None, mask):
+            ref = attn.proj(W.reference(attn.qkv(x), bias, None if m is None else W.regions_from_mask(m), h,
+                                        attn.scale).double())
+            torch.testing.assert_close(ref, attn(x, m), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_falls_back_to_sdpa_off_cuda():
+    from monai.networks.nets import SwinUNETR
+
+    from sslbench.methods import voco as V
+
+    torch.manual_seed(0)
+    ref = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True)
+    fused = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True)
+    fused.load_state_dict(ref.state_dict())
+    V.use_sdpa_window_attention(fused, kernel="fused")
+    attn = next(m for m in fused.modules() if isinstance(m, V._SDPAWindowAttention))
+    x = torch.rand(1, 1, 32, 32, 32)
+    assert attn.kernel == "fused" and not attn._fused_ok(torch.zeros(1, 343, 12))   # CPU: SDPA path
+    with torch.no_grad():
+        torch.testing.assert_close(fused.swinViT(x)[-1], ref.swinViT(x)[-1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="expected fused or sdpa"):
+        V.use_sdpa_window_attention(fused, kernel="flash")
+
+
+@cuda_triton
+@pytest.mark.parametrize("n,heads,d,masked", [(343, 3, 16, False), (343, 3, 16, True), (343, 2, 32, True),
+                                              (64, 4, 16, False), (100, 2, 16, True)])
+def test_fused_matches_reference_values_and_gradients(n, heads, d, masked):
+    torch.manual_seed(0)
+    dev = "cuda"
+    nw = 4
+    b = 3 * nw
+    c = heads * d
+    qkv = (torch.randn(b, n, 3 * c, device=dev) * 0.5).to(torch.bfloat16).requires_grad_()
+    table = torch.randn(heads, n, n, device=dev, requires_grad=True)
+    region = torch.randint(0, 3, (nw, n), device=dev, dtype=torch.int32) if masked else None
+    scale = d ** -0.5
+    out = W.window_attention(qkv, table * 1.0, region, heads, scale)
+    g = torch.randn_like(out)
+    (out.float() * g.float()).sum().backward()
+    grads = (qkv.grad.float().clone(), table.grad.clone())
+    qkv.grad, table.grad = None, None
+    ref = W.reference(qkv.float(), table, region, heads, scale)
+    (ref * g.float()).sum().backward()
+    rel = lambda a, r: float((a.float() - r).norm() / r.norm())   # noqa: E731
+    assert rel(out, ref) < 1e-2
+    assert rel(grads[0], qkv.grad.float()) < 2e-2
+    assert rel(grads[1], table.grad) < 2e-2
+
+
+@cuda_triton
+def test_fused_swin_training_step_is_as_close_to_fp32_as_sdpa():
+    """A SwinUNETR-B encoder step under bf16 autocast: the fused kernel's loss and gradients differ from an
+    fp32 SDPA reference no more than SDPA's own bf16 step does (up to a small factor)."""
+    from monai.networks.nets import SwinUNETR
+
+    from sslbench.methods import voco as V
+
+    x = torch.rand(2, 1, 64, 64, 64, device="cuda")
+    results = {}
+    for name, kernel, bf16 in (("ref", "sdpa", False), ("sdpa", "sdpa", True), ("fused", "fused", True)):
+        torch.manual_seed(0)
+        net = SwinUNETR(in_channels=1, out_channels=1, feature_size=48, use_v2=True).cuda()
+        V.use_sdpa_window_attention(net.swinViT, kernel=kernel)
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            y = sum(h.float().square().mean() for h in net.swinViT(x))
+        y.backward()
+        grads = torch.cat([p.grad.flatten() for p in net.swinViT.parameters() if p.grad is not None])
+        results[name] = (float(y), grads)
+    ref_loss, ref_grad = results["ref"]
+    err = {k: float((results[k][1] - ref_grad).norm() / ref_grad.norm()) for k in ("sdpa", "fused")}
+    assert abs(results["fused"][0] - ref_loss) <= 3 * abs(results["sdpa"][0] - ref_loss) + 1e-3 * abs(ref_loss)
+    assert err["fused"] <= 2 * err["sdpa"] + 1e-3, err
