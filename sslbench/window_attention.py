@@ -8,17 +8,25 @@ MONAI's ``compute_mask`` (0 between tokens of the same region, -100 between regi
 Why a kernel of its own: Swin at feature size 48 has head dimension 16 and 343-token windows; PyTorch's
 memory-efficient SDPA kernel pads the head dimension to 32 in its backward and writes the bias gradient of
 every window before reducing it, and it was 40 % of a VoCo teacher-student step on an H100/H200
-(BENCHMARKS.md). Here:
+(BENCHMARKS.md). Here every program takes a group of G consecutive windows of one head at once (tiles
+[G, rows, cols], batched ``tl.dot``), because the bias tile is the same for all windows of a head: it is
+read once per group, and the bias gradient of the group is summed in registers before it is written.
 
-* one fused forward per (query block, window x head): q k^T, bias, mask, online softmax (base 2), p v;
-  the output is written straight into the [windows, tokens, heads * d] layout the projection reads, and
-  q, k, v are read from the qkv projection's output in place (no permute copies);
-* one backward program per (window, head) that walks all key blocks and, inside, all query blocks
-  (FlashAttention-2's recurrences: dV += P^T dO, dS = P (dP - rowsum(dO O)), dK += dS^T Q, dQ += dS K),
-  with dQ accumulated in an fp32 scratch that only this program touches (no atomics: deterministic);
+* forward, one program per (window group, head, query block): q k^T, bias, mask, online softmax (base 2),
+  p v; the output is written straight into the [windows, tokens, heads * d] layout the projection reads,
+  and q, k, v are read from the qkv projection's output in place (no permute copies);
+* backward in two kernels (FlashAttention-2's recurrences, no atomics, deterministic): one per
+  (window group, head, key block) walks the query blocks for dV += P^T dO, dS = P (dP - rowsum(dO O)),
+  dK += dS^T Q and the group's bias gradient sum_g dS (fp32); one per (window group, head, query block)
+  walks the key blocks for dQ += dS K (S and P recomputed: cheap at head dim 16, and it keeps dQ in
+  registers instead of a read-modify-write of a scratch buffer);
 * the mask enters as region ids (2 small integer vectors per window instead of an [n, n] matrix);
-* the bias read in fp32 (SDPA reads it rounded to bf16);
-* the bias gradient: dS of every window written once in bf16 and summed over windows in fp32.
+* the bias read in fp32 (SDPA reads it rounded to bf16); the per-group bias gradients (one [h, n, n] fp32
+  slab per G windows) are summed over the groups at the end.
+
+Stage-1 shape of VoCo at the official geometry (4500 windows x 3 heads, 343 tokens, head dim 16, shift
+mask), one H100, 2026-11-27: forward 2.26 ms, forward + backward 11.6 ms; the previous one-window-per-
+program form of this file 3.54 / 15.6 ms; SDPA's memory-efficient kernel about 1.5x / 1.7x that (H200).
 
 ``window_attention(qkv, bias, region, num_heads, scale)`` takes the qkv projection's output [b, n, 3c],
 the bias [h, n, n] (fp32, any autograd history: its gradient flows back to the relative position table)
@@ -36,11 +44,12 @@ except ImportError:   # pragma: no cover - exercised on machines without Triton
     triton = None
     tl = None
 
-#: launch configurations (block sizes in tokens: windows of 343 tokens take 6 x 6 blocks of 64)
-#: (tuned on an H200 for 343-token windows, head dim 16: forward 3.4 ms, forward + backward 15.1 ms for
-#: 4500 windows x 3 heads with the shift mask, against 5.2 / 25.4 ms for SDPA's memory-efficient kernel)
-FWD_CONFIG = {"BM": 128, "BN": 32, "num_warps": 4, "num_stages": 3}
-BWD_CONFIG = {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 2}
+#: launch configurations: G windows per program (a power of two), BM / BN query / key block sizes in
+#: tokens; tuned on an H100 (2026-11-27) for 343-token windows at head dim 16 with
+#: ``python benchmarks/window_attention_kernels.py --sweep`` (figures: module docstring, BENCHMARKS.md)
+FWD_CONFIG = {"G": 4, "BM": 32, "BN": 16, "num_warps": 4, "num_stages": 2}
+DQ_CONFIG = {"G": 4, "BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}
+DKV_CONFIG = {"G": 8, "BM": 16, "BN": 32, "num_warps": 4, "num_stages": 2}
 #: the additive mask between tokens of different regions in MONAI's ``compute_mask``
 MASK_VALUE = -100.0
 
@@ -61,153 +70,255 @@ def regions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(QKV, BIAS, RID, OUT, LSE, N, H, NW, scale,
-                    HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        pid_bh = tl.program_id(0)                     # axis 0: up to 2^31 - 1 (windows x heads)
+    def _fwd_kernel(QKV, BIAS, RID, OUT, LSE, B, N, H, NW, scale,
+                    HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    G: tl.constexpr):
+        # program: (group of G consecutive windows, head) x query block; tiles are [G, rows, cols]
+        pid_gh = tl.program_id(0)
         pid_m = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        grp = pid_gh // H
+        h = pid_gh % H
         C = H * D
         row = 3 * C                                   # qkv row stride (tokens)
-        base = QKV + b.to(tl.int64) * N * row + h * D
+        offs_g = grp * G + tl.arange(0, G)
+        g_ok = offs_g < B
+        base = QKV + (offs_g.to(tl.int64) * N * row + h * D)[:, None, None]
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         m_ok = offs_m < N
-        q = tl.load(base + offs_m[:, None] * row + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        q_ok = g_ok[:, None, None] & m_ok[None, :, None]
+        q = tl.load(base + offs_m[None, :, None] * row + offs_d[None, None, :], mask=q_ok, other=0.0)
         if HAS_MASK:
-            w = b % NW
-            r_q = tl.load(RID + w * N + offs_m, mask=m_ok, other=-1)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, D], tl.float32)
+            wrow = (offs_g % NW) * N
+            r_q = tl.load(RID + wrow[:, None] + offs_m[None, :], mask=g_ok[:, None] & m_ok[None, :], other=-1)
+        m_i = tl.full([G, BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([G, BM], tl.float32)
+        acc = tl.zeros([G, BM, D], tl.float32)
         LOG2E: tl.constexpr = 1.4426950408889634
         for start in range(0, N, BN):
             offs_n = start + tl.arange(0, BN)
             n_ok = offs_n < N
-            k = tl.load(base + C + offs_n[:, None] * row + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(base + 2 * C + offs_n[:, None] * row + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s += tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :],
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            kv_ok = g_ok[:, None, None] & n_ok[None, :, None]
+            k = tl.load(base + C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
+            v = tl.load(base + 2 * C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale
+            # the bias tile is the same for the G windows: read once per group
+            bias = tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :],
+                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            s += bias[None, :, :]
             if HAS_MASK:
-                r_k = tl.load(RID + w * N + offs_n, mask=n_ok, other=-2)
-                s = tl.where(r_q[:, None] == r_k[None, :], s, s + (-100.0))
-            s = tl.where(n_ok[None, :], s * LOG2E, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+                r_k = tl.load(RID + wrow[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=-2)
+                s = tl.where(r_q[:, :, None] == r_k[:, None, :], s, s + (-100.0))
+            s = tl.where(n_ok[None, None, :], s * LOG2E, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 2))
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            p = tl.exp2(s - m_new[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, 2)
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        acc = acc / l_i[:, None]
-        out = OUT + b.to(tl.int64) * N * C + h * D
-        tl.store(out + offs_m[:, None] * C + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=m_ok[:, None])
-        tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+        acc = acc / l_i[:, :, None]
+        out = OUT + (offs_g.to(tl.int64) * N * C + h * D)[:, None, None]
+        tl.store(out + offs_m[None, :, None] * C + offs_d[None, None, :], acc.to(OUT.dtype.element_ty), mask=q_ok)
+        lse_rows = (offs_g.to(tl.int64) * H + h) * N
+        tl.store(LSE + lse_rows[:, None] + offs_m[None, :], m_i + tl.log2(l_i),
+                 mask=g_ok[:, None] & m_ok[None, :])
 
     @triton.jit
-    def _bwd_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, DQ32, DBIAS, N, H, NW, scale,
-                    HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        pid_bh = tl.program_id(0)
-        b = pid_bh // H
-        h = pid_bh % H
+    def _bwd_dq_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, B, N, H, NW, scale,
+                       HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       G: tl.constexpr):
+        # program: (group of G windows, head) x query block; walks the key blocks: dQ = dS K (in registers)
+        pid_gh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        grp = pid_gh // H
+        h = pid_gh % H
         C = H * D
         row = 3 * C
-        base = QKV + b.to(tl.int64) * N * row + h * D
-        dbase = DQKV + b.to(tl.int64) * N * row + h * D
-        obase = DOUT + b.to(tl.int64) * N * C + h * D
-        dq32 = DQ32 + pid_bh.to(tl.int64) * N * D
-        dbias = DBIAS + pid_bh.to(tl.int64) * N * N
+        offs_g = grp * G + tl.arange(0, G)
+        g_ok = offs_g < B
+        g64 = offs_g.to(tl.int64)
+        base = QKV + (g64 * N * row + h * D)[:, None, None]
+        offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
-        LOG2E: tl.constexpr = 1.4426950408889634
+        m_ok = offs_m < N
+        q_ok = g_ok[:, None, None] & m_ok[None, :, None]
+        gm_ok = g_ok[:, None] & m_ok[None, :]
+        rows_gh = (g64 * H + h) * N
+        q = tl.load(base + offs_m[None, :, None] * row + offs_d[None, None, :], mask=q_ok, other=0.0)
+        do = tl.load(DOUT + (g64 * N * C + h * D)[:, None, None] + offs_m[None, :, None] * C + offs_d[None, None, :],
+                     mask=q_ok, other=0.0)
+        lse = tl.load(LSE + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
+        delta = tl.load(DELTA + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
         if HAS_MASK:
-            w = b % NW
+            wrow = (offs_g % NW) * N
+            r_q = tl.load(RID + wrow[:, None] + offs_m[None, :], mask=gm_ok, other=-1)
+        dq = tl.zeros([G, BM, D], tl.float32)
+        LOG2E: tl.constexpr = 1.4426950408889634
         for start_n in range(0, N, BN):
             offs_n = start_n + tl.arange(0, BN)
             n_ok = offs_n < N
-            k = tl.load(base + C + offs_n[:, None] * row + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(base + 2 * C + offs_n[:, None] * row + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            kv_ok = g_ok[:, None, None] & n_ok[None, :, None]
+            k = tl.load(base + C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
+            v = tl.load(base + 2 * C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale
+            s += tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :],
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)[None, :, :]
             if HAS_MASK:
-                r_k = tl.load(RID + w * N + offs_n, mask=n_ok, other=-2)
-            dk = tl.zeros([BN, D], tl.float32)
-            dv = tl.zeros([BN, D], tl.float32)
-            tl.debug_barrier()                        # dq32 written by the previous key block is visible
-            for start_m in range(0, N, BM):
-                offs_m = start_m + tl.arange(0, BM)
-                m_ok = offs_m < N
-                both = m_ok[:, None] & n_ok[None, :]
-                q = tl.load(base + offs_m[:, None] * row + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-                do = tl.load(obase + offs_m[:, None] * C + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-                lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
-                delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale
-                s += tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :], mask=both, other=0.0)
-                if HAS_MASK:
-                    r_q = tl.load(RID + w * N + offs_m, mask=m_ok, other=-1)
-                    s = tl.where(r_q[:, None] == r_k[None, :], s, s + (-100.0))
-                p = tl.exp2(s * LOG2E - lse[:, None])
-                p = tl.where(both, p, 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                ds_lo = ds.to(q.dtype)
-                dk += tl.dot(tl.trans(ds_lo), q)
-                tl.store(dbias + offs_m[:, None] * N + offs_n[None, :], ds_lo, mask=both)
-                dq_part = tl.dot(ds_lo, k)
-                dq_ptr = dq32 + offs_m[:, None] * D + offs_d[None, :]
-                tl.store(dq_ptr, tl.load(dq_ptr, mask=m_ok[:, None], other=0.0) + dq_part, mask=m_ok[:, None])
-            tl.store(dbase + C + offs_n[:, None] * row + offs_d[None, :], (dk * scale).to(DQKV.dtype.element_ty),
-                     mask=n_ok[:, None])
-            tl.store(dbase + 2 * C + offs_n[:, None] * row + offs_d[None, :], dv.to(DQKV.dtype.element_ty),
-                     mask=n_ok[:, None])
-        tl.debug_barrier()
+                r_k = tl.load(RID + wrow[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=-2)
+                s = tl.where(r_q[:, :, None] == r_k[:, None, :], s, s + (-100.0))
+            p = tl.exp2(s * LOG2E - lse[:, :, None])
+            p = tl.where(gm_ok[:, :, None] & n_ok[None, None, :], p, 0.0)
+            dp = tl.dot(do, tl.permute(v, (0, 2, 1)))
+            ds = p * (dp - delta[:, :, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQKV + (g64 * N * row + h * D)[:, None, None] + offs_m[None, :, None] * row + offs_d[None, None, :],
+                 (dq * scale).to(DQKV.dtype.element_ty), mask=q_ok)
+
+    @triton.jit
+    def _bwd_dkv_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, DBIAS, B, N, H, NW, scale,
+                        HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        G: tl.constexpr):
+        # program: (group of G windows, head) x key block; walks the query blocks:
+        # dV = P^T dO, dK = dS^T Q (in registers), and the bias gradient of the group, sum_g dS (fp32)
+        pid_gh = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        grp = pid_gh // H
+        h = pid_gh % H
+        C = H * D
+        row = 3 * C
+        offs_g = grp * G + tl.arange(0, G)
+        g_ok = offs_g < B
+        g64 = offs_g.to(tl.int64)
+        base = QKV + (g64 * N * row + h * D)[:, None, None]
+        obase = DOUT + (g64 * N * C + h * D)[:, None, None]
+        rows_gh = (g64 * H + h) * N
+        dbias = DBIAS + pid_gh.to(tl.int64) * N * N
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, D)
+        n_ok = offs_n < N
+        kv_ok = g_ok[:, None, None] & n_ok[None, :, None]
+        k = tl.load(base + C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
+        v = tl.load(base + 2 * C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
+        if HAS_MASK:
+            wrow = (offs_g % NW) * N
+            r_k = tl.load(RID + wrow[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=-2)
+        dk = tl.zeros([G, BN, D], tl.float32)
+        dv = tl.zeros([G, BN, D], tl.float32)
+        LOG2E: tl.constexpr = 1.4426950408889634
         for start_m in range(0, N, BM):
             offs_m = start_m + tl.arange(0, BM)
             m_ok = offs_m < N
-            dq = tl.load(dq32 + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-            tl.store(dbase + offs_m[:, None] * row + offs_d[None, :], (dq * scale).to(DQKV.dtype.element_ty),
-                     mask=m_ok[:, None])
+            q_ok = g_ok[:, None, None] & m_ok[None, :, None]
+            gm_ok = g_ok[:, None] & m_ok[None, :]
+            both = m_ok[:, None] & n_ok[None, :]
+            q = tl.load(base + offs_m[None, :, None] * row + offs_d[None, None, :], mask=q_ok, other=0.0)
+            do = tl.load(obase + offs_m[None, :, None] * C + offs_d[None, None, :], mask=q_ok, other=0.0)
+            lse = tl.load(LSE + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
+            delta = tl.load(DELTA + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
+            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale
+            s += tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :], mask=both, other=0.0)[None, :, :]
+            if HAS_MASK:
+                r_q = tl.load(RID + wrow[:, None] + offs_m[None, :], mask=gm_ok, other=-1)
+                s = tl.where(r_q[:, :, None] == r_k[:, None, :], s, s + (-100.0))
+            p = tl.exp2(s * LOG2E - lse[:, :, None])
+            p = tl.where(gm_ok[:, :, None] & n_ok[None, None, :], p, 0.0)
+            dv += tl.dot(tl.permute(p.to(do.dtype), (0, 2, 1)), do)
+            dp = tl.dot(do, tl.permute(v, (0, 2, 1)))
+            ds = p * (dp - delta[:, :, None])
+            dk += tl.dot(tl.permute(ds.to(q.dtype), (0, 2, 1)), q)
+            tl.store(dbias + offs_m[:, None] * N + offs_n[None, :], tl.sum(ds, 0), mask=both)
+        dbase = DQKV + (g64 * N * row + h * D)[:, None, None]
+        tl.store(dbase + C + offs_n[None, :, None] * row + offs_d[None, None, :],
+                 (dk * scale).to(DQKV.dtype.element_ty), mask=kv_ok)
+        tl.store(dbase + 2 * C + offs_n[None, :, None] * row + offs_d[None, None, :],
+                 dv.to(DQKV.dtype.element_ty), mask=kv_ok)
 
 
-class _WindowAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, bias, region, num_heads, scale):
-        b, n, c3 = qkv.shape
-        c = c3 // 3
-        d = c // num_heads
-        qkv = qkv.contiguous()
-        bias_c = bias.detach().float().contiguous()
-        out = torch.empty(b, n, c, device=qkv.device, dtype=qkv.dtype)
-        lse = torch.empty(b * num_heads, n, device=qkv.device, dtype=torch.float32)
-        has_mask = region is not None
-        rid = region.contiguous() if has_mask else lse            # placeholder pointer when unused
-        nw = region.shape[0] if has_mask else 1
-        grid = (b * num_heads, triton.cdiv(n, FWD_CONFIG["BM"]))
-        _fwd_kernel[grid](qkv, bias_c, rid, out, lse, n, num_heads, nw, scale,
-                          HAS_MASK=has_mask, D=d, **FWD_CONFIG)
-        ctx.save_for_backward(qkv, bias_c, region if has_mask else None, out, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
-        return out
+def _launch_fwd(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None, num_heads: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    d = c // num_heads
+    qkv = qkv.contiguous()
+    bias_c = bias.float().contiguous()
+    out = torch.empty(b, n, c, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(b * num_heads, n, device=qkv.device, dtype=torch.float32)
+    has_mask = region is not None
+    rid = region.contiguous() if has_mask else lse            # placeholder pointer when unused
+    nw = region.shape[0] if has_mask else 1
+    grid = (triton.cdiv(b, FWD_CONFIG["G"]) * num_heads, triton.cdiv(n, FWD_CONFIG["BM"]))
+    _fwd_kernel[grid](qkv, bias_c, rid, out, lse, b, n, num_heads, nw, scale,
+                      HAS_MASK=has_mask, D=d, **FWD_CONFIG)
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, bias_c, region, out, lse = ctx.saved_tensors
-        h, scale = ctx.num_heads, ctx.scale
-        b, n, c3 = qkv.shape
-        c = c3 // 3
-        d = c // h
-        dout = dout.contiguous()
-        # rowsum(dO * O) per (window, head, token): [b * h, n]
-        delta = (dout.float() * out.float()).view(b, n, h, d).sum(-1).transpose(1, 2).reshape(b * h, n).contiguous()
-        dqkv = torch.empty_like(qkv)
-        dq32 = torch.zeros(b * h, n, d, device=qkv.device, dtype=torch.float32)
-        dbias_all = torch.empty(b, h, n, n, device=qkv.device, dtype=qkv.dtype)
-        has_mask = region is not None
-        rid = region if has_mask else lse
-        nw = region.shape[0] if has_mask else 1
-        _bwd_kernel[(b * h,)](qkv, bias_c, rid, dout, lse, delta, dqkv, dq32, dbias_all, n, h, nw, scale,
-                              HAS_MASK=has_mask, D=d, **BWD_CONFIG)
-        dbias = dbias_all.sum(0, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        return dqkv, dbias, None, None, None
+
+def _launch_bwd(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None,
+                out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = num_heads
+    b, n, c3 = qkv.shape
+    d = c3 // 3 // h
+    qkv, out, lse = qkv.contiguous(), out.contiguous(), lse.contiguous()
+    bias_c = bias.float().contiguous()
+    dout = dout.contiguous()
+    # rowsum(dO * O) per (window, head, token): [b * h, n]
+    delta = (dout.float() * out.float()).view(b, n, h, d).sum(-1).transpose(1, 2).reshape(b * h, n).contiguous()
+    dqkv = torch.empty_like(qkv)
+    has_mask = region is not None
+    rid = region.contiguous() if has_mask else lse
+    nw = region.shape[0] if has_mask else 1
+    cfg = DQ_CONFIG
+    _bwd_dq_kernel[(triton.cdiv(b, cfg["G"]) * h, triton.cdiv(n, cfg["BM"]))](
+        qkv, bias_c, rid, dout, lse, delta, dqkv, b, n, h, nw, scale, HAS_MASK=has_mask, D=d, **cfg)
+    cfg = DKV_CONFIG
+    groups = triton.cdiv(b, cfg["G"])
+    dbias_all = torch.empty(groups, h, n, n, device=qkv.device, dtype=torch.float32)
+    _bwd_dkv_kernel[(groups * h, triton.cdiv(n, cfg["BN"]))](
+        qkv, bias_c, rid, dout, lse, delta, dqkv, dbias_all, b, n, h, nw, scale, HAS_MASK=has_mask, D=d, **cfg)
+    return dqkv, dbias_all.sum(0, dtype=torch.float32)
+
+
+# The kernels as two PyTorch operators (torch.library), so that torch.compile keeps a Swin block in one
+# graph around them instead of breaking the graph at every attention call; their backward is registered
+# as the forward operator's autograd formula.
+@torch.library.custom_op("sslbench::window_attention_fwd", mutates_args=(), device_types="cuda")
+def _fwd_op(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None, num_heads: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(qkv, bias, region, num_heads, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(qkv, bias, region, num_heads, scale):
+    b, n, c3 = qkv.shape
+    return qkv.new_empty(b, n, c3 // 3), qkv.new_empty(b * num_heads, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("sslbench::window_attention_bwd", mutates_args=(), device_types="cuda")
+def _bwd_op(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None,
+            out: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_bwd(dout, qkv, bias, region, out, lse, num_heads, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, qkv, bias, region, out, lse, num_heads, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), bias.new_empty(bias.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, bias, region, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, bias, region, out, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, bias, region, out, lse = ctx.saved_tensors
+    dqkv, dbias = _bwd_op(dout, qkv, bias, region, out, lse, ctx.num_heads, ctx.scale)
+    return dqkv, dbias.to(bias.dtype), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None, num_heads: int,
@@ -222,7 +333,7 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor
         raise ValueError(f"fused window attention needs a power-of-two head dimension >= 16, got {d}")
     if region is not None and b % region.shape[0]:
         raise ValueError(f"{b} windows are not a multiple of the mask's {region.shape[0]} windows per image")
-    return _WindowAttention.apply(qkv, bias, region, num_heads, float(scale))
+    return _fwd_op(qkv, bias, region, num_heads, float(scale))[0]
 
 
 def reference(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None, num_heads: int,
@@ -239,4 +350,4 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None
     return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, n, c)
 
 
-__all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "BWD_CONFIG", "MASK_VALUE"]
+__all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG", "MASK_VALUE"]

@@ -117,3 +117,40 @@ def test_fused_swin_training_step_is_as_close_to_fp32_as_sdpa():
     err = {k: float((results[k][1] - ref_grad).norm() / ref_grad.norm()) for k in ("sdpa", "fused")}
     assert abs(results["fused"][0] - ref_loss) <= 3 * abs(results["sdpa"][0] - ref_loss) + 1e-3 * abs(ref_loss)
     assert err["fused"] <= 2 * err["sdpa"] + 1e-3, err
+
+
+@cuda_triton
+def test_fused_operator_registration_is_consistent():
+    """The kernels are PyTorch operators: fake (meta) shapes, autograd formula and schema agree with the
+    real kernels (torch.library.opcheck)."""
+    torch.manual_seed(0)
+    heads, d, n, nw = 3, 16, 343, 2
+    qkv = torch.randn(2 * nw, n, 3 * heads * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(heads, n, n, device="cuda", requires_grad=True)
+    region = torch.randint(0, 3, (nw, n), device="cuda", dtype=torch.int32)
+    for reg in (region, None):
+        torch.library.opcheck(W._fwd_op, (qkv, bias, reg, heads, d ** -0.5),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@cuda_triton
+def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
+    """torch.compile keeps a Swin encoder with the fused kernels in one graph, with the eager values."""
+    from monai.networks.nets import SwinUNETR
+
+    from sslbench.methods import voco as V
+
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=1, feature_size=48, use_v2=True).cuda()
+    V.use_sdpa_window_attention(net.swinViT, kernel="fused")
+    x = torch.rand(2, 1, 64, 64, 64, device="cuda")
+
+    def f(t):
+        return net.swinViT(t)[-1].float().square().mean()
+
+    with torch.autocast("cuda", torch.bfloat16):
+        explained = torch._dynamo.explain(f)(x)
+        eager = f(x)
+        compiled = torch.compile(f, dynamic=False)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-4)

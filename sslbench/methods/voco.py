@@ -58,7 +58,8 @@ bias materialised; ``"monai"`` keeps MONAI's modules as they are (and turns on M
 the no-grad teacher). Parameter names and the state-dict layout are unchanged. With the teacher-student
 variant the first convolution of each encoder (one input channel) runs as a matmul over shifted copies
 on CUDA (``conv_as_matmul``), which cuDNN does slowly for one channel. ``compile_encoders()`` wraps the
-backbone + head in ``torch.compile`` (static shapes; the attention stays an opaque call). Figures on an
+backbone + head in ``torch.compile`` (static shapes; the fused kernels are registered PyTorch
+operators, so a compiled block stays one graph; the SDPA form stays eager). Figures on an
 H100: BENCHMARKS.md, section "VoCo pre-training".
 """
 from __future__ import annotations
@@ -289,10 +290,6 @@ def _fused(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch
     return _wa.window_attention(attn.qkv(x), bias, region, h, attn.scale)
 
 
-#: Triton launches are opaque to torch.compile (the rest of the block still compiles around them)
-_fused_opaque = torch.compiler.disable(_fused, recursive=True)
-
-
 class _SDPAWindowAttention(_window_attention_class()):
     """MONAI's WindowAttention computed by scaled_dot_product_attention, with autograd on too.
 
@@ -314,7 +311,7 @@ class _SDPAWindowAttention(_window_attention_class()):
         b, n, c = x.shape
         h = self.num_heads
         if self._fused_ok(x):
-            return self.proj_drop(self.proj(_fused_opaque(self, x, mask)))
+            return self.proj_drop(self.proj(_fused(self, x, mask)))
         q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)   # [b, h, n, d]
         fn = _window_sdpa_opaque if self.opaque_to_compile else _window_sdpa
         out = fn(q, k, v, self.relative_position_bias_table, self.relative_position_index, mask, self.scale,
