@@ -70,6 +70,37 @@ def regions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _rows(ptr, offs, offs_d, stride, ok):
+        """Rows ``offs`` (d-vectors with row stride ``stride``) of each window: [G, len(offs), D]."""
+        return tl.load(ptr + offs[None, :, None] * stride + offs_d[None, None, :], mask=ok, other=0.0)
+
+    @triton.jit
+    def _regions(RID, offs_g, g_ok, offs, ok, NW, N, other, HAS_MASK: tl.constexpr):
+        """Region ids [G, len(offs)] of tokens ``offs`` of windows ``offs_g`` (zeros, unused, without a mask)."""
+        if HAS_MASK:
+            r = tl.load(RID + ((offs_g % NW) * N)[:, None] + offs[None, :], mask=g_ok[:, None] & ok[None, :],
+                        other=other)
+        else:
+            r = offs_g[:, None] * 0 + offs[None, :] * 0
+        return r
+
+    @triton.jit
+    def _scores(q, k, BIAS, h, N, offs_m, offs_n, m_ok, n_ok, r_q, r_k, scale, HAS_MASK: tl.constexpr):
+        """q k^T * scale + B (+ M): [G, BM, BN] fp32; the bias tile is read once for the G windows."""
+        s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale
+        s += tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :],
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)[None, :, :]
+        if HAS_MASK:
+            s = tl.where(r_q[:, :, None] == r_k[:, None, :], s, s + (-100.0))
+        return s
+
+    @triton.jit
+    def _probabilities(s, lse, gm_ok, n_ok):
+        """P = softmax(S) from the forward's log2-sum-exp, zero outside the valid rows and columns."""
+        p = tl.exp2(s * 1.4426950408889634 - lse[:, :, None])
+        return tl.where(gm_ok[:, :, None] & n_ok[None, None, :], p, 0.0)
+
+    @triton.jit
     def _fwd_kernel(QKV, BIAS, RID, OUT, LSE, B, N, H, NW, scale,
                     HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     G: tl.constexpr):
@@ -82,15 +113,14 @@ if triton is not None:
         row = 3 * C                                   # qkv row stride (tokens)
         offs_g = grp * G + tl.arange(0, G)
         g_ok = offs_g < B
-        base = QKV + (offs_g.to(tl.int64) * N * row + h * D)[:, None, None]
+        g64 = offs_g.to(tl.int64)
+        base = QKV + (g64 * N * row + h * D)[:, None, None]
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         m_ok = offs_m < N
         q_ok = g_ok[:, None, None] & m_ok[None, :, None]
-        q = tl.load(base + offs_m[None, :, None] * row + offs_d[None, None, :], mask=q_ok, other=0.0)
-        if HAS_MASK:
-            wrow = (offs_g % NW) * N
-            r_q = tl.load(RID + wrow[:, None] + offs_m[None, :], mask=g_ok[:, None] & m_ok[None, :], other=-1)
+        q = _rows(base, offs_m, offs_d, row, q_ok)
+        r_q = _regions(RID, offs_g, g_ok, offs_m, m_ok, NW, N, -1, HAS_MASK)
         m_i = tl.full([G, BM], float("-inf"), tl.float32)
         l_i = tl.zeros([G, BM], tl.float32)
         acc = tl.zeros([G, BM, D], tl.float32)
@@ -99,16 +129,10 @@ if triton is not None:
             offs_n = start + tl.arange(0, BN)
             n_ok = offs_n < N
             kv_ok = g_ok[:, None, None] & n_ok[None, :, None]
-            k = tl.load(base + C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
-            v = tl.load(base + 2 * C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale
-            # the bias tile is the same for the G windows: read once per group
-            bias = tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :],
-                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += bias[None, :, :]
-            if HAS_MASK:
-                r_k = tl.load(RID + wrow[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=-2)
-                s = tl.where(r_q[:, :, None] == r_k[:, None, :], s, s + (-100.0))
+            k = _rows(base + C, offs_n, offs_d, row, kv_ok)
+            v = _rows(base + 2 * C, offs_n, offs_d, row, kv_ok)
+            r_k = _regions(RID, offs_g, g_ok, offs_n, n_ok, NW, N, -2, HAS_MASK)
+            s = _scores(q, k, BIAS, h, N, offs_m, offs_n, m_ok, n_ok, r_q, r_k, scale, HAS_MASK)
             s = tl.where(n_ok[None, None, :], s * LOG2E, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 2))
             alpha = tl.exp2(m_i - m_new)
@@ -117,10 +141,9 @@ if triton is not None:
             acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         acc = acc / l_i[:, :, None]
-        out = OUT + (offs_g.to(tl.int64) * N * C + h * D)[:, None, None]
+        out = OUT + (g64 * N * C + h * D)[:, None, None]
         tl.store(out + offs_m[None, :, None] * C + offs_d[None, None, :], acc.to(OUT.dtype.element_ty), mask=q_ok)
-        lse_rows = (offs_g.to(tl.int64) * H + h) * N
-        tl.store(LSE + lse_rows[:, None] + offs_m[None, :], m_i + tl.log2(l_i),
+        tl.store(LSE + ((g64 * H + h) * N)[:, None] + offs_m[None, :], m_i + tl.log2(l_i),
                  mask=g_ok[:, None] & m_ok[None, :])
 
     @triton.jit
@@ -144,35 +167,26 @@ if triton is not None:
         q_ok = g_ok[:, None, None] & m_ok[None, :, None]
         gm_ok = g_ok[:, None] & m_ok[None, :]
         rows_gh = (g64 * H + h) * N
-        q = tl.load(base + offs_m[None, :, None] * row + offs_d[None, None, :], mask=q_ok, other=0.0)
-        do = tl.load(DOUT + (g64 * N * C + h * D)[:, None, None] + offs_m[None, :, None] * C + offs_d[None, None, :],
-                     mask=q_ok, other=0.0)
+        q = _rows(base, offs_m, offs_d, row, q_ok)
+        do = _rows(DOUT + (g64 * N * C + h * D)[:, None, None], offs_m, offs_d, C, q_ok)
         lse = tl.load(LSE + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
         delta = tl.load(DELTA + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
-        if HAS_MASK:
-            wrow = (offs_g % NW) * N
-            r_q = tl.load(RID + wrow[:, None] + offs_m[None, :], mask=gm_ok, other=-1)
+        r_q = _regions(RID, offs_g, g_ok, offs_m, m_ok, NW, N, -1, HAS_MASK)
         dq = tl.zeros([G, BM, D], tl.float32)
-        LOG2E: tl.constexpr = 1.4426950408889634
         for start_n in range(0, N, BN):
             offs_n = start_n + tl.arange(0, BN)
             n_ok = offs_n < N
             kv_ok = g_ok[:, None, None] & n_ok[None, :, None]
-            k = tl.load(base + C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
-            v = tl.load(base + 2 * C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale
-            s += tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :],
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)[None, :, :]
-            if HAS_MASK:
-                r_k = tl.load(RID + wrow[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=-2)
-                s = tl.where(r_q[:, :, None] == r_k[:, None, :], s, s + (-100.0))
-            p = tl.exp2(s * LOG2E - lse[:, :, None])
-            p = tl.where(gm_ok[:, :, None] & n_ok[None, None, :], p, 0.0)
-            dp = tl.dot(do, tl.permute(v, (0, 2, 1)))
-            ds = p * (dp - delta[:, :, None])
+            k = _rows(base + C, offs_n, offs_d, row, kv_ok)
+            v = _rows(base + 2 * C, offs_n, offs_d, row, kv_ok)
+            r_k = _regions(RID, offs_g, g_ok, offs_n, n_ok, NW, N, -2, HAS_MASK)
+            s = _scores(q, k, BIAS, h, N, offs_m, offs_n, m_ok, n_ok, r_q, r_k, scale, HAS_MASK)
+            p = _probabilities(s, lse, gm_ok, n_ok)
+            ds = p * (tl.dot(do, tl.permute(v, (0, 2, 1))) - delta[:, :, None])
             dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQKV + (g64 * N * row + h * D)[:, None, None] + offs_m[None, :, None] * row + offs_d[None, None, :],
-                 (dq * scale).to(DQKV.dtype.element_ty), mask=q_ok)
+        dbase = DQKV + (g64 * N * row + h * D)[:, None, None]
+        tl.store(dbase + offs_m[None, :, None] * row + offs_d[None, None, :], (dq * scale).to(DQKV.dtype.element_ty),
+                 mask=q_ok)
 
     @triton.jit
     def _bwd_dkv_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, DBIAS, B, N, H, NW, scale,
@@ -197,36 +211,28 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         n_ok = offs_n < N
         kv_ok = g_ok[:, None, None] & n_ok[None, :, None]
-        k = tl.load(base + C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
-        v = tl.load(base + 2 * C + offs_n[None, :, None] * row + offs_d[None, None, :], mask=kv_ok, other=0.0)
-        if HAS_MASK:
-            wrow = (offs_g % NW) * N
-            r_k = tl.load(RID + wrow[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=-2)
+        k = _rows(base + C, offs_n, offs_d, row, kv_ok)
+        v = _rows(base + 2 * C, offs_n, offs_d, row, kv_ok)
+        r_k = _regions(RID, offs_g, g_ok, offs_n, n_ok, NW, N, -2, HAS_MASK)
         dk = tl.zeros([G, BN, D], tl.float32)
         dv = tl.zeros([G, BN, D], tl.float32)
-        LOG2E: tl.constexpr = 1.4426950408889634
         for start_m in range(0, N, BM):
             offs_m = start_m + tl.arange(0, BM)
             m_ok = offs_m < N
             q_ok = g_ok[:, None, None] & m_ok[None, :, None]
             gm_ok = g_ok[:, None] & m_ok[None, :]
-            both = m_ok[:, None] & n_ok[None, :]
-            q = tl.load(base + offs_m[None, :, None] * row + offs_d[None, None, :], mask=q_ok, other=0.0)
-            do = tl.load(obase + offs_m[None, :, None] * C + offs_d[None, None, :], mask=q_ok, other=0.0)
+            q = _rows(base, offs_m, offs_d, row, q_ok)
+            do = _rows(obase, offs_m, offs_d, C, q_ok)
             lse = tl.load(LSE + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
             delta = tl.load(DELTA + rows_gh[:, None] + offs_m[None, :], mask=gm_ok, other=0.0)
-            s = tl.dot(q, tl.permute(k, (0, 2, 1))) * scale
-            s += tl.load(BIAS + h * N * N + offs_m[:, None] * N + offs_n[None, :], mask=both, other=0.0)[None, :, :]
-            if HAS_MASK:
-                r_q = tl.load(RID + wrow[:, None] + offs_m[None, :], mask=gm_ok, other=-1)
-                s = tl.where(r_q[:, :, None] == r_k[:, None, :], s, s + (-100.0))
-            p = tl.exp2(s * LOG2E - lse[:, :, None])
-            p = tl.where(gm_ok[:, :, None] & n_ok[None, None, :], p, 0.0)
+            r_q = _regions(RID, offs_g, g_ok, offs_m, m_ok, NW, N, -1, HAS_MASK)
+            s = _scores(q, k, BIAS, h, N, offs_m, offs_n, m_ok, n_ok, r_q, r_k, scale, HAS_MASK)
+            p = _probabilities(s, lse, gm_ok, n_ok)
             dv += tl.dot(tl.permute(p.to(do.dtype), (0, 2, 1)), do)
-            dp = tl.dot(do, tl.permute(v, (0, 2, 1)))
-            ds = p * (dp - delta[:, :, None])
+            ds = p * (tl.dot(do, tl.permute(v, (0, 2, 1))) - delta[:, :, None])
             dk += tl.dot(tl.permute(ds.to(q.dtype), (0, 2, 1)), q)
-            tl.store(dbias + offs_m[:, None] * N + offs_n[None, :], tl.sum(ds, 0), mask=both)
+            tl.store(dbias + offs_m[:, None] * N + offs_n[None, :], tl.sum(ds, 0),
+                     mask=m_ok[:, None] & n_ok[None, :])
         dbase = DQKV + (g64 * N * row + h * D)[:, None, None]
         tl.store(dbase + C + offs_n[None, :, None] * row + offs_d[None, None, :],
                  (dk * scale).to(DQKV.dtype.element_ty), mask=kv_ok)
