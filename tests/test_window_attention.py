@@ -1,10 +1,17 @@
 """sslbench.window_attention: the fused Swin window attention against plain torch.
 
-The kernel itself needs CUDA + Triton (the GPU tests are skipped on CPU-only machines such as CI; they run
-on the device machine: ``python -m pytest tests/test_window_attention.py``). Its CPU pieces (region ids
-from MONAI's mask, the dispatch that falls back to SDPA) are tested everywhere.
+The kernels run on CUDA + Triton (the GPU tests are skipped on CPU-only machines such as CI; they run on
+the device machine: ``python -m pytest tests/test_window_attention.py``). On a CPU their math is still
+checked, in fp32, by Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess because the variable is
+read when the kernels are defined); the CPU pieces (region ids from MONAI's mask, the dispatch that falls
+back to SDPA) are tested everywhere.
 """
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,3 +161,50 @@ def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
         compiled = torch.compile(f, dynamic=False)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-4)
+
+
+_INTERPRETED = r"""
+import json, sys
+import torch
+from sslbench import window_attention as W
+torch.manual_seed(0)
+rows = []
+# (windows, tokens, heads, head dim, windows per image or 0 = no mask, configs)
+cases = [(6, 100, 2, 16, 3, None), (6, 100, 2, 16, 0, None), (5, 64, 1, 32, 5, None),
+         (7, 50, 2, 16, 7, dict(G=2, BM=16, BN=32))]
+for b, n, h, d, nw, cfg in cases:
+    saved = [dict(c) for c in (W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG)]
+    if cfg:
+        for c in (W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG):
+            c.update(cfg)
+    qkv = torch.randn(b, n, 3 * h * d) * 0.5
+    bias = torch.randn(h, n, n)
+    region = torch.randint(0, 3, (nw, n), dtype=torch.int32) if nw else None
+    out, lse = W._launch_fwd(qkv, bias, region, h, d ** -0.5)
+    q = qkv.clone().requires_grad_()
+    bb = bias.clone().requires_grad_()
+    ref = W.reference(q, bb, region, h, d ** -0.5)
+    g = torch.randn_like(ref)
+    (ref * g).sum().backward()
+    dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
+    rel = lambda a, r: float((a - r).norm() / r.norm())
+    rows.append([rel(out, ref.detach()), rel(dqkv, q.grad), rel(dbias, bb.grad)])
+    for c, old in zip((W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG), saved):
+        c.clear(); c.update(old)
+json.dump(rows, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(W.triton is None, reason="Triton is not installed")
+def test_kernels_match_reference_in_triton_interpreter():
+    """Forward, dQ/dK/dV and the bias gradient of the three Triton kernels, run by Triton's CPU interpreter
+    in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
+    that is only partly filled, head dim 32 and a second launch configuration."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4
+    for out_err, dqkv_err, dbias_err in rows:
+        assert out_err < 1e-5 and dqkv_err < 1e-5 and dbias_err < 1e-5, rows
