@@ -25,7 +25,7 @@ read once per group, and the bias gradient of the group is summed in registers b
   slab per G windows) are summed over the groups at the end.
 
 Stage-1 shape of VoCo at the official geometry (4500 windows x 3 heads, 343 tokens, head dim 16, shift
-mask), one H100, 2026-11-27: forward 2.26 ms, forward + backward 11.6 ms; the previous one-window-per-
+mask), one H100, 2026-11-27 03:55 UTC: forward 2.26 ms, forward + backward 11.6 ms; the previous one-window-per-
 program form of this file 3.54 / 15.6 ms; SDPA's memory-efficient kernel about 1.5x / 1.7x that (H200).
 
 ``window_attention(qkv, bias, region, num_heads, scale)`` takes the qkv projection's output [b, n, 3c],
