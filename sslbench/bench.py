@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -55,17 +55,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def parse_inductor_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs -> torch._inductor.config entries (values read as JSON where they parse: true,
+    64, "x"; else kept as text); a key that torch._inductor.config lacks is a one-line error."""
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"sslbench bench: --inductor {pair!r}: expected KEY=VALUE")
+        if key not in known:
+            raise SystemExit(f"sslbench bench: --inductor {key}: not a torch._inductor.config key")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
+
+
 def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: int = 48, batch: int = 2,
                    sw: int = 2, n: int = 4, crop: int = 64, steps: int = 10, warmup: int = 3,
                    precision: str = "bf16", compile: bool = False, device: str = "cuda",
                    attention: str = "fused", size: Sequence[int] | None = None, use_checkpoint: bool = False,
                    augment: bool = True, lr: float = 1e-4, seed: int = 0, profile: bool = False,
-                   compile_mode: str | None = None, model_name: str = "swinunetr") -> dict[str, Any]:
+                   compile_mode: str | None = None, model_name: str = "swinunetr",
+                   inductor: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Time real pre-training steps of ``method`` and return the figures as a dict.
 
     Geometry: ``batch`` volumes of ``size`` (default n * 1.5 * crop in x-y and crop in z: 384x384x64 for
     n=4, crop=64), ``sw`` random crops + n*n bases each, every crop resized to crop^3.
     """
+    if inductor:   # torch._inductor.config entries for this run (compilation happens in the warm-up steps)
+        args = dict(locals(), inductor=None)           # the parameters: nothing else is bound yet
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(dict(inductor)):
+            out = bench_pretrain(**args)
+        out["inductor"] = dict(inductor)
+        return out
     from .methods import get_method_class
 
     if precision not in PRECISIONS:
@@ -230,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone + head")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="torch._inductor.config entries for --compile runs, e.g. coordinate_descent_tuning=true")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the Swin blocks")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--feature-size", type=int, default=48)
@@ -255,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(args.gpus, ["bench", *raw])
     from . import distributed
 
+    inductor = parse_inductor_options(args.inductor)
     rows: list[dict[str, Any]] = []
     for variant in args.variant:
         for attention in args.attention:
@@ -266,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          compile=args.compile, device=args.device, attention=attention,
                                          size=args.size, use_checkpoint=args.checkpointing,
                                          augment=not args.no_augment, profile=args.profile,
-                                         compile_mode=args.compile_mode, model_name=args.model)
+                                         compile_mode=args.compile_mode, model_name=args.model,
+                                         inductor=inductor)
                 except Exception as exc:  # keep the other configurations (an OOM must not end the table)
                     traceback.print_exc()
                     row = {"variant": variant, "attention": attention, "precision": precision,

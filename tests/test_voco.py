@@ -294,3 +294,23 @@ def test_bench_pretrain_runs_on_cpu():
     for key in ("card", "torch", "monai", "date", "variant", "precision"):
         assert out[key], key
     assert out["crops_per_step"] == 1 * (1 + 4)
+
+
+def test_bench_inductor_options_are_checked_and_recorded():
+    from sslbench.bench import parse_inductor_options
+
+    opts = parse_inductor_options(["coordinate_descent_tuning=true", "triton.persistent_reductions=false",
+                                   "max_autotune_gemm_backends=TRITON"])
+    assert opts == {"coordinate_descent_tuning": True, "triton.persistent_reductions": False,
+                    "max_autotune_gemm_backends": "TRITON"}
+    with pytest.raises(SystemExit, match="not_a_key"):
+        parse_inductor_options(["not_a_key=1"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_inductor_options(["coordinate_descent_tuning"])
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.coordinate_descent_tuning
+    out = bench_pretrain(device="cpu", feature_size=12, crop=32, batch=1, sw=1, n=2, steps=1, warmup=0,
+                         precision="fp32", inductor={"coordinate_descent_tuning": not before})
+    assert out["inductor"] == {"coordinate_descent_tuning": not before} and out["volumes_per_s"] > 0
+    assert inductor_config.coordinate_descent_tuning == before      # the patch ends with the run
