@@ -55,6 +55,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def top_generated_kernels(averages, limit: int = 12) -> list[tuple[str, float]]:
+    """(name, device ms) of the Triton kernels that torch.compile generated (``triton_*``), most time first."""
+    rows = []
+    for ev in averages:
+        ms = getattr(ev, "self_device_time_total", getattr(ev, "self_cuda_time_total", 0.0)) / 1e3
+        if ev.key.startswith("triton_") and ms > 0:
+            rows.append((ev.key, round(ms, 3)))
+    return sorted(set(rows), key=lambda r: -r[1])[:limit]
+
+
+def inductor_cache_dir() -> Path:
+    """Where Inductor writes the source of the kernels it generates."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        return Path(cache_dir())
+    except ImportError:   # older torch
+        import getpass
+        import os
+        import tempfile
+
+        return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                    or Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+
+
+def save_kernel_sources(kernels: Sequence[tuple[str, float]], out_dir: Path, cache: Path | None = None) -> list[Path]:
+    """Copy the generated source of each (name, ms) kernel from Inductor's cache into ``out_dir`` as
+    ``NN-<ms>ms-<name>.py`` (the newest file that defines it; none found: skipped). Returns the files written."""
+    cache = Path(cache) if cache is not None else inductor_cache_dir()
+    sources = sorted(cache.rglob("*.py"), key=lambda f: f.stat().st_mtime, reverse=True) if cache.is_dir() else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (name, ms) in enumerate(kernels):
+        pattern = f"def {name}("
+        for src in sources:
+            try:
+                text = src.read_text(errors="replace")
+            except OSError:
+                continue
+            if pattern in text:
+                dest = out_dir / f"{i:02d}-{ms:.2f}ms-{name[:120]}.py"
+                dest.write_text(f"# {name}: {ms} ms of device time in the profiled step; source {src}\n" + text)
+                written.append(dest)
+                break
+    return written
+
+
 def parse_inductor_options(pairs: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs -> torch._inductor.config entries (values read as JSON where they parse: true,
     64, "x"; else kept as text); a key that torch._inductor.config lacks is a one-line error."""
@@ -182,6 +228,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times) if times else float("nan")
     profile_table = None
+    profile_kernels: list[tuple[str, float]] = []
     if profile:   # one more step under the profiler: where the device time goes, by kernel / operator
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as _profile
@@ -195,7 +242,10 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
                 torch.cuda.set_sync_debug_mode(0)
             _sync(dev)
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        profile_table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+        averages = prof.key_averages()
+        profile_table = averages.table(sort_by=key, row_limit=40, max_name_column_width=70)
+        if dev.type == "cuda":   # the generated kernels that took the most device time, for reading
+            profile_kernels = top_generated_kernels(averages)
     if dev.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30
         card = torch.cuda.get_device_name(dev)
@@ -227,6 +277,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **({"profile": profile_table} if profile_table is not None else {}),
+        **({"profile_kernels": profile_kernels} if profile_kernels else {}),
     }
 
 
@@ -275,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="print a profiler table of one more step")
+    p.add_argument("--kernels-out", type=Path, default=None, metavar="DIR",
+                   help="with --profile --compile: copy the source of the slowest generated kernels here")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="time DistributedDataParallel steps on N local GPUs (torchrun); vol/s is then global")
@@ -307,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 table = row.pop("profile", None)
                 if table:
                     print(f"== profile: {variant} / {attention} / {precision}\n{table}", flush=True)
+                if args.kernels_out and row.get("profile_kernels"):
+                    where = args.kernels_out / f"{variant}-{attention}-{precision}"
+                    for f in save_kernel_sources(row["profile_kernels"], where):
+                        print(f"kernel source: {f}", flush=True)
                 rows.append(row)
                 if distributed.current().is_main:
                     print(json.dumps(row), file=sys.stderr, flush=True)

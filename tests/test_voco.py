@@ -314,3 +314,24 @@ def test_bench_inductor_options_are_checked_and_recorded():
                          precision="fp32", inductor={"coordinate_descent_tuning": not before})
     assert out["inductor"] == {"coordinate_descent_tuning": not before} and out["volumes_per_s"] > 0
     assert inductor_config.coordinate_descent_tuning == before      # the patch ends with the run
+
+
+def test_bench_finds_generated_kernel_sources(tmp_path):
+    """--kernels-out: the slowest generated Triton kernels of a profile, copied from Inductor's cache."""
+    from types import SimpleNamespace
+
+    from sslbench.bench import save_kernel_sources, top_generated_kernels
+
+    events = [SimpleNamespace(key="triton_red_fused_norm_3", self_device_time_total=10800.0),
+              SimpleNamespace(key="aten::mm", self_device_time_total=90000.0),
+              SimpleNamespace(key="triton_poi_fused_add_1", self_device_time_total=1500.0),
+              SimpleNamespace(key="triton_per_fused_idle_0", self_device_time_total=0.0)]
+    top = top_generated_kernels(events)
+    assert top == [("triton_red_fused_norm_3", 10.8), ("triton_poi_fused_add_1", 1.5)]
+    cache = tmp_path / "cache"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "c1.py").write_text("@triton.jit\ndef triton_red_fused_norm_3(in_ptr0, out_ptr0):\n    pass\n")
+    (cache / "ab" / "c2.py").write_text("def triton_red_fused_norm_30(in_ptr0):\n    pass\n")
+    written = save_kernel_sources(top, tmp_path / "out", cache=cache)
+    assert [f.name for f in written] == ["00-10.80ms-triton_red_fused_norm_3.py"]       # the _1 kernel: no source
+    assert "def triton_red_fused_norm_3(in_ptr0, out_ptr0)" in written[0].read_text()
