@@ -305,6 +305,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
 
         torch.manual_seed(seed)
         model = build_classifier(cfg["model"], len(task["classes"]), dims)
+        P.use_run_attention(model, cfg["run"])
         load_report = _load_init(model, task, init)
         if load_report is not None:
             say(load_report.summary())
@@ -462,6 +463,7 @@ def reevaluate(record: RunRecord, cfg: Mapping[str, Any], checkpoint: str | None
     if ckpt is None or not ckpt.is_file():
         raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
     model = build_classifier(cfg["model"], len(task["classes"]), 2 if task["kind"] == "classification2d" else 3)
+    P.use_run_attention(model, cfg["run"])
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
     model.to(device)
     progress = P.make_progress(console)

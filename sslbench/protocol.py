@@ -453,6 +453,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         torch.manual_seed(seed)
         model = build_model(cfg["model"], in_channels=input_channels(task), out_channels=output_channels(task),
                             img_size=tuple(ft["roi"]))
+        use_run_attention(model, cfg["run"])
         load_report = None
         if init and init.get("path"):
             state = read_checkpoint(init["path"])
@@ -593,6 +594,14 @@ def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, co
     return dist, protocol, record, action, say
 
 
+def use_run_attention(model: torch.nn.Module, run_cfg: Mapping[str, Any]) -> int:
+    """``run.attention`` (fused | sdpa | monai) for the Swin window attention of a network to fine-tune or
+    evaluate (sslbench/fast_swin.py: the same function computed faster; parameters and keys unchanged)."""
+    from .fast_swin import apply_attention
+
+    return apply_attention(model, str(run_cfg.get("attention", "fused")))
+
+
 def _device_setup(run_cfg: Mapping[str, Any], dist: "distributed.Dist") -> tuple[torch.device, bool]:
     """This rank's device and bf16 choice; allocator and thread settings of the run."""
     device = distributed.device_for(dist, select_device(run_cfg))
@@ -728,6 +737,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
         raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
     model = build_model(cfg["model"], input_channels(task), output_channels(task),
                         img_size=tuple(task["finetune"]["roi"]))
+    use_run_attention(model, cfg["run"])
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.to(device)

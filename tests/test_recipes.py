@@ -39,7 +39,8 @@ def test_presets_and_overrides_resolve():
 
 def test_protocol_hash_tracks_protocol_not_paths():
     a = recipes.resolve("scratch", "phantom-btcv")
-    b = recipes.resolve("scratch", "phantom-btcv", overrides=["run.out=/elsewhere", "run.device=cpu"])
+    b = recipes.resolve("scratch", "phantom-btcv", overrides=["run.out=/elsewhere", "run.device=cpu",
+                                                               "run.attention=sdpa"])   # same function
     c = recipes.resolve("scratch", "phantom-btcv", overrides=["task.finetune.lr=0.5"])
     assert recipes.protocol_hash(a) == recipes.protocol_hash(b)
     assert recipes.protocol_hash(a) != recipes.protocol_hash(c)
@@ -51,6 +52,7 @@ def test_protocol_hash_tracks_protocol_not_paths():
     ("task.finetune.lr=abc", "key 'task.finetune.lr': expected float"),
     ("model.feature_size=1.5", "key 'model.feature_size': expected int"),
     ("run.precision=fp8", "expected one of 'auto', 'fp32', 'bf16'"),
+    ("run.attention=flash", "expected one of 'fused', 'sdpa', 'monai'"),
     ("nosuch=1", "unknown key 'nosuch'"),
     ("task.finetune.lr", "expected KEY=VALUE"),
 ])

@@ -208,3 +208,37 @@ def test_kernels_match_reference_in_triton_interpreter():
     assert len(rows) == 4
     for out_err, dqkv_err, dbias_err in rows:
         assert out_err < 1e-5 and dqkv_err < 1e-5 and dbias_err < 1e-5, rows
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_run_attention_switches_swin_in_fine_tuning_networks(dims):
+    """run.attention: the fine-tuning network's window attention (2D and 3D Swin) is switched, computes
+    MONAI's function (values and gradients; SDPA path on CPU) and keeps its state-dict keys."""
+    from monai.networks.nets import SwinUNETR
+
+    from sslbench.backbones import build_unet3d
+    from sslbench.fast_swin import _SDPAWindowAttention
+    from sslbench.protocol import use_run_attention
+
+    torch.manual_seed(0)
+    ref = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, spatial_dims=dims, use_v2=True).double()
+    fast = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, spatial_dims=dims, use_v2=True).double()
+    fast.load_state_dict(ref.state_dict())
+    keys = list(fast.state_dict())
+    assert use_run_attention(fast, {"attention": "fused"}) == 8
+    assert list(fast.state_dict()) == keys
+    assert sum(isinstance(m, _SDPAWindowAttention) for m in fast.modules()) == 8
+    assert use_run_attention(fast, {"attention": "sdpa"}) == 8        # switching again only changes the kernel
+    assert {m.kernel for m in fast.modules() if isinstance(m, _SDPAWindowAttention)} == {"sdpa"}
+    x = torch.rand((1, 1) + (64,) * dims, dtype=torch.float64)
+    y_ref, y_fast = ref(x), fast(x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-7, atol=1e-9)
+    y_ref.square().mean().backward()
+    y_fast.square().mean().backward()
+    g_ref = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[name].grad, rtol=1e-6, atol=1e-10, msg=name)
+    assert use_run_attention(build_unet3d({"unet_features": [4, 4, 8, 8, 16, 4]}), {"attention": "fused"}) == 0
+    untouched = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, spatial_dims=dims)
+    assert use_run_attention(untouched, {"attention": "monai"}) == 0
+    assert not any(isinstance(m, _SDPAWindowAttention) for m in untouched.modules())

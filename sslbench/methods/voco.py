@@ -46,7 +46,8 @@ matrix products. ``forward`` returns its logs as detached 0-dim tensors so that 
 inside the step: call ``float()`` on them when logging.
 
 Window attention: MONAI's ``use_flash_attention=True`` (MONAI 1.6.1) only takes effect when autograd is
-off, so it cannot speed up training. ``params["attention"]`` picks what replaces it; in every case each
+off, so it cannot speed up training. ``params["attention"]`` picks what replaces it (sslbench/fast_swin.py,
+shared with the other methods and with fine-tuning); in every case each
 ``WindowAttention`` of the backbone is switched to a subclass that computes the same function (relative
 position bias + shift mask, gradients to the bias table included) and the Swin LayerNorms return bf16
 under autocast (their outputs only feed Linears, which autocast casts to bf16 anyway):
@@ -71,13 +72,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import window_attention as _wa
 from ..backbones import build_swinunetr
 from ..errors import RecipeError
+from ..fast_swin import ATTENTIONS, _SDPAWindowAttention, use_sdpa_window_attention
 from .base import PretrainMethod
 
 VARIANTS = ("paper", "teacher-student")
-ATTENTIONS = ("fused", "sdpa", "monai")
 #: floor of 1 - |y - l| inside the paper's log: |y - l| reaches 1 when a crop fully inside base k gets
 #: logit 0 (or a disjoint base gets logit 1), where log(0) = -inf would poison the step.
 LOG_EPS = 1e-6
@@ -247,114 +247,6 @@ def regularization_loss(base_features: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Networks
 # --------------------------------------------------------------------------------------------------
-
-def _window_attention_class():
-    from monai.networks.nets.swin_unetr import WindowAttention
-
-    return WindowAttention
-
-
-def _window_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-                 mask: torch.Tensor | None, scale: float, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T * scale + relative position bias (+ shift mask)) v for q, k, v [b, h, n, d]."""
-    b, h, n, d = q.shape
-    # contiguous: the fused kernels need a unit-stride last dim of the bias, else SDPA silently falls
-    # back to its fp32 math path
-    bias = table[index[:n, :n].reshape(-1)].reshape(n, n, h).permute(2, 0, 1).contiguous()   # [h, n, n]
-    if mask is not None:
-        nw = mask.shape[0]
-        # windows of one sample are consecutive in the batch: [b, h] -> [b / nw, nw * h], so the bias is
-        # [nw * h, n, n] broadcast over samples instead of a [b, h, n, n] copy
-        bias = (bias.unsqueeze(0) + mask.to(bias.dtype).unsqueeze(1)).reshape(1, nw * h, n, n)
-        q, k, v = (t.reshape(b // nw, nw * h, n, d) for t in (q, k, v))
-    else:
-        bias = bias.unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).contiguous(),
-                                         dropout_p=dropout_p, scale=scale)
-    return out.reshape(b, h, n, d)
-
-
-#: the same function hidden from torch.compile: inductor (torch 2.11) may lay the bias out with a
-#: non-unit last stride, which the efficient-attention kernel rejects; eager SDPA inside the compiled
-#: model costs a graph break per block and nothing else.
-_window_sdpa_opaque = torch.compiler.disable(_window_sdpa, recursive=True)
-
-
-def _fused(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """qkv projection + sslbench.window_attention's fused kernel: [b, n, c] before the output projection."""
-    n = x.shape[1]
-    h = attn.num_heads
-    bias = attn.relative_position_bias_table[attn.relative_position_index[:n, :n].reshape(-1)]
-    bias = bias.reshape(n, n, h).permute(2, 0, 1).float()                                  # [h, n, n]
-    region = _wa.regions_from_mask(mask) if mask is not None else None
-    return _wa.window_attention(attn.qkv(x), bias, region, h, attn.scale)
-
-
-class _SDPAWindowAttention(_window_attention_class()):
-    """MONAI's WindowAttention computed by scaled_dot_product_attention, with autograd on too.
-
-    Same parameters, buffers and function (softmax(q k^T * scale + relative bias + shift mask) v), exact
-    to fp64 rounding in values and gradients (tests/test_voco.py).
-    """
-
-    opaque_to_compile = False
-    #: "fused": sslbench.window_attention's Triton kernel where it can run (CUDA, head dim a power of
-    #: two >= 16, no attention dropout in training), else SDPA; "sdpa": always SDPA
-    kernel = "fused"
-
-    def _fused_ok(self, x: torch.Tensor) -> bool:
-        d = x.shape[-1] // self.num_heads
-        return (self.kernel == "fused" and _wa.available(x) and d >= 16 and not d & (d - 1)
-                and not (self.training and self.attn_drop.p > 0))
-
-    def forward(self, x, mask):
-        b, n, c = x.shape
-        h = self.num_heads
-        if self._fused_ok(x):
-            return self.proj_drop(self.proj(_fused(self, x, mask)))
-        q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)   # [b, h, n, d]
-        fn = _window_sdpa_opaque if self.opaque_to_compile else _window_sdpa
-        out = fn(q, k, v, self.relative_position_bias_table, self.relative_position_index, mask, self.scale,
-                 self.attn_drop.p if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
-
-
-class _LowPrecisionLayerNorm(nn.LayerNorm):
-    """LayerNorm that, under autocast, returns the input's dtype (bf16) instead of fp32.
-
-    Inside a Swin block every LayerNorm output feeds a Linear (after a roll and a window partition for
-    norm1), which autocast casts to bf16 anyway; rounding right after the norm gives the Linear the same
-    operand but moves the roll, the partition copies and the saved activation in bf16, not fp32. The
-    statistics are still accumulated in fp32 by the kernel.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                w = self.weight.to(x.dtype) if self.weight is not None else None
-                b = self.bias.to(x.dtype) if self.bias is not None else None
-                return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-        return super().forward(x)
-
-
-def use_sdpa_window_attention(module: nn.Module, kernel: str = "fused") -> int:
-    """Switch every MONAI WindowAttention inside ``module`` to the fast form (``kernel``: "fused" = the
-    Triton kernel of sslbench.window_attention where it can run, else SDPA; "sdpa" = SDPA always) and its
-    LayerNorms to ``_LowPrecisionLayerNorm`` (same parameters and keys); returns how many attention
-    modules."""
-    if kernel not in ("fused", "sdpa"):
-        raise ValueError(f"window attention kernel: {kernel!r}; expected fused or sdpa")
-    base_cls = _window_attention_class()
-    count = 0
-    for m in module.modules():
-        if type(m) is base_cls:
-            m.__class__ = _SDPAWindowAttention
-            m.kernel = kernel
-            count += 1
-        elif type(m) is nn.LayerNorm:
-            m.__class__ = _LowPrecisionLayerNorm
-    return count
-
 
 class _SingleChannelConv3d(nn.Conv3d):
     """nn.Conv3d with one input channel (stride 1, 'same' padding), computed on CUDA as one batched matrix
