@@ -1,6 +1,8 @@
-"""GPU benchmark of pre-training steps: real training steps on synthetic volumes already on the device.
+"""GPU benchmarks: pre-training steps, fine-tuning steps and sliding-window inference on synthetic data.
 
     python -m sslbench.bench pretrain --method voco --variant paper teacher-student --steps 10
+    python -m sslbench.bench finetune --attention fused sdpa monai      # SwinUNETR-B, 4 x 96^3, 14 classes
+    python -m sslbench.bench infer --attention fused monai              # one 256 x 256 x 160 volume, ROI 96
 
 One step = the method's forward (crops, backbone, loss), backward, the AdamW step (fused on CUDA,
 foreach on CPU) and ``after_step`` (e.g. the EMA teacher). Timing: host clock around each step with a
@@ -281,6 +283,126 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     }
 
 
+def _env_fields(dev: torch.device) -> dict[str, Any]:
+    """Card / software fields of a benchmark row (peak memory: device allocator, or host RSS on CPU)."""
+    if dev.type == "cuda":
+        peak, card, kind = torch.cuda.max_memory_allocated(dev) / 2**30, torch.cuda.get_device_name(dev), \
+            "torch.cuda.max_memory_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        card, kind = platform.processor() or platform.machine() or "cpu", "host max RSS"
+    try:
+        import monai
+        monai_version = monai.__version__
+    except ImportError:
+        monai_version = None
+    return {"peak_gib": peak, "peak_kind": kind, "device": dev.type, "card": card, "torch": torch.__version__,
+            "monai": monai_version, "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _swinunetr(feature_size: int, classes: int, attention: str, dev: torch.device) -> torch.nn.Module:
+    from .backbones import build_model
+    from .protocol import use_run_attention
+
+    net = build_model({"name": "swinunetr", "feature_size": feature_size, "use_v2": True}, 1, classes)
+    use_run_attention(net, {"attention": attention})
+    return net.to(dev)
+
+
+def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classes: int = 14, steps: int = 10,
+                   warmup: int = 3, precision: str = "bf16", attention: str = "fused", device: str = "cuda",
+                   compile: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Time fine-tuning steps as the protocol takes them: SwinUNETR (use_v2) on ``batch`` random crops of
+    roi^3 with random labels of ``classes`` classes, DiceCE (MONAI, softmax, one-hot labels), AdamW (fused on
+    CUDA) and autocast as ``precision`` says; median of ``steps`` after ``warmup``."""
+    from monai.losses import DiceCELoss
+
+    from .protocol import autocast, make_optimizer
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    net = _swinunetr(feature_size, classes, attention, dev)
+    forward = torch.compile(net, dynamic=False) if compile else net
+    opt = make_optimizer(net.parameters(), 1e-4, 1e-5, dev)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = torch.rand(batch, 1, roi, roi, roi, device=dev)
+    y = torch.randint(0, classes, (batch, 1, roi, roi, roi), device=dev)
+    bf16 = precision == "bf16"
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with autocast(bf16, dev):
+            loss = loss_fn(forward(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    return {"bench": "finetune", "model": "swinunetr", "feature_size": feature_size, "batch": batch, "roi": roi,
+            "classes": classes, "precision": precision, "attention": attention,
+            "compile": bool(compile), "steps": steps, "warmup": warmup, "step_s": step_s,
+            "step_s_min": min(times), "step_s_max": max(times), "warmup_s": warmup_s, "loss_last": float(loss),
+            **_env_fields(dev)}
+
+
+def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), roi: int = 96, classes: int = 14,
+                overlap: float = 0.5, sw_batch_size: int = 4, mode: str = "gaussian", repeats: int = 3,
+                precision: str = "bf16", attention: str = "fused", device: str = "cuda",
+                seed: int = 0) -> dict[str, Any]:
+    """Time MONAI's sliding-window inference of one random volume of ``size`` through SwinUNETR (eval, no
+    grad) as the protocol's evaluation runs it; median of ``repeats`` after one warm-up pass."""
+    from monai.inferers import sliding_window_inference
+
+    from .protocol import autocast
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    net = _swinunetr(feature_size, classes, attention, dev).eval()
+    image = torch.rand(1, 1, *size, device=dev)
+    bf16 = precision == "bf16"
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        with autocast(bf16, dev):
+            return sliding_window_inference(image, (roi,) * 3, sw_batch_size, net, overlap=overlap, mode=mode)
+
+    run()
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = run()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return {"bench": "infer", "model": "swinunetr", "feature_size": feature_size, "size": list(size), "roi": roi,
+            "classes": classes, "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": mode,
+            "precision": precision, "attention": attention, "repeats": repeats,
+            "volume_s": statistics.median(times), "volume_s_min": min(times), "volume_s_max": max(times),
+            "output_shape": list(out.shape), **_env_fields(dev)}
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = [("method", "method"), ("model", "model"), ("world_size", "procs"), ("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
             ("use_checkpoint", "ckpt"), ("volumes_per_s", "vol/s"), ("step_s", "s/step"),
@@ -298,6 +420,39 @@ def _table(rows: list[dict[str, Any]]) -> str:
         lines.append(line)
     widths = [max(len(l[i]) for l in lines if i < len(l)) for i in range(len(cols))]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(l)) for l in lines)
+
+
+def _main_finetune_infer(args: argparse.Namespace) -> int:
+    """``bench finetune`` / ``bench infer``: one row per attention x precision, a table and the JSON."""
+    rows: list[dict[str, Any]] = []
+    for attention in args.attention:
+        for precision in args.precision:
+            common = {"feature_size": args.feature_size, "roi": args.roi, "classes": args.classes,
+                      "precision": precision, "attention": attention, "device": args.device}
+            try:
+                if args.what == "finetune":
+                    row = bench_finetune(batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                         compile=args.compile, **common)
+                else:
+                    row = bench_infer(size=args.size, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                                      repeats=args.repeats, **common)
+            except Exception as exc:  # keep the other configurations (an OOM must not end the table)
+                traceback.print_exc()
+                row = {"bench": args.what, "attention": attention, "precision": precision,
+                       "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            rows.append(row)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    key = "step_s" if args.what == "finetune" else "volume_s"
+    for r in rows:
+        figure = f"{r[key]:.4f} s" if key in r else r.get("error", "")
+        peak = f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
+        print(f"{args.what}  attention={r['attention']}  precision={r['precision']}  {key}={figure}  peak={peak}")
+    text = json.dumps(rows, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,8 +486,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="time DistributedDataParallel steps on N local GPUs (torchrun); vol/s is then global")
+    for what, help_text in (("finetune", "time fine-tuning steps of SwinUNETR (the protocol's step)"),
+                            ("infer", "time sliding-window inference of one volume")):
+        q = sub.add_parser(what, help=help_text)
+        q.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "sdpa", "monai"])
+        q.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
+        q.add_argument("--feature-size", type=int, default=48)
+        q.add_argument("--roi", type=int, default=96)
+        q.add_argument("--classes", type=int, default=14)
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--json", type=Path, default=None, help="also write the results here")
+        if what == "finetune":
+            q.add_argument("--batch", type=int, default=4)
+            q.add_argument("--steps", type=int, default=10)
+            q.add_argument("--warmup", type=int, default=3)
+            q.add_argument("--compile", action="store_true", help="torch.compile the network")
+        else:
+            q.add_argument("--size", type=int, nargs=3, default=[256, 256, 160], help="volume size X Y Z")
+            q.add_argument("--overlap", type=float, default=0.5)
+            q.add_argument("--sw-batch-size", type=int, default=4)
+            q.add_argument("--repeats", type=int, default=3)
     raw = list(argv) if argv is not None else sys.argv[1:]
     args = ap.parse_args(raw)
+    if args.what in ("finetune", "infer"):
+        return _main_finetune_infer(args)
     if args.gpus and int(__import__("os").environ.get("WORLD_SIZE", "1")) <= 1:
         from .distributed import launch
 

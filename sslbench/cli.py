@@ -125,8 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("list", "List method or task recipes with their source paper and status.")
     sp.add_argument("what", choices=("methods", "tasks"))
 
-    sp = add("bench", "Performance benchmarks (GPU): pre-training throughput of a method.")
-    sp.add_argument("rest", nargs=argparse.REMAINDER, help="e.g. pretrain --method voco --variant paper")
+    sp = add("bench", "Performance benchmarks (GPU): pre-training throughput of a method, fine-tuning steps, "
+                      "sliding-window inference.")
+    sp.add_argument("rest", nargs=argparse.REMAINDER,
+                    help="pretrain --method voco --variant paper | finetune --attention fused monai | infer")
     return p
 
 

@@ -6,6 +6,7 @@ two CPU cores.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -335,3 +336,21 @@ def test_bench_finds_generated_kernel_sources(tmp_path):
     written = save_kernel_sources(top, tmp_path / "out", cache=cache)
     assert [f.name for f in written] == ["00-10.80ms-triton_red_fused_norm_3.py"]       # the _1 kernel: no source
     assert "def triton_red_fused_norm_3(in_ptr0, out_ptr0)" in written[0].read_text()
+
+
+def test_bench_finetune_and_infer_run_on_cpu(tmp_path, capsys):
+    """sslbench bench finetune / infer: the protocol's fine-tuning step and sliding-window inference, timed."""
+    from sslbench.bench import main
+
+    out = tmp_path / "ft.json"
+    assert main(["finetune", "--device", "cpu", "--feature-size", "12", "--roi", "64", "--batch", "1", "--steps",
+                 "1", "--warmup", "0", "--classes", "3", "--precision", "fp32", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())[0]
+    assert row["bench"] == "finetune" and row["step_s"] > 0 and row["attention"] == "fused"
+    assert row["roi"] == 64 and row["classes"] == 3 and math.isfinite(row["loss_last"])
+    out = tmp_path / "inf.json"
+    assert main(["infer", "--device", "cpu", "--feature-size", "12", "--roi", "64", "--size", "80", "72", "64",
+                 "--repeats", "1", "--classes", "3", "--precision", "fp32", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())[0]
+    assert row["bench"] == "infer" and row["volume_s"] > 0 and row["output_shape"] == [1, 3, 80, 72, 64]
+    assert "infer  attention=fused" in capsys.readouterr().out
