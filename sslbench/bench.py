@@ -301,6 +301,18 @@ def _env_fields(dev: torch.device) -> dict[str, Any]:
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def _bench_device(precision: str, device: str, seed: int) -> torch.device:
+    """Check ``precision``, seed, and set up the device of a fine-tuning / inference benchmark."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    return dev
+
+
 def _swinunetr(feature_size: int, classes: int, attention: str, dev: torch.device) -> torch.nn.Module:
     from .backbones import build_model
     from .protocol import use_run_attention
@@ -320,13 +332,7 @@ def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classe
 
     from .protocol import autocast, make_optimizer
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    dev = torch.device(device)
-    torch.manual_seed(seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(dev)
+    dev = _bench_device(precision, device, seed)
     net = _swinunetr(feature_size, classes, attention, dev)
     forward = torch.compile(net, dynamic=False) if compile else net
     opt = make_optimizer(net.parameters(), 1e-4, 1e-5, dev)
@@ -372,13 +378,7 @@ def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), r
 
     from .protocol import autocast
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    dev = torch.device(device)
-    torch.manual_seed(seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(dev)
+    dev = _bench_device(precision, device, seed)
     net = _swinunetr(feature_size, classes, attention, dev).eval()
     image = torch.rand(1, 1, *size, device=dev)
     bf16 = precision == "bf16"
