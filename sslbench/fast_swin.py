@@ -7,7 +7,7 @@ when autograd is off. ``use_sdpa_window_attention(module, kernel)`` switches eve
 and state-dict keys:
 
 * ``"fused"``: sslbench/window_attention.py's Triton kernels (CUDA + Triton, power-of-two head dim >= 16, no
-  attention dropout in training), SDPA otherwise;
+  attention dropout in training); otherwise SDPA on CUDA and MONAI's own computation on a CPU;
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with the bias + mask materialised.
 
 The Swin LayerNorms become ``_LowPrecisionLayerNorm`` (bf16 outputs under autocast; their outputs only feed
@@ -89,6 +89,11 @@ class _SDPAWindowAttention(_window_attention_class()):
         h = self.num_heads
         if self._fused_ok(x):
             return self.proj_drop(self.proj(_fused(self, x, mask)))
+        if self.kernel == "fused" and not x.is_cuda:
+            # off CUDA MONAI's own computation: faster than SDPA on a CPU (`sslbench bench finetune --device cpu
+            # --feature-size 12 --roi 64 --batch 2 --classes 8 --precision fp32`, 2 cores, 2026-11-27: 4.52 / 4.53 s
+            # a step against 4.76 / 4.82 s with SDPA, two runs each)
+            return super().forward(x, mask)
         q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)   # [b, h, n, d]
         fn = _window_sdpa_opaque if self.opaque_to_compile else _window_sdpa
         out = fn(q, k, v, self.relative_position_bias_table, self.relative_position_index, mask, self.scale,

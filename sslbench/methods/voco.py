@@ -53,7 +53,7 @@ position bias + shift mask, gradients to the bias table included) and the Swin L
 under autocast (their outputs only feed Linears, which autocast casts to bf16 anyway):
 ``"fused"`` (default) runs sslbench/window_attention.py, a Triton kernel that reads the bias table and
 the shift-mask region ids per window instead of materialising a (windows, heads, n, n) bias, in forward
-and backward (CUDA with Triton and a power-of-two head dim; anything else falls back to SDPA);
+and backward (CUDA with Triton and a power-of-two head dim; otherwise SDPA on CUDA, MONAI's math on a CPU);
 ``"sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernel) with the
 bias materialised; ``"monai"`` keeps MONAI's modules as they are (and turns on MONAI's own SDPA path for
 the no-grad teacher). Parameter names and the state-dict layout are unchanged. With the teacher-student
