@@ -29,6 +29,10 @@ import torch
 PRECISIONS = ("bf16", "fp32")
 
 
+# torch.compile modes that capture CUDA graphs (their memory sits in a private pool)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def _recipe_params(method: str) -> dict[str, Any]:
     """The ``params`` of methods/<method>.yaml (validated; found in a checkout or an installed wheel)."""
     from . import recipes
@@ -248,7 +252,13 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         profile_table = averages.table(sort_by=key, row_limit=40, max_name_column_width=70)
         if dev.type == "cuda":   # the generated kernels that took the most device time, for reading
             profile_kernels = top_generated_kernels(averages)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and compile and compile_mode in CUDA_GRAPH_MODES:
+        # CUDA graphs keep the step's tensors in a private pool filled during warm-up; replays allocate
+        # nothing, so the allocated peak after warm-up would miss them: report what the process holds.
+        peak_gib = torch.cuda.max_memory_reserved(dev) / 2**30
+        card = torch.cuda.get_device_name(dev)
+        peak_kind = "torch.cuda.max_memory_reserved (CUDA graph pool)"
+    elif dev.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30
         card = torch.cuda.get_device_name(dev)
         peak_kind = "torch.cuda.max_memory_allocated"
@@ -370,25 +380,37 @@ def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classe
 
 def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), roi: int = 96, classes: int = 14,
                 overlap: float = 0.5, sw_batch_size: int = 4, mode: str = "gaussian", repeats: int = 3,
-                precision: str = "bf16", attention: str = "fused", device: str = "cuda",
-                seed: int = 0) -> dict[str, Any]:
-    """Time MONAI's sliding-window inference of one random volume of ``size`` through SwinUNETR (eval, no
-    grad) as the protocol's evaluation runs it; median of ``repeats`` after one warm-up pass."""
+                precision: str = "bf16", attention: str = "fused", device: str = "cuda", compile: bool = False,
+                agreement: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Time MONAI's sliding-window inference of one synthetic volume of ``size`` (``phantom_volumes``) through
+    SwinUNETR (eval, no grad) as the protocol's evaluation runs it; median of ``repeats`` after one warm-up
+    pass (which also compiles, with ``compile``).
+
+    With ``agreement``, the same weights are also run the reference way (MONAI's attention, fp32, no compile)
+    and the label maps (argmax over classes) are compared: ``agreement_dice`` is the mean over classes of the
+    Dice (%) between this configuration's labels and the reference's, ``agreement_voxels`` the fraction of
+    voxels with the same label. The weights are random (no trained model ships with the benchmark), which
+    makes this a strict check: untrained logits sit close together, so rounding flips labels more easily
+    than in a trained network."""
     from monai.inferers import sliding_window_inference
 
     from .protocol import autocast
 
     dev = _bench_device(precision, device, seed)
     net = _swinunetr(feature_size, classes, attention, dev).eval()
-    image = torch.rand(1, 1, *size, device=dev)
+    forward = torch.compile(net, dynamic=False) if compile else net
+    image = phantom_volumes(1, size, dev, seed=seed)
     bf16 = precision == "bf16"
 
     @torch.no_grad()
-    def run() -> torch.Tensor:
-        with autocast(bf16, dev):
-            return sliding_window_inference(image, (roi,) * 3, sw_batch_size, net, overlap=overlap, mode=mode)
+    def run(model=forward, low_precision=bf16, window_batch=sw_batch_size) -> torch.Tensor:
+        with autocast(low_precision, dev):
+            return sliding_window_inference(image, (roi,) * 3, window_batch, model, overlap=overlap, mode=mode)
 
+    t0 = time.perf_counter()
     run()
+    _sync(dev)
+    warmup_s = time.perf_counter() - t0
     _sync(dev)
     times = []
     for _ in range(repeats):
@@ -396,11 +418,34 @@ def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), r
         out = run()
         _sync(dev)
         times.append(time.perf_counter() - t)
-    return {"bench": "infer", "model": "swinunetr", "feature_size": feature_size, "size": list(size), "roi": roi,
-            "classes": classes, "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": mode,
-            "precision": precision, "attention": attention, "repeats": repeats,
-            "volume_s": statistics.median(times), "volume_s_min": min(times), "volume_s_max": max(times),
-            "output_shape": list(out.shape), **_env_fields(dev)}
+    row = {"bench": "infer", "model": "swinunetr", "feature_size": feature_size, "size": list(size), "roi": roi,
+           "classes": classes, "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": mode,
+           "precision": precision, "attention": attention, "compile": bool(compile), "repeats": repeats,
+           "volume_s": statistics.median(times), "volume_s_min": min(times), "volume_s_max": max(times),
+           "warmup_s": warmup_s, "output_shape": list(out.shape), **_env_fields(dev)}
+    if agreement:
+        labels = out.argmax(1)
+        del out
+        reference_net = _swinunetr(feature_size, classes, "monai", dev).eval()
+        reference_net.load_state_dict(net.state_dict())
+        reference = run(reference_net, False, sw_batch_size).argmax(1)
+        row.update(label_agreement(labels, reference, classes))
+    return row
+
+
+def label_agreement(labels: torch.Tensor, reference: torch.Tensor, classes: int) -> dict[str, float]:
+    """How far label map ``labels`` is from ``reference`` (same shape, integer classes): the mean over the
+    classes present in either map of Dice 2|A∩B|/(|A|+|B|) in %, and the fraction of equal voxels."""
+    if labels.shape != reference.shape:
+        raise ValueError(f"label maps differ in shape: {tuple(labels.shape)} vs {tuple(reference.shape)}")
+    dices = []
+    for c in range(classes):
+        a, b = labels == c, reference == c
+        total = int(a.sum()) + int(b.sum())
+        if total:
+            dices.append(200.0 * int((a & b).sum()) / total)
+    return {"agreement_dice": float(sum(dices) / len(dices)) if dices else 100.0,
+            "agreement_voxels": float((labels == reference).float().mean())}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -435,7 +480,8 @@ def _main_finetune_infer(args: argparse.Namespace) -> int:
                                          compile=args.compile, **common)
                 else:
                     row = bench_infer(size=args.size, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                                      repeats=args.repeats, **common)
+                                      repeats=args.repeats, compile=args.compile,
+                                      agreement=not args.no_agreement, **common)
             except Exception as exc:  # keep the other configurations (an OOM must not end the table)
                 traceback.print_exc()
                 row = {"bench": args.what, "attention": attention, "precision": precision,
@@ -447,7 +493,9 @@ def _main_finetune_infer(args: argparse.Namespace) -> int:
     for r in rows:
         figure = f"{r[key]:.4f} s" if key in r else r.get("error", "")
         peak = f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
-        print(f"{args.what}  attention={r['attention']}  precision={r['precision']}  {key}={figure}  peak={peak}")
+        agree = f"  agreement_dice={r['agreement_dice']:.3f}%" if "agreement_dice" in r else ""
+        print(f"{args.what}  attention={r['attention']}  precision={r['precision']}  compile={r.get('compile')}  "
+              f"{key}={figure}  peak={peak}{agree}")
     text = json.dumps(rows, indent=1)
     print(text)
     if args.json:
@@ -496,12 +544,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--classes", type=int, default=14)
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--json", type=Path, default=None, help="also write the results here")
+        q.add_argument("--compile", action="store_true", help="torch.compile the network")
         if what == "finetune":
             q.add_argument("--batch", type=int, default=4)
             q.add_argument("--steps", type=int, default=10)
             q.add_argument("--warmup", type=int, default=3)
-            q.add_argument("--compile", action="store_true", help="torch.compile the network")
         else:
+            q.add_argument("--no-agreement", action="store_true",
+                           help="skip the label-map comparison with the fp32 MONAI-attention reference")
             q.add_argument("--size", type=int, nargs=3, default=[256, 256, 160], help="volume size X Y Z")
             q.add_argument("--overlap", type=float, default=0.5)
             q.add_argument("--sw-batch-size", type=int, default=4)

@@ -20,7 +20,7 @@ EXAMPLES = {
     "run": "sslbench run --method scratch --task phantom-btcv\n  sslbench run --method voco --task mmwhs --root /data/MM-WHS --preset paper\n  sslbench run --task phantom-mmwhs --seed 1 --set task.finetune.max_steps=200",
     "pretrain": "sslbench pretrain --method voco\n  sslbench pretrain --method voco --corpus phantom-corpus --set method.params.lambda=0.5",
     "finetune": "sslbench finetune --task phantom-btcv --init runs/pretrain/voco/phantom-corpus/<hash>-s0/checkpoints/backbone.pt\n  sslbench finetune --task btcv --root /data/BTCV --init model_swinvit.pt --method swinunetr-ssl",
-    "evaluate": "sslbench evaluate runs/finetune/phantom-btcv/scratch/<hash>-s0\n  sslbench evaluate RUN_DIR --checkpoint RUN_DIR/checkpoints/last.pt",
+    "evaluate": "sslbench evaluate runs/finetune/phantom-btcv/scratch/<hash>-s0\n  sslbench evaluate RUN_DIR --checkpoint RUN_DIR/checkpoints/last.pt\n  sslbench evaluate RUN_DIR --precision fp32 --attention monai   # the reference, beside the run's own Dice",
     "sweep": "sslbench sweep lambda --task phantom-mmwhs --values 0.5 1.0 1.5",
     "report": "sslbench report --format md --out leaderboards/rendered",
     "data": "sslbench data synth --like btcv --out /tmp/btcv-phantom --cases 8\n  sslbench data check --task btcv --root /tmp/btcv-phantom",
@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir", help="a run folder under runs/finetune/")
     sp.add_argument("--checkpoint", help="checkpoint to evaluate (default: best.pt, else last.pt)")
     sp.add_argument("--root", help="dataset root (default: the one recorded)")
+    sp.add_argument("--precision", choices=["bf16", "fp32"],
+                    help="override the run's precision for this evaluation (writes evaluation-<prec>-<attn>.json)")
+    sp.add_argument("--attention", choices=["fused", "sdpa", "monai"],
+                    help="override the run's window attention for this evaluation (same file naming)")
 
     sp = add("sweep", "Optuna sweeps over recipe keys (the lambda ablation first).")
     sp.add_argument("key", nargs="?", default="lambda")
@@ -251,11 +255,14 @@ def _cmd_finetune(args, console) -> int:
 def _cmd_evaluate(args, console) -> int:
     from . import protocol
 
-    res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console)
+    res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console,
+                              precision=args.precision, attention=args.attention)
     rec = json.loads((Path(args.run_dir) / "metrics.json").read_text()) if (Path(args.run_dir) / "metrics.json").is_file() else {}
     _results_table({**rec, **res, "method": rec.get("method", "?"), "task_title": rec.get("task_title", "?"),
                     "checkpoint": res["checkpoint"]}, console)
-    console.print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
+    if "precision" in res:
+        console.print(f"evaluated with {res['precision']}, attention {res['attention']} on {res['device']}")
+    console.print(f"written: {res.get('written', Path(args.run_dir) / 'evaluation.json')}")
     return 0
 
 

@@ -715,8 +715,12 @@ def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], s
 
 
 def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | Path | None = None,
-               console=None) -> dict:
-    """Evaluate a finished fine-tuning run again (e.g. with another checkpoint); writes evaluation.json."""
+               console=None, precision: str | None = None, attention: str | None = None) -> dict:
+    """Evaluate a finished fine-tuning run again (e.g. with another checkpoint); writes evaluation.json.
+
+    ``precision`` (bf16 | fp32) and ``attention`` (fused | sdpa | monai) override the run's own settings for
+    this evaluation only, to check that fast inference gives the reference's Dice; the result then goes to
+    evaluation-<precision>-<attention>.json (never over the run's evaluation.json) and records both."""
     from .data.transforms import preprocess_transforms
 
     record = RunRecord(run_dir)
@@ -727,9 +731,24 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     if task["kind"] in ("classification", "classification2d"):
         from . import classify
 
+        if precision is not None or attention is not None:
+            raise RecipeError(f"{record.path}: --precision/--attention overrides apply to segmentation runs; "
+                              f"this is a {task['kind']} run")
         return classify.reevaluate(record, cfg, checkpoint=checkpoint, root=root, console=console)
-    device = select_device(cfg["run"])
-    bf16 = use_bf16(cfg["run"], device)
+    run_cfg = dict(cfg["run"])
+    overridden = precision is not None or attention is not None
+    if precision is not None:
+        if precision not in ("bf16", "fp32"):
+            raise RecipeError(f"--precision: {precision!r}; expected bf16 or fp32")
+        run_cfg["precision"] = precision
+    if attention is not None:
+        from .fast_swin import ATTENTIONS
+
+        if attention not in ATTENTIONS:
+            raise RecipeError(f"--attention: {attention!r}; expected one of {', '.join(ATTENTIONS)}")
+        run_cfg["attention"] = attention
+    device = select_device(run_cfg)
+    bf16 = use_bf16(run_cfg, device)
     root_path, phantom = locate_data(task, root or (cfg.get("data") or {}).get("root"))
     splits = read_splits(task, root_path)
     ckpt = Path(checkpoint) if checkpoint else next((p for p in (record.ckpt_dir / "best.pt", record.ckpt_dir / "last.pt") if p.is_file()), None)
@@ -737,7 +756,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
         raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
     model = build_model(cfg["model"], input_channels(task), output_channels(task),
                         img_size=tuple(task["finetune"]["roi"]))
-    use_run_attention(model, cfg["run"])
+    use_run_attention(model, run_cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.to(device)
@@ -746,8 +765,13 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
         cases = load_cases(splits["val"], preprocess_transforms(task), "preprocess val", progress)
         rows = evaluate_segmentation(model, cases, task, device, bf16, progress)
     summary = summarize(rows, score_names(task))
-    out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **summary, "cases": rows}
-    atomic_write_json(record.path / "evaluation.json", out)
+    settings = {"precision": "bf16" if bf16 else "fp32", "attention": str(run_cfg.get("attention", "fused")),
+                "device": str(device)}
+    out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **settings, **summary,
+           "cases": rows}
+    name = f"evaluation-{settings['precision']}-{settings['attention']}.json" if overridden else "evaluation.json"
+    out["written"] = str(record.path / name)
+    atomic_write_json(record.path / name, out)
     return out
 
 

@@ -353,4 +353,20 @@ def test_bench_finetune_and_infer_run_on_cpu(tmp_path, capsys):
                  "--repeats", "1", "--classes", "3", "--precision", "fp32", "--json", str(out)]) == 0
     row = json.loads(out.read_text())[0]
     assert row["bench"] == "infer" and row["volume_s"] > 0 and row["output_shape"] == [1, 3, 80, 72, 64]
+    # off CUDA 'fused' runs MONAI's own attention, so fp32 labels equal the reference's exactly
+    assert row["agreement_dice"] == 100.0 and row["agreement_voxels"] == 1.0
     assert "infer  attention=fused" in capsys.readouterr().out
+
+
+def test_label_agreement_on_hand_made_maps():
+    """Dice per class between label maps, averaged over the classes present in either, and voxel agreement."""
+    from sslbench.bench import label_agreement
+
+    ref = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    got = torch.tensor([0, 1, 1, 1, 2, 2, 2, 0])
+    # class 0: |A|=2 |B|=2 inter 1 -> 50; class 1: 3, 2, 2 -> 80; class 2: 3, 4, 3 -> 600/7
+    r = label_agreement(got, ref, classes=4)          # class 3 is absent from both maps: not averaged
+    assert r["agreement_dice"] == pytest.approx((50 + 80 + 600 / 7) / 3)
+    assert r["agreement_voxels"] == pytest.approx(6 / 8)
+    with pytest.raises(ValueError, match="differ in shape"):
+        label_agreement(got[:4], ref, classes=3)
