@@ -340,11 +340,11 @@ def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classe
     CUDA) and autocast as ``precision`` says; median of ``steps`` after ``warmup``."""
     from monai.losses import DiceCELoss
 
-    from .protocol import autocast, make_optimizer
+    from .protocol import autocast, compiled, make_optimizer
 
     dev = _bench_device(precision, device, seed)
     net = _swinunetr(feature_size, classes, attention, dev)
-    forward = torch.compile(net, dynamic=False) if compile else net
+    forward = compiled(net, {"compile": compile})     # as run.compile does in the protocol
     opt = make_optimizer(net.parameters(), 1e-4, 1e-5, dev)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.rand(batch, 1, roi, roi, roi, device=dev)
@@ -394,11 +394,11 @@ def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), r
     than in a trained network."""
     from monai.inferers import sliding_window_inference
 
-    from .protocol import autocast
+    from .protocol import autocast, compiled
 
     dev = _bench_device(precision, device, seed)
     net = _swinunetr(feature_size, classes, attention, dev).eval()
-    forward = torch.compile(net, dynamic=False) if compile else net
+    forward = compiled(net, {"compile": compile})     # as run.compile does in the protocol
     image = phantom_volumes(1, size, dev, seed=seed)
     bf16 = precision == "bf16"
 

@@ -328,7 +328,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
 
         job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
-        train_model = distributed.wrap(model, dist, device)   # DDP under torchrun; the model itself otherwise
+        train_model = P.compiled(distributed.wrap(model, dist, device), cfg["run"])   # DDP under torchrun
         loss_sum, loss_n = torch.zeros((), device=device), 0
         for step in range(start, total):
             stream = [seed, step] if dist.rank == 0 else [seed, step, dist.rank]   # rank 0 = one process
@@ -351,6 +351,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
             done = step + 1
             if done % ft.get("log_every", 10) == 0 or done == total:
                 mean_loss = float(dist.mean(loss_sum / loss_n))
+                P.stop_if_not_finite(mean_loss, done, record, cfg["run"], "fine-tuning")
                 loss_sum.zero_()
                 loss_n = 0
                 history.append({"step": done, "loss": mean_loss})

@@ -119,6 +119,15 @@ class _LowPrecisionLayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
+def keep_sdpa_out_of_compile(module: nn.Module) -> int:
+    """Mark every swapped window attention of ``module`` so that its SDPA branch runs eagerly inside a
+    torch.compile'd model (the fused kernel is a custom operator and compiles either way); returns how many."""
+    found = [m for m in module.modules() if isinstance(m, _SDPAWindowAttention)]
+    for m in found:
+        m.opaque_to_compile = True
+    return len(found)
+
+
 def use_sdpa_window_attention(module: nn.Module, kernel: str = "fused") -> int:
     """Switch every MONAI WindowAttention inside ``module`` to the fast form (``kernel``: "fused" = the
     Triton kernel of sslbench.window_attention where it can run, else SDPA; "sdpa" = SDPA always) and its

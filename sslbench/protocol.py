@@ -200,6 +200,11 @@ def make_progress(console=None):
 # Evaluation (shared by every method): sliding-window inference, Dice per class per case
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
+def plain(x: Any) -> torch.Tensor:
+    """``x`` as a plain torch.Tensor (a MONAI MetaTensor loses its metadata, not its data; no copy)."""
+    return torch.as_tensor(x).as_subclass(torch.Tensor)
+
+
 def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mapping[str, Any],
                           device: torch.device, bf16: bool, progress=None) -> list[dict]:
     """Per-case scores of each scored channel (foreground classes, or the task's regions).
@@ -220,8 +225,10 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
     rows = []
     job = progress.add_task("evaluate", total=len(cases), info="") if progress is not None else None
     for case in cases:
-        image = case["image"].unsqueeze(0).to(device)
-        label = case["label"].unsqueeze(0).to(device).long()
+        # plain tensors: a MONAI MetaTensor would carry its __torch_function__ through every layer (and break
+        # torch.compile's graphs); the scores need no metadata
+        image = plain(case["image"]).unsqueeze(0).to(device)
+        label = plain(case["label"]).unsqueeze(0).to(device).long()
         with autocast(bf16, device):
             logits = sliding_window_inference(image, roi, ev["sw_batch_size"], model, overlap=ev["overlap"],
                                               mode=ev.get("mode", "gaussian"))
@@ -488,8 +495,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                 case = train_cases[int(i)]
                 out = mine({"image": case["image"], "label": case["label"]})
                 crops.extend(out if isinstance(out, list) else [out])
-            x = torch.stack([torch.as_tensor(c["image"]) for c in crops]).float()
-            y = torch.stack([torch.as_tensor(c["label"]) for c in crops]).float()
+            x = torch.stack([plain(c["image"]) for c in crops]).float()
+            y = torch.stack([plain(c["label"]) for c in crops]).float()
             return x, y
 
         def save_last(step: int) -> None:
@@ -504,7 +511,8 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         fetch = Prefetcher(make_batch, start, total, depth=4, workers=workers)
         train_job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
-        train_model = distributed.wrap(model, dist, device)   # DDP under torchrun; the model itself otherwise
+        train_model = compiled(distributed.wrap(model, dist, device), cfg["run"])   # DDP under torchrun
+        eval_model = compiled(model, cfg["run"])
         loss_sum, loss_n = torch.zeros((), device=device), 0
         try:
             for step in range(start, total):
@@ -522,13 +530,14 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                 done = step + 1
                 if done % ft.get("log_every", 10) == 0 or done == total:
                     mean_loss = float(dist.mean(loss_sum / loss_n))
+                    stop_if_not_finite(mean_loss, done, record, cfg["run"], "fine-tuning")
                     loss_sum.zero_()
                     loss_n = 0
                     history.append({"step": done, "loss": mean_loss})
                     record.log(f"step {done}/{total} loss {mean_loss:.4f}")
                     progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best {best:.3f}" if best >= 0 else ""))
                 if val_every and (done % val_every == 0 or done == total):
-                    rows = _evaluate_sharded(model, val_cases, task, device, bf16, dist)
+                    rows = _evaluate_sharded(eval_model, val_cases, task, device, bf16, dist)
                     score = float(np.nanmean([r["mean"] for r in rows]))
                     history.append({"step": done, "val_dice": score})
                     record.log(f"step {done} validation dice {score:.4f}")
@@ -553,7 +562,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         if best_step > 0 and (record.ckpt_dir / "best.pt").is_file():
             model.load_state_dict(torch.load(record.ckpt_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
             chosen = f"best (step {best_step})"
-        rows = _evaluate_sharded(model, val_cases, task, device, bf16, dist, progress)
+        rows = _evaluate_sharded(eval_model, val_cases, task, device, bf16, dist, progress)
 
     if not dist.is_main:
         dist.barrier()
@@ -592,6 +601,46 @@ def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, co
     action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
     say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
     return dist, protocol, record, action, say
+
+
+def stop_if_not_finite(loss: float, step: int, record: "RunRecord", run_cfg: Mapping[str, Any], stage: str) -> None:
+    """A NaN / inf training loss ends the run with a one-line error instead of training on (and scoring)
+    garbage; the run stays unfinished, with its last checkpoint from before the logging window."""
+    if math.isfinite(loss):
+        return
+    msg = (f"{record.path}: the {stage} loss is {loss} at step {step} (precision "
+           f"{run_cfg.get('precision', 'auto')}, compile {bool(run_cfg.get('compile'))}, attention "
+           f"{run_cfg.get('attention', 'fused')}); the run was stopped unfinished. Try a lower learning rate or "
+           f"--set run.precision=fp32, then run again with --force")
+    record.log(msg)
+    raise RunError(msg)
+
+
+def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """``run.compile``: ``torch.compile(module, dynamic=False)`` (the crops and windows have fixed shapes),
+    else ``module`` itself. The compiled wrapper shares the module's parameters; checkpoints are always
+    written from the module itself, so their keys carry no ``_orig_mod.`` prefix. The Swin attention's SDPA
+    branch (head dims the fused kernel does not take, e.g. the tiny preset's 4) is kept out of the compiled
+    graph, as in the methods' compiled pre-training: compiled, it gave NaN losses on an H100 (2026-11-27,
+    tiny preset on phantom BTCV, eager finite)."""
+    if not run_cfg.get("compile"):
+        return module
+    from .fast_swin import keep_sdpa_out_of_compile
+
+    keep_sdpa_out_of_compile(module)
+    return torch.compile(module, dynamic=False)
+
+
+def compile_method(method: torch.nn.Module, run_cfg: Mapping[str, Any]) -> None:
+    """``run.compile`` for a pre-training method: its own ``compile_encoders`` where it has one (VoCo
+    compiles the student and teacher encoders and leaves the batched crop / loss code eager), else its
+    ``forward``; the benchmark (``sslbench bench pretrain --compile``) compiles the same way."""
+    if not run_cfg.get("compile"):
+        return
+    if hasattr(method, "compile_encoders"):
+        method.compile_encoders(dynamic=False)
+    else:
+        method.forward = torch.compile(method.forward, dynamic=False)
 
 
 def use_run_attention(model: torch.nn.Module, run_cfg: Mapping[str, Any]) -> int:
@@ -763,7 +812,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     progress = make_progress(console)
     with progress:
         cases = load_cases(splits["val"], preprocess_transforms(task), "preprocess val", progress)
-        rows = evaluate_segmentation(model, cases, task, device, bf16, progress)
+        rows = evaluate_segmentation(compiled(model, run_cfg), cases, task, device, bf16, progress)
     summary = summarize(rows, score_names(task))
     settings = {"precision": "bf16" if bf16 else "fp32", "attention": str(run_cfg.get("attention", "fused")),
                 "device": str(device)}
@@ -844,6 +893,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
             say(f"resuming {record.path} from step {start}/{total}")
         # Under torchrun: DDP averages gradients; each rank draws its own batch (rank 0 draws what a single
         # process would), so the global batch is world_size x batch_size.
+        compile_method(method, cfg["run"])
         step_fn = distributed.wrap(method, dist, device)
         job = progress.add_task(f"pretrain {method_cfg['name']}", total=total, completed=start, info="")
         acc: dict[str, torch.Tensor] = {}
@@ -868,6 +918,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
             done = step + 1
             if done % pt.get("log_every", 10) == 0 or done == total:
                 entry = {"step": done, **{k: float(dist.mean(v.to(device) / n_acc)) for k, v in acc.items()}}
+                stop_if_not_finite(entry["loss"], done, record, cfg["run"], "pre-training")
                 history.append(entry)
                 acc, n_acc = {}, 0
                 if dist.is_main:

@@ -227,7 +227,7 @@ DEFAULTS_SCHEMA = Spec(fields={
         "seed": INT, "device": STR, "precision": Spec(choices=("auto", "fp32", "bf16")), "out": STR,
         "num_threads": INT, "preset": Spec(choices=PRESETS), "label": STR,
         "cache": Spec(choices=("read", "write", "none")),
-        "attention": Spec(choices=("fused", "sdpa", "monai")),
+        "attention": Spec(choices=("fused", "sdpa", "monai")), "compile": BOOL,
     }),
     "model": Spec(fields={
         "name": Spec(choices=("swinunetr", "unet3d", "unetr")), "feature_size": INT, "use_v2": BOOL,
@@ -498,7 +498,7 @@ def _check_scoring(task: Mapping[str, Any], task_file: str) -> None:
 #: keys that change how a run computes, not what: the same protocol whatever their values (the window-attention
 #: kernel computes the same function, to rounding, with any of its values)
 _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.cache", "recipe_files",
-                 "method.params.attention", "run.attention")
+                 "method.params.attention", "run.attention", "run.compile")
 
 
 def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:

@@ -98,3 +98,62 @@ def test_seed_reproduces_metrics(phantom_home, tmp_path):
     a, b, c = read(tmp_path / "s0a"), read(tmp_path / "s0b"), read(tmp_path / "s1")
     assert [x["mean"] for x in a["cases"]] == pytest.approx([x["mean"] for x in b["cases"]], abs=5e-4)
     assert a["history"] != c["history"]
+
+
+def test_run_compile_compiles_training_and_evaluation_and_is_not_protocol(phantom_home, tmp_path, monkeypatch,
+                                                                          capsys):
+    """run.compile=true: the training and evaluation networks go through torch.compile (here with Dynamo's
+    eager backend, to keep the CPU test short), checkpoints keep the plain keys, and the setting does not
+    change the protocol: the same run without it is recognised as already finished."""
+    import torch
+
+    from sslbench import protocol
+
+    real_compile, calls = torch.compile, []
+
+    def eager_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    short = ["--set", "task.finetune.max_steps=2", "--set", "task.finetune.val_every=0"]
+    assert _run(tmp_path, *short, "--set", "run.compile=true") == 0
+    assert len(calls) == 2 and all(c.get("dynamic") is False for c in calls)    # training and evaluation
+    run = _only_run(tmp_path)
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert state and not any(k.startswith("_orig_mod.") for k in state)
+    assert 0.0 <= json.loads((run / "metrics.json").read_text())["mean_dice"] <= 1.0
+    capsys.readouterr()
+    assert _run(tmp_path, *short) == 0 and "already finished" in capsys.readouterr().out
+
+    # Pre-training methods: their own compile_encoders where they have one, else their forward.
+    class WithEncoders(torch.nn.Module):
+        compiled_with = None
+
+        def compile_encoders(self, **kwargs):
+            self.compiled_with = kwargs
+
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    a, b = WithEncoders(), Plain()
+    protocol.compile_method(a, {"compile": True})
+    protocol.compile_method(b, {"compile": True})
+    assert a.compiled_with == {"dynamic": False} and "forward" in vars(b)
+    assert float(b(torch.zeros(()))) == 1.0
+    c = Plain()
+    protocol.compile_method(c, {"compile": False})
+    assert "forward" not in vars(c)
+
+
+def test_a_diverging_run_stops_with_a_one_line_error(phantom_home, tmp_path, capsys):
+    """A NaN / inf loss ends fine-tuning with an error naming the run, step and settings; nothing is scored."""
+    code = _run(tmp_path, "--set", "task.finetune.lr=1e30", "--set", "task.finetune.max_steps=4",
+                "--set", "task.finetune.val_every=0")
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "fine-tuning loss is" in err and "at step 4" in err and "run.precision=fp32" in err
+    run = _only_run(tmp_path)
+    assert not (run / "metrics.json").exists()
+    assert json.loads((run / "status.json").read_text())["state"] != "finished"

@@ -74,7 +74,7 @@ from torch import nn
 
 from ..backbones import build_swinunetr
 from ..errors import RecipeError
-from ..fast_swin import ATTENTIONS, _SDPAWindowAttention, use_sdpa_window_attention
+from ..fast_swin import ATTENTIONS, _SDPAWindowAttention, keep_sdpa_out_of_compile, use_sdpa_window_attention
 from .base import PretrainMethod
 
 VARIANTS = ("paper", "teacher-student")
@@ -411,9 +411,7 @@ class VoCo(PretrainMethod):
 
     def compile_encoders(self, **kwargs: Any) -> None:
         """torch.compile the backbone + head calls (static shapes); crops and losses stay eager."""
-        for m in self.modules():
-            if isinstance(m, _SDPAWindowAttention):
-                m.opaque_to_compile = True
+        keep_sdpa_out_of_compile(self)
         # static shapes: the stages call the same block code with four shapes, and automatic dynamic
         # shapes would turn every recompile into a slower symbolic one
         import torch._dynamo
