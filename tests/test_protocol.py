@@ -46,14 +46,14 @@ def test_end_to_end_run_writes_a_complete_record(phantom_home, tmp_path, capsys)
     assert header.startswith("case,spleen,right kidney") and header.endswith(",mean")
 
     # Evaluating again with other inference settings writes its own file, never over evaluation.json; on the
-    # CPU the run's own settings (fp32, 'fused' = MONAI's attention off CUDA) give the same Dice.
+    # CPU the run's own settings (fp32, 'fused' = SDPA off CUDA without autograd) give the same Dice to rounding.
     assert main(["evaluate", str(run), "--precision", "fp32", "--attention", "monai"]) == 0
     assert "evaluation-fp32-monai.json" in capsys.readouterr().out and not (run / "evaluation.json").exists()
     other = json.loads((run / "evaluation-fp32-monai.json").read_text())
     assert other["precision"] == "fp32" and other["attention"] == "monai" and other["phantom"] is True
     assert main(["evaluate", str(run)]) == 0
     own = json.loads((run / "evaluation.json").read_text())
-    assert own["attention"] == "fused" and own["mean_dice"] == pytest.approx(other["mean_dice"], abs=1e-6)
+    assert own["attention"] == "fused" and own["mean_dice"] == pytest.approx(other["mean_dice"], abs=1e-3)
     capsys.readouterr()
 
     # The identical run is skipped with a clear message; a different protocol gets its own folder.

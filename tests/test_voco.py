@@ -353,8 +353,8 @@ def test_bench_finetune_and_infer_run_on_cpu(tmp_path, capsys):
                  "--repeats", "1", "--classes", "3", "--precision", "fp32", "--json", str(out)]) == 0
     row = json.loads(out.read_text())[0]
     assert row["bench"] == "infer" and row["volume_s"] > 0 and row["output_shape"] == [1, 3, 80, 72, 64]
-    # off CUDA 'fused' runs MONAI's own attention, so fp32 labels equal the reference's exactly
-    assert row["agreement_dice"] == 100.0 and row["agreement_voxels"] == 1.0
+    # off CUDA and without autograd 'fused' runs SDPA: the reference's function in fp32, to rounding
+    assert row["agreement_dice"] > 99.0 and row["agreement_voxels"] > 0.99
     assert "infer  attention=fused" in capsys.readouterr().out
 
 

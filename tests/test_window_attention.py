@@ -75,6 +75,29 @@ def test_dispatch_falls_back_to_sdpa_off_cuda():
         V.use_sdpa_window_attention(fused, kernel="flash")
 
 
+def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkeypatch):
+    """On a CPU 'fused' picks the faster of the two exact forms: MONAI's own computation when autograd records
+    (training), SDPA without it (evaluation, a no-grad teacher); both give MONAI's values."""
+    from monai.networks.nets import SwinUNETR
+
+    import sslbench.fast_swin as fs
+
+    torch.manual_seed(0)
+    ref = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
+    fast = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
+    fast.load_state_dict(ref.state_dict())
+    fs.use_sdpa_window_attention(fast, kernel="fused")
+    calls = []
+    real = fs._window_sdpa
+    monkeypatch.setattr(fs, "_window_sdpa", lambda *a: calls.append(1) or real(*a))
+    x = torch.rand(1, 1, 32, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(fast.swinViT(x)[-1], ref.swinViT(x)[-1], rtol=1e-7, atol=1e-9)
+    assert calls == []                                        # autograd on: MONAI's computation
+    with torch.no_grad():
+        torch.testing.assert_close(fast.swinViT(x)[-1], ref.swinViT(x)[-1], rtol=1e-7, atol=1e-9)
+    assert len(calls) == 8                                    # no autograd: SDPA in each of the 8 blocks
+
+
 @cuda_triton
 @pytest.mark.parametrize("n,heads,d,masked", [(343, 3, 16, False), (343, 3, 16, True), (343, 2, 32, True),
                                               (64, 4, 16, False), (100, 2, 16, True)])
