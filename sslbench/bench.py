@@ -252,16 +252,16 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         profile_table = averages.table(sort_by=key, row_limit=40, max_name_column_width=70)
         if dev.type == "cuda":   # the generated kernels that took the most device time, for reading
             profile_kernels = top_generated_kernels(averages)
-    if dev.type == "cuda" and compile and compile_mode in CUDA_GRAPH_MODES:
-        # CUDA graphs keep the step's tensors in a private pool filled during warm-up; replays allocate
-        # nothing, so the allocated peak after warm-up would miss them: report what the process holds.
-        peak_gib = torch.cuda.max_memory_reserved(dev) / 2**30
+    if dev.type == "cuda":
         card = torch.cuda.get_device_name(dev)
-        peak_kind = "torch.cuda.max_memory_reserved (CUDA graph pool)"
-    elif dev.type == "cuda":
-        peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30
-        card = torch.cuda.get_device_name(dev)
-        peak_kind = "torch.cuda.max_memory_allocated"
+        if compile and compile_mode in CUDA_GRAPH_MODES:
+            # CUDA graphs keep the step's tensors in a private pool filled during warm-up; replays allocate
+            # nothing, so the allocated peak after warm-up would miss them: report what the process holds.
+            peak_gib = torch.cuda.max_memory_reserved(dev) / 2**30
+            peak_kind = "torch.cuda.max_memory_reserved (CUDA graph pool)"
+        else:
+            peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30
+            peak_kind = "torch.cuda.max_memory_allocated"
     else:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
         card = platform.processor() or platform.machine() or "cpu"
@@ -403,15 +403,14 @@ def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), r
     bf16 = precision == "bf16"
 
     @torch.no_grad()
-    def run(model=forward, low_precision=bf16, window_batch=sw_batch_size) -> torch.Tensor:
+    def run(model=forward, low_precision=bf16) -> torch.Tensor:
         with autocast(low_precision, dev):
-            return sliding_window_inference(image, (roi,) * 3, window_batch, model, overlap=overlap, mode=mode)
+            return sliding_window_inference(image, (roi,) * 3, sw_batch_size, model, overlap=overlap, mode=mode)
 
     t0 = time.perf_counter()
     run()
     _sync(dev)
     warmup_s = time.perf_counter() - t0
-    _sync(dev)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -428,7 +427,7 @@ def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), r
         del out
         reference_net = _swinunetr(feature_size, classes, "monai", dev).eval()
         reference_net.load_state_dict(net.state_dict())
-        reference = run(reference_net, False, sw_batch_size).argmax(1)
+        reference = run(reference_net, False).argmax(1)
         row.update(label_agreement(labels, reference, classes))
     return row
 

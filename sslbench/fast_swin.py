@@ -94,8 +94,9 @@ class _SDPAWindowAttention(_window_attention_class()):
             # --device cpu --feature-size 12 --roi 64 --batch 2 --classes 8 --precision fp32`, 2 cores,
             # 2026-11-27: 4.52 / 4.53 s a step against 4.76 / 4.82 s with SDPA, two runs each). Without autograd
             # (evaluation, a teacher) SDPA is the faster one there: `sslbench bench infer --device cpu --size 96
-            # 96 64 --roi 64 --precision fp32 --no-agreement`, same machine and day: 2.48 s against 5.94 s a
-            # volume at feature size 12, 8.96 s against 11.41 s at 48.
+            # 96 64 --roi 64 --precision fp32 --no-agreement --attention sdpa fused --feature-size 12` (and 48),
+            # same machine and day: 2.48 s against 5.94 s a volume at feature size 12, 8.96 s against 11.41 s
+            # at 48 (measured before this branch existed, 'fused' then being MONAI's computation).
             return super().forward(x, mask)
         q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)   # [b, h, n, d]
         fn = _window_sdpa_opaque if self.opaque_to_compile else _window_sdpa

@@ -199,12 +199,12 @@ def make_progress(console=None):
 # --------------------------------------------------------------------------------------------------
 # Evaluation (shared by every method): sliding-window inference, Dice per class per case
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
 def plain(x: Any) -> torch.Tensor:
     """``x`` as a plain torch.Tensor (a MONAI MetaTensor loses its metadata, not its data; no copy)."""
     return torch.as_tensor(x).as_subclass(torch.Tensor)
 
 
+@torch.no_grad()
 def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mapping[str, Any],
                           device: torch.device, bf16: bool, progress=None) -> list[dict]:
     """Per-case scores of each scored channel (foreground classes, or the task's regions).

@@ -158,3 +158,31 @@ def test_a_diverging_run_stops_with_a_one_line_error(phantom_home, tmp_path, cap
     run = _only_run(tmp_path)
     assert not (run / "metrics.json").exists()
     assert json.loads((run / "status.json").read_text())["state"] != "finished"
+
+
+def test_evaluation_runs_without_autograd_on_plain_tensors():
+    """Sliding-window evaluation records no autograd graph and hands the network plain tensors (a MONAI
+    MetaTensor would dispatch its __torch_function__ at every layer)."""
+    import torch
+    from monai.data import MetaTensor
+
+    from sslbench import recipes
+    from sslbench.protocol import evaluate_segmentation, output_channels
+
+    task = recipes.resolve("scratch", "phantom-btcv")["task"]
+    task["finetune"]["roi"] = [16, 16, 16]
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, output_channels(task), 1)
+
+        def forward(self, x):
+            seen.append((torch.is_grad_enabled(), type(x)))
+            return self.conv(x)
+
+    case = {"id": "c0", "image": MetaTensor(torch.rand(1, 20, 20, 20)), "label": MetaTensor(torch.zeros(1, 20, 20, 20))}
+    rows = evaluate_segmentation(Probe(), [case], task, torch.device("cpu"), bf16=False)
+    assert rows[0]["case"] == "c0" and seen
+    assert all(grad is False and kind is torch.Tensor for grad, kind in seen)
