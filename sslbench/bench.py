@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import platform
 import resource
 import statistics
@@ -214,11 +215,18 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     flops = float(counter.get_total_flops())
     _sync(dev)
 
+    compile_check = None
     if compile:
+        # the compiled step must compute the eager step's loss: the same weights, batch and random crops
+        # through both (forward only), before any compiled step runs
+        eager_loss = _probe_loss(model, volumes, autocast, dev, seed)
         if hasattr(model, "compile_encoders"):
             model.compile_encoders(mode=compile_mode)
         else:
             model.forward = torch.compile(model.forward, mode=compile_mode)
+        compiled_loss = _probe_loss(model, volumes, autocast, dev, seed)
+        compile_check = {"eager_loss": eager_loss, "compiled_loss": compiled_loss,
+                         "rel_diff": abs(compiled_loss - eager_loss) / max(abs(eager_loss), 1e-12)}
     t_start = time.perf_counter()
     for i in range(warmup):
         step(1 + i)
@@ -284,6 +292,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         "world_size": dist.world_size, "volumes_per_s": dist.world_size * batch / step_s, "tflop_per_step": flops / 1e12, "tflops": flops / step_s / 1e12,
         "peak_gib": peak_gib, "peak_kind": peak_kind, "warmup_s": warmup_s,
         "loss_first": float(losses[0]) if losses else None, "loss_last": float(losses[-1]) if losses else None,
+        **_validity(losses, compile_check),
         "params_trainable": sum(p.numel() for p in trainable),
         "device": str(dev), "card": card, "torch": torch.__version__, "monai": monai_version,
         "python": platform.python_version(),
@@ -291,6 +300,40 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         **({"profile": profile_table} if profile_table is not None else {}),
         **({"profile_kernels": profile_kernels} if profile_kernels else {}),
     }
+
+
+#: largest relative difference between the compiled and the eager loss of the same step that still counts as
+#: the same computation (bf16: the projection head's BatchNorm amplifies rounding where a unit varies little)
+COMPILE_LOSS_TOLERANCE = 0.05
+
+
+def _probe_loss(model: torch.nn.Module, volumes: torch.Tensor, autocast: Any, dev: torch.device,
+                seed: int) -> float:
+    """The loss of one forward pass (autograd on, as in training; no backward, no update) with the random
+    number generators seeded, so that two calls draw the same crops and augmentations."""
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed + 7919)
+        with autocast:
+            loss, _ = model(volumes, 0)
+    return float(loss.detach())
+
+
+def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, float] | None) -> dict[str, Any]:
+    """Fields that say whether a timing row measured a sound computation: every timed loss finite and, when
+    compiled, the compiled loss of a probe step within COMPILE_LOSS_TOLERANCE of the eager one."""
+    finite = bool(losses) and all(math.isfinite(float(v)) for v in losses)
+    out: dict[str, Any] = {"loss_finite": finite}
+    problems = [] if finite else ["a timed loss is not finite"]
+    if compile_check is not None:
+        out["compile_check"] = dict(compile_check)
+        rel = compile_check["rel_diff"]
+        if not math.isfinite(rel) or rel > COMPILE_LOSS_TOLERANCE:
+            problems.append(f"compiled loss {compile_check['compiled_loss']:.6g} differs from the eager "
+                            f"{compile_check['eager_loss']:.6g} (relative {rel:.3g} > {COMPILE_LOSS_TOLERANCE})")
+    out["valid"] = not problems
+    if problems:
+        out["invalid_because"] = "; ".join(problems)
+    return out
 
 
 def _env_fields(dev: torch.device) -> dict[str, Any]:
@@ -450,7 +493,7 @@ def label_agreement(labels: torch.Tensor, reference: torch.Tensor, classes: int)
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = [("method", "method"), ("model", "model"), ("world_size", "procs"), ("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
             ("use_checkpoint", "ckpt"), ("volumes_per_s", "vol/s"), ("step_s", "s/step"),
-            ("tflop_per_step", "TFLOP/step"), ("tflops", "TFLOP/s"), ("peak_gib", "peak GiB")]
+            ("tflop_per_step", "TFLOP/step"), ("tflops", "TFLOP/s"), ("peak_gib", "peak GiB"), ("valid", "valid")]
     lines = [[h for _, h in cols]]
     for r in rows:
         if "error" in r:
@@ -604,7 +647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(text + "\n")
     distributed.cleanup()
-    return 1 if any("error" in r for r in rows) else 0
+    for r in rows:
+        if r.get("valid") is False:
+            print(f"INVALID measurement ({r.get('variant')} / {r.get('attention')} / {r.get('precision')}): "
+                  f"{r['invalid_because']}", file=sys.stderr)
+    return 1 if any("error" in r or r.get("valid") is False for r in rows) else 0
 
 
 if __name__ == "__main__":

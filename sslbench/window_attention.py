@@ -62,9 +62,11 @@ def available(x: torch.Tensor) -> bool:
 def regions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Region id of every token of every window from MONAI's shift mask [nw, n, n] (0 = same region):
     the smallest token index of its region, Tensor[nw, n] int32. Exact for masks of the form
-    -100 * [region_i != region_j], which is how ``compute_mask`` builds them."""
-    same = mask == 0
-    return same.to(torch.uint8).argmax(dim=1).to(torch.int32)
+    -100 * [region_i != region_j], which is how ``compute_mask`` builds them. A minimum over token indices,
+    not an argmax: argmax's first-of-equal-maxima rule is one a compiler's split reduction need not keep."""
+    n = mask.shape[-1]
+    index = torch.arange(n, device=mask.device, dtype=torch.int32).view(1, n, 1)
+    return torch.where(mask == 0, index, n).amin(dim=1).to(torch.int32)
 
 
 if triton is not None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslbench.backbones import load_backbone
+from sslbench.backbones import build_swinunetr, load_backbone
 from sslbench.bench import bench_pretrain, phantom_volumes
 from sslbench.errors import RecipeError
 from sslbench.methods import voco as V
@@ -370,3 +370,91 @@ def test_label_agreement_on_hand_made_maps():
     assert r["agreement_voxels"] == pytest.approx(6 / 8)
     with pytest.raises(ValueError, match="differ in shape"):
         label_agreement(got[:4], ref, classes=3)
+
+
+def test_pooled_input_block_is_encoder1_pooled_with_gradients():
+    """encoder1's pooled output from the statistics of the crop (pooled_input_block) is MONAI's block followed
+    by a spatial mean, in value and in the gradients of all three convolutions (float64), on a constant crop
+    and non-cubic ones too."""
+    from monai.networks.blocks import UnetrBasicBlock
+
+    torch.manual_seed(0)
+    block = UnetrBasicBlock(3, 1, 12, 3, 1, "instance", res_block=True).double()
+    assert V._is_pooled_input_block(block)
+    x = torch.rand(3, 1, 12, 10, 9, dtype=torch.float64) * 2 + 0.5
+    x[0] = 0.0                                                  # a constant crop: zero variance everywhere
+    ref = block(x).mean(dim=(2, 3, 4))
+    weights = torch.randn_like(ref)
+    (ref * weights).sum().backward()
+    expected = {k: p.grad.clone() for k, p in block.named_parameters()}
+    block.zero_grad()
+    out = V.pooled_input_block(block, x)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-8, atol=1e-11, msg=name)
+    # a block of another shape (two input channels, or affine norms) does not qualify
+    assert not V._is_pooled_input_block(UnetrBasicBlock(3, 2, 12, 3, 1, "instance", res_block=True))
+    assert not V._is_pooled_input_block(UnetrBasicBlock(3, 1, 12, 3, 1, ("instance", {"affine": True}), res_block=True))
+
+
+def test_exact_moments_split_keeps_float32_products_exact():
+    torch.manual_seed(0)
+    cols = torch.rand(2, 4096, 32) * 3 - 1
+    exact = cols.double().transpose(1, 2) @ cols.double()
+    for split in (False, True):
+        got = V._exact_moments(cols, torch.float32, split=split)
+        assert got.dtype == torch.float32 and got.shape == (2, 32, 32)
+        torch.testing.assert_close(got.double(), exact, rtol=2e-5, atol=1e-3)
+    # the split's two bf16 parts carry the input to ~2^-16 (a bf16 copy alone: ~2^-9)
+    hi = cols.to(torch.bfloat16)
+    lo = (cols - hi.float()).to(torch.bfloat16)
+    assert float((hi.double() + lo.double() - cols.double()).abs().max()) < 2 ** -15
+    assert float((hi.double() - cols.double()).abs().max()) > 2 ** -12
+
+
+def test_teacher_student_backbone_uses_pooled_encoder1_with_the_same_features():
+    torch.manual_seed(0)
+    net = build_swinunetr({"name": "swinunetr", "feature_size": 12, "use_v2": True}).double()
+    backbone = V.VoCoBackbone(net, all_stages=True)
+    assert backbone.pooled_encoder1
+    x = torch.rand(2, 1, 64, 64, 64, dtype=torch.float64)
+    fast = backbone(x)
+    backbone.pooled_encoder1 = False
+    torch.testing.assert_close(fast, backbone(x), rtol=1e-9, atol=1e-12)
+    assert fast.shape == (2, 24 * 12)
+
+
+def test_bench_flags_non_finite_losses_and_compiled_losses_that_differ():
+    from sslbench.bench import COMPILE_LOSS_TOLERANCE, _validity
+
+    ok = _validity([torch.tensor(0.5), torch.tensor(0.4)], None)
+    assert ok == {"loss_finite": True, "valid": True}
+    bad = _validity([torch.tensor(0.5), torch.tensor(float("nan"))], None)
+    assert bad["valid"] is False and bad["loss_finite"] is False and "not finite" in bad["invalid_because"]
+    close = {"eager_loss": 0.5, "compiled_loss": 0.5 * (1 + COMPILE_LOSS_TOLERANCE / 2), "rel_diff": COMPILE_LOSS_TOLERANCE / 2}
+    assert _validity([torch.tensor(0.5)], close)["valid"] is True
+    far = {"eager_loss": 0.5, "compiled_loss": 0.9, "rel_diff": 0.8}
+    row = _validity([torch.tensor(0.5)], far)
+    assert row["valid"] is False and "differs from the eager" in row["invalid_because"] and row["compile_check"] == far
+
+
+def test_bench_compile_check_draws_the_same_crops_and_catches_a_wrong_compiled_step(monkeypatch, capsys):
+    """--compile: the probe step runs eager and compiled on the same crops; a 'compiler' that returns the same
+    function passes, one that scrambles the encoder's output is reported INVALID (exit status 1)."""
+    from sslbench import bench
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    common = dict(device="cpu", feature_size=12, crop=32, batch=1, sw=1, n=2, steps=1, warmup=0, precision="fp32",
+                  compile=True)
+    out = bench_pretrain(**common)
+    check = out["compile_check"]
+    assert check["rel_diff"] < 1e-6 and out["valid"] is True, check          # same crops, same weights
+
+    def scrambling(fn, **kw):
+        return lambda x: fn(x).flip(0)                                   # crops' features swapped: wrong
+    monkeypatch.setattr(torch, "compile", scrambling)
+    rc = bench.main(["pretrain", "--device", "cpu", "--feature-size", "12", "--crop", "32", "--batch", "1",
+                     "--sw", "1", "--grid", "2", "--steps", "1", "--warmup", "0", "--precision", "fp32", "--compile"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "INVALID measurement" in err and "differs from the eager" in err

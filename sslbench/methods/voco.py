@@ -57,8 +57,11 @@ and backward (CUDA with Triton and a power-of-two head dim; otherwise SDPA on CU
 ``"sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernel) with the
 bias materialised; ``"monai"`` keeps MONAI's modules as they are (and turns on MONAI's own SDPA path for
 the no-grad teacher). Parameter names and the state-dict layout are unchanged. With the teacher-student
-variant the first convolution of each encoder (one input channel) runs as a matmul over shifted copies
-on CUDA (``conv_as_matmul``), which cuDNN does slowly for one channel. ``compile_encoders()`` wraps the
+variant encoder1 (the full-resolution residual block on the 1-channel crop, the costliest part of the step)
+is computed as ``pooled_input_block``: its two single-channel branches are linear in the crop, so their
+instance norms follow from the crop's 27 x 27 tap covariance, and only conv2's map is full size (same
+function and gradients; where a block does not qualify, its 1-channel convolutions run as a matmul over
+shifted copies on CUDA, ``conv_as_matmul``, which cuDNN does slowly). ``compile_encoders()`` wraps the
 backbone + head in ``torch.compile`` (static shapes; the fused kernels are registered PyTorch
 operators, so a compiled block stays one graph; the SDPA form stays eager). Figures on an
 H100: BENCHMARKS.md, section "VoCo pre-training".
@@ -66,6 +69,7 @@ H100: BENCHMARKS.md, section "VoCo pre-training".
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -288,6 +292,115 @@ def use_single_channel_convs(module: nn.Module) -> int:
     return count
 
 
+def _is_pooled_input_block(block: nn.Module) -> bool:
+    """True for MONAI's UnetrBasicBlock / UnetResBlock on a 1-channel input as SwinUNETR's encoder1 builds it:
+    conv1 3^3 (stride 1, 'same' zero padding) and residual conv3 1^3, no biases, affine-free instance norms
+    without running statistics, LeakyReLU."""
+    layer = getattr(block, "layer", block)
+    try:
+        c1, c2, c3 = layer.conv1.conv, layer.conv2.conv, layer.conv3.conv
+        norms = (layer.norm1, layer.norm2, layer.norm3)
+        slope = layer.lrelu.negative_slope
+    except AttributeError:
+        return False
+    del slope
+    return (all(isinstance(c, nn.Conv3d) and c.bias is None and c.groups == 1 and tuple(c.stride) == (1, 1, 1)
+                and tuple(c.dilation) == (1, 1, 1) and c.padding_mode == "zeros" and isinstance(c.padding, tuple)
+                and all(2 * p + 1 == k for p, k in zip(c.padding, c.kernel_size)) for c in (c1, c2, c3))
+            and c1.in_channels == 1 and c3.in_channels == 1 and tuple(c3.kernel_size) == (1, 1, 1)
+            and all(type(nm) is nn.InstanceNorm3d and not nm.affine and not nm.track_running_stats for nm in norms)
+            and isinstance(layer.lrelu, nn.LeakyReLU))
+
+
+def _exact_moments(cols: torch.Tensor, acc: torch.dtype, chunks: int = 64, split: bool | None = None) -> torch.Tensor:
+    """cols^T cols per batch entry, [N, S, K] -> [N, K, K] in ``acc``, summed over up to 64 chunks of S (one
+    batched product with enough blocks). Every product of two inputs is exact in ``acc`` whether or not the
+    matrix product runs in TF32: bf16 / fp16 inputs are exact in TF32, and an fp32 input on CUDA is split into
+    two bf16-exact parts (hi + lo; the dropped lo * lo term is ~2^-16 relative; ``split`` forces the choice)."""
+    n, s, k = cols.shape
+    chunks = math.gcd(s, chunks)
+
+    def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a.reshape(n * chunks, s // chunks, k).to(acc)
+        b = b.reshape(n * chunks, s // chunks, k).to(acc)
+        return (a.transpose(1, 2) @ b).view(n, chunks, k, k).sum(dim=1)
+
+    if split if split is not None else (cols.dtype == torch.float32 and cols.is_cuda):
+        hi = cols.to(torch.bfloat16)
+        lo = (cols - hi.float()).to(torch.bfloat16)
+        cross = gram(hi, lo)
+        return gram(hi, hi) + cross + cross.transpose(1, 2)
+    return gram(cols, cols)
+
+
+def pooled_input_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """block(x).mean over space for SwinUNETR's encoder1 (a MONAI residual block on the 1-channel crop),
+    computed without the full-size outputs of conv1, norm1, conv3 and norm3: Tensor[N, C] (float32).
+
+    The block is  out = lrelu(IN(conv2(lrelu(IN(conv1(x))))) + IN(conv3(x))),  IN = instance norm without
+    affine, conv1 3^3 and conv3 1^3 with one input channel and no bias. Both single-channel branches are
+    linear in x, so their instance norms follow from statistics of x alone (exact algebra, no approximation):
+
+    * conv1(x)_c = w_c . P(s), P = the k^3 shifted copies of the zero-padded crop [N, S, k^3]. With mu = mean_s P
+      and Sigma = Cov_s(P) (biased, per crop):  IN(conv1(x))_c = w_c . (P - mu) / sqrt(w_c^T Sigma w_c + eps),
+      i.e. a per-crop 1 -> C convolution with weights A[n, c] = w_c / sqrt(w_c^T Sigma_n w_c + eps) and bias
+      -A[n, c] . mu_n, applied as one batched matrix product that writes the map directly in channels-last order.
+    * IN(conv3(x))_c = w3_c (x - m) / sqrt(w3_c^2 var(x) + eps): a per-crop scale of the centred crop, fused into
+      the final addition instead of a C-channel map with its own statistics (var(x) = Sigma at the centre tap).
+
+    Only conv2's output (channels-last, so cuDNN needs no layout conversions) and its statistics remain full size.
+    The copies are centred by a per-crop constant (the mean of a strided sample: the algebra is exact for any
+    constant, which only keeps the bias small) and padded with columns of ones to 32 (aligned rows for the
+    tensor cores; one batched product then gives the sums of the taps too, and the bias rides in the weights).
+    The moments are accumulated in float32 (float64 for float64 input) from the very values the main product
+    reads (bf16 under autocast), exactly whether or not TF32 is on (``_exact_moments``); the variances
+    w^T Sigma w are elementwise sums (as a TF32 matrix product they came out negative on smooth crops: NaN).
+    Gradients reach conv1, conv2 and conv3 through the same algebra: the function and its gradients are the
+    block's up to rounding (``tests/test_voco.py`` checks both against MONAI's module in float64). Use
+    ``_is_pooled_input_block`` to see whether a block qualifies.
+    """
+    layer = getattr(block, "layer", block)
+    c1, c2, c3 = layer.conv1.conv, layer.conv2.conv, layer.conv3.conv
+    slope = float(layer.lrelu.negative_slope)
+    n, _, d, h, w = x.shape
+    s, ch = d * h * w, c1.out_channels
+    kd, kh, kw = c1.kernel_size
+    pd, ph, pw = c1.padding
+    taps = kd * kh * kw
+    width = -(-(taps + 1) // 8) * 8                       # taps + the ones column, rounded up to 8
+    centre = (kd // 2) * kh * kw + (kh // 2) * kw + kw // 2
+    dev = x.device.type
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else acc
+    with torch.autocast(dev, enabled=False):
+        xf = x[:, 0].to(acc)
+        shift = xf[:, ::4, ::4, ::4].mean(dim=(1, 2, 3), keepdim=True)                # any per-crop constant
+        xp = F.pad(xf, (pw, pw, ph, ph, pd, pd)) - shift                              # the padding becomes -shift
+        taps_view = xp.unfold(1, kd, 1).unfold(2, kh, 1).unfold(3, kw, 1)              # [N, d, h, w, kd, kh, kw]
+        cols = F.pad(taps_view.reshape(n, s, taps), (0, width - taps), value=1.0).to(cdt)   # [N, S, width]
+        moments = _exact_moments(cols, acc) / s                                       # [N, width, width]
+        mu = moments[:, :taps, taps]                                                  # [N, taps]
+        cov = moments[:, :taps, :taps] - mu.unsqueeze(2) * mu.unsqueeze(1)
+        w1 = c1.weight.view(ch, taps).to(acc)
+        # w^T Sigma w and the bias as elementwise sums, never a matrix product (TF32 would round them); a
+        # smooth crop makes Sigma nearly rank one, and an edge-like filter's variance is then a tiny difference
+        var1 = (w1.unsqueeze(-1) * cov.unsqueeze(1) * w1.unsqueeze(-2)).sum(dim=(-2, -1)).clamp_min(0)   # [N, C]
+        a1 = w1 * torch.rsqrt(var1 + layer.norm1.eps).unsqueeze(-1)                   # [N, C, taps]
+        b1 = -(a1 * mu.unsqueeze(1)).sum(dim=-1, keepdim=True)                        # [N, C, 1]
+        weights = torch.cat([a1, b1, a1.new_zeros(n, ch, width - taps - 1)], dim=-1)   # [N, C, width]: the
+        # columns past the taps are all ones: the first carries the bias, the rest meet zero weights
+        w3 = c3.weight.view(ch).to(acc)
+        a3 = w3 * torch.rsqrt(w3.square() * cov[:, centre, centre].unsqueeze(-1) + layer.norm3.eps)   # [N, C]
+        xc = xp[:, pd:pd + d, ph:ph + h, pw:pw + w] - mu[:, centre].view(n, 1, 1, 1)   # x - mean(x)
+    h1 = F.leaky_relu(cols @ weights.transpose(1, 2).to(cdt), slope)                 # [N, S, C] = channels-last
+    z = F.conv3d(h1.view(n, d, h, w, ch).permute(0, 4, 1, 2, 3), c2.weight.to(cdt), padding=c2.padding)
+    with torch.autocast(dev, enabled=False):
+        zf = z.to(acc)
+        var2, mean2 = torch.var_mean(zf, dim=(2, 3, 4), correction=0, keepdim=True)
+        out = (zf - mean2) * torch.rsqrt(var2 + layer.norm2.eps) + a3[:, :, None, None, None] * xc.unsqueeze(1)
+        return F.leaky_relu(out, slope).mean(dim=(2, 3, 4))
+
+
 class ProjectionHead(nn.Module):
     """in_dim -> hidden -> hidden -> out, BatchNorm1d(affine=False, track_running_stats=False) + ReLU
     after the first two layers (the official ``projection_head``)."""
@@ -311,7 +424,8 @@ class VoCoBackbone(nn.Module):
 
     ``all_stages=False``: ``swinViT`` only; features = pooled, layer-normed last stage (16fs).
     ``all_stages=True``: also encoder1..4 and encoder10; features = pooled and concatenated
-    encoder1(x), encoder2(hs0), encoder3(hs1), encoder4(hs2), encoder10(hs4) (24fs).
+    encoder1(x), encoder2(hs0), encoder3(hs1), encoder4(hs2), encoder10(hs4) (24fs); encoder1's pooled
+    output comes from ``pooled_input_block`` when the block qualifies (``pooled_encoder1``).
     Its state_dict keys are SwinUNETR's (``swinViT.*``, ``encoder1.*``...).
     """
 
@@ -322,6 +436,8 @@ class VoCoBackbone(nn.Module):
         if all_stages:
             self.encoder1, self.encoder2, self.encoder3 = net.encoder1, net.encoder2, net.encoder3
             self.encoder4, self.encoder10 = net.encoder4, net.encoder10
+        # encoder1's pooled output without its full-size 1-channel branches (same function; pooled_input_block)
+        self.pooled_encoder1 = all_stages and _is_pooled_input_block(net.encoder1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SwinTransformer.forward, minus the layer norms of stage outputs that are not used
@@ -339,9 +455,9 @@ class VoCoBackbone(nn.Module):
 
         if not self.all_stages:
             return hs(4).mean(dim=(2, 3, 4))
-        encs = (self.encoder1(x), self.encoder2(hs(0)), self.encoder3(hs(1)), self.encoder4(hs(2)),
-                self.encoder10(hs(4)))
-        return torch.cat([e.mean(dim=(2, 3, 4)) for e in encs], dim=1)
+        enc1 = pooled_input_block(self.encoder1, x) if self.pooled_encoder1 else self.encoder1(x).mean(dim=(2, 3, 4))
+        encs = (self.encoder2(hs(0)), self.encoder3(hs(1)), self.encoder4(hs(2)), self.encoder10(hs(4)))
+        return torch.cat([enc1] + [e.mean(dim=(2, 3, 4)) for e in encs], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
