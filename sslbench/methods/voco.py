@@ -62,7 +62,7 @@ is computed as ``pooled_input_block``: its two single-channel branches are linea
 instance norms follow from the crop's 27 x 27 tap covariance, and only conv2's map is full size (same
 function and gradients; where a block does not qualify, its 1-channel convolutions run as a matmul over
 shifted copies on CUDA, ``conv_as_matmul``, which cuDNN does slowly). ``compile_encoders()`` wraps the
-backbone + head in ``torch.compile`` (static shapes; the fused kernels are registered PyTorch
+backbones and heads in ``torch.compile``, each on its own (static shapes; the fused kernels are registered PyTorch
 operators, so a compiled block stays one graph; the SDPA form stays eager). Figures on an
 H100: BENCHMARKS.md, section "VoCo pre-training".
 """
@@ -299,6 +299,9 @@ def _is_pooled_input_block(block: nn.Module) -> bool:
     layer = getattr(block, "layer", block)
     try:
         c1, c2, c3 = layer.conv1.conv, layer.conv2.conv, layer.conv3.conv
+        # MONAI's Convolution holds only the convolution here (an 'adn' child would add dropout / norm / act)
+        if any(set(dict(getattr(layer, f"conv{i}").named_children())) != {"conv"} for i in (1, 2, 3)):
+            return False
         norms = (layer.norm1, layer.norm2, layer.norm3)
         slope = layer.lrelu.negative_slope
     except AttributeError:
@@ -314,9 +317,9 @@ def _is_pooled_input_block(block: nn.Module) -> bool:
 
 def _exact_moments(cols: torch.Tensor, acc: torch.dtype, chunks: int = 64, split: bool | None = None) -> torch.Tensor:
     """cols^T cols per batch entry, [N, S, K] -> [N, K, K] in ``acc``, summed over up to 64 chunks of S (one
-    batched product with enough blocks). Every product of two inputs is exact in ``acc`` whether or not the
-    matrix product runs in TF32: bf16 / fp16 inputs are exact in TF32, and an fp32 input on CUDA is split into
-    two bf16-exact parts (hi + lo; the dropped lo * lo term is ~2^-16 relative; ``split`` forces the choice)."""
+    batched product with enough blocks). TF32 does not round the products: bf16 / fp16 inputs are exact in
+    TF32, and an fp32 input on CUDA with TF32 on is split into two bf16 parts, hi + lo, which carry it to
+    ~2^-17 (the dropped lo * lo term is smaller still); ``split`` forces the choice."""
     n, s, k = cols.shape
     chunks = math.gcd(s, chunks)
 
@@ -325,7 +328,9 @@ def _exact_moments(cols: torch.Tensor, acc: torch.dtype, chunks: int = 64, split
         b = b.reshape(n * chunks, s // chunks, k).to(acc)
         return (a.transpose(1, 2) @ b).view(n, chunks, k, k).sum(dim=1)
 
-    if split if split is not None else (cols.dtype == torch.float32 and cols.is_cuda):
+    if split is None:
+        split = cols.dtype == torch.float32 and cols.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    if split:
         hi = cols.to(torch.bfloat16)
         lo = (cols - hi.float()).to(torch.bfloat16)
         cross = gram(hi, lo)
@@ -353,7 +358,7 @@ def pooled_input_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     constant, which only keeps the bias small) and padded with columns of ones to 32 (aligned rows for the
     tensor cores; one batched product then gives the sums of the taps too, and the bias rides in the weights).
     The moments are accumulated in float32 (float64 for float64 input) from the very values the main product
-    reads (bf16 under autocast), exactly whether or not TF32 is on (``_exact_moments``); the variances
+    reads (bf16 under autocast), unrounded by TF32 (``_exact_moments``); the variances
     w^T Sigma w are elementwise sums (as a TF32 matrix product they came out negative on smooth crops: NaN).
     Gradients reach conv1, conv2 and conv3 through the same algebra: the function and its gradients are the
     block's up to rounding (``tests/test_voco.py`` checks both against MONAI's module in float64). Use
@@ -517,16 +522,17 @@ class VoCo(PretrainMethod):
                 for m in self.teacher.modules():
                     if hasattr(m, "use_flash_attention"):
                         m.use_flash_attention = True   # MONAI's SDPA path: only used without autograd
-        # torch.compile'd encoders (compile_encoders); None: run the modules eagerly
-        self._compiled_student = None
-        self._compiled_teacher = None
+        # torch.compile'd forwards of backbone / head / teacher / teacher_head (compile_encoders); absent: eager
+        self._compiled: dict[str, Any] = {}
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
         return tuple(int(s) for s in params["resize"])
 
     def compile_encoders(self, **kwargs: Any) -> None:
-        """torch.compile the backbone + head calls (static shapes); crops and losses stay eager."""
+        """torch.compile the backbones and heads (static shapes), each on its own: crops and losses stay eager,
+        and ``compile_agreement`` can compare a compiled backbone with the eager one (no head's batch norm
+        between them to amplify rounding)."""
         keep_sdpa_out_of_compile(self)
         # static shapes: the stages call the same block code with four shapes, and automatic dynamic
         # shapes would turn every recompile into a slower symbolic one
@@ -534,15 +540,36 @@ class VoCo(PretrainMethod):
 
         kwargs.setdefault("dynamic", False)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._compiled_student = torch.compile(self._encode_student, **kwargs)
-        if self.teacher is not None:
-            self._compiled_teacher = torch.compile(self._encode_teacher, **kwargs)
+        # bound methods in a plain dict: a compiled module stored as an attribute would join the state dict
+        self._compiled = {name: torch.compile(getattr(self, name).forward, **kwargs)
+                          for name in ("backbone", "head", "teacher", "teacher_head") if getattr(self, name) is not None}
 
-    def _encode_student(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def _encode(self, backbone: str, head: str, x: torch.Tensor) -> torch.Tensor:
+        """head(backbone(x)), each through its compiled form where ``compile_encoders`` made one."""
+        run_backbone = self._compiled.get(backbone) or getattr(self, backbone)
+        run_head = self._compiled.get(head) or getattr(self, head)
+        return run_head(run_backbone(x))
 
-    def _encode_teacher(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher_head(self.teacher(x))
+    def compile_agreement(self, volumes: torch.Tensor) -> dict[str, float]:
+        """After ``compile_encoders``: max |compiled - eager| / max |eager| of the backbone features (student,
+        and teacher without autograd as in training) on one batch of views of ``volumes``, under the caller's
+        autocast and random state. NaN where the compiled features are not finite; {} when nothing is compiled."""
+        if not self._compiled:
+            return {}
+        if hasattr(volumes, "as_tensor"):
+            volumes = volumes.as_tensor()
+        views, _ = self.make_views(volumes.float())
+        out: dict[str, float] = {}
+        for name in ("backbone", "teacher"):
+            if name not in self._compiled:
+                continue
+            with torch.set_grad_enabled(name == "backbone"):
+                eager = getattr(self, name)(views).detach().float()
+                compiled = self._compiled[name](views).detach().float()
+            diff = (compiled - eager).abs().max() / eager.abs().max().clamp_min(1e-12)
+            out["student" if name == "backbone" else "teacher"] = float(diff) if bool(torch.isfinite(compiled).all()) \
+                else float("nan")
+        return out
 
     def make_views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All crops of a batch: (views [B*k + B*n*n, C, s, s, s], labels [B, k, n*n]).
@@ -569,7 +596,7 @@ class VoCo(PretrainMethod):
         k, nn_ = self.sw_batch_size, self.n * self.n
         views, labels = self.make_views(volumes)
 
-        feats = (self._compiled_student or self._encode_student)(views).float()
+        feats = self._encode("backbone", "head", views).float()
         crops_s, bases_s = feats[: b * k].view(b, k, -1), feats[b * k:].view(b, nn_, -1)
         reg = regularization_loss(bases_s)
         logs: dict[str, torch.Tensor] = {}
@@ -578,7 +605,7 @@ class VoCo(PretrainMethod):
             pred = prediction_loss(logits, labels)
         else:
             with torch.no_grad():
-                feats_t = (self._compiled_teacher or self._encode_teacher)(views).float()
+                feats_t = self._encode("teacher", "teacher_head", views).float()
             crops_t, bases_t = feats_t[: b * k].view(b, k, -1), feats_t[b * k:].view(b, nn_, -1)
             logits = 0.5 * (voco_logits(crops_s, bases_t) + voco_logits(crops_t, bases_s))
             pos, neg = prediction_loss_official(logits, labels)
