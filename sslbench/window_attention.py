@@ -50,6 +50,11 @@ except ImportError:   # pragma: no cover - exercised on machines without Triton
 FWD_CONFIG = {"G": 4, "BM": 32, "BN": 16, "num_warps": 4, "num_stages": 2}
 DQ_CONFIG = {"G": 4, "BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}
 DKV_CONFIG = {"G": 8, "BM": 16, "BN": 32, "num_warps": 4, "num_stages": 2}
+#: how the backward computes dQ: "kernel" = its own kernel, which recomputes S and P (deterministic);
+#: "atomic" = the dK/dV kernel adds dS K for each key block into an fp32 buffer with atomics (S and P once;
+#: the summation order, hence the last bits of dQ, may vary run to run). Chosen by measurement:
+#: ``python benchmarks/window_attention_kernels.py`` times both.
+DQ_MODE = "kernel"
 #: the additive mask between tokens of different regions in MONAI's ``compute_mask``
 MASK_VALUE = -100.0
 
@@ -191,11 +196,12 @@ if triton is not None:
                  mask=q_ok)
 
     @triton.jit
-    def _bwd_dkv_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, DBIAS, B, N, H, NW, scale,
+    def _bwd_dkv_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, DBIAS, DQ32, B, N, H, NW, scale,
                         HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        G: tl.constexpr):
+                        G: tl.constexpr, ATOMIC_DQ: tl.constexpr):
         # program: (group of G windows, head) x key block; walks the query blocks:
-        # dV = P^T dO, dK = dS^T Q (in registers), and the bias gradient of the group, sum_g dS (fp32)
+        # dV = P^T dO, dK = dS^T Q (in registers), and the bias gradient of the group, sum_g dS (fp32);
+        # with ATOMIC_DQ also dQ += dS K, added atomically into the fp32 buffer DQ32 [b, n, c]
         pid_gh = tl.program_id(0)
         pid_n = tl.program_id(1)
         grp = pid_gh // H
@@ -233,6 +239,10 @@ if triton is not None:
             dv += tl.dot(tl.permute(p.to(do.dtype), (0, 2, 1)), do)
             ds = p * (tl.dot(do, tl.permute(v, (0, 2, 1))) - delta[:, :, None])
             dk += tl.dot(tl.permute(ds.to(q.dtype), (0, 2, 1)), q)
+            if ATOMIC_DQ:
+                dq = tl.dot(ds.to(k.dtype), k) * scale
+                tl.atomic_add(DQ32 + (g64 * N * C + h * D)[:, None, None] + offs_m[None, :, None] * C
+                              + offs_d[None, None, :], dq, mask=q_ok)
             tl.store(dbias + offs_m[:, None] * N + offs_n[None, :], tl.sum(ds, 0),
                      mask=m_ok[:, None] & n_ok[None, :])
         dbase = DQKV + (g64 * N * row + h * D)[:, None, None]
@@ -275,14 +285,22 @@ def _launch_bwd(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, regio
     has_mask = region is not None
     rid = region.contiguous() if has_mask else lse
     nw = region.shape[0] if has_mask else 1
-    cfg = DQ_CONFIG
-    _bwd_dq_kernel[(triton.cdiv(b, cfg["G"]) * h, triton.cdiv(n, cfg["BM"]))](
-        qkv, bias_c, rid, dout, lse, delta, dqkv, b, n, h, nw, scale, HAS_MASK=has_mask, D=d, **cfg)
+    atomic = DQ_MODE == "atomic"
+    if atomic:
+        dq32 = torch.zeros(b, n, c3 // 3, device=qkv.device, dtype=torch.float32)
+    else:
+        dq32 = lse                                                # placeholder pointer when unused
+        cfg = DQ_CONFIG
+        _bwd_dq_kernel[(triton.cdiv(b, cfg["G"]) * h, triton.cdiv(n, cfg["BM"]))](
+            qkv, bias_c, rid, dout, lse, delta, dqkv, b, n, h, nw, scale, HAS_MASK=has_mask, D=d, **cfg)
     cfg = DKV_CONFIG
     groups = triton.cdiv(b, cfg["G"])
     dbias_all = torch.empty(groups, h, n, n, device=qkv.device, dtype=torch.float32)
     _bwd_dkv_kernel[(groups * h, triton.cdiv(n, cfg["BN"]))](
-        qkv, bias_c, rid, dout, lse, delta, dqkv, dbias_all, b, n, h, nw, scale, HAS_MASK=has_mask, D=d, **cfg)
+        qkv, bias_c, rid, dout, lse, delta, dqkv, dbias_all, dq32, b, n, h, nw, scale, HAS_MASK=has_mask, D=d,
+        ATOMIC_DQ=atomic, **cfg)
+    if atomic:
+        dqkv[:, :, : c3 // 3] = dq32
     return dqkv, dbias_all.sum(0, dtype=torch.float32)
 
 
@@ -358,4 +376,5 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None
     return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, n, c)
 
 
-__all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG", "MASK_VALUE"]
+__all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG",
+           "DQ_MODE", "MASK_VALUE"]
