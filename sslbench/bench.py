@@ -289,6 +289,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     crops_per_step = batch * (sw + n * n) if method == "voco" else batch
     return {
         "method": method, "model": model_name, "variant": variant if method == "voco" or "variant" in params else None, "attention": attention, "precision": precision,
+        **({"dq_mode": _window_attention_dq_mode()} if attention == "fused" else {}),
         "compile": (compile_mode or "default") if compile else False,
         "use_checkpoint": bool(use_checkpoint), "augment": bool(augment),
         "feature_size": feature_size, "batch": batch, **({"sw": sw, "n": n, "crop": crop} if method == "voco" else {}), "size": list(size),
@@ -314,6 +315,12 @@ COMPILE_LOSS_TOLERANCE = 0.05
 #: largest max |compiled - eager| / max |eager| of backbone features (no batch norm in between) that still
 #: counts as the same computation in bf16; a zeroed encoder or permuted crops give ~0.5-1
 COMPILE_FEATURE_TOLERANCE = 0.05
+
+
+def _window_attention_dq_mode() -> str:
+    from . import window_attention
+
+    return window_attention.DQ_MODE
 
 
 def _probe(fn: Any, autocast: Any, dev: torch.device, seed: int) -> Any:
@@ -565,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", default="voco")
     p.add_argument("--variant", nargs="+", default=["paper"], help="one or more variants to time")
     p.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "sdpa", "monai"])
+    p.add_argument("--dq-mode", default=None, choices=["kernel", "atomic"],
+                   help="fused attention backward: dQ by its own kernel or by atomics (window_attention.DQ_MODE)")
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone + head")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
@@ -622,6 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import distributed
 
     inductor = parse_inductor_options(args.inductor)
+    from . import window_attention
+
+    if args.dq_mode:
+        window_attention.DQ_MODE = args.dq_mode
     rows: list[dict[str, Any]] = []
     for variant in args.variant:
         for attention in args.attention:
