@@ -312,9 +312,6 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
 #: largest relative difference between the compiled and the eager loss of the same step that still counts as
 #: the same computation (bf16: the projection head's BatchNorm amplifies rounding where a unit varies little)
 COMPILE_LOSS_TOLERANCE = 0.05
-#: largest max |compiled - eager| / max |eager| of backbone features (no batch norm in between) that still
-#: counts as the same computation in bf16; a zeroed encoder or permuted crops give ~0.5-1
-COMPILE_FEATURE_TOLERANCE = 0.05
 
 
 def _window_attention_dq_mode() -> str:
@@ -335,7 +332,10 @@ def _probe(fn: Any, autocast: Any, dev: torch.device, seed: int) -> Any:
 def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, Any] | None) -> dict[str, Any]:
     """Fields that say whether a timing row measured a sound computation: every timed loss finite and, when
     compiled, the compiled probe step's loss within COMPILE_LOSS_TOLERANCE of the eager one (methods that
-    compile their encoders only) and its backbone features within COMPILE_FEATURE_TOLERANCE."""
+    compile their encoders only) and its backbone features within the protocol's COMPILE_FEATURE_TOLERANCE
+    (the same bound ``run.compile`` pre-training checks before its first step)."""
+    from .protocol import COMPILE_FEATURE_TOLERANCE
+
     problems = []
     out: dict[str, Any] = {"loss_finite": all(math.isfinite(float(v)) for v in losses) if losses else None}
     if out["loss_finite"] is False:

@@ -631,6 +631,32 @@ def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Mo
     return torch.compile(module, dynamic=False)
 
 
+#: largest max |compiled - eager| / max |eager| of a method's encoder features (``compile_agreement``) that
+#: still counts as the same computation in bf16; a zeroed encoder or permuted crops give ~0.5-1
+COMPILE_FEATURE_TOLERANCE = 0.05
+
+
+def check_compiled_method(method: torch.nn.Module, volumes: torch.Tensor, bf16: bool, device: torch.device,
+                          seed: int, where: str) -> dict[str, float]:
+    """``run.compile``: before the first step, the compiled encoders of a method that can say
+    (``compile_agreement``: VoCo) must give the eager encoders' features on one batch, within
+    COMPILE_FEATURE_TOLERANCE; otherwise a one-line RunError (a compiler fault must not train silently). Returns
+    the relative differences ({} for methods without the check)."""
+    if not hasattr(method, "compile_agreement"):
+        return {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with autocast(bf16, device):
+            diffs = method.compile_agreement(volumes)
+    bad = {k: v for k, v in diffs.items() if not math.isfinite(v) or v > COMPILE_FEATURE_TOLERANCE}
+    if bad:
+        detail = ", ".join(f"{k} {v:.3g}" for k, v in bad.items())
+        raise RunError(f"{where}: run.compile: the compiled encoders' features differ from eager on the first batch "
+                       f"(max relative difference {detail} > {COMPILE_FEATURE_TOLERANCE}); run again with "
+                       f"--set run.compile=false")
+    return diffs
+
+
 def compile_method(method: torch.nn.Module, run_cfg: Mapping[str, Any]) -> None:
     """``run.compile`` for a pre-training method: its own ``compile_encoders`` where it has one (VoCo
     compiles the student and teacher encoders and leaves the batched crop / loss code eager), else its
@@ -894,6 +920,11 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
         # Under torchrun: DDP averages gradients; each rank draws its own batch (rank 0 draws what a single
         # process would), so the global batch is world_size x batch_size.
         compile_method(method, cfg["run"])
+        if cfg["run"].get("compile"):
+            diffs = check_compiled_method(method, stack[: pt["batch_size"]].to(device), bf16, device, seed, str(record.path))
+            if diffs and dist.is_main:
+                record.log("compiled encoders against eager on the first batch (max relative difference): "
+                           + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
         step_fn = distributed.wrap(method, dist, device)
         job = progress.add_task(f"pretrain {method_cfg['name']}", total=total, completed=start, info="")
         acc: dict[str, torch.Tensor] = {}

@@ -186,3 +186,27 @@ def test_evaluation_runs_without_autograd_on_plain_tensors():
     rows = evaluate_segmentation(Probe(), [case], task, torch.device("cpu"), bf16=False)
     assert rows[0]["case"] == "c0" and seen
     assert all(grad is False and kind is torch.Tensor for grad, kind in seen)
+
+
+def test_compiled_pretraining_is_checked_against_eager_before_the_first_step(phantom_home, tmp_path, monkeypatch,
+                                                                              capsys):
+    """run.compile=true in pre-training: VoCo's compiled encoders must give the eager features on the first
+    batch; a 'compiler' that returns the same function passes (and the check is logged), one that scrambles the
+    crops' features stops the run with a one-line error before it trains, leaving it unfinished."""
+    import torch
+
+    args = ["pretrain", "--method", "voco", "--preset", "tiny", "--set", "method.pretrain.steps=2",
+            "--set", "run.compile=true"]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    assert main([*args, "--out", str(tmp_path / "same")]) == 0
+    run = next((tmp_path / "same" / "pretrain" / "voco").glob("*/*"))
+    assert "compiled encoders against eager on the first batch (max relative difference): student 0" in \
+        (run / "log.txt").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda x: fn(x).roll(1, 0)))
+    assert main([*args, "--out", str(tmp_path / "wrong")]) != 0
+    err = capsys.readouterr().err
+    assert "run.compile: the compiled encoders' features differ from eager on the first batch" in err
+    assert "--set run.compile=false" in err
+    run = next((tmp_path / "wrong" / "pretrain" / "voco").glob("*/*"))
+    assert not (run / "metrics.json").exists() and not (run / "checkpoints" / "backbone.pt").exists()
