@@ -220,20 +220,24 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if compile:
         # the compiled step must compute the eager step's loss: the same weights, batch and random crops
         # through both (forward only), before any compiled step runs
-        eager_loss = _probe(lambda: float(model(volumes, 0)[0].detach()), autocast, dev, seed)
+        from .protocol import seeded_probe
+
+        bf16 = precision == "bf16"
+        eager_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
         encoders_only = hasattr(model, "compile_encoders")
         if encoders_only:
             model.compile_encoders(mode=compile_mode)
         else:
             model.forward = torch.compile(model.forward, mode=compile_mode)
-        compiled_loss = _probe(lambda: float(model(volumes, 0)[0].detach()), autocast, dev, seed)
+        compiled_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
         compile_check = {"eager_loss": eager_loss, "compiled_loss": compiled_loss,
                          "rel_diff": abs(compiled_loss - eager_loss) / max(abs(eager_loss), 1e-12),
                          # a compiled forward draws its random crops / masks with Inductor's generator, not
                          # eager's: then the two losses score different samples and only inform
                          "loss_check_applies": encoders_only}
         if hasattr(model, "compile_agreement"):
-            compile_check["feature_rel_diff"] = _probe(lambda: model.compile_agreement(volumes), autocast, dev, seed)
+            compile_check["feature_rel_diff"] = seeded_probe(lambda: model.compile_agreement(volumes), bf16, dev,
+                                                             seed + 7919)
     for i in range(warmup):
         step(1 + i)
     _sync(dev)
@@ -318,15 +322,6 @@ def _window_attention_dq_mode() -> str:
     from . import window_attention
 
     return window_attention.DQ_MODE
-
-
-def _probe(fn: Any, autocast: Any, dev: torch.device, seed: int) -> Any:
-    """fn() under autocast with the random number generators seeded (and restored afterwards), so that two
-    calls draw the same crops and augmentations: one forward pass, autograd on as in training, no update."""
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed + 7919)
-        with autocast:
-            return fn()
 
 
 def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, Any] | None) -> dict[str, Any]:

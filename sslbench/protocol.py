@@ -636,6 +636,15 @@ def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Mo
 COMPILE_FEATURE_TOLERANCE = 0.05
 
 
+def seeded_probe(fn: Callable[[], Any], bf16: bool, device: torch.device, seed: int) -> Any:
+    """fn() under the run's autocast with the random number generators seeded by ``seed`` and restored
+    afterwards: two calls draw the same crops and augmentations (a compiled-against-eager comparison)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with autocast(bf16, device):
+            return fn()
+
+
 def check_compiled_method(method: torch.nn.Module, volumes: torch.Tensor, bf16: bool, device: torch.device,
                           seed: int, where: str) -> dict[str, float]:
     """``run.compile``: before the first step, the compiled encoders of a method that can say
@@ -644,10 +653,7 @@ def check_compiled_method(method: torch.nn.Module, volumes: torch.Tensor, bf16: 
     the relative differences ({} for methods without the check)."""
     if not hasattr(method, "compile_agreement"):
         return {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with autocast(bf16, device):
-            diffs = method.compile_agreement(volumes)
+    diffs = seeded_probe(lambda: method.compile_agreement(volumes), bf16, device, seed)
     bad = {k: v for k, v in diffs.items() if not math.isfinite(v) or v > COMPILE_FEATURE_TOLERANCE}
     if bad:
         detail = ", ".join(f"{k} {v:.3g}" for k, v in bad.items())

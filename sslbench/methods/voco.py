@@ -78,7 +78,7 @@ from torch import nn
 
 from ..backbones import build_swinunetr
 from ..errors import RecipeError
-from ..fast_swin import ATTENTIONS, _SDPAWindowAttention, keep_sdpa_out_of_compile, use_sdpa_window_attention
+from ..fast_swin import ATTENTIONS, keep_sdpa_out_of_compile, use_sdpa_window_attention
 from .base import PretrainMethod
 
 VARIANTS = ("paper", "teacher-student")
@@ -303,16 +303,15 @@ def _is_pooled_input_block(block: nn.Module) -> bool:
         if any(set(dict(getattr(layer, f"conv{i}").named_children())) != {"conv"} for i in (1, 2, 3)):
             return False
         norms = (layer.norm1, layer.norm2, layer.norm3)
-        slope = layer.lrelu.negative_slope
+        lrelu = layer.lrelu
     except AttributeError:
         return False
-    del slope
     return (all(isinstance(c, nn.Conv3d) and c.bias is None and c.groups == 1 and tuple(c.stride) == (1, 1, 1)
                 and tuple(c.dilation) == (1, 1, 1) and c.padding_mode == "zeros" and isinstance(c.padding, tuple)
                 and all(2 * p + 1 == k for p, k in zip(c.padding, c.kernel_size)) for c in (c1, c2, c3))
             and c1.in_channels == 1 and c3.in_channels == 1 and tuple(c3.kernel_size) == (1, 1, 1)
             and all(type(nm) is nn.InstanceNorm3d and not nm.affine and not nm.track_running_stats for nm in norms)
-            and isinstance(layer.lrelu, nn.LeakyReLU))
+            and isinstance(lrelu, nn.LeakyReLU))
 
 
 def _exact_moments(cols: torch.Tensor, acc: torch.dtype, chunks: int = 64, split: bool | None = None) -> torch.Tensor:
@@ -404,6 +403,13 @@ def pooled_input_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         var2, mean2 = torch.var_mean(zf, dim=(2, 3, 4), correction=0, keepdim=True)
         out = (zf - mean2) * torch.rsqrt(var2 + layer.norm2.eps) + a3[:, :, None, None, None] * xc.unsqueeze(1)
         return F.leaky_relu(out, slope).mean(dim=(2, 3, 4))
+
+
+def _plain_float(volumes: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor (cheaper, and it compiles), integer input as float."""
+    if hasattr(volumes, "as_tensor"):
+        volumes = volumes.as_tensor()
+    return volumes if volumes.is_floating_point() else volumes.float()
 
 
 class ProjectionHead(nn.Module):
@@ -510,7 +516,7 @@ class VoCo(PretrainMethod):
             use_sdpa_window_attention(net.swinViT, kernel=attention)
         teacher_student = self.variant == "teacher-student"
         self.backbone = VoCoBackbone(net, all_stages=teacher_student)   # SwinUNETR's decoder is dropped
-        if teacher_student:
+        if teacher_student and not self.backbone.pooled_encoder1:
             use_single_channel_convs(self.backbone.encoder1)   # its 3^3 and 1^3 convolutions of the 1-channel crop
         self.head = ProjectionHead((24 if teacher_student else 16) * fs, head_dim, head_dim)
         self.teacher: VoCoBackbone | None = None
@@ -556,9 +562,7 @@ class VoCo(PretrainMethod):
         autocast and random state. NaN where the compiled features are not finite; {} when nothing is compiled."""
         if not self._compiled:
             return {}
-        if hasattr(volumes, "as_tensor"):
-            volumes = volumes.as_tensor()
-        views, _ = self.make_views(volumes.float())
+        views, _ = self.make_views(_plain_float(volumes))
         out: dict[str, float] = {}
         for name in ("backbone", "teacher"):
             if name not in self._compiled:
@@ -588,10 +592,7 @@ class VoCo(PretrainMethod):
         return views, labels
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if hasattr(volumes, "as_tensor"):          # MONAI MetaTensor -> plain tensor (cheaper, compiles)
-            volumes = volumes.as_tensor()
-        if not volumes.is_floating_point():
-            volumes = volumes.float()
+        volumes = _plain_float(volumes)
         b = volumes.shape[0]
         k, nn_ = self.sw_batch_size, self.n * self.n
         views, labels = self.make_views(volumes)
