@@ -59,6 +59,7 @@ def test_reference_matches_monai_window_attention():
 def test_dispatch_falls_back_to_sdpa_off_cuda():
     from monai.networks.nets import SwinUNETR
 
+    from sslbench.fast_swin import _SDPAWindowAttention
     from sslbench.methods import voco as V
 
     torch.manual_seed(0)
@@ -66,7 +67,7 @@ def test_dispatch_falls_back_to_sdpa_off_cuda():
     fused = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True)
     fused.load_state_dict(ref.state_dict())
     V.use_sdpa_window_attention(fused, kernel="fused")
-    attn = next(m for m in fused.modules() if isinstance(m, V._SDPAWindowAttention))
+    attn = next(m for m in fused.modules() if isinstance(m, _SDPAWindowAttention))
     x = torch.rand(1, 1, 32, 32, 32)
     assert attn.kernel == "fused" and not attn._fused_ok(torch.zeros(1, 343, 12))   # CPU: SDPA path
     with torch.no_grad():
