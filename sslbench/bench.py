@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from . import inductor as _inductor
+
 PRECISIONS = ("bf16", "fp32")
 
 
@@ -144,6 +146,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         args = dict(locals(), inductor=None)           # the parameters: nothing else is bound yet
         import torch._inductor.config as inductor_config
 
+        _inductor.configure()                          # sslbench's settings first, so that these override them
         with inductor_config.patch(dict(inductor)):
             out = bench_pretrain(**args)
         out["inductor"] = dict(inductor)
@@ -228,7 +231,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         if encoders_only:
             model.compile_encoders(mode=compile_mode)
         else:
-            model.forward = torch.compile(model.forward, mode=compile_mode)
+            model.forward = _inductor.compile(model.forward, mode=compile_mode)
         compiled_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
         compile_check = {"eager_loss": eager_loss, "compiled_loss": compiled_loss,
                          "rel_diff": abs(compiled_loss - eager_loss) / max(abs(eager_loss), 1e-12),
@@ -295,6 +298,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         "method": method, "model": model_name, "variant": variant if method == "voco" or "variant" in params else None, "attention": attention, "precision": precision,
         **({"dq_mode": _window_attention_dq_mode()} if attention == "fused" else {}),
         "compile": (compile_mode or "default") if compile else False,
+        **({"inductor_settings": _inductor.current()} if compile else {}),
         "use_checkpoint": bool(use_checkpoint), "augment": bool(augment),
         "feature_size": feature_size, "batch": batch, **({"sw": sw, "n": n, "crop": crop} if method == "voco" else {}), "size": list(size),
         "crops_per_step": crops_per_step, "steps": steps, "warmup": warmup,
@@ -431,7 +435,8 @@ def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classe
     step_s = statistics.median(times)
     return {"bench": "finetune", "model": "swinunetr", "feature_size": feature_size, "batch": batch, "roi": roi,
             "classes": classes, "precision": precision, "attention": attention,
-            "compile": bool(compile), "steps": steps, "warmup": warmup, "step_s": step_s,
+            "compile": bool(compile),
+            **({"inductor_settings": _inductor.current()} if compile else {}), "steps": steps, "warmup": warmup, "step_s": step_s,
             "step_s_min": min(times), "step_s_max": max(times), "warmup_s": warmup_s, "loss_last": float(loss),
             **_env_fields(dev)}
 
@@ -477,7 +482,8 @@ def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), r
         times.append(time.perf_counter() - t)
     row = {"bench": "infer", "model": "swinunetr", "feature_size": feature_size, "size": list(size), "roi": roi,
            "classes": classes, "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": mode,
-           "precision": precision, "attention": attention, "compile": bool(compile), "repeats": repeats,
+           "precision": precision, "attention": attention, "compile": bool(compile),
+           **({"inductor_settings": _inductor.current()} if compile else {}), "repeats": repeats,
            "volume_s": statistics.median(times), "volume_s_min": min(times), "volume_s_max": max(times),
            "warmup_s": warmup_s, "output_shape": list(out.shape), **_env_fields(dev)}
     if agreement:

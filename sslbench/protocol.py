@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import distributed, recipes
+from . import distributed, inductor, recipes
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names
@@ -617,8 +617,8 @@ def stop_if_not_finite(loss: float, step: int, record: "RunRecord", run_cfg: Map
 
 
 def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """``run.compile``: ``torch.compile(module, dynamic=False)`` (the crops and windows have fixed shapes),
-    else ``module`` itself. The compiled wrapper shares the module's parameters; checkpoints are always
+    """``run.compile``: ``torch.compile(module, dynamic=False)`` (the crops and windows have fixed shapes) under
+    sslbench's Inductor settings (sslbench/inductor.py), else ``module`` itself. The compiled wrapper shares the module's parameters; checkpoints are always
     written from the module itself, so their keys carry no ``_orig_mod.`` prefix. The Swin attention's SDPA
     branch (head dims the fused kernel does not take, e.g. the tiny preset's 4) is kept out of the compiled
     graph, as in the methods' compiled pre-training: compiled, it gave NaN losses on an H100 (2026-11-27,
@@ -628,7 +628,7 @@ def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Mo
     from .fast_swin import keep_sdpa_out_of_compile
 
     keep_sdpa_out_of_compile(module)
-    return torch.compile(module, dynamic=False)
+    return inductor.compile(module, dynamic=False)
 
 
 #: largest max |compiled - eager| / max |eager| of a method's encoder features (``compile_agreement``) that
@@ -672,7 +672,7 @@ def compile_method(method: torch.nn.Module, run_cfg: Mapping[str, Any]) -> None:
     if hasattr(method, "compile_encoders"):
         method.compile_encoders(dynamic=False)
     else:
-        method.forward = torch.compile(method.forward, dynamic=False)
+        method.forward = inductor.compile(method.forward, dynamic=False)
 
 
 def use_run_attention(model: torch.nn.Module, run_cfg: Mapping[str, Any]) -> int:
@@ -928,6 +928,8 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
         compile_method(method, cfg["run"])
         if cfg["run"].get("compile"):
             diffs = check_compiled_method(method, stack[: pt["batch_size"]].to(device), bf16, device, seed, str(record.path))
+            if dist.is_main:
+                record.log("run.compile: Inductor settings " + ", ".join(f"{k}={v}" for k, v in inductor.current().items()))
             if diffs and dist.is_main:
                 record.log("compiled encoders against eager on the first batch (max relative difference): "
                            + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))

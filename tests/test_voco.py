@@ -499,6 +499,7 @@ def test_bench_compile_check_draws_the_same_crops_and_catches_a_wrong_compiled_s
     check = out["compile_check"]
     assert check["rel_diff"] < 1e-6 and out["valid"] is True, check          # same crops, same weights
     assert check["loss_check_applies"] is True and check["feature_rel_diff"]["student"] < 1e-6
+    assert out["inductor_settings"] == {"comprehensive_padding": False}     # sslbench/inductor.py, recorded
 
     def scrambling(fn, **kw):
         return lambda x: fn(x).roll(1, 0)                                # crops' features shifted: wrong

@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import inductor
 from ..backbones import build_swinunetr
 from ..errors import RecipeError
 from ..fast_swin import ATTENTIONS, keep_sdpa_out_of_compile, use_sdpa_window_attention
@@ -547,7 +548,7 @@ class VoCo(PretrainMethod):
         kwargs.setdefault("dynamic", False)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # bound methods in a plain dict: a compiled module stored as an attribute would join the state dict
-        self._compiled = {name: torch.compile(getattr(self, name).forward, **kwargs)
+        self._compiled = {name: inductor.compile(getattr(self, name).forward, **kwargs)
                           for name in ("backbone", "head", "teacher", "teacher_head") if getattr(self, name) is not None}
 
     def _encode(self, backbone: str, head: str, x: torch.Tensor) -> torch.Tensor:

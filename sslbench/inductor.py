@@ -1,0 +1,54 @@
+"""The Inductor settings under which sslbench compiles (``run.compile``, VoCo's compiled encoders, the benchmarks).
+
+Every torch.compile in sslbench goes through ``compile()``, which first calls ``configure()``: once per
+process, it sets ``SETTINGS`` in ``torch._inductor.config``. A later explicit change (``sslbench bench
+pretrain --inductor comprehensive_padding=true``, a ``torch._inductor.config.patch``) is left alone.
+
+Why comprehensive padding is off: on torch 2.11.0+cu130 (the GPU machines' build), Inductor pads the
+strides of intermediate buffers to 128-byte multiples and can then index a buffer with a stale layout,
+reading padding or uninitialised memory: wrong, run-to-run different results, NaN in bf16 (pytorch/pytorch
+issue #194281, a Conv3d decoder at misaligned strides; fixed on PyTorch's main by #192575 after 2.11).
+sslbench's compiled VoCo teacher-student backbone showed the same signs on an H100 (2026-11-27, with
+padding on; figures in BENCHMARKS.md): compiled against eager in bf16 without autograd, the two Swin stages
+whose windows' qkv rows are not 128-byte multiples (343 tokens x 144 or 288 bf16 channels) differed by 78 %
+and 40 % of their largest value, the aligned stages by under 1 %; training losses were NaN from the second
+step; earlier runs of the same step had been finite. That padding is the cause is the hypothesis this
+setting acts on: ``benchmarks/compile_agreement.py`` (with and without ``--inductor
+comprehensive_padding=true``) is the measurement that confirms or refutes it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+#: torch._inductor.config entries that sslbench compiles with (see the module docstring)
+SETTINGS: dict[str, Any] = {"comprehensive_padding": False}
+
+_configured = False
+
+
+def configure() -> dict[str, Any]:
+    """Apply ``SETTINGS`` to torch._inductor.config, the first time only; returns the values now in force."""
+    global _configured
+    import torch._inductor.config as config
+
+    if not _configured:
+        for key, value in SETTINGS.items():
+            setattr(config, key, value)
+        _configured = True
+    return current()
+
+
+def current() -> dict[str, Any]:
+    """The values of ``SETTINGS``' keys in torch._inductor.config now (what a compiled run records)."""
+    import torch._inductor.config as config
+
+    return {key: getattr(config, key) for key in SETTINGS}
+
+
+def compile(fn: Callable, **kwargs: Any) -> Callable:   # noqa: A001 - torch.compile's name, on purpose
+    """torch.compile(fn, dynamic=False unless given, **kwargs) under sslbench's Inductor settings."""
+    configure()
+    kwargs.setdefault("dynamic", False)
+    return torch.compile(fn, **kwargs)
