@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Compiled teacher-student VoCo on one GPU (issue 3's throughput target), in two device calls of < 10 minutes:
+#   bash benchmarks/voco_ts_compiled.sh OUT check     # compiled pieces + 4 lockstep steps against eager, then
+#                                                     # the timed compiled step (dQ kernel)
+#   bash benchmarks/voco_ts_compiled.sh OUT variants  # the timed step with dQ by atomics, with CUDA graphs,
+#                                                     # and the agreement with Inductor's comprehensive padding on
+# Every bench row says whether it is a valid measurement (finite losses, compiled = eager on the probe step).
+set -uo pipefail
+out=$1; what=${2:-check}
+mkdir -p "$out"
+bench=(python3 -m sslbench bench pretrain --method voco --variant teacher-student --compile --steps 10 --warmup 3)
+case $what in
+  check)
+    timeout 280 python3 benchmarks/compile_agreement.py --steps 4 --json "$out/agreement.json" > "$out/agreement.log" 2>&1 \
+      || echo "compile_agreement: exit $?"
+    grep -v Warning "$out/agreement.log" | tail -25
+    timeout 260 "${bench[@]}" --json "$out/ts-compiled.json" > "$out/ts-compiled.log" 2>&1 || echo "bench: exit $?"
+    tail -6 "$out/ts-compiled.log" ;;
+  variants)
+    timeout 200 "${bench[@]}" --dq-mode atomic --json "$out/ts-compiled-atomic.json" > "$out/ts-compiled-atomic.log" 2>&1 \
+      || echo "bench atomic: exit $?"
+    tail -4 "$out/ts-compiled-atomic.log"
+    timeout 200 "${bench[@]}" --compile-mode reduce-overhead --json "$out/ts-compiled-cudagraphs.json" \
+      > "$out/ts-compiled-cudagraphs.log" 2>&1 || echo "bench reduce-overhead: exit $?"
+    tail -4 "$out/ts-compiled-cudagraphs.log"
+    timeout 150 python3 benchmarks/compile_agreement.py --inductor comprehensive_padding=true \
+      --json "$out/agreement-padding-on.json" > "$out/agreement-padding-on.log" 2>&1 || echo "agreement padding on: exit $?"
+    grep -v Warning "$out/agreement-padding-on.log" | tail -20 ;;
+  *) echo "usage: $0 OUT check|variants" >&2; exit 2 ;;
+esac
