@@ -9,8 +9,9 @@ median time of a forward (no grad) and of a forward + backward (gradients to qkv
 the ``sdpa`` form of sslbench/methods/voco.py computes it. ``--sweep`` first tries launch configurations of
 the three fused kernels on the stage-1 shape and keeps the fastest of each (to re-tune on another card;
 copy the winners into FWD_CONFIG / DQ_CONFIG / DKV_CONFIG). ``fused-atomic`` rows time the backward whose dK/dV
-kernel also accumulates dQ with atomics (``DQ_MODE = "atomic"``) instead of a dQ kernel of its own. Needs CUDA +
-Triton.
+kernel also accumulates dQ with atomics (``DQ_MODE = "atomic"``) instead of a dQ kernel of its own;
+``fused-deltakernel`` rows the backward whose delta = rowsum(dO O) comes from its Triton kernel
+(``DELTA_MODE = "kernel"``) instead of torch ops. Needs CUDA + Triton.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def case(b: int, h: int, nw: int, n: int, kernel: str, seed: int = 0):
     def run(bias):
         if kernel.startswith("fused"):
             W.DQ_MODE = "atomic" if kernel == "fused-atomic" else "kernel"
+            W.DELTA_MODE = "kernel" if kernel == "fused-deltakernel" else "torch"
             return W.window_attention(qkv, bias, region, h, d ** -0.5)
         q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         if region is not None:
@@ -117,14 +119,16 @@ def main(argv=None) -> int:
         result["configs"] = sweep()
     result["configs_used"] = {k: dict(getattr(W, k)) for k in ("FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG")}
     result["configs_used"]["DQ_MODE"] = W.DQ_MODE
-    print(f"{'stage':8} {'kernel':6} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+    result["configs_used"]["DELTA_MODE"] = W.DELTA_MODE
+    print(f"{'stage':8} {'kernel':16} {'fwd ms':>8} {'fwd+bwd ms':>11}")
     for stage, shape in STAGES.items():
-        for kernel in ("fused", "fused-atomic", "sdpa"):
+        for kernel in ("fused", "fused-atomic", "fused-deltakernel", "sdpa"):
             f, fb = case(*shape, kernel)
             row = {"fwd_ms": round(median_ms(f), 3), "fwd_bwd_ms": round(median_ms(fb), 3)}
             result[f"{stage} {kernel}"] = row
-            print(f"{stage:8} {kernel:6} {row['fwd_ms']:8.2f} {row['fwd_bwd_ms']:11.2f}", flush=True)
+            print(f"{stage:8} {kernel:16} {row['fwd_ms']:8.2f} {row['fwd_bwd_ms']:11.2f}", flush=True)
     W.DQ_MODE = result["configs_used"]["DQ_MODE"]
+    W.DELTA_MODE = result["configs_used"]["DELTA_MODE"]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -296,7 +296,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     crops_per_step = batch * (sw + n * n) if method == "voco" else batch
     return {
         "method": method, "model": model_name, "variant": variant if method == "voco" or "variant" in params else None, "attention": attention, "precision": precision,
-        **({"dq_mode": _window_attention_dq_mode()} if attention == "fused" else {}),
+        **(_window_attention_modes() if attention == "fused" else {}),
         "compile": (compile_mode or "default") if compile else False,
         **({"inductor_settings": _inductor.current()} if compile else {}),
         "use_checkpoint": bool(use_checkpoint), "augment": bool(augment),
@@ -322,10 +322,11 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
 COMPILE_LOSS_TOLERANCE = 0.05
 
 
-def _window_attention_dq_mode() -> str:
+def _window_attention_modes() -> dict[str, str]:
+    """How the fused attention's backward computes dQ and delta (window_attention.DQ_MODE / DELTA_MODE)."""
     from . import window_attention
 
-    return window_attention.DQ_MODE
+    return {"dq_mode": window_attention.DQ_MODE, "delta_mode": window_attention.DELTA_MODE}
 
 
 def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -575,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "sdpa", "monai"])
     p.add_argument("--dq-mode", default=None, choices=["kernel", "atomic"],
                    help="fused attention backward: dQ by its own kernel or by atomics (window_attention.DQ_MODE)")
+    p.add_argument("--delta-mode", default=None, choices=["kernel", "torch"],
+                   help="fused attention backward: rowsum(dO O) by its Triton kernel or by torch ops "
+                        "(window_attention.DELTA_MODE)")
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone + head")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
@@ -636,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.dq_mode:
         window_attention.DQ_MODE = args.dq_mode
+    if args.delta_mode:
+        window_attention.DELTA_MODE = args.delta_mode
     rows: list[dict[str, Any]] = []
     for variant in args.variant:
         for attention in args.attention:

@@ -15,7 +15,8 @@ read once per group, and the bias gradient of the group is summed in registers b
 * forward, one program per (window group, head, query block): q k^T, bias, mask, online softmax (base 2),
   p v; the output is written straight into the [windows, tokens, heads * d] layout the projection reads,
   and q, k, v are read from the qkv projection's output in place (no permute copies);
-* backward in two kernels (FlashAttention-2's recurrences, no atomics, deterministic): one per
+* backward in two kernels (FlashAttention-2's recurrences, no atomics, deterministic), after delta =
+  rowsum(dO O) (torch ops, or a small kernel of its own: ``DELTA_MODE``): one per
   (window group, head, key block) walks the query blocks for dV += P^T dO, dS = P (dP - rowsum(dO O)),
   dK += dS^T Q and the group's bias gradient sum_g dS (fp32); one per (window group, head, query block)
   walks the key blocks for dQ += dS K (S and P recomputed: cheap at head dim 16, and it keeps dQ in
@@ -55,6 +56,14 @@ DKV_CONFIG = {"G": 8, "BM": 16, "BN": 32, "num_warps": 4, "num_stages": 2}
 #: the summation order, hence the last bits of dQ, may vary run to run). Chosen by measurement:
 #: ``python benchmarks/window_attention_kernels.py`` times both.
 DQ_MODE = "kernel"
+#: how the backward computes delta = rowsum(dO * O) per (window, head, token): "torch" = fp32 copies of dO and
+#: O, a product, a sum and a transposing copy (~2 GB of memory traffic for a stage-1 call at VoCo's geometry);
+#: "kernel" = one Triton kernel reading dO and O once in their own dtype (~0.3 GB) and writing delta in the
+#: [windows * heads, tokens] layout the backward kernels read. Checked in Triton's interpreter; "torch" stays
+#: the default until a GPU measurement (``benchmarks/window_attention_kernels.py``'s ``fused-deltakernel`` rows,
+#: ``bench pretrain --delta-mode kernel``) says which is faster.
+DELTA_MODE = "torch"
+DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
 #: the additive mask between tokens of different regions in MONAI's ``compute_mask``
 MASK_VALUE = -100.0
 
@@ -152,6 +161,20 @@ if triton is not None:
         tl.store(out + offs_m[None, :, None] * C + offs_d[None, None, :], acc.to(OUT.dtype.element_ty), mask=q_ok)
         tl.store(LSE + ((g64 * H + h) * N)[:, None] + offs_m[None, :], m_i + tl.log2(l_i),
                  mask=g_ok[:, None] & m_ok[None, :])
+
+    @triton.jit
+    def _delta_kernel(DOUT, OUT, DELTA, TOTAL, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
+        # dO and O viewed as rows [windows * N * H, D] (row r = (window * N + token) * H + head, each D
+        # contiguous values); delta[(window * H + head) * N + token] = sum_d dO O, accumulated in fp32
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < TOTAL
+        ptrs = offs[:, None] * D + tl.arange(0, D)[None, :]
+        do = tl.load(DOUT + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+        o = tl.load(OUT + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+        head = offs % H
+        window_token = offs // H
+        dst = ((window_token // N) * H + head) * N + window_token % N
+        tl.store(DELTA + dst, tl.sum(do * o, axis=1), mask=ok)
 
     @triton.jit
     def _bwd_dq_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, B, N, H, NW, scale,
@@ -280,7 +303,12 @@ def _launch_bwd(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, regio
     bias_c = bias.float().contiguous()
     dout = dout.contiguous()
     # rowsum(dO * O) per (window, head, token): [b * h, n]
-    delta = (dout.float() * out.float()).view(b, n, h, d).sum(-1).transpose(1, 2).reshape(b * h, n).contiguous()
+    if DELTA_MODE == "torch":
+        delta = (dout.float() * out.float()).view(b, n, h, d).sum(-1).transpose(1, 2).reshape(b * h, n).contiguous()
+    else:
+        delta = torch.empty(b * h, n, device=qkv.device, dtype=torch.float32)
+        total = b * n * h
+        _delta_kernel[(triton.cdiv(total, DELTA_CONFIG["BLOCK"]),)](dout, out, delta, total, n, h, D=d, **DELTA_CONFIG)
     dqkv = torch.empty_like(qkv)
     has_mask = region is not None
     rid = region.contiguous() if has_mask else lse
@@ -377,4 +405,4 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None
 
 
 __all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG",
-           "DQ_MODE", "MASK_VALUE"]
+           "DQ_MODE", "DELTA_MODE", "DELTA_CONFIG", "MASK_VALUE"]

@@ -213,11 +213,11 @@ for b, n, h, d, nw, cfg in cases:
     g = torch.randn_like(ref)
     (ref * g).sum().backward()
     rel = lambda a, r: float((a - r).norm() / r.norm())
-    for mode in ("kernel", "atomic"):
-        W.DQ_MODE = mode
+    for dq_mode, delta_mode in (("kernel", "torch"), ("atomic", "torch"), ("kernel", "kernel")):
+        W.DQ_MODE, W.DELTA_MODE = dq_mode, delta_mode
         dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
         rows.append([rel(out, ref.detach()), rel(dqkv, q.grad), rel(dbias, bb.grad)])
-    W.DQ_MODE = "kernel"
+    W.DQ_MODE, W.DELTA_MODE = "kernel", "torch"
     for c, old in zip((W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG), saved):
         c.clear(); c.update(old)
 json.dump(rows, sys.stdout)
@@ -226,15 +226,15 @@ json.dump(rows, sys.stdout)
 
 @pytest.mark.skipif(W.triton is None, reason="Triton is not installed")
 def test_kernels_match_reference_in_triton_interpreter():
-    """Forward, dQ/dK/dV and the bias gradient of the three Triton kernels (and of the backward that adds dQ
-    with atomics, DQ_MODE "atomic"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
+    """Forward, delta, dQ/dK/dV and the bias gradient of the Triton kernels (and of the backward that adds dQ
+    with atomics, DQ_MODE "atomic", and the one whose delta comes from its own kernel, DELTA_MODE "kernel"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
     that is only partly filled, head dim 32 and a second launch configuration."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 8                                  # 4 cases x (dQ kernel, dQ by atomics)
+    assert len(rows) == 12           # 4 cases x (dQ kernel, dQ by atomics, delta by its Triton kernel)
     for out_err, dqkv_err, dbias_err in rows:
         assert out_err < 1e-5 and dqkv_err < 1e-5 and dbias_err < 1e-5, rows
 
