@@ -11,7 +11,8 @@ the three fused kernels on the stage-1 shape and keeps the fastest of each (to r
 copy the winners into FWD_CONFIG / DQ_CONFIG / DKV_CONFIG). ``fused-atomic`` rows time the backward whose dK/dV
 kernel also accumulates dQ with atomics (``DQ_MODE = "atomic"``) instead of a dQ kernel of its own;
 ``fused-deltakernel`` rows the backward whose delta = rowsum(dO O) comes from its Triton kernel
-(``DELTA_MODE = "kernel"``) instead of torch ops. Needs CUDA + Triton.
+(``DELTA_MODE = "kernel"``) instead of torch ops; ``fused-dbias-atomic`` rows the backward that adds the bias
+gradient with atomics (``DBIAS_MODE = "atomic"``) instead of per-group slabs. Needs CUDA + Triton.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def case(b: int, h: int, nw: int, n: int, kernel: str, seed: int = 0):
         if kernel.startswith("fused"):
             W.DQ_MODE = "atomic" if kernel == "fused-atomic" else "kernel"
             W.DELTA_MODE = "kernel" if kernel == "fused-deltakernel" else "torch"
+            W.DBIAS_MODE = "atomic" if kernel == "fused-dbias-atomic" else "slabs"
             return W.window_attention(qkv, bias, region, h, d ** -0.5)
         q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         if region is not None:
@@ -120,15 +122,17 @@ def main(argv=None) -> int:
     result["configs_used"] = {k: dict(getattr(W, k)) for k in ("FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG")}
     result["configs_used"]["DQ_MODE"] = W.DQ_MODE
     result["configs_used"]["DELTA_MODE"] = W.DELTA_MODE
-    print(f"{'stage':8} {'kernel':16} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+    result["configs_used"]["DBIAS_MODE"] = W.DBIAS_MODE
+    print(f"{'stage':8} {'kernel':18} {'fwd ms':>8} {'fwd+bwd ms':>11}")
     for stage, shape in STAGES.items():
-        for kernel in ("fused", "fused-atomic", "fused-deltakernel", "sdpa"):
+        for kernel in ("fused", "fused-atomic", "fused-deltakernel", "fused-dbias-atomic", "sdpa"):
             f, fb = case(*shape, kernel)
             row = {"fwd_ms": round(median_ms(f), 3), "fwd_bwd_ms": round(median_ms(fb), 3)}
             result[f"{stage} {kernel}"] = row
-            print(f"{stage:8} {kernel:16} {row['fwd_ms']:8.2f} {row['fwd_bwd_ms']:11.2f}", flush=True)
+            print(f"{stage:8} {kernel:18} {row['fwd_ms']:8.2f} {row['fwd_bwd_ms']:11.2f}", flush=True)
     W.DQ_MODE = result["configs_used"]["DQ_MODE"]
     W.DELTA_MODE = result["configs_used"]["DELTA_MODE"]
+    W.DBIAS_MODE = result["configs_used"]["DBIAS_MODE"]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

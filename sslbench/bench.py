@@ -323,10 +323,12 @@ COMPILE_LOSS_TOLERANCE = 0.05
 
 
 def _window_attention_modes() -> dict[str, str]:
-    """How the fused attention's backward computes dQ and delta (window_attention.DQ_MODE / DELTA_MODE)."""
+    """How the fused attention's backward computes dQ, delta and the bias gradient (window_attention's
+    DQ_MODE / DELTA_MODE / DBIAS_MODE)."""
     from . import window_attention
 
-    return {"dq_mode": window_attention.DQ_MODE, "delta_mode": window_attention.DELTA_MODE}
+    return {"dq_mode": window_attention.DQ_MODE, "delta_mode": window_attention.DELTA_MODE,
+            "dbias_mode": window_attention.DBIAS_MODE}
 
 
 def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -579,6 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--delta-mode", default=None, choices=["kernel", "torch"],
                    help="fused attention backward: rowsum(dO O) by its Triton kernel or by torch ops "
                         "(window_attention.DELTA_MODE)")
+    p.add_argument("--dbias-mode", default=None, choices=["slabs", "atomic"],
+                   help="fused attention backward: the bias gradient as per-group slabs summed by torch or added "
+                        "with atomics (window_attention.DBIAS_MODE)")
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone + head")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
@@ -642,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         window_attention.DQ_MODE = args.dq_mode
     if args.delta_mode:
         window_attention.DELTA_MODE = args.delta_mode
+    if args.dbias_mode:
+        window_attention.DBIAS_MODE = args.dbias_mode
     rows: list[dict[str, Any]] = []
     for variant in args.variant:
         for attention in args.attention:

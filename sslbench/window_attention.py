@@ -23,7 +23,7 @@ read once per group, and the bias gradient of the group is summed in registers b
   registers instead of a read-modify-write of a scratch buffer);
 * the mask enters as region ids (2 small integer vectors per window instead of an [n, n] matrix);
 * the bias read in fp32 (SDPA reads it rounded to bf16); the per-group bias gradients (one [h, n, n] fp32
-  slab per G windows) are summed over the groups at the end.
+  slab per G windows) are summed over the groups at the end (or added with atomics: ``DBIAS_MODE``).
 
 Stage-1 shape of VoCo at the official geometry (4500 windows x 3 heads, 343 tokens, head dim 16, shift
 mask), one H100, 2026-11-27 03:55 UTC: forward 2.26 ms, forward + backward 11.6 ms; the previous one-window-per-
@@ -63,6 +63,12 @@ DQ_MODE = "kernel"
 #: the default until a GPU measurement (``benchmarks/window_attention_kernels.py``'s ``fused-deltakernel`` rows,
 #: ``bench pretrain --delta-mode kernel``) says which is faster.
 DELTA_MODE = "torch"
+#: how the dK/dV kernel returns the bias gradient: "slabs" = each window group writes its sum_g dS to a slab of
+#: its own ([groups, h, n, n] fp32, ~0.8 GB for a stage-1 call at VoCo's geometry) and torch sums the slabs
+#: (deterministic); "atomic" = every group adds into one [h, n, n] fp32 buffer with atomics (no slabs; the
+#: summation order, hence the last bits, may vary run to run). Interpreter-checked; "slabs" stays the default
+#: until a GPU measurement (``fused-dbias-atomic`` rows, ``bench pretrain --dbias-mode atomic``) decides.
+DBIAS_MODE = "slabs"
 DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
 #: the additive mask between tokens of different regions in MONAI's ``compute_mask``
 MASK_VALUE = -100.0
@@ -221,10 +227,11 @@ if triton is not None:
     @triton.jit
     def _bwd_dkv_kernel(QKV, BIAS, RID, DOUT, LSE, DELTA, DQKV, DBIAS, DQ32, B, N, H, NW, scale,
                         HAS_MASK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        G: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                        G: tl.constexpr, ATOMIC_DQ: tl.constexpr, ATOMIC_DBIAS: tl.constexpr):
         # program: (group of G windows, head) x key block; walks the query blocks:
         # dV = P^T dO, dK = dS^T Q (in registers), and the bias gradient of the group, sum_g dS (fp32);
-        # with ATOMIC_DQ also dQ += dS K, added atomically into the fp32 buffer DQ32 [b, n, c]
+        # with ATOMIC_DQ also dQ += dS K, added atomically into the fp32 buffer DQ32 [b, n, c]; with ATOMIC_DBIAS
+        # the group's bias gradient is added atomically into DBIAS [h, n, n] instead of written to its own slab
         pid_gh = tl.program_id(0)
         pid_n = tl.program_id(1)
         grp = pid_gh // H
@@ -237,7 +244,10 @@ if triton is not None:
         base = QKV + (g64 * N * row + h * D)[:, None, None]
         obase = DOUT + (g64 * N * C + h * D)[:, None, None]
         rows_gh = (g64 * H + h) * N
-        dbias = DBIAS + pid_gh.to(tl.int64) * N * N
+        if ATOMIC_DBIAS:
+            dbias = DBIAS + h.to(tl.int64) * N * N
+        else:
+            dbias = DBIAS + pid_gh.to(tl.int64) * N * N
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
         n_ok = offs_n < N
@@ -266,8 +276,12 @@ if triton is not None:
                 dq = tl.dot(ds.to(k.dtype), k) * scale
                 tl.atomic_add(DQ32 + (g64 * N * C + h * D)[:, None, None] + offs_m[None, :, None] * C
                               + offs_d[None, None, :], dq, mask=q_ok)
-            tl.store(dbias + offs_m[:, None] * N + offs_n[None, :], tl.sum(ds, 0),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            if ATOMIC_DBIAS:
+                tl.atomic_add(dbias + offs_m[:, None] * N + offs_n[None, :], tl.sum(ds, 0),
+                              mask=m_ok[:, None] & n_ok[None, :])
+            else:
+                tl.store(dbias + offs_m[:, None] * N + offs_n[None, :], tl.sum(ds, 0),
+                         mask=m_ok[:, None] & n_ok[None, :])
         dbase = DQKV + (g64 * N * row + h * D)[:, None, None]
         tl.store(dbase + C + offs_n[None, :, None] * row + offs_d[None, None, :],
                  (dk * scale).to(DQKV.dtype.element_ty), mask=kv_ok)
@@ -323,13 +337,17 @@ def _launch_bwd(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, regio
             qkv, bias_c, rid, dout, lse, delta, dqkv, b, n, h, nw, scale, HAS_MASK=has_mask, D=d, **cfg)
     cfg = DKV_CONFIG
     groups = triton.cdiv(b, cfg["G"])
-    dbias_all = torch.empty(groups, h, n, n, device=qkv.device, dtype=torch.float32)
+    atomic_dbias = DBIAS_MODE == "atomic"
+    if atomic_dbias:
+        dbias = torch.zeros(h, n, n, device=qkv.device, dtype=torch.float32)
+    else:
+        dbias = torch.empty(groups, h, n, n, device=qkv.device, dtype=torch.float32)   # one slab per group
     _bwd_dkv_kernel[(groups * h, triton.cdiv(n, cfg["BN"]))](
-        qkv, bias_c, rid, dout, lse, delta, dqkv, dbias_all, dq32, b, n, h, nw, scale, HAS_MASK=has_mask, D=d,
-        ATOMIC_DQ=atomic, **cfg)
+        qkv, bias_c, rid, dout, lse, delta, dqkv, dbias, dq32, b, n, h, nw, scale, HAS_MASK=has_mask, D=d,
+        ATOMIC_DQ=atomic, ATOMIC_DBIAS=atomic_dbias, **cfg)
     if atomic:
         dqkv[:, :, : c3 // 3] = dq32
-    return dqkv, dbias_all.sum(0, dtype=torch.float32)
+    return dqkv, dbias if atomic_dbias else dbias.sum(0, dtype=torch.float32)
 
 
 # The kernels as two PyTorch operators (torch.library), so that torch.compile keeps a Swin block in one
@@ -405,4 +423,4 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None
 
 
 __all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG",
-           "DQ_MODE", "DELTA_MODE", "DELTA_CONFIG", "MASK_VALUE"]
+           "DQ_MODE", "DELTA_MODE", "DELTA_CONFIG", "DBIAS_MODE", "MASK_VALUE"]

@@ -295,7 +295,7 @@ def test_bench_pretrain_runs_on_cpu():
     for key in ("card", "torch", "monai", "date", "variant", "precision"):
         assert out[key], key
     assert out["crops_per_step"] == 1 * (1 + 4)
-    assert out["dq_mode"] == "kernel" and out["delta_mode"] == "torch" and out["valid"] is True and out["loss_finite"] is True
+    assert out["dq_mode"] == "kernel" and out["delta_mode"] == "torch" and out["dbias_mode"] == "slabs" and out["valid"] is True and out["loss_finite"] is True
 
 
 def test_bench_inductor_options_are_checked_and_recorded():

@@ -100,11 +100,13 @@ def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkey
 
 
 @cuda_triton
-@pytest.mark.parametrize("dq_mode", ["kernel", "atomic"])
+@pytest.mark.parametrize("modes", [("kernel", "torch", "slabs"), ("atomic", "torch", "slabs"),
+                                   ("kernel", "kernel", "atomic")])
 @pytest.mark.parametrize("n,heads,d,masked", [(343, 3, 16, False), (343, 3, 16, True), (343, 2, 32, True),
                                               (64, 4, 16, False), (100, 2, 16, True)])
-def test_fused_matches_reference_values_and_gradients(n, heads, d, masked, dq_mode, monkeypatch):
-    monkeypatch.setattr(W, "DQ_MODE", dq_mode)
+def test_fused_matches_reference_values_and_gradients(n, heads, d, masked, modes, monkeypatch):
+    for name, mode in zip(("DQ_MODE", "DELTA_MODE", "DBIAS_MODE"), modes):
+        monkeypatch.setattr(W, name, mode)
     torch.manual_seed(0)
     dev = "cuda"
     nw = 4
@@ -213,11 +215,12 @@ for b, n, h, d, nw, cfg in cases:
     g = torch.randn_like(ref)
     (ref * g).sum().backward()
     rel = lambda a, r: float((a - r).norm() / r.norm())
-    for dq_mode, delta_mode in (("kernel", "torch"), ("atomic", "torch"), ("kernel", "kernel")):
-        W.DQ_MODE, W.DELTA_MODE = dq_mode, delta_mode
+    for dq_mode, delta_mode, dbias_mode in (("kernel", "torch", "slabs"), ("atomic", "torch", "slabs"),
+                                            ("kernel", "kernel", "slabs"), ("kernel", "torch", "atomic")):
+        W.DQ_MODE, W.DELTA_MODE, W.DBIAS_MODE = dq_mode, delta_mode, dbias_mode
         dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
         rows.append([rel(out, ref.detach()), rel(dqkv, q.grad), rel(dbias, bb.grad)])
-    W.DQ_MODE, W.DELTA_MODE = "kernel", "torch"
+    W.DQ_MODE, W.DELTA_MODE, W.DBIAS_MODE = "kernel", "torch", "slabs"
     for c, old in zip((W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG), saved):
         c.clear(); c.update(old)
 json.dump(rows, sys.stdout)
@@ -227,14 +230,15 @@ json.dump(rows, sys.stdout)
 @pytest.mark.skipif(W.triton is None, reason="Triton is not installed")
 def test_kernels_match_reference_in_triton_interpreter():
     """Forward, delta, dQ/dK/dV and the bias gradient of the Triton kernels (and of the backward that adds dQ
-    with atomics, DQ_MODE "atomic", and the one whose delta comes from its own kernel, DELTA_MODE "kernel"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
+    with atomics, DQ_MODE "atomic", the one whose delta comes from its own kernel, DELTA_MODE "kernel", and the
+    one that adds the bias gradient with atomics, DBIAS_MODE "atomic"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
     that is only partly filled, head dim 32 and a second launch configuration."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 12           # 4 cases x (dQ kernel, dQ by atomics, delta by its Triton kernel)
+    assert len(rows) == 16     # 4 cases x (defaults, dQ by atomics, delta by its kernel, bias gradient by atomics)
     for out_err, dqkv_err, dbias_err in rows:
         assert out_err < 1e-5 and dqkv_err < 1e-5 and dbias_err < 1e-5, rows
 
