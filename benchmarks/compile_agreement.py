@@ -13,7 +13,8 @@ different function. For the Swin stages it also prints whether the stage's qkv r
 (Inductor's comprehensive padding pads misaligned strides; see sslbench/inductor.py).
 
 --steps K then trains an eager and a compiled copy (backbones and heads compiled as ``run.compile`` does) in
-lockstep for K steps on the same crops and prints both losses per step. Figures: BENCHMARKS.md.
+lockstep for K steps on the same crops and prints both losses per step. The JSON is rewritten after every
+piece and step (``complete`` says whether the run ended). Figures: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 
 import torch
@@ -48,20 +50,22 @@ def build(device: torch.device, feature_size: int) -> V.VoCo:
     return V.VoCo(params, model_cfg).to(device).train()
 
 
-def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_bytes: int) -> list[dict]:
-    """Each piece compiled alone on the eager pipeline's input: [{piece, rel_diff, ...}]."""
+def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_bytes: int, rows: list,
+           save=lambda: None) -> list[dict]:
+    """Each piece compiled alone on the eager pipeline's input, appended to ``rows`` as {piece, rel_diff, ...}
+    (``save()`` after each, so that a run stopped by a time limit keeps what it measured)."""
     from sslbench.fast_swin import keep_sdpa_out_of_compile
 
     keep_sdpa_out_of_compile(model)
     backbone = model.backbone
     swin = backbone.swinViT
-    rows = []
 
     def check(name: str, fn, *inputs, **extra) -> torch.Tensor:
         with torch.set_grad_enabled(grad), autocast:
             eager = fn(*inputs)
             compiled = inductor.compile(fn)(*inputs)
         rows.append({"piece": name, "rel_diff": relative(compiled, eager), **extra})
+        save()
         print(f"{name:18} {rows[-1]['rel_diff']:10.3g}" + "".join(f"   {k} {v}" for k, v in extra.items()), flush=True)
         return eager.detach()
 
@@ -88,13 +92,13 @@ def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_byt
     return rows
 
 
-def lockstep(model: V.VoCo, volumes: torch.Tensor, steps: int, autocast) -> list[dict]:
-    """Eager and compiled copies trained side by side on the same crops (AdamW 1e-4): their losses per step."""
+def lockstep(model: V.VoCo, volumes: torch.Tensor, steps: int, autocast, rows: list, save=lambda: None) -> list[dict]:
+    """Eager and compiled copies trained side by side on the same crops (AdamW 1e-4): their losses per step,
+    appended to ``rows`` (``save()`` after each step)."""
     eager, comp = model, copy.deepcopy(model)
     comp.compile_encoders()
     fused = {"fused": True} if volumes.is_cuda else {}
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, **fused) for m in (eager, comp)]
-    rows = []
     for step in range(steps):
         losses = []
         for m, opt in zip((eager, comp), opts):
@@ -109,6 +113,7 @@ def lockstep(model: V.VoCo, volumes: torch.Tensor, steps: int, autocast) -> list
         rel = abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-12) if math.isfinite(losses[1]) else float("nan")
         rows.append({"step": step, "eager_loss": losses[0], "compiled_loss": losses[1], "rel_diff": rel})
         print(f"step {step}: loss eager {losses[0]:.6f} compiled {losses[1]:.6f} (relative {rel:.3g})", flush=True)
+        save()
     return rows
 
 
@@ -145,13 +150,20 @@ def main() -> int:
         result = {"card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "inductor_settings": settings,
                   "inductor_overrides": options, "precision": "fp32" if args.fp32 else "bf16", "grad": args.grad,
-                  "feature_size": args.feature_size, "pieces": pieces(model, views, args.grad, autocast, 4 if args.fp32 else 2)}
+                  "feature_size": args.feature_size, "pieces": [], "lockstep": [], "complete": False}
+
+        def save() -> None:
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            if args.json:
+                with open(args.json + ".tmp", "w") as f:
+                    json.dump(result, f, indent=1)
+                os.replace(args.json + ".tmp", args.json)
+
+        pieces(model, views, args.grad, autocast, 4 if args.fp32 else 2, result["pieces"], save)
         if args.steps:
-            result["lockstep"] = lockstep(model, volumes, args.steps, autocast)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            lockstep(model, volumes, args.steps, autocast, result["lockstep"], save)
+        result["complete"] = True
+        save()
     return 0
 
 

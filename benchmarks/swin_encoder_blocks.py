@@ -22,6 +22,8 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
+from sslbench import inductor
+
 
 def mean_ms(fn, steps: int = 10, warmup: int = 3) -> float:
     for _ in range(warmup):
@@ -46,7 +48,7 @@ def closures(block: torch.nn.Module, x: torch.Tensor, mode: str):
             return V.pooled_input_block(block, t)
     else:
         fn = block
-    fn = torch.compile(fn, dynamic=False) if "compiled" in mode else fn
+    fn = inductor.compile(fn) if "compiled" in mode else fn
 
     def train():
         with torch.autocast("cuda", torch.bfloat16):
@@ -100,7 +102,7 @@ def main(modes: list[str]) -> int:
     del ref, fast, ref32
     x = torch.randn(36, 48, 64, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     norm = torch.nn.InstanceNorm3d(48)
-    for mode, fn in (("eager", norm), ("compiled", torch.compile(norm, dynamic=False))):
+    for mode, fn in (("eager", norm), ("compiled", inductor.compile(norm))):
         def step(fn=fn):
             fn(x).float().mean().backward()
         result[f"InstanceNorm3d 36x48x64^3 bf16 {mode} fwd+bwd ms"] = round(mean_ms(step), 2)

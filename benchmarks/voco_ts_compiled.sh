@@ -1,37 +1,44 @@
 #!/usr/bin/env bash
-# Compiled teacher-student VoCo on one GPU (issue 3's throughput target), in device calls of < 10 minutes:
-#   bash benchmarks/voco_ts_compiled.sh OUT check     # compiled pieces + 4 lockstep steps against eager, then
-#                                                     # the timed compiled step (the defaults)
-#   bash benchmarks/voco_ts_compiled.sh OUT variants  # the attention kernels' backward forms side by side, the
-#                                                     # timed step with dQ and the bias gradient by atomics and
-#                                                     # delta by its kernel
-#   bash benchmarks/voco_ts_compiled.sh OUT padding   # the timed step with CUDA graphs, and the agreement with
-#                                                     # Inductor's comprehensive padding back on (for contrast)
-# Every bench row says whether it is a valid measurement (finite losses, compiled = eager on the probe step).
+# Compiled teacher-student VoCo on one GPU (issue 3's throughput target), one device call (< 10 min) per stage:
+#   bash benchmarks/voco_ts_compiled.sh OUT check       # the timed compiled step with the defaults, then (same
+#                                                       # machine, warm compile cache) with dQ, delta and the bias
+#                                                       # gradient by their optional forms, then the attention
+#                                                       # kernels' backward forms side by side
+#   bash benchmarks/voco_ts_compiled.sh OUT agreement   # each compiled backbone piece against eager, under
+#                                                       # sslbench's Inductor settings and with padding back on
+#   bash benchmarks/voco_ts_compiled.sh OUT cudagraphs [BENCH FLAGS...]   # the timed step with CUDA graphs
+# Every bench row says whether it is a valid measurement (finite losses; compiled = eager on the probe step, in
+# loss and backbone features). Each command gets what is left of BUDGET seconds (default 560) and is skipped
+# when under a minute is left. Installs the .whl wheels (device-wheels.sh) when MONAI is missing.
 set -uo pipefail
-out=$1; what=${2:-check}
+out=$1; what=${2:-check}; shift 2 || shift $#
+case $what in check|agreement|cudagraphs) ;; *) echo "usage: $0 OUT check|agreement|cudagraphs [BENCH FLAGS...]" >&2; exit 2 ;; esac
 mkdir -p "$out"
+if ! python3 -c "import monai" 2>/dev/null && ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+start=$SECONDS
+left() { echo $(( ${BUDGET:-560} - (SECONDS - start) )); }
+step() {   # step NAME COMMAND...: run with what is left of the budget, output in OUT/NAME.log
+  local name=$1; shift
+  local t; t=$(left)
+  if [ "$t" -lt 60 ]; then echo "skipped $name: $t s left"; return; fi
+  timeout "$t" "$@" > "$out/$name.log" 2>&1 || echo "$name: exit $?"
+  grep -v -e Warning -e warn "$out/$name.log" | tail -${TAIL:-5}
+}
 bench=(python3 -m sslbench bench pretrain --method voco --variant teacher-student --compile --steps 10 --warmup 3)
 case $what in
   check)
-    timeout 280 python3 benchmarks/compile_agreement.py --steps 4 --json "$out/agreement.json" > "$out/agreement.log" 2>&1 \
-      || echo "compile_agreement: exit $?"
-    grep -v Warning "$out/agreement.log" | tail -25
-    timeout 260 "${bench[@]}" --json "$out/ts-compiled.json" > "$out/ts-compiled.log" 2>&1 || echo "bench: exit $?"
-    tail -6 "$out/ts-compiled.log" ;;
-  variants)
-    timeout 150 python3 benchmarks/window_attention_kernels.py --json "$out/kernels.json" > "$out/kernels.log" 2>&1 \
-      || echo "kernels: exit $?"
-    cat "$out/kernels.log"
-    timeout 220 "${bench[@]}" --dq-mode atomic --delta-mode kernel --dbias-mode atomic \
-      --json "$out/ts-compiled-atomics.json" > "$out/ts-compiled-atomics.log" 2>&1 || echo "bench atomics: exit $?"
-    tail -4 "$out/ts-compiled-atomics.log" ;;
-  padding)
-    timeout 220 "${bench[@]}" --compile-mode reduce-overhead --json "$out/ts-compiled-cudagraphs.json" \
-      > "$out/ts-compiled-cudagraphs.log" 2>&1 || echo "bench reduce-overhead: exit $?"
-    tail -4 "$out/ts-compiled-cudagraphs.log"
-    timeout 280 python3 benchmarks/compile_agreement.py --inductor comprehensive_padding=true --steps 4 \
-      --json "$out/agreement-padding-on.json" > "$out/agreement-padding-on.log" 2>&1 || echo "agreement padding on: exit $?"
-    grep -v Warning "$out/agreement-padding-on.log" | tail -25 ;;
-  *) echo "usage: $0 OUT check|variants|padding" >&2; exit 2 ;;
+    step ts-compiled "${bench[@]}" --json "$out/ts-compiled.json"
+    step ts-compiled-optional-forms "${bench[@]}" --dq-mode atomic --delta-mode kernel --dbias-mode atomic \
+      --json "$out/ts-compiled-optional-forms.json"
+    TAIL=25 step kernels python3 benchmarks/window_attention_kernels.py --json "$out/kernels.json" ;;
+  agreement)
+    BUDGET=$(( ${BUDGET:-560} / 2 )) TAIL=25 step agreement python3 benchmarks/compile_agreement.py --json "$out/agreement.json"
+    TAIL=25 step agreement-padding-on python3 benchmarks/compile_agreement.py --inductor comprehensive_padding=true \
+      --json "$out/agreement-padding-on.json" ;;
+  cudagraphs)
+    step ts-compiled-cudagraphs "${bench[@]}" --compile-mode reduce-overhead "$@" --json "$out/ts-compiled-cudagraphs.json" ;;
 esac

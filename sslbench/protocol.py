@@ -927,9 +927,9 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
         # process would), so the global batch is world_size x batch_size.
         compile_method(method, cfg["run"])
         if cfg["run"].get("compile"):
-            diffs = check_compiled_method(method, stack[: pt["batch_size"]].to(device), bf16, device, seed, str(record.path))
             if dist.is_main:
                 record.log("run.compile: Inductor settings " + ", ".join(f"{k}={v}" for k, v in inductor.current().items()))
+            diffs = check_compiled_method(method, stack[: pt["batch_size"]].to(device), bf16, device, seed, str(record.path))
             if diffs and dist.is_main:
                 record.log("compiled encoders against eager on the first batch (max relative difference): "
                            + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))

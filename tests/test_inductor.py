@@ -31,17 +31,24 @@ def test_configure_turns_comprehensive_padding_off_once_and_leaves_later_choices
     assert inductor.configure() == {"comprehensive_padding": True} and config.comprehensive_padding is True
 
 
+def _as_new_process() -> None:
+    inductor._configured = False                   # (the fixture's monkeypatch restores it afterwards)
+    config.comprehensive_padding = True
+
+
 def test_every_compile_path_compiles_without_comprehensive_padding(fresh_settings):
-    """run.compile of a network, of a method's forward, VoCo's compiled encoders: each torch.compile call
-    happens with comprehensive padding off and static shapes."""
+    """run.compile of a network, of a method's forward, VoCo's compiled encoders: each path, taken first in a
+    new process, calls torch.compile with comprehensive padding off and static shapes."""
     net = torch.nn.Linear(3, 2)
+    _as_new_process()
     assert protocol.compiled(net, {"compile": True}) is net                # the recording 'compiler' returns it
     assert protocol.compiled(net, {"compile": False}) is net and len(fresh_settings) == 1
-    plain = torch.nn.Linear(3, 2)
-    protocol.compile_method(plain, {"compile": True})
+    _as_new_process()
+    protocol.compile_method(torch.nn.Linear(3, 2), {"compile": True})
     params = {"variant": "teacher-student", "n": 2, "sw_batch_size": 1, "resize": [96, 96, 64], "crop_size": 64,
               "head_dim": 32}
     model = V.VoCo(params, {"feature_size": 12, "use_v2": True})
+    _as_new_process()
     model.compile_encoders()
     assert set(model._compiled) == {"backbone", "head", "teacher", "teacher_head"}
     assert len(fresh_settings) == 2 + 4

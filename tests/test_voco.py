@@ -490,12 +490,16 @@ def test_bench_flags_non_finite_losses_and_compiled_losses_that_differ():
 def test_bench_compile_check_draws_the_same_crops_and_catches_a_wrong_compiled_step(monkeypatch, capsys):
     """--compile: the probe step runs eager and compiled on the same crops; a 'compiler' that returns the same
     function passes, one that scrambles the encoder's output is reported INVALID (exit status 1)."""
-    from sslbench import bench
+    import torch._inductor.config as inductor_config
+
+    from sslbench import bench, inductor
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     common = dict(device="cpu", feature_size=12, crop=32, batch=1, sw=1, n=2, steps=1, warmup=0, precision="fp32",
                   compile=True)
-    out = bench_pretrain(**common)
+    monkeypatch.setattr(inductor, "_configured", False)              # as in a new process: the bench configures
+    with inductor_config.patch(comprehensive_padding=True):
+        out = bench_pretrain(**common)
     check = out["compile_check"]
     assert check["rel_diff"] < 1e-6 and out["valid"] is True, check          # same crops, same weights
     assert check["loss_check_applies"] is True and check["feature_rel_diff"]["student"] < 1e-6

@@ -101,7 +101,7 @@ def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkey
 
 @cuda_triton
 @pytest.mark.parametrize("modes", [("kernel", "torch", "slabs"), ("atomic", "torch", "slabs"),
-                                   ("kernel", "kernel", "atomic")])
+                                   ("kernel", "kernel", "atomic"), ("atomic", "kernel", "atomic")])
 @pytest.mark.parametrize("n,heads,d,masked", [(343, 3, 16, False), (343, 3, 16, True), (343, 2, 32, True),
                                               (64, 4, 16, False), (100, 2, 16, True)])
 def test_fused_matches_reference_values_and_gradients(n, heads, d, masked, modes, monkeypatch):
@@ -170,9 +170,12 @@ def test_fused_operator_registration_is_consistent():
 
 @cuda_triton
 def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
-    """torch.compile keeps a Swin encoder with the fused kernels in one graph, with the eager values."""
+    """torch.compile (under sslbench's Inductor settings) keeps a Swin encoder with the fused kernels in one
+    graph, and every stage's output keeps the eager values: stages 1 and 2 at 64^3 have windows whose qkv rows
+    are not 128-byte aligned, where torch 2.11's comprehensive padding gave wrong values (sslbench/inductor.py)."""
     from monai.networks.nets import SwinUNETR
 
+    from sslbench import inductor
     from sslbench.methods import voco as V
 
     torch.manual_seed(0)
@@ -181,14 +184,16 @@ def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
     x = torch.rand(2, 1, 64, 64, 64, device="cuda")
 
     def f(t):
-        return net.swinViT(t)[-1].float().square().mean()
+        return net.swinViT(t)
 
     with torch.autocast("cuda", torch.bfloat16):
         explained = torch._dynamo.explain(f)(x)
         eager = f(x)
-        compiled = torch.compile(f, dynamic=False)(x)
+        compiled = inductor.compile(f)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
-    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-4)
+    for stage, (c, e) in enumerate(zip(compiled, eager)):
+        rel = float((c.float() - e.float()).abs().max() / e.float().abs().max())
+        assert rel < 2e-2, (stage, rel)
 
 
 _INTERPRETED = r"""
@@ -216,7 +221,8 @@ for b, n, h, d, nw, cfg in cases:
     (ref * g).sum().backward()
     rel = lambda a, r: float((a - r).norm() / r.norm())
     for dq_mode, delta_mode, dbias_mode in (("kernel", "torch", "slabs"), ("atomic", "torch", "slabs"),
-                                            ("kernel", "kernel", "slabs"), ("kernel", "torch", "atomic")):
+                                            ("kernel", "kernel", "slabs"), ("kernel", "torch", "atomic"),
+                                            ("atomic", "kernel", "atomic")):
         W.DQ_MODE, W.DELTA_MODE, W.DBIAS_MODE = dq_mode, delta_mode, dbias_mode
         dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
         rows.append([rel(out, ref.detach()), rel(dqkv, q.grad), rel(dbias, bb.grad)])
@@ -238,7 +244,7 @@ def test_kernels_match_reference_in_triton_interpreter():
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 16     # 4 cases x (defaults, dQ by atomics, delta by its kernel, bias gradient by atomics)
+    assert len(rows) == 20     # 4 cases x (defaults, dQ by atomics, delta by its kernel, bias gradient by atomics, all three)
     for out_err, dqkv_err, dbias_err in rows:
         assert out_err < 1e-5 and dqkv_err < 1e-5 and dbias_err < 1e-5, rows
 
