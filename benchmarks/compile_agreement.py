@@ -29,25 +29,9 @@ import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
 
-from sslbench import inductor, recipes
-from sslbench.bench import _recipe_params, parse_inductor_options, phantom_volumes
+from sslbench import inductor
+from sslbench.bench import build_method, parse_inductor_options, phantom_volumes
 from sslbench.methods import voco as V
-
-
-def relative(compiled: torch.Tensor, eager: torch.Tensor) -> float:
-    compiled, eager = compiled.detach().float(), eager.detach().float()
-    if not bool(torch.isfinite(compiled).all()):
-        return float("nan")
-    return float((compiled - eager).abs().max() / eager.abs().max().clamp_min(1e-20))
-
-
-def build(device: torch.device, feature_size: int) -> V.VoCo:
-    params = _recipe_params("voco")
-    params.update(variant="teacher-student", n=4, sw_batch_size=2, crop_size=64, attention="fused", augment=True,
-                  resize=[384, 384, 64])
-    model_cfg = {**recipes.load_defaults()["model"], "name": "swinunetr", "feature_size": feature_size,
-                 "use_v2": True, "use_checkpoint": False}
-    return V.VoCo(params, model_cfg).to(device).train()
 
 
 def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_bytes: int, rows: list,
@@ -64,7 +48,7 @@ def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_byt
         with torch.set_grad_enabled(grad), autocast:
             eager = fn(*inputs)
             compiled = inductor.compile(fn)(*inputs)
-        rows.append({"piece": name, "rel_diff": relative(compiled, eager), **extra})
+        rows.append({"piece": name, "rel_diff": V.max_relative_difference(compiled, eager), **extra})
         save()
         print(f"{name:18} {rows[-1]['rel_diff']:10.3g}" + "".join(f"   {k} {v}" for k, v in extra.items()), flush=True)
         return eager.detach()
@@ -137,9 +121,10 @@ def main() -> int:
     inductor.configure()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not args.fp32)
     torch.manual_seed(0)
-    model = build(dev, args.feature_size)
-    volumes = phantom_volumes(2, (384, 384, 64), dev, seed=0)
-    model.prepare(phantom_volumes(8, (384, 384, 64), dev, seed=1), 0)
+    model, _, size = build_method("voco", variant="teacher-student", feature_size=args.feature_size)
+    model = model.to(dev).train()
+    volumes = phantom_volumes(2, size, dev, seed=0)          # the official geometry, as bench pretrain times it
+    model.prepare(phantom_volumes(8, size, dev, seed=1), 0)
     torch.manual_seed(5)
     views, _ = model.make_views(volumes)
     t0 = time.perf_counter()

@@ -44,6 +44,12 @@ def median_ms(fn, steps: int = 10, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+#: the fused rows: the backward's default forms, then each optional form on its own
+DEFAULT_MODES = {key: choices[0] for key, choices in W.BACKWARD_CHOICES.items()}
+FUSED_FORMS = {"fused": {}, "fused-atomic": {"dq": "atomic"}, "fused-deltakernel": {"delta": "kernel"},
+               "fused-dbias-atomic": {"dbias": "atomic"}}
+
+
 def case(b: int, h: int, nw: int, n: int, kernel: str, seed: int = 0):
     """(forward, forward + backward) closures of one kernel on random inputs of one stage."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -55,9 +61,7 @@ def case(b: int, h: int, nw: int, n: int, kernel: str, seed: int = 0):
 
     def run(bias):
         if kernel.startswith("fused"):
-            W.DQ_MODE = "atomic" if kernel == "fused-atomic" else "kernel"
-            W.DELTA_MODE = "kernel" if kernel == "fused-deltakernel" else "torch"
-            W.DBIAS_MODE = "atomic" if kernel == "fused-dbias-atomic" else "slabs"
+            W.set_backward_modes(**{**DEFAULT_MODES, **FUSED_FORMS[kernel]})
             return W.window_attention(qkv, bias, region, h, d ** -0.5)
         q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         if region is not None:
@@ -120,19 +124,17 @@ def main(argv=None) -> int:
     if args.sweep:
         result["configs"] = sweep()
     result["configs_used"] = {k: dict(getattr(W, k)) for k in ("FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG")}
-    result["configs_used"]["DQ_MODE"] = W.DQ_MODE
-    result["configs_used"]["DELTA_MODE"] = W.DELTA_MODE
-    result["configs_used"]["DBIAS_MODE"] = W.DBIAS_MODE
+    modes = W.backward_modes()
+    result["configs_used"]["DELTA_CONFIG"] = dict(W.DELTA_CONFIG)
+    result["configs_used"]["backward_modes"] = {k: {**DEFAULT_MODES, **v} for k, v in FUSED_FORMS.items()}
     print(f"{'stage':8} {'kernel':18} {'fwd ms':>8} {'fwd+bwd ms':>11}")
     for stage, shape in STAGES.items():
-        for kernel in ("fused", "fused-atomic", "fused-deltakernel", "fused-dbias-atomic", "sdpa"):
+        for kernel in (*FUSED_FORMS, "sdpa"):
             f, fb = case(*shape, kernel)
             row = {"fwd_ms": round(median_ms(f), 3), "fwd_bwd_ms": round(median_ms(fb), 3)}
             result[f"{stage} {kernel}"] = row
             print(f"{stage:8} {kernel:18} {row['fwd_ms']:8.2f} {row['fwd_bwd_ms']:11.2f}", flush=True)
-    W.DQ_MODE = result["configs_used"]["DQ_MODE"]
-    W.DELTA_MODE = result["configs_used"]["DELTA_MODE"]
-    W.DBIAS_MODE = result["configs_used"]["DBIAS_MODE"]
+    W.set_backward_modes(**modes)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -130,6 +130,39 @@ def parse_inductor_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def build_method(method: str = "voco", variant: str = "paper", feature_size: int = 48, sw: int = 2, n: int = 4,
+                 crop: int = 64, attention: str = "fused", size: Sequence[int] | None = None,
+                 use_checkpoint: bool = False, augment: bool = True,
+                 model_name: str = "swinunetr") -> tuple[torch.nn.Module, dict[str, Any], tuple[int, ...]]:
+    """The pre-training method a benchmark times, at the benchmark geometry: (module on the CPU, its params,
+    the input volume size). VoCo: ``sw`` random crops + n*n bases of ``crop``^3 from volumes of ``size``
+    (default n * 1.5 * crop in x-y and crop in z); another method: its recipe's paper params, where
+    ``variant`` / ``attention`` apply where it has them."""
+    from . import recipes
+    from .methods import get_method_class
+
+    cls = get_method_class(method)
+    if cls is None:
+        raise ValueError(f"unknown method {method!r}")
+    params = _recipe_params(method)
+    if method == "voco":
+        params.update(variant=variant, n=n, sw_batch_size=sw, crop_size=crop, attention=attention, augment=augment)
+        if size is None:
+            side = n * int(round(1.5 * crop))
+            size = (side, side, crop)
+        params["resize"] = list(size)
+    else:
+        params.update({k: v for k, v in dict(variant=variant, attention=attention).items() if k in params})
+        if size is not None and "resize" in params:
+            params["resize"] = list(size)
+        size = cls.input_size(params) if size is None else size
+        if size is None:
+            raise ValueError(f"method {method!r}: input_size is None; pass --size X Y Z")
+    model_cfg = {**recipes.load_defaults()["model"], "name": model_name, "feature_size": feature_size,
+                 "use_v2": True, "use_checkpoint": use_checkpoint}
+    return cls(params, model_cfg), params, tuple(int(s) for s in size)
+
+
 def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: int = 48, batch: int = 2,
                    sw: int = 2, n: int = 4, crop: int = 64, steps: int = 10, warmup: int = 3,
                    precision: str = "bf16", compile: bool = False, device: str = "cuda",
@@ -151,8 +184,6 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
             out = bench_pretrain(**args)
         out["inductor"] = dict(inductor)
         return out
-    from .methods import get_method_class
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS} (fp16 would need a GradScaler)")
     from . import distributed
@@ -164,28 +195,10 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
-    cls = get_method_class(method)
-    if cls is None:
-        raise ValueError(f"unknown method {method!r}")
-    params = _recipe_params(method)
-    if method == "voco":
-        params.update(variant=variant, n=n, sw_batch_size=sw, crop_size=crop, attention=attention, augment=augment)
-        if size is None:
-            side = n * int(round(1.5 * crop))
-            size = (side, side, crop)
-        params["resize"] = list(size)
-    else:   # another method: its recipe's paper params; --variant / --attention apply where it has them
-        params.update({k: v for k, v in dict(variant=variant, attention=attention).items() if k in params})
-        if size is not None and "resize" in params:
-            params["resize"] = list(size)
-        size = cls.input_size(params) if size is None else size
-        if size is None:
-            raise ValueError(f"method {method!r}: input_size is None; pass --size X Y Z")
-    from . import recipes
-
-    model_cfg = {**recipes.load_defaults()["model"], "name": model_name, "feature_size": feature_size,
-                 "use_v2": True, "use_checkpoint": use_checkpoint}
-    model = cls(params, model_cfg).to(dev).train()
+    model, params, size = build_method(method, variant=variant, feature_size=feature_size, sw=sw, n=n, crop=crop,
+                                       attention=attention, size=size, use_checkpoint=use_checkpoint,
+                                       augment=augment, model_name=model_name)
+    model = model.to(dev).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(trainable, lr=lr, **opt_kw)
@@ -296,7 +309,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     crops_per_step = batch * (sw + n * n) if method == "voco" else batch
     return {
         "method": method, "model": model_name, "variant": variant if method == "voco" or "variant" in params else None, "attention": attention, "precision": precision,
-        **(_window_attention_modes() if attention == "fused" else {}),
+        **(_backward_modes() if attention == "fused" else {}),
         "compile": (compile_mode or "default") if compile else False,
         **({"inductor_settings": _inductor.current()} if compile else {}),
         "use_checkpoint": bool(use_checkpoint), "augment": bool(augment),
@@ -322,13 +335,11 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
 COMPILE_LOSS_TOLERANCE = 0.05
 
 
-def _window_attention_modes() -> dict[str, str]:
-    """How the fused attention's backward computes dQ, delta and the bias gradient (window_attention's
-    DQ_MODE / DELTA_MODE / DBIAS_MODE)."""
+def _backward_modes() -> dict[str, str]:
+    """How the fused attention's backward computes dQ, delta and the bias gradient, as row fields."""
     from . import window_attention
 
-    return {"dq_mode": window_attention.DQ_MODE, "delta_mode": window_attention.DELTA_MODE,
-            "dbias_mode": window_attention.DBIAS_MODE}
+    return {f"{key}_mode": mode for key, mode in window_attention.backward_modes().items()}
 
 
 def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -570,18 +581,21 @@ def _main_finetune_infer(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import window_attention
+
     ap = argparse.ArgumentParser(prog="sslbench bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("pretrain", help="time pre-training steps of a method")
     p.add_argument("--method", default="voco")
     p.add_argument("--variant", nargs="+", default=["paper"], help="one or more variants to time")
     p.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "sdpa", "monai"])
-    p.add_argument("--dq-mode", default=None, choices=["kernel", "atomic"],
+    forms = window_attention.BACKWARD_CHOICES
+    p.add_argument("--dq-mode", default=None, choices=forms["dq"],
                    help="fused attention backward: dQ by its own kernel or by atomics (window_attention.DQ_MODE)")
-    p.add_argument("--delta-mode", default=None, choices=["kernel", "torch"],
+    p.add_argument("--delta-mode", default=None, choices=forms["delta"],
                    help="fused attention backward: rowsum(dO O) by its Triton kernel or by torch ops "
                         "(window_attention.DELTA_MODE)")
-    p.add_argument("--dbias-mode", default=None, choices=["slabs", "atomic"],
+    p.add_argument("--dbias-mode", default=None, choices=forms["dbias"],
                    help="fused attention backward: the bias gradient as per-group slabs summed by torch or added "
                         "with atomics (window_attention.DBIAS_MODE)")
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
@@ -641,14 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import distributed
 
     inductor = parse_inductor_options(args.inductor)
-    from . import window_attention
-
-    if args.dq_mode:
-        window_attention.DQ_MODE = args.dq_mode
-    if args.delta_mode:
-        window_attention.DELTA_MODE = args.delta_mode
-    if args.dbias_mode:
-        window_attention.DBIAS_MODE = args.dbias_mode
+    window_attention.set_backward_modes(dq=args.dq_mode, delta=args.delta_mode, dbias=args.dbias_mode)
     rows: list[dict[str, Any]] = []
     for variant in args.variant:
         for attention in args.attention:

@@ -13,8 +13,9 @@ padding on; figures in BENCHMARKS.md): compiled against eager in bf16 without au
 whose windows' qkv rows are not 128-byte multiples (343 tokens x 144 or 288 bf16 channels) differed by 78 %
 and 40 % of their largest value, the aligned stages by under 1 %; with the backbones and heads compiled,
 training losses were NaN from the second step; earlier runs of the same step had been finite. That padding
-is the cause of the wrong values (and of the NaN) is the hypothesis this setting acts on: ``benchmarks/compile_agreement.py`` (with and without ``--inductor
-comprehensive_padding=true``) is the measurement that confirms or refutes it.
+is the cause of the wrong values (and of the NaN) is the hypothesis this setting acts on:
+``benchmarks/compile_agreement.py``, with and without ``--inductor comprehensive_padding=true``, is the
+measurement that confirms or refutes it.
 """
 from __future__ import annotations
 

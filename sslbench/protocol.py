@@ -618,11 +618,11 @@ def stop_if_not_finite(loss: float, step: int, record: "RunRecord", run_cfg: Map
 
 def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Module:
     """``run.compile``: ``torch.compile(module, dynamic=False)`` (the crops and windows have fixed shapes) under
-    sslbench's Inductor settings (sslbench/inductor.py), else ``module`` itself. The compiled wrapper shares the module's parameters; checkpoints are always
-    written from the module itself, so their keys carry no ``_orig_mod.`` prefix. The Swin attention's SDPA
-    branch (head dims the fused kernel does not take, e.g. the tiny preset's 4) is kept out of the compiled
-    graph, as in the methods' compiled pre-training: compiled, it gave NaN losses on an H100 (2026-11-27,
-    tiny preset on phantom BTCV, eager finite)."""
+    sslbench's Inductor settings (sslbench/inductor.py), else ``module`` itself. The compiled wrapper shares the
+    module's parameters; checkpoints are always written from the module itself, so their keys carry no
+    ``_orig_mod.`` prefix. The Swin attention's SDPA branch (head dims the fused kernel does not take, e.g. the
+    tiny preset's 4) is kept out of the compiled graph, as in the methods' compiled pre-training: compiled, it
+    gave NaN losses on an H100 (2026-11-27, tiny preset on phantom BTCV, eager finite)."""
     if not run_cfg.get("compile"):
         return module
     from .fast_swin import keep_sdpa_out_of_compile

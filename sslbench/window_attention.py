@@ -63,15 +63,34 @@ DQ_MODE = "kernel"
 #: the default until a GPU measurement (``benchmarks/window_attention_kernels.py``'s ``fused-deltakernel`` rows,
 #: ``bench pretrain --delta-mode kernel``) says which is faster.
 DELTA_MODE = "torch"
+DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
 #: how the dK/dV kernel returns the bias gradient: "slabs" = each window group writes its sum_g dS to a slab of
 #: its own ([groups, h, n, n] fp32, ~0.8 GB for a stage-1 call at VoCo's geometry) and torch sums the slabs
 #: (deterministic); "atomic" = every group adds into one [h, n, n] fp32 buffer with atomics (no slabs; the
 #: summation order, hence the last bits, may vary run to run). Interpreter-checked; "slabs" stays the default
 #: until a GPU measurement (``fused-dbias-atomic`` rows, ``bench pretrain --dbias-mode atomic``) decides.
 DBIAS_MODE = "slabs"
-DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
+#: the choices of each backward form (``set_backward_modes``), the first being the default
+BACKWARD_CHOICES = {"dq": ("kernel", "atomic"), "delta": ("torch", "kernel"), "dbias": ("slabs", "atomic")}
 #: the additive mask between tokens of different regions in MONAI's ``compute_mask``
 MASK_VALUE = -100.0
+
+
+def backward_modes() -> dict[str, str]:
+    """The backward forms in force: {"dq": DQ_MODE, "delta": DELTA_MODE, "dbias": DBIAS_MODE}."""
+    return {"dq": DQ_MODE, "delta": DELTA_MODE, "dbias": DBIAS_MODE}
+
+
+def set_backward_modes(dq: str | None = None, delta: str | None = None, dbias: str | None = None) -> dict[str, str]:
+    """Choose the backward forms (None keeps one as it is); returns the previous ones, so that
+    ``set_backward_modes(**previous)`` restores them. An unknown choice is a one-line ValueError."""
+    global DQ_MODE, DELTA_MODE, DBIAS_MODE
+    previous = backward_modes()
+    for key, value in (("dq", dq), ("delta", delta), ("dbias", dbias)):
+        if value is not None and value not in BACKWARD_CHOICES[key]:
+            raise ValueError(f"window attention {key} mode: {value!r}; expected one of {', '.join(BACKWARD_CHOICES[key])}")
+    DQ_MODE, DELTA_MODE, DBIAS_MODE = dq or DQ_MODE, delta or DELTA_MODE, dbias or DBIAS_MODE
+    return previous
 
 
 def available(x: torch.Tensor) -> bool:
@@ -423,4 +442,5 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None
 
 
 __all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG",
-           "DQ_MODE", "DELTA_MODE", "DELTA_CONFIG", "DBIAS_MODE", "MASK_VALUE"]
+           "DQ_MODE", "DELTA_MODE", "DELTA_CONFIG", "DBIAS_MODE", "BACKWARD_CHOICES", "backward_modes",
+           "set_backward_modes", "MASK_VALUE"]

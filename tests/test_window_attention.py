@@ -38,6 +38,21 @@ def test_regions_reproduce_monai_shift_mask():
     assert rid[-1].unique().numel() == 8            # the last window straddles 2 x 2 x 2 regions
 
 
+def test_backward_modes_are_chosen_validated_and_restored(monkeypatch):
+    for name in ("DQ_MODE", "DELTA_MODE", "DBIAS_MODE"):
+        monkeypatch.setattr(W, name, getattr(W, name))     # restored afterwards
+    defaults = {key: choices[0] for key, choices in W.BACKWARD_CHOICES.items()}
+    assert W.backward_modes() == defaults == {"dq": "kernel", "delta": "torch", "dbias": "slabs"}
+    previous = W.set_backward_modes(dq="atomic", dbias="atomic")
+    assert previous == defaults and W.backward_modes() == {"dq": "atomic", "delta": "torch", "dbias": "atomic"}
+    assert W.DQ_MODE == "atomic" and W.DBIAS_MODE == "atomic"       # what the launch code reads
+    with pytest.raises(ValueError, match="delta mode: 'fast'; expected one of torch, kernel"):
+        W.set_backward_modes(dq="kernel", delta="fast")
+    assert W.backward_modes()["dq"] == "atomic"                      # a refused call changes nothing
+    W.set_backward_modes(**previous)
+    assert W.backward_modes() == defaults
+
+
 def test_reference_matches_monai_window_attention():
     from monai.networks.nets.swin_unetr import WindowAttention
 
@@ -105,8 +120,10 @@ def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkey
 @pytest.mark.parametrize("n,heads,d,masked", [(343, 3, 16, False), (343, 3, 16, True), (343, 2, 32, True),
                                               (64, 4, 16, False), (100, 2, 16, True)])
 def test_fused_matches_reference_values_and_gradients(n, heads, d, masked, modes, monkeypatch):
-    for name, mode in zip(("DQ_MODE", "DELTA_MODE", "DBIAS_MODE"), modes):
-        monkeypatch.setattr(W, name, mode)
+    monkeypatch.setattr(W, "DQ_MODE", W.DQ_MODE)           # restored afterwards
+    monkeypatch.setattr(W, "DELTA_MODE", W.DELTA_MODE)
+    monkeypatch.setattr(W, "DBIAS_MODE", W.DBIAS_MODE)
+    W.set_backward_modes(*modes)
     torch.manual_seed(0)
     dev = "cuda"
     nw = 4
@@ -223,10 +240,10 @@ for b, n, h, d, nw, cfg in cases:
     for dq_mode, delta_mode, dbias_mode in (("kernel", "torch", "slabs"), ("atomic", "torch", "slabs"),
                                             ("kernel", "kernel", "slabs"), ("kernel", "torch", "atomic"),
                                             ("atomic", "kernel", "atomic")):
-        W.DQ_MODE, W.DELTA_MODE, W.DBIAS_MODE = dq_mode, delta_mode, dbias_mode
+        W.set_backward_modes(dq_mode, delta_mode, dbias_mode)
         dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
         rows.append([rel(out, ref.detach()), rel(dqkv, q.grad), rel(dbias, bb.grad)])
-    W.DQ_MODE, W.DELTA_MODE, W.DBIAS_MODE = "kernel", "torch", "slabs"
+    W.set_backward_modes("kernel", "torch", "slabs")
     for c, old in zip((W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG), saved):
         c.clear(); c.update(old)
 json.dump(rows, sys.stdout)

@@ -406,6 +406,15 @@ def pooled_input_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(out, slope).mean(dim=(2, 3, 4))
 
 
+def max_relative_difference(compiled: torch.Tensor, eager: torch.Tensor) -> float:
+    """max |compiled - eager| / max |eager| (NaN where ``compiled`` is not finite): how far a compiled
+    computation is from the eager one, relative to the eager output's scale."""
+    compiled, eager = compiled.detach().float(), eager.detach().float()
+    if not bool(torch.isfinite(compiled).all()):
+        return float("nan")
+    return float((compiled - eager).abs().max() / eager.abs().max().clamp_min(1e-12))
+
+
 def _plain_float(volumes: torch.Tensor) -> torch.Tensor:
     """A MONAI MetaTensor as a plain tensor (cheaper, and it compiles), integer input as float."""
     if hasattr(volumes, "as_tensor"):
@@ -541,11 +550,10 @@ class VoCo(PretrainMethod):
         and ``compile_agreement`` can compare a compiled backbone with the eager one (no head's batch norm
         between them to amplify rounding)."""
         keep_sdpa_out_of_compile(self)
-        # static shapes: the stages call the same block code with four shapes, and automatic dynamic
-        # shapes would turn every recompile into a slower symbolic one
+        # static shapes (inductor.compile's default): the stages call the same block code with four shapes,
+        # each its own entry in Dynamo's cache, where automatic dynamic shapes would recompile symbolically
         import torch._dynamo
 
-        kwargs.setdefault("dynamic", False)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # bound methods in a plain dict: a compiled module stored as an attribute would join the state dict
         self._compiled = {name: inductor.compile(getattr(self, name).forward, **kwargs)
@@ -569,11 +577,9 @@ class VoCo(PretrainMethod):
             if name not in self._compiled:
                 continue
             with torch.set_grad_enabled(name == "backbone"):
-                eager = getattr(self, name)(views).detach().float()
-                compiled = self._compiled[name](views).detach().float()
-            diff = (compiled - eager).abs().max() / eager.abs().max().clamp_min(1e-12)
-            out["student" if name == "backbone" else "teacher"] = float(diff) if bool(torch.isfinite(compiled).all()) \
-                else float("nan")
+                eager = getattr(self, name)(views)
+                compiled = self._compiled[name](views)
+            out["student" if name == "backbone" else "teacher"] = max_relative_difference(compiled, eager)
         return out
 
     def make_views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
