@@ -10,8 +10,8 @@ the ``sdpa`` form of sslbench/methods/voco.py computes it. ``--sweep`` first tri
 the three fused kernels on the stage-1 shape and keeps the fastest of each (to re-tune on another card;
 copy the winners into FWD_CONFIG / DQ_CONFIG / DKV_CONFIG). ``fused-atomic`` rows time the backward whose dK/dV
 kernel also accumulates dQ with atomics (``DQ_MODE = "atomic"``) instead of a dQ kernel of its own;
-``fused-deltakernel`` rows the backward whose delta = rowsum(dO O) comes from its Triton kernel
-(``DELTA_MODE = "kernel"``) instead of torch ops; ``fused-dbias-atomic`` rows the backward that adds the bias
+``fused-deltatorch`` rows the backward whose delta = rowsum(dO O) comes from torch ops
+(``DELTA_MODE = "torch"``) instead of its Triton kernel (the default); ``fused-dbias-atomic`` rows the backward that adds the bias
 gradient with atomics (``DBIAS_MODE = "atomic"``) instead of per-group slabs. Needs CUDA + Triton.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def median_ms(fn, steps: int = 10, warmup: int = 3) -> float:
 
 #: the fused rows: the backward's default forms, then each optional form on its own
 DEFAULT_MODES = {key: choices[0] for key, choices in W.BACKWARD_CHOICES.items()}
-FUSED_FORMS = {"fused": {}, "fused-atomic": {"dq": "atomic"}, "fused-deltakernel": {"delta": "kernel"},
+FUSED_FORMS = {"fused": {}, "fused-atomic": {"dq": "atomic"}, "fused-deltatorch": {"delta": "torch"},
                "fused-dbias-atomic": {"dbias": "atomic"}}
 
 

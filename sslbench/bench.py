@@ -199,6 +199,8 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
                                        attention=attention, size=size, use_checkpoint=use_checkpoint,
                                        augment=augment, model_name=model_name)
     model = model.to(dev).train()
+    if compile and hasattr(model, "use_channels_last"):
+        model.use_channels_last()      # what compile_encoders does, done before the optimizer and DDP see them
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(trainable, lr=lr, **opt_kw)
@@ -236,13 +238,14 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if compile:
         # the compiled step must compute the eager step's loss: the same weights, batch and random crops
         # through both (forward only), before any compiled step runs
-        from .protocol import seeded_probe
+        from .protocol import align_optimizer_state, seeded_probe
 
         bf16 = precision == "bf16"
         eager_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
         encoders_only = hasattr(model, "compile_encoders")
         if encoders_only:
             model.compile_encoders(mode=compile_mode)
+            align_optimizer_state(opt)
         else:
             model.forward = _inductor.compile(model.forward, mode=compile_mode)
         compiled_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
@@ -345,9 +348,10 @@ def _backward_modes() -> dict[str, str]:
 def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, Any] | None) -> dict[str, Any]:
     """Fields that say whether a timing row measured a sound computation: every timed loss finite and, when
     compiled, the compiled probe step's loss within COMPILE_LOSS_TOLERANCE of the eager one (methods that
-    compile their encoders only) and its backbone features within the protocol's COMPILE_FEATURE_TOLERANCE
-    (the same bound ``run.compile`` pre-training checks before its first step)."""
-    from .protocol import COMPILE_FEATURE_TOLERANCE
+    compile their encoders only) and its backbone features as close to the eager (or fp32) computation as
+    ``protocol.compiled_feature_problems`` asks (the same judgement ``run.compile`` pre-training makes before
+    its first step)."""
+    from .protocol import compiled_feature_problems
 
     problems = []
     out: dict[str, Any] = {"loss_finite": all(math.isfinite(float(v)) for v in losses) if losses else None}
@@ -359,10 +363,7 @@ def _validity(losses: Sequence[torch.Tensor], compile_check: Mapping[str, Any] |
         if not math.isfinite(rel) or (compile_check.get("loss_check_applies", True) and rel > COMPILE_LOSS_TOLERANCE):
             problems.append(f"compiled loss {compile_check['compiled_loss']:.6g} differs from the eager "
                             f"{compile_check['eager_loss']:.6g} (relative {rel:.3g} > {COMPILE_LOSS_TOLERANCE})")
-        for name, diff in (compile_check.get("feature_rel_diff") or {}).items():
-            if not math.isfinite(diff) or diff > COMPILE_FEATURE_TOLERANCE:
-                problems.append(f"compiled {name} features differ from eager (max relative {diff:.3g} > "
-                                f"{COMPILE_FEATURE_TOLERANCE})")
+        problems += compiled_feature_problems(compile_check.get("feature_rel_diff") or {})
     out["valid"] = not problems
     if problems:
         out["invalid_because"] = "; ".join(problems)

@@ -16,6 +16,9 @@ they are. ``apply_attention(model, attention)`` is what fine-tuning calls (``run
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,6 +124,28 @@ class _LowPrecisionLayerNorm(nn.LayerNorm):
                 b = self.bias.to(x.dtype) if self.bias is not None else None
                 return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
         return super().forward(x)
+
+
+@contextlib.contextmanager
+def full_precision(module: nn.Module) -> Iterator[None]:
+    """Inside: ``module`` computes in plain fp32: autocast off, TF32 off for matrix products and cuDNN
+    convolutions, and fused window attention computed by SDPA (Triton's fp32 ``tl.dot`` rounds to TF32). The
+    reference that a bf16 computation, eager or compiled, is measured against (``compile_agreement``)."""
+    fused = [m for m in module.modules() if getattr(m, "kernel", None) == "fused"]
+    matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    devices = {p.device.type for p in module.parameters()} or {"cpu"}
+    try:
+        for m in fused:
+            m.kernel = "sdpa"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with contextlib.ExitStack() as stack:
+            for dev in devices:
+                stack.enter_context(torch.autocast(dev, enabled=False))
+            yield
+    finally:
+        for m in fused:
+            m.kernel = "fused"
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
 
 
 def keep_sdpa_out_of_compile(module: nn.Module) -> int:

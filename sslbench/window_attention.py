@@ -59,10 +59,11 @@ DQ_MODE = "kernel"
 #: how the backward computes delta = rowsum(dO * O) per (window, head, token): "torch" = fp32 copies of dO and
 #: O, a product, a sum and a transposing copy (~2 GB of memory traffic for a stage-1 call at VoCo's geometry);
 #: "kernel" = one Triton kernel reading dO and O once in their own dtype (~0.3 GB) and writing delta in the
-#: [windows * heads, tokens] layout the backward kernels read. Checked in Triton's interpreter; "torch" stays
-#: the default until a GPU measurement (``benchmarks/window_attention_kernels.py``'s ``fused-deltakernel`` rows,
-#: ``bench pretrain --delta-mode kernel``) says which is faster.
-DELTA_MODE = "torch"
+#: [windows * heads, tokens] layout the backward kernels read: the default, chosen by measurement (NVIDIA H100,
+#: 2026-11-27 16:30 UTC, ``benchmarks/window_attention_kernels.py`` at VoCo's geometry, fwd + bwd ms of one call
+#: per stage, torch / kernel: 11.91 / 10.78, 5.07 / 4.83, 3.26 / 2.96, 1.38 / 1.12; the compiled
+#: teacher-student step 12.96 -> 13.35 volumes/s)
+DELTA_MODE = "kernel"
 DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
 #: how the dK/dV kernel returns the bias gradient: "slabs" = each window group writes its sum_g dS to a slab of
 #: its own ([groups, h, n, n] fp32, ~0.8 GB for a stage-1 call at VoCo's geometry) and torch sums the slabs
@@ -71,7 +72,7 @@ DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
 #: until a GPU measurement (``fused-dbias-atomic`` rows, ``bench pretrain --dbias-mode atomic``) decides.
 DBIAS_MODE = "slabs"
 #: the choices of each backward form (``set_backward_modes``), the first being the default
-BACKWARD_CHOICES = {"dq": ("kernel", "atomic"), "delta": ("torch", "kernel"), "dbias": ("slabs", "atomic")}
+BACKWARD_CHOICES = {"dq": ("kernel", "atomic"), "delta": ("kernel", "torch"), "dbias": ("slabs", "atomic")}
 #: the additive mask between tokens of different regions in MONAI's ``compute_mask``
 MASK_VALUE = -100.0
 

@@ -206,7 +206,7 @@ def test_compiled_pretraining_is_checked_against_eager_before_the_first_step(pha
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda x: fn(x).roll(1, 0)))
     assert main([*args, "--out", str(tmp_path / "wrong")]) != 0
     err = capsys.readouterr().err
-    assert "run.compile: the compiled encoders' features differ from eager on the first batch" in err
+    assert "run.compile: on the first batch, compiled student features differ from eager" in err
     assert "--set run.compile=false" in err
     run = next((tmp_path / "wrong" / "pretrain" / "voco").glob("*/*"))
     assert not (run / "metrics.json").exists() and not (run / "checkpoints" / "backbone.pt").exists()

@@ -6,6 +6,7 @@ two CPU cores.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -295,7 +296,7 @@ def test_bench_pretrain_runs_on_cpu():
     for key in ("card", "torch", "monai", "date", "variant", "precision"):
         assert out[key], key
     assert out["crops_per_step"] == 1 * (1 + 4)
-    assert out["dq_mode"] == "kernel" and out["delta_mode"] == "torch" and out["dbias_mode"] == "slabs" and out["valid"] is True and out["loss_finite"] is True
+    assert out["dq_mode"] == "kernel" and out["delta_mode"] == "kernel" and out["dbias_mode"] == "slabs" and out["valid"] is True and out["loss_finite"] is True
 
 
 def test_bench_inductor_options_are_checked_and_recorded():
@@ -467,6 +468,56 @@ def test_teacher_student_backbone_uses_pooled_encoder1_with_the_same_features():
     assert fast.shape == (2, 24 * 12)
 
 
+def test_channels_last_backbone_computes_swinunetrs_encoder_features():
+    """use_channels_last (what compile_encoders does) makes the convolutions channels-last (NDHWC, cuDNN's
+    bf16 layout) and the backbone still computes what MONAI's SwinUNETR computes in its own layout: the pooled
+    encoder1..4 / encoder10 outputs."""
+    torch.manual_seed(0)
+    net = build_swinunetr({"name": "swinunetr", "feature_size": 12, "use_v2": True}).double()
+    reference = copy.deepcopy(net)
+    backbone = V.VoCoBackbone(net, all_stages=True)
+    assert backbone.encoder2.layer.conv1.conv.weight.is_contiguous()      # eager: MONAI's layout
+    backbone.use_channels_last()
+    weight = backbone.encoder2.layer.conv1.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    assert backbone.swinViT.layers1c[0].layer.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.rand(1, 1, 64, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        hs = reference.swinViT(x, True)
+        expected = torch.cat([m.mean(dim=(2, 3, 4)) for m in (
+            reference.encoder1(x), reference.encoder2(hs[0]), reference.encoder3(hs[1]), reference.encoder4(hs[2]),
+            reference.encoder10(hs[4]))], dim=1)
+        torch.testing.assert_close(backbone(x), expected, rtol=1e-9, atol=1e-12)
+    for key, value in backbone.state_dict().items():       # the saved values are SwinUNETR's
+        assert torch.equal(value, reference.state_dict()[key]), key
+
+
+def test_optimizer_state_follows_a_parameter_that_went_channels_last():
+    """Fused AdamW pairs elements by memory position: once a parameter goes channels-last, its contiguous
+    moments must follow, or it is updated with other elements' moments (what align_optimizer_state prevents)."""
+    from sslbench.protocol import align_optimizer_state
+
+    torch.manual_seed(0)
+    results = {}
+    for align in (False, True):
+        p = torch.nn.Parameter(torch.randn(2, 3, 4, 4, 4))
+        q = torch.nn.Parameter(p.detach().clone())
+        opt_p, opt_q = torch.optim.AdamW([p], lr=0.1, fused=True), torch.optim.AdamW([q], lr=0.1, fused=True)
+        g1, g2 = torch.randn_like(p), torch.randn_like(p)
+        p.grad, q.grad = g1.clone(), g1.clone()
+        opt_p.step(), opt_q.step()
+        p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        if align:
+            assert align_optimizer_state(opt_p) == 2                            # exp_avg, exp_avg_sq
+            assert opt_p.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last_3d)
+            assert align_optimizer_state(opt_p) == 0
+        p.grad, q.grad = g2.contiguous(memory_format=torch.channels_last_3d), g2.clone()
+        opt_p.step(), opt_q.step()
+        results[align] = float((p - q).abs().max())
+    assert results[False] > 1e-2          # the failure it guards against is real
+    assert results[True] < 1e-6
+
+
 def test_bench_flags_non_finite_losses_and_compiled_losses_that_differ():
     from sslbench.bench import COMPILE_LOSS_TOLERANCE, _validity
 
@@ -485,6 +536,57 @@ def test_bench_flags_non_finite_losses_and_compiled_losses_that_differ():
     row = _validity([torch.tensor(0.5)], feats)
     assert row["valid"] is False and "compiled teacher features" in row["invalid_because"] and "student" not in row["invalid_because"]
     assert _validity([], None) == {"loss_finite": None, "valid": True}          # --steps 0: nothing timed
+
+
+def test_compiled_features_are_judged_against_the_rounding_of_eager_bf16():
+    """With an fp32 reference, compiled bf16 features may be as far from it as twice eager bf16's rounding
+    (or COMPILE_FEATURE_TOLERANCE); a miscompiled stage (0.4-0.8 on the H100) fails; without one, the
+    compiled-vs-eager bound applies."""
+    from sslbench.protocol import COMPILE_FEATURE_TOLERANCE as tol
+    from sslbench.protocol import COMPILE_ROUNDING_FACTOR as factor
+    from sslbench.protocol import compiled_feature_problems
+
+    # the H100 run of 2026-11-27 16:30 UTC: 0.054 from eager, within bf16's own rounding of the fp32 features
+    rounding = {"teacher": 0.054, "teacher_vs_fp32": 0.05, "teacher_eager_vs_fp32": 0.04}
+    assert compiled_feature_problems(rounding) == []
+    assert compiled_feature_problems({"teacher": 0.054}) != []                    # no reference: 0.054 > 0.05
+    wrong = {"student": 0.78, "student_vs_fp32": 0.78, "student_eager_vs_fp32": 0.04}
+    (problem,) = compiled_feature_problems(wrong)
+    assert "student" in problem and "0.78 from the fp32" in problem and f"{factor * 0.04:.3g}" in problem
+    # the floor: tiny eager rounding does not make the bound tighter than the tolerance
+    assert compiled_feature_problems({"student": 0.03, "student_vs_fp32": tol * 0.9, "student_eager_vs_fp32": 1e-4}) == []
+    assert compiled_feature_problems({"student": 0.03, "student_vs_fp32": tol * 1.1, "student_eager_vs_fp32": 1e-4}) != []
+    assert compiled_feature_problems({"student": float("nan"), "student_vs_fp32": float("nan"),
+                                      "student_eager_vs_fp32": 0.01}) == ["compiled student features are not finite"]
+    assert compiled_feature_problems({"student": 0.01, "student_vs_fp32": float("nan"),
+                                      "student_eager_vs_fp32": 0.01}) != []
+
+
+def test_compile_agreement_under_autocast_measures_against_fp32(monkeypatch):
+    """Under bf16 autocast, compile_agreement also computes the eager backbone in full fp32 and reports how far
+    the compiled and the eager bf16 features are from it (an identity 'compiler': the two are equal, and bf16
+    rounding makes them differ from fp32 by a small, non-zero amount)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    torch.manual_seed(0)
+    method = make()                       # the paper variant at 32^3 (the teacher's check is the same loop)
+    method.compile_encoders()
+    volumes = phantom_volumes(1, (64, 64, 32), "cpu")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            diffs = method.compile_agreement(volumes)
+            assert torch.is_autocast_enabled("cpu")                 # the reference's autocast-off is undone
+        assert torch.backends.cuda.matmul.allow_tf32 is True         # and its TF32 switch
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert set(diffs) == {"student", "student_vs_fp32", "student_eager_vs_fp32"}
+    assert diffs["student"] == 0.0
+    assert diffs["student_vs_fp32"] == diffs["student_eager_vs_fp32"]
+    assert 1e-4 < diffs["student_eager_vs_fp32"] < 0.1, diffs
+    with torch.no_grad():
+        diffs = method.compile_agreement(volumes)                    # no autocast: no reference computed
+    assert set(diffs) == {"student"}
 
 
 def test_bench_compile_check_draws_the_same_crops_and_catches_a_wrong_compiled_step(monkeypatch, capsys):

@@ -42,11 +42,11 @@ def test_backward_modes_are_chosen_validated_and_restored(monkeypatch):
     for name in ("DQ_MODE", "DELTA_MODE", "DBIAS_MODE"):
         monkeypatch.setattr(W, name, getattr(W, name))     # restored afterwards
     defaults = {key: choices[0] for key, choices in W.BACKWARD_CHOICES.items()}
-    assert W.backward_modes() == defaults == {"dq": "kernel", "delta": "torch", "dbias": "slabs"}
+    assert W.backward_modes() == defaults == {"dq": "kernel", "delta": "kernel", "dbias": "slabs"}
     previous = W.set_backward_modes(dq="atomic", dbias="atomic")
-    assert previous == defaults and W.backward_modes() == {"dq": "atomic", "delta": "torch", "dbias": "atomic"}
+    assert previous == defaults and W.backward_modes() == {"dq": "atomic", "delta": "kernel", "dbias": "atomic"}
     assert W.DQ_MODE == "atomic" and W.DBIAS_MODE == "atomic"       # what the launch code reads
-    with pytest.raises(ValueError, match="delta mode: 'fast'; expected one of torch, kernel"):
+    with pytest.raises(ValueError, match="delta mode: 'fast'; expected one of kernel, torch"):
         W.set_backward_modes(dq="kernel", delta="fast")
     assert W.backward_modes()["dq"] == "atomic"                      # a refused call changes nothing
     W.set_backward_modes(**previous)
@@ -115,8 +115,9 @@ def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkey
 
 
 @cuda_triton
-@pytest.mark.parametrize("modes", [("kernel", "torch", "slabs"), ("atomic", "torch", "slabs"),
-                                   ("kernel", "kernel", "atomic"), ("atomic", "kernel", "atomic")])
+@pytest.mark.parametrize("modes", [("kernel", "kernel", "slabs"), ("kernel", "torch", "slabs"),
+                                   ("atomic", "torch", "slabs"), ("kernel", "kernel", "atomic"),
+                                   ("atomic", "kernel", "atomic")])
 @pytest.mark.parametrize("n,heads,d,masked", [(343, 3, 16, False), (343, 3, 16, True), (343, 2, 32, True),
                                               (64, 4, 16, False), (100, 2, 16, True)])
 def test_fused_matches_reference_values_and_gradients(n, heads, d, masked, modes, monkeypatch):
@@ -188,12 +189,17 @@ def test_fused_operator_registration_is_consistent():
 @cuda_triton
 def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
     """torch.compile (under sslbench's Inductor settings) keeps a Swin encoder with the fused kernels in one
-    graph, and every stage's output keeps the eager values: stages 1 and 2 at 64^3 have windows whose qkv rows
-    are not 128-byte aligned, where torch 2.11's comprehensive padding gave wrong values (sslbench/inductor.py)."""
+    graph, and every stage's compiled bf16 output is as close to the fp32 computation as the eager bf16 one
+    (protocol.compiled_feature_problems, the judgement of VoCo's compile check): stages 1 and 2 at 64^3 have
+    windows whose qkv rows are not 128-byte aligned, where torch 2.11's comprehensive padding gave wrong values
+    (0.78 and 0.40 from eager; sslbench/inductor.py). bf16 alone moves a stage's output by a few % of its
+    largest value (H100, 2026-11-27: 0.031 compiled-vs-eager at stage 3), so compiled-vs-eager is no bound."""
     from monai.networks.nets import SwinUNETR
 
     from sslbench import inductor
+    from sslbench.fast_swin import full_precision
     from sslbench.methods import voco as V
+    from sslbench.protocol import compiled_feature_problems
 
     torch.manual_seed(0)
     net = SwinUNETR(in_channels=1, out_channels=1, feature_size=48, use_v2=True).cuda()
@@ -203,14 +209,19 @@ def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
     def f(t):
         return net.swinViT(t)
 
-    with torch.autocast("cuda", torch.bfloat16):
+    with torch.autocast("cuda", torch.bfloat16):          # with autograd, as in training
         explained = torch._dynamo.explain(f)(x)
         eager = f(x)
         compiled = inductor.compile(f)(x)
+    with torch.no_grad(), full_precision(net):
+        reference = f(x)
     assert explained.graph_break_count == 0, explained.break_reasons
-    for stage, (c, e) in enumerate(zip(compiled, eager)):
-        rel = float((c.float() - e.float()).abs().max() / e.float().abs().max())
-        assert rel < 2e-2, (stage, rel)
+    diffs = {}
+    for stage, (c, e, r) in enumerate(zip(compiled, eager, reference)):
+        diffs[f"stage{stage}"] = V.max_relative_difference(c, e)
+        diffs[f"stage{stage}_vs_fp32"] = V.max_relative_difference(c, r)
+        diffs[f"stage{stage}_eager_vs_fp32"] = V.max_relative_difference(e, r)
+    assert compiled_feature_problems(diffs) == [], diffs
 
 
 _INTERPRETED = r"""
@@ -243,7 +254,7 @@ for b, n, h, d, nw, cfg in cases:
         W.set_backward_modes(dq_mode, delta_mode, dbias_mode)
         dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
         rows.append([rel(out, ref.detach()), rel(dqkv, q.grad), rel(dbias, bb.grad)])
-    W.set_backward_modes("kernel", "torch", "slabs")
+    W.set_backward_modes("kernel", "kernel", "slabs")
     for c, old in zip((W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG), saved):
         c.clear(); c.update(old)
 json.dump(rows, sys.stdout)
@@ -253,7 +264,7 @@ json.dump(rows, sys.stdout)
 @pytest.mark.skipif(W.triton is None, reason="Triton is not installed")
 def test_kernels_match_reference_in_triton_interpreter():
     """Forward, delta, dQ/dK/dV and the bias gradient of the Triton kernels (and of the backward that adds dQ
-    with atomics, DQ_MODE "atomic", the one whose delta comes from its own kernel, DELTA_MODE "kernel", and the
+    with atomics, DQ_MODE "atomic", the one whose delta comes from torch ops, DELTA_MODE "torch", and the
     one that adds the bias gradient with atomics, DBIAS_MODE "atomic"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
     that is only partly filled, head dim 32 and a second launch configuration."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -261,7 +272,7 @@ def test_kernels_match_reference_in_triton_interpreter():
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 20     # 4 cases x (defaults, dQ by atomics, delta by its kernel, bias gradient by atomics, all three)
+    assert len(rows) == 20     # 4 cases x (delta by torch, dQ by atomics, the defaults, bias gradient by atomics, all three)
     for out_err, dqkv_err, dbias_err in rows:
         assert out_err < 1e-5 and dqkv_err < 1e-5 and dbias_err < 1e-5, rows
 
