@@ -262,6 +262,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     _sync(dev)
     warmup_s = time.perf_counter() - t_start
     if dev.type == "cuda":
+        torch.cuda.empty_cache()       # a CUDA-graph row reports reserved memory: not the probe's cached blocks
         torch.cuda.reset_peak_memory_stats(dev)
     times, losses = [], []
     for i in range(steps):

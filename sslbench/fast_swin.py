@@ -132,12 +132,13 @@ def full_precision(module: nn.Module) -> Iterator[None]:
     convolutions, and fused window attention computed by SDPA (Triton's fp32 ``tl.dot`` rounds to TF32). The
     reference that a bf16 computation, eager or compiled, is measured against (``compile_agreement``)."""
     fused = [m for m in module.modules() if getattr(m, "kernel", None) == "fused"]
-    matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    matmul_precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     devices = {p.device.type for p in module.parameters()} or {"cpu"}
     try:
         for m in fused:
             m.kernel = "sdpa"
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
         with contextlib.ExitStack() as stack:
             for dev in devices:
                 stack.enter_context(torch.autocast(dev, enabled=False))
@@ -145,7 +146,8 @@ def full_precision(module: nn.Module) -> Iterator[None]:
     finally:
         for m in fused:
             m.kernel = "fused"
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+        torch.set_float32_matmul_precision(matmul_precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def keep_sdpa_out_of_compile(module: nn.Module) -> int:

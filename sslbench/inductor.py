@@ -16,7 +16,7 @@ training losses were NaN from the second step; earlier runs of the same step had
 off (H100, the same evening): every compiled step finite, and every stage's compiled output as close to the
 fp32 computation as eager bf16's (tests/test_window_attention.py's GPU test; the bench's compile check).
 And the A/B on one H100 (``benchmarks/compile_agreement.py`` with and without ``--inductor
-comprehensive_padding=true``, 2026-11-27 17:27-17:31 UTC): Swin stage 1 0.007 off / 0.775 on, stage 2
+comprehensive_padding=true``, 2026-11-27 17:26-17:30 UTC): Swin stage 1 0.007 off / 0.775 on, stage 2
 0.006 / 0.400, every other piece the same both ways.
 """
 from __future__ import annotations

@@ -60,9 +60,9 @@ DQ_MODE = "kernel"
 #: O, a product, a sum and a transposing copy (~2 GB of memory traffic for a stage-1 call at VoCo's geometry);
 #: "kernel" = one Triton kernel reading dO and O once in their own dtype (~0.3 GB) and writing delta in the
 #: [windows * heads, tokens] layout the backward kernels read: the default, chosen by measurement (NVIDIA H100,
-#: 2026-11-27 16:30 UTC, ``benchmarks/window_attention_kernels.py`` at VoCo's geometry, fwd + bwd ms of one call
+#: 2026-11-27 16:32 UTC, ``benchmarks/window_attention_kernels.py`` at VoCo's geometry, fwd + bwd ms of one call
 #: per stage, torch / kernel: 11.91 / 10.78, 5.07 / 4.83, 3.26 / 2.96, 1.38 / 1.12; the compiled
-#: teacher-student step 12.96 -> 13.35 volumes/s)
+#: teacher-student step 12.96 -> 13.35 volumes/s, two runs on two H100 machines)
 DELTA_MODE = "kernel"
 DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
 #: how the dK/dV kernel returns the bias gradient: "slabs" = each window group writes its sum_g dS to a slab of

@@ -467,8 +467,13 @@ class VoCoBackbone(nn.Module):
         convolution converted its input, weight and output: 6.9 of 142.7 ms of the compiled teacher-student
         step (H100, 2026-11-27; 149.8 -> 141.9 ms a step with this). Done for compiled encoders only
         (``VoCo.compile_encoders``): the eager step measured no faster with it (8.16 volumes/s against 8.25
-        without, same peak memory, H100), so eager runs keep MONAI's layout. Same function; the state dict's
-        values are unchanged."""
+        without, same peak memory, H100), so eager runs keep MONAI's layout. Only for ``all_stages`` (the
+        teacher-student backbone, where it was measured): the paper variant's swinViT-only backbone has few
+        convolutions, and its eager step ran slower channels-last (16.77 against 18.52 volumes/s, two H100
+        machines); its compiled step was not measured either way, so it keeps NCDHW. Same function; the state
+        dict's values are unchanged."""
+        if not self.all_stages:
+            return
         self.to(memory_format=torch.channels_last_3d)
         self.memory_format = torch.channels_last_3d
 
@@ -603,8 +608,8 @@ class VoCo(PretrainMethod):
                 continue
             net = getattr(self, name)
             with torch.set_grad_enabled(name == "backbone"):
-                eager = net(views)
-                compiled = self._compiled[name](views)
+                eager = net(views).detach()           # no graphs kept while the fp32 reference runs
+                compiled = self._compiled[name](views).detach()
             key = "student" if name == "backbone" else "teacher"
             out[key] = max_relative_difference(compiled, eager)
             if low_precision:
@@ -667,7 +672,8 @@ class VoCo(PretrainMethod):
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """swinViT.* (paper), plus encoder1..4 and encoder10 (teacher-student), SwinUNETR's key layout."""
-        return {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+        # contiguous: the file has one layout whether or not the run compiled (use_channels_last)
+        return {k: v.detach().cpu().contiguous().clone() for k, v in self.backbone.state_dict().items()}
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"head.{k}": v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
