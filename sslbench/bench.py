@@ -238,14 +238,13 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if compile:
         # the compiled step must compute the eager step's loss: the same weights, batch and random crops
         # through both (forward only), before any compiled step runs
-        from .protocol import align_optimizer_state, seeded_probe
+        from .protocol import seeded_probe
 
         bf16 = precision == "bf16"
         eager_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
         encoders_only = hasattr(model, "compile_encoders")
-        if encoders_only:
+        if encoders_only:   # its backbones went channels-last before the optimizer held any state (above)
             model.compile_encoders(mode=compile_mode)
-            align_optimizer_state(opt)
         else:
             model.forward = _inductor.compile(model.forward, mode=compile_mode)
         compiled_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)

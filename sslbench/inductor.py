@@ -13,7 +13,7 @@ padding on; figures in BENCHMARKS.md): compiled against eager in bf16 without au
 whose windows' qkv rows are not 128-byte multiples (343 tokens x 144 or 288 bf16 channels) differed by 78 %
 and 40 % of their largest value, the aligned stages by under 1 %; with the backbones and heads compiled,
 training losses were NaN from the second step; earlier runs of the same step had been finite. With padding
-off (H100, the same evening): every compiled step finite, and every stage's compiled output as close to the
+off (H100, that night): every compiled step finite, and every stage's compiled output as close to the
 fp32 computation as eager bf16's (tests/test_window_attention.py's GPU test; the bench's compile check).
 And the A/B on one H100 (``benchmarks/compile_agreement.py`` with and without ``--inductor
 comprehensive_padding=true``, 2026-11-27 17:26-17:30 UTC): Swin stage 1 0.007 off / 0.775 on, stage 2
