@@ -21,6 +21,9 @@ Rules the tables keep:
   ``PHANTOM`` in every format, and they are never compared with a published number.
 * Dice in records is a fraction; tables are in percent like the paper. Mean ± sample std over seeds
   (runs), Δ = measured mean - published, n = number of runs.
+* **Environments are never mixed silently.** Each run's torch / monai versions (its env.json, and its
+  pre-training's) travel with it; a group whose runs differ is marked ``‡env`` and a table whose measured runs
+  span several environments gets a note listing them, and the terminal a warning.
 * Table 6 is published on hidden leaderboard test sets; sslbench evaluates validation splits, so its
   cells stay published-only (the YAML's ``measured: false``).
 """
@@ -48,11 +51,12 @@ EXTENSIONS = {"md": "md", "latex": "tex", "html": "html", "csv": "csv"}
 GREEN_WITHIN = 1.0      # points of Dice / AUC
 YELLOW_WITHIN = 3.0
 NO_VALUE = "—"
+MIXED_ENV_MARK = "‡env"
 
 #: Columns every frame from collect_runs has, even when no run was found.
 RUN_COLUMNS = ["task", "task_title", "base_task", "method", "method_recipe", "variant", "seed", "preset",
                "protocol", "run_protocol", "series", "phantom", "metric", "mean_dice", "score", "lambda",
-               "n_cases", "finished", "path"]
+               "n_cases", "finished", "env", "path"]
 
 
 # ==================================================================================================
@@ -302,8 +306,8 @@ def _read_recipe(folder: Path) -> dict | None:
     return cfg if isinstance(cfg, dict) else None
 
 
-def _pretrain_recipe(metrics: Mapping, runs_dir: Path) -> dict | None:
-    """The recipe of the pre-training a fine-tuning started from (found even when runs/ was moved)."""
+def _pretrain_folder(metrics: Mapping, runs_dir: Path) -> Path | None:
+    """The folder of the pre-training a fine-tuning started from (found even when runs/ was moved)."""
     where = (metrics.get("init") or {}).get("pretrain_run") if isinstance(metrics.get("init"), Mapping) else None
     if not where:
         return None
@@ -314,8 +318,39 @@ def _pretrain_recipe(metrics: Mapping, runs_dir: Path) -> dict | None:
         candidates.append(runs_dir.joinpath(*p.parts[i:]))
     for cand in candidates:
         if (cand / "recipe.yaml").is_file():
-            return _read_recipe(cand)
+            return cand
     return None
+
+
+def _pretrain_recipe(metrics: Mapping, runs_dir: Path) -> dict | None:
+    """The recipe of the pre-training a fine-tuning started from."""
+    folder = _pretrain_folder(metrics, runs_dir)
+    return _read_recipe(folder) if folder is not None else None
+
+
+#: The packages whose versions name a run's environment in the report (env.json keys).
+ENV_PACKAGES = ("torch", "monai")
+UNRECORDED_ENV = "versions unrecorded"
+
+
+def _env_of(folder: Path) -> str:
+    """'torch 2.14.1 + monai 1.6.1' from a run folder's env.json (UNRECORDED_ENV without one)."""
+    env = _read_json(folder / "env.json")
+    if not isinstance(env, Mapping) or not any(env.get(k) for k in ENV_PACKAGES):
+        return UNRECORDED_ENV
+    return " + ".join(f"{k} {env.get(k) or '?'}" for k in ENV_PACKAGES)
+
+
+def run_environment(folder: Path, metrics: Mapping, runs_dir: Path) -> str:
+    """The package environment a result depends on: the fine-tuning run's, and its pre-training's where that
+    ran under other versions ('torch A + monai B (pre-training: torch C + monai D)')."""
+    env = _env_of(folder)
+    pre = _pretrain_folder(metrics, runs_dir)
+    if pre is not None:
+        pre_env = _env_of(pre)
+        if pre_env != env:
+            env += f" (pre-training: {pre_env})"
+    return env
 
 
 def _protocol_keys(cfg: Mapping, metrics: Mapping, runs_dir: Path) -> tuple[str, str] | None:
@@ -358,7 +393,8 @@ def _float(v: Any) -> float:
 def collect_runs(runs_dir: str | Path):
     """One row per finished fine-tuning run under ``runs_dir/finetune/**`` (a pandas DataFrame).
 
-    Columns: RUN_COLUMNS plus ``dice:<class>`` per foreground class (fractions, as recorded). A run that
+    Columns: RUN_COLUMNS plus ``dice:<class>`` per foreground class (fractions, as recorded). ``env`` names the
+    torch / monai versions of the run and of its pre-training (from their env.json, see run_environment). A run that
     records NSD too (``metrics`` lists ``nsd``) has a second row with ``metric`` nsd, ``score`` its mean_nsd
     and its per-class NSD in the ``dice:<class>`` columns.
     ``protocol`` is the seed-free protocol (see the module docstring), ``run_protocol`` the recorded hash,
@@ -411,6 +447,7 @@ def collect_runs(runs_dir: str | Path):
             "lambda": _float(params.get("lambda")) if isinstance(params, Mapping) else math.nan,
             "n_cases": m.get("n_cases"),
             "finished": m.get("finished") or status.get("finished"),
+            "env": run_environment(folder, m, runs_dir),
             "path": str(folder),
         }
         for cls, v in (m.get("per_class") or {}).items():
@@ -448,6 +485,12 @@ class Group:
     lam: float | None = None
     series: str | None = None
     paths: list[str] = field(default_factory=list)
+    envs: list[str] = field(default_factory=list)
+
+    @property
+    def mixed_env(self) -> bool:
+        """The group's runs (or their pre-trainings) ran under more than one torch / monai version."""
+        return len(set(self.envs)) > 1
 
     @property
     def n(self) -> int:
@@ -519,6 +562,8 @@ class Cell:
             info.append(f"Δ {d:+.2f}")
         info.append(f"n={g.n}")
         s += f" ({', '.join(info)})"
+        if g.mixed_env:
+            s += f" {MIXED_ENV_MARK}"
         if len(self.groups) > 1:
             s += f" [{g.label()}]"
         return s
@@ -593,7 +638,8 @@ def _groups(sel, value_col: str) -> list[Group]:
         groups.append(Group(protocol=str(protocol), values=[100.0 * float(v) for v in part[value_col]],
                             seeds=list(part["seed"]), preset=next(iter(part["preset"].dropna()), None),
                             lam=float(lam.iloc[0]) if len(lam) else None, series=str(part["series"].iloc[0]),
-                            paths=list(part["path"])))
+                            paths=list(part["path"]),
+                            envs=[str(e) for e in part["env"]] if "env" in part.columns else []))
     groups.sort(key=lambda g: (-g.n, g.protocol))
     return groups
 
@@ -627,6 +673,27 @@ def _measurement_notes(table: Table) -> list[str]:
     if any(c.phantom and c.groups for c in cells):
         notes.append("PHANTOM: measured on procedurally generated phantom data, not the real dataset; never "
                      "compared with a published number")
+    notes += environment_notes([g for c in cells for g in c.groups])
+    return notes
+
+
+def environment_notes(groups: Sequence[Group]) -> list[str]:
+    """Notes that say when measured groups ran under different torch / monai versions (none when they agree).
+
+    A group mixing environments is marked MIXED_ENV_MARK in its cell; a table whose groups each ran under one
+    environment, but not all the same, gets a note listing the environments and how many runs each holds."""
+    runs = {(path, env) for g in groups for path, env in zip(g.paths, g.envs)}   # a run fills several rows
+    counts: dict[str, int] = {}
+    for _, env in runs:
+        counts[env] = counts.get(env, 0) + 1
+    if len(counts) < 2:
+        return []
+    listing = "; ".join(f"{e} ({n} run{'s' if n > 1 else ''})" for e, n in sorted(counts.items()))
+    notes = [f"MIXED ENVIRONMENTS: the measured runs of this table ran under {len(counts)} package environments: "
+             f"{listing}; numbers from different environments are not a like-for-like comparison"]
+    if any(g.mixed_env for g in groups):
+        notes.append(f"{MIXED_ENV_MARK}: this group's runs (or their pre-trainings) ran under different torch / "
+                     "monai versions")
     return notes
 
 
@@ -772,7 +839,7 @@ def build_tables(published: Mapping, runs_df=None) -> list[Table]:
 _LATEX_ESCAPE = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
 _LATEX_UNICODE = {"±": r"$\pm$", "Δ": r"$\Delta$", "λ": r"$\lambda$", "†": r"$^\dagger$", "—": "---",
-                  "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$", "·": r"$\cdot$"}
+                  "×": r"$\times$", "‡": r"$^\ddagger$", "≥": r"$\geq$", "≤": r"$\leq$", "·": r"$\cdot$"}
 
 
 def latex_escape(text: str) -> str:
@@ -1021,6 +1088,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = build_tables(published, runs_df)
         for line in runs_df.attrs.get("skipped", []):
             print(f"skipped: {line}", file=sys.stderr)
+        envs = sorted(set(runs_df["env"].dropna())) if len(runs_df) else []
+        if len(envs) > 1:
+            print(f"warning: the runs under {args.runs} were made under {len(envs)} package environments "
+                  f"({'; '.join(envs)}): tables with more than one say so in their notes", file=sys.stderr)
         if args.out:
             fmt = args.format or "md"
             if fmt == "rich":

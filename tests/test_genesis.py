@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methodkit import check_handover, falls, tiny_method, train_steps
+from methodkit import check_handover, closes_gap, tiny_method, train_steps
 from sslbench.cli import main
 from sslbench.errors import RecipeError
 from sslbench.methods import genesis as G
 
-UNET = {"name": "unet3d"}
+UNET = {"name": "basicunet"}     # the restoration-curve test's U-Net (calibrated on it; see test_unet3d.py)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -214,21 +214,21 @@ def fixed_loss(model, corpus) -> float:
         return float(model(corpus, 0)[0])
 
 
-def test_loss_falls_on_the_unet3d():
+def test_loss_falls_on_a_unet():
     model, corpus, _, _ = tiny_method("mg", model_overrides=UNET)
     before = fixed_loss(model, corpus)
-    losses = train_steps(model, corpus, 16, lr=3e-3)
-    assert falls(losses), losses
-    assert fixed_loss(model, corpus) < 0.8 * before
+    train_steps(model, corpus, 16, lr=3e-3)              # random batches: each step's loss is another batch's
+    probe = [before, fixed_loss(model, corpus)]          # so the property is judged on one fixed probe batch
+    assert closes_gap(probe, floor=0.0, fraction=0.2, window=1), probe       # MSE: floor 0
 
 
-@pytest.mark.parametrize("model_name", ["swinunetr", "unet3d"])
+@pytest.mark.parametrize("model_name", ["swinunetr", "unet3d", "basicunet"])
 def test_handover_encoder_and_decoder(model_name):
     model, corpus, _, model_cfg = tiny_method("mg", model_overrides={"name": model_name})
     train_steps(model, corpus, 1)
     report = check_handover(model, model_cfg)
     state = model.backbone_state_dict()
-    assert not any(k.startswith(("out.", "final_conv.")) for k in state)   # the output layer is the task's
+    assert not any(k.startswith(("out.", "out_tr.", "final_conv.")) for k in state)   # the output layer is the task's
     assert len(report.matched) == len(state)
 
 
@@ -237,4 +237,4 @@ def test_cli_pretrain_end_to_end(phantom_home, tmp_path):
                  "--set", "model.name=unet3d", "--out", str(tmp_path)]) == 0
     run = next((tmp_path / "pretrain" / "mg").glob("*/*"))
     state = torch.load(run / "checkpoints" / "backbone.pt", weights_only=True)
-    assert any(k.startswith("upcat_1.") for k in state) and any(k.startswith("down_4.") for k in state)
+    assert any(k.startswith("up_tr64.") for k in state) and any(k.startswith("down_tr512.") for k in state)

@@ -262,6 +262,57 @@ def test_different_protocols_are_never_averaged(tmp_path):
     assert "never averaged" in md
 
 
+def _env(folder: Path, torch: str, monai: str = "1.6.1") -> None:
+    atomic_write_json(folder / "env.json", {"python": "3.11.7", "torch": torch, "monai": monai, "device": "cpu"})
+
+
+def test_runs_of_different_package_environments_are_flagged(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _env(write_run(runs, seed=0, dice=0.90), "2.13.0")
+    _env(write_run(runs, seed=1, dice=0.92), "2.14.1")
+    df, tables = _tables(runs)
+    assert sorted(df["env"]) == ["torch 2.13.0 + monai 1.6.1", "torch 2.14.1 + monai 1.6.1"]
+    cell = tables["table5"].cell("average", "mmwhs")
+    (g,) = cell.groups                                                   # one protocol: one group, flagged
+    assert g.n == 2 and g.mixed_env and cell.text().endswith("(Δ +0.46, n=2) ‡env")
+    md = report.render_table(tables["table5"], "md")
+    assert "MIXED ENVIRONMENTS" in md and "torch 2.13.0 + monai 1.6.1 (1 run); torch 2.14.1 + monai 1.6.1 (1 run)" in md
+    assert "$^\\ddagger$env" in report.render_table(tables["table5"], "latex")
+    assert report.main(["--runs", str(runs), "--format", "csv"]) == 0
+    assert "2 package environments" in capsys.readouterr().err
+
+
+def test_one_environment_is_not_flagged_and_cells_of_different_ones_are_noted(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _env(write_run(runs, seed=seed, dice=0.9), "2.14.1")
+    df, tables = _tables(runs)
+    md = report.render_table(tables["table5"], "md")
+    assert "‡env" not in md and "MIXED" not in md
+    assert report.main(["--runs", str(runs), "--format", "csv"]) == 0
+    assert "package environments" not in capsys.readouterr().err
+    # another method's cell under another monai: no group mixes, but the table does
+    _env(write_run(runs, method="mg", seed=0, dice=0.8), "2.14.1", monai="1.5.0")
+    df, tables = _tables(runs)
+    assert "MIXED" not in report.render_table(tables["table5"], "md")          # Table 5 holds VoCo's runs only
+    md = report.render_table(tables["comparison"], "md")                        # methods x tasks: both
+    assert "‡env" not in md and "MIXED ENVIRONMENTS" in md
+    assert "torch 2.14.1 + monai 1.5.0 (1 run); torch 2.14.1 + monai 1.6.1 (2 runs)" in md
+
+
+def test_a_pretraining_under_other_versions_is_part_of_the_environment(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, pre_torch in ((0, "2.14.1"), (1, "2.11.0")):
+        pre, h = _pretrain(runs, "voco", seed, 1.0)
+        _env(pre, pre_torch)
+        _env(write_run(runs, seed=seed, pretrain_from=pre, pretrain_hash=h), "2.14.1")
+    df, tables = _tables(runs)
+    assert sorted(df["env"]) == ["torch 2.14.1 + monai 1.6.1",
+                                 "torch 2.14.1 + monai 1.6.1 (pre-training: torch 2.11.0 + monai 1.6.1)"]
+    (g,) = tables["table5"].cell("average", "mmwhs").groups
+    assert g.mixed_env
+
+
 def test_phantom_runs_are_labelled_phantom_in_every_format(tmp_path):
     runs = tmp_path / "runs"
     for seed in (0, 1):
