@@ -22,13 +22,16 @@ DECODER_PREFIXES = ("decoder5.", "decoder4.", "decoder3.", "decoder2.", "decoder
 
 #: model.name -> (encoder prefixes, decoder prefixes). The task-specific output layer is never transferred.
 #: * swinunetr: MONAI SwinUNETR (the shared backbone of every table).
-#: * unet3d: MONAI BasicUNet with Models Genesis' UNet3D widths (32-64-128-256-512), batch norm: the original
-#:   backbone of Models Genesis, TransVW and PCRL, offered as a recipe option (``--set model.name=unet3d``).
+#: * unet3d: the original 3D U-Net of Models Genesis, TransVW and PCRL (:mod:`sslbench.unet3d`, the official
+#:   parameter names, so their released weights load), offered as a recipe option (``--set model.name=unet3d``).
+#: * basicunet: MONAI BasicUNet at Models Genesis' widths (32-64-128-256-512, 4 poolings, LeakyReLU, batch norm):
+#:   a modern 3D U-Net of the same size (``--set model.name=basicunet``); until 2026-12 sslbench's ``unet3d``.
 #: * unetr: MONAI UNETR, whose ``vit`` is the ViT that MAE pre-trains (``--set model.name=unetr``).
 TRANSFER_PREFIXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "swinunetr": (ENCODER_PREFIXES, DECODER_PREFIXES),
-    "unet3d": (("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
-               ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")),
+    "unet3d": (("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512."), ("up_tr256.", "up_tr128.", "up_tr64.")),
+    "basicunet": (("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
+                  ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")),
     "unetr": (("vit.",), ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "decoder5.", "decoder4.",
                           "decoder3.", "decoder2.")),
 }
@@ -53,7 +56,20 @@ def build_swinunetr(model_cfg: Mapping[str, Any], in_channels: int = 1, out_chan
     )
 
 
+def unet3d_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.unet3d`` resolved: base width (official 32), norm (batch_stats = official | batch), act (relu)."""
+    u = dict(model_cfg.get("unet3d") or {})
+    return {"base": int(u.get("base", 32)), "norm": str(u.get("norm", "batch_stats")), "act": str(u.get("act", "relu"))}
+
+
 def build_unet3d(model_cfg: Mapping[str, Any], in_channels: int = 1, out_channels: int = 1) -> nn.Module:
+    """Models Genesis' 3D U-Net (:class:`sslbench.unet3d.UNet3D`) configured by ``model.unet3d``."""
+    from .unet3d import UNet3D
+
+    return UNet3D(in_channels=in_channels, out_channels=out_channels, **unet3d_config(model_cfg))
+
+
+def build_basicunet(model_cfg: Mapping[str, Any], in_channels: int = 1, out_channels: int = 1) -> nn.Module:
     """MONAI BasicUNet at Models Genesis' UNet3D widths (``model.unet_features``; 5 levels + the last upsample)."""
     from monai.networks.nets import BasicUNet
 
@@ -93,11 +109,101 @@ def build_model(model_cfg: Mapping[str, Any], in_channels: int = 1, out_channels
         return build_swinunetr(model_cfg, in_channels, out_channels)
     if name == "unet3d":
         return build_unet3d(model_cfg, in_channels, out_channels)
+    if name == "basicunet":
+        return build_basicunet(model_cfg, in_channels, out_channels)
     if name == "unetr":
         if img_size is None:
             raise ValueError("model.name=unetr needs the input size (its ViT position embedding is fixed)")
         return build_unetr(model_cfg, in_channels, out_channels, img_size)
     raise ValueError(f"model.name: unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+
+
+#: model.name -> the input-size multiple its encoder needs (the product of its downsamplings).
+SIZE_DIVISOR = {"swinunetr": 32, "unet3d": 8, "basicunet": 16, "unetr": 16}
+
+
+# ---- the encoder / decoder of each convolutional family, for methods that use its maps -------------------------
+# Each function takes any module that holds the family's encoder (or decoder) submodules under the network's own
+# attribute names: the network itself, or a method's encoder copy, so that a method's keys stay the fine-tuning
+# keys. Methods call these, never the networks' internals.
+
+def encoder_features(m: nn.Module, family: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """The encoder's maps, shallow to deep, the bottleneck last.
+
+    swinunetr: [enc0, enc1, enc2, enc3, hs3, dec4] (SwinUNETR.forward's skips, then encoder10's map);
+    unet3d: [skip 1/1, 1/2, 1/4, bottleneck 1/8]; basicunet: [x0, x1, x2, x3, x4 (1/16)].
+    """
+    if family == "swinunetr":
+        hs = m.swinViT(x, True)
+        return [m.encoder1(x), m.encoder2(hs[0]), m.encoder3(hs[1]), m.encoder4(hs[2]), hs[3], m.encoder10(hs[4])]
+    if family == "unet3d":
+        from .unet3d import encode_unet3d
+
+        return encode_unet3d(m, x)
+    if family == "basicunet":
+        x0 = m.conv_0(x)
+        x1 = m.down_1(x0)
+        x2 = m.down_2(x1)
+        x3 = m.down_3(x2)
+        return [x0, x1, x2, x3, m.down_4(x3)]
+    raise ValueError(f"model.name: no encoder interface for {family!r}")
+
+
+def bottleneck_features(m: nn.Module, family: str, x: torch.Tensor) -> torch.Tensor:
+    """Only the path input -> bottleneck (on swinunetr swinViT -> encoder10, without the skip blocks)."""
+    if family == "swinunetr":
+        return m.encoder10(m.swinViT(x, True)[4])
+    return encoder_features(m, family, x)[-1]
+
+
+def decoder_output(m: nn.Module, family: str, feats: list[torch.Tensor]) -> torch.Tensor:
+    """The last decoder map (before the output layer) from :func:`encoder_features`, as the network's forward."""
+    if family == "swinunetr":
+        enc0, enc1, enc2, enc3, hs3, dec4 = feats
+        d = m.decoder5(dec4, hs3)
+        d = m.decoder4(d, enc3)
+        d = m.decoder3(d, enc2)
+        d = m.decoder2(d, enc1)
+        return m.decoder1(d, enc0)
+    if family == "unet3d":
+        from .unet3d import decode_unet3d
+
+        return decode_unet3d(m, feats)
+    if family == "basicunet":
+        x0, x1, x2, x3, x4 = feats
+        u = m.upcat_4(x4, x3)
+        u = m.upcat_3(u, x2)
+        u = m.upcat_2(u, x1)
+        return m.upcat_1(u, x0)
+    raise ValueError(f"model.name: no decoder interface for {family!r}")
+
+
+def bottleneck_module(m: nn.Module, family: str) -> tuple[nn.Module, int]:
+    """The submodule whose output is the bottleneck map, and its channels (for forward hooks)."""
+    if family == "swinunetr":
+        return m.encoder10, int(m.encoder10.layer.conv1.conv.out_channels)
+    if family == "unet3d":
+        return m.down_tr512, int(m.down_tr512.out_channels)
+    if family == "basicunet":
+        return m.down_4, int(m.down_4.convs.conv_1.conv.out_channels)
+    raise ValueError(f"model.name: no bottleneck for {family!r}")
+
+
+def output_layer_name(family: str) -> str:
+    """The attribute of the task-specific output layer (never transferred)."""
+    return {"swinunetr": "out", "unet3d": "out_tr", "basicunet": "final_conv"}[family]
+
+
+def upsampling_widths(model_cfg: Mapping[str, Any], family: str) -> list[int]:
+    """The bottleneck's width, then the width after each of the decoder's upsamplings (deep to shallow)."""
+    if family == "swinunetr":
+        fs = int(model_cfg["feature_size"])
+        return [16 * fs, 8 * fs, 4 * fs, 2 * fs, fs, fs]
+    if family == "unet3d":
+        b = unet3d_config(model_cfg)["base"]
+        return [16 * b, 8 * b, 4 * b, 2 * b]
+    f = [int(v) for v in (model_cfg.get("unet_features") or (32, 64, 128, 256, 512, 32))]
+    return [f[4], f[3], f[2], f[1], f[5]]
 
 
 def is_transferable(key: str, include_decoder: bool = False, model_name: str = "swinunetr") -> bool:
@@ -219,7 +325,8 @@ def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
             report.unexpected.append(key)
     report.missing = sorted(wanted - set(update) - {m.split(" ")[0] for m in report.shape_mismatch})
     if not update:
-        example = {"swinunetr": "swinViT.patch_embed.proj.weight", "unet3d": "conv_0.conv_0.conv.weight",
+        example = {"swinunetr": "swinViT.patch_embed.proj.weight", "unet3d": "down_tr64.ops.0.conv1.weight",
+                   "basicunet": "conv_0.conv_0.conv.weight",
                    "unetr": "vit.patch_embedding.patch_embeddings.weight"}.get(model_name, "?")
         raise CheckpointError(f"{source}: matches no backbone tensor of {model_name} "
                               f"(expected keys like {example}; got e.g. {list(state)[:3]})")

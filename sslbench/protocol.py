@@ -319,9 +319,43 @@ def check_cases(cases: list[dict], task: Mapping[str, Any], items: list[dict], r
 # --------------------------------------------------------------------------------------------------
 # Shared training machinery
 # --------------------------------------------------------------------------------------------------
-def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, amsgrad: bool = False
+                   ) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA, foreach elsewhere) over ``params``: tensors, or groups whose own ``weight_decay``
+    overrides ``weight_decay``. ``amsgrad``: keep the running maximum of the second moment (Reddi et al. 2018)."""
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, **kw)
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Whether the no-decay rule exempts a parameter: a bias (name ends in ``.bias``) or a 1-D tensor (the
+    weights of LayerNorm / BatchNorm / InstanceNorm). The rule of timm 0.3.2's ``add_weight_decay``, which the
+    official MAE pre-training calls (facebookresearch/mae ``main_pretrain.py``, no skip list); SimMIM's
+    ``get_pretrain_param_groups`` has the same test. Multi-dimensional tokens ([1, 1, D] mask tokens) decay."""
+    return param.ndim == 1 or name.endswith(".bias")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_bias_norm: bool) -> list[dict[str, Any]]:
+    """The AdamW parameter groups of ``model``'s trainable parameters (``requires_grad``), in module order.
+
+    ``no_decay_bias_norm`` false: one group with ``weight_decay`` (the earlier behaviour: every tensor
+    decays). True: ``{weight_decay: 0}`` for the tensors of :func:`no_decay`, then ``{weight_decay}`` for
+    the rest (MAE's order); an empty group is left out.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not no_decay_bias_norm:
+        return [{"params": [p for _, p in trainable], "weight_decay": float(weight_decay)}]
+    groups = [{"params": [p for n, p in trainable if no_decay(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in trainable if not no_decay(n, p)], "weight_decay": float(weight_decay)}]
+    return [g for g in groups if g["params"]]
+
+
+def pretrain_optimizer(method: torch.nn.Module, pt: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+    """The pre-training optimizer of a method from its recipe's ``pretrain`` section: AdamW at ``lr`` over
+    :func:`param_groups` (``weight_decay``, ``no_decay_bias_norm``), ``amsgrad``. A section without the two
+    keys (a run recorded before they existed) gets what every run had then: decay on every tensor, no AMSGrad."""
+    groups = param_groups(method, pt["weight_decay"], bool(pt.get("no_decay_bias_norm", False)))
+    return make_optimizer(groups, pt["lr"], pt["weight_decay"], device, amsgrad=bool(pt.get("amsgrad", False)))
 
 
 def make_schedule(opt, warmup: int, total: int):
@@ -923,16 +957,27 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     if cls is None or method_cfg["status"] != "available":
         raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
     pt = method_cfg["pretrain"]
+    # a method that pre-trains on label maps (the supervised controls) reads a segmentation task as its corpus
+    needs_labels = bool(getattr(cls, "needs_labels", False))
+    if needs_labels and (corpus.get("kind") != "segmentation" or len(corpus.get("classes") or []) < 2):
+        where = (cfg.get("recipe_files") or {}).get("corpus") or corpus["name"]
+        raise RecipeError(f"{where}: method '{method_cfg['name']}' pre-trains on label "
+                          f"maps; corpus '{corpus['name']}' is a {corpus.get('kind')} recipe without classes; expected "
+                          f"a segmentation task (e.g. --corpus phantom-btcv)")
+    params = dict(method_cfg.get("params") or {})
+    if needs_labels:   # the method knows no task: its class count is the labelled corpus's
+        params["num_classes"] = len(corpus["classes"])
     dist, protocol, record, action, say = _claim_run(cfg, "pretrain", resume, force, console)
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {protocol}); reusing it")
         return Outcome(record, "skip", record.metrics or {})
 
     device, bf16 = _device_setup(cfg["run"], dist)
-    from .data.corpus import corpus_items
+    from .data.corpus import corpus_items, labelled_items
 
-    # one root, or the roots of data.sources
-    root_path, phantom, items = _rank0_first(dist, lambda: corpus_items(corpus, root, log=say))
+    # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
+    read = labelled_items if needs_labels else corpus_items
+    root_path, phantom, items = _rank0_first(dist, lambda: read(corpus, root, log=say))
     phantom = phantom or bool(corpus.get("phantom"))
     if dist.is_main:
         record.path.mkdir(parents=True, exist_ok=True)
@@ -943,25 +988,30 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
                           started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     seed = int(cfg["run"]["seed"])
     total = int(pt["steps"])
-    size = cls.input_size(method_cfg.get("params") or {})
+    size = cls.input_size(params)
     if size is None:
         raise RecipeError(f"method '{method_cfg['name']}': random-crop corpora are not supported yet (input_size is None)")
 
     progress = make_progress(console)
     with progress:
-        cache, write = case_cache(cfg["run"], corpus, with_label=False)
-        volumes = load_cases(items, preprocess_transforms(corpus, with_label=False), "preprocess corpus", progress,
-                             cache=cache, write=write)
+        cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
+        volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",
+                             progress, cache=cache, write=write)
         resize = mt.Resize(spatial_size=tuple(size), mode="trilinear")
         stack = torch.stack([torch.as_tensor(resize(torch.as_tensor(v["image"]).float())).float()
                              for v in volumes])  # [N, 1, X, Y, Z]
+        if needs_labels:   # [N, 2, X, Y, Z]: channel 1 holds the label ids (nearest-neighbour resize)
+            nearest = mt.Resize(spatial_size=tuple(size), mode="nearest")
+            labels = torch.stack([torch.as_tensor(nearest(torch.as_tensor(v["label"]).float())).float()
+                                  for v in volumes])
+            stack = torch.cat([stack, labels], dim=1)
         del volumes
         if device.type == "cuda":
             stack = stack.to(device)  # GPU-resident corpus: batches are gathered on the device
         torch.manual_seed(seed)
-        method = cls(method_cfg.get("params") or {}, cfg["model"]).to(device)
+        method = cls(params, cfg["model"]).to(device)
         method.prepare(stack, seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
-        opt = make_optimizer([p for p in method.parameters() if p.requires_grad], pt["lr"], pt["weight_decay"], device)
+        opt = pretrain_optimizer(method, pt, device)
         sched = make_schedule(opt, pt["warmup_steps"], total)
         start, history = 0, []
         last = record.ckpt_dir / "last.pt"
@@ -1032,6 +1082,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     metrics = {"kind": "pretrain", "method": method_cfg["name"], "variant": (method_cfg.get("params") or {}).get("variant"),
                "corpus": corpus["name"], "phantom": phantom, "protocol": protocol, "seed": seed,
                "preset": cfg["run"]["preset"], "steps": total, "volumes": len(items), "world_size": dist.world_size,
+               "labelled": needs_labels,
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "seconds_this_session": elapsed, "backbone_tensors": len(backbone),
                "transfers_decoder": bool(getattr(cls, "transfers_decoder", False)),

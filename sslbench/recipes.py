@@ -169,6 +169,9 @@ METHOD_SCHEMA = Spec(fields={
     "pretrain": Spec(nullable=True, fields={
         "corpus": STR, "steps": INT, "lr": NUM, "weight_decay": NUM, "warmup_steps": INT,
         "batch_size": INT, "checkpoint_every": INT, "log_every": INT,
+        # the pre-training AdamW's options (sslbench.protocol.pretrain_optimizer): AMSGrad; weight decay 0 on
+        # biases and 1-D (normalisation) weights
+        "amsgrad": BOOL, "no_decay_bias_norm": BOOL,
     }),
     "params": Spec(free=True),
 })
@@ -230,9 +233,11 @@ DEFAULTS_SCHEMA = Spec(fields={
         "attention": Spec(choices=("fused", "sdpa", "monai")), "compile": BOOL,
     }),
     "model": Spec(fields={
-        "name": Spec(choices=("swinunetr", "unet3d", "unetr")), "feature_size": INT, "use_v2": BOOL,
+        "name": Spec(choices=("swinunetr", "unet3d", "basicunet", "unetr")), "feature_size": INT, "use_v2": BOOL,
         "use_checkpoint": BOOL, "drop_rate": NUM, "attn_drop_rate": NUM, "dropout_path_rate": NUM,
         "unet_features": Spec(items=INT, length=6),
+        "unet3d": Spec(fields={"base": INT, "norm": Spec(choices=("batch_stats", "batch")),
+                               "act": Spec(choices=("relu", "prelu", "elu"))}),
         "vit": Spec(fields={"patch_size": INT, "hidden_size": INT, "mlp_dim": INT, "num_layers": INT,
                             "num_heads": INT}),
     }),
@@ -251,7 +256,8 @@ TASK_DEFAULTS: dict[str, Any] = {
     "evaluate": {"mode": "gaussian"},
 }
 METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
-PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10}
+PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
+                                     "amsgrad": False, "no_decay_bias_norm": False}
 
 
 def deep_merge(base: Mapping, top: Mapping) -> dict:
@@ -403,6 +409,10 @@ def parse_set(items: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
+#: ``method.pretrain.corpus`` value meaning "the run's fine-tuning task" (its training split, labels included)
+TASK_CORPUS = "@task"
+
+
 def resolve(method: str, task: str | None = None, preset: str | None = None, overrides: Iterable[str] = (),
             seed: int | None = None, corpus: str | None = None) -> dict:
     """The full, validated configuration of one protocol run.
@@ -422,6 +432,11 @@ def resolve(method: str, task: str | None = None, preset: str | None = None, ove
                               f"{recipe['_file']}); available: {', '.join(ready)}")
     if corpus is None and m.get("pretrain"):
         corpus = m["pretrain"]["corpus"]
+    if corpus == TASK_CORPUS:   # the fine-tuning task is the corpus (methods/supervised-task.yaml)
+        if not task:
+            raise RecipeError(f"{m['_file']}: key 'pretrain.corpus' is {TASK_CORPUS!r} (the fine-tuning task's "
+                              f"training split); expected --task TASK, or --corpus TASK for a pre-training alone")
+        corpus = task
     c = load_task(corpus) if corpus else None
     if c is not None and c["kind"] != "corpus" and c["status"] != "available":
         raise RecipeError(f"{c['_file']}: task '{corpus}' is {c['status']}, not a usable pre-training corpus")
@@ -501,9 +516,32 @@ _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.ca
                  "method.params.attention", "run.attention", "run.compile")
 
 
+#: keys added after runs were recorded without them, each with the value that computes what those runs did: at
+#: that value a key is left out of the hash, so a recipe that resolves to it keeps the hash of the runs recorded
+#: before the key existed (and reuses / averages with them); any other value is hashed like every key
+_HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bias_norm": False}
+
+
+#: model sections added after runs were recorded without them, each read only by one model.name: hashed only when
+#: that model is the run's (a SwinUNETR run keeps its hash whatever the U-Net settings)
+_MODEL_SECTIONS = {"unet3d": "unet3d"}
+
+
 def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:
     """Short SHA-256 of the resolved config minus keys that do not change results (out dir, device)."""
     c = copy.deepcopy(dict(cfg))
+    model = c.get("model")
+    if isinstance(model, dict):
+        for section, owner in _MODEL_SECTIONS.items():
+            if model.get("name") != owner:
+                model.pop(section, None)
+    for key, legacy in _HASHED_UNLESS.items():
+        parts = key.split(".")
+        node = c
+        for p in parts[:-1]:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and type(node.get(parts[-1])) is type(legacy) and node[parts[-1]] == legacy:
+            del node[parts[-1]]
     for key in tuple(_NOT_PROTOCOL) + tuple(exclude):
         parts = key.split(".")
         node = c

@@ -1,6 +1,6 @@
 """PCRL v1 / v2 (sslbench/methods/pcrl.py): hand-computed pieces, views, tiny training steps, handover, CLI.
 
-Training-curve tests run on the unet3d family at 16^3 views (MONAI BasicUNet at the tiny widths), the only
+Training-curve tests run on the basicunet family at 16^3 views (MONAI BasicUNet at the tiny widths), the only
 size at which a few dozen CPU steps fit the time budget; the SwinUNETR family gets single steps at its
 smallest views (32x32x64: two voxels at 1/32 scale) and the handover checks.
 """
@@ -13,31 +13,15 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from methodkit import check_handover, falls, tiny_method
+from methodkit import check_handover, closes_gap, fixed_batch_logs, tiny_method
 from sslbench.backbones import ENCODER_PREFIXES, build_model, load_backbone
 from sslbench.cli import main
 from sslbench.errors import RecipeError
 from sslbench.methods import pcrl as P
 
-UNET = {"name": "unet3d"}
+UNET = {"name": "basicunet"}     # the training-curve tests' U-Net (calibrated on it)
 V1_SMALL = dict(volume_size=[32, 32, 32], view_size=[16, 16, 16], queue_size=4096)
 V2_SMALL = dict(volume_size=[32, 32, 32], global_size=[16, 16, 16], local_size=[16, 16, 16], num_local=2)
-
-
-def fixed_batch_logs(model, volumes, steps, lr=1e-3):
-    """Train on one batch with the same random views every step; every step's logs as floats."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    out = []
-    for step in range(steps):
-        torch.manual_seed(123)
-        loss, logs = model(volumes, step)
-        assert torch.isfinite(loss), (step, logs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.after_step(step)
-        out.append({k: float(v) for k, v in logs.items()})
-    return out
 
 
 # ------------------------------------------------------------------------------------------ boxes, crops
@@ -217,8 +201,13 @@ def test_pcrlv1_views_overlap_and_targets():
     assert v["c"].shape == v["x"].shape == v["t"].shape == (8, 1, 16, 16, 16)
     assert v["code"].shape == (8, 7)
     assert not torch.equal(v["x"], v["c"])                # Genesis corruption changed the inputs
-    # the clean target is the transformed clean crop: its sorted intensities equal the crop's
-    torch.testing.assert_close(v["t"].flatten(1).sort(1).values, v["c"].flatten(1).sort(1).values)
+    # the default (official) target is the transformed corrupted input: its sorted intensities equal the input's
+    assert model.target == "corrupted"
+    torch.testing.assert_close(v["t"].flatten(1).sort(1).values, v["x"].flatten(1).sort(1).values)
+    # target: clean transforms the clean crop instead
+    clean, corpus, _, _ = tiny_method("pcrlv1", {**V1_SMALL, "target": "clean"}, UNET, corpus_size=4)
+    vc = clean.make_views(corpus)
+    torch.testing.assert_close(vc["t"].flatten(1).sort(1).values, vc["c"].flatten(1).sort(1).values)
 
 
 def test_pcrlv1_trains_on_a_fixed_batch():
@@ -226,10 +215,13 @@ def test_pcrlv1_trains_on_a_fixed_batch():
     model, corpus, _, _ = tiny_method("pcrlv1", V1_SMALL, UNET, corpus_size=2)
     logs = fixed_batch_logs(model, corpus, 24)
     rec = [entry["rec"] for entry in logs]
-    assert falls(rec, window=4, ratio=0.8), rec
+    # fractions: about half the smallest closed across ATEN_CPU_CAPABILITY default / avx2 x 1 / 2 threads
+    # (issue 18, target: corrupted; torch 2.14.1): rec 0.5065, early loss 0.1370
+    assert closes_gap(rec, floor=0.0, fraction=0.25, window=4), rec
     # queries align with their keys; early on (before the queue holds copies of these keys) the loss falls
     assert logs[-1]["pos_cos"] > logs[0]["pos_cos"] + 0.2
-    assert falls([entry["loss"] for entry in logs[:8]], window=2, ratio=0.95), [e["loss"] for e in logs[:8]]
+    early = [entry["loss"] for entry in logs[:8]]                     # NCE + MSE: floor 0
+    assert closes_gap(early, floor=0.0, fraction=0.07, window=2), early
     assert model.queue.ptr.item() == (24 * 3 * 2) % 4096  # three key sets of B = 2 per step
     assert model.nce_z.item() > 0
 
@@ -256,6 +248,88 @@ def test_symmetric_cosine_loss_and_stop_gradient():
     assert pro_a.grad is None and pro_b.grad is None        # targets behind a stop-gradient
 
 
+def test_gamma_power_hand_computed_and_monotone():
+    x = torch.tensor([-4.0, -1.0, 0.0, 0.25, 1.0, 4.0])
+    assert P.gamma_power(x, 0.5).tolist() == pytest.approx([-2.0, -1.0, 0.0, 0.5, 1.0, 2.0])
+    assert P.gamma_power(x, 2.0).tolist() == pytest.approx([-16.0, -1.0, 0.0, 0.0625, 1.0, 16.0])
+    # per-sample gammas broadcast over [n, C, X, Y, Z]; a non-negative image gets plain x ** gamma
+    y = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(1, 1, 1, 1, 4).repeat(2, 1, 1, 1, 1)
+    out = P.gamma_power(y, torch.tensor([0.5, 3.0]).view(2, 1, 1, 1, 1))
+    torch.testing.assert_close(out.flatten(1), torch.tensor([[0.0, 0.5, 0.5 ** 0.5, 1.0],
+                                                             [0.0, 1 / 64, 1 / 8, 1.0]]))
+
+
+def test_random_gamma_draws_log_gamma_uniformly_and_never_inverts():
+    ramp = torch.linspace(0.0, 1.0, 9)
+    x = ramp.view(1, 1, 1, 1, 9).repeat(4000, 1, 1, 1, 1)
+    out = P.random_gamma(x, (-0.3, 0.3), generator=torch.Generator().manual_seed(0))
+    flat = out.flatten(1)
+    assert (flat[:, 1:] > flat[:, :-1]).all()                       # increasing: no intensity inversion
+    assert (flat[:, 0] == 0).all() and (flat[:, -1] == 1).all()     # 0 -> 0, 1 -> 1
+    log_gamma = torch.log(flat[:, 4]) / math.log(0.5)               # gamma = log(0.5^gamma) / log(0.5)
+    log_gamma = torch.log(log_gamma)
+    assert log_gamma.min() >= -0.3 - 1e-5 and log_gamma.max() <= 0.3 + 1e-5
+    assert log_gamma.min() < -0.29 and log_gamma.max() > 0.29       # the whole range is reached
+    assert abs(log_gamma.mean().item()) < 0.03                      # U(-0.3, 0.3): sd of the mean 0.0027
+    # one gamma per sample and channel
+    two = P.random_gamma(torch.full((1, 2, 1, 1, 1), 0.5), (-0.3, 0.3), generator=torch.Generator().manual_seed(1))
+    assert two[0, 0].item() != two[0, 1].item()
+
+
+def test_random_noise_std_is_uniform_in_its_range():
+    x = torch.zeros(400, 1, 8, 8, 8)
+    out = P.random_noise(x, (0.0, 0.25), generator=torch.Generator().manual_seed(0))
+    sd = out.flatten(1).std(1)                    # 512 voxels: each estimate within a few % of its sigma
+    assert sd.max() <= 0.25 * 1.2 and sd.min() < 0.03 and sd.max() > 0.22
+    assert sd.mean().item() == pytest.approx(0.125, abs=0.02)       # U(0, 0.25): sd of the mean 0.0036
+    assert abs(out.mean().item()) < 0.01                            # zero-mean noise
+    torch.testing.assert_close(P.random_noise(x + 0.3, (0.0, 0.0)), x + 0.3)
+
+
+def test_z_normalize_exact():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0]).view(2, 1, 2, 2, 1)
+    out = P.z_normalize(x).flatten(1)
+    std = math.sqrt(5 / 3)                                          # unbiased std of 1, 2, 3, 4
+    torch.testing.assert_close(out[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / std)
+    torch.testing.assert_close(out[1], torch.zeros(4))              # a constant view is only centred
+    # statistics over the channels together (torchio normalises the whole image)
+    two = P.z_normalize(torch.tensor([0.0, 2.0]).view(1, 2, 1, 1, 1)).flatten()
+    torch.testing.assert_close(two, torch.tensor([-1.0, 1.0]) / math.sqrt(2))
+
+
+def test_pcrlv2_intensity_chain_order():
+    x = torch.tensor([0.0, 0.25, 1.0, 4.0]).view(1, 1, 1, 1, 4)
+    # no noise, gamma fixed at e^0.5: gamma first, then z-normalisation
+    out = P.pcrlv2_intensity(x, noise_std=(0.0, 0.0), log_gamma=(0.5, 0.5))
+    torch.testing.assert_close(out, P.z_normalize(x ** math.exp(0.5)))
+    raw = P.pcrlv2_intensity(x, noise_std=(0.0, 0.0), log_gamma=(0.5, 0.5), normalize=False)
+    torch.testing.assert_close(raw, x ** math.exp(0.5))
+    # noise comes before gamma: the same draws with gamma 1 are noise only
+    g = torch.Generator().manual_seed(3)
+    noisy = P.pcrlv2_intensity(x, noise_std=(0.1, 0.1), log_gamma=(0.0, 0.0), normalize=False, generator=g)
+    again = P.random_noise(x, (0.1, 0.1), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(noisy, again)
+
+
+def test_pcrlv2_official_inputs_are_z_normalised_and_genesis_restores_the_old_chain():
+    torch.manual_seed(0)
+    model, corpus, _, _ = tiny_method("pcrlv2", V2_SMALL, UNET, corpus_size=3)
+    assert model.augment == "official" and model.normalize
+    assert model.noise_std == (0.0, 0.25) and model.log_gamma == (-0.3, 0.3)
+    v = model.make_views(corpus)
+    for views in (v["x"], v["local"]):
+        flat = views.flatten(1)
+        torch.testing.assert_close(flat.mean(1), torch.zeros(flat.shape[0]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(flat.std(1), torch.ones(flat.shape[0]), rtol=0, atol=1e-4)
+    assert 0 <= v["gt"].min() and v["gt"].max() <= 1                  # targets stay the crops in [0, 1]
+    old = {**V2_SMALL, "augment": "genesis", "noise_std": 0.05, "normalize": "none"}
+    model, corpus, _, _ = tiny_method("pcrlv2", old, UNET, corpus_size=3)
+    assert model.noise_std == (0.0, 0.05)
+    torch.manual_seed(0)
+    x = model.make_views(corpus)["x"]
+    assert x.min() > -0.5 and x.max() < 1.5 and x.flatten(1).std(1).max() < 0.6   # not z-normalised
+
+
 def test_pcrlv2_views_and_decoder_scales():
     torch.manual_seed(0)
     model, corpus, _, _ = tiny_method("pcrlv2", V2_SMALL, UNET, corpus_size=3)
@@ -274,21 +348,26 @@ def test_pcrlv2_trains_on_a_fixed_batch():
     torch.manual_seed(0)
     model, corpus, _, _ = tiny_method("pcrlv2", {**V2_SMALL, "schedule_steps": 24}, UNET, corpus_size=2)
     logs = fixed_batch_logs(model, corpus, 24)
-    assert falls([e["loss"] for e in logs], window=4, ratio=0.9), [e["loss"] for e in logs]
-    assert falls([e["rec"] for e in logs], window=4, ratio=0.95)
+    # rec + deep supervision (MSE vs targets in [0, 1], >= 0) + global and local negative cosines (>= -1 each):
+    # floor -2 (z-normalised inputs leave the targets and sigmoid outputs in [0, 1]). Fractions: about half the
+    # smallest closed across ATEN_CPU_CAPABILITY default / avx2 x 1 / 2 threads (issue 18, augment: official;
+    # torch 2.14.1): loss 0.5656, rec 0.2128
+    assert closes_gap([e["loss"] for e in logs], floor=-2.0, fraction=0.28, window=4), [e["loss"] for e in logs]
+    assert closes_gap([e["rec"] for e in logs], floor=0.0, fraction=0.11, window=4)
     assert logs[0]["beta"] == 1.0 and logs[-1]["beta"] == pytest.approx(P.pcrlv2_beta(23, 24))
 
 
 # -------------------------------------------------------------------------------- backbones, handover
 
-def test_unet3d_handover_of_both_methods():
+@pytest.mark.parametrize("family", ["unet3d", "basicunet"])
+def test_unet_handover_of_both_methods(family):
     for name, small in (("pcrlv1", V1_SMALL), ("pcrlv2", V2_SMALL)):
-        model, _, _, model_cfg = tiny_method(name, small, UNET, corpus_size=2)
+        model, _, _, model_cfg = tiny_method(name, small, {"name": family}, corpus_size=2)
         with torch.no_grad():
             for p in model.encoder.parameters():
                 p.add_(0.01)
         report = check_handover(model, model_cfg)
-        decoder_keys = [k for k in report.matched if k.startswith("upcat_")]
+        decoder_keys = [k for k in report.matched if k.startswith(("upcat_", "up_tr"))]
         assert bool(decoder_keys) == (name == "pcrlv1"), name
 
 
@@ -335,6 +414,20 @@ def test_recipe_errors_are_one_line_and_name_the_key():
         P.PCRLv2({**V2_SMALL, "global_size": [32, 32, 64], "local_size": [32, 32, 32]}, swin)
     with pytest.raises(RecipeError, match=r"method\.params\.local_scale.*0 < low <= high <= 1"):
         P.PCRLv2({**V2_SMALL, "local_scale": [0.2, 1.5]}, {"name": "unet3d"})
+    with pytest.raises(RecipeError, match=r"method\.params\.target.*corrupted, clean"):
+        P.PCRLv1({**params, "target": "transformed"}, {"name": "unet3d"})
+    unet = {"name": "unet3d"}
+    with pytest.raises(RecipeError, match=r"method\.params\.augment.*official, genesis"):
+        P.PCRLv2({**V2_SMALL, "augment": "torchio"}, unet)
+    with pytest.raises(RecipeError, match=r"method\.params\.normalize.*zscore, none"):
+        P.PCRLv2({**V2_SMALL, "normalize": "minmax"}, unet)
+    for bad in (-0.1, [0.3, 0.1], [-0.1, 0.2], "0.25", [0.1]):
+        with pytest.raises(RecipeError, match=r"method\.params\.noise_std.*0 <= low <= high") as info:
+            P.PCRLv2({**V2_SMALL, "noise_std": bad}, unet)
+        assert "\n" not in str(info.value)
+    with pytest.raises(RecipeError, match=r"method\.params\.log_gamma.*U\(-d, d\).*low <= high"):
+        P.PCRLv2({**V2_SMALL, "log_gamma": [0.3, -0.3]}, unet)
+    assert P.PCRLv2({**V2_SMALL, "noise_std": 0.1, "log_gamma": 0.2}, unet).log_gamma == (-0.2, 0.2)
     assert P.PCRLv2.input_size({"volume_size": [192, 192, 128]}) == (192, 192, 128)
 
 

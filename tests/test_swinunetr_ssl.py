@@ -13,7 +13,7 @@ import socket
 import pytest
 import torch
 
-from methodkit import check_handover, falls, tiny_method
+from methodkit import check_handover, closes_gap, tiny_method
 from sslbench.cli import main
 from sslbench.errors import RecipeError
 from sslbench.methods import swinunetr_ssl as W
@@ -177,6 +177,53 @@ def test_cutout_changes_at_most_the_stated_fraction():
     assert torch.equal(same, x)
 
 
+def test_paste_partners_come_from_the_same_view():
+    # 2 views of 3 crops (view 1 = crops 0..2, view 2 = crops 3..5), as make_views stacks them
+    torch.manual_seed(0)
+    own_view = torch.arange(6) // 3
+    draws = torch.stack([W.paste_partners(6, groups=2) for _ in range(300)])
+    assert torch.equal(draws // 3, own_view.expand_as(draws))                # official: within the crop's view
+    for i in range(6):
+        assert set(draws[:, i].tolist()) == {3 * (i // 3) + j for j in range(3)}   # every crop of it, self included
+    earlier = torch.stack([W.paste_partners(6, groups=1) for _ in range(300)])
+    assert (earlier // 3 != own_view).any()                                  # paste_partners: batch crosses views
+    with pytest.raises(ValueError):
+        W.paste_partners(5, groups=2)
+    # cutout of each crop a constant 10 + j: every pasted value above the noise range [0, 1] is a constant of
+    # a crop of the same view
+    n, size = 6, (32, 32, 32)
+    x = (10.0 + torch.arange(n, dtype=torch.float32)).view(n, 1, 1, 1, 1).expand(n, 1, *size).contiguous()
+    pasted_any = False
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out, _, paste_mask = W.cutout(x, groups=2)
+        for i in range(n):
+            values = out[i, 0][paste_mask[i]]
+            constants = values[values > 1]
+            same_view = torch.tensor([10.0 + j for j in range(3 * (i // 3), 3 * (i // 3) + 3) if j != i])
+            assert torch.isin(constants, same_view).all(), (seed, i)
+            pasted_any = pasted_any or constants.numel() > 0
+    assert pasted_any
+
+
+def test_views_paste_within_each_view_unless_asked(monkeypatch):
+    model = W.SwinUNETRSSL(TINY, MODEL)
+    assert model.paste_partners == "view"
+    seen = []
+    real = W.cutout
+
+    def spy(x, *args, groups=1):
+        seen.append((x.shape[0], groups))
+        return real(x, *args, groups=groups)
+
+    monkeypatch.setattr(W, "cutout", spy)
+    vols = torch.rand(2, 1, 64, 48, 48)
+    model.make_views(vols)
+    model.paste_partners = "batch"                                           # sslbench's earlier form
+    model.make_views(vols)
+    assert seen == [(4, 2), (4, 1)]                                          # 2 volumes x 1 crop x 2 views
+
+
 def test_reconstruction_head_restores_the_crop_size():
     head = W.ReconstructionHead(192, 1)
     convs = [m for m in head if isinstance(m, torch.nn.Conv3d)]
@@ -196,6 +243,8 @@ def test_bad_recipes_are_one_line_errors():
         W.SwinUNETRSSL({**TINY, "resize": [64, 32, 16]}, MODEL)
     with pytest.raises(RecipeError, match=r"attention"):
         W.SwinUNETRSSL({**TINY, "attention": "flash"}, MODEL)
+    with pytest.raises(RecipeError, match=r"method\.params\.paste_partners.*'views'.*view, batch"):
+        W.SwinUNETRSSL({**TINY, "paste_partners": "views"}, MODEL)
 
 
 # ---------------------------------------------------------------------------------------- the method
@@ -218,7 +267,9 @@ def test_training_steps_loss_falls_and_handover():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert falls(losses, window=3, ratio=0.8), losses
+    # CE + NT-Xent + L1: floor 0. Closed (paste partners within each view, 2026-12): 0.8702 .. 0.8716 over
+    # ATEN_CPU_CAPABILITY default / avx2 x 1 / 2 threads; fraction about half the smallest
+    assert closes_gap(losses, floor=0.0, fraction=0.43), losses
     report = check_handover(model, model_cfg)
     after = model.backbone_state_dict()
     assert len(report.matched) == len(after)

@@ -283,7 +283,7 @@ def test_run_attention_switches_swin_in_fine_tuning_networks(dims):
     MONAI's function (values and gradients; SDPA path on CPU) and keeps its state-dict keys."""
     from monai.networks.nets import SwinUNETR
 
-    from sslbench.backbones import build_unet3d
+    from sslbench.backbones import build_basicunet, build_unet3d
     from sslbench.fast_swin import _SDPAWindowAttention
     from sslbench.protocol import use_run_attention
 
@@ -305,7 +305,8 @@ def test_run_attention_switches_swin_in_fine_tuning_networks(dims):
     g_ref = dict(ref.named_parameters())
     for name, p in fast.named_parameters():
         torch.testing.assert_close(p.grad, g_ref[name].grad, rtol=1e-6, atol=1e-10, msg=name)
-    assert use_run_attention(build_unet3d({"unet_features": [4, 4, 8, 8, 16, 4]}), {"attention": "fused"}) == 0
+    assert use_run_attention(build_basicunet({"unet_features": [4, 4, 8, 8, 16, 4]}), {"attention": "fused"}) == 0
+    assert use_run_attention(build_unet3d({"unet3d": {"base": 2}}), {"attention": "fused"}) == 0
     untouched = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, spatial_dims=dims)
     assert use_run_attention(untouched, {"attention": "monai"}) == 0
     assert not any(isinstance(m, _SDPAWindowAttention) for m in untouched.modules())

@@ -90,6 +90,26 @@ def locate_sources(corpus: Mapping[str, Any], root: str | None,
     return Path(os.path.commonpath([str(p) for p, _ in found])), any(ph for _, ph in found)
 
 
+def labelled_items(task: Mapping[str, Any], root: str | None,
+                   log: Callable[[str], None] = print) -> tuple[str, bool, list[dict]]:
+    """(where, phantom, [{"id", "image", "label"}, ...]) of a segmentation task's TRAINING split, for a method
+    that pre-trains on label maps. Validation and test cases are never read (they score the fine-tuning)."""
+    from sslbench import protocol
+    from sslbench.data import layouts
+
+    path, phantom = protocol.locate_data(task, root, log=log)
+    train = layouts.read_datalist(task, path).get("train", [])
+    unlabelled = [str(it.get("id")) for it in train if not it.get("label")]
+    if unlabelled:
+        raise DataError(f"{path}: training cases without a label map ({', '.join(unlabelled[:3])}); a labelled "
+                        f"pre-training corpus needs one per case")
+    if not train:
+        raise DataError(f"{path}: task '{task['name']}' lists no training cases")
+    log(f"labelled corpus {task['name']}: {len(train)} training cases at {path}")
+    return str(path), phantom or bool(task.get("phantom")), [{"id": it["id"], "image": it["image"],
+                                                             "label": it["label"]} for it in train]
+
+
 def corpus_items(corpus: Mapping[str, Any], root: str | None,
                  log: Callable[[str], None] = print) -> tuple[str, bool, list[dict]]:
     """(where the images are, in words; any source is a phantom; [{"id", "image"}, ...]) of a corpus.

@@ -13,6 +13,9 @@ REGISTRY: dict[str, str] = {
     "pcrlv2": "sslbench.methods.pcrl:PCRLv2",
     "mae": "sslbench.methods.mae:MAE",
     "swinunetr-ssl": "sslbench.methods.swinunetr_ssl:SwinUNETRSSL",
+    # the controls of the transfer path (labelled corpora; not self-supervised)
+    "supervised": "sslbench.methods.supervised:Supervised",
+    "supervised-task": "sslbench.methods.supervised:Supervised",
 }
 
 

@@ -23,6 +23,10 @@ class PretrainMethod(nn.Module):
     transfers_decoder: bool = False
     #: set True when some trainable parameters get no gradient in a step (DistributedDataParallel must know).
     find_unused_parameters: bool = False
+    #: set True for a method that trains on label maps (the supervised controls): the protocol reads a segmentation
+    #: task's training split as the corpus, passes volumes [B, 2, ...] (image, label ids) and sets
+    #: ``params["num_classes"]`` from that task's classes. The method still never reads a task.
+    needs_labels: bool = False
 
     def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
         super().__init__()

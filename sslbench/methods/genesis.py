@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import build_model, is_transferable
+from ..backbones import SIZE_DIVISOR, build_model, is_transferable
 from ..errors import RecipeError
 from .base import PretrainMethod
 
@@ -41,7 +41,7 @@ from .base import PretrainMethod
 GENESIS_DEFAULTS: dict[str, float] = {"flip_rate": 0.4, "local_rate": 0.5, "nonlinear_rate": 0.9,
                                       "paint_rate": 0.9, "inpaint_rate": 0.2}
 #: backbones a restoration method can train (the whole encoder-decoder is needed).
-RESTORATION_MODELS = ("swinunetr", "unet3d")
+RESTORATION_MODELS = ("swinunetr", "unet3d", "basicunet")
 #: smallest spatial size the painting boxes fit in (out-painting windows keep 3 voxels off each border).
 MIN_PAINT_SIZE = 14
 #: samples of the Bezier curve's look-up table (the official uses 100,000 with np.interp; 1,000 with linear
@@ -338,7 +338,7 @@ def check_crop(method: str, model_name: str, crop: Sequence[int], resize: Sequen
     if min(crop) < MIN_PAINT_SIZE:
         raise RecipeError(f"method.params.crop: {list(crop)} for method {method}; expected >= {MIN_PAINT_SIZE} "
                           f"voxels per axis (painting boxes keep 3 voxels off the borders)")
-    factor = 32 if model_name == "swinunetr" else 16
+    factor = SIZE_DIVISOR[model_name]
     if any(c % factor for c in crop):
         raise RecipeError(f"method.params.crop: {list(crop)} for method {method} with model {model_name}; expected "
                           f"multiples of {factor}")
@@ -429,5 +429,6 @@ class ModelsGenesis(PretrainMethod):
         return loss, {"mse": loss.detach()}
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """Encoder and decoder (SwinUNETR: swinViT, encoder*, decoder*; unet3d: conv_0, down_*, upcat_*)."""
+        """Encoder and decoder (SwinUNETR: swinViT, encoder*, decoder*; unet3d: down_tr*, up_tr*; basicunet: conv_0,
+        down_*, upcat_*)."""
         return transferable_state(self.net, self.model_name)

@@ -6,7 +6,7 @@
   Pre-training in Medical Image Analysis", TPAMI 2023 (code: github.com/RL4M/PCRLv2, ``src/train_3d.py``).
 
 Both run on a fine-tuning network built by ``sslbench.backbones.build_model`` (``model.name`` swinunetr, the
-default, or unet3d) and call its own submodules, so the weights handed over are in the fine-tuning layout.
+default, unet3d = the official 3D U-Net, or basicunet) and call its own submodules, so the weights handed over are in the fine-tuning layout.
 
 PCRL v1 (``PCRLv1``), per batch of B volumes:
 
@@ -16,7 +16,8 @@ PCRL v1 (``PCRLv1``), per batch of B volumes:
 * transformation T = random flips of the three axes (p = 0.5 each) + rot90 by k in {0..3} in the x-y plane,
   coded as the 7-d one-hot a = [flip_x, flip_y, flip_z, onehot(k)] (the official ``spatial_aug``);
 * transformation-conditioned attention: g(a) = sigmoid(FC(ReLU(FC(a)))) gates the bottleneck channels
-  (``TransformGate``); the decoder reconstructs T(c) from the gated bottleneck;
+  (``TransformGate``); the decoder reconstructs T(x) (``target: corrupted``, the official; ``clean``: T(c)) from
+  the gated bottleneck;
 * momentum (key) encoder: encoder + projection, param_k <- m param_k + (1 - m) param_q, m = 0.999
   (``momentum_update``, run in ``after_step``); memory queue of K keys (``MemoryQueue``);
 * mixup: lambda ~ Beta(1, 1), lambda <- max(lambda, 1 - lambda); mixed inputs x~ = lambda x + (1 - lambda) x[perm]
@@ -25,17 +26,21 @@ PCRL v1 (``PCRLv1``), per batch of B volumes:
   alpha h_q + (1 - alpha) h_k at every skip, alpha ~ max(Beta(1,1), 1 - Beta(1,1));
 * L = L_contrast + L_rec with
   L_contrast = 1/3 [NCE(q, k) + NCE(q~, k(x~2)) + NCE(q~, k~)]                       (the three NCE pairs)
-  L_rec = 1/4 [MSE(D(g1 h_q(x1)), T1 c1) + MSE(D(h_q(x~1)), c~1)
-               + MSE(D(h_alpha1), alpha1 T1 c1 + (1 - alpha1) T2 c2)
+  L_rec = 1/4 [MSE(D(g1 h_q(x1)), T1 x1) + MSE(D(h_q(x~1)), c~1)
+               + MSE(D(h_alpha1), alpha1 T1 x1 + (1 - alpha1) T2 x2)
                + MSE(D(h_alpha2 of x~1, x~2), alpha2 c~1 + (1 - alpha2) c~2)]         (the four MSE terms)
+  (with ``target: clean``, c1 / c2 in place of x1 / x2 in the first and third terms)
 
 PCRL v2 (``PCRLv2``):
 
 * views: two global crops per volume (IoU > 0.3) resized to ``global_size`` and ``num_local`` (6) local crops
   whose origins lie in the union box of the two global crops, resized to ``local_size``; random flips (the
-  spatial part: gt = flipped crop), then on the network inputs Models Genesis local pixel shuffling (global views
-  only), non-linear intensity and Gaussian noise (standing in for torchio's swap / gamma / noise of the official
-  code; its blur and affine are not applied);
+  spatial part: gt = flipped crop, intensities untouched in [0, 1]); then the network inputs go through the
+  official intensity chain (``augment: official``, ``pcrlv2_intensity``), in the official order:
+  torchio RandomNoise (mean 0, std ~ U(0, 0.25) per view: ``random_noise``), RandomGamma (log gamma ~
+  U(-0.3, 0.3) per view and channel, x -> sign(x) |x|^gamma: ``random_gamma``), on global views only a patch
+  shuffle (standing in for RandomSwap, see below), then ZNormalization of each view over all its voxels
+  (``z_normalize``);
 * a decoder WITHOUT skip connections (``SkiplessDecoder``): per scale s, x_s = up-block(x_{s+1}),
   pro_s = BN(GAP(x_s)), pre_s = predictor(pro_s), mask_s = sigmoid(conv1x1(x_s)) upsampled to full size;
 * L = MSE(out(v1), gt1) + L_cos(s) + beta MSE(mask_s(v1), gt1) + L_local, with
@@ -54,17 +59,35 @@ Departures from the official code (each one deliberate; the recipe comments repe
   from the first step's three pairs (the official: from the first (q, k) call). ``infonce`` is MoCo's softmax
   form. The three pairs are scored against the queue as it was before the step and their 3B keys are then
   enqueued together (the official enqueues after each of its three calls).
-* v1 target: ``target: clean`` (default) reconstructs T(clean crop), as Models Genesis restores the clean
-  image; the official 3D loader reconstructs T(corrupted input) in the plain and hybrid branches
-  (``mask = spatial_aug(input)``), offered as ``target: corrupted``. The mixed branches restore the mixed
-  clean crops in both.
+* v1 target: no departure by default. ``target: corrupted`` (default) is the official 3D loader: the plain and hybrid
+  branches reconstruct T(corrupted input) (``luna_pcrl_pretask.py``: ``mask = spatial_aug(input)``, the
+  input after local pixel shuffling and painting); the mixed branches restore the mixed clean crops (the
+  official ``mixed_gt``). ``target: clean`` reconstructs T(clean crop) instead, as Models Genesis restores the
+  clean image (sslbench's default before issue 18).
 * v1 views: torchio's RandomAffine / RandomBlur of the official loader are not applied (flips / rot90 /
   shuffling / painting only); crop sizes are fractions of the corpus volume (``crop_scale``) instead of the
   official absolute LUNA16 sizes. ShuffleBN is not used: on one device a batch permutation does not change
-  BatchNorm statistics (SwinUNETR has none). BatchNorm (unet3d) sees the plain and mixed views together (one
+  BatchNorm statistics (SwinUNETR has none). BatchNorm (unet3d, basicunet) sees the plain and mixed views together (one
   encoder call of 2B) and the four decoder inputs together (4B); the official calls them one at a time.
 * v2: both global views share one encoder / decoder call (BatchNorm over 2B, the official: B each);
   ``schedule_steps`` plays the official's 240 epochs; the deep-supervision heads are 1x1 convs.
+* v2 augmentations. Official (``src/data.py``, ``pcrlv2_luna_pretask``; every torchio transform at its
+  defaults, p = 1): spatial = Compose([RandomFlip(), RandomAffine()]) on the crops (gt = its output); then
+  global inputs Compose([RandomBlur(), RandomNoise(), RandomGamma(), RandomSwap(patch_size=(8, 4, 4)),
+  ZNormalization()]), local inputs the same without RandomSwap. Here:
+  - RandomNoise, RandomGamma, ZNormalization: as torchio (``augment: official``, ``normalize: zscore``, the
+    defaults; ranges ``noise_std`` = [0, 0.25], ``log_gamma`` = [-0.3, 0.3]). torchio's Gamma takes x^gamma
+    when the image has no negative value and sign(x) |x|^gamma otherwise; both are sign(x) |x|^gamma (gamma
+    > 0), so one formula serves. ZNormalization uses the unbiased std and raises on a constant image; here a
+    constant view is only centred (std taken as 1), as a training step must not stop on one flat crop.
+  - ``augment: genesis`` restores sslbench's earlier stand-in (Models Genesis local pixel shuffling on global
+    views, the Bezier map ``nonlinear_intensity`` at ``nonlinear_rate``, which inverts intensities half the
+    time, then the noise); ``normalize: none`` drops the z-normalisation, ``noise_std: 0.05`` the earlier
+    noise strength (all three together: the pre-issue-18 behaviour).
+  - RandomSwap (100 swaps of two 8x4x4 patches, sequential) is replaced by Genesis local pixel shuffling at
+    ``local_rate`` (a batched shuffle; a sequential swap loop has no batched form); RandomBlur (sigma ~ U(0, 2)
+    mm per axis) and RandomAffine (scale 0.9..1.1, rotation +-10 degrees) are not applied; the flips act on
+    all three axes with p = 0.5 each (torchio's RandomFlip default flips axis 0 only). No key restores these.
 """
 from __future__ import annotations
 
@@ -77,17 +100,18 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import TRANSFER_PREFIXES, build_model
+from ..backbones import (SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
+                         decoder_output, encoder_features, output_layer_name, upsampling_widths)
 from ..errors import RecipeError
 from .base import PretrainMethod
 from .genesis import local_pixel_shuffle, nonlinear_intensity, paint
 from .voco import _axis_coords, use_sdpa_window_attention
 
-FAMILIES = ("swinunetr", "unet3d")
+FAMILIES = ("swinunetr", "unet3d", "basicunet")
 CONTRASTS = ("nce", "infonce")
-TARGETS = ("clean", "corrupted")
-#: output layer of each family (the task head: used for reconstruction, never transferred)
-OUT_LAYER = {"swinunetr": "out", "unet3d": "final_conv"}
+TARGETS = ("corrupted", "clean")
+AUGMENTS = ("official", "genesis")
+NORMALIZATIONS = ("zscore", "none")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +288,81 @@ def mixup(x: torch.Tensor, index: torch.Tensor, lam: torch.Tensor) -> torch.Tens
 
 
 # --------------------------------------------------------------------------------------------------
+# PCRL v2's intensity augmentations (torchio's RandomNoise / RandomGamma / ZNormalization, batched)
+# --------------------------------------------------------------------------------------------------
+
+def _uniform(shape: Sequence[int], bounds: Sequence[float], generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+    """U(low, high) of the given shape, drawn on ``device`` (the generator's device when one is given)."""
+    lo, hi = float(bounds[0]), float(bounds[1])
+    return lo + (hi - lo) * torch.rand(tuple(shape), generator=generator, device=device)
+
+
+def _draw_device(x: torch.Tensor, generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else x.device
+
+
+def random_noise(x: torch.Tensor, std_range: Sequence[float] = (0.0, 0.25),
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchio ``RandomNoise()`` per sample of x [n, C, ...]: x + N(0, sigma^2), sigma ~ U(std_range).
+
+    One sigma per sample (torchio draws one per image, shared by its channels), i.i.d. noise per voxel; the
+    mean is 0 (torchio's default mean range (0, 0)). A range of (0, 0) returns x unchanged.
+    """
+    if float(std_range[1]) <= 0:
+        return x
+    dev = _draw_device(x, generator)
+    sigma = _uniform((x.shape[0],) + (1,) * (x.dim() - 1), std_range, generator, dev)
+    noise = torch.randn(tuple(x.shape), generator=generator, device=dev)
+    return x + (sigma * noise).to(device=x.device, dtype=x.dtype)
+
+
+def gamma_power(x: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    """torchio's ``Gamma`` map: sign(x) |x|^gamma (gamma > 0, broadcast against x).
+
+    torchio takes x^gamma when the image has no negative voxel and sign(x) |x|^gamma when it has one; for
+    gamma > 0 both agree on every x >= 0, so this one formula is torchio's in both cases. It is monotone
+    increasing: it never inverts intensities (0 -> 0, 1 -> 1, -1 -> -1).
+    """
+    gamma = torch.as_tensor(gamma, dtype=x.dtype, device=x.device)
+    return torch.sign(x) * x.abs().pow(gamma)
+
+
+def random_gamma(x: torch.Tensor, log_gamma_range: Sequence[float] = (-0.3, 0.3),
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchio ``RandomGamma()`` per sample of x [n, C, ...]: gamma = exp(beta), beta ~ U(log_gamma_range),
+    one gamma per sample and channel (as torchio, per channel of each image); applied by ``gamma_power``."""
+    dev = _draw_device(x, generator)
+    beta = _uniform(tuple(x.shape[:2]) + (1,) * (x.dim() - 2), log_gamma_range, generator, dev)
+    return gamma_power(x, torch.exp(beta).to(x.device))
+
+
+def z_normalize(x: torch.Tensor) -> torch.Tensor:
+    """torchio ``ZNormalization()`` per sample of x [n, ...]: (x - mean) / std over all of the sample's voxels
+    and channels, std unbiased (torch.std's default, as torchio). A constant sample (std 0, where torchio
+    raises) is only centred. In fp32."""
+    v = x.float()
+    dims = tuple(range(1, v.dim()))
+    mean = v.mean(dim=dims, keepdim=True)
+    std = v.std(dim=dims, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return ((v - mean) / std).to(x.dtype)
+
+
+def pcrlv2_intensity(x: torch.Tensor, noise_std: Sequence[float] = (0.0, 0.25),
+                     log_gamma: Sequence[float] = (-0.3, 0.3), shuffle_rate: float = 0.0,
+                     normalize: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PCRL v2's official intensity chain on network inputs x [n, C, ...] in [0, 1], in the official order:
+    noise (``random_noise``), gamma (``random_gamma``), then, where ``shuffle_rate`` > 0 (global views), Models
+    Genesis local pixel shuffling with that probability (sslbench's stand-in for torchio RandomSwap), then
+    ``z_normalize`` when ``normalize``. (The official RandomBlur before the noise is not applied.)"""
+    x = random_gamma(random_noise(x, noise_std, generator), log_gamma, generator)
+    if shuffle_rate > 0:
+        x = local_pixel_shuffle(x, shuffle_rate, generator)
+    return z_normalize(x) if normalize else x
+
+
+# --------------------------------------------------------------------------------------------------
 # Contrast: queue, NCE losses, momentum update
 # --------------------------------------------------------------------------------------------------
 
@@ -361,10 +460,10 @@ def _family(model_cfg: Mapping[str, Any], method: str) -> str:
 class UNetEncoder(nn.Module):
     """The encoder of a ``build_model`` network under its own attribute names (its keys = fine-tuning keys).
 
-    swinunetr: ``swinViT`` + ``encoder1..4`` + ``encoder10``; features = [enc0, enc1, enc2, enc3, hs3, dec4]
-    (SwinUNETR.forward's skips, then the bottleneck). unet3d (MONAI BasicUNet): ``conv_0`` + ``down_1..4``;
-    features = [x0, x1, x2, x3, x4]. ``bottleneck_only``: keep only the modules on the path input ->
-    bottleneck (on swinunetr: swinViT and encoder10, without SwinUNETR's skip blocks encoder1..4).
+    swinunetr: ``swinViT`` + ``encoder1..4`` + ``encoder10``; unet3d: ``down_tr64..512``; basicunet:
+    ``conv_0`` + ``down_1..4``. ``forward`` -> :func:`sslbench.backbones.encoder_features` (the bottleneck
+    last). ``bottleneck_only``: keep only the modules on the path input -> bottleneck (on swinunetr: swinViT and
+    encoder10, without SwinUNETR's skip blocks encoder1..4).
     """
 
     def __init__(self, net: nn.Module, family: str, bottleneck_only: bool = False):
@@ -379,35 +478,23 @@ class UNetEncoder(nn.Module):
 
     @property
     def bottleneck_channels(self) -> int:
-        if self.family == "swinunetr":
-            return self.encoder10.layer.conv1.conv.out_channels
-        return self.down_4.convs.conv_1.conv.out_channels
+        return bottleneck_module(self, self.family)[1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.family == "swinunetr":
-            if self.bottleneck_only:
-                raise RuntimeError("this encoder keeps only the bottleneck path: call bottleneck()")
-            hs = self.swinViT(x, True)
-            return [self.encoder1(x), self.encoder2(hs[0]), self.encoder3(hs[1]), self.encoder4(hs[2]), hs[3],
-                    self.encoder10(hs[4])]
-        x0 = self.conv_0(x)
-        x1 = self.down_1(x0)
-        x2 = self.down_2(x1)
-        x3 = self.down_3(x2)
-        return [x0, x1, x2, x3, self.down_4(x3)]
+        if self.bottleneck_only and self.family == "swinunetr":
+            raise RuntimeError("this encoder keeps only the bottleneck path: call bottleneck()")
+        return encoder_features(self, self.family, x)
 
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         """Only the path input -> bottleneck (for decoders without skips)."""
-        if self.family == "swinunetr":
-            return self.encoder10(self.swinViT(x, True)[4])
-        return self.forward(x)[-1]
+        return bottleneck_features(self, self.family, x)
 
 
 class UNetDecoder(nn.Module):
     """The skip-connected decoder of a ``build_model`` network under its own attribute names.
 
-    swinunetr: ``decoder5..1``; unet3d: ``upcat_4..1``. ``forward(features)`` -> the last decoder map (before
-    the output layer), exactly as the network's own forward.
+    swinunetr: ``decoder5..1``; unet3d: ``up_tr256..64``; basicunet: ``upcat_4..1``. ``forward(features)`` -> the
+    last decoder map (before the output layer), exactly as the network's own forward.
     """
 
     def __init__(self, net: nn.Module, family: str):
@@ -418,18 +505,7 @@ class UNetDecoder(nn.Module):
             setattr(self, name, getattr(net, name))
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.family == "swinunetr":
-            enc0, enc1, enc2, enc3, hs3, dec4 = feats
-            d = self.decoder5(dec4, hs3)
-            d = self.decoder4(d, enc3)
-            d = self.decoder3(d, enc2)
-            d = self.decoder2(d, enc1)
-            return self.decoder1(d, enc0)
-        x0, x1, x2, x3, x4 = feats
-        u = self.upcat_4(x4, x3)
-        u = self.upcat_3(u, x2)
-        u = self.upcat_2(u, x1)
-        return self.upcat_1(u, x0)
+        return decoder_output(self, self.family, list(feats))
 
 
 def _build(model_cfg: Mapping[str, Any], family: str, attention: str) -> nn.Module:
@@ -441,7 +517,7 @@ def _build(model_cfg: Mapping[str, Any], family: str, attention: str) -> nn.Modu
 
 def _check_size(size: Sequence[int], family: str, key: str, method: str) -> tuple[int, int, int]:
     size = tuple(int(s) for s in size)
-    step = 32 if family == "swinunetr" else 16
+    step = SIZE_DIVISOR[family]
     if len(size) != 3 or any(s <= 0 or s % step for s in size):
         raise RecipeError(f"method.params.{key}: {list(size)} for method {method} on {family}; expected three "
                           f"multiples of {step} (the network downsamples {int(math.log2(step))} times)")
@@ -471,6 +547,27 @@ def _scale_range(params: Mapping[str, Any], key: str, default: Sequence[float], 
     return lo, hi
 
 
+def _bounds(params: Mapping[str, Any], key: str, default: Sequence[float], method: str,
+            symmetric: bool) -> tuple[float, float]:
+    """A torchio-style range: d -> (-d, d) if ``symmetric`` else (0, d); [low, high] as given. Non-symmetric
+    ranges (a std) must lie in [0, inf)."""
+    value = params.get(key, default)
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi = (-float(value), float(value)) if symmetric else (0.0, float(value))
+        elif isinstance(value, str):
+            raise TypeError(value)
+        else:
+            lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        lo, hi = math.nan, math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi and (symmetric or lo >= 0)):
+        what = ("d >= 0 (U(-d, d)) or [low, high] with low <= high" if symmetric
+                else "d >= 0 (U(0, d)) or [low, high] with 0 <= low <= high")
+        raise RecipeError(f"method.params.{key}: {value!r} for method {method}; expected {what}")
+    return lo, hi
+
+
 def _plain(volumes: torch.Tensor) -> torch.Tensor:
     if hasattr(volumes, "as_tensor"):      # MONAI MetaTensor -> plain tensor
         volumes = volumes.as_tensor()
@@ -497,7 +594,7 @@ class PCRLv1(PretrainMethod):
     """PCRL v1 on volumes [B, 1, *volume_size] in [0, 1] (see the module docstring for the equations).
 
     params: volume_size, view_size, crop_scale, min_iou, queue_size (K), dim (128), temperature (T),
-    momentum (m), contrast (nce | infonce), nce_n_data, target (clean | corrupted), local_rate, paint_rate,
+    momentum (m), contrast (nce | infonce), nce_n_data, target (corrupted | clean), local_rate, paint_rate,
     inpaint_rate, attention (fused | sdpa | monai).
 
     The encoder, the skip-connected decoder (``transfers_decoder``) and the output layer are the fine-tuning
@@ -512,7 +609,7 @@ class PCRLv1(PretrainMethod):
         p = self.params
         self.family = _family(self.model_cfg, self.name)
         self.contrast = _choice(p, "contrast", "nce", CONTRASTS, self.name)
-        self.target = _choice(p, "target", "clean", TARGETS, self.name)
+        self.target = _choice(p, "target", "corrupted", TARGETS, self.name)
         attention = _choice(p, "attention", "fused", ("fused", "sdpa", "monai"), self.name)
         self.view_size = _check_size(p.get("view_size", (96, 96, 64)), self.family, "view_size", self.name)
         if self.view_size[0] != self.view_size[1]:
@@ -531,7 +628,7 @@ class PCRLv1(PretrainMethod):
         net = _build(self.model_cfg, self.family, attention)
         self.encoder = UNetEncoder(net, self.family)
         self.decoder = UNetDecoder(net, self.family)
-        self.out_layer = getattr(net, OUT_LAYER[self.family])
+        self.out_layer = getattr(net, output_layer_name(self.family))
         channels = self.encoder.bottleneck_channels
         self.head = ProjectionHead(channels, dim)
         self.gate = TransformGate(channels)
@@ -702,24 +799,18 @@ class SkiplessDecoder(nn.Module):
         return pros, preds, out, masks
 
 
-def _decoder_widths(model_cfg: Mapping[str, Any], family: str) -> list[int]:
-    if family == "swinunetr":
-        fs = int(model_cfg["feature_size"])
-        return [16 * fs, 8 * fs, 4 * fs, 2 * fs, fs, fs]
-    f = [int(v) for v in (model_cfg.get("unet_features") or (32, 64, 128, 256, 512, 32))]
-    return [f[4], f[3], f[2], f[1], f[5]]
-
-
 class PCRLv2(PretrainMethod):
     """PCRL v2 on volumes [B, 1, *volume_size] in [0, 1] (see the module docstring for the equations).
 
     params: volume_size, global_size, local_size, num_local (6), global_scale, local_scale, min_iou (0.3),
-    schedule_steps (T of beta), noise_std, nonlinear_rate, local_rate, attention (fused | sdpa | monai).
+    schedule_steps (T of beta), augment (official | genesis), noise_std ([0, 0.25]), log_gamma ([-0.3, 0.3],
+    official only), normalize (zscore | none), nonlinear_rate (genesis only), local_rate, attention
+    (fused | sdpa | monai).
 
     The skip-less decoder is not the fine-tuning network's decoder: only the encoder is handed over. On
     swinunetr the path input -> bottleneck is swinViT -> encoder10, so ``swinViT.*`` and ``encoder10.*`` are
     trained and handed over, and ``encoder1..4`` (SwinUNETR's skip blocks, unused without skips) are not.
-    On unet3d the whole encoder (conv_0, down_1..4) is handed over.
+    On unet3d (basicunet) the whole encoder (down_tr64..512; conv_0, down_1..4) is handed over.
     """
 
     name = "pcrlv2"
@@ -739,7 +830,10 @@ class PCRLv2(PretrainMethod):
         self.local_scale = _scale_range(p, "local_scale", (0.1, 0.3), self.name)
         self.min_iou = float(p.get("min_iou", 0.3))
         self.schedule_steps = int(p.get("schedule_steps", 100000))
-        self.noise_std = float(p.get("noise_std", 0.05))
+        self.augment = _choice(p, "augment", "official", AUGMENTS, self.name)
+        self.normalize = _choice(p, "normalize", "zscore", NORMALIZATIONS, self.name) == "zscore"
+        self.noise_std = _bounds(p, "noise_std", (0.0, 0.25), self.name, symmetric=False)
+        self.log_gamma = _bounds(p, "log_gamma", (-0.3, 0.3), self.name, symmetric=True)
         self.nonlinear_rate = float(p.get("nonlinear_rate", 0.9))
         self.local_rate = float(p.get("local_rate", 0.5))
 
@@ -747,15 +841,15 @@ class PCRLv2(PretrainMethod):
         # only the bottleneck path is trained (see the class docstring)
         self.encoder = UNetEncoder(net, self.family, bottleneck_only=True)
         norm = "instance" if self.family == "swinunetr" else "batch"
-        self.decoder = SkiplessDecoder(_decoder_widths(self.model_cfg, self.family), norm)
+        self.decoder = SkiplessDecoder(upsampling_widths(self.model_cfg, self.family), norm)
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
         return tuple(int(s) for s in params["volume_size"])
 
     def make_views(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """gt = flipped global crops [2B] (view 1 of every volume, then view 2), their corrupted inputs, and the
-        corrupted local views [num_local * B] (local j of every volume, then local j + 1)."""
+        """gt = flipped global crops [2B] (view 1 of every volume, then view 2) in [0, 1], their augmented
+        inputs x, and the augmented local views [num_local * B] (local j of every volume, then local j + 1)."""
         b = volumes.shape[0]
         dev = volumes.device
         box1, box2 = overlapping_box_pairs(b, volumes.shape[2:], self.global_scale, self.min_iou, device=dev)
@@ -766,19 +860,27 @@ class PCRLv2(PretrainMethod):
         loc = loc.transpose(0, 1).reshape(self.num_local * b, *loc.shape[2:])
         gt = self._flip(gt)
         loc = self._flip(loc)
-        x = self._noise(nonlinear_intensity(local_pixel_shuffle(gt, self.local_rate), self.nonlinear_rate))
-        loc = self._noise(nonlinear_intensity(loc, self.nonlinear_rate))
+        x = self.augment_views(gt, global_views=True)
+        loc = self.augment_views(loc, global_views=False)
         return {"gt": gt, "x": x, "local": loc, "box1": box1, "box2": box2, "local_boxes": boxes_l}
+
+    def augment_views(self, x: torch.Tensor, global_views: bool) -> torch.Tensor:
+        """The intensity augmentations of network inputs x [n, 1, ...] (``augment``; see the module docstring).
+
+        official: noise -> gamma -> (global views) local pixel shuffling -> z-normalisation (``normalize``);
+        genesis: (global views) local pixel shuffling -> Bezier map -> noise (-> z-normalisation if set).
+        """
+        shuffle = self.local_rate if global_views else 0.0
+        if self.augment == "official":
+            return pcrlv2_intensity(x, self.noise_std, self.log_gamma, shuffle, self.normalize)
+        if shuffle > 0:
+            x = local_pixel_shuffle(x, shuffle)
+        x = random_noise(nonlinear_intensity(x, self.nonlinear_rate), self.noise_std)
+        return z_normalize(x) if self.normalize else x
 
     @staticmethod
     def _flip(x: torch.Tensor) -> torch.Tensor:
         return flip_axes(x, torch.rand((x.shape[0], 3), device=x.device) < 0.5)
-
-    def _noise(self, x: torch.Tensor) -> torch.Tensor:
-        if self.noise_std <= 0:
-            return x
-        std = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) * self.noise_std
-        return x + std * torch.randn_like(x)
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = _plain(volumes)
@@ -821,7 +923,7 @@ class PCRLv2(PretrainMethod):
         return loss, logs
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder only (swinViT + encoder10 on swinunetr; conv_0 + down_1..4 on unet3d)."""
+        """The encoder only (swinViT + encoder10 on swinunetr; the whole encoder on unet3d / basicunet)."""
         return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:

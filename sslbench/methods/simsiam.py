@@ -25,8 +25,8 @@ Backbone features (``params["features"]``, model.name=swinunetr):
 * ``last``: the last Swin stage pooled (16 x feature_size); encoder1..4 and encoder10 are handed over
   UNTOUCHED (random, frozen). Works with 32^3 crops (the tiny CPU preset).
 
-With model.name=unet3d (MONAI BasicUNet at Models Genesis' widths): the bottleneck (down_4) pooled;
-conv_0 and down_1..4 are trained and handed over (``features`` does not apply).
+With model.name=unet3d (Models Genesis' 3D U-Net) or basicunet (MONAI BasicUNet at its widths): the bottleneck
+(down_tr512 / down_4) pooled; the whole encoder is trained and handed over (``features`` does not apply).
 
 Views (a 3D version of the paper's ImageNet augmentation; SimSiam has no official 3D recipe): per view,
 ONE ``affine_grid`` + ``grid_sample`` over all views of the batch does a random resized crop (each axis
@@ -39,7 +39,7 @@ Gaussian noise N(0, noise_std^2) (p_noise). Every random choice is a tensor; no 
 Optimiser: the official recipe is SGD (lr 0.05 x batch / 256, momentum 0.9, weight decay 1e-4, fixed
 predictor lr); the shared protocol uses AdamW for every method (methods/simsiam.yaml).
 
-Distributed training: the heads' (and unet3d's) BatchNorm must be SyncBatchNorm under DDP, as in the official
+Distributed training: the heads' (and the U-Nets') BatchNorm must be SyncBatchNorm under DDP, as in the official
 code; the distributed runner does the conversion (``sslbench.distributed.wrap`` converts every BatchNorm of
 the method before wrapping it in DistributedDataParallel on CUDA).
 """
@@ -52,14 +52,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import build_model, build_swinunetr
+from ..backbones import (TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
+                         build_swinunetr)
 from ..errors import RecipeError
 from . import dist
 from .base import PretrainMethod
 from .voco import ATTENTIONS, VoCoBackbone, use_sdpa_window_attention
 
 FEATURES = ("all", "last")
-MODELS = ("swinunetr", "unet3d")
+MODELS = ("swinunetr", "unet3d", "basicunet")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,18 +197,18 @@ class Predictor(nn.Sequential):
 
 
 class UNetEncoder(nn.Module):
-    """The encoder half of MONAI BasicUNet (conv_0, down_1..4, under BasicUNet's names); features = the
-    bottleneck (down_4) globally pooled."""
+    """The encoder of a U-Net family (unet3d: down_tr64..512; basicunet: conv_0, down_1..4) under the network's
+    names; features = the bottleneck globally pooled."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, family: str):
         super().__init__()
-        self.conv_0, self.down_1, self.down_2 = net.conv_0, net.down_1, net.down_2
-        self.down_3, self.down_4 = net.down_3, net.down_4
-        self.out_dim = int(net.down_4.convs.conv_1.conv.out_channels)
+        self.family = family
+        for prefix in TRANSFER_PREFIXES[family][0]:
+            setattr(self, prefix.rstrip("."), getattr(net, prefix.rstrip(".")))
+        self.out_dim = bottleneck_module(self, family)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down_4(self.down_3(self.down_2(self.down_1(self.conv_0(x)))))
-        return h.mean(dim=(2, 3, 4))
+        return bottleneck_features(self, self.family, x).mean(dim=(2, 3, 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,9 +272,9 @@ class SimSiam(PretrainMethod):
                         module.requires_grad_(False)
             feat_dim = (24 if self.features == "all" else 16) * fs
         else:
-            self.backbone = UNetEncoder(build_model(self.model_cfg))
+            self.backbone = UNetEncoder(build_model(self.model_cfg), self.model_name)
             feat_dim = self.backbone.out_dim
-        # BatchNorm in the backbone (unet3d): encode each view on its own, as the official code does
+        # BatchNorm in the backbone (the U-Nets): encode each view on its own, as the official code does
         self.bn_backbone = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules())
         self.projector = Projector(feat_dim, proj_dim, proj_dim)
         self.predictor = Predictor(proj_dim, pred_dim)
@@ -320,7 +321,7 @@ class SimSiam(PretrainMethod):
         return loss, {"loss": loss.detach(), "z_std": collapse_std(z1)}
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """swinViT.* + encoder1..4, encoder10 (swinunetr) or conv_0, down_1..4 (unet3d), fine-tuning's key layout."""
+        """swinViT.* + encoder1..4, encoder10 (swinunetr) or the U-Net's encoder, fine-tuning's key layout."""
         return {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:

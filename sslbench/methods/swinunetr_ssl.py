@@ -12,8 +12,9 @@ SwinUNETR/Pretrain). The equations and operations implemented here, after the of
 * cutout and mixing (official ``aug_rand`` / ``patch_rand_drop``): boxes with sides in
   [tolerance, max_block) x crop side are drawn until their summed volume reaches a target
   U(0, max_drop) x crop volume (0.3, 0.25, 0.05); the first pass fills them with noise, a second pass (when
-  the crop's random partner in the batch is another crop) pastes the partner's voxels into new boxes
-                                                                                    -> ``cutout``
+  the crop's random partner is another crop) pastes the partner's voxels into new boxes. The official
+  ``main.py`` calls ``aug_rand`` on x1 and on x2 separately, so a crop's partner ~ U over the crops of ITS
+  OWN view (``paste_partners: view``)                                 -> ``cutout``, ``paste_partners``
 * heads on the last Swin stage hs4 (16 x feature_size channels, 768 at feature size 48), as the official
   ``SSLHead``: rotation Linear(16fs, 4) on hs4's first token, contrastive Linear(16fs, 512) on its second
   token, reconstruction = 5 x (Conv3d 3^3, InstanceNorm3d, LeakyReLU, trilinear upsample x2) + Conv3d 1^3
@@ -30,21 +31,27 @@ Batched on the volumes' device: crops by one advanced-indexing gather, rotations
 the four k, the cutout boxes of every crop drawn as one tensor and turned into masks with a
 summed-area (difference array + cumsum) union, ONE backbone call for both views.
 
-Where this differs from the official code, and why:
+Where this differs from the official code, and why (each item names the key, if any, that gives the official
+behaviour):
 
 * the cutout draws a fixed number of boxes per crop (enough to reach the largest target even with the
   smallest boxes) and keeps those whose preceding boxes have not yet reached the target: the same
   stopping rule as the official ``while`` loop, without a data-dependent loop. The tolerance side is at
   least 1 voxel (``int(0.05 * 32) = 1`` already; below 20 voxels the official gives 0-sided boxes).
+  No key (the same distribution of boxes wherever the official's are non-empty).
 * noise boxes are filled with N(0, 1) noise min-max scaled to [0, 1] over the whole crop (the official
   scales each box's noise by that box's own min and max); pasted boxes read the partner after its noise
   pass (the official loop reads the partner's current state: already cut out for earlier crops of the
-  batch, not yet for later ones).
+  view, not yet for later ones). Why: every crop's passes run at once, batched. No key.
+* paste partners: official by default (``paste_partners: view``, within each view, above).
+  ``paste_partners: batch`` restores this module's earlier form: one partner draw over all 2N crops of both
+  views (a crop of view 1 could paste from view 2, even from its own crop's other rotation, and pasted
+  nothing with probability 1/2N instead of 1/N). Kept for comparison with runs made before.
 * only ``swinViT`` is trained (the official ``SSLHead`` has no other encoder block); SwinUNETR's
   encoder1..4 and encoder10 are handed over UNTOUCHED (their random initialisation, frozen), so the
-  handover carries every tensor that fine-tuning loads.
+  handover carries every tensor that fine-tuning loads. No key.
 * HU window: the official pipeline scales [-1000, 1000] -> [0, 1]; here the corpus recipe's preprocessing
-  applies (the same for every method of the benchmark).
+  applies (the same for every method of the benchmark). No key here (the corpus recipe's ``preprocess``).
 """
 from __future__ import annotations
 
@@ -66,6 +73,9 @@ from .voco import ATTENTIONS, VoCoBackbone, use_sdpa_window_attention
 MAX_DROP = 0.3
 MAX_BLOCK = 0.25
 TOLERANCE = 0.05
+#: ``paste_partners`` values: within each view (official ``aug_rand`` on x1, then on x2) | over the whole
+#: batch of both views (sslbench's earlier form)
+PASTE_PARTNERS = ("view", "batch")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,14 +182,26 @@ def union_of_boxes(boxes: torch.Tensor, keep: torch.Tensor, size: Sequence[int])
     return count[:, :sx, :sy, :sz] > 0
 
 
+def paste_partners(n: int, groups: int = 1, device: torch.device | str | None = None) -> torch.Tensor:
+    """Each crop's paste partner [n] (int64): crops are ``groups`` consecutive blocks of n // groups (the
+    views), and crop i draws its partner ~ U over the crops of its own block (the official
+    ``randint(0, img_n)`` inside ``aug_rand`` of one view). groups = 1: one draw over all n crops."""
+    if groups < 1 or n % groups:
+        raise ValueError(f"{n} crops do not split into {groups} equal views")
+    size = n // groups
+    first = torch.arange(n, device=device) // size * size
+    return first + torch.randint(0, size, (n,), device=device)
+
+
 def cutout(x: torch.Tensor, max_drop: float = MAX_DROP, max_block: float = MAX_BLOCK,
-           tolerance: float = TOLERANCE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           tolerance: float = TOLERANCE, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The official ``aug_rand`` on crops x [N, C, X, Y, Z]: (augmented, noise mask, paste mask).
 
     Pass 1: the boxes of ``cutout_boxes`` are filled with N(0, 1) noise min-max scaled to [0, 1] per crop.
-    Pass 2: each crop draws a partner ~ U{0 .. N-1}; if the partner is another crop, new boxes are filled
-    with the partner's voxels (after the partner's pass 1). Each pass changes at most
-    max_drop + max_block^3 of a crop's voxels. Masks are [N, X, Y, Z] booleans.
+    Pass 2: each crop draws a partner (``paste_partners``: within its block when x holds ``groups`` views
+    one after the other); if the partner is another crop, new boxes are filled with the partner's voxels
+    (after the partner's pass 1). Each pass changes at most max_drop + max_block^3 of a crop's voxels.
+    Masks are [N, X, Y, Z] booleans.
     """
     n = x.shape[0]
     size = x.shape[2:]
@@ -189,7 +211,7 @@ def cutout(x: torch.Tensor, max_drop: float = MAX_DROP, max_block: float = MAX_B
     hi = noise.amax(dim=(1, 2, 3, 4), keepdim=True)
     noise = (noise - lo) / (hi - lo)
     out = torch.where(noise_mask.unsqueeze(1), noise, x)
-    partner = torch.randint(0, n, (n,), device=x.device)
+    partner = paste_partners(n, groups, x.device)
     paste_mask = union_of_boxes(*cutout_boxes(n, size, max_drop, max_block, tolerance, x.device)[:2], size)
     paste_mask = paste_mask & (partner != torch.arange(n, device=x.device)).view(-1, 1, 1, 1)
     out = torch.where(paste_mask.unsqueeze(1), out[partner], out)
@@ -242,7 +264,8 @@ class SwinUNETRSSL(PretrainMethod):
     params: resize, crop_size (int or [X, Y, Z], Y == Z, each a multiple of 32, >= 2 tokens at 1/32
     scale), sw_batch_size, temperature (0.5), contrastive_dim (512), rotation_weight,
     contrastive_weight, reconstruction_weight (1.0 each), max_drop (0.3), max_block (0.25),
-    tolerance (0.05), attention (fused | sdpa | monai). model.name must be swinunetr.
+    tolerance (0.05), paste_partners (view | batch), attention (fused | sdpa | monai). model.name must be
+    swinunetr.
     """
 
     name = "swinunetr-ssl"
@@ -269,6 +292,10 @@ class SwinUNETRSSL(PretrainMethod):
         if attention not in ATTENTIONS:
             raise RecipeError(f"method.params.attention: unknown value {attention!r} for method swinunetr-ssl; "
                               f"expected one of {', '.join(ATTENTIONS)}")
+        self.paste_partners = str(p.get("paste_partners", "view"))
+        if self.paste_partners not in PASTE_PARTNERS:
+            raise RecipeError(f"method.params.paste_partners: unknown value {self.paste_partners!r} for method "
+                              f"swinunetr-ssl; expected one of {', '.join(PASTE_PARTNERS)}")
         self.sw_batch_size = int(p.get("sw_batch_size", 2))
         self.temperature = float(p.get("temperature", 0.5))
         self.weights = (float(p.get("rotation_weight", 1.0)), float(p.get("contrastive_weight", 1.0)),
@@ -309,7 +336,8 @@ class SwinUNETRSSL(PretrainMethod):
         x1, r1 = random_rotation(crops)
         x2, r2 = random_rotation(crops)
         targets = torch.cat([x1, x2])
-        inputs = cutout(targets, *self.cutout_args)[0]
+        groups = 2 if self.paste_partners == "view" else 1      # view: partners within x1's crops, x2's crops
+        inputs = cutout(targets, *self.cutout_args, groups=groups)[0]
         return {"inputs": inputs, "targets": targets, "rotations": torch.cat([r1, r2])}
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

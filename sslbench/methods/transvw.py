@@ -12,22 +12,46 @@ github.com/fhaghighi/TransVW (``self_discovery/pattern_generator_3D.py``, ``pyto
    instance of visual word c. Coordinates closer than ``min_distance`` voxels to an earlier class's are
    redrawn (the official ``distance_threshold``).
 2. Self-classification + self-restoration (``forward``; the paper's "self-classification" and
-   "self-restoration"): an instance x of class c is perturbed (elastic deformation, then ONE of Models
-   Genesis' four transformations, p = 1/4 each, as the official ``TransVW_Dataset``); the encoder's
+   "self-restoration"): an instance x of class c is perturbed (elastic deformation, then ONE of four
+   transformations, p = 1/4 each, as the official ``TransVW_Dataset.luna_loader``); the encoder's
    bottleneck feeds a classification head (conv -> BN -> ReLU -> GAP -> FC) and the decoder restores x
    (sigmoid output). The paper's joint objective, with the official weights ``lambda_rec`` = 1 and
    ``lambda_cls`` = 0.01 (``pytorch/train.py``):
 
        L = lambda_rec * MSE(sigmoid(f(x~)), x) + lambda_cls * CE(head(f_enc(x~)), c).
 
-Choices where the shared protocol differs from the official pipeline (documented, not hidden):
+The perturbations (``perturbations: transvw``, the default) are TransVW's own, from ``utils/purturbation.py``
+(``pytorch/utils/purturbation.py``, imported by the official ``pytorch/data_loader.py`` with
+``from utils.purturbation import *``). That file is missing from the stored snapshot of fhaghighi/TransVW
+this code was written against (commit d996eeb; the snapshot also lacks ``pytorch/models/ynet3d.py``, which
+``train.py`` imports, so it is incomplete). Its functions were therefore read from the same authors' copy in
+fhaghighi/SemanticGenesis ``pytorch/utils/purturbation.py`` (commit 5f7368c), whose ``data_loader.py`` is the
+TransVW one with the class renamed, and whose ``elastic_transform`` has the alpha and sigma already cited here; an
+independent reproduction (tingxuanhu/TransVW_reproduction ``utils/purturbation.py``) has the same constants.
+Each sample gets exactly one of:
+
+* local pixel shuffling (``local_pixel_shuffling`` -> ``transvw_local_shuffle``): 5 blocks, side
+  U{1 .. dim//10} per axis, corner U{0 .. dim - side}, each block's voxels permuted from the unshuffled input,
+  later blocks overwriting earlier ones where they overlap;
+* the non-linear (Bezier) intensity transformation (``nonlinear_transformation``): identical to Models
+  Genesis' (two uniform control points, inverted half the time), so genesis.py's ``nonlinear_intensity``;
+* in-painting (``image_in_painting`` -> ``transvw_inpaint``): ONE box of side U{dim//6 .. dim//3}, corner
+  U{3 .. dim - side - 3}, filled with uniform noise in [0, 1);
+* out-painting (``image_out_painting`` -> ``transvw_outpaint``): the whole cube becomes uniform noise in
+  [0, 1) except ONE window of side dim - U{3 dim//7 .. 4 dim//7}, corner U{3 .. dim - side - 3}, where the
+  input is kept.
+
+The restoration target is the undeformed, unperturbed crop (``x_ori`` is copied before ``elastic_transform``).
+
+Choices where the shared protocol differs from the official pipeline (documented, not hidden; each says
+which key, if any, gives the official behaviour):
 
 * Features for self-discovery: the official uses the global-average-pooled bottleneck (512-d) of an
   auto-encoder trained on whole volumes at 128x128x64. Here the feature is a fixed, training-free stand-in:
   the volume average-pooled to ``embed_grid`` (8x8x8 = 512-d, a coarse intensity layout of the anatomy;
   ``volume_embedding``). It is deterministic, costs one pooling, and ranks volumes by anatomical
   similarity at the same coarse scale the auto-encoder's bottleneck summarises; it does not learn
-  invariances an auto-encoder might.
+  invariances an auto-encoder might. No key: the auto-encoder is not part of the protocol.
 * Where instances come from: the official pre-extracts (class, member) crops into arrays. Here the
   protocol hands ``forward`` a random batch of corpus volumes; each batch volume is assigned, at random,
   one of the classes it is a member of, and its instance is cropped from it at that class's coordinate.
@@ -42,14 +66,24 @@ Choices where the shared protocol differs from the official pipeline (documented
   otherwise, with the same ranges as fractions of the crop's x-y side.
 * When the corpus has fewer volumes than classes (e.g. phantom corpora), references repeat, each class
   still drawing its own coordinate.
-* The official TransVW perturbation module (``utils/purturbation.py``) is not in the public repository
-  snapshot; the four perturbations here are Models Genesis' (sslbench/methods/genesis.py) applied with
-  probability 1, and the elastic deformation follows the TransVW code (alpha 991, sigma 8 voxels, x-y
-  displacement, linear interpolation, reflected borders). The restoration target is the undeformed crop,
-  as in the official data loader (``x_ori`` is copied before ``elastic_transform``).
+* Perturbations: TransVW's own, the official behaviour, by default (``perturbations: transvw``, above).
+  ``perturbations: genesis`` restores this module's earlier form: Models Genesis' local shuffling (10,000 blocks, as a tiling), in-painting (up to 5 boxes) and
+  out-painting (1 + up to 4 windows) from sslbench/methods/genesis.py, each applied with probability 1 in place
+  of TransVW's. Kept as an option for comparison with runs made before the TransVW forms were implemented.
+* Local shuffling of an axis shorter than 10 voxels: block sides U{1 .. max(dim//10, 1)} (the official
+  ``random.randint(1, 0)`` raises); no effect at the recipe crops (>= 14 voxels per axis, ``check_crop``),
+  so no key.
+* Random numbers: torch generators on the device, one batched draw per quantity, instead of Python's
+  ``random`` and NumPy per sample; the distributions are the official ones (ties of the random sort keys that
+  order a block's voxels have probability ~0). No key: the streams differ, the distributions do not.
+* The elastic deformation follows the official ``elastic_transform`` (alpha 991, sigma 8 voxels, x-y
+  displacement, linear interpolation, reflected borders) with the defaults ``elastic: true``,
+  ``elastic_alpha: 991``, ``elastic_sigma: 8``; the noise is smoothed by MONAI's ``GaussianFilter`` rather than
+  scipy's ``gaussian_filter`` (both zero-padded). ``elastic: false`` is the official ``data_augmentation=False``.
 
 All of ``forward`` is batched on the volumes' device (membership by one ``cdist``, classes by a masked
-random argmax, one ``grid_sample`` for the crops, one for the elastic deformation).
+random argmax, one ``grid_sample`` for the crops, one for the elastic deformation, and gathers / scatters /
+masks for the perturbations: no loop over samples or blocks).
 """
 from __future__ import annotations
 
@@ -60,9 +94,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import bottleneck_module
 from ..errors import RecipeError
 from .base import PretrainMethod
-from .genesis import (_size3, _where_sample, build_restoration_net, check_crop, crop_3d, local_pixel_shuffle,
+from .genesis import (MIN_PAINT_SIZE, build_restoration_net, check_crop, crop_3d, local_pixel_shuffle,
                       nonlinear_intensity, paint, plain_float, randint_inclusive, transferable_state)
 
 #: official ``train.py`` / ``config.py`` defaults
@@ -71,9 +106,32 @@ TRANSVW_DEFAULTS: dict[str, Any] = {
     "min_distance": 5, "embed_grid": [8, 8, 8], "multires_patches": 3,
     "multires_size": [0.78125, 1.234375], "multires_shift": 0.15625, "elastic": True,
     "elastic_alpha": 991.0, "elastic_sigma": 8.0, "lambda_rec": 1.0, "lambda_cls": 0.01, "attention": "fused",
+    "perturbations": "transvw",
 }
+#: ``perturbations`` values: TransVW's own forms (official ``utils/purturbation.py``) | Models Genesis' forms
+PERTURBATIONS = ("transvw", "genesis")
+#: official TransVW ``local_pixel_shuffling``: blocks per sample (Models Genesis: 10,000)
+SHUFFLE_BLOCKS = 5
 #: tries per class to find a coordinate min_distance away from the earlier ones (official: 200)
 COORDINATE_TRIES = 200
+
+
+def _size3(value: Any, key: str) -> tuple[int, int, int]:
+    """A size param given as one int or three: (x, y, z); RecipeError naming ``method.params.<key>`` otherwise."""
+    vals = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(vals) != 3 or any(int(v) != v or int(v) < 1 for v in vals):
+        raise RecipeError(f"method.params.{key}: {value!r} for method transvw; expected a positive int or 3 of them")
+    return tuple(int(v) for v in vals)  # type: ignore[return-value]
+
+
+def _per_sample(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a[i] where mask[i] else b[i] (mask [B], a / b [B, ...])."""
+    return torch.where(mask.view((-1,) + (1,) * (a.dim() - 1)), a, b)
+
+
+def _rng_device(x: torch.Tensor, generator: torch.Generator | None) -> torch.device:
+    """Where random tensors are drawn: the generator's device, else x's (results are moved to x's)."""
+    return generator.device if generator is not None else x.device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,22 +205,162 @@ def elastic_deform(x: torch.Tensor, alpha: float = 991.0, sigma: float = 8.0,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
 
 
-def one_of_four(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly one Models Genesis perturbation per sample, each with probability 1/4 (TransVW data loader).
+def shuffle_boxes(batch: int, shape: Sequence[int], num_blocks: int = SHUFFLE_BLOCKS,
+                  generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks of TransVW's local pixel shuffling: (corners, sides), int64 [batch, num_blocks, 3].
 
-    0: local pixel shuffling, 1: non-linear intensity, 2: in-painting, 3: out-painting. Returns
-    (perturbed x, kind [B] int64). All four are computed for the batch and one is kept per sample.
+    Official ``local_pixel_shuffling``: per block and axis, side U{1 .. dim//10} (here at least 1 voxel when
+    dim < 10), then corner U{0 .. dim - side}; all bounds inclusive.
+    """
+    dims = torch.tensor([int(n) for n in shape], device=device)
+    top = torch.tensor([max(int(n) // 10, 1) for n in shape], device=device)
+    sides = randint_inclusive(1, top, (batch, num_blocks, 3), generator, torch.device(device))
+    corners = randint_inclusive(0, dims - sides, (batch, num_blocks, 3), generator, torch.device(device))
+    return corners, sides
+
+
+def shuffle_within_boxes(x: torch.Tensor, corners: torch.Tensor, sides: torch.Tensor,
+                         generator: torch.Generator | None = None,
+                         max_side: Sequence[int] | None = None) -> torch.Tensor:
+    """Permute, at random, the voxels of each box of each sample among themselves: x [B, C, X, Y, Z].
+
+    corners / sides [B, k, 3] (half-open boxes [corner, corner + side)); ``max_side`` (3 ints), an upper
+    bound of the sides, saves reading them back from the device. As the official loop, every box
+    permutes the values of the INPUT x inside it, and where boxes overlap the later box (higher k) is what
+    remains. Every channel gets the same permutation. One scatter resolves the overlaps (the last box
+    covering a voxel wins) and one gather moves the values; no loop over samples or boxes.
+    """
+    b, c, *shape = x.shape
+    nx, ny, nz = (int(n) for n in shape)
+    n = nx * ny * nz
+    dev = x.device
+    corners, sides = corners.to(dev, torch.int64), sides.to(dev, torch.int64)
+    k = corners.shape[1]
+    if k == 0 or b == 0:
+        return x.clone()
+    if max_side is None:
+        max_side = sides.reshape(-1, 3).amax(0).clamp_min(1).tolist()
+    mx, my, mz = (max(int(v), 1) for v in max_side)
+    local = torch.stack(torch.meshgrid(torch.arange(mx, device=dev), torch.arange(my, device=dev),
+                                       torch.arange(mz, device=dev), indexing="ij"), -1).reshape(-1, 3)
+    m = local.shape[0]
+    valid = (local < sides[:, :, None, :]).all(-1)                                    # [B, k, M]
+    pos = corners[:, :, None, :] + local
+    flat = (pos[..., 0] * ny + pos[..., 1]) * nz + pos[..., 2]                       # [B, k, M]
+    keys = torch.rand((b, k, m), generator=generator, device=_rng_device(x, generator)).to(dev)
+    random_order = torch.where(valid, keys, 2.0).argsort(-1)                          # a box's voxels first, shuffled
+    ar = torch.arange(m, device=dev)
+    raster_order = torch.where(valid, ar, m + ar).argsort(-1)                         # a box's voxels first, in order
+    ok = valid.gather(-1, raster_order)
+    target = torch.where(ok, flat.gather(-1, raster_order), n).reshape(b, -1)        # n: a dummy voxel
+    source = torch.where(ok, flat.gather(-1, random_order), n).reshape(b, -1)
+    box = torch.arange(k, device=dev).view(1, k, 1).expand(b, k, m).reshape(b, -1)
+    box = torch.where(ok.reshape(b, -1), box, -1)
+    last = torch.full((b, n + 1), -1, dtype=torch.int64, device=dev).scatter_reduce(1, target, box, "amax")
+    keep = (box >= 0) & (last.gather(1, target) == box)
+    index = torch.arange(n + 1, device=dev).expand(b, n + 1).clone()
+    index.scatter_(1, torch.where(keep, target, n), torch.where(keep, source, n))
+    values = x.reshape(b, c, n).gather(2, index[:, None, :n].expand(b, c, n))
+    return values.view_as(x)
+
+
+def transvw_local_shuffle(x: torch.Tensor, generator: torch.Generator | None = None,
+                          num_blocks: int = SHUFFLE_BLOCKS) -> torch.Tensor:
+    """TransVW's local pixel shuffling of every sample of x [B, C, X, Y, Z] (official ``local_pixel_shuffling``).
+
+    ``num_blocks`` (official 5) blocks from ``shuffle_boxes`` (drawn first, from ``generator``), shuffled by
+    ``shuffle_within_boxes``. Applied to every sample (the loader chooses it with probability 1/4).
+    """
+    corners, sides = shuffle_boxes(x.shape[0], x.shape[2:], num_blocks, generator, _rng_device(x, generator))
+    return shuffle_within_boxes(x, corners, sides, generator, [max(int(n) // 10, 1) for n in x.shape[2:]])
+
+
+def painting_box(batch: int, shape: Sequence[int], low: Sequence[int], high: Sequence[int],
+                 generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """One box per sample, side U{low .. high} per axis, corner U{3 .. dim - side - 3}: (corners, sides) [B, 3]."""
+    dev = torch.device(device)
+    sides = torch.stack([randint_inclusive(lo, hi, (batch,), generator, dev) for lo, hi in zip(low, high)], -1)
+    dims = torch.tensor([int(n) for n in shape], device=dev)
+    corners = randint_inclusive(3, dims - sides - 3, (batch, 3), generator, dev)
+    return corners, sides
+
+
+def box_mask(corners: torch.Tensor, sides: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """bool [B, 1, X, Y, Z]: True inside each sample's box [corner, corner + side) (corners / sides [B, 3])."""
+    axes = []
+    for a, n in enumerate(shape):
+        ar = torch.arange(int(n), device=corners.device)
+        axes.append((ar >= corners[:, a, None]) & (ar < corners[:, a, None] + sides[:, a, None]))   # [B, n]
+    ix, iy, iz = axes
+    return (ix[:, :, None, None] & iy[:, None, :, None] & iz[:, None, None, :])[:, None]
+
+
+def _check_paint_size(shape: Sequence[int], name: str) -> list[int]:
+    dims = [int(s) for s in shape]
+    if min(dims) < MIN_PAINT_SIZE:
+        raise ValueError(f"{name}: every spatial size must be >= {MIN_PAINT_SIZE} voxels, got {tuple(dims)}")
+    return dims
+
+
+def transvw_inpaint(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """TransVW's in-painting of every sample of x [B, C, X, Y, Z] (official ``image_in_painting``).
+
+    ONE box per sample of side U{dim//6 .. dim//3} per axis, corner U{3 .. dim - side - 3}, filled with
+    uniform noise in [0, 1) (the same noise in every channel, as the official fills ``x[:, box]`` with one
+    array); the rest is the input.
     """
     b = x.shape[0]
-    dev = generator.device if generator is not None else x.device
-    kind = torch.randint(0, 4, (b,), generator=generator, device=dev).to(x.device)
-    variants = (local_pixel_shuffle(x, prob=1.0, generator=generator),
-                nonlinear_intensity(x, prob=1.0, generator=generator),
-                paint(x, prob=1.0, inpaint_rate=1.0, generator=generator),
-                paint(x, prob=1.0, inpaint_rate=0.0, generator=generator))
+    dims = _check_paint_size(x.shape[2:], "transvw_inpaint")
+    dev = _rng_device(x, generator)
+    corners, sides = painting_box(b, dims, [d // 6 for d in dims], [d // 3 for d in dims], generator, dev)
+    noise = torch.rand((b, 1, *dims), generator=generator, device=dev).to(x.device, x.dtype)
+    return torch.where(box_mask(corners, sides, dims).to(x.device), noise, x)
+
+
+def transvw_outpaint(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """TransVW's out-painting of every sample of x [B, C, X, Y, Z] (official ``image_out_painting``).
+
+    Uniform noise in [0, 1) everywhere (drawn per channel, as the official's ``np.random.rand(*x.shape)``)
+    except ONE window per sample of side dim - U{3 dim//7 .. 4 dim//7} per axis, corner
+    U{3 .. dim - side - 3}, where the input is kept.
+    """
+    b = x.shape[0]
+    dims = _check_paint_size(x.shape[2:], "transvw_outpaint")
+    dev = _rng_device(x, generator)
+    corners, sides = painting_box(b, dims, [d - 4 * d // 7 for d in dims], [d - 3 * d // 7 for d in dims],
+                                  generator, dev)
+    noise = torch.rand(x.shape, generator=generator, device=dev).to(x.device, x.dtype)
+    return torch.where(box_mask(corners, sides, dims).to(x.device), x, noise)
+
+
+def one_of_four(x: torch.Tensor, generator: torch.Generator | None = None,
+                perturbations: str = "transvw") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly one of four perturbations per sample, each with probability 1/4 (official ``TransVW_Dataset``).
+
+    0: local pixel shuffling, 1: non-linear intensity, 2: in-painting, 3: out-painting. ``perturbations``:
+    ``transvw`` (TransVW's own forms: ``transvw_local_shuffle``, ``nonlinear_intensity``, ``transvw_inpaint``,
+    ``transvw_outpaint``) or ``genesis`` (Models Genesis' forms from genesis.py, each with probability 1).
+    Returns (perturbed x, kind [B] int64). All four are computed for the batch and one is kept per sample.
+    """
+    if perturbations not in PERTURBATIONS:
+        raise ValueError(f"one_of_four: perturbations {perturbations!r}; expected one of {', '.join(PERTURBATIONS)}")
+    b = x.shape[0]
+    kind = torch.randint(0, 4, (b,), generator=generator, device=_rng_device(x, generator)).to(x.device)
+    if perturbations == "genesis":
+        variants = (local_pixel_shuffle(x, prob=1.0, generator=generator),
+                    nonlinear_intensity(x, prob=1.0, generator=generator),
+                    paint(x, prob=1.0, inpaint_rate=1.0, generator=generator),
+                    paint(x, prob=1.0, inpaint_rate=0.0, generator=generator))
+    else:
+        variants = (transvw_local_shuffle(x, generator),
+                    nonlinear_intensity(x, prob=1.0, generator=generator),
+                    transvw_inpaint(x, generator),
+                    transvw_outpaint(x, generator))
     out = variants[0]
     for i in (1, 2, 3):
-        out = _where_sample(kind == i, variants[i], out)
+        out = _per_sample(kind == i, variants[i], out)
     return out, kind
 
 
@@ -192,14 +390,10 @@ class ClassificationHead(nn.Module):
 
 
 def bottleneck(net: nn.Module, model_name: str) -> tuple[nn.Module, int]:
-    """The module whose output is the encoder's bottleneck, and its channels.
-
-    SwinUNETR: ``encoder10`` (the 1/32-scale map, 16 x feature_size channels); unet3d (MONAI BasicUNet):
-    ``down_4`` (the deepest level, features[4] channels).
-    """
-    if model_name == "swinunetr":
-        return net.encoder10, int(net.encoder10.layer.conv1.conv.out_channels)
-    return net.down_4, int(net.down_4.convs.conv_1.conv.out_channels)
+    """The module whose output is the encoder's bottleneck, and its channels
+    (:func:`sslbench.backbones.bottleneck_module`: SwinUNETR ``encoder10``, the 1/32-scale map; unet3d
+    ``down_tr512``, 1/8; basicunet ``down_4``, 1/16)."""
+    return bottleneck_module(net, model_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,9 +414,9 @@ class TransVW(PretrainMethod):
     def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
         p = {**TRANSVW_DEFAULTS, **self.params}
-        self.resize = _size3(p["resize"], "resize", self.name)
-        self.crop = _size3(p["crop"], "crop", self.name)
-        self.embed_grid = _size3(p["embed_grid"], "embed_grid", self.name)
+        self.resize = _size3(p["resize"], "resize")
+        self.crop = _size3(p["crop"], "crop")
+        self.embed_grid = _size3(p["embed_grid"], "embed_grid")
         self.model_name = str(self.model_cfg.get("name", "swinunetr"))
         check_crop(self.name, self.model_name, self.crop, self.resize)
         self.num_classes = int(p["num_classes"])
@@ -242,6 +436,10 @@ class TransVW(PretrainMethod):
         self.elastic = bool(p["elastic"])
         self.elastic_alpha, self.elastic_sigma = float(p["elastic_alpha"]), float(p["elastic_sigma"])
         self.lambda_rec, self.lambda_cls = float(p["lambda_rec"]), float(p["lambda_cls"])
+        self.perturbations = str(p["perturbations"])
+        if self.perturbations not in PERTURBATIONS:
+            raise RecipeError(f"method.params.perturbations: unknown value {p['perturbations']!r} for method "
+                              f"{self.name}; expected one of {', '.join(PERTURBATIONS)}")
 
         self.net = build_restoration_net(self.model_cfg, str(p["attention"]))
         module, channels = bottleneck(self.net, self.model_name)
@@ -258,7 +456,7 @@ class TransVW(PretrainMethod):
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return _size3(params.get("resize", TRANSVW_DEFAULTS["resize"]), "resize", "transvw")
+        return _size3(params.get("resize", TRANSVW_DEFAULTS["resize"]), "resize")
 
     @torch.no_grad()
     def prepare(self, corpus: torch.Tensor, seed: int) -> None:
@@ -325,7 +523,7 @@ class TransVW(PretrainMethod):
             classes, has_class = self.visual_word_labels(volumes)
             target = self.instances_of(volumes, classes)
             x = elastic_deform(target, self.elastic_alpha, self.elastic_sigma) if self.elastic else target
-            x, _ = one_of_four(x)
+            x, _ = one_of_four(x, perturbations=self.perturbations)
         restored = torch.sigmoid(self.net(x).float())
         logits = self.head(self._bottleneck)
         self._bottleneck = None

@@ -10,12 +10,53 @@ crop_size^3 and embedded by the backbone + projection head f. The equations impl
 * position label (paper Sec. 3.2):  y_{k,j} = |crop_k  intersect  base_j|_xy / |base_j|_xy
   (each row sums to 1 while the crop lies inside the grid)                      -> ``position_labels``
 * logits:  l_{k,j} = ReLU(cos(f(crop_k), f(base_j)))                            -> ``voco_logits``
-* prediction loss (paper):  L_pred = -(1/N) sum log(1 - |y - l|)                 -> ``prediction_loss``
-  the official repository splits it:  pos = -sum y log(1 - |y - l| + 1e-6) / sum y,
-  neg = sum_{y=0} l^2 / #(y=0), per volume, averaged over the batch       -> ``prediction_loss_official``
+* prediction loss, ``params["pred_loss"]``:
+  ``official`` (default), as the official code of the variant computes it, per volume over its [k, n*n]
+  entries, then averaged over the batch:  L_pred = pos + neg,
+  pos = -sum w log(1 - |y - l| + 1e-6) / (sum w + 1e-6),  neg = sum_{y=0} l^2 / (#(y=0) + 1e-6),
+  with w = 1[y > 0] for the paper variant and w = y for the teacher-student one   -> ``prediction_loss_official``;
+  ``eq3``: the paper's Eq. 3 as printed,  L_pred = -(1/N) sum log(1 - |y - l|)  over every entry, 1 - |y - l|
+  clamped at 1e-6 (sslbench's paper-variant loss before issue 18)                  -> ``prediction_loss``
 * regularisation:  L_reg = mean_{i<j} ReLU(cos(b_i, sg(b_j)))^2 over the bases of one volume, averaged
   over the batch                                                          -> ``regularization_loss``
-* total:  L = L_pred + lambda * L_reg  (lambda = params["lambda"], 1.0 in the paper).
+* total:  L = L_pred + lambda * L_reg  (lambda = params["lambda"], 1.0 in the paper and the official code).
+
+Fidelity ledger: where this module departs from the official code, why, and the key that restores it.
+Sources (read for facts only; no line is copied): the paper-era single-network head, Luffy03/Large-Scale-Medical
+``Self-supervised/models/old/voco_headv1.py`` and ``voco_headv2_batch.py`` (commit 44bc46e), functions
+``VoCoHead.forward`` and ``ce_loss``; the teacher-student head, Luffy03/VoCo ``models/voco_head.py`` (commits
+0b54710 / 4cb32e8), ``VoCoHead.forward`` and ``ce_loss``; the loader, Luffy03/VoCo ``utils/data_utils.py``
+(0b54710), ``get_loader`` / ``get_loader_1k`` / ``threshold``; MIC-DKFZ/nnssl's ``VoCoLoss.prediction_loss``
+(``src/nnssl/training/loss/voco_loss.py``, read in its fork jwutsetro/nnssl_etro at 41751bc: the index holds
+no copy of that file under MIC-DKFZ/nnssl).
+
+* Gradient into the bases, ``params["detach_bases"]``. ``null`` (default) does what the variant's official
+  code does. Paper variant: true, the logits of L_pred read sg(f(base_j)) as ``voco_headv1.VoCoHead.forward``
+  and ``voco_headv2_batch.VoCoHead.forward`` (``online_assign(feats, bases.detach())``) and nnssl's
+  ``VoCoLoss.prediction_loss`` (``base_embeddings.detach()``) do; false gives the bases L_pred's gradient too
+  (sslbench before issue 18). Teacher-student: false, as Luffy03/VoCo ``VoCoHead.forward``, whose
+  l(x_tea, bases_stu) term carries L_pred's gradient into the student's bases; true detaches that term too
+  (then it passes no gradient at all). L_reg keeps its own stop-gradient either way. Under both settings the
+  bases still reach the crops' features through the projection head's BatchNorm, whose batch statistics
+  cover crops and bases (as in the official heads).
+* Loss form, ``params["pred_loss"]`` (above): ``official`` restores the official split; the 1 - |y - l| of the
+  log is floored at 0 before the 1e-6 is added, which changes nothing where |y - l| <= 1 (always, up to the
+  rounding of an fp32 cosine of 1) and keeps the log finite where a cosine of a 2048-dim pair rounds past 1.
+  The paper variant follows ``voco_headv2_batch`` in averaging per volume; ``voco_headv1`` pooled the batch.
+* Foreground crop, ``params["foreground_threshold"]`` (default 0.3, ``null``: off). The official loader scales
+  intensities to [0, 1] (HU -175..250, as sslbench's corpus recipes), crops the volume to the bounding box of
+  the voxels with x > 0.3 (MONAI CropForegroundd, ``select_fn=threshold``, margin 0: one box over the whole
+  volume, no tries, no foreground fraction per crop) and resizes it back to 384 x 384 x 96 before it cuts any
+  crop. sslbench's corpus arrives foreground-cropped at x > 0 and resized to ``resize``; ``foreground_boxes``
+  finds the x > threshold box of each volume on the device and ``crop_and_resize`` reads every crop through
+  it (``frame``): the same geometry, interpolated once instead of twice (the official resizes the box, then
+  each crop). A volume with no voxel above the threshold keeps its whole extent (the official pipeline
+  would fail on the empty crop).
+* Volume size, ``params["resize"]``: [384, 384, 64] by default, the supplement's Table 2; the official code
+  resizes to 384 x 384 x 96 (``Resized(spatial_size=(384, 384, 96))``): ``resize: [384, 384, 96]`` restores it
+  (crops then span 96 slices, resized to crop_size^3 = 64^3 as the official roi 96 -> 64).
+* The teacher starts as a copy of the student; the official code initialises it separately (no key).
+* The optimiser (the official AdamW with amsgrad) is the protocol's, not this module's.
 
 Variants (``params["variant"]``):
 
@@ -26,11 +67,12 @@ Variants (``params["variant"]``):
 * ``teacher-student`` (the official repository's form): features = SwinUNETR's encoder1(x),
   encoder2(hs0), encoder3(hs1), encoder4(hs2), encoder10(hs4), each pooled and concatenated (24fs) ->
   the same MLP; an EMA teacher (backbone + head, no gradients); logits
-  = 1/2 [l(x_stu, bases_tea) + l(x_tea, bases_stu)]; the pos/neg loss; L_reg on the student's bases.
+  = 1/2 [l(x_stu, bases_tea) + l(x_tea, bases_stu)]; the pos/neg loss (w = y); L_reg on the student's bases.
   The EMA  param_t <- 0.9 param_t + 0.1 param_s  runs in ``after_step`` (after the optimizer step) with one
   ``torch._foreach_lerp_``; the official code runs the same update at the start of the next forward, with
   the same student weights, so the two orders give the same teacher at every forward. Unlike the
   official code, the teacher starts as a copy of the student instead of a second random initialisation.
+  Its prediction loss and its gradient into the bases follow ``pred_loss`` and ``detach_bases`` (above).
 
 Both variants augment every crop independently, as the official data pipeline does (Table 2 of the
 supplement: random rotate and flip): flip p=0.2 per axis, rot90 in the x-y plane p=0.2 (k in 1..3),
@@ -83,6 +125,10 @@ from ..fast_swin import ATTENTIONS, full_precision, keep_sdpa_out_of_compile, us
 from .base import PretrainMethod
 
 VARIANTS = ("paper", "teacher-student")
+#: ``params["pred_loss"]``: the official code's pos + neg split, or the paper's Eq. 3 as printed
+PRED_LOSSES = ("official", "eq3")
+#: the official loader's foreground threshold on intensities scaled to [0, 1] (``utils/data_utils.py``, ``threshold``)
+FOREGROUND_THRESHOLD = 0.3
 #: floor of 1 - |y - l| inside the paper's log: |y - l| reaches 1 when a crop fully inside base k gets
 #: logit 0 (or a disjoint base gets logit 1), where log(0) = -inf would poison the step.
 LOG_EPS = 1e-6
@@ -140,17 +186,56 @@ def position_labels(crop_boxes: torch.Tensor, base_boxes: torch.Tensor) -> torch
     return dx * dy / area
 
 
-def _axis_coords(lo: torch.Tensor, hi: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
-    """grid_sample coordinates (align_corners=True) of n_out samples over voxels lo .. hi - 1: [..., n_out]."""
+def foreground_boxes(volumes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Bounding box of the voxels above ``threshold`` in any channel, per volume: Tensor[B, 6] (float32) of
+    (x0, y0, z0, x1, y1, z1), half-open voxel bounds of volumes [B, C, X, Y, Z].
+
+    What MONAI's CropForegroundd(select_fn=lambda x: x > threshold) crops to (margin 0), as the official VoCo
+    loader does at 0.3. A volume with no voxel above the threshold gets its whole extent. No host sync.
+    """
+    mask = (volumes > threshold).any(dim=1)                                  # [B, X, Y, Z]
+    found = mask.flatten(1).any(dim=1)                                       # [B]
+    lows, highs = [], []
+    for axis in (1, 2, 3):
+        hit = mask.any(dim=tuple(d for d in (1, 2, 3) if d != axis)).to(torch.uint8)   # [B, size]
+        size = hit.shape[1]
+        first = hit.argmax(dim=1)                                            # the first maximum: the first hit
+        last = size - 1 - hit.flip(1).argmax(dim=1)
+        lows.append(torch.where(found, first, torch.zeros_like(first)))
+        highs.append(torch.where(found, last + 1, torch.full_like(last, size)))
+    return torch.stack(lows + highs, dim=1).to(torch.float32)
+
+
+def _axis_positions(lo: torch.Tensor, hi: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Voxel positions of n_out samples over voxels lo .. hi - 1 (align_corners=True): [..., n_out]."""
     if n_out > 1:
         t = torch.linspace(0.0, 1.0, n_out, device=lo.device, dtype=torch.float32)
     else:
         t = torch.full((1,), 0.5, device=lo.device, dtype=torch.float32)
-    pos = lo.unsqueeze(-1) + t * (hi - 1 - lo).unsqueeze(-1)
+    return lo.unsqueeze(-1) + t * (hi - 1 - lo).unsqueeze(-1)
+
+
+def _grid_coords(pos: torch.Tensor, n_in: int) -> torch.Tensor:
+    """Voxel positions of an axis of n_in voxels as grid_sample coordinates (align_corners=True)."""
     return pos * (2.0 / (n_in - 1)) - 1.0 if n_in > 1 else torch.zeros_like(pos)
 
 
-def crop_and_resize(volumes: torch.Tensor, boxes: torch.Tensor, out_size: int | Sequence[int]) -> torch.Tensor:
+def _axis_coords(lo: torch.Tensor, hi: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=True) of n_out samples over voxels lo .. hi - 1: [..., n_out]."""
+    return _grid_coords(_axis_positions(lo, hi, n_out), n_in)
+
+
+def _through_frame(pos: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor, n_in: int) -> torch.Tensor:
+    """Positions in the frame [f0, f1) resized to n_in voxels (align_corners=True) as positions in the volume.
+
+    pos [B, ...]; f0, f1 [B]. Virtual voxel p reads voxel f0 + p (f1 - 1 - f0) / (n_in - 1)."""
+    view = (-1,) + (1,) * (pos.dim() - 1)
+    scale = (f1 - 1 - f0) / (n_in - 1) if n_in > 1 else torch.zeros_like(f0)
+    return f0.view(view) + pos * scale.view(view)
+
+
+def crop_and_resize(volumes: torch.Tensor, boxes: torch.Tensor, out_size: int | Sequence[int],
+                    frame: torch.Tensor | None = None) -> torch.Tensor:
     """Cut every box of every volume (full depth) and resize it (trilinear): Tensor[B, k, C, *out_size].
 
     volumes [B, C, X, Y, Z]; boxes [B, k, 4] (x0, y0, x1, y1) half-open in voxels. Sampling follows
@@ -158,15 +243,29 @@ def crop_and_resize(volumes: torch.Tensor, boxes: torch.Tensor, out_size: int | 
     output voxel o of an axis reads voxel x0 + o * (x1 - 1 - x0) / (out - 1). All B*k crops come from ONE
     ``grid_sample`` call (the k crops of a volume are stacked along the output's first axis, so the
     volumes are never copied).
+
+    ``frame`` [B, 6] (x0, y0, z0, x1, y1, z1; e.g. ``foreground_boxes``): the boxes (and the full depth) are
+    those of the frame's region of each volume resized to the volume's size X x Y x Z (align_corners=True),
+    as the official loader's foreground crop + resize; both maps are linear, so each crop is still sampled
+    once, from the stored volume.
     """
     b, c, sx, sy, sz = volumes.shape
     ox, oy, oz = (int(out_size),) * 3 if isinstance(out_size, int) else tuple(int(s) for s in out_size)
     k = boxes.shape[1]
     boxes = boxes.to(device=volumes.device, dtype=torch.float32)
-    gx = _axis_coords(boxes[..., 0], boxes[..., 2], ox, sx)[..., :, None, None]          # [B, k, ox, 1, 1]
-    gy = _axis_coords(boxes[..., 1], boxes[..., 3], oy, sy)[..., None, :, None]          # [B, k, 1, oy, 1]
     zero = torch.zeros((), device=volumes.device)
-    gz = _axis_coords(zero, zero + sz, oz, sz).view(1, 1, 1, 1, oz)                    # [1, 1, 1, 1, oz]
+    if frame is None:
+        gx = _axis_coords(boxes[..., 0], boxes[..., 2], ox, sx)[..., :, None, None]      # [B, k, ox, 1, 1]
+        gy = _axis_coords(boxes[..., 1], boxes[..., 3], oy, sy)[..., None, :, None]      # [B, k, 1, oy, 1]
+        gz = _axis_coords(zero, zero + sz, oz, sz).view(1, 1, 1, 1, oz)                # [1, 1, 1, 1, oz]
+    else:
+        f = frame.to(device=volumes.device, dtype=torch.float32)
+        px = _through_frame(_axis_positions(boxes[..., 0], boxes[..., 2], ox), f[:, 0], f[:, 3], sx)
+        py = _through_frame(_axis_positions(boxes[..., 1], boxes[..., 3], oy), f[:, 1], f[:, 4], sy)
+        pz = _through_frame(_axis_positions(zero, zero + sz, oz).expand(b, oz), f[:, 2], f[:, 5], sz)
+        gx = _grid_coords(px, sx)[..., :, None, None]                                    # [B, k, ox, 1, 1]
+        gy = _grid_coords(py, sy)[..., None, :, None]                                    # [B, k, 1, oy, 1]
+        gz = _grid_coords(pz, sz).view(b, 1, 1, 1, oz)                                   # [B, 1, 1, 1, oz]
     # grid_sample's last grid axis is (W, H, D) = (z, y, x) of a [B, C, X, Y, Z] input
     grid = torch.stack(torch.broadcast_tensors(gz, gy, gx), dim=-1).reshape(b, k * ox, oy, oz, 3)
     out = F.grid_sample(volumes, grid.to(volumes.dtype), mode="bilinear", padding_mode="border",
@@ -207,26 +306,42 @@ def voco_logits(crop_feats: torch.Tensor, base_feats: torch.Tensor) -> torch.Ten
 
 
 def prediction_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float = LOG_EPS) -> torch.Tensor:
-    """Paper: L_pred = -(1/N) sum log(1 - |y - l|), mean over every entry.
+    """The paper's Eq. 3 as printed (``pred_loss: eq3``): L_pred = -(1/N) sum log(1 - |y - l|), mean over
+    every entry.
 
     1 - |y - l| is clamped to >= eps (1e-6) for numerical safety: it is 0 when a crop that lies fully in
-    base k gets logit 0, and fp32 cosines can exceed 1 by an ulp.
+    base k gets logit 0, and fp32 cosines can exceed 1 by an ulp. (Against the official log(1 - |y - l| +
+    1e-6) the clamp differs by at most 1e-6 / (1 - |y - l|) in each term: what sets this form apart from
+    the official one is that it puts the log on every entry, with no pos / neg split.)
     """
     dist = (labels.to(logits.dtype) - logits).abs()
     return -torch.log((1 - dist).clamp_min(eps)).mean()
 
 
-def prediction_loss_official(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official repository: (pos, neg), each computed per volume over its [k, n*n] entries, then averaged.
+#: ``prediction_loss_official``'s weights w of the positive term: the label itself (Luffy03/VoCo
+#: ``models/voco_head.py``, the teacher-student head) or 1[y > 0] (the paper-era ``voco_headv1`` / ``v2_batch``)
+POSITIVE_WEIGHTS = ("label", "mask")
 
-    pos = -sum(y * log(1 - |y - l| + 1e-6)) / (sum y + 1e-6);  neg = sum_{y=0} l^2 / (#(y=0) + 1e-6).
-    Total prediction loss = pos + neg. (1 - |y - l| is clamped at 0 before the +1e-6 so that an fp32
-    cosine of 1 + ulp cannot give log of a negative number.)
+
+def prediction_loss_official(logits: torch.Tensor, labels: torch.Tensor,
+                             positive: str = "label") -> tuple[torch.Tensor, torch.Tensor]:
+    """The official code's ``ce_loss``: (pos, neg), each computed per volume over its [k, n*n] entries, then
+    averaged over the volumes.
+
+    pos = -sum(w * log(1 - |y - l| + 1e-6)) / (sum w + 1e-6);  neg = sum_{y=0} l^2 / (#(y=0) + 1e-6), with
+    w = y (``positive="label"``: Luffy03/VoCo ``models/voco_head.py``) or w = 1[y > 0] (``"mask"``: the
+    paper-era Luffy03/Large-Scale-Medical ``models/old/voco_headv1.py`` / ``voco_headv2_batch.py``, and nnssl's
+    ``VoCoLoss.prediction_loss``). Total prediction loss = pos + neg. (1 - |y - l| is clamped at 0 before the
+    +1e-6, which changes nothing where |y - l| <= 1, so that an fp32 cosine rounded past 1 cannot give the
+    log of a negative number.)
     """
+    if positive not in POSITIVE_WEIGHTS:
+        raise ValueError(f"positive={positive!r}: expected one of {', '.join(POSITIVE_WEIGHTS)}")
     labels = labels.to(logits.dtype)
     dims = (-2, -1) if logits.dim() >= 2 else (-1,)
     dist = (labels - logits).abs()
-    pos = -(labels * torch.log((1 - dist).clamp_min(0) + 1e-6)).sum(dims) / (labels.sum(dims) + 1e-6)
+    weight = labels if positive == "label" else (labels > 0).to(logits.dtype)
+    pos = -(weight * torch.log((1 - dist).clamp_min(0) + 1e-6)).sum(dims) / (weight.sum(dims) + 1e-6)
     neg_mask = (labels == 0).to(logits.dtype)
     neg = (neg_mask * logits.square()).sum(dims) / (neg_mask.sum(dims) + 1e-6)
     return pos.mean(), neg.mean()
@@ -247,6 +362,28 @@ def regularization_loss(base_features: torch.Tensor) -> torch.Tensor:
     upper = torch.ones(m, m, device=b.device).triu(1)
     per_volume = (F.relu(cos).square() * upper).sum(dim=(-2, -1)) / (m * (m - 1) / 2)
     return per_volume.mean()
+
+
+def prediction_term(crops: torch.Tensor, bases: torch.Tensor, labels: torch.Tensor, detach_bases: bool,
+                    pred_loss: str = "official", positive: str = "mask", crops_t: torch.Tensor | None = None,
+                    bases_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """L_pred of one step from the (student's) features: (L_pred, logits [B, k, n*n], logs).
+
+    crops [B, k, D], bases [B, n*n, D]; with the teacher's ``crops_t`` / ``bases_t`` the logits are
+    1/2 [l(crops, bases_t) + l(crops_t, bases)] (the official teacher-student head), else l(crops, bases).
+    ``detach_bases``: the student's bases enter the logits behind a stop-gradient. ``pred_loss``: ``official``
+    (pos + neg, ``prediction_loss_official`` with ``positive``; logs ``pos`` / ``neg``) or ``eq3``
+    (``prediction_loss``).
+    """
+    b = bases.detach() if detach_bases else bases
+    if bases_t is None:
+        logits = voco_logits(crops, b)
+    else:
+        logits = 0.5 * (voco_logits(crops, bases_t) + voco_logits(crops_t, b))
+    if pred_loss == "eq3":
+        return prediction_loss(logits, labels), logits, {}
+    pos, neg = prediction_loss_official(logits, labels, positive)
+    return pos + neg, logits, {"pos": pos.detach(), "neg": neg.detach()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,7 +643,9 @@ class VoCo(PretrainMethod):
     """VoCo pre-training on volumes [B, 1, X, Y, Z] in [0, 1], already resized to ``params["resize"]``.
 
     params: variant (paper | teacher-student), n, sw_batch_size, resize, crop_size, lambda; optional
-    augment (true), attention (fused | sdpa | monai), head_dim (2048), ema_momentum (0.9).
+    augment (true), attention (fused | sdpa | monai), head_dim (2048), ema_momentum (0.9), detach_bases
+    (null: the variant's official choice, true | false), pred_loss (official | eq3), foreground_threshold
+    (0.3, null: off). The module docstring's ledger says which official code each setting follows.
     """
 
     name = "voco"
@@ -533,6 +672,24 @@ class VoCo(PretrainMethod):
             raise RecipeError(f"method.params.crop_size: {self.crop_size} with variant teacher-student; expected "
                               f">= 64 (encoder10 instance-normalises the 1/32-scale map, a single voxel at 32)")
         self.lam = float(p.get("lambda", 1.0))
+        detach = p.get("detach_bases")
+        if detach is not None and not isinstance(detach, bool):
+            raise RecipeError(f"method.params.detach_bases: {detach!r} for method voco; expected true, false or "
+                              f"null (the variant's official choice: true for paper, false for teacher-student)")
+        #: L_pred's logits read the student's bases behind a stop-gradient (module docstring, ledger)
+        self.detach_bases = (self.variant == "paper") if detach is None else detach
+        self.pred_loss = str(p.get("pred_loss", "official"))
+        if self.pred_loss not in PRED_LOSSES:
+            raise RecipeError(f"method.params.pred_loss: unknown value {self.pred_loss!r} for method voco; "
+                              f"expected one of {', '.join(PRED_LOSSES)}")
+        #: the official pos term's weights: 1[y > 0] in the paper-era head, y in the teacher-student one
+        self.positive = "mask" if self.variant == "paper" else "label"
+        threshold = p.get("foreground_threshold", FOREGROUND_THRESHOLD)
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 <= float(threshold) < 1.0):
+            raise RecipeError(f"method.params.foreground_threshold: {threshold!r} for method voco; expected a "
+                              f"number in [0, 1) (intensities are scaled to [0, 1]) or null (no foreground crop)")
+        self.foreground_threshold = None if threshold is None else float(threshold)
         self.augment = bool(p.get("augment", True))
         self.ema_momentum = float(p.get("ema_momentum", 0.9))
         head_dim = int(p.get("head_dim", 2048))
@@ -622,14 +779,18 @@ class VoCo(PretrainMethod):
     def make_views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All crops of a batch: (views [B*k + B*n*n, C, s, s, s], labels [B, k, n*n]).
 
-        Random crops of all volumes first, then the bases of all volumes (volume-major in each part).
+        Random crops of all volumes first, then the bases of all volumes (volume-major in each part). Boxes and
+        labels are in the coordinates of each volume's foreground box resized to the volume's size (the whole
+        volume with ``foreground_threshold: null``).
         """
         b, c, sx, sy, _ = volumes.shape
         n, k, s = self.n, self.sw_batch_size, self.crop_size
         bases = base_crop_boxes((sx, sy), n, device=volumes.device)
         crops = random_crop_boxes(b, k, (sx, sy), (sx // n, sy // n), device=volumes.device)
         labels = position_labels(crops, bases)
-        views = crop_and_resize(volumes, torch.cat([crops, bases.expand(b, -1, -1)], dim=1), s)
+        # the official loader's foreground crop + resize, read through by the sampling (no resampled copy)
+        frame = None if self.foreground_threshold is None else foreground_boxes(volumes, self.foreground_threshold)
+        views = crop_and_resize(volumes, torch.cat([crops, bases.expand(b, -1, -1)], dim=1), s, frame=frame)
         views = torch.cat([views[:, :k].reshape(b * k, c, s, s, s), views[:, k:].reshape(b * n * n, c, s, s, s)])
         if self.augment:
             views = augment_crops(views)
@@ -644,18 +805,13 @@ class VoCo(PretrainMethod):
         feats = self._encode("backbone", "head", views).float()
         crops_s, bases_s = feats[: b * k].view(b, k, -1), feats[b * k:].view(b, nn_, -1)
         reg = regularization_loss(bases_s)
-        logs: dict[str, torch.Tensor] = {}
-        if self.teacher is None:
-            logits = voco_logits(crops_s, bases_s)
-            pred = prediction_loss(logits, labels)
-        else:
+        crops_t = bases_t = None
+        if self.teacher is not None:
             with torch.no_grad():
                 feats_t = self._encode("teacher", "teacher_head", views).float()
             crops_t, bases_t = feats_t[: b * k].view(b, k, -1), feats_t[b * k:].view(b, nn_, -1)
-            logits = 0.5 * (voco_logits(crops_s, bases_t) + voco_logits(crops_t, bases_s))
-            pos, neg = prediction_loss_official(logits, labels)
-            pred = pos + neg
-            logs.update(pos=pos.detach(), neg=neg.detach())
+        pred, logits, logs = prediction_term(crops_s, bases_s, labels, self.detach_bases, self.pred_loss,
+                                             self.positive, crops_t, bases_t)
         loss = pred + self.lam * reg
         logs.update(loss=loss.detach(), pred=pred.detach(), reg=reg.detach(),
                     logit_mean=logits.detach().mean())
