@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import SSLBenchError
+from .errors import RecipeError, SSLBenchError
 
 DEFAULT_METHOD = "scratch"
 DEFAULT_TASK = "phantom-mmwhs"
@@ -243,6 +243,14 @@ def _cmd_finetune(args, console) -> int:
 
         read_checkpoint(path)  # fail early, with one line, on a missing or unreadable file
         init = {"path": str(path), "source": "file", "hash": protocol.file_digest(path), "method": label}
+        # a backbone of an sslbench pre-training: its decoder hand-over and its PHANTOM label, as `run` does
+        provenance = protocol.checkpoint_provenance(path)
+        if not provenance and method != "scratch":
+            from .methods import get_method_class
+
+            cls = get_method_class(method)
+            provenance = {"include_decoder": bool(getattr(cls, "transfers_decoder", False))} if cls else {}
+        init.update(provenance)
     out = protocol.finetune(recipes.split_config(cfg, "task"), root=args.root, init=init, resume=args.resume,
                             force=args.force, console=console)
     if "rank" in out.metrics:
@@ -280,11 +288,13 @@ def _cmd_data(args, console) -> int:
         from . import protocol, recipes
         from .data import check as check_mod
 
-        task = recipes.load_task(args.task)
+        # the recipe as a run resolves it under its default preset (phantom twins: tiny, their few cases)
+        task = getattr(args, "resolved", None) or _resolved_task(args.task)
         if (task.get("data") or {}).get("sources"):   # a combined corpus (voco-corpus): check each source
             from .data.corpus import source_roots
 
-            return max(_cmd_data(argparse.Namespace(data_command="check", task=src["name"], root=src_root), console)
+            return max(_cmd_data(argparse.Namespace(data_command="check", task=src["name"], root=src_root,
+                                                    resolved=src), console)
                        for src, src_root in source_roots(task, args.root))
         root, _ = protocol.locate_data(task, args.root, log=console.print)
         report = check_mod.check_dataset(task, root)
@@ -326,6 +336,19 @@ def _cmd_data(args, console) -> int:
         return 0
     print("usage: sslbench data {synth,check,cache} ... (see sslbench data --help)", file=sys.stderr)
     return 2
+
+
+def _resolved_task(name: str) -> dict:
+    """A task or corpus recipe resolved as a run would resolve it (its default preset, no overrides)."""
+    from . import recipes
+
+    raw = recipes.load_task(name)
+    try:
+        if raw["kind"] == "corpus":
+            return {**recipes.resolve("voco", None, corpus=name)["corpus"], "_file": raw["_file"]}
+        return {**recipes.resolve("scratch", name)["task"], "_file": raw["_file"]}
+    except RecipeError:          # not runnable (e.g. a planned task): its files can still be checked as written
+        return raw
 
 
 def _not_yet(name: str, issue: str) -> int:

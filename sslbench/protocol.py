@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
 import os
 import signal
@@ -149,25 +150,39 @@ def case_cache(run_cfg: Mapping[str, Any], task: Mapping[str, Any], with_label: 
     return CaseCache(task, with_label=with_label), mode == "write"
 
 
+def load_workers() -> int:
+    """Threads that preprocess cases: ``$SSLBENCH_LOAD_WORKERS``, else the usable cores, at most 8."""
+    env = os.environ.get("SSLBENCH_LOAD_WORKERS")
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
 def load_cases(items: list[dict], transform, desc: str, progress=None, cache=None, write: bool = False) -> list[dict]:
     """Apply the deterministic preprocessing to every case once (kept in memory for the run).
 
     ``cache`` (a :class:`sslbench.data.cache.CaseCache` keyed by this very preprocessing) serves cases built by
-    ``sslbench data cache``; with ``write`` the cases preprocessed here are stored into it too.
+    ``sslbench data cache``; with ``write`` the cases preprocessed here are stored into it too. Cases are
+    preprocessed by :func:`load_workers` threads (each with its own copy of ``transform``; reading, resampling
+    and decompression release the GIL), in the order of ``items`` whatever the threads' order; the first case
+    that fails, in that order, raises its one-line DataError.
     """
-    out = []
-    job = progress.add_task(desc, total=len(items), info="") if progress is not None else None
-    for item in items:
-        d = {k: item[k] for k in ("image", "label") if item.get(k)}
+    local = threading.local()
+
+    def one(item: dict) -> dict:
         hit = cache.get(item) if cache is not None else None
         if hit is not None:
             hit["id"] = item["id"]
-            out.append(hit)
-            if job is not None:
-                progress.advance(job)
-            continue
+            return hit
+        if not hasattr(local, "transform"):
+            local.transform = copy.deepcopy(transform)
+        d = {k: item[k] for k in ("image", "label") if item.get(k)}
         try:
-            case = transform(d)
+            case = local.transform(d)
         except Exception as exc:  # MONAI wraps reader errors; keep one line naming the file
             inner = exc                                      # a reader's own one-line DataError, if any
             while inner is not None and not isinstance(inner, DataError):
@@ -180,9 +195,25 @@ def load_cases(items: list[dict], transform, desc: str, progress=None, cache=Non
         if cache is not None and write:
             cache.put(item, case)
         case["id"] = item["id"]
-        out.append(case)
-        if job is not None:
-            progress.advance(job)
+        return case
+
+    out = []
+    job = progress.add_task(desc, total=len(items), info="") if progress is not None else None
+    workers = min(load_workers(), max(1, len(items)))
+    if workers == 1:
+        results = map(one, items)
+        pool = None
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sslbench-load")
+        results = pool.map(one, items)
+    try:
+        for case in results:
+            out.append(case)
+            if job is not None:
+                progress.advance(job)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if job is not None:
         progress.remove_task(job)
     return out
@@ -787,6 +818,21 @@ def _rank0_first(dist: "distributed.Dist", find: Callable[[], Any]) -> Any:
     return found
 
 
+def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
+    """What a backbone file's own pre-training record says of it, when it sits in one
+    (``<run>/checkpoints/backbone.pt`` next to ``<run>/metrics.json`` of kind pretrain): ``include_decoder`` (the
+    method trained the decoder), ``phantom`` (the corpus held phantoms), ``pretrain_run``. {} for any other file."""
+    run = Path(path).resolve().parent.parent
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(metrics, dict) or metrics.get("kind") != "pretrain":
+        return {}
+    return {"include_decoder": bool(metrics.get("transfers_decoder")), "phantom": bool(metrics.get("phantom")),
+            "pretrain_run": str(run)}
+
+
 def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume: bool, force: bool,
                   console=None) -> "FinetuneRun | Outcome":
     """Hash the protocol, decide new / resume / skip, pick the device and find the data (an Outcome: skipped).
@@ -805,8 +851,9 @@ def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume:
     root_path, phantom = _rank0_first(dist, lambda: locate_data(task, root, log=say))
     if not dist.is_main:   # the other ranks never write to the run folder
         record = _SilentRecord(record.path)
+    # PHANTOM when the task's data or the pre-training the run starts from touched phantoms
     return FinetuneRun(cfg, dist, protocol, record, action, say, device, bf16, Path(root_path),
-                       phantom or bool(task.get("phantom")))
+                       phantom or bool(task.get("phantom")) or bool((init or {}).get("phantom")))
 
 
 def resume_finetune(run: FinetuneRun, model, opt, sched, total: int, best: float) -> tuple[int, float, int, list]:
@@ -1117,6 +1164,7 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
         pre = pretrain(pcfg, root=corpus_root, resume=resume, force=False, console=console)
         init = {"path": str(pre.record.ckpt_dir / "backbone.pt"), "source": "pretrain",
                 "pretrain_run": str(pre.record.path), "hash": recipes.protocol_hash(pcfg),
-                "method": cfg["method"]["name"], "include_decoder": bool(pre.metrics.get("transfers_decoder", False))}
+                "method": cfg["method"]["name"], "include_decoder": bool(pre.metrics.get("transfers_decoder", False)),
+                "phantom": bool(pre.metrics.get("phantom"))}
     return finetune(recipes.split_config(cfg, "task"), root=root, init=init, resume=resume, force=force,
                     console=console, on_validation=on_validation)

@@ -195,6 +195,9 @@ TASK_SCHEMA = Spec(fields={
         "label_map": Spec(free=True, nullable=True),
         "phantom_like": S(str, nullable=True),
         "phantom_cases": INT,
+        # a combined corpus of phantom twins: this many volumes in all, split evenly over its phantom sources
+        # (null: each source's own phantom_cases); never a key of TASK_DEFAULTS (hashes stay as they were)
+        "phantom_total": S(int, nullable=True),
         "root": S(str, nullable=True),
         # a combined pre-training corpus: the task recipes it reads (sslbench/data/corpus.py)
         "sources": Spec(items=Spec(fields={"task": S(str, required=True), "root": S(str, nullable=True)}),

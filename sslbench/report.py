@@ -56,7 +56,8 @@ MIXED_ENV_MARK = "‡env"
 #: Columns every frame from collect_runs has, even when no run was found.
 RUN_COLUMNS = ["task", "task_title", "base_task", "method", "method_recipe", "variant", "seed", "preset",
                "protocol", "run_protocol", "series", "phantom", "metric", "mean_dice", "score", "lambda",
-               "n_cases", "finished", "env", "path"]
+               "n_cases", "finished", "env", "path", "labeled_cases", "finetune_protocol", "finetune_family",
+               "pretrain_steps"]
 
 
 # ==================================================================================================
@@ -322,6 +323,23 @@ def _pretrain_folder(metrics: Mapping, runs_dir: Path) -> Path | None:
     return None
 
 
+def _pretrained_on_phantoms(metrics: Mapping, runs_dir: Path) -> bool:
+    """The fine-tuning started from a pre-training that read phantom data (its record says so)."""
+    init = metrics.get("init") if isinstance(metrics.get("init"), Mapping) else {}
+    if init.get("phantom"):
+        return True
+    folder = _pretrain_folder(metrics, runs_dir)
+    pre = _read_json(folder / "metrics.json") if folder is not None else None
+    return bool(isinstance(pre, Mapping) and pre.get("phantom"))
+
+
+def _pretrain_steps(metrics: Mapping, runs_dir: Path) -> int | None:
+    """The steps of the pre-training a fine-tuning started from (its record), or None."""
+    folder = _pretrain_folder(metrics, runs_dir)
+    pre = _read_json(folder / "metrics.json") if folder is not None else None
+    return int(pre["steps"]) if isinstance(pre, Mapping) and isinstance(pre.get("steps"), int) else None
+
+
 def _pretrain_recipe(metrics: Mapping, runs_dir: Path) -> dict | None:
     """The recipe of the pre-training a fine-tuning started from."""
     folder = _pretrain_folder(metrics, runs_dir)
@@ -374,6 +392,20 @@ def _protocol_keys(cfg: Mapping, metrics: Mapping, runs_dir: Path) -> tuple[str,
             cc["init"] = dict(cc["init"], hash="pretrain:" + recipes.protocol_hash(pre, exclude=exclude))
         keys.append(recipes.protocol_hash(cc, exclude=exclude))
     return keys[0], keys[1]
+
+
+def _finetune_keys(cfg: Mapping | None) -> dict[str, Any]:
+    """labeled_cases, and two seed-free hashes of what the fine-tuning itself did (task, model and run sections;
+    not the method, not the initialisation): ``finetune_protocol``, and ``finetune_family`` without
+    ``task.finetune.labeled_cases`` (what a label-efficiency curve joins). See sslbench/efficiency.py."""
+    if not isinstance(cfg, Mapping):
+        return {"labeled_cases": None, "finetune_protocol": None, "finetune_family": None}
+    part = {k: copy.deepcopy(cfg.get(k)) for k in ("task", "model", "run")}
+    labeled = ((part.get("task") or {}).get("finetune") or {}).get("labeled_cases")
+    same = ("run.seed", "run.label")            # run.label names the initialisation (the method), not the fine-tuning
+    return {"labeled_cases": labeled,
+            "finetune_protocol": recipes.protocol_hash(part, exclude=same),
+            "finetune_family": recipes.protocol_hash(part, exclude=same + ("task.finetune.labeled_cases",))}
 
 
 def _base_task(name: str, cfg: Mapping | None) -> str:
@@ -440,7 +472,8 @@ def collect_runs(runs_dir: str | Path):
             "protocol": protocol,
             "run_protocol": recorded,
             "series": series,
-            "phantom": bool(m.get("phantom")) or bool(task_cfg.get("phantom") if isinstance(task_cfg, Mapping) else False),
+            "phantom": (bool(m.get("phantom")) or bool(task_cfg.get("phantom") if isinstance(task_cfg, Mapping) else False)
+                        or _pretrained_on_phantoms(m, runs_dir)),
             "metric": metric,
             "mean_dice": _float(m.get("mean_dice")),
             "score": _float(m.get(f"mean_{metric}")),
@@ -449,6 +482,8 @@ def collect_runs(runs_dir: str | Path):
             "finished": m.get("finished") or status.get("finished"),
             "env": run_environment(folder, m, runs_dir),
             "path": str(folder),
+            **_finetune_keys(cfg),
+            "pretrain_steps": _pretrain_steps(m, runs_dir),
         }
         for cls, v in (m.get("per_class") or {}).items():
             row[f"dice:{cls}"] = _float(v)
@@ -830,7 +865,9 @@ def build_tables(published: Mapping, runs_df=None) -> list[Table]:
             out.append(_results_table(spec, runs_df))
         else:
             out.append(_comparison_table(spec, specs, runs_df))
-    return out
+    from .efficiency import label_efficiency_tables
+
+    return out + label_efficiency_tables(runs_df)      # generated from the records alone (no published numbers)
 
 
 # ==================================================================================================
@@ -1059,6 +1096,9 @@ def write_outputs(tables: Sequence[Table], runs_df, out_dir: str | Path, fmt: st
         atomic_write_text(path, render_table(t, fmt))
         written.append(path)
     written += plots(tables, runs_df, out_dir)
+    from .efficiency import label_efficiency_plot
+
+    written += label_efficiency_plot(runs_df, out_dir)
     return written
 
 

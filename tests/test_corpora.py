@@ -198,7 +198,9 @@ def test_pretrain_voco_on_the_phantom_combined_corpus(phantom_home, tmp_path, ca
     assert out.count("no problems") == 3
     from sslbench.protocol import locate_data                                  # what a sweep asks first
 
-    assert locate_data(recipes.load_task("phantom-voco-corpus"), None, log=print) == (phantom_home / "phantoms", True)
+    tiny = recipes.resolve("voco", None, preset="tiny", corpus="phantom-voco-corpus")["corpus"]
+    assert tiny["data"]["phantom_total"] is None                               # tiny: each twin's own cases
+    assert locate_data(tiny, None, log=print) == (phantom_home / "phantoms", True)
     assert main(["pretrain", "--method", "voco", "--preset", "tiny", "--corpus", "phantom-voco-corpus",
                  "--set", "method.pretrain.steps=2", "--out", str(tmp_path / "runs")]) == 0
     assert "PHANTOM" in capsys.readouterr().out
@@ -212,3 +214,28 @@ def test_pretrain_voco_on_the_phantom_combined_corpus(phantom_home, tmp_path, ca
         expected += len(splits["train"]) + len(splits["val"])
     assert metrics["phantom"] is True and metrics["volumes"] == expected and metrics["steps"] == 2
     assert np.isfinite(metrics["final_loss"]) and (run / "checkpoints" / "backbone.pt").is_file()
+
+
+def test_phantom_corpora_sizes_by_preset_and_total_split_over_sources():
+    from sslbench.data.corpus import phantom_shares, source_roots
+
+    paper = recipes.resolve("voco", None, preset="paper", corpus="phantom-voco-corpus")["corpus"]
+    assert phantom_shares(paper) == {"phantom-btcv": 80, "phantom-tcia-covid19": 80, "phantom-luna16": 80}
+    assert [t["data"]["phantom_cases"] for t, _ in source_roots(paper, None)] == [80, 80, 80]
+    odd = recipes.resolve("voco", None, preset="paper", corpus="phantom-voco-corpus",
+                          overrides=["corpus.data.phantom_total=7"])["corpus"]
+    assert list(phantom_shares(odd).values()) == [3, 2, 2]
+    few = recipes.resolve("voco", None, preset="paper", corpus="phantom-voco-corpus",
+                          overrides=["corpus.data.phantom_total=5"])["corpus"]
+    with pytest.raises(RecipeError, match=r"data\.phantom_total.*at least 6"):
+        phantom_shares(few)
+    tiny = recipes.resolve("voco", None, preset="tiny", corpus="phantom-voco-corpus")["corpus"]
+    assert phantom_shares(tiny) == {}
+    assert [t["data"]["phantom_cases"] for t, _ in source_roots(tiny, None)] == [
+        recipes.load_task(n)["data"]["phantom_cases"] for n in ("phantom-btcv", "phantom-tcia-covid19", "phantom-luna16")]
+    real = recipes.resolve("voco", None, preset="paper", corpus="voco-corpus")["corpus"]
+    real["data"]["phantom_total"] = 300
+    assert phantom_shares(real) == {}                    # real sources keep their files
+    sizes = {p: recipes.resolve("mg", None, preset=p, corpus="phantom-corpus")["corpus"]["data"]["phantom_cases"]
+             for p in ("paper", "tiny")}
+    assert sizes == {"paper": 200, "tiny": 12}

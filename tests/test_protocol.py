@@ -210,3 +210,49 @@ def test_compiled_pretraining_is_checked_against_eager_before_the_first_step(pha
     assert "--set run.compile=false" in err
     run = next((tmp_path / "wrong" / "pretrain" / "voco").glob("*/*"))
     assert not (run / "metrics.json").exists() and not (run / "checkpoints" / "backbone.pt").exists()
+
+
+def test_a_phantom_pre_training_makes_the_fine_tuning_phantom_and_hands_its_decoder_over(phantom_home, tmp_path):
+    """`finetune --init <an sslbench backbone.pt>` reads the pre-training's record: a backbone pre-trained on
+    phantoms labels a fine-tuning on real data PHANTOM, and a method that trains the decoder hands it over, as
+    `run` does."""
+    import torch
+
+    from sslbench.data import phantom
+
+    assert main(["pretrain", "--method", "mg", "--preset", "tiny", "--out", str(tmp_path / "runs"),
+                 "--set", "method.pretrain.steps=1"]) == 0
+    backbone = next((tmp_path / "runs" / "pretrain" / "mg").rglob("backbone.pt"))
+    real = phantom.synth("btcv", tmp_path / "btcv", cases=3, test_cases=1)
+    (real / phantom.MARKER).unlink()                               # stands in for a user's real copy
+    common = ["--task", "btcv", "--root", str(real), "--preset", "tiny", *FAST, "--set", "task.finetune.max_steps=1",
+              "--set", "task.finetune.val_every=0"]
+    assert main(["finetune", "--method", "mg", "--init", str(backbone), "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["finetune", "--out", str(tmp_path / "b"), *common]) == 0
+    init_run = json.loads(next((tmp_path / "a").rglob("metrics.json")).read_text())
+    scratch_run = json.loads(next((tmp_path / "b").rglob("metrics.json")).read_text())
+    assert init_run["phantom"] is True and scratch_run["phantom"] is False
+    assert init_run["init"]["include_decoder"] is True and init_run["init"]["load"]["matched"] == len(
+        torch.load(backbone, weights_only=True))                    # encoder and decoder tensors, all loaded
+
+
+def test_load_cases_keeps_the_order_of_items_across_threads_and_fails_on_the_first_bad_case(monkeypatch):
+    import time
+
+    from sslbench.errors import DataError
+    from sslbench.protocol import load_cases
+
+    class Slow:       # later items finish first: the output order must still be the items' order
+        def __call__(self, d):
+            n = int(d["image"].split("-")[1])
+            time.sleep(0.02 * (5 - n))
+            if n == 4:
+                raise RuntimeError("broken header")
+            return {"image": n}
+
+    monkeypatch.setenv("SSLBENCH_LOAD_WORKERS", "3")
+    items = [{"id": str(n), "image": f"case-{n}"} for n in range(4)]
+    out = load_cases(items, Slow(), "test")
+    assert [c["image"] for c in out] == [0, 1, 2, 3] and [c["id"] for c in out] == ["0", "1", "2", "3"]
+    with pytest.raises(DataError, match=r"^case-4: cannot be loaded and preprocessed \(broken header\)"):
+        load_cases(items + [{"id": "4", "image": "case-4"}], Slow(), "test")

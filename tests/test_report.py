@@ -147,10 +147,12 @@ def test_published_sources_marks_and_task_names(published, empty_tables):
 # Fake run folders, written the way sslbench/protocol.py writes them
 # --------------------------------------------------------------------------------------------------
 def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float = 2e-3, preset: str = "tiny",
-         init: dict | None = None, phantom: bool = False) -> dict:
+         init: dict | None = None, phantom: bool = False, labeled: int | None = None, steps: int = 120) -> dict:
     params = {"variant": "paper", "n": 4} | ({"lambda": lam} if lam is not None else {})
     task_cfg = {"name": task, "title": "MM-WHS (phantom)" if phantom else "MM-WHS (CT)", "kind": "segmentation",
-                "classes": MMWHS_CLASSES, "phantom": phantom, "finetune": {"lr": lr, "max_steps": 120}}
+                "classes": MMWHS_CLASSES, "phantom": phantom, "finetune": {"lr": lr, "max_steps": steps}}
+    if labeled is not None:
+        task_cfg["finetune"]["labeled_cases"] = labeled
     if phantom:
         task_cfg["extends"] = "mmwhs"
     return {"run": {"seed": seed, "device": "cpu", "out": "runs", "preset": preset, "label": method},
@@ -455,3 +457,48 @@ def test_main_out_writes_one_file_per_table_and_plots(tmp_path, capsys):
     shutil.rmtree(out)
     assert report.main(["--runs", str(tmp_path / "empty"), "--out", str(out)]) == 0
     assert not list(out.glob("*.png")) and (out / "table5.md").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Label efficiency (sslbench/efficiency.py)
+# --------------------------------------------------------------------------------------------------
+def test_t_interval_and_paired_difference_by_hand():
+    from sslbench.efficiency import paired_difference, t_interval
+
+    # [1, 2, 3]: mean 2, s = 1, t_{0.975, 2} = 4.302653 -> half width 4.302653 / sqrt(3) = 2.484138
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and lo == pytest.approx(2 - 2.484138, abs=1e-6) and hi == pytest.approx(2 + 2.484138, abs=1e-6)
+    assert t_interval([5.0])[0] == 5.0 and math.isnan(t_interval([5.0])[1])
+    d = paired_difference({0: 5.0, 1: 7.0, 2: 9.0}, {0: 4.0, 1: 5.0, 2: 6.0, 3: 100.0})   # seed 3: no pair
+    assert d[0] == 2.0 and d[3] == 3 and d[1] == pytest.approx(2 - 2.484138, abs=1e-6)
+
+
+def test_label_efficiency_table_pairs_by_seed_and_never_mixes_fine_tuning_protocols(tmp_path):
+    runs = tmp_path / "runs"
+    scores = {"scratch": [0.70, 0.72, 0.74], "supervised": [0.80, 0.83, 0.86], "voco": [0.69, 0.73, 0.74]}
+    for method, values in scores.items():
+        for seed, v in enumerate(values):
+            for labeled in (2, 6):
+                write_run(runs, method=method, task="phantom-mmwhs", seed=seed, dice=v + (0.05 if labeled == 6 else 0),
+                          phantom=True, labeled=labeled)
+    write_run(runs, method="voco", task="phantom-mmwhs", seed=0, dice=0.99, phantom=True, labeled=2, steps=400)
+    write_run(runs, method="voco", task="mmwhs", seed=0, dice=0.5)          # no labeled_cases: not this table
+    df, tables = _tables(runs)
+    assert "label_efficiency" not in tables                                   # real runs: none set labeled_cases
+    t = tables["label_efficiency_phantom"]
+    assert [r.id for r in t.rows] == ["scratch", "supervised", "voco"]
+    two = [j for j, h in enumerate(t.headers) if h.startswith("mmwhs · 2 labelled")]
+    assert len(two) == 2 and all("[ft:" in t.headers[j] for j in two)        # two fine-tuning protocols, apart
+    main_col = next(j for j in two if "Δ" in t.rows[1].cells[j])
+    other = next(j for j in two if j != main_col)
+    # supervised - scratch per seed: 10, 11, 12 -> 11 [8.5, 13.5], excludes 0
+    assert t.rows[1].cells[main_col] == "PHANTOM 83.0 [75.5, 90.5] Δ +11.0 [+8.5, +13.5]* n=3"
+    voco = t.rows[2].cells[main_col]
+    assert "Δ +0.0" in voco and "*" not in voco                             # -1, +1, 0: the interval holds 0
+    assert t.rows[2].cells[other] == "PHANTOM 99.0 n=1"                     # no scratch ran that protocol
+    assert t.rows[0].cells[other] == "—"
+    six = next(j for j, h in enumerate(t.headers) if h.startswith("mmwhs · 6 labelled"))
+    assert t.rows[1].cells[six].startswith("PHANTOM 88.0 [80.5, 95.5] Δ +11.0")
+    written = report.write_outputs(list(tables.values()), df, tmp_path / "out", "md")
+    assert tmp_path / "out" / "label_efficiency_phantom.png" in written
+    assert "PHANTOM" in (tmp_path / "out" / "label_efficiency_phantom.md").read_text()

@@ -38,7 +38,7 @@ FORMAT = 1
 MODES = ("read", "write", "none")
 #: data keys that choose files or splits, not how a case is preprocessed.
 _NOT_PREPROCESSING = ("root", "layouts", "datalist", "train_split", "val_split", "val_ids", "val_last",
-                      "phantom_like", "phantom_cases", "sources", "fold", "split_file")
+                      "phantom_like", "phantom_cases", "phantom_total", "sources", "fold", "split_file")
 
 
 def cache_home() -> Path:

@@ -52,6 +52,27 @@ def _source_names(corpus: Mapping[str, Any]) -> list[str]:
     return [str(s["task"]) for s in sources]
 
 
+def phantom_shares(corpus: Mapping[str, Any]) -> dict[str, int]:
+    """{phantom source: its number of volumes} under the corpus's ``data.phantom_total`` ({} when unset).
+
+    The total is split as evenly as the sources allow, the first sources taking the remainder; only sources
+    synthesised on first use (``data.root: auto``, the phantom twins) are counted; a real source keeps its files.
+    """
+    from sslbench import recipes
+
+    total = (corpus.get("data") or {}).get("phantom_total")
+    if total is None:
+        return {}
+    names = [n for n in _source_names(corpus) if (recipes.load_task(n).get("data") or {}).get("root") == "auto"]
+    if not names:
+        return {}
+    if int(total) < 2 * len(names):
+        raise RecipeError(f"{corpus.get('_file', corpus['name'])}: key 'data.phantom_total': {total} volumes for "
+                          f"{len(names)} phantom sources; expected at least {2 * len(names)} (2 per source)")
+    base, extra = divmod(int(total), len(names))
+    return {n: base + (1 if i < extra else 0) for i, n in enumerate(names)}
+
+
 def source_roots(corpus: Mapping[str, Any], root: str | None) -> list[tuple[dict, str]]:
     """[(source task recipe, its root)] of a combined corpus, roots resolved as the module docstring says."""
     from sslbench import recipes
@@ -62,9 +83,12 @@ def source_roots(corpus: Mapping[str, Any], root: str | None) -> list[tuple[dict
         raise RecipeError(f"--corpus-root {root}: corpus '{corpus['name']}' has several sources; expected "
                           f"NAME=PATH pairs for {', '.join(names)}")
     out = []
+    shares = phantom_shares(corpus)
     for entry in corpus["data"]["sources"]:
         name = str(entry["task"])
         task = recipes.load_task(name)
+        if name in shares:
+            task = {**task, "data": {**task["data"], "phantom_cases": shares[name]}}
         if task["status"] != "available" or (task.get("data") or {}).get("sources"):
             raise RecipeError(f"{corpus.get('_file', corpus['name'])}: source '{name}' is "
                               f"{task['status'] if task['status'] != 'available' else 'a combined corpus'}; expected "

@@ -765,7 +765,9 @@ def _btcv_numbers(cases: int, test_cases: int) -> tuple[list[int], list[int], li
     n_train = cases - n_val
     extra = [n for n in range(41, 10_000) if not 61 <= n <= 80]
     train = (_BTCV_TRAIN + extra)[:n_train]
-    test = list(range(61, 61 + test_cases))
+    # the real test ids 0061-0080 first; a larger miniature continues after its last training number (disjoint)
+    after = max(train + _BTCV_VAL + [80]) + 1
+    test = (list(range(61, 81)) + list(range(after, after + test_cases)))[:test_cases]
     return train, _BTCV_VAL[:n_val], test
 
 
