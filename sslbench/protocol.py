@@ -350,12 +350,14 @@ def check_cases(cases: list[dict], task: Mapping[str, Any], items: list[dict], r
 # --------------------------------------------------------------------------------------------------
 # Shared training machinery
 # --------------------------------------------------------------------------------------------------
-def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, amsgrad: bool = False
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, amsgrad: bool = False,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA, foreach elsewhere) over ``params``: tensors, or groups whose own ``weight_decay``
-    overrides ``weight_decay``. ``amsgrad``: keep the running maximum of the second moment (Reddi et al. 2018)."""
+    overrides ``weight_decay``. ``amsgrad``: keep the running maximum of the second moment (Reddi et al. 2018);
+    ``betas``: the moment decays (torch's default; MAE's official (0.9, 0.95))."""
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad, **kw)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad,
+                             betas=(float(betas[0]), float(betas[1])), **kw)
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -386,7 +388,8 @@ def pretrain_optimizer(method: torch.nn.Module, pt: Mapping[str, Any], device: t
     :func:`param_groups` (``weight_decay``, ``no_decay_bias_norm``), ``amsgrad``. A section without the two
     keys (a run recorded before they existed) gets what every run had then: decay on every tensor, no AMSGrad."""
     groups = param_groups(method, pt["weight_decay"], bool(pt.get("no_decay_bias_norm", False)))
-    return make_optimizer(groups, pt["lr"], pt["weight_decay"], device, amsgrad=bool(pt.get("amsgrad", False)))
+    return make_optimizer(groups, pt["lr"], pt["weight_decay"], device, amsgrad=bool(pt.get("amsgrad", False)),
+                          betas=tuple(pt.get("betas") or (0.9, 0.999)))
 
 
 def make_schedule(opt, warmup: int, total: int):

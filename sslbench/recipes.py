@@ -171,7 +171,7 @@ METHOD_SCHEMA = Spec(fields={
         "batch_size": INT, "checkpoint_every": INT, "log_every": INT,
         # the pre-training AdamW's options (sslbench.protocol.pretrain_optimizer): AMSGrad; weight decay 0 on
         # biases and 1-D (normalisation) weights
-        "amsgrad": BOOL, "no_decay_bias_norm": BOOL,
+        "amsgrad": BOOL, "no_decay_bias_norm": BOOL, "betas": Spec(items=NUM, length=2),
     }),
     "params": Spec(free=True),
 })
@@ -260,7 +260,7 @@ TASK_DEFAULTS: dict[str, Any] = {
 }
 METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
 PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
-                                     "amsgrad": False, "no_decay_bias_norm": False}
+                                     "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999]}
 
 
 def deep_merge(base: Mapping, top: Mapping) -> dict:
@@ -482,6 +482,10 @@ def split_config(cfg: Mapping, part: str) -> dict:
 def _validate_resolved(cfg: dict, files: Mapping[str, str]) -> None:
     check({k: cfg[k] for k in ("run", "model")}, DEFAULTS_SCHEMA, f"{files['defaults']} (after presets and --set)", "")
     check(cfg["method"], METHOD_SCHEMA, f"{files['method']} (after presets and --set)", "method")
+    betas = (cfg["method"].get("pretrain") or {}).get("betas")
+    if betas is not None and not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise RecipeError(f"{files['method']}: key 'pretrain.betas': expected two numbers in [0, 1) (AdamW's "
+                          f"beta1, beta2), got {list(betas)}")
     for section in ("task", "corpus"):
         if section in cfg:
             check(cfg[section], TASK_SCHEMA, f"{files[section]} (after presets and --set)", section)
@@ -522,7 +526,8 @@ _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.ca
 #: keys added after runs were recorded without them, each with the value that computes what those runs did: at
 #: that value a key is left out of the hash, so a recipe that resolves to it keeps the hash of the runs recorded
 #: before the key existed (and reuses / averages with them); any other value is hashed like every key
-_HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bias_norm": False}
+_HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bias_norm": False,
+                  "method.pretrain.betas": [0.9, 0.999]}
 
 
 #: model sections added after runs were recorded without them, each read only by one model.name: hashed only when

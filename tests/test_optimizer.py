@@ -146,3 +146,22 @@ def test_pretrain_builds_its_optimizer_from_the_recipe(phantom_home, tmp_path, m
     for n, p in method.named_parameters():
         if p.requires_grad:
             assert (id(p) in no_dec) == (p.ndim == 1 or n.endswith(".bias")), n
+
+
+def test_betas_key_reaches_adamw_and_keeps_earlier_hashes():
+    model = torch.nn.Linear(3, 2)
+    opt = protocol.pretrain_optimizer(model, {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95]},
+                                      torch.device("cpu"))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert protocol.pretrain_optimizer(model, {"lr": 1e-3, "weight_decay": 0.0},
+                                       torch.device("cpu")).param_groups[0]["betas"] == (0.9, 0.999)
+    assert recipes.resolve("mae")["method"]["pretrain"]["betas"] == [0.9, 0.95]       # the official MAE's
+    voco = recipes.resolve("voco")
+    assert voco["method"]["pretrain"]["betas"] == [0.9, 0.999]
+    old = recipes.split_config(voco, "corpus")
+    del old["method"]["pretrain"]["betas"]                                          # recorded before the key
+    assert recipes.protocol_hash(old) == recipes.protocol_hash(recipes.split_config(voco, "corpus"))
+    other = recipes.resolve("voco", overrides=["method.pretrain.betas=[0.9,0.95]"])
+    assert recipes.protocol_hash(recipes.split_config(other, "corpus")) != recipes.protocol_hash(old)
+    with pytest.raises(RecipeError, match=r"methods/voco\.yaml: key 'pretrain\.betas': expected two numbers in \[0, 1\)"):
+        recipes.resolve("voco", overrides=["method.pretrain.betas=[0.9,1.5]"])
