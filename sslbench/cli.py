@@ -244,13 +244,7 @@ def _cmd_finetune(args, console) -> int:
         read_checkpoint(path)  # fail early, with one line, on a missing or unreadable file
         init = {"path": str(path), "source": "file", "hash": protocol.file_digest(path), "method": label}
         # a backbone of an sslbench pre-training: its decoder hand-over and its PHANTOM label, as `run` does
-        provenance = protocol.checkpoint_provenance(path)
-        if not provenance and method != "scratch":
-            from .methods import get_method_class
-
-            cls = get_method_class(method)
-            provenance = {"include_decoder": bool(getattr(cls, "transfers_decoder", False))} if cls else {}
-        init.update(provenance)
+        init.update(protocol.checkpoint_provenance(path, method))
     out = protocol.finetune(recipes.split_config(cfg, "task"), root=args.root, init=init, resume=args.resume,
                             force=args.force, console=console)
     if "rank" in out.metrics:

@@ -821,17 +821,21 @@ def _rank0_first(dist: "distributed.Dist", find: Callable[[], Any]) -> Any:
     return found
 
 
-def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
+def checkpoint_provenance(path: str | Path, method: str | None = None) -> dict[str, Any]:
     """What a backbone file's own pre-training record says of it, when it sits in one
     (``<run>/checkpoints/backbone.pt`` next to ``<run>/metrics.json`` of kind pretrain): ``include_decoder`` (the
-    method trained the decoder), ``phantom`` (the corpus held phantoms), ``pretrain_run``. {} for any other file."""
+    method trained the decoder), ``phantom`` (the corpus held phantoms), ``pretrain_run``. For any other file:
+    ``include_decoder`` of the registered ``method`` named for it ({} without one)."""
     run = Path(path).resolve().parent.parent
     try:
         metrics = json.loads((run / "metrics.json").read_text())
     except (OSError, ValueError):
-        return {}
+        metrics = None
     if not isinstance(metrics, dict) or metrics.get("kind") != "pretrain":
-        return {}
+        from .methods import get_method_class
+
+        cls = get_method_class(method) if method and method != "scratch" else None
+        return {"include_decoder": bool(getattr(cls, "transfers_decoder", False))} if cls is not None else {}
     return {"include_decoder": bool(metrics.get("transfers_decoder")), "phantom": bool(metrics.get("phantom")),
             "pretrain_run": str(run)}
 

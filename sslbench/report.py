@@ -323,21 +323,16 @@ def _pretrain_folder(metrics: Mapping, runs_dir: Path) -> Path | None:
     return None
 
 
-def _pretrained_on_phantoms(metrics: Mapping, runs_dir: Path) -> bool:
-    """The fine-tuning started from a pre-training that read phantom data (its record says so)."""
+def _pretrain_facts(metrics: Mapping, runs_dir: Path) -> tuple[bool, int | None]:
+    """(read phantom data, steps) of the pre-training a fine-tuning started from, from its record read once;
+    (init's own ``phantom`` flag, None) where that record is not found."""
     init = metrics.get("init") if isinstance(metrics.get("init"), Mapping) else {}
-    if init.get("phantom"):
-        return True
     folder = _pretrain_folder(metrics, runs_dir)
     pre = _read_json(folder / "metrics.json") if folder is not None else None
-    return bool(isinstance(pre, Mapping) and pre.get("phantom"))
-
-
-def _pretrain_steps(metrics: Mapping, runs_dir: Path) -> int | None:
-    """The steps of the pre-training a fine-tuning started from (its record), or None."""
-    folder = _pretrain_folder(metrics, runs_dir)
-    pre = _read_json(folder / "metrics.json") if folder is not None else None
-    return int(pre["steps"]) if isinstance(pre, Mapping) and isinstance(pre.get("steps"), int) else None
+    if not isinstance(pre, Mapping):
+        return bool(init.get("phantom")), None
+    steps = pre.get("steps")
+    return bool(init.get("phantom") or pre.get("phantom")), steps if isinstance(steps, int) else None
 
 
 def _pretrain_recipe(metrics: Mapping, runs_dir: Path) -> dict | None:
@@ -460,6 +455,7 @@ def collect_runs(runs_dir: str | Path):
         params = (((cfg or {}).get("method") or {}).get("params") or {}) if cfg else {}
         metric = str(m.get("metric") or "dice")
         task_cfg = (cfg or {}).get("task") or {}
+        pre_phantom, pre_steps = _pretrain_facts(m, runs_dir)
         row = {
             "task": m["task"],
             "task_title": m.get("task_title") or m["task"],
@@ -473,7 +469,7 @@ def collect_runs(runs_dir: str | Path):
             "run_protocol": recorded,
             "series": series,
             "phantom": (bool(m.get("phantom")) or bool(task_cfg.get("phantom") if isinstance(task_cfg, Mapping) else False)
-                        or _pretrained_on_phantoms(m, runs_dir)),
+                        or pre_phantom),
             "metric": metric,
             "mean_dice": _float(m.get("mean_dice")),
             "score": _float(m.get(f"mean_{metric}")),
@@ -483,7 +479,7 @@ def collect_runs(runs_dir: str | Path):
             "env": run_environment(folder, m, runs_dir),
             "path": str(folder),
             **_finetune_keys(cfg),
-            "pretrain_steps": _pretrain_steps(m, runs_dir),
+            "pretrain_steps": pre_steps,
         }
         for cls, v in (m.get("per_class") or {}).items():
             row[f"dice:{cls}"] = _float(v)

@@ -144,15 +144,6 @@ class UNet3D(nn.Module):
         self.up_tr64 = DecoderLevel(4 * base, 0, base, norm, act)
         self.out_tr = Head(2 * base, out_channels)
 
-    @property
-    def bottleneck_channels(self) -> int:
-        return 16 * self.base
-
-    @property
-    def decoder_channels(self) -> list[int]:
-        """Widths of the decoder maps, deep to shallow (the bottleneck first): [16b, 8b, 4b, 2b]."""
-        return [16 * self.base, 8 * self.base, 4 * self.base, 2 * self.base]
-
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return encode_unet3d(self, x)
 
