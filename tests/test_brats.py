@@ -48,7 +48,9 @@ def test_synth_check_and_tiny_run(tmp_path, capsys, phantom_home):
     out_text = capsys.readouterr().out
     assert "NSD (%) @ 2.0 mm" in out_text and "HD95 (mm)" in out_text
     run = next((out / "finetune" / "phantom-brats21" / "scratch").iterdir())
-    m = json.loads((run / "metrics.json").read_text())
+    text = (run / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text                                 # strict JSON
+    m = json.loads(text)
     assert m["scored"] == "regions" and list(m["per_class"]) == ["TC", "WT", "ET"]
     assert list(m["per_class_nsd"]) == ["TC", "WT", "ET"] and m["n_cases"] == 1 and m["train_cases"] == 2
     assert 0.0 <= m["mean_dice"] <= 1.0
