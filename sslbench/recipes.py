@@ -513,6 +513,7 @@ def _validate_resolved(cfg: dict, files: Mapping[str, str]) -> None:
                           f"beta1, beta2), got {list(betas)}")
     for section in ("task", "corpus"):
         if section in cfg:
+            _scores_as_numbers(cfg[section], f"{files[section]} (after presets and --set)")   # --set ...empty={both: nan}
             check(cfg[section], TASK_SCHEMA, f"{files[section]} (after presets and --set)", section)
     task_file = files.get("task", "")
     ft = cfg.get("task", {}).get("finetune")

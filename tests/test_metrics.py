@@ -294,6 +294,8 @@ def test_existing_run_hashes_are_unchanged_by_the_empty_keys():
         == "383053d98ec0"
     assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.empty.both=1"])) \
         != "383053d98ec0"
+    assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.empty={both: nan, one: 0}"])) \
+        == "383053d98ec0"
     assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.hd95_empty=100"])) \
         != "383053d98ec0"
     with pytest.raises(recipes.RecipeError, match="evaluate.empty.both"):
