@@ -148,21 +148,25 @@ def _results_table(metrics: dict, console) -> None:
     t = Table(title=f"{metrics['method']} on {metrics['task_title']}{phantom}: Dice (validation split, "
                     f"{metrics['n_cases']} cases, checkpoint {metrics.get('checkpoint', '?')})")
     t.add_column("class")
-    t.add_column("Dice", justify="right")
-    nsd = metrics.get("per_class_nsd")
-    if nsd is not None:
-        t.add_column(f"NSD @{metrics.get('nsd_tolerance_mm')} mm", justify="right")
+    t.add_column("Dice (%)", justify="right")
+    # NSD (surface-area, metrics.json scoring.nsd) and HD95 where the task scores them; None = left out (n/a)
+    cols = [(f"NSD (%) @ {metrics.get('nsd_tolerance_mm')} mm", "nsd", 100.0),
+            ("HD95 (mm)", "hd95", 1.0)]
+    cols = [c for c in cols if metrics.get(f"per_class_{c[1]}") is not None]
+    for title, _, _ in cols:
+        t.add_column(title, justify="right")
 
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f}"
+    def num(v: float | None, scale: float = 100.0) -> str:
+        return "n/a" if v is None or v != v else f"{scale * v:.2f}"
 
     for name, value in metrics["per_class"].items():
-        t.add_row(name, pct(value), *([pct(nsd.get(name))] if nsd is not None else []))
-    mean = f"[bold]{100 * metrics['mean_dice']:.2f} ± {100 * metrics['std_dice']:.2f}"
-    extra = []
-    if nsd is not None:
-        extra = ["[bold]n/a" if metrics.get("mean_nsd") is None else
-                 f"[bold]{100 * metrics['mean_nsd']:.2f} ± {100 * (metrics.get('std_nsd') or 0.0):.2f}"]
+        t.add_row(name, num(value), *[num(metrics[f"per_class_{key}"].get(name), scale) for _, key, scale in cols])
+
+    def mean_std(mean: float | None, std: float | None, scale: float = 100.0) -> str:
+        return "[bold]n/a" if mean is None or mean != mean else f"[bold]{num(mean, scale)} ± {num(std or 0.0, scale)}"
+
+    mean = mean_std(metrics.get("mean_dice"), metrics.get("std_dice"))
+    extra = [mean_std(metrics.get(f"mean_{key}"), metrics.get(f"std_{key}"), scale) for _, key, scale in cols]
     t.add_row("[bold]mean (per case, then over cases)", mean, *extra)
     console.print(t)
 

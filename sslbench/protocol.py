@@ -28,7 +28,7 @@ import torch
 from . import distributed, inductor, recipes
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
-from .metrics import score_names
+from .metrics import score_names, scoring
 from .records import RunRecord, atomic_torch_save, atomic_write_json, prepare_run_folder
 
 PHANTOM_MARKER = "sslbench_phantom.json"
@@ -240,18 +240,17 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
                           device: torch.device, bf16: bool, progress=None) -> list[dict]:
     """Per-case scores of each scored channel (foreground classes, or the task's regions).
 
-    Sliding-window inference with the recipe's ROI and overlap, then Dice (``<name>`` columns, NaN where a
-    channel is absent from both prediction and truth) and, where ``evaluate.metrics`` lists ``nsd``, the
-    normalised surface Dice at ``evaluate.nsd_tolerance`` mm on the preprocessed grid (``nsd:<name>``
-    columns, spacing ``preprocess.spacing``); ``mean`` / ``nsd:mean`` are each case's mean over channels.
+    Sliding-window inference with the recipe's ROI and overlap, then :func:`sslbench.metrics.case_scores`: Dice
+    (``<name>`` columns) and, where ``evaluate.metrics`` lists them, the surface-area NSD at
+    ``evaluate.nsd_tolerance`` mm (``nsd:<name>``) and HD95 in mm (``hd95:<name>``) on the preprocessed grid
+    (spacing ``preprocess.spacing``), empty sets as ``evaluate.empty`` / ``evaluate.hd95_empty`` say;
+    ``mean`` / ``nsd:mean`` / ``hd95:mean`` are each case's mean over its channels that are not NaN.
     """
     from monai.inferers import sliding_window_inference
 
-    from .metrics import dice_per_channel, nsd_per_channel, predict_masks, truth_masks
+    from .metrics import case_scores, predict_masks, truth_masks
 
     ev, roi = task["evaluate"], tuple(task["finetune"]["roi"])
-    names = score_names(task)
-    with_nsd = "nsd" in (ev.get("metrics") or [])
     model.eval()
     rows = []
     job = progress.add_task("evaluate", total=len(cases), info="") if progress is not None else None
@@ -264,14 +263,7 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
             logits = sliding_window_inference(image, roi, ev["sw_batch_size"], model, overlap=ev["overlap"],
                                               mode=ev.get("mode", "gaussian"))
         pred, truth = predict_masks(logits, task), truth_masks(label, task)
-        dice = dice_per_channel(pred, truth)[0].cpu().numpy()
-        row: dict[str, Any] = {"case": case["id"]}
-        row.update({name: float(d) for name, d in zip(names, dice)})
-        row["mean"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
-        if with_nsd:
-            nsd = nsd_per_channel(pred, truth, float(ev["nsd_tolerance"]), task["preprocess"]["spacing"])[0].numpy()
-            row.update({f"nsd:{name}": float(v) for name, v in zip(names, nsd)})
-            row["nsd:mean"] = float(np.nanmean(nsd)) if np.isfinite(nsd).any() else float("nan")
+        row: dict[str, Any] = {"case": case["id"], **case_scores(pred, truth, task)}
         rows.append(row)
         if job is not None:
             progress.update(job, advance=1, info=f"dice {row['mean']:.3f}")
@@ -284,8 +276,9 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
 def summarize(rows: list[dict], names: list[str]) -> dict[str, Any]:
     """Mean over cases of each case's mean (``mean_dice``), its std, the per-channel means (NaN-skipping).
 
-    ``names`` are the scored channels (:func:`sslbench.metrics.score_names`). Where the rows hold NSD
-    columns the same keys appear for NSD: ``mean_nsd``, ``std_nsd``, ``per_class_nsd``.
+    ``names`` are the scored channels (:func:`sslbench.metrics.score_names`). Where the rows hold NSD (HD95)
+    columns the same keys appear for them: ``mean_nsd``, ``std_nsd``, ``per_class_nsd`` (``mean_hd95``, ...).
+    A case whose mean is NaN (every channel left out) is left out of the mean over cases (metrics.json: NaN as null).
     """
     import pandas as pd
 
@@ -300,10 +293,11 @@ def summarize(rows: list[dict], names: list[str]) -> dict[str, Any]:
         "per_class": {c: clean(v) for c, v in df[names].mean(skipna=True).items()},
         "n_cases": int(len(df)),
     }
-    if "nsd:mean" in df.columns:
-        out["mean_nsd"] = clean(float(df["nsd:mean"].mean()))
-        out["std_nsd"] = clean(float(df["nsd:mean"].std(ddof=0)))
-        out["per_class_nsd"] = {c: clean(df[f"nsd:{c}"].mean(skipna=True)) for c in names}
+    for metric in ("nsd", "hd95"):
+        if f"{metric}:mean" in df.columns:
+            out[f"mean_{metric}"] = clean(float(df[f"{metric}:mean"].mean()))
+            out[f"std_{metric}"] = clean(float(df[f"{metric}:mean"].std(ddof=0)))
+            out[f"per_class_{metric}"] = {c: clean(df[f"{metric}:{c}"].mean(skipna=True)) for c in names}
     return out
 
 
@@ -919,6 +913,7 @@ def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], s
         "metrics": list(task["evaluate"].get("metrics") or ["dice"]),
         "nsd_tolerance_mm": task["evaluate"].get("nsd_tolerance"),
         "scored": "regions" if task.get("regions") else "classes",
+        "scoring": scoring(task),   # the empty-set rules, NSD and HD95 settings the scores follow
         **summary,
         "cases": rows,
         **extra,
@@ -985,8 +980,8 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     summary = summarize(rows, score_names(task))
     settings = {"precision": "bf16" if bf16 else "fp32", "attention": str(run_cfg.get("attention", "fused")),
                 "device": str(device)}
-    out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **settings, **summary,
-           "cases": rows}
+    out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **settings,
+           "scoring": scoring(task), **summary, "cases": rows}
     name = f"evaluation-{settings['precision']}-{settings['attention']}.json" if overridden else "evaluation.json"
     out["written"] = str(record.path / name)
     atomic_write_json(record.path / name, out)

@@ -15,6 +15,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 import importlib.util
 from pathlib import Path
@@ -221,9 +222,14 @@ TASK_SCHEMA = Spec(fields={
         "flip_axes": Spec(items=INT), "shift": NUM, "brightness": NUM, "contrast": NUM,   # classification
     }),
     "evaluate": Spec(fields={
-        "overlap": NUM, "sw_batch_size": INT, "metrics": Spec(items=Spec(choices=("dice", "nsd", "accuracy", "auc"))),
+        "overlap": NUM, "sw_batch_size": INT,
+        "metrics": Spec(items=Spec(choices=("dice", "nsd", "hd95", "accuracy", "auc"))),
         "batch_size": INT,
         "nsd_tolerance": NUM,
+        # empty sets (sslbench.metrics.empty_rules): Dice / NSD of a structure absent from both prediction and
+        # truth (both) or from one of them (one), and HD95 (mm) of one absent; nan = left out of the case mean
+        "empty": Spec(fields={"both": NUM, "one": NUM}),
+        "hd95_empty": NUM,
         "mode": Spec(choices=("gaussian", "constant")),
     }),
 })
@@ -256,7 +262,7 @@ TASK_DEFAULTS: dict[str, Any] = {
              "phantom_cases": 8, "root": None},
     "finetune": {"max_steps": None, "val_every": None, "checkpoint_every": 200, "labeled_cases": None,
                  "loss": "dicece", "log_every": 10},
-    "evaluate": {"mode": "gaussian"},
+    "evaluate": {"mode": "gaussian", "empty": {"both": float("nan"), "one": 0.0}, "hd95_empty": float("nan")},
 }
 METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
 PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
@@ -320,8 +326,27 @@ def load_task(name: str, _seen: tuple = ()) -> dict:
             if key not in data:
                 raise RecipeError(f"{path}: missing key '{key}' (required for an available {data['kind']} task)")
     out = deep_merge(TASK_DEFAULTS, data)
+    _scores_as_numbers(out, str(path))
     out["_file"] = str(path)
     return out
+
+
+def _scores_as_numbers(task: dict, where: str) -> None:
+    """evaluate.empty.{both,one} and evaluate.hd95_empty as floats: YAML's ``nan`` (a string) becomes NaN."""
+    ev = task.get("evaluate")
+    if not isinstance(ev, dict):
+        return
+    slots = [(ev, "hd95_empty", "evaluate.hd95_empty")]
+    if isinstance(ev.get("empty"), dict):
+        slots += [(ev["empty"], k, f"evaluate.empty.{k}") for k in ("both", "one")]
+    for node, k, key in slots:
+        v = node.get(k)
+        if isinstance(v, str) and v.strip().lower() in ("nan", ".nan"):
+            node[k] = float("nan")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            node[k] = float(v)
+        elif k in node:
+            raise RecipeError(f"{where}: key '{key}': expected a number or nan (left out of the mean), got {v!r}")
 
 
 def load_defaults() -> dict:
@@ -488,6 +513,7 @@ def _validate_resolved(cfg: dict, files: Mapping[str, str]) -> None:
                           f"beta1, beta2), got {list(betas)}")
     for section in ("task", "corpus"):
         if section in cfg:
+            _scores_as_numbers(cfg[section], f"{files[section]} (after presets and --set)")   # --set ...empty={both: nan}
             check(cfg[section], TASK_SCHEMA, f"{files[section]} (after presets and --set)", section)
     task_file = files.get("task", "")
     ft = cfg.get("task", {}).get("finetune")
@@ -527,7 +553,24 @@ _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.ca
 #: that value a key is left out of the hash, so a recipe that resolves to it keeps the hash of the runs recorded
 #: before the key existed (and reuses / averages with them); any other value is hashed like every key
 _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bias_norm": False,
-                  "method.pretrain.betas": [0.9, 0.999]}
+                  "method.pretrain.betas": [0.9, 0.999],
+                  # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided
+                  # empty set then scored NaN where it now scores 0: a fix, not another protocol)
+                  **{f"{section}.evaluate.{key}": TASK_DEFAULTS["evaluate"][key]
+                     for section in ("task", "corpus") for key in ("empty", "hd95_empty")}}
+
+
+def _same(value: Any, legacy: Any) -> bool:
+    """``value == legacy`` of the same types all the way down, NaN equal to NaN."""
+    if type(value) is not type(legacy):
+        return False
+    if isinstance(legacy, float) and math.isnan(legacy):
+        return math.isnan(value)
+    if isinstance(legacy, dict):
+        return value.keys() == legacy.keys() and all(_same(value[k], legacy[k]) for k in legacy)
+    if isinstance(legacy, list):
+        return len(value) == len(legacy) and all(_same(v, w) for v, w in zip(value, legacy))
+    return value == legacy
 
 
 #: model sections added after runs were recorded without them, each read only by one model.name: hashed only when
@@ -548,7 +591,7 @@ def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:
         node = c
         for p in parts[:-1]:
             node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and type(node.get(parts[-1])) is type(legacy) and node[parts[-1]] == legacy:
+        if isinstance(node, dict) and parts[-1] in node and _same(node[parts[-1]], legacy):
             del node[parts[-1]]
     for key in tuple(_NOT_PROTOCOL) + tuple(exclude):
         parts = key.split(".")

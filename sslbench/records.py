@@ -13,6 +13,7 @@ Layout of a run folder::
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -47,7 +48,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write ``obj`` as strict JSON (RFC 8259: no bare NaN / Infinity): a NaN or infinite number is written as
+    null (a score left out), numpy scalars and arrays as numbers and lists, paths as strings."""
+    atomic_write_text(path, json.dumps(strict_json(obj), indent=2, sort_keys=False, allow_nan=False,
+                                       default=_json_default) + "\n")
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float (numpy's too, inside arrays as well) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    try:
+        import numpy as np
+
+        if isinstance(obj, (np.generic, np.ndarray)):
+            return strict_json(obj.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
 
 
 def _json_default(o: Any) -> Any:

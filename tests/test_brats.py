@@ -45,13 +45,20 @@ def test_synth_check_and_tiny_run(tmp_path, capsys, phantom_home):
     out = tmp_path / "runs"
     assert main(["run", "--method", "scratch", "--task", "phantom-brats21", "--root", str(root), "--out", str(out),
                  *FAST]) == 0
-    assert "NSD @" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "NSD (%) @ 2.0 mm" in out_text and "HD95 (mm)" in out_text
     run = next((out / "finetune" / "phantom-brats21" / "scratch").iterdir())
-    m = json.loads((run / "metrics.json").read_text())
+    text = (run / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text                                 # strict JSON
+    m = json.loads(text)
     assert m["scored"] == "regions" and list(m["per_class"]) == ["TC", "WT", "ET"]
     assert list(m["per_class_nsd"]) == ["TC", "WT", "ET"] and m["n_cases"] == 1 and m["train_cases"] == 2
     assert 0.0 <= m["mean_dice"] <= 1.0
-    assert (run / "cases.csv").read_text().splitlines()[0] == "case,TC,WT,ET,mean,nsd:TC,nsd:WT,nsd:ET,nsd:mean"
+    assert (run / "cases.csv").read_text().splitlines()[0] == ("case,TC,WT,ET,mean,nsd:TC,nsd:WT,nsd:ET,nsd:mean,"
+                                                               "hd95:TC,hd95:WT,hd95:ET,hd95:mean")
+    assert list(m["per_class_hd95"]) == ["TC", "WT", "ET"]
+    assert m["scoring"]["dice"] == {"both_empty": 1.0, "one_empty": 0.0}            # BraTS' rules
+    assert m["scoring"]["hd95"]["one_empty"] == 373.12866 and m["scoring"]["nsd"]["tolerance_mm"] == 2.0
 
     # A 1-channel checkpoint fine-tuned on the 4 channels: the recipe's channel_adapt (repeat) is applied and
     # recorded in the run's load report.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslbench import metrics
+from sslbench import metrics, recipes
 from sslbench.backbones import adapt_input_kernel, build_model, load_backbone
 from sslbench.protocol import summarize
 
@@ -76,28 +76,134 @@ def test_nsd_of_a_shifted_sphere():
     assert math.isnan(metrics.nsd_per_channel(empty, empty, 2.0, (1, 1, 1)).item())
 
 
-def _brute_nsd(pred: np.ndarray, truth: np.ndarray, tol: float, spacing) -> float:
-    """NSD by definition: boundary voxels (a 6-neighbour outside), all pairwise distances in mm."""
-    def boundary(m):
-        p = np.pad(m, 1)
-        inner = p[1:-1, 1:-1, 1:-1].copy()
-        for ax in range(3):
-            for step in (-1, 1):
-                inner &= np.roll(p, step, axis=ax)[1:-1, 1:-1, 1:-1]
-        return np.argwhere(m & ~inner) * np.asarray(spacing, float)
-
-    bp, bt = boundary(pred.astype(bool)), boundary(truth.astype(bool))
-    d = np.sqrt(((bp[:, None, :] - bt[None, :, :]) ** 2).sum(-1))
-    return float(((d.min(1) <= tol).sum() + (d.min(0) <= tol).sum()) / (len(bp) + len(bt)))
+def _plain_task(**evaluate) -> dict:
+    return {"name": "t", "classes": ["background", "a", "b"], "preprocess": {"spacing": [1.0, 1.0, 1.0]},
+            "evaluate": {"metrics": ["dice"], **evaluate}}
 
 
-def test_nsd_matches_the_definition_on_shifted_boxes():
-    truth = _box((24, 24, 24), (5, 5, 5), (15, 15, 15))
-    pred = _box((24, 24, 24), (8, 5, 5), (18, 15, 15))       # shifted by 3 voxels along x
-    for tol, spacing in ((1.5, (1, 1, 1)), (2.5, (1, 1, 1)), (2.0, (0.7, 1.0, 1.3))):
-        want = _brute_nsd(pred[0, 0].numpy(), truth[0, 0].numpy(), tol, spacing)
-        assert 0.2 < want < 1.0
-        assert metrics.nsd_per_channel(pred, truth, tol, spacing).item() == pytest.approx(want, abs=1e-6)
+def test_a_false_positive_in_an_absent_class_scores_zero_and_counts():
+    # Class a is segmented perfectly; class b is absent from the truth but predicted as a 6x6x6 = 216-voxel cube.
+    truth = torch.zeros((1, 1, 16, 16, 16), dtype=torch.long)
+    truth[0, 0, 2:8, 2:8, 2:8] = 1
+    pred = truth.clone()
+    pred[0, 0, 9:15, 9:15, 9:15] = 2
+    task = _plain_task()
+    p = metrics.labels_to_onehot(pred, 3)[:, 1:]
+    t = metrics.truth_masks(truth, task)
+    assert int(p[0, 1].sum()) == 216 and int(t[0, 1].sum()) == 0
+    assert metrics.dice_per_channel(p, t)[0].tolist() == [1.0, 0.0]
+    row = metrics.case_scores(p, t, task)
+    assert row == {"a": 1.0, "b": 0.0, "mean": 0.5}                 # not 1.0: the false positive counts
+    # Missed (present in the truth, absent from the prediction) scores 0 as well, and counts.
+    assert metrics.dice_per_channel(t, p)[0].tolist() == [1.0, 0.0]
+    # Over cases: a second case where b is absent from both is NaN for b (left out) and 1.0 for a.
+    both_empty = metrics.case_scores(t, t, task)
+    assert both_empty["a"] == 1.0 and math.isnan(both_empty["b"]) and both_empty["mean"] == 1.0
+    s = summarize([{"case": "fp", **row}, {"case": "ok", **both_empty}], ["a", "b"])
+    assert s["mean_dice"] == pytest.approx(0.75) and s["per_class"] == {"a": 1.0, "b": 0.0}
+
+
+def test_empty_sets_follow_the_task_convention():
+    empty = torch.zeros((1, 1, 8, 8, 8), dtype=torch.uint8)
+    blob = _box((8, 8, 8), (2, 2, 2), (4, 4, 4))
+    pred, truth = torch.cat([blob, empty, blob], 1), torch.cat([blob, empty, empty], 1)
+    # Defaults: both empty = NaN (left out of the case mean), one empty = 0 (counts), HD95 of one empty = NaN.
+    task = {**BRATS_TASK, "preprocess": {"spacing": [1.0, 1.0, 1.0]},
+            "evaluate": {"metrics": ["dice", "nsd", "hd95"], "nsd_tolerance": 1.0}}
+    row = metrics.case_scores(pred, truth, task)
+    assert row["TC"] == 1.0 and math.isnan(row["WT"]) and row["ET"] == 0.0 and row["mean"] == 0.5
+    assert row["nsd:TC"] == pytest.approx(1.0) and math.isnan(row["nsd:WT"]) and row["nsd:ET"] == 0.0
+    assert row["hd95:TC"] == 0.0 and math.isnan(row["hd95:WT"]) and math.isnan(row["hd95:ET"])
+    assert row["hd95:mean"] == 0.0 and row["nsd:mean"] == pytest.approx(0.5)
+    # BraTS (benchmarks/brats21.yaml, as nnU-Net's compute_BraTS_dice / compute_BraTS_HD95): both empty = Dice 1
+    # and HD95 0 mm, one empty = Dice 0 and HD95 373.12866 mm; the phantom twin inherits the rules.
+    for name in ("brats21", "phantom-brats21"):
+        ev = recipes.load_task(name)["evaluate"]
+        assert ev["empty"] == {"both": 1.0, "one": 0.0} and ev["hd95_empty"] == 373.12866
+        assert "hd95" in ev["metrics"]
+    brats = {**task, "evaluate": {**task["evaluate"], "empty": {"both": 1.0, "one": 0.0}, "hd95_empty": 373.12866}}
+    row = metrics.case_scores(pred, truth, brats)
+    assert [row["TC"], row["WT"], row["ET"], row["mean"]] == [1.0, 1.0, 0.0, pytest.approx(2 / 3)]
+    assert [row["hd95:TC"], row["hd95:WT"], row["hd95:ET"]] == [0.0, 0.0, 373.12866]
+    assert row["nsd:WT"] == 1.0 and row["nsd:ET"] == 0.0
+    sc = metrics.scoring(brats)
+    assert sc["dice"] == {"both_empty": 1.0, "one_empty": 0.0}
+    assert sc["nsd"]["method"] == "surface-area (MONAI use_subvoxels)" and sc["nsd"]["tolerance_mm"] == 1.0
+    assert sc["hd95"]["both_empty"] == 0.0 and sc["hd95"]["one_empty"] == 373.12866
+    assert metrics.scoring(task)["dice"] == {"both_empty": "nan", "one_empty": 0.0}
+    assert metrics.scoring(task)["hd95"]["both_empty"] == "nan"
+
+
+def _mc_area(a: int, b: int, c: int, s) -> tuple[float, float, float]:
+    """Marching-cubes surface area of an a x b x c voxel box at spacing s (the surface NSD weighs): its flat
+    faces, its bevelled edges and its 8 corner triangles; and the areas of its x = end layer of surface elements
+    and of the ring one voxel inside it (see the test)."""
+    sx, sy, sz = s
+    corner = math.sqrt((sy * sz) ** 2 + (sx * sz) ** 2 + (sx * sy) ** 2) / 8          # one corner triangle
+    faces = 2 * ((b - 1) * (c - 1) * sy * sz + (a - 1) * (c - 1) * sx * sz + (a - 1) * (b - 1) * sx * sy)
+    edges = 2 * ((a - 1) * sx * math.hypot(sy, sz) + (b - 1) * sy * math.hypot(sx, sz) + (c - 1) * sz * math.hypot(sx, sy))
+    total = faces + edges + 8 * corner
+    end = (b - 1) * (c - 1) * sy * sz + (b - 1) * sy * math.hypot(sx, sz) + (c - 1) * sz * math.hypot(sx, sy) + 4 * corner
+    ring = 2 * (c - 1) * sx * sz + 2 * (b - 1) * sx * sy + 2 * sx * math.hypot(sy, sz)
+    return total, end, ring
+
+
+def test_nsd_is_surface_area_weighted_on_hand_computed_boxes():
+    # Two 4 x 3 x 5 boxes side by side along x with a 2-voxel gap, at anisotropic spacing 0.8 x 1.5 x 2.0 mm.
+    # Surface elements sit between voxel centres; the facing end faces are 2 * 0.8 = 1.6 mm apart, the next layer
+    # of elements (a ring round the side faces) 3 * 0.8 = 2.4 mm. Within 1.6 <= tol < 2.4 mm only the facing end
+    # layers count: NSD = 2 * end / (2 * total); at 2.4 mm the rings join: (end + ring) / total.
+    s, (a, b, c), gap = (0.8, 1.5, 2.0), (4, 3, 5), 2
+    truth = _box((20, 12, 14), (2, 3, 4), (2 + a, 3 + b, 4 + c))
+    pred = _box((20, 12, 14), (2 + a + gap, 3, 4), (2 + 2 * a + gap, 3 + b, 4 + c))
+    total, end, ring = _mc_area(a, b, c, s)
+    assert total == pytest.approx(156.529947, abs=1e-5) and end / total == pytest.approx(0.293011, abs=1e-6)
+    for tol in (1.6, 2.0, 2.39):
+        assert metrics.nsd_per_channel(pred, truth, tol, s).item() == pytest.approx(end / total, abs=1e-6)
+    assert metrics.nsd_per_channel(pred, truth, 2.4, s).item() == pytest.approx((end + ring) / total, abs=1e-6)
+    assert metrics.nsd_per_channel(pred, truth, 1.5, s).item() == 0.0
+    # Counting boundary voxels instead (the old NSD) gives another number for the same masks.
+    from monai.metrics import compute_surface_dice
+
+    voxels = compute_surface_dice(pred.bool(), truth.bool(), [2.0], include_background=True, spacing=list(s)).item()
+    assert abs(voxels - end / total) > 0.02
+
+
+def test_nsd_equals_monai_subvoxel_nsd_on_anisotropic_masks():
+    from monai.metrics import compute_surface_dice
+
+    truth = _sphere(28, (14, 14, 14), 7)
+    pred = _sphere(28, (15, 13, 14), 6)
+    masks = torch.cat([pred, truth], 1), torch.cat([truth, _sphere(28, (12, 14, 15), 8)], 1)
+    for tol, spacing in ((1.0, (0.7, 1.0, 2.5)), (2.0, (1.2, 0.6, 3.0)), (0.5, (1.0, 1.0, 1.0))):
+        got = metrics.nsd_per_channel(*masks, tol, spacing)
+        want = compute_surface_dice(masks[0].bool(), masks[1].bool(), [tol, tol], include_background=True,
+                                    spacing=list(spacing), use_subvoxels=True)
+        assert torch.allclose(got, want.double(), atol=1e-7) and bool(((got > 0.1) & (got < 0.99)).all())
+
+
+def test_hd95_of_hand_computed_cases():
+    # Two 1 x 5 x 5 plates 3 voxels apart along x: every boundary voxel is 3 voxels from the other plate, 4.5 mm
+    # at 1.5 mm along x (the other axes' spacing does not matter here).
+    truth = _box((10, 10, 10), (2, 2, 2), (3, 7, 7))
+    pred = _box((10, 10, 10), (5, 2, 2), (6, 7, 7))
+    assert metrics.hd95_per_channel(pred, truth, (1.5, 1.0, 2.0)).item() == pytest.approx(4.5)
+    assert metrics.hd95_per_channel(pred, truth, (0.5, 3.0, 3.0)).item() == pytest.approx(1.5)
+    # The 95th percentile, not the maximum: a 10^3 cube plus one stray voxel 14 voxels off each axis of its far
+    # corner keeps HD95 0 (the stray voxel is one of 489 boundary voxels), whereas its Hausdorff distance is
+    # 14 * sqrt(3) mm.
+    cube = _box((30, 30, 30), (2, 2, 2), (12, 12, 12))
+    stray = cube.clone()
+    stray[0, 0, 25, 25, 25] = 1
+    assert metrics.hd95_per_channel(stray, cube, (1.0, 1.0, 1.0)).item() == 0.0
+    from monai.metrics import compute_hausdorff_distance
+
+    assert compute_hausdorff_distance(stray.bool(), cube.bool(), include_background=True,
+                                      spacing=[1.0, 1.0, 1.0]).item() == pytest.approx(14 * math.sqrt(3))
+    empty = torch.zeros_like(cube)
+    assert math.isnan(metrics.hd95_per_channel(empty, cube, (1.0, 1.0, 1.0)).item())
+    assert metrics.hd95_per_channel(empty, cube, (1.0, 1.0, 1.0), one=373.12866).item() == 373.12866
+    assert metrics.hd95_per_channel(empty, empty, (1.0, 1.0, 1.0), both=0.0).item() == 0.0
 
 
 def test_summarize_keeps_dice_keys_and_adds_nsd():
@@ -156,3 +262,41 @@ def test_report_reads_nsd_from_a_run_record(tmp_path):
     df = report.collect_runs(tmp_path).set_index("metric")
     assert df.loc["dice", "score"] == pytest.approx(0.8) and df.loc["dice", "dice:cancer"] == pytest.approx(0.7)
     assert df.loc["nsd", "score"] == pytest.approx(0.6) and df.loc["nsd", "dice:liver"] == pytest.approx(0.75)
+
+
+def test_summary_and_results_table_carry_hd95_and_units():
+    rows = [{"case": "a", "TC": 0.5, "mean": 0.5, "nsd:TC": 0.25, "nsd:mean": 0.25, "hd95:TC": 4.0, "hd95:mean": 4.0},
+            {"case": "b", "TC": 1.0, "mean": 1.0, "nsd:TC": 0.75, "nsd:mean": 0.75, "hd95:TC": float("nan"),
+             "hd95:mean": float("nan")}]
+    s = summarize(rows, ["TC"])
+    assert s["mean_hd95"] == 4.0 and s["std_hd95"] == 0.0 and s["per_class_hd95"] == {"TC": 4.0}
+    from rich.console import Console
+
+    from sslbench.cli import _results_table
+
+    console = Console(record=True, width=200)
+    _results_table({"method": "scratch", "task_title": "T", "n_cases": 2, "nsd_tolerance_mm": 2.0, **s}, console)
+    text = console.export_text()
+    assert "Dice (%)" in text and "NSD (%) @ 2.0 mm" in text and "HD95 (mm)" in text
+    assert "75.00 ± 25.00" in text and "50.00 ± 25.00" in text and "4.00 ± 0.00" in text
+
+
+def test_existing_run_hashes_are_unchanged_by_the_empty_keys():
+    # Hashes of recipes resolved before evaluate.empty / evaluate.hd95_empty existed (main at d8286c0).
+    cfg = recipes.resolve("scratch", "phantom-mmwhs")
+    assert cfg["task"]["evaluate"]["empty"]["one"] == 0.0 and math.isnan(cfg["task"]["evaluate"]["hd95_empty"])
+    assert recipes.protocol_hash(cfg) == "57e10608ca0e"
+    assert recipes.protocol_hash(recipes.resolve("scratch", "btcv")) == "383053d98ec0"
+    voco = recipes.resolve("voco", "btcv")
+    assert recipes.protocol_hash(recipes.split_config(voco, "corpus")) == "635d66100ebc"
+    # nan written out explicitly is the default too; any other rule is another protocol.
+    assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.empty.both=nan"])) \
+        == "383053d98ec0"
+    assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.empty.both=1"])) \
+        != "383053d98ec0"
+    assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.empty={both: nan, one: 0}"])) \
+        == "383053d98ec0"
+    assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.hd95_empty=100"])) \
+        != "383053d98ec0"
+    with pytest.raises(recipes.RecipeError, match="evaluate.empty.both"):
+        recipes.resolve("scratch", "btcv", overrides=["task.evaluate.empty.both=lots"])

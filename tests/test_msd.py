@@ -61,7 +61,7 @@ def test_synth_check_and_tiny_run(like, tmp_path, capsys, phantom_home):
     coarse = [] if name in ("msd04", "msd05") else ["--set", "task.preprocess.spacing=[6,6,6]"]  # fewer windows
     assert main(["run", "--method", "scratch", "--task", f"phantom-{name}", "--root", str(root), "--out", str(out),
                  *FAST, *coarse]) == 0
-    assert "NSD @" in capsys.readouterr().out
+    assert "NSD (%) @" in capsys.readouterr().out
     run = next((out / "finetune" / f"phantom-{name}" / "scratch").iterdir())
     m = json.loads((run / "metrics.json").read_text())
     fg = real["classes"][1:]
