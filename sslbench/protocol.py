@@ -558,16 +558,42 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+class _Scope:
+    """What :func:`run_scope` tracks: the claimed (record, lock) pairs, and the caller's own stop (below)."""
+
+    def __init__(self):
+        self.claimed: list = []
+        self.stopped: list[BaseException] = []
+
+    def callback(self, fn: Callable | None) -> Callable | None:
+        """``fn`` (e.g. a sweep's ``on_validation``), whose exceptions are the caller stopping the run (a pruned
+        trial), not the run failing: the folder stays unfinished and resumable."""
+        if fn is None:
+            return None
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as exc:
+                self.stopped.append(exc)
+                raise
+        return call
+
+
 @contextlib.contextmanager
 def run_scope():
     """Around one pre-training or fine-tuning: the run folders claimed inside are unlocked at the end, and an
-    exception (not an interrupt) marks a claimed, unfinished folder ``failed`` with its one-line reason, so the
-    next identical command starts it over (or resumes it from a readable last.pt with --resume)."""
-    claimed: list = []
+    exception (not an interrupt, not one of a :meth:`_Scope.callback`) marks a claimed, unfinished folder
+    ``failed`` with its one-line reason, so the next identical command starts it over (or resumes it from a
+    readable last.pt with --resume)."""
+    scope = _Scope()
+    claimed = scope.claimed
     token = _CLAIMED.set(claimed)
     try:
-        yield
+        yield scope
     except Exception as exc:
+        if any(exc is e for e in scope.stopped):
+            raise
         reason = _one_line(exc)
         for record, _ in claimed:
             if record.path.is_dir() and not record.finished:
@@ -595,9 +621,9 @@ def file_digest(path: Path) -> str:
 def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
              force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> Outcome:
     """:func:`_finetune` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error)."""
-    with run_scope():
+    with run_scope() as scope:
         return _finetune(cfg, root=root, init=init, resume=resume, force=force, console=console,
-                         on_validation=on_validation)
+                         on_validation=scope.callback(on_validation))
 
 
 def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
@@ -814,13 +840,13 @@ def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, co
 
 def stop_if_not_finite(loss: float, step: int, record: "RunRecord", run_cfg: Mapping[str, Any], stage: str) -> None:
     """A NaN / inf training loss ends the run with a one-line error instead of training on (and scoring)
-    garbage; the run stays unfinished, with its last checkpoint from before the logging window."""
+    garbage; the run is marked failed (run_scope), with its last checkpoint from before the logging window."""
     if math.isfinite(loss):
         return
     msg = (f"{record.path}: the {stage} loss is {loss} at step {step} (precision "
            f"{run_cfg.get('precision', 'auto')}, compile {bool(run_cfg.get('compile'))}, attention "
            f"{run_cfg.get('attention', 'fused')}); the run was stopped unfinished. Try a lower learning rate or "
-           f"--set run.precision=fp32, then run again with --force")
+           f"--set run.precision=fp32, then run again (the failed folder starts over)")
     record.log(msg)
     raise RunError(msg)
 
