@@ -29,7 +29,7 @@ from torch import nn
 from . import protocol as P
 from .backbones import LoadReport, build_model, load_backbone, read_checkpoint
 from .errors import CheckpointError, DataError, RecipeError, RunError
-from .records import RunRecord, atomic_torch_save, atomic_write_json
+from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state
 
 KINDS = ("classification", "classification2d")
 
@@ -431,6 +431,7 @@ def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], s
         "preset": cfg["run"]["preset"],
         "seed": cfg["run"]["seed"],
         "protocol": protocol,
+        **record.identity(),
         "phantom": phantom,
         "data_root": str(root),
         **summary,
@@ -465,7 +466,7 @@ def reevaluate(record: RunRecord, cfg: Mapping[str, Any], checkpoint: str | None
         raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
     model = build_classifier(cfg["model"], len(task["classes"]), 2 if task["kind"] == "classification2d" else 3)
     P.use_run_attention(model, cfg["run"])
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(load_state(ckpt)["model"])
     model.to(device)
     progress = P.make_progress(console)
     with progress:

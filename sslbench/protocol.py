@@ -9,6 +9,7 @@ ends with the same metrics as an uninterrupted run (on the CPU, where kernels ar
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import hashlib
 import json
@@ -25,11 +26,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import distributed, inductor, recipes
+from . import distributed, inductor, locks, recipes
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names, scoring
-from .records import RunRecord, atomic_torch_save, atomic_write_json, prepare_run_folder
+from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state, prepare_run_folder
 
 PHANTOM_MARKER = "sslbench_phantom.json"
 
@@ -445,12 +446,159 @@ def run_protocol_hash(cfg: Mapping[str, Any], dist: "distributed.Dist | None" = 
     return recipes.protocol_hash(cfg)
 
 
-def _run_dir(cfg: Mapping[str, Any], stage: str, protocol: str) -> Path:
+def _run_dir(cfg: Mapping[str, Any], stage: str, key: str) -> Path:
+    """``<out>/pretrain/<method>/<corpus>/<run key>-s<seed>`` or ``<out>/finetune/<task>/<label>/<run key>-s<seed>``."""
     out = Path(cfg["run"]["out"])
     seed = cfg["run"]["seed"]
     if stage == "pretrain":
-        return out / "pretrain" / cfg["method"]["name"] / cfg["corpus"]["name"] / f"{protocol}-s{seed}"
-    return out / "finetune" / cfg["task"]["name"] / cfg["run"].get("label", cfg["method"]["name"]) / f"{protocol}-s{seed}"
+        return out / "pretrain" / cfg["method"]["name"] / cfg["corpus"]["name"] / f"{key}-s{seed}"
+    return out / "finetune" / cfg["task"]["name"] / cfg["run"].get("label", cfg["method"]["name"]) / f"{key}-s{seed}"
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's identity: protocol + data (+ the pre-training it starts from) -> run key -> run folder
+# --------------------------------------------------------------------------------------------------
+def run_key(protocol: str, data: Mapping[str, Any], pretrain_key: str | None = None) -> str:
+    """The run key: a short SHA-256 of the protocol hash, the data fingerprint (sslbench/data/fingerprint.py)
+    and, for a fine-tuning from a pre-training, that pre-training's run key. Runs of one protocol on other data
+    (another copy, changed files) get other keys, so other folders; ``protocol`` alone still names the
+    protocol (status.json, metrics.json), which the report compares."""
+    text = json.dumps({"protocol": protocol, "data": data["fingerprint"], "pretrain": pretrain_key}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class PlannedRun:
+    """Where a run goes and why: its folder, protocol hash, run key, data identity (data.json), the located
+    root, whether it reads phantoms, and the items it reads (pre-training: the corpus volumes)."""
+
+    stage: str
+    path: Path
+    protocol: str
+    run_key: str
+    data: dict
+    root: Path
+    phantom: bool
+    items: list = field(default_factory=list)
+
+
+def _stage_items(cfg: Mapping[str, Any], stage: str, root, log) -> tuple[Path, bool, list]:
+    """(root, phantom, items read) of a run's data: the corpus volumes of a pre-training, the train and val
+    cases of a fine-tuning (only located and listed here; nothing is preprocessed)."""
+    if stage == "pretrain":
+        from .data.corpus import corpus_items, labelled_items
+        from .methods import get_method_class
+
+        cls = get_method_class(cfg["method"]["name"])
+        read = labelled_items if getattr(cls, "needs_labels", False) else corpus_items
+        where, phantom, items = read(cfg["corpus"], None if root is None else str(root), log=log)
+        return Path(where), phantom or bool(cfg["corpus"].get("phantom")), items
+    from .data import layouts
+
+    root_path, phantom = locate_data(cfg["task"], root, log=log)
+    splits = layouts.load_datalist(cfg["task"], root_path).splits
+    return Path(root_path), phantom, [*splits.get("train", []), *splits.get("val", [])]
+
+
+def plan_run(cfg: Mapping[str, Any], stage: str, root: str | Path | None = None, log: Callable[[str], None] = print,
+             pretrain_key: str | None = None, dist: "distributed.Dist | None" = None) -> PlannedRun:
+    """The one computation of a run's identity (used by the protocol, the sweep and, through the records, the
+    report): locate and list the data (a phantom task synthesises its tree), fingerprint it, and name the folder.
+
+    ``cfg`` is a pre-training ('pretrain') or fine-tuning ('finetune') view of a resolved recipe, as the
+    protocol runs it (a fine-tuning's ``init`` set); ``pretrain_key`` the run key of the pre-training a
+    fine-tuning starts from."""
+    from .data.fingerprint import fingerprint
+
+    root_path, phantom, items = _stage_items(cfg, stage, root, log)
+    data = fingerprint(root_path, items)
+    protocol = run_protocol_hash(cfg, dist)
+    key = run_key(protocol, data, pretrain_key)
+    return PlannedRun(stage, _run_dir(cfg, stage, key), protocol, key, data, root_path, phantom, items)
+
+
+def planned_runs(cfg: Mapping[str, Any], root: str | Path | None = None, corpus_root: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> tuple[PlannedRun | None, PlannedRun, dict]:
+    """(pre-training plan or None, fine-tuning plan, the fine-tuning config) that :func:`run_protocol` will use
+    for a resolved recipe ``cfg``."""
+    fcfg = finetune_view(cfg)
+    pre = None
+    if cfg["method"].get("pretrain") is not None:
+        pre = plan_run(recipes.split_config(cfg, "corpus"), "pretrain", corpus_root, log)
+    return pre, plan_run(fcfg, "finetune", root, log, pretrain_key=pre.run_key if pre else None), fcfg
+
+
+def finetune_view(cfg: Mapping[str, Any]) -> dict:
+    """The fine-tuning config :func:`run_protocol` hashes for a resolved recipe: its ``init`` names the
+    pre-training's protocol (or None for a method without one)."""
+    fcfg = recipes.split_config(cfg, "task")
+    fcfg["init"] = None
+    if cfg["method"].get("pretrain") is not None:
+        fcfg["init"] = {"source": "pretrain", "hash": recipes.protocol_hash(recipes.split_config(cfg, "corpus")),
+                        "method": cfg["method"]["name"]}
+    return fcfg
+
+
+#: the runs this process has claimed inside the current run scope: (record, lock)
+_CLAIMED: contextvars.ContextVar[list | None] = contextvars.ContextVar("sslbench_claimed_runs", default=None)
+_UNSCOPED: list = []   # locks taken outside any run scope: held until the process ends
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, (DataError, RecipeError, RunError)) or type(exc).__module__.startswith("sslbench"):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class _Scope:
+    """What :func:`run_scope` tracks: the claimed (record, lock) pairs, and the caller's own stop (below)."""
+
+    def __init__(self):
+        self.claimed: list = []
+        self.stopped: list[BaseException] = []
+
+    def callback(self, fn: Callable | None) -> Callable | None:
+        """``fn`` (e.g. a sweep's ``on_validation``), whose exceptions are the caller stopping the run (a pruned
+        trial), not the run failing: the folder stays unfinished and resumable."""
+        if fn is None:
+            return None
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as exc:
+                self.stopped.append(exc)
+                raise
+        return call
+
+
+@contextlib.contextmanager
+def run_scope():
+    """Around one pre-training or fine-tuning: the run folders claimed inside are unlocked at the end, and an
+    exception (not an interrupt, not one of a :meth:`_Scope.callback`) marks a claimed, unfinished folder
+    ``failed`` with its one-line reason, so the next identical command starts it over (or resumes it from a
+    readable last.pt with --resume)."""
+    scope = _Scope()
+    claimed = scope.claimed
+    token = _CLAIMED.set(claimed)
+    try:
+        yield scope
+    except Exception as exc:
+        if any(exc is e for e in scope.stopped):
+            raise
+        reason = _one_line(exc)
+        for record, _ in claimed:
+            if record.path.is_dir() and not record.finished:
+                with contextlib.suppress(Exception):   # on a full disk even this may not be written
+                    record.set_status(state="failed", reason=reason, failed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                    record.log(f"failed: {reason}")
+        raise
+    finally:
+        _CLAIMED.reset(token)
+        for _, lock in claimed:
+            lock.release()
 
 
 def file_digest(path: Path) -> str:
@@ -466,6 +614,14 @@ def file_digest(path: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
              force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> Outcome:
+    """:func:`_finetune` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error)."""
+    with run_scope() as scope:
+        return _finetune(cfg, root=root, init=init, resume=resume, force=force, console=console,
+                         on_validation=scope.callback(on_validation))
+
+
+def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
+              force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> Outcome:
     """Fine-tune SwinUNETR on a task (optionally from pre-trained backbone weights) and evaluate it.
 
     ``init``: {"path": checkpoint, "source": "pretrain"|"file", "pretrain_run": folder, "hash": ...} or None.
@@ -654,26 +810,37 @@ class FinetuneRun:
     phantom: bool
 
 
-def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, console=None):
-    """(dist, protocol hash, record, action, say): join the torchrun job if any, hash the protocol, and let
-    rank 0 decide new / resume / skip for the run folder; every rank gets its decision; only rank 0 talks."""
+def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, console=None, root=None,
+               pretrain_key: str | None = None):
+    """(dist, plan, record, action, say): join the torchrun job if any, locate the data and name the run
+    (:func:`plan_run`, rank 0 first), lock the run folder (sslbench/locks.py) and let rank 0 decide new /
+    resume / skip; every rank gets its decision; only rank 0 talks. Nothing is written to the folder here."""
     dist = distributed.setup(cfg["run"].get("device", "auto"))
-    protocol = run_protocol_hash(cfg, dist)
-    record = RunRecord(_run_dir(cfg, stage, protocol))
-    action = dist.broadcast_object(prepare_run_folder(record, protocol, resume, force) if dist.is_main else None)
     say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
-    return dist, protocol, record, action, say
+    plan = _rank0_first(dist, lambda: plan_run(cfg, stage, root, log=say, pretrain_key=pretrain_key, dist=dist))
+    record = RunRecord(plan.path, run_key=plan.run_key, data=plan.data)
+    if dist.is_main:
+        lock = locks.RunLock(locks.lock_path(cfg["run"]["out"], plan.path), plan.path).acquire(say=say)
+        claimed = _CLAIMED.get()
+        try:
+            action = prepare_run_folder(record, plan.protocol, resume, force)
+        except BaseException:
+            lock.release()
+            raise
+        (claimed if claimed is not None else _UNSCOPED).append((record, lock))
+    action = dist.broadcast_object(action if dist.is_main else None)
+    return dist, plan, record, action, say
 
 
 def stop_if_not_finite(loss: float, step: int, record: "RunRecord", run_cfg: Mapping[str, Any], stage: str) -> None:
     """A NaN / inf training loss ends the run with a one-line error instead of training on (and scoring)
-    garbage; the run stays unfinished, with its last checkpoint from before the logging window."""
+    garbage; the run is marked failed (run_scope), with its last checkpoint from before the logging window."""
     if math.isfinite(loss):
         return
     msg = (f"{record.path}: the {stage} loss is {loss} at step {step} (precision "
            f"{run_cfg.get('precision', 'auto')}, compile {bool(run_cfg.get('compile'))}, attention "
            f"{run_cfg.get('attention', 'fused')}); the run was stopped unfinished. Try a lower learning rate or "
-           f"--set run.precision=fp32, then run again with --force")
+           f"--set run.precision=fp32, then run again (the failed folder starts over)")
     record.log(msg)
     raise RunError(msg)
 
@@ -831,12 +998,13 @@ def checkpoint_provenance(path: str | Path, method: str | None = None) -> dict[s
         cls = get_method_class(method) if method and method != "scratch" else None
         return {"include_decoder": bool(getattr(cls, "transfers_decoder", False))} if cls is not None else {}
     return {"include_decoder": bool(metrics.get("transfers_decoder")), "phantom": bool(metrics.get("phantom")),
-            "pretrain_run": str(run)}
+            "pretrain_run": str(run), **({"run_key": metrics["run_key"]} if metrics.get("run_key") else {})}
 
 
 def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume: bool, force: bool,
                   console=None) -> "FinetuneRun | Outcome":
-    """Hash the protocol, decide new / resume / skip, pick the device and find the data (an Outcome: skipped).
+    """Find the data, name the run (protocol + data: its run key), lock and decide new / resume / skip, pick the
+    device (an Outcome: skipped).
 
     Under torchrun (sslbench/distributed.py) rank 0 owns the run folder and the others follow its decision,
     wait while it synthesises a phantom task, stay silent and get a record whose writes do nothing.
@@ -844,12 +1012,14 @@ def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume:
     task = cfg["task"]
     cfg = dict(cfg)
     cfg["init"] = {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None
-    dist, protocol, record, action, say = _claim_run(cfg, "finetune", resume, force, console)
+    dist, plan, record, action, say = _claim_run(cfg, "finetune", resume, force, console, root,
+                                                 pretrain_key=(init or {}).get("run_key"))
+    protocol, root_path, phantom = plan.protocol, plan.root, plan.phantom
     if action == "skip":
-        say(f"already finished: {record.path} (identical protocol {protocol}); pass --force to run it again")
+        say(f"already finished: {record.path} (identical protocol {protocol} on identical data); pass --force to "
+            f"run it again")
         return Outcome(record, "skip", record.metrics or {})
     device, bf16 = _device_setup(cfg["run"], dist)
-    root_path, phantom = _rank0_first(dist, lambda: locate_data(task, root, log=say))
     if not dist.is_main:   # the other ranks never write to the run folder
         record = _SilentRecord(record.path)
     # PHANTOM when the task's data or the pre-training the run starts from touched phantoms
@@ -862,7 +1032,7 @@ def resume_finetune(run: FinetuneRun, model, opt, sched, total: int, best: float
     last = run.record.ckpt_dir / "last.pt"
     if run.action != "resume" or not last.is_file():
         return 0, best, -1, []
-    state = torch.load(last, map_location="cpu", weights_only=True)
+    state = load_state(last)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -907,6 +1077,7 @@ def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], s
         "preset": cfg["run"]["preset"],
         "seed": cfg["run"]["seed"],
         "protocol": protocol,
+        **record.identity(),
         "phantom": phantom,
         "data_root": str(root),
         "metric": "dice",
@@ -970,7 +1141,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     model = build_model(cfg["model"], input_channels(task), output_channels(task),
                         img_size=tuple(task["finetune"]["roi"]))
     use_run_attention(model, run_cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_state(ckpt)
     model.load_state_dict(state["model"])
     model.to(device)
     progress = make_progress(console)
@@ -993,6 +1164,13 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
 # --------------------------------------------------------------------------------------------------
 def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
              console=None) -> Outcome:
+    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error)."""
+    with run_scope():
+        return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
+
+
+def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
+              console=None) -> Outcome:
     """Pre-train a method's backbone on a corpus; writes checkpoints/backbone.pt in SwinUNETR's key layout."""
     from monai import transforms as mt
 
@@ -1016,18 +1194,14 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     params = dict(method_cfg.get("params") or {})
     if needs_labels:   # the method knows no task: its class count is the labelled corpus's
         params["num_classes"] = len(corpus["classes"])
-    dist, protocol, record, action, say = _claim_run(cfg, "pretrain", resume, force, console)
+    # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
+    dist, plan, record, action, say = _claim_run(cfg, "pretrain", resume, force, console, root)
+    protocol, root_path, phantom, items = plan.protocol, plan.root, plan.phantom, plan.items
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {protocol}); reusing it")
         return Outcome(record, "skip", record.metrics or {})
 
     device, bf16 = _device_setup(cfg["run"], dist)
-    from .data.corpus import corpus_items, labelled_items
-
-    # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
-    read = labelled_items if needs_labels else corpus_items
-    root_path, phantom, items = _rank0_first(dist, lambda: read(corpus, root, log=say))
-    phantom = phantom or bool(corpus.get("phantom"))
     if dist.is_main:
         record.path.mkdir(parents=True, exist_ok=True)
     if action == "new" and dist.is_main:
@@ -1065,7 +1239,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
         start, history = 0, []
         last = record.ckpt_dir / "last.pt"
         if action == "resume" and last.is_file():
-            state = torch.load(last, map_location="cpu", weights_only=True)
+            state = load_state(last)
             method.load_state_dict(state["method"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -1129,7 +1303,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     atomic_torch_save(backbone, record.ckpt_dir / "backbone.pt")
     atomic_torch_save({k: v.detach().cpu() for k, v in method.head_state_dict().items()}, record.ckpt_dir / "heads.pt")
     metrics = {"kind": "pretrain", "method": method_cfg["name"], "variant": (method_cfg.get("params") or {}).get("variant"),
-               "corpus": corpus["name"], "phantom": phantom, "protocol": protocol, "seed": seed,
+               "corpus": corpus["name"], "phantom": phantom, "protocol": protocol, **record.identity(), "seed": seed,
                "preset": cfg["run"]["preset"], "steps": total, "volumes": len(items), "world_size": dist.world_size,
                "labelled": needs_labels,
                "final_loss": history[-1]["loss"] if history else None, "history": history,
@@ -1165,7 +1339,7 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
         pcfg = recipes.split_config(cfg, "corpus")
         pre = pretrain(pcfg, root=corpus_root, resume=resume, force=False, console=console)
         init = {"path": str(pre.record.ckpt_dir / "backbone.pt"), "source": "pretrain",
-                "pretrain_run": str(pre.record.path), "hash": recipes.protocol_hash(pcfg),
+                "pretrain_run": str(pre.record.path), "hash": recipes.protocol_hash(pcfg), "run_key": pre.record.run_key,
                 "method": cfg["method"]["name"], "include_decoder": bool(pre.metrics.get("transfers_decoder", False)),
                 "phantom": bool(pre.metrics.get("phantom"))}
     return finetune(recipes.split_config(cfg, "task"), root=root, init=init, resume=resume, force=force,

@@ -4,7 +4,9 @@ Layout of a run folder::
 
     recipe.yaml      the resolved configuration (what ran)
     env.json         python / torch / monai versions, git commit, device, host
-    status.json      {"state": "running" | "finished" | "failed", "step": ..., timestamps, protocol hash}
+    status.json      {"state": "running" | "finished" | "failed", "step": ..., timestamps, protocol hash, run key;
+                     a failed run: "reason", its one-line error}
+    data.json        the data it read: root, fingerprint, file count (sslbench/data/fingerprint.py)
     metrics.json     the summary (like nnU-Net's summary.json): mean and per-class metrics, per case too
     cases.csv        one row per evaluated case
     log.txt          what the run printed
@@ -12,6 +14,7 @@ Layout of a run folder::
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,19 +32,47 @@ import yaml
 from .errors import RunError
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+#: below this many free bytes, a failed checkpoint write is taken for a full disk (torch's zip writer raises a
+#: RuntimeError "file write failed" without the errno)
+_NEARLY_FULL = 64 << 20
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
+        import shutil
+
+        try:
+            return shutil.disk_usage(path.parent).free < _NEARLY_FULL
+        except OSError:
+            return False
+    return False
+
+
+@contextmanager
+def _writing(path: Path):
+    """Write to a temporary file next to ``path``, then rename it over ``path``; on failure the temporary file
+    is removed and a full disk is one RunError line ("disk full writing <path>")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if _disk_full(exc, path):
+            raise RunError(f"disk full writing {path}") from None
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _writing(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -91,16 +123,39 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _writing(path) as (fd, tmp):
+        os.close(fd)
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A training state or checkpoint written by sslbench (``torch.load``, weights only), or one CheckpointError
+    line for a file that cannot be one: "not a checkpoint: <path> (truncated or corrupt)"."""
+    import torch
+
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ValueError ...
+        raise CheckpointError(f"not a checkpoint: {path} (truncated or corrupt)") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"not a checkpoint: {path} (holds a {type(state).__name__}, not a dict of tensors)")
+    return state
+
+
+def valid_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a readable training state (:func:`load_state`)."""
+    from .errors import CheckpointError
+
+    try:
+        load_state(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def read_json(path: str | Path) -> Any:
@@ -150,9 +205,19 @@ def environment(device: str) -> dict[str, Any]:
 class RunRecord:
     """A run folder. ``state`` in status.json tells whether it may be resumed, skipped or replaced."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, run_key: str | None = None, data: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self.ckpt_dir = self.path / "checkpoints"
+        #: the run's identity (sslbench.protocol.plan_run): every status.json write carries ``run_key``, the
+        #: recipe write adds data.json
+        self.run_key = run_key
+        self.data = dict(data) if data is not None else None
+
+    def identity(self) -> dict[str, Any]:
+        """``run_key`` and ``data_fingerprint`` for metrics.json ({} for a record opened without them)."""
+        if self.run_key is None:
+            return {}
+        return {"run_key": self.run_key, "data_fingerprint": (self.data or {}).get("fingerprint")}
 
     # -- status -----------------------------------------------------------------------------------
     @property
@@ -168,6 +233,8 @@ class RunRecord:
     def set_status(self, **fields: Any) -> None:
         status = self.status or {}
         status.update(fields)
+        if self.run_key is not None:
+            status["run_key"] = self.run_key
         status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.path / "status.json", status)
 
@@ -175,6 +242,8 @@ class RunRecord:
     def write_recipe(self, cfg: Mapping[str, Any]) -> None:
         atomic_write_text(self.path / "recipe.yaml", yaml.safe_dump(json.loads(json.dumps(cfg, default=str)),
                                                                      sort_keys=False))
+        if self.data is not None:
+            atomic_write_json(self.path / "data.json", self.data)
 
     def read_recipe(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / "recipe.yaml").read_text())
@@ -196,6 +265,9 @@ class RunRecord:
 def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bool) -> str:
     """Decide what to do with a run folder: 'new', 'resume' or 'skip' (finished identical run).
 
+    A ``failed`` run starts over ('new', the folder emptied) or, with ``resume`` and a readable
+    checkpoints/last.pt, resumes. The caller holds the folder's lock (sslbench/locks.py).
+
     Raises RunError for an unfinished folder without --resume/--force, and for a folder whose recorded
     protocol hash differs (results are never mixed across protocols).
     """
@@ -216,6 +288,13 @@ def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bo
         return "new"
     if status.get("state") == "finished":
         return "skip"
+    if status.get("state") == "failed":
+        # a failed run (its reason in status.json) is never half-reused: --resume continues from a readable
+        # last.pt, anything else starts the folder over
+        if resume and valid_checkpoint(record.ckpt_dir / "last.pt"):
+            return "resume"
+        shutil.rmtree(record.path)
+        return "new"
     if resume:
         return "resume"
     raise RunError(f"{record.path}: an unfinished run (state {status.get('state')}, step {status.get('step')}) is "

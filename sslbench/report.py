@@ -52,12 +52,14 @@ GREEN_WITHIN = 1.0      # points of Dice / AUC
 YELLOW_WITHIN = 3.0
 NO_VALUE = "—"
 MIXED_ENV_MARK = "‡env"
+#: a cell whose runs read different data (root or files: their recorded ``data_fingerprint`` differ)
+MIXED_DATA_MARK = "‡data"
 
 #: Columns every frame from collect_runs has, even when no run was found.
 RUN_COLUMNS = ["task", "task_title", "base_task", "method", "method_recipe", "variant", "seed", "preset",
                "protocol", "run_protocol", "series", "phantom", "metric", "mean_dice", "score", "lambda",
                "n_cases", "finished", "env", "path", "labeled_cases", "finetune_protocol", "finetune_family",
-               "pretrain_steps"]
+               "pretrain_steps", "data", "data_fingerprint"]
 
 
 # ==================================================================================================
@@ -417,6 +419,12 @@ def _float(v: Any) -> float:
         return math.nan
 
 
+def _recorded_fingerprint(folder: Path) -> str | None:
+    """The data fingerprint in a run folder's data.json (None for runs recorded before it existed)."""
+    data = _read_json(folder / "data.json")
+    return data.get("fingerprint") if isinstance(data, Mapping) else None
+
+
 def collect_runs(runs_dir: str | Path):
     """One row per finished fine-tuning run under ``runs_dir/finetune/**`` (a pandas DataFrame).
 
@@ -425,7 +433,8 @@ def collect_runs(runs_dir: str | Path):
     records NSD too (``metrics`` lists ``nsd``) has a second row with ``metric`` nsd, ``score`` its mean_nsd
     and its per-class NSD in the ``dice:<class>`` columns.
     ``protocol`` is the seed-free protocol (see the module docstring), ``run_protocol`` the recorded hash,
-    ``series`` the protocol without λ (what a λ curve joins), ``score`` the recorded mean of the run's
+    ``series`` the protocol without λ (what a λ curve joins), ``data`` / ``data_fingerprint`` the root and the
+    fingerprint of the data it read (metrics.json or data.json; None before runs recorded them), ``score`` the recorded mean of the run's
     metric (``mean_dice`` for Dice). Unreadable folders are skipped and listed in ``df.attrs['skipped']``.
     """
     import pandas as pd
@@ -480,6 +489,8 @@ def collect_runs(runs_dir: str | Path):
             "path": str(folder),
             **_finetune_keys(cfg),
             "pretrain_steps": pre_steps,
+            "data": m.get("data_root"),
+            "data_fingerprint": m.get("data_fingerprint") or _recorded_fingerprint(folder),
         }
         for cls, v in (m.get("per_class") or {}).items():
             row[f"dice:{cls}"] = _float(v)
@@ -517,6 +528,7 @@ class Group:
     series: str | None = None
     paths: list[str] = field(default_factory=list)
     envs: list[str] = field(default_factory=list)
+    fingerprints: list[str | None] = field(default_factory=list)
 
     @property
     def mixed_env(self) -> bool:
@@ -558,6 +570,11 @@ class Cell:
     phantom: bool = False
     groups: list[Group] = field(default_factory=list)
 
+    @property
+    def mixed_data(self) -> bool:
+        """The cell's runs read different data (fingerprints that differ; unrecorded ones are not counted)."""
+        return len({f for g in self.groups for f in g.fingerprints if f}) > 1
+
     def published_text(self) -> str:
         if self.published is None:
             return NO_VALUE
@@ -595,6 +612,8 @@ class Cell:
         s += f" ({', '.join(info)})"
         if g.mixed_env:
             s += f" {MIXED_ENV_MARK}"
+        if self.mixed_data:
+            s += f" {MIXED_DATA_MARK}"
         if len(self.groups) > 1:
             s += f" [{g.label()}]"
         return s
@@ -670,7 +689,9 @@ def _groups(sel, value_col: str) -> list[Group]:
                             seeds=list(part["seed"]), preset=next(iter(part["preset"].dropna()), None),
                             lam=float(lam.iloc[0]) if len(lam) else None, series=str(part["series"].iloc[0]),
                             paths=list(part["path"]),
-                            envs=[str(e) for e in part["env"]] if "env" in part.columns else []))
+                            envs=[str(e) for e in part["env"]] if "env" in part.columns else [],
+                            fingerprints=([None if f is None or f != f else str(f) for f in part["data_fingerprint"]]
+                                          if "data_fingerprint" in part.columns else [])))
     groups.sort(key=lambda g: (-g.n, g.protocol))
     return groups
 
@@ -705,6 +726,9 @@ def _measurement_notes(table: Table) -> list[str]:
         notes.append("PHANTOM: measured on procedurally generated phantom data, not the real dataset; never "
                      "compared with a published number")
     notes += environment_notes([g for c in cells for g in c.groups])
+    if any(c.mixed_data for c in cells):
+        notes.append(f"{MIXED_DATA_MARK}: this cell's runs read different data (another root or changed files: "
+                     f"their data_fingerprint differ)")
     return notes
 
 

@@ -79,6 +79,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import distributed, recipes
 from .errors import RecipeError, SSLBenchError
+from .locks import waiting as waiting_for_run_locks
 
 
 def esc(text: Any) -> str:
@@ -231,19 +232,13 @@ def check_key(cfg: dict, key: str, typed: str) -> Any:
     return current
 
 
-def expected_run(cfg: dict) -> tuple[Path, str, dict | None]:
-    """(fine-tuning run folder, its protocol hash, pre-training config or None) that run_protocol will use."""
+def expected_run(cfg: dict, root=None, corpus_root=None) -> tuple[Path, str, dict | None]:
+    """(fine-tuning run folder, its protocol hash, pre-training config or None) that run_protocol will use
+    (protocol.planned_runs: the run keys of the protocol on this data)."""
     from . import protocol
 
-    fcfg = recipes.split_config(cfg, "task")
-    pcfg = None
-    if cfg["method"].get("pretrain") is not None:
-        pcfg = recipes.split_config(cfg, "corpus")
-        fcfg["init"] = {"source": "pretrain", "hash": recipes.protocol_hash(pcfg), "method": cfg["method"]["name"]}
-    else:
-        fcfg["init"] = None
-    proto = recipes.protocol_hash(fcfg)
-    return protocol._run_dir(fcfg, "finetune", proto), proto, pcfg
+    pre, plan, _ = protocol.planned_runs(cfg, root=root, corpus_root=corpus_root, log=lambda *a, **k: None)
+    return plan.path, plan.protocol, recipes.split_config(cfg, "corpus") if pre is not None else None
 
 
 def _safe_name(text: str) -> str:
@@ -252,6 +247,8 @@ def _safe_name(text: str) -> str:
 
 def build_sweep(args: argparse.Namespace) -> Sweep:
     """Validate everything up front (key, values, range, options): every problem is one RecipeError."""
+    from . import protocol
+
     typed = args.key
     key = ALIASES.get(typed, typed)
     for item in args.overrides:
@@ -325,13 +322,14 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
         v = recipes.get_dotted(cfg, key)
         if isinstance(v, (list, dict)):
             raise RecipeError(f"--values: '{typed}' must take numbers, integers, booleans or strings, got {v!r}")
-        folder = expected_run(cfg)[0]
+        # every value reads the same data: the fine-tuning protocol alone tells their runs apart
+        folder = protocol.run_protocol_hash(protocol.finetune_view(cfg))
         if folder in folders:
             same = folders[folder]
             if same == v:
                 raise RecipeError(f"--values: {show_value(v)} is given twice")
             raise RecipeError(f"sweep key '{typed}': {show_value(same)} and {show_value(v)} give the same run "
-                              f"({folder}); this key does not change what a run computes")
+                              f"(protocol {folder}); this key does not change what a run computes")
         folders[folder] = v
         coerced.append(v)
     if sampler == "grid":
@@ -766,7 +764,7 @@ class Worker:
 
         sw = self.sw
         cfg = sw.resolve(value)
-        folder, proto, pcfg = expected_run(cfg)
+        folder, proto, pcfg = expected_run(cfg, sw.root, sw.corpus_root)
         for k, v in (("value", value), ("run_folder", str(folder)), ("protocol", proto), ("phantom", sw.phantom)):
             trial.set_user_attr(k, v)
         history = frozen.system_attrs.get("retry_history") or []
@@ -809,11 +807,11 @@ class Worker:
             if pcfg is not None:
                 pre = (f"pretrain-{pcfg['method']['name']}-{pcfg['corpus']['name']}-"
                        f"{recipes.protocol_hash(pcfg)}-s{pcfg['run']['seed']}.lock")
-                with exclusive(locks / pre, self.say, "this pre-training"):
+                with exclusive(locks / pre, self.say, "this pre-training"), waiting_for_run_locks():
                     command(dist, ("pretrain", pcfg, sw.corpus_root))
                     protocol.pretrain(pcfg, root=sw.corpus_root, resume=True, force=False, console=self.console)
             with exclusive(locks / f"finetune-{_safe_name(sw.task)}-{proto}-s{cfg['run']['seed']}.lock",
-                           self.say, "this fine-tuning run"):
+                           self.say, "this fine-tuning run"), waiting_for_run_locks():
                 run_kwargs = dict(method=sw.method, task=sw.task, preset=sw.preset,
                                   overrides=sw.overrides + [sw.override(value)], seed=sw.seed, root=sw.root,
                                   corpus=sw.corpus, corpus_root=sw.corpus_root, out=sw.out, resume=True, force=False)

@@ -1,0 +1,113 @@
+"""Run-folder locks: one process at a time trains into (or replaces) a run folder.
+
+Every run holds an ``flock`` on ``<out>/locks/<run path>.lock`` from the moment it claims its folder until it
+finishes or fails. The lock file names its owner (pid, host, start time) for the message a second invocation
+gets: "<run dir> is in use by pid N on HOST since T", or, inside :func:`waiting` (sweeps), it waits. The kernel
+drops the lock of a process that dies, however it dies, so the stale lock of a dead owner is simply taken
+over. Lock files are left in place (truncated) when released: removing them would let two processes lock two
+different files of one name.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import RunError
+
+_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("sslbench_lock_wait", default=False)
+
+
+@contextlib.contextmanager
+def waiting(wait: bool = True) -> Iterator[None]:
+    """Inside this block a run whose folder is locked by another process waits for it instead of failing."""
+    token = _WAIT.set(wait)
+    try:
+        yield
+    finally:
+        _WAIT.reset(token)
+
+
+def lock_path(out: str | Path, run_dir: str | Path) -> Path:
+    """``<out>/locks/<run dir relative to out>.lock`` (a run folder outside ``out``: its full path below locks/)."""
+    out, run_dir = Path(out), Path(run_dir)
+    try:
+        rel = run_dir.relative_to(out)
+    except ValueError:
+        rel = Path(*[p for p in run_dir.resolve().parts if p not in ("/", "\\")])
+    return out / "locks" / rel.parent / f"{rel.name}.lock"
+
+
+class RunLock:
+    """An exclusive flock on a lock file, naming its owner inside; ``what`` is the run folder it guards."""
+
+    def __init__(self, path: str | Path, what: str | Path):
+        self.path = Path(path)
+        self.what = str(what)
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def owner(self) -> dict:
+        """What the lock file says of its holder ({} while it is being written or when unreadable)."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def in_use(self) -> str:
+        info = {}
+        for _ in range(10):          # the holder writes its name right after locking
+            info = self.owner()
+            if info.get("pid"):
+                break
+            time.sleep(0.05)
+        return (f"{self.what} is in use by pid {info.get('pid', '?')} on {info.get('host', '?')} since "
+                f"{info.get('since', '?')}")
+
+    def acquire(self, wait: bool | None = None, say: Callable[[str], None] | None = None) -> "RunLock":
+        """Take the lock; when another process holds it, wait (``wait``, default: inside :func:`waiting`) or
+        raise a one-line RunError naming the holder."""
+        import fcntl
+
+        wait = _WAIT.get() if wait is None else wait
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = self.in_use()
+            if not wait:
+                f.close()
+                raise RunError(f"{message}; wait for it to end (or stop it) and run again") from None
+            if say is not None:
+                say(f"waiting: {message}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "run": self.what}) + "\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        import fcntl
+
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            f.close()
