@@ -344,6 +344,40 @@ def test_pcrlv2_views_and_decoder_scales():
     assert 0 <= out.min() and out.max() <= 1
 
 
+def test_pcrlv2_deep_supervision_head_official_form_hand_computed():
+    head = P.deep_supervision_head(1, "official")           # conv3x3 -> BatchNorm3d(1) -> sigmoid
+    conv, bn, _ = head
+    assert conv.kernel_size == (3, 3, 3) and conv.padding == (1, 1, 1) and bn.num_features == 1
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1, 1] = 1.0                     # the identity kernel
+        conv.bias.zero_()
+    x = torch.tensor([0.0, 2.0]).view(1, 1, 2, 1, 1)         # mean 1, biased variance 1 (training-mode BN)
+    expected = torch.sigmoid(torch.tensor([-1.0, 1.0]) / math.sqrt(1 + 1e-5))
+    assert torch.allclose(head.train()(x).flatten(), expected, atol=1e-6)
+    old = P.deep_supervision_head(4, "conv1x1")
+    assert old[0].kernel_size == (1, 1, 1) and len(old) == 2
+    model, _, _, _ = tiny_method("pcrlv2", V2_SMALL, UNET, corpus_size=2)
+    assert all(h[0].kernel_size == (3, 3, 3) for h in model.decoder.ds_heads)   # the default is the official head
+
+
+def test_pcrlv2_flips_only_the_listed_axes():
+    g = torch.Generator().manual_seed(0)
+    flips = P.random_axis_flips(4000, [0], generator=g)      # torchio RandomFlip(): axis 0, p 0.5
+    assert not flips[:, 1:].any() and abs(flips[:, 0].float().mean().item() - 0.5) < 0.03
+    assert P.random_axis_flips(3, [0, 2], p=1.0).tolist() == [[True, False, True]] * 3
+    x = torch.arange(8.0).view(1, 1, 2, 2, 2)
+    model = P.PCRLv2({**V2_SMALL, "flip_axes": [1]}, {"name": "unet3d"})
+    torch.manual_seed(1)
+    out = torch.cat([model._flip(x) for _ in range(20)])
+    assert all(torch.equal(o, x[0]) or torch.equal(o, x[0].flip(2)) for o in out)   # only Y (dim 2 of [C, X, Y, Z])
+    for bad in ([], [3], [0, 0], "0", [True]):
+        with pytest.raises(RecipeError, match=r"method\.params\.flip_axes.*distinct spatial axes"):
+            P.PCRLv2({**V2_SMALL, "flip_axes": bad}, {"name": "unet3d"})
+    with pytest.raises(RecipeError, match=r"method\.params\.ds_head.*official, conv1x1"):
+        P.PCRLv2({**V2_SMALL, "ds_head": "conv3x3"}, {"name": "unet3d"})
+
+
 def test_pcrlv2_trains_on_a_fixed_batch():
     torch.manual_seed(0)
     model, corpus, _, _ = tiny_method("pcrlv2", {**V2_SMALL, "schedule_steps": 24}, UNET, corpus_size=2)

@@ -70,7 +70,8 @@ Departures from the official code (each one deliberate; the recipe comments repe
   BatchNorm statistics (SwinUNETR has none). BatchNorm (unet3d, basicunet) sees the plain and mixed views together (one
   encoder call of 2B) and the four decoder inputs together (4B); the official calls them one at a time.
 * v2: both global views share one encoder / decoder call (BatchNorm over 2B, the official: B each);
-  ``schedule_steps`` plays the official's 240 epochs; the deep-supervision heads are 1x1 convs.
+  ``schedule_steps`` plays the official's 240 epochs; the deep-supervision heads are the official 3x3 conv + BN + sigmoid
+  (``ds_head``; ``conv1x1`` is sslbench's earlier head).
 * v2 augmentations. Official (``src/data.py``, ``pcrlv2_luna_pretask``; every torchio transform at its
   defaults, p = 1): spatial = Compose([RandomFlip(), RandomAffine()]) on the crops (gt = its output); then
   global inputs Compose([RandomBlur(), RandomNoise(), RandomGamma(), RandomSwap(patch_size=(8, 4, 4)),
@@ -86,8 +87,8 @@ Departures from the official code (each one deliberate; the recipe comments repe
     noise strength (all three together: the pre-issue-18 behaviour).
   - RandomSwap (100 swaps of two 8x4x4 patches, sequential) is replaced by Genesis local pixel shuffling at
     ``local_rate`` (a batched shuffle; a sequential swap loop has no batched form); RandomBlur (sigma ~ U(0, 2)
-    mm per axis) and RandomAffine (scale 0.9..1.1, rotation +-10 degrees) are not applied; the flips act on
-    all three axes with p = 0.5 each (torchio's RandomFlip default flips axis 0 only). No key restores these.
+    mm per axis) and RandomAffine (scale 0.9..1.1, rotation +-10 degrees) are not applied (no key restores these); the flips act
+    on ``flip_axes`` with p = 0.5 each, by default axis 0 only as torchio's RandomFlip() ([0, 1, 2]: sslbench's earlier form).
 """
 from __future__ import annotations
 
@@ -242,6 +243,27 @@ def flip_axes(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     for axis in range(3):
         x = torch.where(flips[:, axis].view(view), x.flip(2 + axis), x)
     return x
+
+
+def random_axis_flips(n: int, axes: Sequence[int], device: torch.device | str = "cpu", p: float = 0.5,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip flags [n, 3]: each axis of ``axes`` flipped with probability p per sample, the others never.
+
+    ``axes=[0]`` is torchio's ``RandomFlip()`` default (axis 0 with p 0.5), the official PCRL v2 spatial flip.
+    """
+    flips = torch.rand((n, 3), generator=generator, device=device) < p
+    keep = torch.zeros(3, dtype=torch.bool, device=device)
+    keep[list(axes)] = True
+    return flips & keep
+
+
+def _flip_axes(value: Any, method: str) -> list[int]:
+    axes = list(value) if isinstance(value, (list, tuple)) else None
+    if not axes or any(not isinstance(a, int) or isinstance(a, bool) or a not in (0, 1, 2) for a in axes) \
+            or len(set(axes)) != len(axes):
+        raise RecipeError(f"method.params.flip_axes: {value!r} for method {method}; expected a list of distinct "
+                          f"spatial axes from 0, 1, 2 (e.g. [0], torchio's default, or [0, 1, 2])")
+    return axes
 
 
 def apply_spatial(x: torch.Tensor, flips: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -748,16 +770,33 @@ class PCRLv1(PretrainMethod):
 # PCRL v2
 # --------------------------------------------------------------------------------------------------
 
+DS_HEADS = ("official", "conv1x1")
+
+
+def deep_supervision_head(channels: int, form: str) -> nn.Module:
+    """PCRL v2's per-scale deep-supervision head, a map [n, C, ...] -> [n, 1, ...] in (0, 1).
+
+    ``official``: 3x3x3 conv (padding 1) -> BatchNorm3d(1) -> sigmoid (``LUConv(C, 1, "sigmoid", "bn")`` in
+    RL4M/PCRLv2 ``src/models/pcrlv2_model_3d.py``); ``conv1x1``: 1x1x1 conv -> sigmoid (sslbench before 2026-12-03).
+    """
+    if form == "official":
+        return nn.Sequential(nn.Conv3d(channels, 1, kernel_size=3, padding=1), nn.BatchNorm3d(1), nn.Sigmoid())
+    if form == "conv1x1":
+        return nn.Sequential(nn.Conv3d(channels, 1, kernel_size=1), nn.Sigmoid())
+    raise RecipeError(f"method.params.ds_head: '{form}' for method pcrlv2; expected one of {', '.join(DS_HEADS)}")
+
+
 class SkiplessDecoder(nn.Module):
     """PCRL v2's decoder without skip connections, with per-scale heads.
 
     Stage s: transposed conv (k 2, stride 2) + MONAI ``UnetBasicBlock`` (two conv-norm-LeakyReLU); then
     pro_s = BatchNorm1d(GAP(x_s)), pre_s = Linear(C, 2C) -> BN -> ReLU -> Linear(2C, C) (the predictor), and the
-    deep-supervision map sigmoid(conv1x1(x_s)). ``out`` = sigmoid(conv1x1(last stage)). (The official
-    deep-supervision head is a 3x3 conv + 1-channel BatchNorm + sigmoid; a 1x1 conv + sigmoid is used here.)
+    deep-supervision map of ``ds_head``: ``official`` = sigmoid(BN_1(conv3x3(x_s))), the official ``LUConv(C, 1,
+    "sigmoid", "bn")`` of ``pcrlv2_model_3d.UpTransition``; ``conv1x1`` = sigmoid(conv1x1(x_s)), sslbench's earlier
+    head. ``out`` = sigmoid(conv1x1(last stage)).
     """
 
-    def __init__(self, widths: Sequence[int], norm: str):
+    def __init__(self, widths: Sequence[int], norm: str, ds_head: str = "official"):
         super().__init__()
         from monai.networks.blocks.dynunet_block import UnetBasicBlock, get_conv_layer
 
@@ -772,7 +811,7 @@ class SkiplessDecoder(nn.Module):
             self.pro_norms.append(nn.BatchNorm1d(cout))
             self.predictors.append(nn.Sequential(nn.Linear(cout, 2 * cout), nn.BatchNorm1d(2 * cout),
                                                  nn.ReLU(inplace=True), nn.Linear(2 * cout, cout)))
-            self.ds_heads.append(nn.Conv3d(cout, 1, kernel_size=1))
+            self.ds_heads.append(deep_supervision_head(cout, ds_head))
         self.out = nn.Conv3d(widths[-1], 1, kernel_size=1)
 
     @property
@@ -793,7 +832,7 @@ class SkiplessDecoder(nn.Module):
         if restore_rows <= 0:
             return pros, preds, None, []
         size = maps[-1].shape[2:]
-        masks = [F.interpolate(torch.sigmoid(head(m[:restore_rows])).float(), size=size, mode="trilinear")
+        masks = [F.interpolate(head(m[:restore_rows]).float(), size=size, mode="trilinear")
                  for head, m in zip(self.ds_heads, maps)]
         out = torch.sigmoid(self.out(maps[-1][:restore_rows])).float()
         return pros, preds, out, masks
@@ -804,8 +843,8 @@ class PCRLv2(PretrainMethod):
 
     params: volume_size, global_size, local_size, num_local (6), global_scale, local_scale, min_iou (0.3),
     schedule_steps (T of beta), augment (official | genesis), noise_std ([0, 0.25]), log_gamma ([-0.3, 0.3],
-    official only), normalize (zscore | none), nonlinear_rate (genesis only), local_rate, attention
-    (fused | sdpa | monai).
+    official only), normalize (zscore | none), nonlinear_rate (genesis only), local_rate, ds_head (official |
+    conv1x1), flip_axes ([0]), attention (fused | sdpa | monai).
 
     The skip-less decoder is not the fine-tuning network's decoder: only the encoder is handed over. On
     swinunetr the path input -> bottleneck is swinViT -> encoder10, so ``swinViT.*`` and ``encoder10.*`` are
@@ -836,12 +875,14 @@ class PCRLv2(PretrainMethod):
         self.log_gamma = _bounds(p, "log_gamma", (-0.3, 0.3), self.name, symmetric=True)
         self.nonlinear_rate = float(p.get("nonlinear_rate", 0.9))
         self.local_rate = float(p.get("local_rate", 0.5))
+        ds_head = _choice(p, "ds_head", "official", DS_HEADS, self.name)
+        self.flip_axes = _flip_axes(p.get("flip_axes", [0]), self.name)
 
         net = _build(self.model_cfg, self.family, attention)
         # only the bottleneck path is trained (see the class docstring)
         self.encoder = UNetEncoder(net, self.family, bottleneck_only=True)
         norm = "instance" if self.family == "swinunetr" else "batch"
-        self.decoder = SkiplessDecoder(upsampling_widths(self.model_cfg, self.family), norm)
+        self.decoder = SkiplessDecoder(upsampling_widths(self.model_cfg, self.family), norm, ds_head)
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
@@ -878,9 +919,8 @@ class PCRLv2(PretrainMethod):
         x = random_noise(nonlinear_intensity(x, self.nonlinear_rate), self.noise_std)
         return z_normalize(x) if self.normalize else x
 
-    @staticmethod
-    def _flip(x: torch.Tensor) -> torch.Tensor:
-        return flip_axes(x, torch.rand((x.shape[0], 3), device=x.device) < 0.5)
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        return flip_axes(x, random_axis_flips(x.shape[0], self.flip_axes, x.device))
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = _plain(volumes)
