@@ -173,6 +173,11 @@ METHOD_SCHEMA = Spec(fields={
         # the pre-training AdamW's options (sslbench.protocol.pretrain_optimizer): AMSGrad; weight decay 0 on
         # biases and 1-D (normalisation) weights
         "amsgrad": BOOL, "no_decay_bias_norm": BOOL, "betas": Spec(items=NUM, length=2),
+        # the official optimisers and schedules (sslbench.protocol.pretrain_optimizer / pretrain_schedule): SGD with
+        # momentum; StepLR-style steps; modules whose lr stays fixed (SimSiam's --fix-pred-lr)
+        "optimizer": Spec(choices=("adamw", "sgd")), "momentum": NUM,
+        "schedule": Spec(choices=("warmup_cosine", "step")), "step_every": INT, "step_gamma": NUM,
+        "fixed_lr": Spec(items=STR),
     }),
     "params": Spec(free=True),
 })
@@ -266,7 +271,9 @@ TASK_DEFAULTS: dict[str, Any] = {
 }
 METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
 PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
-                                     "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999]}
+                                     "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999],
+                                     "optimizer": "adamw", "momentum": 0.9, "schedule": "warmup_cosine",
+                                     "step_every": 0, "step_gamma": 0.5, "fixed_lr": []}
 
 
 def deep_merge(base: Mapping, top: Mapping) -> dict:
@@ -511,6 +518,10 @@ def _validate_resolved(cfg: dict, files: Mapping[str, str]) -> None:
     if betas is not None and not all(0.0 <= float(b) < 1.0 for b in betas):
         raise RecipeError(f"{files['method']}: key 'pretrain.betas': expected two numbers in [0, 1) (AdamW's "
                           f"beta1, beta2), got {list(betas)}")
+    pt = cfg["method"].get("pretrain") or {}
+    if pt.get("schedule") == "step" and int(pt.get("step_every") or 0) < 1:
+        raise RecipeError(f"{files['method']}: key 'pretrain.step_every': expected the steps between lr drops "
+                          f"(>= 1) with pretrain.schedule=step, got {pt.get('step_every')}")
     for section in ("task", "corpus"):
         if section in cfg:
             _scores_as_numbers(cfg[section], f"{files[section]} (after presets and --set)")   # --set ...empty={both: nan}
@@ -554,6 +565,9 @@ _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.ca
 #: before the key existed (and reuses / averages with them); any other value is hashed like every key
 _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bias_norm": False,
                   "method.pretrain.betas": [0.9, 0.999],
+                  **{f"method.pretrain.{k}": v for k, v in (("optimizer", "adamw"), ("momentum", 0.9),
+                                                            ("schedule", "warmup_cosine"), ("step_every", 0),
+                                                            ("step_gamma", 0.5), ("fixed_lr", []))},
                   # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided
                   # empty set then scored NaN where it now scores 0: a fix, not another protocol)
                   **{f"{section}.evaluate.{key}": TASK_DEFAULTS["evaluate"][key]

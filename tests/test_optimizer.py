@@ -165,3 +165,75 @@ def test_betas_key_reaches_adamw_and_keeps_earlier_hashes():
     assert recipes.protocol_hash(recipes.split_config(other, "corpus")) != recipes.protocol_hash(old)
     with pytest.raises(RecipeError, match=r"methods/voco\.yaml: key 'pretrain\.betas': expected two numbers in \[0, 1\)"):
         recipes.resolve("voco", overrides=["method.pretrain.betas=[0.9,1.5]"])
+
+
+class WithPredictor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(3, 3)
+        self.predictor = nn.Linear(3, 3)
+
+
+def test_sgd_step_schedule_and_fixed_predictor_lr_hand_computed():
+    model = WithPredictor()
+    pt = {"lr": 0.1, "weight_decay": 0.01, "warmup_steps": 0, "optimizer": "sgd", "momentum": 0.9,
+          "schedule": "step", "step_every": 2, "step_gamma": 0.5, "fixed_lr": ["predictor"]}
+    opt = protocol.pretrain_optimizer(model, pt, CPU)
+    assert isinstance(opt, torch.optim.SGD) and [names(model, g) for g in opt.param_groups] == [
+        {"encoder.weight", "encoder.bias"}, {"predictor.weight", "predictor.bias"}]
+    assert [bool(g.get("fixed_lr")) for g in opt.param_groups] == [False, True]
+    sched = protocol.pretrain_schedule(opt, pt, total=10)
+    lrs = []
+    for _ in range(6):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    # StepLR: 0.1 x 0.5 ** (step // 2) for the scheduled group; the predictor stays at 0.1 (--fix-pred-lr)
+    flat = [lr for pair in lrs for lr in pair]
+    assert flat == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.1, 0.05, 0.1, 0.025, 0.1, 0.025, 0.1])
+    # one SGD step by hand: v = g + wd w (coupled L2), w <- w - lr v (momentum buffer starts at v)
+    w0 = torch.tensor([[1.0, 2.0, 3.0]])
+    lin = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w0)
+    sgd = protocol.pretrain_optimizer(lin, {**pt, "fixed_lr": []}, CPU)
+    lin(torch.ones(1, 3)).sum().backward()                 # gradient = [1, 1, 1]
+    sgd.step()
+    assert torch.allclose(lin.weight, w0 - 0.1 * (1.0 + 0.01 * w0))
+
+
+def test_fixed_lr_with_warmup_cosine_follows_monai_for_the_other_groups():
+    from monai.optimizers import WarmupCosineSchedule
+
+    model = WithPredictor()
+    pt = {"lr": 1.0, "weight_decay": 0.0, "warmup_steps": 2, "fixed_lr": ["predictor"]}
+    opt = protocol.pretrain_optimizer(model, pt, CPU)
+    assert isinstance(opt, torch.optim.AdamW)
+    sched = protocol.pretrain_schedule(opt, pt, total=8)
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = WarmupCosineSchedule(ref_opt, warmup_steps=2, t_total=8)
+    for _ in range(8):
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+        assert opt.param_groups[1]["lr"] == 1.0
+        opt.step(); sched.step(); ref_opt.step(); ref.step()
+    plain = protocol.pretrain_optimizer(model, {**pt, "fixed_lr": []}, CPU)
+    assert isinstance(protocol.pretrain_schedule(plain, {**pt, "fixed_lr": []}, 8), WarmupCosineSchedule)
+    with pytest.raises(RecipeError, match=r"method\.pretrain\.fixed_lr: 'projector' names no parameters.*encoder, predictor"):
+        protocol.pretrain_optimizer(model, {**pt, "fixed_lr": ["projector"]}, CPU)
+
+
+def test_optimizer_keys_validate_and_keep_earlier_hashes():
+    voco = recipes.resolve("voco")
+    pt = voco["method"]["pretrain"]
+    assert (pt["optimizer"], pt["schedule"], pt["fixed_lr"]) == ("adamw", "warmup_cosine", [])
+    old = recipes.split_config(voco, "corpus")
+    for k in ("optimizer", "momentum", "schedule", "step_every", "step_gamma", "fixed_lr"):
+        del old["method"]["pretrain"][k]                                        # recorded before the keys
+    assert recipes.protocol_hash(old) == recipes.protocol_hash(recipes.split_config(voco, "corpus"))
+    sgd = recipes.resolve("simsiam", overrides=["method.pretrain.optimizer=sgd", "method.pretrain.fixed_lr=[predictor]"])
+    assert recipes.protocol_hash(recipes.split_config(sgd, "corpus")) != recipes.protocol_hash(
+        recipes.split_config(recipes.resolve("simsiam"), "corpus"))
+    with pytest.raises(RecipeError, match=r"key 'method\.pretrain\.optimizer': expected one of 'adamw', 'sgd', got 'lamb'"):
+        recipes.resolve("voco", overrides=["method.pretrain.optimizer=lamb"])
+    with pytest.raises(RecipeError, match=r"key 'pretrain\.step_every': expected the steps between lr drops"):
+        recipes.resolve("mg", overrides=["method.pretrain.schedule=step"])

@@ -37,7 +37,9 @@ sigma ~ U[blur_sigma] voxels (p_blur; separable, per-view kernels applied as one
 Gaussian noise N(0, noise_std^2) (p_noise). Every random choice is a tensor; no loop over samples.
 
 Optimiser: the official recipe is SGD (lr 0.05 x batch / 256, momentum 0.9, weight decay 1e-4, fixed
-predictor lr); the shared protocol uses AdamW for every method (methods/simsiam.yaml).
+predictor lr); the shared protocol uses AdamW for every method (methods/simsiam.yaml). The official form is
+``--set method.pretrain.optimizer=sgd --set method.pretrain.fixed_lr=[predictor]`` (+ lr, weight decay, no
+warm-up: docs/ledger.md), applied by the protocol's optimiser (``protocol.pretrain_optimizer``), not here.
 
 Distributed training: the heads' (and the U-Nets') BatchNorm must be SyncBatchNorm under DDP, as in the official
 code; the distributed runner does the conversion (``sslbench.distributed.wrap`` converts every BatchNorm of
