@@ -146,11 +146,11 @@ def test_published_sources_marks_and_task_names(published, empty_tables):
 # --------------------------------------------------------------------------------------------------
 # Fake run folders, written the way sslbench/protocol.py writes them
 # --------------------------------------------------------------------------------------------------
-def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float = 2e-3, preset: str = "tiny",
-         init: dict | None = None, phantom: bool = False, labeled: int | None = None, steps: int = 120) -> dict:
+def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float = 2e-3, preset: str = "paper",
+         init: dict | None = None, phantom: bool = False, labeled: int | None = None, steps: int | None = None) -> dict:
     params = {"variant": "paper", "n": 4} | ({"lambda": lam} if lam is not None else {})
     task_cfg = {"name": task, "title": "MM-WHS (phantom)" if phantom else "MM-WHS (CT)", "kind": "segmentation",
-                "classes": MMWHS_CLASSES, "phantom": phantom, "finetune": {"lr": lr, "max_steps": steps}}
+                "classes": MMWHS_CLASSES, "phantom": phantom, "finetune": {"lr": lr, "epochs": 1000, "max_steps": steps}}
     if labeled is not None:
         task_cfg["finetune"]["labeled_cases"] = labeled
     if phantom:
@@ -162,7 +162,7 @@ def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float =
 
 
 def _pretrain(runs: Path, method: str, seed: int, lam: float) -> tuple[Path, str]:
-    cfg = {"run": {"seed": seed, "preset": "tiny", "out": "runs"}, "model": {"name": "swinunetr"},
+    cfg = {"run": {"seed": seed, "preset": "paper", "out": "runs"}, "model": {"name": "swinunetr"},
            "method": {"name": method, "params": {"lambda": lam}}, "corpus": {"name": "phantom-corpus"}}
     protocol = recipes.protocol_hash(cfg)
     rec = RunRecord(runs / "pretrain" / method / "phantom-corpus" / f"{protocol}-s{seed}")
@@ -175,7 +175,7 @@ def _pretrain(runs: Path, method: str, seed: int, lam: float) -> tuple[Path, str
 
 def write_run(runs: Path, *, method: str = "voco", task: str = "mmwhs", seed: int = 0, dice: float = 0.9,
               per_class: dict | None = None, state: str = "finished", pretrain_from: Path | None = None,
-              pretrain_hash: str | None = None, **kw) -> Path:
+              pretrain_hash: str | None = None, scoring: bool = True, extra: dict | None = None, **kw) -> Path:
     init = {"source": "pretrain", "hash": pretrain_hash, "method": method} if pretrain_from else None
     cfg = _cfg(method, task, seed, init=init, **kw)
     protocol = recipes.protocol_hash(cfg)           # as protocol.finetune: the recorded hash includes the seed
@@ -193,7 +193,9 @@ def write_run(runs: Path, *, method: str = "voco", task: str = "mmwhs", seed: in
                "mean_dice": dice, "std_dice": 0.01, "per_class": per_class, "n_cases": 2,
                "cases": [{"case": "a", "mean": dice}], "checkpoint": "last", "steps": 120,
                "init": {**(init or {}), **({"pretrain_run": str(pretrain_from)} if pretrain_from else {}), "load": None},
-               "finished": "2025-01-01T00:00:00"}
+               "finished": "2025-01-01T00:00:00", **(extra or {})}
+    if scoring:                          # records scored under the empty-set rules of 2026-12-03 carry the block
+        metrics["scoring"] = {"dice": {"both_empty": "nan", "one_empty": 0.0}}
     atomic_write_json(rec.path / "metrics.json", metrics)
     rec.set_status(state="finished", finished=metrics["finished"])
     return rec.path
