@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import functools
 import html
 import json
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import recipes
-from .errors import RecipeError, SSLBenchError
+from .errors import RecipeError, RunError, SSLBenchError
 
 DEFAULT_LEADERBOARD = "voco_supplement.yaml"
 METRICS = ("dice", "auc", "nsd")
@@ -1223,12 +1224,37 @@ def print_rich(tables: Sequence[Table], console=None) -> None:
 # ==================================================================================================
 # Plots
 # ==================================================================================================
+#: report outputs are for everyone to read (mkstemp alone would leave them 0600, the owner's only)
+OUTPUT_MODE = 0o644
+
+
+def write_public(path: str | Path, data: bytes | str) -> None:
+    """Write a report output atomically (temporary file, then rename) and world-readable (OUTPUT_MODE)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, OUTPUT_MODE)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"disk full writing {path}") from None
+        raise
+
+
 def _save_png(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.chmod(tmp, OUTPUT_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -1335,21 +1361,28 @@ def fill_hints(runs: str) -> list[str]:
     ]
 
 
-def write_outputs(tables: Sequence[Table], runs_df, out_dir: str | Path, fmt: str) -> list[Path]:
-    """One file per table (<id>.md|tex|html|csv) plus the PNGs, each written atomically."""
-    from .records import atomic_write_text
-
-    out_dir = Path(out_dir)
-    written = []
-    for t in tables:
-        path = out_dir / f"{t.id}.{EXTENSIONS[fmt]}"
-        atomic_write_text(path, render_table(t, fmt))
-        written.append(path)
-    written += plots(tables, runs_df, out_dir)
+def write_outputs(tables: Sequence[Table], runs_df, out_dir: str | Path, fmt: str,
+                  source: str | None = None) -> list[Path]:
+    """The PNGs, then one file per table (<id>.md|tex|csv), or for html the one self-contained page
+    ``index.html`` (every table, the plots inline, notes and provenance: sslbench/report_html.py); each file
+    written atomically and world-readable (OUTPUT_MODE)."""
     from .efficiency import label_efficiency_plot
 
-    written += label_efficiency_plot(runs_df, out_dir)
-    return written
+    out_dir = Path(out_dir)
+    images = plots(tables, runs_df, out_dir) + label_efficiency_plot(runs_df, out_dir)
+    written = []
+    if fmt == "html":
+        from .report_html import page
+
+        path = out_dir / "index.html"
+        write_public(path, page(tables, runs_df, [(p.name, p.read_bytes()) for p in images], source=source))
+        written.append(path)
+    else:
+        for t in tables:
+            path = out_dir / f"{t.id}.{EXTENSIONS[fmt]}"
+            write_public(path, render_table(t, fmt))
+            written.append(path)
+    return written + images
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1361,7 +1394,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="folder of run records (default: runs)")
     p.add_argument("--format", choices=FORMATS + ("rich",), default=None,
                    help="md | latex | html | csv (default: a coloured terminal table on a terminal, else md)")
-    p.add_argument("--out", help="write one file per table (and PNG plots) to this folder instead of printing")
+    p.add_argument("--out", help="write one file per table (html: one page, index.html) and the PNG plots to this "
+                                 "folder instead of printing")
     p.add_argument("--published", help=f"leaderboard YAML (default: leaderboards/{DEFAULT_LEADERBOARD})")
     return p
 
@@ -1386,12 +1420,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             fmt = args.format or "md"
             if fmt == "rich":
                 raise RecipeError("--format rich: only for the terminal; with --out use md, latex, html or csv")
-            for path in write_outputs(tables, runs_df, args.out, fmt):
+            for path in write_outputs(tables, runs_df, args.out, fmt, source=args.runs):
                 print(f"written: {path}")
         else:
             fmt = args.format or ("rich" if sys.stdout.isatty() else "md")
             if fmt == "rich":
                 print_rich(tables)
+            elif fmt == "html":                    # the whole page, plots inline
+                from .report_html import page
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    from .efficiency import label_efficiency_plot
+
+                    images = plots(tables, runs_df, tmp) + label_efficiency_plot(runs_df, tmp)
+                    sys.stdout.write(page(tables, runs_df, [(p.name, p.read_bytes()) for p in images],
+                                          source=args.runs))
+                sys.stdout.flush()
             else:
                 sys.stdout.write(render(tables, fmt))
                 sys.stdout.flush()
