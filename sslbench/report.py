@@ -541,11 +541,14 @@ def comparability(cfg: Mapping | None, metrics: Mapping, *, phantom: bool = Fals
             add("other protocol", f"no task recipe '{base}' to compare with")
         else:
             ft = task_cfg.get("finetune") if isinstance(task_cfg.get("finetune"), Mapping) else {}
-            short = _short_finetune(ft, paper.get("finetune") or {}, metrics)
+            paper_ft = paper.get("finetune") or {}
+            short = _short_finetune(ft, paper_ft, metrics)
             if short:
                 add("reduced schedule", short)
-            if ft.get("labeled_cases") is not None:
-                add("other protocol", f"task.finetune.labeled_cases = {ft['labeled_cases']} (the paper: all)")
+            labeled, want = ft.get("labeled_cases"), paper_ft.get("labeled_cases")
+            if "labeled_cases" in ft and not _same_value(labeled, want):
+                add("other protocol", f"task.finetune.labeled_cases = {labeled} "
+                                      f"(the recipe's: {'all' if want is None else want})")
             for section, keys in (("data", SPLIT_KEYS), ("evaluate", SCORING_KEYS)):
                 have = task_cfg.get(section) if isinstance(task_cfg.get(section), Mapping) else {}
                 want = paper.get(section) or {}
@@ -614,6 +617,10 @@ def collect_runs(runs_dir: str | Path):
         init = cfg.get("init") if isinstance(cfg, Mapping) else None
         pre_cfg = (_pretrain_recipe(m, runs_dir)
                    if isinstance(init, Mapping) and init.get("source") == "pretrain" else None)
+        if isinstance(pre_cfg, Mapping):            # what the pre-training read, from its own recipe.yaml too
+            pre_data = pre_cfg.get("data") if isinstance(pre_cfg.get("data"), Mapping) else {}
+            pre_corpus = pre_cfg.get("corpus") if isinstance(pre_cfg.get("corpus"), Mapping) else {}
+            phantom = phantom or bool(pre_data.get("phantom") or pre_corpus.get("phantom"))
         kind, deviations = comparability(cfg, m, phantom=phantom, pretrain_cfg=pre_cfg)
         m_init = m.get("init") if isinstance(m.get("init"), Mapping) else {}
         corpus = ((pre_cfg or {}).get("corpus") or {}).get("name") if isinstance((pre_cfg or {}).get("corpus"), Mapping) \

@@ -161,13 +161,14 @@ def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float =
             "task": task_cfg, "recipe_files": {"task": f"benchmarks/{task}.yaml"}, "init": init}
 
 
-def _pretrain(runs: Path, method: str, seed: int, lam: float) -> tuple[Path, str]:
+def _pretrain(runs: Path, method: str, seed: int, lam: float, phantom: bool = False) -> tuple[Path, str]:
+    corpus = "phantom-corpus" if phantom else "voco-corpus"
     cfg = {"run": {"seed": seed, "preset": "paper", "out": "runs"}, "model": {"name": "swinunetr"},
-           "method": {"name": method, "params": {"lambda": lam}}, "corpus": {"name": "phantom-corpus"}}
+           "method": {"name": method, "params": {"lambda": lam}}, "corpus": {"name": corpus}}
     protocol = recipes.protocol_hash(cfg)
-    rec = RunRecord(runs / "pretrain" / method / "phantom-corpus" / f"{protocol}-s{seed}")
+    rec = RunRecord(runs / "pretrain" / method / corpus / f"{protocol}-s{seed}")
     rec.path.mkdir(parents=True)
-    rec.write_recipe({**cfg, "data": {"root": "/somewhere", "phantom": True}})
+    rec.write_recipe({**cfg, "data": {"root": "/somewhere", "phantom": phantom}})
     atomic_write_json(rec.path / "metrics.json", {"kind": "pretrain", "method": method, "protocol": protocol})
     rec.set_status(state="finished", protocol=protocol)
     return rec.path, protocol
@@ -535,7 +536,7 @@ def test_comparability_rule_by_hand():
     cfg["task"]["evaluate"] = {"empty": {"both": 1.0, "one": 0.0}}
     kind, why = rule(cfg, {"task": "mmwhs"})
     assert kind == "other protocol" and why == [
-        "task.finetune.labeled_cases = 4 (the paper: all)", "task.data.val_last = 4 (the recipe's: 6)",
+        "task.finetune.labeled_cases = 4 (the recipe's: all)", "task.data.val_last = 4 (the recipe's: 6)",
         "task.evaluate.empty = {'both': 1.0, 'one': 0.0} (the recipe's: {'both': nan, 'one': 0.0})"]
     cfg["task"].update(data={"val_last": 6}, evaluate={"empty": {"both": float("nan"), "one": 0}})
     cfg["task"]["finetune"]["labeled_cases"] = None
@@ -581,12 +582,12 @@ def test_the_issue_run_pretrained_on_phantoms_is_phantom_in_the_report(tmp_path)
     # sslbench run --method voco --task btcv --root <real> --preset tiny, pre-trained on phantom-corpus:
     # the fine-tuning record said phantom: false; the report must not put it beside the published 83.85.
     runs = tmp_path / "runs"
-    pre, h = _pretrain(runs, "voco", 0, 1.0)
-    atomic_write_json(pre / "metrics.json", {"kind": "pretrain", "method": "voco", "protocol": h, "phantom": True,
-                                             "steps": 10})
+    pre, h = _pretrain(runs, "voco", 0, 1.0, phantom=True)          # its recipe.yaml: data.phantom true
     write_run(runs, task="btcv", seed=0, dice=0.0572, preset="tiny", steps=10, pretrain_from=pre, pretrain_hash=h)
     df, tables = _tables(runs)
     assert df["phantom"].all() and list(df["comparability"]) == ["phantom"]
+    assert list(df["pretrain_corpus"]) == ["phantom-corpus"]
+    assert "phantom data" in df["deviations"].iloc[0] and "preset tiny" in df["deviations"].iloc[0]
     t3 = tables["table3"]
     assert t3.cell("1.0", "btcv").text() == "83.85"                        # published only
     assert t3.cell("1.0", "btcv@phantom").text() == "PHANTOM 5.72 (n=1)"
