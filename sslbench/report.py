@@ -16,9 +16,18 @@ Rules the tables keep:
   same seed-free hash (``metrics.json: protocol``); recomputing it here keeps records written by other
   versions comparable. Where ``recipe.yaml`` (or the pre-training's) cannot be read, the recorded hash
   is used.
-* **Phantoms are never the real dataset.** Runs on phantom data (``"phantom": true`` in their record)
-  fill a separate column ``<Dataset> (phantom)`` next to the real one, their values are prefixed
-  ``PHANTOM`` in every format, and they are never compared with a published number.
+* **Comparable or not shown as comparable.** One function, ``comparability``, decides where a run stands:
+  beside the published number (with Δ) only when it follows the published protocol (real data in the
+  fine-tuning and its pre-training, ``--preset paper`` for both, the task's and the method's full schedule,
+  the recipe's split, labelled cases and scoring). Every other run fills its own column next to the real one,
+  ``<Dataset> (phantom)``, ``(tiny preset)``, ``(reduced schedule)`` or ``(other protocol)``, never with a Δ.
+* **Phantoms are never the real dataset.** Runs that read phantom data anywhere (``"phantom": true`` in
+  their record, their task's recipe, or their pre-training's record or recipe) fill the ``(phantom)`` column,
+  their values prefixed ``PHANTOM`` in every format.
+* **Scoring eras are not mixed.** A segmentation record without metrics.json's ``scoring`` block was scored
+  before the empty-set rules of 2026-12-03: its group is kept apart and marked ``‡scoring``. HD95 (mm,
+  ``mean_hd95``) gets its own column in the comparison table where runs record it (the supplement publishes
+  no HD95).
 * Dice in records is a fraction; tables are in percent like the paper. Mean ± sample std over seeds
   (runs), Δ = measured mean - published, n = number of runs.
 * **Environments are never mixed silently.** Each run's torch / monai versions (its env.json, and its
@@ -26,6 +35,9 @@ Rules the tables keep:
   span several environments gets a note listing them, and the terminal a warning.
 * Table 6 is published on hidden leaderboard test sets; sslbench evaluates validation splits, so its
   cells stay published-only (the YAML's ``measured: false``).
+
+``--format html`` writes one self-contained page (sslbench/report_html.py); every report output is written
+atomically and world-readable (0644).
 """
 from __future__ import annotations
 
@@ -1194,7 +1206,9 @@ def print_rich(tables: Sequence[Table], console=None) -> None:
                        box=box.SIMPLE_HEAD, caption_justify="left", title_justify="left")
         rt.add_column(Text(table.row_header), style="bold")
         for h in table.headers:
-            rt.add_column(Text(h), justify="right", style="magenta" if h.endswith("(phantom)") else None)
+            apart = any(h.endswith(f"({k})") for k in NOT_COMPARABLE[1:])
+            rt.add_column(Text(h), justify="right",
+                          style="magenta" if h.endswith("(phantom)") else "cyan" if apart else None)
         for row in table.rows:
             out = [Text(row.label)]
             for j, c in enumerate(row.cells):
