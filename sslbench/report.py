@@ -16,9 +16,18 @@ Rules the tables keep:
   same seed-free hash (``metrics.json: protocol``); recomputing it here keeps records written by other
   versions comparable. Where ``recipe.yaml`` (or the pre-training's) cannot be read, the recorded hash
   is used.
-* **Phantoms are never the real dataset.** Runs on phantom data (``"phantom": true`` in their record)
-  fill a separate column ``<Dataset> (phantom)`` next to the real one, their values are prefixed
-  ``PHANTOM`` in every format, and they are never compared with a published number.
+* **Comparable or not shown as comparable.** One function, ``comparability``, decides where a run stands:
+  beside the published number (with Δ) only when it follows the published protocol (real data in the
+  fine-tuning and its pre-training, ``--preset paper`` for both, the task's and the method's full schedule,
+  the recipe's split, labelled cases and scoring). Every other run fills its own column next to the real one,
+  ``<Dataset> (phantom)``, ``(tiny preset)``, ``(reduced schedule)`` or ``(other protocol)``, never with a Δ.
+* **Phantoms are never the real dataset.** Runs that read phantom data anywhere (``"phantom": true`` in
+  their record, their task's recipe, or their pre-training's record or recipe) fill the ``(phantom)`` column,
+  their values prefixed ``PHANTOM`` in every format.
+* **Scoring eras are not mixed.** A segmentation record without metrics.json's ``scoring`` block was scored
+  before the empty-set rules of 2026-12-03: its group is kept apart and marked ``‡scoring``. HD95 (mm,
+  ``mean_hd95``) gets its own column in the comparison table where runs record it (the supplement publishes
+  no HD95).
 * Dice in records is a fraction; tables are in percent like the paper. Mean ± sample std over seeds
   (runs), Δ = measured mean - published, n = number of runs.
 * **Environments are never mixed silently.** Each run's torch / monai versions (its env.json, and its
@@ -26,11 +35,16 @@ Rules the tables keep:
   span several environments gets a note listing them, and the terminal a warning.
 * Table 6 is published on hidden leaderboard test sets; sslbench evaluates validation splits, so its
   cells stay published-only (the YAML's ``measured: false``).
+
+``--format html`` writes one self-contained page (sslbench/report_html.py); every report output is written
+atomically and world-readable (0644).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import errno
+import functools
 import html
 import json
 import math
@@ -42,7 +56,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import recipes
-from .errors import RecipeError, SSLBenchError
+from .errors import RecipeError, RunError, SSLBenchError
 
 DEFAULT_LEADERBOARD = "voco_supplement.yaml"
 METRICS = ("dice", "auc", "nsd")
@@ -59,7 +73,25 @@ MIXED_DATA_MARK = "‡data"
 RUN_COLUMNS = ["task", "task_title", "base_task", "method", "method_recipe", "variant", "seed", "preset",
                "protocol", "run_protocol", "series", "phantom", "metric", "mean_dice", "score", "lambda",
                "n_cases", "finished", "env", "path", "labeled_cases", "finetune_protocol", "finetune_family",
-               "pretrain_steps", "data", "data_fingerprint"]
+               "pretrain_steps", "data", "data_fingerprint", "comparability", "deviations", "old_scoring",
+               "pretrain_run", "pretrain_corpus"]
+
+#: Where a measured run may stand (see ``comparability``): "" = beside the published number, with a Δ; any other
+#: kind fills its own column ``<header> (<kind>)``, never compared with a published number. In priority order:
+#: a run that is several of them is filed under the first.
+NOT_COMPARABLE = ("phantom", "tiny preset", "reduced schedule", "other protocol")
+COMPARABLE = ""
+#: A segmentation record without metrics.json's ``scoring`` block was scored before the empty-set rules
+#: (issue 19): marked, and never pooled with records scored under them.
+OLD_SCORING_MARK = "‡scoring"
+OLD_SCORING_NOTE = ("scored before the empty-set rules of 2026-12-03 (its metrics.json has no scoring block: a "
+                    "structure absent from truth or prediction may count differently); kept apart from runs "
+                    "scored under the rules")
+#: task.data keys that define the published split, and task.evaluate keys that define how a metric is scored
+SPLIT_KEYS = ("datalist", "train_split", "val_split", "val_ids", "val_last", "val_fold", "folds_dir",
+              "pretrain_fraction")
+SCORING_KEYS = ("empty", "hd95_empty", "nsd_tolerance")
+SEGMENTATION_METRICS = ("dice", "nsd", "hd95")
 
 
 # ==================================================================================================
@@ -425,13 +457,140 @@ def _recorded_fingerprint(folder: Path) -> str | None:
     return data.get("fingerprint") if isinstance(data, Mapping) else None
 
 
+# --------------------------------------------------------------------------------------------------
+# Comparable or not: may a measured run stand beside a published number?
+# --------------------------------------------------------------------------------------------------
+def _paper_recipe(kind: str, name: str) -> dict | None:
+    """A task ("benchmarks") or method ("methods") recipe at the paper preset (its ``presets.paper`` applied);
+    None when there is no such recipe. Cached: read-only."""
+    return _paper_recipe_cached(kind, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _paper_recipe_cached(kind: str, name: str) -> dict | None:
+    try:
+        data = recipes.load_task(name) if kind == "benchmarks" else recipes.load_method(name)
+    except SSLBenchError:
+        return None
+    data = copy.deepcopy(data)
+    for key, value in ((data.get("presets") or {}).get("paper") or {}).items():
+        recipes.set_dotted(data, key, value, data.get("_file", name), parse=False)
+    return data
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal recipe values, NaN (or YAML's 'nan') equal to NaN, 1 equal to 1.0."""
+    def norm(v):
+        if isinstance(v, str) and v.strip().lower() == "nan":
+            return math.nan
+        return v
+    a, b = norm(a), norm(b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return set(a) == set(b) and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    return a == b
+
+
+def _short_finetune(ft: Mapping, paper: Mapping, metrics: Mapping) -> str | None:
+    """Why a fine-tuning schedule is shorter than the paper recipe's (None when it is not)."""
+    p_max, r_max = paper.get("max_steps") or 0, ft.get("max_steps") or 0
+    steps = metrics.get("steps") if isinstance(metrics.get("steps"), int) else None
+    if p_max:
+        done = r_max or steps
+        if done is None or done < p_max:
+            return f"task.finetune.max_steps = {done} < the recipe's {p_max}"
+        return None
+    p_epochs = int(paper.get("epochs") or 0)
+    if r_max:
+        cases = metrics.get("train_cases")
+        batch = int(ft.get("batch_size") or paper.get("batch_size") or 1)
+        if isinstance(cases, int) and cases > 0:
+            need = p_epochs * math.ceil(cases / batch)
+            if (steps or r_max) < need:
+                return (f"task.finetune.max_steps = {r_max} < the recipe's {p_epochs} epochs "
+                        f"({need} steps on {cases} training cases)")
+            return None
+        return f"task.finetune.max_steps = {r_max} instead of the recipe's {p_epochs} epochs"
+    epochs = ft.get("epochs", p_epochs)
+    if isinstance(epochs, (int, float)) and epochs < p_epochs:
+        return f"task.finetune.epochs = {epochs} < the recipe's {p_epochs}"
+    return None
+
+
+def comparability(cfg: Mapping | None, metrics: Mapping, *, phantom: bool = False,
+                  pretrain_cfg: Mapping | None = None) -> tuple[str, list[str]]:
+    """The one rule that decides whether a run may stand beside a published number: ``(kind, reasons)``.
+
+    ``kind`` is COMPARABLE ("") when the run follows the published protocol: real data everywhere (task and
+    pre-training), ``--preset paper`` for the fine-tuning and its pre-training, the task's full fine-tuning
+    schedule (no ``max_steps`` / ``epochs`` shorter than the recipe's at the paper preset) and the method's
+    full pre-training (``method.pretrain.steps``), every labelled case, the recipe's split (``task.data``:
+    SPLIT_KEYS) and scoring (``task.evaluate``: SCORING_KEYS). Otherwise it is the first of NOT_COMPARABLE
+    that applies ("phantom", "tiny preset", "reduced schedule", "other protocol"), and ``reasons`` lists every
+    deviation found, in that order, as one-line texts. A recipe key missing from an older record counts as
+    the recipe's; an unreadable recipe.yaml is "other protocol" (nothing can be checked).
+    """
+    found: dict[str, list[str]] = {}
+
+    def add(kind: str, why: str) -> None:
+        found.setdefault(kind, []).append(why)
+
+    if phantom:
+        add("phantom", "phantom data (the task's or its pre-training's)")
+    if not isinstance(cfg, Mapping):
+        add("other protocol", "recipe.yaml unreadable: the protocol cannot be checked")
+    else:
+        preset = (cfg.get("run") or {}).get("preset") or metrics.get("preset")
+        if preset != "paper":
+            add("tiny preset", f"preset {preset}")
+        task_cfg = cfg.get("task") if isinstance(cfg.get("task"), Mapping) else {}
+        base = _base_task(str(metrics.get("task") or task_cfg.get("name") or ""), cfg)
+        paper = _paper_recipe("benchmarks", base)
+        if paper is None:
+            add("other protocol", f"no task recipe '{base}' to compare with")
+        else:
+            ft = task_cfg.get("finetune") if isinstance(task_cfg.get("finetune"), Mapping) else {}
+            paper_ft = paper.get("finetune") or {}
+            short = _short_finetune(ft, paper_ft, metrics)
+            if short:
+                add("reduced schedule", short)
+            labeled, want = ft.get("labeled_cases"), paper_ft.get("labeled_cases")
+            if "labeled_cases" in ft and not _same_value(labeled, want):
+                add("other protocol", f"task.finetune.labeled_cases = {labeled} "
+                                      f"(the recipe's: {'all' if want is None else want})")
+            for section, keys in (("data", SPLIT_KEYS), ("evaluate", SCORING_KEYS)):
+                have = task_cfg.get(section) if isinstance(task_cfg.get(section), Mapping) else {}
+                want = paper.get(section) or {}
+                for k in keys:
+                    if k in have and not _same_value(have[k], want.get(k)):
+                        add("other protocol", f"task.{section}.{k} = {have[k]!r} (the recipe's: {want.get(k)!r})")
+    if isinstance(pretrain_cfg, Mapping):
+        pre_preset = (pretrain_cfg.get("run") or {}).get("preset")
+        if pre_preset != "paper":
+            add("tiny preset", f"pre-training preset {pre_preset}")
+        method = pretrain_cfg.get("method") if isinstance(pretrain_cfg.get("method"), Mapping) else {}
+        steps = (method.get("pretrain") or {}).get("steps") if isinstance(method.get("pretrain"), Mapping) else None
+        recipe = _paper_recipe("methods", str(method.get("name"))) if method.get("name") else None
+        want = ((recipe or {}).get("pretrain") or {}).get("steps")
+        if isinstance(steps, int) and isinstance(want, int) and steps < want:
+            add("reduced schedule", f"method.pretrain.steps = {steps} < the recipe's {want}")
+    kind = next((k for k in NOT_COMPARABLE if k in found), COMPARABLE)
+    return kind, [why for k in NOT_COMPARABLE for why in found.get(k, [])]
+
+
 def collect_runs(runs_dir: str | Path):
     """One row per finished fine-tuning run under ``runs_dir/finetune/**`` (a pandas DataFrame).
 
     Columns: RUN_COLUMNS plus ``dice:<class>`` per foreground class (fractions, as recorded). ``env`` names the
     torch / monai versions of the run and of its pre-training (from their env.json, see run_environment). A run that
     records NSD too (``metrics`` lists ``nsd``) has a second row with ``metric`` nsd, ``score`` its mean_nsd
-    and its per-class NSD in the ``dice:<class>`` columns.
+    and its per-class NSD in the ``dice:<class>`` columns; one recording HD95 a row with ``metric`` hd95 (mm).
+    ``comparability`` is the run's kind from ``comparability`` ("" = may stand beside a published number),
+    ``deviations`` its reasons; ``old_scoring`` marks a segmentation record scored before the empty-set rules
+    (no ``scoring`` block); ``pretrain_run`` / ``pretrain_corpus`` name the pre-training it started from.
     ``protocol`` is the seed-free protocol (see the module docstring), ``run_protocol`` the recorded hash,
     ``series`` the protocol without λ (what a λ curve joins), ``data`` / ``data_fingerprint`` the root and the
     fingerprint of the data it read (metrics.json or data.json; None before runs recorded them), ``score`` the recorded mean of the run's
@@ -465,6 +624,19 @@ def collect_runs(runs_dir: str | Path):
         metric = str(m.get("metric") or "dice")
         task_cfg = (cfg or {}).get("task") or {}
         pre_phantom, pre_steps = _pretrain_facts(m, runs_dir)
+        phantom = (bool(m.get("phantom")) or bool(task_cfg.get("phantom") if isinstance(task_cfg, Mapping) else False)
+                   or pre_phantom)
+        init = cfg.get("init") if isinstance(cfg, Mapping) else None
+        pre_cfg = (_pretrain_recipe(m, runs_dir)
+                   if isinstance(init, Mapping) and init.get("source") == "pretrain" else None)
+        if isinstance(pre_cfg, Mapping):            # what the pre-training read, from its own recipe.yaml too
+            pre_data = pre_cfg.get("data") if isinstance(pre_cfg.get("data"), Mapping) else {}
+            pre_corpus = pre_cfg.get("corpus") if isinstance(pre_cfg.get("corpus"), Mapping) else {}
+            phantom = phantom or bool(pre_data.get("phantom") or pre_corpus.get("phantom"))
+        kind, deviations = comparability(cfg, m, phantom=phantom, pretrain_cfg=pre_cfg)
+        m_init = m.get("init") if isinstance(m.get("init"), Mapping) else {}
+        corpus = ((pre_cfg or {}).get("corpus") or {}).get("name") if isinstance((pre_cfg or {}).get("corpus"), Mapping) \
+            else m_init.get("corpus")
         row = {
             "task": m["task"],
             "task_title": m.get("task_title") or m["task"],
@@ -477,8 +649,7 @@ def collect_runs(runs_dir: str | Path):
             "protocol": protocol,
             "run_protocol": recorded,
             "series": series,
-            "phantom": (bool(m.get("phantom")) or bool(task_cfg.get("phantom") if isinstance(task_cfg, Mapping) else False)
-                        or pre_phantom),
+            "phantom": phantom,
             "metric": metric,
             "mean_dice": _float(m.get("mean_dice")),
             "score": _float(m.get(f"mean_{metric}")),
@@ -491,18 +662,26 @@ def collect_runs(runs_dir: str | Path):
             "pretrain_steps": pre_steps,
             "data": m.get("data_root"),
             "data_fingerprint": m.get("data_fingerprint") or _recorded_fingerprint(folder),
+            "comparability": kind,
+            "deviations": "; ".join(deviations),
+            "old_scoring": metric in SEGMENTATION_METRICS and not isinstance(m.get("scoring"), Mapping),
+            "pretrain_run": m_init.get("pretrain_run"),
+            "pretrain_corpus": corpus,
         }
         for cls, v in (m.get("per_class") or {}).items():
             row[f"dice:{cls}"] = _float(v)
         rows.append(row)
-        if "nsd" in (m.get("metrics") or ()) and m.get("mean_nsd") is not None:
-            # Runs scored with NSD as well (metrics.json: mean_nsd, per_class_nsd) give a second row whose
-            # metric is nsd; its per-class columns (same "dice:<class>" names) hold the per-class NSD.
-            nsd_row = {k: v for k, v in row.items() if not k.startswith("dice:")}
-            nsd_row.update({"metric": "nsd", "score": _float(m.get("mean_nsd"))})
-            for cls, v in (m.get("per_class_nsd") or {}).items():
-                nsd_row[f"dice:{cls}"] = _float(v)
-            rows.append(nsd_row)
+        for extra in ("nsd", "hd95"):
+            # Runs scored with NSD / HD95 as well (metrics.json: mean_nsd, per_class_nsd, mean_hd95 in mm, ...)
+            # give one more row each whose metric is nsd / hd95; its per-class columns (same "dice:<class>"
+            # names) hold the per-class values.
+            if extra not in (m.get("metrics") or ()) or m.get(f"mean_{extra}") is None:
+                continue
+            extra_row = {k: v for k, v in row.items() if not k.startswith("dice:")}
+            extra_row.update({"metric": extra, "score": _float(m.get(f"mean_{extra}"))})
+            for cls, v in (m.get(f"per_class_{extra}") or {}).items():
+                extra_row[f"dice:{cls}"] = _float(v)
+            rows.append(extra_row)
     df = pd.DataFrame(rows)
     for col in RUN_COLUMNS:
         if col not in df.columns:
@@ -529,6 +708,8 @@ class Group:
     paths: list[str] = field(default_factory=list)
     envs: list[str] = field(default_factory=list)
     fingerprints: list[str | None] = field(default_factory=list)
+    #: scored before the empty-set rules (no ``scoring`` block in metrics.json): marked OLD_SCORING_MARK
+    old_scoring: bool = False
 
     @property
     def mixed_env(self) -> bool:
@@ -555,20 +736,33 @@ class Group:
         if self.lam is not None and math.isfinite(self.lam):
             parts.append(f"λ={self.lam:g}")
         parts.append(f"p:{self.protocol[:6]}")
+        if self.old_scoring:
+            parts.append("old scoring")
         return ", ".join(parts)
 
 
 @dataclass
 class Cell:
-    """A published value (or none) and the measured protocol groups of one table cell."""
+    """A published value (or none) and the measured protocol groups of one table cell.
+
+    ``kind`` is the comparability of the cell's column: COMPARABLE ("") beside the published value, or one of
+    NOT_COMPARABLE (the cell then holds no published value and its groups get no Δ)."""
 
     metric: str = "dice"
     published: float | None = None
     digits: int = 2
     marks: tuple[str, ...] = ()
     source: str | None = None
-    phantom: bool = False
+    kind: str = COMPARABLE
     groups: list[Group] = field(default_factory=list)
+
+    @property
+    def phantom(self) -> bool:
+        return self.kind == "phantom"
+
+    @property
+    def comparable(self) -> bool:
+        return self.kind == COMPARABLE
 
     @property
     def mixed_data(self) -> bool:
@@ -581,7 +775,7 @@ class Cell:
         return "".join(self.marks) + f"{self.published:.{self.digits}f}"
 
     def diff(self, g: Group) -> float | None:
-        if self.phantom or self.published is None:
+        if not self.comparable or self.published is None:
             return None
         return g.mean - self.published
 
@@ -614,13 +808,15 @@ class Cell:
             s += f" {MIXED_ENV_MARK}"
         if self.mixed_data:
             s += f" {MIXED_DATA_MARK}"
+        if g.old_scoring:
+            s += f" {OLD_SCORING_MARK}"
         if len(self.groups) > 1:
             s += f" [{g.label()}]"
         return s
 
     def text(self) -> str:
         measured = "; ".join(self.group_text(g) for g in self.groups)
-        if self.phantom:
+        if not self.comparable:
             return measured or NO_VALUE
         if not measured:
             return self.published_text()
@@ -665,11 +861,20 @@ class Table:
         return pd.DataFrame(self.text_rows(), columns=[self.row_header] + self.headers)
 
 
-def _select(runs_df, *, method: str, task: str, metric: str, phantom: bool, params: Mapping | None = None):
+def _of_kind(runs_df, kind: str):
+    """The rows whose comparability is ``kind`` (a row without one, from a frame built by hand: phantom or
+    comparable by its phantom flag)."""
+    col = runs_df["phantom"].astype(bool).map({True: "phantom", False: COMPARABLE})
+    if "comparability" in runs_df.columns:
+        col = runs_df["comparability"].where(runs_df["comparability"].notna(), col)
+    return col == kind
+
+
+def _select(runs_df, *, method: str, task: str, metric: str, kind: str, params: Mapping | None = None):
     if runs_df is None or len(runs_df) == 0:
         return runs_df.iloc[0:0] if runs_df is not None else None
     sel = runs_df[(runs_df["method"] == method) & (runs_df["base_task"] == task) & (runs_df["metric"] == metric)
-                  & (runs_df["phantom"].astype(bool) == phantom)]
+                  & _of_kind(runs_df, kind)]
     for k, v in (params or {}).items():
         col = "lambda" if k == "lambda" else k
         if col not in sel.columns:
@@ -678,30 +883,46 @@ def _select(runs_df, *, method: str, task: str, metric: str, phantom: bool, para
     return sel
 
 
-def _groups(sel, value_col: str) -> list[Group]:
+def _groups(sel, value_col: str, scale: float = 100.0) -> list[Group]:
+    """The cell's runs grouped by protocol (and by scoring era: records scored before the empty-set rules
+    are a group of their own); values times ``scale`` (percent; 1 for HD95 in mm)."""
     if sel is None or len(sel) == 0 or value_col not in sel.columns:
         return []
-    sel = sel[sel[value_col].notna()]
+    sel = sel[sel[value_col].notna()].copy()
+    sel["_old"] = sel["old_scoring"].fillna(False).astype(bool) if "old_scoring" in sel.columns else False
     groups = []
-    for protocol, part in sel.groupby("protocol", sort=True):
+    for (protocol, old), part in sel.groupby(["protocol", "_old"], sort=True):
         lam = part["lambda"].dropna()
-        groups.append(Group(protocol=str(protocol), values=[100.0 * float(v) for v in part[value_col]],
+        groups.append(Group(protocol=str(protocol), values=[scale * float(v) for v in part[value_col]],
+                            old_scoring=bool(old),
                             seeds=list(part["seed"]), preset=next(iter(part["preset"].dropna()), None),
                             lam=float(lam.iloc[0]) if len(lam) else None, series=str(part["series"].iloc[0]),
                             paths=list(part["path"]),
                             envs=[str(e) for e in part["env"]] if "env" in part.columns else [],
                             fingerprints=([None if f is None or f != f else str(f) for f in part["data_fingerprint"]]
                                           if "data_fingerprint" in part.columns else [])))
-    groups.sort(key=lambda g: (-g.n, g.protocol))
+    groups.sort(key=lambda g: (g.old_scoring, -g.n, g.protocol))
     return groups
 
 
-def _has_runs(runs_df, task: str, metric: str, phantom: bool, methods: Iterable[str]) -> bool:
+def _has_runs(runs_df, task: str, metric: str, kind: str, methods: Iterable[str]) -> bool:
     if runs_df is None or len(runs_df) == 0:
         return False
     sel = runs_df[(runs_df["base_task"] == task) & (runs_df["metric"] == metric)
-                  & (runs_df["phantom"].astype(bool) == phantom) & runs_df["method"].isin(list(methods))]
+                  & _of_kind(runs_df, kind) & runs_df["method"].isin(list(methods))]
     return len(sel) > 0
+
+
+def _kind_suffix(kind: str) -> tuple[str, str]:
+    """(column id suffix, header suffix) of a comparability kind: ('', '') for comparable runs,
+    ('@phantom', ' (phantom)'), ('@tiny-preset', ' (tiny preset)'), ..."""
+    if kind == COMPARABLE:
+        return "", ""
+    return "@" + kind.replace(" ", "-"), f" ({kind})"
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric == "hd95" else 100.0
 
 
 def _fmt_title(spec: Mapping) -> str:
@@ -712,6 +933,15 @@ _PARAM_NAMES = {"lambda": "λ"}
 
 CELL_LEGEND = ("cells: published / measured mean ± std over seeds (Δ = measured - published, n = runs); "
                "Dice and AUC in %")
+#: what a column of each NOT_COMPARABLE kind holds (its table note)
+KIND_NOTES = {
+    "tiny preset": "(tiny preset) columns: runs at --preset tiny (or from a tiny-preset pre-training): small "
+                   "model, ROI and schedule for CPUs; never compared with a published number",
+    "reduced schedule": "(reduced schedule) columns: runs at the paper preset that fine-tuned (or pre-trained) "
+                        "for fewer steps than the recipe; never compared with a published number",
+    "other protocol": "(other protocol) columns: runs that changed the published split, labelled cases or "
+                      "scoring; never compared with a published number",
+}
 
 
 def _measurement_notes(table: Table) -> list[str]:
@@ -725,6 +955,13 @@ def _measurement_notes(table: Table) -> list[str]:
     if any(c.phantom and c.groups for c in cells):
         notes.append("PHANTOM: measured on procedurally generated phantom data, not the real dataset; never "
                      "compared with a published number")
+    for kind, note in KIND_NOTES.items():
+        if any(c.kind == kind and c.groups for c in cells):
+            notes.append(note)
+    if any(c.metric == "hd95" and c.groups for c in cells):
+        notes.append("HD95 columns: 95th-percentile Hausdorff distance in mm (lower is better), mean over cases")
+    if any(g.old_scoring for c in cells for g in c.groups):
+        notes.append(f"{OLD_SCORING_MARK}: {OLD_SCORING_NOTE}")
     notes += environment_notes([g for c in cells for g in c.groups])
     if any(c.mixed_data for c in cells):
         notes.append(f"{MIXED_DATA_MARK}: this cell's runs read different data (another root or changed files: "
@@ -754,33 +991,33 @@ def environment_notes(groups: Sequence[Group]) -> list[str]:
 
 def _results_table(spec: Mapping, runs_df) -> Table:
     methods = {r["method"] for r in spec["rows"]}
-    cols: list[tuple[dict, bool]] = []
+    cols: list[tuple[dict, str]] = []
     for col in spec["columns"]:
-        cols.append((col, False))
-        if spec["measured"] and _has_runs(runs_df, col["task"], col["metric"], True, methods):
-            cols.append((col, True))
+        cols.append((col, COMPARABLE))
+        cols += [(col, kind) for kind in NOT_COMPARABLE
+                 if spec["measured"] and _has_runs(runs_df, col["task"], col["metric"], kind, methods)]
     rows = []
     for r in spec["rows"]:
         cells = []
         cls = r.get("class")
         value_col = "score" if cls in (None, "mean") else f"dice:{cls}"
-        for col, phantom in cols:
-            cell = Cell(metric=col["metric"], phantom=phantom, digits=spec["digits"])
+        for col, kind in cols:
+            cell = Cell(metric=col["metric"], kind=kind, digits=spec["digits"])
             pub = r["cells"].get(col["id"])
-            if pub is not None and not phantom:
+            if pub is not None and kind == COMPARABLE:
                 cell.published = float(pub["value"])
                 cell.digits = int(pub.get("digits", spec["digits"]))
                 cell.marks = tuple(pub["marks"])
                 cell.source = pub["source"]
             if spec["measured"]:
-                sel = _select(runs_df, method=r["method"], task=col["task"], metric=col["metric"], phantom=phantom,
+                sel = _select(runs_df, method=r["method"], task=col["task"], metric=col["metric"], kind=kind,
                               params=r.get("params", spec.get("params")))
-                cell.groups = _groups(sel, value_col)
+                cell.groups = _groups(sel, value_col, _scale(col["metric"]))
             cells.append(cell)
         rows.append(Row(id=r["id"], label="".join(r.get("marks", ())) + r["label"], cells=cells))
     table = Table(id=spec["id"], title=_fmt_title(spec), caption=spec["caption"], row_header=spec["row_header"],
-                  column_ids=[c["id"] + ("@phantom" if ph else "") for c, ph in cols],
-                  headers=[c["header"] + (" (phantom)" if ph else "") for c, ph in cols], rows=rows)
+                  column_ids=[c["id"] + _kind_suffix(k)[0] for c, k in cols],
+                  headers=[c["header"] + _kind_suffix(k)[1] for c, k in cols], rows=rows)
     notes = [f"Source: {spec['source']}. Evaluated on: {spec['evaluated_on']}."]
     if spec["measured"] and spec.get("params"):
         notes.append("Measured runs counted: " + ", ".join(f"{_PARAM_NAMES.get(k, k)} = {v:g}"
@@ -827,11 +1064,18 @@ def _comparison_table(spec: Mapping, tables: Mapping[str, Mapping], runs_df) -> 
         for name in sorted(set(runs_df["base_task"]) - known):
             metric = str(runs_df[runs_df["base_task"] == name]["metric"].iloc[0])
             tasks.append({"task": name, "header": _task_title(name, runs_df), "metric": metric})
-    cols: list[tuple[dict, bool]] = []
+    if len(runs_df):
+        # HD95 (mm; no published value in the supplement): a column after the task's own where runs record it
+        with_hd95 = []
+        for t in tasks:
+            with_hd95.append(t)
+            if t["metric"] != "hd95" and len(runs_df[(runs_df["base_task"] == t["task"]) & (runs_df["metric"] == "hd95")]):
+                with_hd95.append({"task": t["task"], "header": f"{t['header']} HD95 (mm)", "metric": "hd95"})
+        tasks = with_hd95
+    cols: list[tuple[dict, str]] = []
     for t in tasks:
-        cols.append((t, False))
-        if _has_runs(runs_df, t["task"], t["metric"], True, methods):
-            cols.append((t, True))
+        cols.append((t, COMPARABLE))
+        cols += [(t, kind) for kind in NOT_COMPARABLE if _has_runs(runs_df, t["task"], t["metric"], kind, methods)]
     published = {}
     for p in spec["published"]:
         src = tables[p["ref"]["table"]]
@@ -842,22 +1086,23 @@ def _comparison_table(spec: Mapping, tables: Mapping[str, Mapping], runs_df) -> 
     rows = []
     for method in methods:
         cells = []
-        for t, phantom in cols:
-            cell = Cell(metric=t["metric"], phantom=phantom)
-            ref = published.get((method, t["task"]))
-            if ref is not None and not phantom:
+        for t, kind in cols:
+            cell = Cell(metric=t["metric"], kind=kind)
+            ref = published.get((method, t["task"])) if t["metric"] != "hd95" else None
+            if ref is not None and kind == COMPARABLE:
                 pub, src = ref
                 cell.published = float(pub["value"])
                 cell.digits = int(pub.get("digits", src["digits"]))
                 cell.marks = tuple(pub["marks"])
                 cell.source = pub["source"]
             cell.groups = _groups(_select(runs_df, method=method, task=t["task"], metric=t["metric"],
-                                          phantom=phantom, params=method_params.get(method)), "score")
+                                          kind=kind, params=method_params.get(method)), "score", _scale(t["metric"]))
             cells.append(cell)
         rows.append(Row(id=method, label=method, cells=cells))
     table = Table(id=spec["id"], title=spec["title"], caption=spec["caption"], row_header="Method",
-                  column_ids=[t["task"] + ("@phantom" if ph else "") for t, ph in cols],
-                  headers=[t["header"] + (" (phantom)" if ph else "") for t, ph in cols], rows=rows)
+                  column_ids=[t["task"] + (":hd95" if t["metric"] == "hd95" else "") + _kind_suffix(k)[0]
+                              for t, k in cols],
+                  headers=[t["header"] + _kind_suffix(k)[1] for t, k in cols], rows=rows)
     sources = sorted({c.source for r in rows for c in r.cells if c.source})
     table.notes = ["Published cells: " + " | ".join(sources) + "."]
     table.notes += [f"Measured {m} runs counted: " + ", ".join(f"{_PARAM_NAMES.get(k, k)} = {v:g}" for k, v in p.items())
@@ -961,7 +1206,9 @@ def print_rich(tables: Sequence[Table], console=None) -> None:
                        box=box.SIMPLE_HEAD, caption_justify="left", title_justify="left")
         rt.add_column(Text(table.row_header), style="bold")
         for h in table.headers:
-            rt.add_column(Text(h), justify="right", style="magenta" if h.endswith("(phantom)") else None)
+            apart = any(h.endswith(f"({k})") for k in NOT_COMPARABLE[1:])
+            rt.add_column(Text(h), justify="right",
+                          style="magenta" if h.endswith("(phantom)") else "cyan" if apart else None)
         for row in table.rows:
             out = [Text(row.label)]
             for j, c in enumerate(row.cells):
@@ -969,13 +1216,13 @@ def print_rich(tables: Sequence[Table], console=None) -> None:
                     out.append(Text(str(c)))
                     continue
                 text = Text()
-                if not c.phantom:
+                if c.comparable:
                     text.append(c.published_text(), style=None if c.groups else _RICH_STYLE["grey"])
                 for k, g in enumerate(c.groups):
-                    text.append(" / " if k == 0 and not c.phantom else "\n" if k else "")
+                    text.append(" / " if k == 0 and c.comparable else "\n" if k else "")
                     text.append(c.group_text(g), style=_RICH_STYLE[c.agreement(g)])
                     regression.append((table.title.split(":")[0], row.label, table.headers[j], c, g))
-                if c.phantom and not c.groups:
+                if not c.comparable and not c.groups:
                     text.append(NO_VALUE, style=_RICH_STYLE["grey"])
                 out.append(text)
             rt.add_row(*out)
@@ -989,7 +1236,7 @@ def print_rich(tables: Sequence[Table], console=None) -> None:
             style = _RICH_STYLE[c.agreement(g)]
             d = c.diff(g)
             measured = ("PHANTOM " if c.phantom else "") + f"{g.mean:.2f}" + (f" ± {g.std:.2f}" if g.n > 1 else "")
-            rt.add_row(Text(tname), Text(rlabel), Text(col), NO_VALUE if c.phantom else c.published_text(), Text(measured, style=style),
+            rt.add_row(Text(tname), Text(rlabel), Text(col), NO_VALUE if not c.comparable else c.published_text(), Text(measured, style=style),
                        Text(NO_VALUE if d is None else f"{d:+.2f}", style=style), str(g.n), g.preset or "",
                        g.protocol[:12])
         console.print(rt)
@@ -998,17 +1245,47 @@ def print_rich(tables: Sequence[Table], console=None) -> None:
 # ==================================================================================================
 # Plots
 # ==================================================================================================
+#: report outputs are for everyone to read (mkstemp alone would leave them 0600, the owner's only)
+OUTPUT_MODE = 0o644
+
+
+def write_public(path: str | Path, data: bytes | str) -> None:
+    """Write a report output atomically (temporary file, then rename) and world-readable (OUTPUT_MODE)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, OUTPUT_MODE)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"disk full writing {path}") from None
+        raise
+
+
 def _save_png(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.chmod(tmp, OUTPUT_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _plot_kind(cell: Cell) -> str:
+    """A plot's legend word for a column: 'measured', 'PHANTOM' or the kind ('tiny preset', ...)."""
+    return "measured" if cell.comparable else "PHANTOM" if cell.phantom else cell.kind
 
 
 def plots(tables: Sequence[Table], runs_df, out_dir: str | Path) -> list[Path]:
@@ -1042,7 +1319,7 @@ def plots(tables: Sequence[Table], runs_df, out_dir: str | Path) -> list[Path]:
                 pts.sort(key=lambda p: p[0])
                 ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
                             yerr=[0.0 if p[1].n < 2 else p[1].std for p in pts], marker="s", capsize=4,
-                            label=("PHANTOM " if cells[0].phantom else "measured ") + name.strip())
+                            label=_plot_kind(cells[0]) + " " + name.strip())
             ax.set_title(t3.headers[j])
             ax.set_xlabel("λ")
             ax.set_ylabel("Dice (%)")
@@ -1069,7 +1346,7 @@ def plots(tables: Sequence[Table], runs_df, out_dir: str | Path) -> list[Path]:
                     keys.setdefault(g.protocol, {})[i] = g
             for protocol, by_row in sorted(keys.items()):
                 some = next(iter(by_row.values()))
-                name = f"{'PHANTOM' if t5.rows[0].cells[j].phantom else 'measured'} [{some.label()}]"
+                name = f"{_plot_kind(t5.rows[0].cells[j])} [{some.label()}]"
                 bars.append((name, [by_row[i].mean if i in by_row else math.nan for i in range(len(labels))],
                              [by_row[i].std if i in by_row and by_row[i].n > 1 else 0.0 for i in range(len(labels))]))
         width = 0.8 / len(bars)
@@ -1105,21 +1382,28 @@ def fill_hints(runs: str) -> list[str]:
     ]
 
 
-def write_outputs(tables: Sequence[Table], runs_df, out_dir: str | Path, fmt: str) -> list[Path]:
-    """One file per table (<id>.md|tex|html|csv) plus the PNGs, each written atomically."""
-    from .records import atomic_write_text
-
-    out_dir = Path(out_dir)
-    written = []
-    for t in tables:
-        path = out_dir / f"{t.id}.{EXTENSIONS[fmt]}"
-        atomic_write_text(path, render_table(t, fmt))
-        written.append(path)
-    written += plots(tables, runs_df, out_dir)
+def write_outputs(tables: Sequence[Table], runs_df, out_dir: str | Path, fmt: str,
+                  source: str | None = None) -> list[Path]:
+    """The PNGs, then one file per table (<id>.md|tex|csv), or for html the one self-contained page
+    ``index.html`` (every table, the plots inline, notes and provenance: sslbench/report_html.py); each file
+    written atomically and world-readable (OUTPUT_MODE)."""
     from .efficiency import label_efficiency_plot
 
-    written += label_efficiency_plot(runs_df, out_dir)
-    return written
+    out_dir = Path(out_dir)
+    images = plots(tables, runs_df, out_dir) + label_efficiency_plot(runs_df, out_dir)
+    written = []
+    if fmt == "html":
+        from .report_html import page
+
+        path = out_dir / "index.html"
+        write_public(path, page(tables, runs_df, [(p.name, p.read_bytes()) for p in images], source=source))
+        written.append(path)
+    else:
+        for t in tables:
+            path = out_dir / f"{t.id}.{EXTENSIONS[fmt]}"
+            write_public(path, render_table(t, fmt))
+            written.append(path)
+    return written + images
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1131,7 +1415,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="folder of run records (default: runs)")
     p.add_argument("--format", choices=FORMATS + ("rich",), default=None,
                    help="md | latex | html | csv (default: a coloured terminal table on a terminal, else md)")
-    p.add_argument("--out", help="write one file per table (and PNG plots) to this folder instead of printing")
+    p.add_argument("--out", help="write one file per table (html: one page, index.html) and the PNG plots to this "
+                                 "folder instead of printing")
     p.add_argument("--published", help=f"leaderboard YAML (default: leaderboards/{DEFAULT_LEADERBOARD})")
     return p
 
@@ -1156,12 +1441,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             fmt = args.format or "md"
             if fmt == "rich":
                 raise RecipeError("--format rich: only for the terminal; with --out use md, latex, html or csv")
-            for path in write_outputs(tables, runs_df, args.out, fmt):
+            for path in write_outputs(tables, runs_df, args.out, fmt, source=args.runs):
                 print(f"written: {path}")
         else:
             fmt = args.format or ("rich" if sys.stdout.isatty() else "md")
             if fmt == "rich":
                 print_rich(tables)
+            elif fmt == "html":                    # the whole page, plots inline
+                from .report_html import page
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    from .efficiency import label_efficiency_plot
+
+                    images = plots(tables, runs_df, tmp) + label_efficiency_plot(runs_df, tmp)
+                    sys.stdout.write(page(tables, runs_df, [(p.name, p.read_bytes()) for p in images],
+                                          source=args.runs))
+                sys.stdout.flush()
             else:
                 sys.stdout.write(render(tables, fmt))
                 sys.stdout.flush()

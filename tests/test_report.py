@@ -146,11 +146,11 @@ def test_published_sources_marks_and_task_names(published, empty_tables):
 # --------------------------------------------------------------------------------------------------
 # Fake run folders, written the way sslbench/protocol.py writes them
 # --------------------------------------------------------------------------------------------------
-def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float = 2e-3, preset: str = "tiny",
-         init: dict | None = None, phantom: bool = False, labeled: int | None = None, steps: int = 120) -> dict:
+def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float = 2e-3, preset: str = "paper",
+         init: dict | None = None, phantom: bool = False, labeled: int | None = None, steps: int | None = None) -> dict:
     params = {"variant": "paper", "n": 4} | ({"lambda": lam} if lam is not None else {})
     task_cfg = {"name": task, "title": "MM-WHS (phantom)" if phantom else "MM-WHS (CT)", "kind": "segmentation",
-                "classes": MMWHS_CLASSES, "phantom": phantom, "finetune": {"lr": lr, "max_steps": steps}}
+                "classes": MMWHS_CLASSES, "phantom": phantom, "finetune": {"lr": lr, "epochs": 1000, "max_steps": steps}}
     if labeled is not None:
         task_cfg["finetune"]["labeled_cases"] = labeled
     if phantom:
@@ -161,13 +161,14 @@ def _cfg(method: str, task: str, seed: int, lam: float | None = 1.0, lr: float =
             "task": task_cfg, "recipe_files": {"task": f"benchmarks/{task}.yaml"}, "init": init}
 
 
-def _pretrain(runs: Path, method: str, seed: int, lam: float) -> tuple[Path, str]:
-    cfg = {"run": {"seed": seed, "preset": "tiny", "out": "runs"}, "model": {"name": "swinunetr"},
-           "method": {"name": method, "params": {"lambda": lam}}, "corpus": {"name": "phantom-corpus"}}
+def _pretrain(runs: Path, method: str, seed: int, lam: float, phantom: bool = False) -> tuple[Path, str]:
+    corpus = "phantom-corpus" if phantom else "voco-corpus"
+    cfg = {"run": {"seed": seed, "preset": "paper", "out": "runs"}, "model": {"name": "swinunetr"},
+           "method": {"name": method, "params": {"lambda": lam}}, "corpus": {"name": corpus}}
     protocol = recipes.protocol_hash(cfg)
-    rec = RunRecord(runs / "pretrain" / method / "phantom-corpus" / f"{protocol}-s{seed}")
+    rec = RunRecord(runs / "pretrain" / method / corpus / f"{protocol}-s{seed}")
     rec.path.mkdir(parents=True)
-    rec.write_recipe({**cfg, "data": {"root": "/somewhere", "phantom": True}})
+    rec.write_recipe({**cfg, "data": {"root": "/somewhere", "phantom": phantom}})
     atomic_write_json(rec.path / "metrics.json", {"kind": "pretrain", "method": method, "protocol": protocol})
     rec.set_status(state="finished", protocol=protocol)
     return rec.path, protocol
@@ -175,7 +176,7 @@ def _pretrain(runs: Path, method: str, seed: int, lam: float) -> tuple[Path, str
 
 def write_run(runs: Path, *, method: str = "voco", task: str = "mmwhs", seed: int = 0, dice: float = 0.9,
               per_class: dict | None = None, state: str = "finished", pretrain_from: Path | None = None,
-              pretrain_hash: str | None = None, **kw) -> Path:
+              pretrain_hash: str | None = None, scoring: bool = True, extra: dict | None = None, **kw) -> Path:
     init = {"source": "pretrain", "hash": pretrain_hash, "method": method} if pretrain_from else None
     cfg = _cfg(method, task, seed, init=init, **kw)
     protocol = recipes.protocol_hash(cfg)           # as protocol.finetune: the recorded hash includes the seed
@@ -193,7 +194,9 @@ def write_run(runs: Path, *, method: str = "voco", task: str = "mmwhs", seed: in
                "mean_dice": dice, "std_dice": 0.01, "per_class": per_class, "n_cases": 2,
                "cases": [{"case": "a", "mean": dice}], "checkpoint": "last", "steps": 120,
                "init": {**(init or {}), **({"pretrain_run": str(pretrain_from)} if pretrain_from else {}), "load": None},
-               "finished": "2025-01-01T00:00:00"}
+               "finished": "2025-01-01T00:00:00", **(extra or {})}
+    if scoring:                          # records scored under the empty-set rules of 2026-12-03 carry the block
+        metrics["scoring"] = {"dice": {"both_empty": "nan", "one_empty": 0.0}}
     atomic_write_json(rec.path / "metrics.json", metrics)
     rec.set_status(state="finished", finished=metrics["finished"])
     return rec.path
@@ -502,3 +505,175 @@ def test_label_efficiency_table_pairs_by_seed_and_never_mixes_fine_tuning_protoc
     written = report.write_outputs(list(tables.values()), df, tmp_path / "out", "md")
     assert tmp_path / "out" / "label_efficiency_phantom.png" in written
     assert "PHANTOM" in (tmp_path / "out" / "label_efficiency_phantom.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparable or not (issue 20): one rule decides what stands beside a published number
+# --------------------------------------------------------------------------------------------------
+def _mmwhs_cfg(preset: str = "paper", **finetune) -> dict:
+    return {"run": {"preset": preset}, "task": {"name": "mmwhs", "finetune": {"epochs": 1000, "max_steps": None,
+                                                                             "batch_size": 1, **finetune}}}
+
+
+def test_comparability_rule_by_hand():
+    rule = report.comparability
+    assert rule(_mmwhs_cfg(), {"task": "mmwhs", "steps": 14000}) == ("", [])
+    # tiny preset: the recipe's tiny schedule (max_steps 150 instead of 1000 epochs) is reduced too
+    kind, why = rule(_mmwhs_cfg("tiny", epochs=0, max_steps=150), {"task": "mmwhs", "steps": 150})
+    assert kind == "tiny preset"
+    assert why == ["preset tiny", "task.finetune.max_steps = 150 instead of the recipe's 1000 epochs"]
+    # paper preset, max_steps below 1000 epochs x ceil(14 cases / batch 1) = 14000 steps: reduced; at 14000: not
+    kind, why = rule(_mmwhs_cfg(max_steps=100), {"task": "mmwhs", "steps": 100, "train_cases": 14})
+    assert (kind, why) == ("reduced schedule",
+                           ["task.finetune.max_steps = 100 < the recipe's 1000 epochs (14000 steps on 14 training cases)"])
+    assert rule(_mmwhs_cfg(max_steps=14000), {"task": "mmwhs", "steps": 14000, "train_cases": 14}) == ("", [])
+    assert rule(_mmwhs_cfg(epochs=300), {"task": "mmwhs"})[1] == ["task.finetune.epochs = 300 < the recipe's 1000"]
+    # phantom data comes first, whatever else holds
+    assert rule(_mmwhs_cfg(), {"task": "mmwhs"}, phantom=True)[0] == "phantom"
+    # another split, fewer labelled cases, other empty-set rules: other protocol; NaN equals the recipe's NaN
+    cfg = _mmwhs_cfg(labeled_cases=4)
+    cfg["task"]["data"] = {"val_last": 4, "root": "/elsewhere"}
+    cfg["task"]["evaluate"] = {"empty": {"both": 1.0, "one": 0.0}}
+    kind, why = rule(cfg, {"task": "mmwhs"})
+    assert kind == "other protocol" and why == [
+        "task.finetune.labeled_cases = 4 (the recipe's: all)", "task.data.val_last = 4 (the recipe's: 6)",
+        "task.evaluate.empty = {'both': 1.0, 'one': 0.0} (the recipe's: {'both': nan, 'one': 0.0})"]
+    cfg["task"].update(data={"val_last": 6}, evaluate={"empty": {"both": float("nan"), "one": 0}})
+    cfg["task"]["finetune"]["labeled_cases"] = None
+    assert rule(cfg, {"task": "mmwhs"}) == ("", [])
+    # the pre-training counts: its preset and its steps (voco's recipe: 100000)
+    pre = {"run": {"preset": "tiny"}, "method": {"name": "voco", "pretrain": {"steps": 40}}}
+    assert rule(_mmwhs_cfg(), {"task": "mmwhs"}, pretrain_cfg=pre) == (
+        "tiny preset", ["pre-training preset tiny", "method.pretrain.steps = 40 < the recipe's 100000"])
+    pre["run"]["preset"] = "paper"
+    assert rule(_mmwhs_cfg(), {"task": "mmwhs"}, pretrain_cfg=pre)[0] == "reduced schedule"
+    pre["method"]["pretrain"]["steps"] = 100000
+    assert rule(_mmwhs_cfg(), {"task": "mmwhs"}, pretrain_cfg=pre) == ("", [])
+    assert rule(None, {"task": "mmwhs", "preset": "paper"})[0] == "other protocol"     # nothing can be checked
+
+
+def test_a_tiny_preset_run_is_never_beside_a_published_number(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, seed=0, dice=0.30, preset="tiny", steps=150)           # real MM-WHS, tiny preset
+    write_run(runs, seed=0, dice=0.90)                                     # paper preset, full schedule
+    df, tables = _tables(runs)
+    assert sorted(df["comparability"]) == ["", "tiny preset"]
+    t5 = tables["table5"]
+    assert t5.headers == ["Dice Scores(%)", "Dice Scores(%) (tiny preset)"]
+    real, tiny = t5.cell("average", "mmwhs"), t5.cell("average", "mmwhs@tiny-preset")
+    assert real.text() == "90.54 / 90.00 (Δ -0.54, n=1)"                   # the paper-preset run: beside, with Δ
+    assert tiny.published is None and tiny.text() == "30.00 (n=1)" and tiny.diff(tiny.groups[0]) is None
+    assert tiny.agreement() == "none"
+    comp = tables["comparison"]
+    assert comp.cell("voco", "mmwhs").text() == "90.54 / 90.00 (Δ -0.54, n=1)"
+    assert comp.cell("voco", "mmwhs@tiny-preset").text() == "30.00 (n=1)"
+    md = report.render_table(t5, "md")
+    assert "(tiny preset) columns: runs at --preset tiny" in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| Average")]
+    assert row.split("|")[3].strip() == "30.00 (n=1)"                     # no Δ in its column
+    console = _console()
+    report.print_rich([t5], console)
+    (reg,) = [line for line in console.export_text().splitlines() if "30.00" in line and "Average" in line
+              and "Table 5" in line]
+    assert "—" in reg and "-60.54" not in reg and "+" not in reg.split("30.00")[1]
+
+
+def test_the_issue_run_pretrained_on_phantoms_is_phantom_in_the_report(tmp_path):
+    # sslbench run --method voco --task btcv --root <real> --preset tiny, pre-trained on phantom-corpus:
+    # the fine-tuning record said phantom: false; the report must not put it beside the published 83.85.
+    runs = tmp_path / "runs"
+    pre, h = _pretrain(runs, "voco", 0, 1.0, phantom=True)          # its recipe.yaml: data.phantom true
+    write_run(runs, task="btcv", seed=0, dice=0.0572, preset="tiny", steps=10, pretrain_from=pre, pretrain_hash=h)
+    df, tables = _tables(runs)
+    assert df["phantom"].all() and list(df["comparability"]) == ["phantom"]
+    assert list(df["pretrain_corpus"]) == ["phantom-corpus"]
+    assert "phantom data" in df["deviations"].iloc[0] and "preset tiny" in df["deviations"].iloc[0]
+    t3 = tables["table3"]
+    assert t3.cell("1.0", "btcv").text() == "83.85"                        # published only
+    assert t3.cell("1.0", "btcv@phantom").text() == "PHANTOM 5.72 (n=1)"
+    assert tables["comparison"].cell("voco", "btcv").text() == "83.85"
+    for fmt in ("md", "csv", "html"):
+        out = report.render_table(t3, fmt)
+        assert "PHANTOM 5.72 (n=1)" in out and "Δ -78" not in out and "83.85 / " not in out
+
+
+def test_hd95_is_shown_for_tasks_that_score_it_and_old_scoring_is_marked(tmp_path):
+    runs = tmp_path / "runs"
+    hd = {"metrics": ["dice", "nsd", "hd95"], "mean_nsd": 0.8, "per_class_nsd": {"TC": 0.8},
+          "mean_hd95": 12.5, "per_class_hd95": {"TC": 12.5}}
+    write_run(runs, method="scratch", task="brats21", seed=0, dice=0.70, extra=hd)
+    write_run(runs, method="scratch", task="brats21", seed=1, dice=0.80, extra={**hd, "mean_hd95": 7.5})
+    write_run(runs, method="scratch", task="brats21", seed=2, dice=0.40, extra={**hd, "mean_hd95": 40.0},
+              scoring=False)                                               # recorded before 2026-12-03
+    df, tables = _tables(runs)
+    assert sorted(df["metric"]) == ["dice"] * 3 + ["hd95"] * 3 + ["nsd"] * 3
+    comp = tables["comparison"]
+    j = comp.column_ids.index("brats21:hd95")
+    assert comp.headers[j].endswith("HD95 (mm)") and comp.column_ids[j - 1] == "brats21"
+    cell = comp.cell("scratch", "brats21:hd95")
+    # mm, not percent; the old-scoring run is its own group, marked, never averaged with the other two
+    assert [(g.n, g.mean, g.old_scoring) for g in cell.groups] == [(2, 10.0, False), (1, 40.0, True)]
+    assert cell.text().startswith("— / 10.00 ± 3.54 (n=2) [") and "40.00 (n=1) ‡scoring [" in cell.text()
+    dice = comp.cell("scratch", "brats21")
+    assert [g.mean for g in dice.groups] == pytest.approx([75.0, 40.0])
+    md = report.render_table(comp, "md")
+    assert "scored before the empty-set rules of 2026-12-03" in md and "HD95 columns: 95th-percentile" in md
+
+
+def test_html_report_is_one_self_contained_world_readable_page(tmp_path, capsys):
+    import base64
+    from html.parser import HTMLParser
+
+    runs, out = tmp_path / "runs", tmp_path / "rendered"
+    for lam in (0.5, 1.0):
+        write_run(runs, seed=0, lam=lam, dice=0.91)
+    write_run(runs, seed=0, dice=0.30, preset="tiny", steps=150)
+    write_run(runs, task="phantom-mmwhs", seed=0, dice=0.5, phantom=True)
+    assert report.main(["--runs", str(runs), "--out", str(out), "--format", "html"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "index.html" in names and not [n for n in names if n.endswith(".html") and n != "index.html"]
+    assert not [n for n in names if n.startswith(".")]
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o644, p                    # world-readable, not mkstemp's 0600
+    text = (out / "index.html").read_text()
+
+    class Check(HTMLParser):
+        VOID = {"meta", "img", "br", "link"}
+
+        def __init__(self):
+            super().__init__()
+            self.stack, self.sections, self.tables, self.images, self.classes = [], [], 0, [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag not in self.VOID:
+                self.stack.append(tag)
+            self.tables += tag == "table"
+            if tag == "section":
+                self.sections.append(a["id"])
+            if tag == "img":
+                self.images.append(a["src"])
+            if tag == "span" and a.get("class"):
+                self.classes.append(a["class"])
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack.pop() == tag, f"</{tag}> closes {self.stack[-1:]}"
+
+    check = Check()
+    check.feed(text)
+    check.close()
+    assert check.stack == [], "every element closed"
+    _, tables = _tables(runs)
+    assert set(tables) <= set(check.sections) and {"provenance", "protocol", "plots"} <= set(check.sections)
+    assert check.tables == len(tables) + 1                               # every table, and the provenance table
+    assert len(check.images) == 2                                        # table3_lambda.png, table5_mmwhs_structures.png
+    for src in check.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"green", "magenta", "none", "grey"} <= set(check.classes)     # the terminal table's agreement colours
+    assert "PHANTOM 50.00" in text and "Dice Scores(%) (tiny preset)" in text and "own column: tiny preset" in text
+    assert "src=\"http" not in text and "<script" not in text and "<link" not in text   # self-contained
+    # without --out: the same page on stdout
+    capsys.readouterr()
+    assert report.main(["--runs", str(runs), "--format", "html"]) == 0
+    assert capsys.readouterr().out.startswith("<!DOCTYPE html>")
