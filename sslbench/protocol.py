@@ -183,15 +183,10 @@ def load_cases(items: list[dict], transform, desc: str, progress=None, cache=Non
         d = {k: item[k] for k in ("image", "label") if item.get(k)}
         try:
             case = local.transform(d)
-        except Exception as exc:  # MONAI wraps reader errors; keep one line naming the file
-            inner = exc                                      # a reader's own one-line DataError, if any
-            while inner is not None and not isinstance(inner, DataError):
-                inner = inner.__cause__
-            if inner is not None:
-                raise DataError(str(inner)) from None
-            msg = str(exc).strip().splitlines()
-            first = item["image"] if isinstance(item["image"], str) else item["image"][0]
-            raise DataError(f"{first}: cannot be loaded and preprocessed ({(msg[-1] if msg else type(exc).__name__)[:200]})") from None
+        except Exception as exc:  # MONAI wraps reader errors; one line naming the file and the cause
+            from .data.check import load_error
+
+            raise DataError(load_error(item["image"], exc)) from None
         if cache is not None and write:
             cache.put(item, case)
         case["id"] = item["id"]
@@ -492,6 +487,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                                  on_validation=on_validation)
     if task["kind"] != "segmentation":
         raise RecipeError(f"task '{task['name']}' is a {task['kind']} task; only segmentation fine-tuning exists yet")
+    preflight(cfg, "finetune", root, console)   # data checks before the run folder is claimed / replaced
     run = open_finetune(cfg, init, root, resume, force, console)
     if isinstance(run, Outcome):
         return run
@@ -501,15 +497,6 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
     ft = task["finetune"]
     train_items = labeled_subset(splits["train"], ft.get("labeled_cases"))
     val_items = splits["val"]
-
-    record.path.mkdir(parents=True, exist_ok=True)
-    if action == "new":
-        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-        record.write_env(str(device), **({"world_size": dist.world_size} if dist.enabled else {}))
-        record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
-                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
-               f"at {root_path}), protocol {protocol}, device {device}")
 
     steps_per_epoch = math.ceil(len(train_items) / ft["batch_size"])
     total = int(ft["max_steps"]) if ft.get("max_steps") else int(ft["epochs"]) * steps_per_epoch
@@ -524,6 +511,15 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         train_cases = load_cases(train_items, pre, "preprocess train", progress, cache=cache, write=write)
         val_cases = load_cases(val_items, pre, "preprocess val", progress, cache=cache, write=write)
         check_cases(train_cases + val_cases, task, train_items + val_items, cfg["recipe_files"]["task"])
+        # the run folder only once every case loaded and passed its checks (a refused run leaves none)
+        record.path.mkdir(parents=True, exist_ok=True)
+        if action == "new":
+            record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+            record.write_env(str(device), **({"world_size": dist.world_size} if dist.enabled else {}))
+            record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
+                              started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
+                   f"at {root_path}), protocol {protocol}, device {device}")
 
         torch.manual_seed(seed)
         model = build_model(cfg["model"], in_channels=input_channels(task), out_channels=output_channels(task),
@@ -658,6 +654,39 @@ class FinetuneRun:
     bf16: bool
     root: Path
     phantom: bool
+
+
+def preflight(cfg: Mapping[str, Any], stage: str, root: str | Path | None, console=None) -> tuple[str, bool, list[dict]]:
+    """Check every case the run will read before its run folder is claimed, created or (``--force``) replaced.
+
+    Locates the data (rank 0 first: it may synthesise a phantom) and lists the cases as the run reads them (for
+    fine-tuning the labelled training subset and the validation split; for pre-training the corpus, one root or
+    the roots of ``data.sources``, a labelled corpus with its label maps), then runs the header checks of
+    ``sslbench data check`` (:func:`sslbench.data.check.check_case_headers`): a missing, truncated or non-NIfTI
+    file, a DICOM folder without a usable series, an image and label whose shapes or affines differ is refused
+    with one line naming the file. Voxel checks (NaN / infinite intensities, label values outside the task's
+    classes) run as each case is loaded (:class:`sslbench.data.check.LoadChecked`), before the folder is created.
+    Returns (where the data is, in words; phantom; the items).
+    """
+    from .data.check import check_case_headers
+    from .data.corpus import corpus_items, labelled_items
+
+    dist = distributed.setup(cfg["run"].get("device", "auto"))
+    say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
+    if stage == "finetune":
+        task = cfg["task"]
+        path, phantom = _rank0_first(dist, lambda: locate_data(task, root, log=say))
+        splits = read_splits(task, path)
+        items = labeled_subset(splits["train"], task["finetune"].get("labeled_cases")) + splits["val"]
+        where = str(path)
+    else:   # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
+        from .methods import get_method_class
+
+        task = cfg["corpus"]
+        read = labelled_items if getattr(get_method_class(cfg["method"]["name"]), "needs_labels", False) else corpus_items
+        where, phantom, items = _rank0_first(dist, lambda: read(task, root, log=say))
+    check_case_headers(items, task)
+    return where, phantom, items
 
 
 def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, console=None):
@@ -1021,25 +1050,16 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     params = dict(method_cfg.get("params") or {})
     if needs_labels:   # the method knows no task: its class count is the labelled corpus's
         params["num_classes"] = len(corpus["classes"])
+    found = preflight(cfg, "pretrain", root, console)   # data checks before the run folder is claimed / replaced
     dist, protocol, record, action, say = _claim_run(cfg, "pretrain", resume, force, console)
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {protocol}); reusing it")
         return Outcome(record, "skip", record.metrics or {})
 
     device, bf16 = _device_setup(cfg["run"], dist)
-    from .data.corpus import corpus_items, labelled_items
 
-    # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
-    read = labelled_items if needs_labels else corpus_items
-    root_path, phantom, items = _rank0_first(dist, lambda: read(corpus, root, log=say))
+    root_path, phantom, items = found   # what preflight read (and checked)
     phantom = phantom or bool(corpus.get("phantom"))
-    if dist.is_main:
-        record.path.mkdir(parents=True, exist_ok=True)
-    if action == "new" and dist.is_main:
-        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-        record.write_env(str(device), world_size=dist.world_size)
-        record.set_status(state="running", stage="pretrain", step=0, protocol=protocol, world_size=dist.world_size,
-                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     seed = int(cfg["run"]["seed"])
     total = int(pt["steps"])
     size = cls.input_size(params)
@@ -1051,6 +1071,14 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
         cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
         volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",
                              progress, cache=cache, write=write)
+        # the run folder only once every case loaded and passed its checks (a refused run leaves none)
+        if dist.is_main:
+            record.path.mkdir(parents=True, exist_ok=True)
+        if action == "new" and dist.is_main:
+            record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+            record.write_env(str(device), world_size=dist.world_size)
+            record.set_status(state="running", stage="pretrain", step=0, protocol=protocol, world_size=dist.world_size,
+                              started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         resize = mt.Resize(spatial_size=tuple(size), mode="trilinear")
         stack = torch.stack([torch.as_tensor(resize(torch.as_tensor(v["image"]).float())).float()
                              for v in volumes])  # [N, 1, X, Y, Z]

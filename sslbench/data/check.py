@@ -128,7 +128,7 @@ def load_error(path: str | Path | list, exc: BaseException) -> str:
         problem = file_problem(str(f).split(ct_layouts.SERIES_SEP)[0], deep=True)
         if problem is not None:
             return f"{f}: {problem}"
-        if not isinstance(inner, ImportError):
+        if not isinstance(inner, ImportError) and (ct_layouts.is_itk(f) or ct_layouts.is_series_ref(f)):
             try:
                 read_header(f)     # MetaImage without its .raw, a DICOM folder without a usable series, ...
             except DataError as err:
@@ -142,7 +142,8 @@ def load_error(path: str | Path | list, exc: BaseException) -> str:
     text = _one_line(inner)
     if "suitable reader" in text or "OptionalImportError" in text:
         return f"{first}: no installed reader for this format ({text}); expected a NIfTI, MetaImage or DICOM series"
-    return f"{first}: cannot be loaded ({text})"
+    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+    return f"{first}: cannot be loaded and preprocessed ({(lines[-1] if lines else type(inner).__name__)[:200]})"
 
 
 # ----------------------------------------------------------------------------------------------------------
