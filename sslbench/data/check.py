@@ -166,7 +166,7 @@ def read_header(path: str | Path, what: str = "image") -> Header:
         return Header(tuple(series.shape), series.affine)
     problem = file_problem(p)
     if problem is not None:
-        raise DataError(f"{p}: {problem.replace('the file', f'the {what} file')}")
+        raise DataError(f"{p}: {problem.replace('expected the file', f'expected the {what} file')}")
     if ct_layouts.is_itk(p):
         try:
             import SimpleITK as sitk
@@ -259,7 +259,8 @@ def case_header_problems(task: Mapping[str, Any], item: Mapping[str, Any], where
 def check_case_headers(items: list[Mapping[str, Any]], task: Mapping[str, Any], what: str = "") -> None:
     """Header checks of every case a run will read (:func:`case_header_problems`); raises one DataError line
     naming the first file at fault (and how many more problems `sslbench data check` would list)."""
-    problems = [line for it in items for _, line in case_header_problems(task, it, where=what)]
+    problems = [line for it in items
+                for _, line in case_header_problems(task, it, where=f"{what} case '{it.get('id', '?')}'".strip())]
     if problems:
         more = (f" (and {len(problems) - 1} more problem(s): sslbench data check --task {task.get('name', '?')} "
                 f"lists them)") if len(problems) > 1 else ""
