@@ -487,7 +487,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                                  on_validation=on_validation)
     if task["kind"] != "segmentation":
         raise RecipeError(f"task '{task['name']}' is a {task['kind']} task; only segmentation fine-tuning exists yet")
-    preflight(cfg, "finetune", root, console)   # data checks before the run folder is claimed / replaced
+    preflight(cfg, "finetune", root, console, force)   # data checks before the run folder is claimed / replaced
     run = open_finetune(cfg, init, root, resume, force, console)
     if isinstance(run, Outcome):
         return run
@@ -656,7 +656,8 @@ class FinetuneRun:
     phantom: bool
 
 
-def preflight(cfg: Mapping[str, Any], stage: str, root: str | Path | None, console=None) -> tuple[str, bool, list[dict]]:
+def preflight(cfg: Mapping[str, Any], stage: str, root: str | Path | None, console=None,
+              force: bool = False) -> tuple[str, bool, list[dict]]:
     """Check every case the run will read before its run folder is claimed, created or (``--force``) replaced.
 
     Locates the data (rank 0 first: it may synthesise a phantom) and lists the cases as the run reads them (for
@@ -665,7 +666,9 @@ def preflight(cfg: Mapping[str, Any], stage: str, root: str | Path | None, conso
     ``sslbench data check`` (:func:`sslbench.data.check.check_case_headers`): a missing, truncated or non-NIfTI
     file, a DICOM folder without a usable series, an image and label whose shapes or affines differ is refused
     with one line naming the file. Voxel checks (NaN / infinite intensities, label values outside the task's
-    classes) run as each case is loaded (:class:`sslbench.data.check.LoadChecked`), before the folder is created.
+    classes) run as each case is loaded (:class:`sslbench.data.check.LoadChecked`), before the folder is created;
+    with ``force`` (which deletes an old folder when the run is claimed) they run here too, on every case not in
+    the case cache (a cached case passed them), so a refused ``--force`` keeps the old folder.
     Returns (where the data is, in words; phantom; the items).
     """
     from .data.check import check_case_headers
@@ -686,6 +689,16 @@ def preflight(cfg: Mapping[str, Any], stage: str, root: str | Path | None, conso
         read = labelled_items if getattr(get_method_class(cfg["method"]["name"]), "needs_labels", False) else corpus_items
         where, phantom, items = _rank0_first(dist, lambda: read(task, root, log=say))
     check_case_headers(items, task)
+    if force:
+        from .data.check import LoadChecked
+        from .data.ct_layouts import DicomSeriesReader, SimpleITKReader
+
+        keys = ["image", "label"] if items and items[0].get("label") else ["image"]
+        cache, _ = case_cache(cfg["run"], task, with_label="label" in keys)
+        load = LoadChecked(task, keys, readers=(SimpleITKReader(), DicomSeriesReader()))
+        for it in items:
+            if cache is None or cache.get(it) is None:
+                load({k: it[k] for k in keys})
     return where, phantom, items
 
 
@@ -1050,7 +1063,7 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     params = dict(method_cfg.get("params") or {})
     if needs_labels:   # the method knows no task: its class count is the labelled corpus's
         params["num_classes"] = len(corpus["classes"])
-    found = preflight(cfg, "pretrain", root, console)   # data checks before the run folder is claimed / replaced
+    found = preflight(cfg, "pretrain", root, console, force)   # data checks before the run folder is claimed / replaced
     dist, protocol, record, action, say = _claim_run(cfg, "pretrain", resume, force, console)
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {protocol}); reusing it")

@@ -128,7 +128,7 @@ def test_load_error_causes_inside_the_pipeline(btcv, tmp_path):
     assert load_error(str(mhd), RuntimeError("x")).startswith(f"{mhd}: its voxel data file scan.raw is missing")
 
 
-def test_force_deletes_the_old_folder_only_after_the_checks_passed(btcv, tmp_path, capsys):
+def test_force_deletes_the_old_folder_only_after_the_checks_passed(pristine, btcv, tmp_path, capsys):
     out = tmp_path / "runs"
     assert finetune(btcv, out) == 0
     run = next((out / "finetune" / "phantom-btcv" / "scratch").iterdir())
@@ -139,6 +139,14 @@ def test_force_deletes_the_old_folder_only_after_the_checks_passed(btcv, tmp_pat
     capsys.readouterr()
     assert finetune(btcv, out, "--force") == 2
     assert capsys.readouterr().err.startswith(f"error: {label}: spatial shape")
+    assert json.loads((run / "status.json").read_text()) == before and (run / "metrics.json").is_file()
+    shutil.copy(pristine / "labelsTr" / "label0002.nii.gz", label)       # repaired; now a voxel-level defect
+    image = btcv / "imagesTr" / "img0035.nii.gz"
+    data = np.asarray(nib.load(image).dataobj).astype(np.float32)
+    data[3, 3, 3] = np.nan
+    rewrite(image, data)
+    assert finetune(btcv, out, "--force") == 2
+    assert capsys.readouterr().err.strip() == f"error: {image}: contains 1 NaN or infinite voxel(s); expected finite intensities"
     assert json.loads((run / "status.json").read_text()) == before and (run / "metrics.json").is_file()
 
 
