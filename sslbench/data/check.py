@@ -6,6 +6,12 @@ and key) and what was expected, instead of raising: a missing or truncated file,
 task's classes (after ``data.label_map``), non-integral label values, an image/label pair that disagrees in
 spatial shape or affine, an empty split, a case in two splits. :func:`summarize` aggregates the per-case
 rows into one row per split for the CLI's table.
+
+Every run applies the same checks to the cases it reads (issue 19): :func:`check_case_headers` (headers only:
+files exist and are complete, image / label grids agree; also used here) before its run folder is claimed, and
+:class:`LoadChecked` (the case pipelines' loader: NaN / infinite intensities, label values outside the task's
+classes) as each case is loaded; :func:`load_error` says why a file fails to load (truncated gzip, not a NIfTI
+header, missing reader package, ...), in one line naming the file.
 """
 
 from __future__ import annotations
