@@ -184,15 +184,10 @@ def load_cases(items: list[dict], transform, desc: str, progress=None, cache=Non
         d = {k: item[k] for k in ("image", "label") if item.get(k)}
         try:
             case = local.transform(d)
-        except Exception as exc:  # MONAI wraps reader errors; keep one line naming the file
-            inner = exc                                      # a reader's own one-line DataError, if any
-            while inner is not None and not isinstance(inner, DataError):
-                inner = inner.__cause__
-            if inner is not None:
-                raise DataError(str(inner)) from None
-            msg = str(exc).strip().splitlines()
-            first = item["image"] if isinstance(item["image"], str) else item["image"][0]
-            raise DataError(f"{first}: cannot be loaded and preprocessed ({(msg[-1] if msg else type(exc).__name__)[:200]})") from None
+        except Exception as exc:  # MONAI wraps reader errors; one line naming the file and the cause
+            from .data.check import load_error
+
+            raise DataError(load_error(item["image"], exc)) from None
         if cache is not None and write:
             cache.put(item, case)
         case["id"] = item["id"]
@@ -712,15 +707,6 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
     train_items = labeled_subset(splits["train"], ft.get("labeled_cases"))
     val_items = splits["val"]
 
-    record.path.mkdir(parents=True, exist_ok=True)
-    if action == "new":
-        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-        record.write_env(str(device), **({"world_size": dist.world_size} if dist.enabled else {}))
-        record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
-                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
-               f"at {root_path}), protocol {protocol}, device {device}")
-
     steps_per_epoch = math.ceil(len(train_items) / ft["batch_size"])
     total = int(ft["max_steps"]) if ft.get("max_steps") else int(ft["epochs"]) * steps_per_epoch
     val_every = ft.get("val_every") or 0
@@ -734,6 +720,15 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
         train_cases = load_cases(train_items, pre, "preprocess train", progress, cache=cache, write=write)
         val_cases = load_cases(val_items, pre, "preprocess val", progress, cache=cache, write=write)
         check_cases(train_cases + val_cases, task, train_items + val_items, cfg["recipe_files"]["task"])
+        # the run folder only once every case loaded and passed its checks (a refused run leaves none)
+        record.path.mkdir(parents=True, exist_ok=True)
+        if action == "new":
+            record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+            record.write_env(str(device), **({"world_size": dist.world_size} if dist.enabled else {}))
+            record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
+                              started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
+                   f"at {root_path}), protocol {protocol}, device {device}")
 
         torch.manual_seed(seed)
         model = build_model(cfg["model"], in_channels=input_channels(task), out_channels=output_channels(task),
@@ -870,14 +865,45 @@ class FinetuneRun:
     phantom: bool
 
 
+def preflight(cfg: Mapping[str, Any], stage: str, items: list[dict], force: bool = False) -> None:
+    """Check every case a run will read before its run folder is claimed, created or (``--force``) replaced.
+
+    ``items`` are the cases :func:`plan_run` listed (a fine-tuning's train and val cases, a pre-training's
+    corpus volumes, with label maps for a labelled corpus). The header checks of ``sslbench data check``
+    (:func:`sslbench.data.check.check_case_headers`) refuse a missing, truncated or non-NIfTI file, a DICOM folder
+    without a usable series, an image and label whose shapes or affines differ, with one line naming the file.
+    Voxel checks (NaN / infinite intensities, label values outside the task's classes) run as each case is loaded
+    (:class:`sslbench.data.check.LoadChecked`), before the folder is created; with ``force`` (which deletes an old
+    folder when the run is claimed) they run here too, on every case not in the case cache (a cached case passed
+    them), so a refused ``--force`` keeps the old folder.
+    """
+    from .data.check import check_case_headers
+
+    task = cfg["task"] if stage == "finetune" else cfg["corpus"]
+    check_case_headers(items, task)
+    if force:
+        from .data.check import LoadChecked
+        from .data.ct_layouts import DicomSeriesReader, SimpleITKReader
+
+        keys = ["image", "label"] if items and items[0].get("label") else ["image"]
+        cache, _ = case_cache(cfg["run"], task, with_label="label" in keys)
+        load = LoadChecked(task, keys, readers=(SimpleITKReader(), DicomSeriesReader()))
+        for it in items:
+            if cache is None or cache.get(it) is None:
+                load({k: it[k] for k in keys})
+
+
 def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, console=None, root=None,
                pretrain_key: str | None = None):
     """(dist, plan, record, action, say): join the torchrun job if any, locate the data and name the run
     (:func:`plan_run`, rank 0 first), lock the run folder (sslbench/locks.py) and let rank 0 decide new /
-    resume / skip; every rank gets its decision; only rank 0 talks. Nothing is written to the folder here."""
+    resume / skip after :func:`preflight` checked the cases; every rank gets its decision; only rank 0 talks.
+    Nothing is written to the folder here."""
     dist = distributed.setup(cfg["run"].get("device", "auto"))
     say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
     plan = _rank0_first(dist, lambda: plan_run(cfg, stage, root, log=say, pretrain_key=pretrain_key, dist=dist))
+    if dist.is_main:
+        preflight(cfg, stage, plan.items, force)   # data checks before the folder is claimed or replaced
     record = RunRecord(plan.path, run_key=plan.run_key, data=plan.data)
     if dist.is_main:
         lock = locks.RunLock(locks.lock_path(cfg["run"]["out"], plan.path), plan.path).acquire(say=say)
@@ -1262,13 +1288,6 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         return Outcome(record, "skip", record.metrics or {})
 
     device, bf16 = _device_setup(cfg["run"], dist)
-    if dist.is_main:
-        record.path.mkdir(parents=True, exist_ok=True)
-    if action == "new" and dist.is_main:
-        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-        record.write_env(str(device), world_size=dist.world_size)
-        record.set_status(state="running", stage="pretrain", step=0, protocol=protocol, world_size=dist.world_size,
-                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     seed = int(cfg["run"]["seed"])
     total = int(pt["steps"])
     size = cls.input_size(params)
@@ -1280,6 +1299,14 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
         volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",
                              progress, cache=cache, write=write)
+        # the run folder only once every case loaded and passed its checks (a refused run leaves none)
+        if dist.is_main:
+            record.path.mkdir(parents=True, exist_ok=True)
+        if action == "new" and dist.is_main:
+            record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+            record.write_env(str(device), world_size=dist.world_size)
+            record.set_status(state="running", stage="pretrain", step=0, protocol=protocol, world_size=dist.world_size,
+                              started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         resize = mt.Resize(spatial_size=tuple(size), mode="trilinear")
         stack = torch.stack([torch.as_tensor(resize(torch.as_tensor(v["image"]).float())).float()
                              for v in volumes])  # [N, 1, X, Y, Z]

@@ -86,9 +86,13 @@ def test_truncated_label(btcv):
 
 
 def test_header_only_garbage(btcv):
+    import gzip
+
     path = btcv / "imagesTs" / "img0061.nii.gz"
     path.write_bytes(b"not a nifti file at all")
-    assert only_problem(btcv).startswith(f"{path}: cannot be read as NIfTI")
+    assert only_problem(btcv) == f"{path}: not a gzip file although named .gz; expected a gzip-compressed NIfTI"
+    path.write_bytes(gzip.compress(b"not a nifti file at all" * 40))      # a gzip stream, but not of a NIfTI
+    assert only_problem(btcv).startswith(f"{path}: not a NIfTI header (")
 
 
 def test_label_value_outside_classes(btcv):

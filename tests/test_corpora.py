@@ -76,11 +76,15 @@ def test_dicom_series_reads_as_one_volume_in_hu():
     assert data.shape == (16, 16, 5)
     assert np.allclose(img.header.get_zooms()[:3], (0.488281, 0.488281, 2.5), atol=1e-5)
     # HU = stored value * slope + intercept (-1024); RAS voxel (i, j) is DICOM column i, row j; the slices are
-    # sorted along the normal (z = 8.76 mm, the highest, first: the affine's z step is -2.5 mm).
-    top = slices[-1]
-    assert float(top.RescaleIntercept) == -1024.0
-    assert np.allclose(data[:, :, 0], top.pixel_array.T.astype(float) * float(top.RescaleSlope) - 1024.0)
-    assert img.affine[2, 2] == pytest.approx(-2.5) and img.affine[2, 3] == pytest.approx(8.7625)
+    # sorted up the normal (row x column cosines = +z here): z = -1.2375 mm, the lowest, first, step +2.5 mm.
+    low, top = slices[0], slices[-1]
+    assert float(low.RescaleIntercept) == -1024.0
+    assert np.allclose(data[:, :, 0], low.pixel_array.T.astype(float) * float(low.RescaleSlope) - 1024.0)
+    assert np.allclose(data[:, :, 4], top.pixel_array.T.astype(float) * float(top.RescaleSlope) - 1024.0)
+    assert img.affine[2, 2] == pytest.approx(2.5) and img.affine[2, 3] == pytest.approx(-1.2375)
+    # LPS (-72.2, -143.0) of the first voxel is RAS (72.2, 143.0); columns step along -x, rows along -y
+    assert img.affine[0, 3] == pytest.approx(72.2, abs=1e-4) and img.affine[1, 3] == pytest.approx(143.0)
+    assert img.affine[0, 0] == pytest.approx(-0.488281) and img.affine[1, 1] == pytest.approx(-0.488281)
     out = preprocess_transforms(task("tcia-covid19"), with_label=False)({"image": str(CT5N)})  # MONAI path
     assert out["image"].shape[0] == 1 and float(out["image"].max()) <= 1.0
 

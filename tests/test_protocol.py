@@ -236,11 +236,15 @@ def test_a_phantom_pre_training_makes_the_fine_tuning_phantom_and_hands_its_deco
         torch.load(backbone, weights_only=True))                    # encoder and decoder tensors, all loaded
 
 
-def test_load_cases_keeps_the_order_of_items_across_threads_and_fails_on_the_first_bad_case(monkeypatch):
+def test_load_cases_keeps_the_order_of_items_across_threads_and_fails_on_the_first_bad_case(monkeypatch, tmp_path):
     import time
 
     from sslbench.errors import DataError
     from sslbench.protocol import load_cases
+
+    monkeypatch.chdir(tmp_path)
+    for n in range(5):
+        (tmp_path / f"case-{n}").write_text("")   # the files exist: the transform's own error is the cause
 
     class Slow:       # later items finish first: the output order must still be the items' order
         def __call__(self, d):

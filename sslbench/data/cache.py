@@ -12,7 +12,9 @@ cache survives a changed transform or MONAI version). The cache folder is keyed 
   minus the keys that only choose files or splits),
 * the source code of the modules of :mod:`sslbench.data` that preprocessing runs (a changed transform or
   reader is a new key),
-* the MONAI and sslbench versions and this cache's format version;
+* the MONAI and sslbench versions, this cache's format version and the version of the voxel checks
+  (:data:`sslbench.data.check.VOXEL_CHECKS`: a case is cached only after it passed them, so a cache written
+  before they changed is revalidated, not trusted);
 
 and each case file by its id plus the path, size and modification time of its image and label files, so a
 replaced file is a miss, not a stale hit. Writes are atomic (a temporary file renamed into place), so a run
@@ -34,6 +36,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .ct_layouts import SERIES_SEP
+
 FORMAT = 1
 MODES = ("read", "write", "none")
 #: data keys that choose files or splits, not how a case is preprocessed.
@@ -53,10 +57,12 @@ def preprocessing_key(task: Mapping[str, Any], with_label: bool) -> str:
     import monai
 
     from .. import __version__
+    from .check import VOXEL_CHECKS
 
     data = {k: v for k, v in (task.get("data") or {}).items() if k not in _NOT_PREPROCESSING}
     spec = {
         "format": FORMAT,
+        "voxel_checks": VOXEL_CHECKS,   # cases cached before these checks (or an older version) are a miss
         "kind": task.get("kind"),
         "preprocess": task.get("preprocess"),
         "channels": task.get("channels"),
@@ -87,6 +93,9 @@ def _file_identity(path) -> list:
         return [_file_identity(p) for p in path]
     if not path:
         return [None]
+    if SERIES_SEP in str(path):   # one series of a DICOM folder: the folder's files, and the series
+        folder, uid = str(path).split(SERIES_SEP, 1)
+        return [_file_identity(folder), uid]
     p = Path(path)
     try:
         st = p.stat()
@@ -146,8 +155,10 @@ class CaseCache:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+        from .check import VOXEL_CHECKS
+
         meta = {"id": item["id"], "image": item.get("image"), "label": item.get("label") if self.with_label else None,
-                "key": self.key}
+                "key": self.key, "voxel_checks": VOXEL_CHECKS}   # put() follows LoadChecked: the case passed them
         (self.folder / "index").mkdir(exist_ok=True)
         (self.folder / "index" / f"{stem.name}.json").write_text(json.dumps(meta))
 

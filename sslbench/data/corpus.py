@@ -145,7 +145,7 @@ def corpus_items(corpus: Mapping[str, Any], root: str | None,
 
     if not _source_names(corpus):
         path, phantom = protocol.locate_data(corpus, root, log=log)
-        splits = layouts.read_datalist(corpus, path)
+        splits = layouts.read_datalist(corpus, path, log=log)
         items = [{"id": it["id"], "image": it["image"]} for split in ("train", "val", "test")
                  for it in splits.get(split, [])]
         if not items:
@@ -155,7 +155,7 @@ def corpus_items(corpus: Mapping[str, Any], root: str | None,
     for task, src_root in source_roots(corpus, root):
         name = task["name"]
         path, phantom = protocol.locate_data(task, src_root, log=log)
-        splits = layouts.read_datalist(task, path)
+        splits = layouts.read_datalist(task, path, log=log)
         found = [{"id": f"{name}/{it['id']}", "image": it["image"]} for split in ("train", "val")
                  for it in splits.get(split, [])]
         if not found:

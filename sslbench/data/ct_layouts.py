@@ -17,21 +17,25 @@ VoCo supplement's Table 1):
   ``imagesVa`` and ``imagesTs`` (``amos_0001.nii.gz``), or those folders without the JSON. Ids up to
   :data:`AMOS_CT_MAX_ID` are CT, above it MRI: only CT cases are listed (the AMOS22 CT task).
 * ``tcia-covid19``: ``volume-covid19-A-0XXX(_dayNNN).nii.gz`` (the NIfTI release), anywhere below the root, and
-  TCIA's own DICOM distribution (``<patient>/<study>/<series>/*.dcm``: every folder holding DICOM slices is one
-  volume). Images only.
+  TCIA's own DICOM distribution (``<patient>/<study>/<series>/*.dcm``: every valid series of a folder holding DICOM
+  slices is one volume). Images only.
 * ``luna16``: ``subset0``..``subset9/<seriesuid>.mhd`` (+ ``.raw``); ``seg-lungs-LUNA16/`` masks, the CSV files and
   ``evaluationScript/`` shipped beside them are not images and are skipped. Images only.
 
 Formats: :class:`SimpleITKReader` is a MONAI image reader for MetaImage files (MONAI's own ITKReader needs the
 ``itk`` package; SimpleITK is lighter and already a dependency); the training pipeline registers it on its
-``LoadImaged``. DICOM series folders are read by MONAI's ``PydicomReader`` (slices sorted along the normal, HU
-rescale applied). :func:`read_volume` gives both as a nibabel image for :mod:`sslbench.data.check`.
+``LoadImaged``. DICOM folders are split into series by :func:`scan_dicom_folder` (SeriesInstanceUID; localizers,
+single slices, mixed orientations and non-uniform slice spacing skipped with a reason, counted per corpus by
+:func:`skip_report`); :class:`DicomSeriesReader` reads one validated series (slices sorted along the normal, its
+uniform gap as spacing, HU rescale applied). :func:`read_volume` gives all of them as a nibabel image for
+:mod:`sslbench.data.check`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -128,23 +132,11 @@ def _read_itk(path: Path) -> nib.Nifti1Image:
     return out
 
 
-def _read_dicom(path: Path) -> nib.Nifti1Image:
-    """A DICOM series folder as one volume (MONAI's PydicomReader: slices sorted, HU rescale applied)."""
-    from monai.data import PydicomReader
-
-    reader = PydicomReader()
-    try:
-        data, meta = reader.get_data(reader.read(str(path)))
-    except Exception as exc:  # pydicom raises many types for damaged slices
-        text = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise DataError(f"{path}: cannot be read as a DICOM series ({text}); expected a folder of the slices of "
-                        f"one CT series") from None
-    return nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(meta["affine"], float))
-
-
 def read_volume(path: str | Path) -> nib.Nifti1Image:
     """Any supported volume as a nibabel image: NIfTI as is, MetaImage and DICOM series converted (RAS affine)."""
     p = Path(path)
+    if split_series_ref(p)[1] is not None:
+        return _read_dicom(p)
     if p.is_dir():
         if not is_dicom_series(p):
             raise DataError(f"{p}: folder without DICOM slices; expected a DICOM series folder or a volume file")
@@ -170,6 +162,224 @@ class SimpleITKReader(NibabelReader):
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         self.filenames = [str(n) for n in names]
         imgs = [_read_itk(Path(n)) for n in names]
+        return imgs if len(imgs) > 1 else imgs[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DICOM: folders split into series, each series validated before it is read
+# ----------------------------------------------------------------------------------------------------------
+#: How an item names one series of a folder that holds several: ``<folder>#series=<SeriesInstanceUID>``.
+SERIES_SEP = "#series="
+#: Slices of one series must agree on ImageOrientationPatient within this (direction cosines).
+ORIENTATION_ATOL = 1e-3
+#: Every gap between neighbouring slices (along the normal) within this fraction of the median gap.
+SPACING_RTOL = 0.10
+#: Fewer slices than this is not a volume (a single slice, a pair): skipped.
+MIN_SLICES = 3
+_DICOM_TAGS = ["SeriesInstanceUID", "ImageType", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
+               "Rows", "Columns", "SeriesDescription", "InstanceNumber"]
+
+
+@dataclass
+class DicomSeries:
+    """One validated DICOM series: its slice files sorted along the normal, and the grid they form.
+
+    ``shape`` is (columns, rows, slices); ``spacing`` (column spacing, row spacing, slice gap) in mm;
+    ``affine`` maps voxel (column, row, slice) to RAS world mm (DICOM's LPS with x and y negated).
+    """
+
+    folder: Path
+    uid: str
+    files: list[Path]
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+
+    @property
+    def ref(self) -> str:
+        return f"{self.folder}{SERIES_SEP}{self.uid}"
+
+
+@dataclass
+class DicomScan:
+    """What :func:`scan_dicom_folder` found: the valid series and the skipped ones as (series, reason)."""
+
+    folder: Path
+    series: list[DicomSeries] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def split_series_ref(path: str | Path) -> tuple[Path, str | None]:
+    """(folder, SeriesInstanceUID or None) of a folder path or a ``<folder>#series=<uid>`` reference."""
+    text = str(path)
+    if SERIES_SEP in text:
+        folder, uid = text.split(SERIES_SEP, 1)
+        return Path(folder), uid
+    return Path(text), None
+
+
+def is_series_ref(path: str | Path) -> bool:
+    """Whether ``path`` names a DICOM series: a folder of slices or a ``<folder>#series=<uid>`` reference."""
+    folder, uid = split_series_ref(path)
+    return uid is not None or (folder.is_dir() and bool(_dicom_files(folder)))
+
+
+def _reason(key: str, detail: str = "") -> str:
+    return f"{key} ({detail})" if detail else key
+
+
+def _validate_series(folder: Path, uid: str, slices: list[tuple[Path, Any]]) -> DicomSeries | str:
+    """The series as a :class:`DicomSeries`, or the reason it is skipped."""
+    types = {str(t).upper() for _, ds in slices for t in (ds.get("ImageType") or [])}
+    if types & {"LOCALIZER", "SCOUT"}:
+        return "localizer"
+    if len(slices) == 1:
+        return "single slice"
+    if len(slices) < MIN_SLICES:
+        return _reason("too few slices", f"{len(slices)}; expected at least {MIN_SLICES}")
+    try:
+        iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in slices])
+        ipps = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
+        pixel = np.array([[float(v) for v in ds.PixelSpacing] for _, ds in slices])
+        sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return _reason("no slice geometry", "ImageOrientationPatient / ImagePositionPatient / PixelSpacing missing")
+    if iops.shape[1] != 6 or ipps.shape[1] != 3 or np.abs(iops - iops[0]).max() > ORIENTATION_ATOL:
+        return "mixed orientations"
+    if len(sizes) > 1 or np.abs(pixel - pixel[0]).max() > 1e-4:
+        return "mixed slice sizes"
+    row, col = iops[0, :3], iops[0, 3:]
+    normal = np.cross(row, col)
+    where = ipps @ normal
+    order = np.argsort(where, kind="stable")
+    gaps = np.diff(where[order])
+    median = float(np.median(gaps))
+    if median <= 1e-6 or gaps.min() <= 1e-6:
+        return "duplicate slice positions"
+    if np.abs(gaps - median).max() > SPACING_RTOL * median:
+        return _reason("non-uniform slice spacing", f"gaps {gaps.min():.4g}..{gaps.max():.4g} mm, median {median:.4g}")
+    rows, cols = sizes.pop()
+    dr, dc = float(pixel[0, 0]), float(pixel[0, 1])           # PixelSpacing: (between rows, between columns)
+    lps = np.eye(4)
+    lps[:3, 0] = row * dc                                     # voxel i: along a row (the column index)
+    lps[:3, 1] = col * dr                                     # voxel j: down a column (the row index)
+    lps[:3, 2] = normal * median
+    lps[:3, 3] = ipps[order[0]]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return DicomSeries(folder, uid, [slices[k][0] for k in order], (cols, rows, len(slices)), (dc, dr, median), affine)
+
+
+_SCANS: dict[tuple, DicomScan] = {}
+
+
+def scan_dicom_folder(folder: str | Path) -> DicomScan:
+    """Read the headers of a folder's DICOM slices and split them into validated series.
+
+    Slices are grouped by SeriesInstanceUID (two series in one folder are two volumes). A series is skipped,
+    with its reason, when it is a localizer / scout (ImageType), has fewer than :data:`MIN_SLICES` slices,
+    mixes orientations (ImageOrientationPatient beyond :data:`ORIENTATION_ATOL`) or slice sizes, or its slices
+    are not evenly spaced along the normal (a gap more than :data:`SPACING_RTOL` off the median, e.g. a missing
+    slice). Pixel data is not read. Results are kept per folder listing (names, sizes, times) in this process.
+    """
+    import pydicom
+
+    folder = Path(folder)
+    files = _dicom_files(folder)
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    key = (str(folder.resolve()), stamp)
+    if key in _SCANS:
+        return _SCANS[key]
+    scan = DicomScan(folder)
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for path in files:
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+        except Exception as exc:  # pydicom raises many types for damaged files
+            scan.skipped.append((str(path), _reason("unreadable slice", " ".join(str(exc).split())[:80])))
+            continue
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append((path, ds))
+    for uid, slices in sorted(groups.items()):
+        got = _validate_series(folder, uid, slices)
+        if isinstance(got, str):
+            scan.skipped.append((f"{folder}{SERIES_SEP}{uid}", got))
+        else:
+            scan.series.append(got)
+    _SCANS.clear() if len(_SCANS) > 4096 else None
+    _SCANS[key] = scan
+    return scan
+
+
+def skip_report(name: str, scans: Sequence[DicomScan]) -> str | None:
+    """One line counting the skipped series of a corpus by reason, or None when none was skipped:
+    ``tcia-covid19: skipped 3 DICOM series (2 localizer, 1 non-uniform slice spacing)``."""
+    counts: dict[str, int] = {}
+    for scan in scans:
+        for _, reason in scan.skipped:
+            key = reason.split(" (")[0]
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None
+    total = sum(counts.values())
+    parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{name}: skipped {total} DICOM series ({parts})"
+
+
+def dicom_series(path: str | Path) -> DicomSeries:
+    """The one validated series a folder (or a ``<folder>#series=<uid>`` reference) names; DataError otherwise."""
+    folder, uid = split_series_ref(path)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: DICOM series folder not found; expected a folder of CT slices")
+    scan = scan_dicom_folder(folder)
+    if uid is not None:
+        found = [s for s in scan.series if s.uid == uid]
+        if not found:
+            why = next((r for ref, r in scan.skipped if ref == f"{folder}{SERIES_SEP}{uid}"), "not in the folder")
+            raise DataError(f"{path}: DICOM series {uid} cannot be used ({why}); expected a valid series")
+        return found[0]
+    if len(scan.series) == 1:
+        return scan.series[0]
+    if not scan.series:
+        why = "; ".join(sorted({r for _, r in scan.skipped})) or "no DICOM slices"
+        raise DataError(f"{folder}: no usable DICOM series ({why}); expected the slices of one CT series")
+    raise DataError(f"{folder}: {len(scan.series)} DICOM series in one folder; expected one (name it as "
+                    f"<folder>{SERIES_SEP}<SeriesInstanceUID>)")
+
+
+def _read_dicom(path: str | Path) -> nib.Nifti1Image:
+    """One validated DICOM series as a volume in HU (stored value x RescaleSlope + RescaleIntercept), float32,
+    slices in the order and at the spacing :func:`scan_dicom_folder` established."""
+    import pydicom
+
+    series = dicom_series(path)
+    data = np.empty(series.shape, dtype=np.float32)
+    for k, f in enumerate(series.files):
+        try:
+            ds = pydicom.dcmread(str(f))
+            pixels = ds.pixel_array.astype(np.float32)
+        except Exception as exc:  # damaged pixel data, a missing decoder package, ...
+            text = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise DataError(f"{f}: cannot read the DICOM pixel data ({text}); expected a readable CT slice") from None
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        inter = float(ds.get("RescaleIntercept", 0) or 0)
+        data[:, :, k] = pixels.T * slope + inter                   # (rows, columns) -> (column i, row j)
+    out = nib.Nifti1Image(data, series.affine)
+    out.set_qform(series.affine, code=1)
+    return out
+
+
+class DicomSeriesReader(NibabelReader):
+    """MONAI image reader for one validated DICOM series (:func:`dicom_series`): a folder of slices or a
+    ``<folder>#series=<uid>`` reference. Replaces MONAI's PydicomReader, which reads whatever slices a folder
+    holds (several series, localizers, gaps) as one volume with one spacing."""
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return bool(names) and all(is_series_ref(n) for n in names)
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any):
+        names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        self.filenames = [str(n) for n in names]
+        imgs = [_read_dicom(n) for n in names]
         return imgs if len(imgs) > 1 else imgs[0]
 
 
@@ -367,18 +577,39 @@ def _series_id(folder: Path, base: Path) -> str:
     return "/".join(folder.relative_to(base).parts) or folder.name
 
 
+def dicom_items(base: Path, folders: Sequence[Path]) -> tuple[list[dict], list[DicomScan]]:
+    """(one item per valid series, the scans) of DICOM folders: a folder of one valid series is listed as the
+    folder (id: its path below ``base``), one of several as ``<folder>#series=<uid>`` (id: ``<path>/<uid>``)."""
+    items, scans = [], []
+    for d in folders:
+        scan = scan_dicom_folder(d)
+        scans.append(scan)
+        sid = _series_id(d, base)
+        if len(scan.series) == 1:
+            items.append(L._item(sid, L._resolve(base, str(d)), None))
+        else:
+            items += [L._item(f"{sid}/{s.uid}", L._resolve(base, str(d)) + SERIES_SEP + s.uid, None)
+                      for s in scan.series]
+    return items, scans
+
+
 def _read_tcia(task: Mapping[str, Any], root: Path, base: Path) -> L.Datalist:
     files = _walk(base, _TCIA_NIFTI, 2)
+    notes: list[str] = []
     if files:
         items = [L._item(L.case_id(f), L._resolve(base, str(f)), None) for f in files]
         items.sort(key=lambda it: it["id"])
         what = "the volume-covid19-A-* files"
     else:
-        items = [L._item(_series_id(d, base), L._resolve(base, str(d)), None) for d in _dicom_series(base)]
-        what = "the DICOM series folders"
+        items, scans = dicom_items(base, _dicom_series(base))
+        what = "the DICOM series"
+        report = skip_report(str(task.get("name", "tcia-covid19")), scans)
+        notes = [report] if report else []
     train, val, how = L._carve_val(task, items, f"{what} in name order", base)
-    return _dl("tcia-covid19", base, base, {"train": train, "val": val},
-               {"train": f"{what} without the validation cases", "val": how})
+    dl = _dl("tcia-covid19", base, base, {"train": train, "val": val},
+             {"train": f"{what} without the validation cases", "val": how})
+    dl.notes = notes
+    return dl
 
 
 def _locate_luna(task: Mapping[str, Any], root: Path) -> Path | None:

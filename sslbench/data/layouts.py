@@ -46,6 +46,7 @@ class Datalist:
         source: the file (datalist JSON) or folder the cases were listed from; named in error messages.
         splits: {"train": [...], "val": [...], and "test" where the layout lists test images}.
         origin: for each split, where it came from, in words (e.g. "key 'validation' of dataset_0.json").
+        notes: one line each about what the layout left out (e.g. skipped DICOM series, counted by reason).
     """
 
     layout: str
@@ -53,6 +54,7 @@ class Datalist:
     source: Path
     splits: dict[str, list[dict]]
     origin: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,15 +371,19 @@ def load_datalist(task: Mapping[str, Any], root: Path) -> Datalist:
     return LAYOUTS[name].read(task, _absolute(root), base)
 
 
-def read_datalist(task: Mapping[str, Any], root: Path, *, strict: bool = True) -> dict[str, list[dict]]:
+def read_datalist(task: Mapping[str, Any], root: Path, *, strict: bool = True,
+                  log: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
     """The dataset under ``root`` as ``{"train": [...], "val": [...], ("test": [...])}``.
 
     Each item is ``{"id": str, "image": absolute path, "label": absolute path or None}``. With ``strict``
     (the default, what training uses) an empty train or val split, or a case in two splits (same id or same
     image file), is a DataError naming the datalist; :func:`sslbench.data.check.check_dataset` reads with
-    ``strict=False`` and reports those as problems instead. Files are not opened here.
+    ``strict=False`` and reports those as problems instead. Files are not opened here (DICOM folders excepted:
+    their slice headers split them into series). ``log`` receives the layout's notes (e.g. skipped DICOM series).
     """
     dl = load_datalist(task, root)
+    for note in dl.notes if log is not None else ():
+        log(note)
     if strict:
         for split in ("train", "val"):
             if not dl.splits.get(split):

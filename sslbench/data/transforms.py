@@ -13,11 +13,15 @@ from typing import Any, Mapping
 import numpy as np
 from monai import transforms as mt
 
-from sslbench.data.ct_layouts import SimpleITKReader
+from sslbench.data.check import LoadChecked
+from sslbench.data.ct_layouts import DicomSeriesReader, SimpleITKReader
 
 
 def preprocess_transforms(task: Mapping[str, Any], with_label: bool = True) -> mt.Compose:
-    """Load -> channel first -> label map -> orientation -> spacing -> intensity window -> foreground crop.
+    """Load (and check) -> channel first -> label map -> orientation -> spacing -> intensity window -> crop.
+
+    Loading is :class:`sslbench.data.check.LoadChecked`: a file that cannot be loaded, an image with NaN or
+    infinite voxels, or a label value that is not a class of the task raises one line naming the file.
 
     Multi-channel images load as channels: a channel-last 4-D NIfTI (MSD Task01 / Task05) becomes channel
     first, and a list of 3-D files (BraTS' four modalities) is stacked in list order. With
@@ -27,8 +31,9 @@ def preprocess_transforms(task: Mapping[str, Any], with_label: bool = True) -> m
     pre = task["preprocess"]
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    load = mt.LoadImaged(keys=keys, image_only=False)
-    load.register(SimpleITKReader())   # LUNA16 .mhd/.raw; claims only .mhd/.mha (DICOM folders: PydicomReader)
+    # LoadImaged + voxel checks (NaN image, label values outside the task's classes: one line naming the file);
+    # LUNA16 .mhd/.raw (claims only .mhd/.mha) and validated DICOM series (folders, <folder>#series=<uid>)
+    load = LoadChecked(task, keys, readers=(SimpleITKReader(), DicomSeriesReader()))
     steps: list = [load, mt.EnsureChannelFirstd(keys=keys)]
     if with_label:
         steps.append(mt.Lambdad(keys="label", func=round_labels))
