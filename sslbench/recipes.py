@@ -173,6 +173,9 @@ METHOD_SCHEMA = Spec(fields={
         # the pre-training AdamW's options (sslbench.protocol.pretrain_optimizer): AMSGrad; weight decay 0 on
         # biases and 1-D (normalisation) weights
         "amsgrad": BOOL, "no_decay_bias_norm": BOOL, "betas": Spec(items=NUM, length=2),
+        # memory: the whole corpus resized and stacked once; stream: step batches read by DataLoader workers
+        # from the memory-mapped case cache (sslbench/data/stream.py)
+        "loader": Spec(choices=("memory", "stream")),
     }),
     "params": Spec(free=True),
 })
@@ -240,6 +243,7 @@ DEFAULTS_SCHEMA = Spec(fields={
         "num_threads": INT, "preset": Spec(choices=PRESETS), "label": STR,
         "cache": Spec(choices=("read", "write", "none")),
         "attention": Spec(choices=("fused", "sdpa", "monai")), "compile": BOOL,
+        "loader_workers": INT, "loader_memory_mb": NUM,
     }),
     "model": Spec(fields={
         "name": Spec(choices=("swinunetr", "unet3d", "basicunet", "unetr")), "feature_size": INT, "use_v2": BOOL,
@@ -266,7 +270,8 @@ TASK_DEFAULTS: dict[str, Any] = {
 }
 METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
 PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
-                                     "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999]}
+                                     "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999],
+                                     "loader": "memory"}
 
 
 def deep_merge(base: Mapping, top: Mapping) -> dict:
@@ -546,14 +551,15 @@ def _check_scoring(task: Mapping[str, Any], task_file: str) -> None:
 #: keys that change how a run computes, not what: the same protocol whatever their values (the window-attention
 #: kernel computes the same function, to rounding, with any of its values)
 _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.cache", "recipe_files",
-                 "method.params.attention", "run.attention", "run.compile")
+                 "method.params.attention", "run.attention", "run.compile", "run.loader_workers",
+                 "run.loader_memory_mb")
 
 
 #: keys added after runs were recorded without them, each with the value that computes what those runs did: at
 #: that value a key is left out of the hash, so a recipe that resolves to it keeps the hash of the runs recorded
 #: before the key existed (and reuses / averages with them); any other value is hashed like every key
 _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bias_norm": False,
-                  "method.pretrain.betas": [0.9, 0.999],
+                  "method.pretrain.betas": [0.9, 0.999], "method.pretrain.loader": "memory",
                   # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided
                   # empty set then scored NaN where it now scores 0: a fix, not another protocol)
                   **{f"{section}.evaluate.{key}": TASK_DEFAULTS["evaluate"][key]
