@@ -1209,7 +1209,8 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
     """The streaming loader (``method.pretrain.loader: stream``) of this rank's shard of the corpus.
 
     The shard's cases missing from the case cache are preprocessed into it first (threads, progress bar; every
-    rank fills only its own shard), so nothing of the corpus is kept in memory; :class:`sslbench.data.stream.Stream`
+    rank fills only its own shard), so nothing of the corpus is kept in memory (``cls`` None: no check of the
+    method's corpus-level set-up, as ``bench pretrain --from-disk`` times the loader); :class:`sslbench.data.stream.Stream`
     then reads step batches from the cache files in ``run.loader_workers`` processes within ``run.loader_memory_mb``.
     """
     from .data.cache import CaseCache
@@ -1219,7 +1220,7 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
 
     run_cfg, corpus, pt = cfg["run"], cfg["corpus"], cfg["method"]["pretrain"]
     where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
-    if cls.prepare is not PretrainMethod.prepare:
+    if cls is not None and cls.prepare is not PretrainMethod.prepare:
         raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
                           f"on the whole corpus in memory (prepare); expected loader memory")
     if str(run_cfg.get("cache", "read")) == "none":

@@ -177,3 +177,12 @@ def test_stream_peak_host_memory_does_not_grow_with_the_corpus(tmp_path):
     assert peaks["stream", 200]["workers_mb"] - peaks["stream", 50]["workers_mb"] < 60, peaks
     # the control: the memory loader's peak carries the 200 resized volumes (690 MB) the stream never holds
     assert peaks["memory", 200]["self_mb"] - peaks["stream", 200]["self_mb"] > 400, peaks
+
+
+def test_bench_pretrain_from_disk_times_the_streaming_loader(corpus):
+    from sslbench.bench import bench_pretrain
+
+    out = bench_pretrain(device="cpu", feature_size=12, crop=32, batch=1, sw=1, n=2, steps=2, warmup=0,
+                         precision="fp32", from_disk={"corpus": "phantom-corpus", "root": str(corpus), "workers": 1})
+    assert out["corpus_volumes"] == 6 and out["loader_workers"] == 1 and out["size"] == [96, 96, 32]
+    assert 0.0 <= out["data_wait"] < 1.0 and out["loader_volumes_per_s"] > 0 and out["valid"] is True
