@@ -1237,7 +1237,7 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
                    cache=cache, write=True, keep=False)
     return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
                   budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
-                  pin_memory=device.type == "cuda")
+                  pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)))
 
 
 def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
@@ -1289,6 +1289,10 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     progress = make_progress(console)
     with progress:
         stream = stack = None
+        if pt.get("native_crops") and pt.get("loader", "memory") != "stream":
+            raise RecipeError(f"{(cfg.get('recipe_files') or {}).get('method') or method_cfg['name']}: key "
+                              f"'pretrain.native_crops': true needs pretrain.loader stream (the memory loader keeps "
+                              f"whole resized volumes); expected --set method.pretrain.loader=stream")
         if pt.get("loader", "memory") == "stream":   # step batches read from the case cache by worker processes
             stream = pretrain_stream(cfg, cls, items, size, needs_labels, dist, device, progress,
                                      say if dist.is_main else (lambda *_: None))

@@ -176,6 +176,8 @@ METHOD_SCHEMA = Spec(fields={
         # memory: the whole corpus resized and stacked once; stream: step batches read by DataLoader workers
         # from the memory-mapped case cache (sslbench/data/stream.py)
         "loader": Spec(choices=("memory", "stream")),
+        # stream only: random input_size boxes at the preprocessing spacing instead of whole resized volumes
+        "native_crops": BOOL,
     }),
     "params": Spec(free=True),
 })
@@ -271,7 +273,7 @@ TASK_DEFAULTS: dict[str, Any] = {
 METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
 PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
                                      "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999],
-                                     "loader": "memory"}
+                                     "loader": "memory", "native_crops": False}
 
 
 def deep_merge(base: Mapping, top: Mapping) -> dict:
@@ -560,6 +562,7 @@ _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.ca
 #: before the key existed (and reuses / averages with them); any other value is hashed like every key
 _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bias_norm": False,
                   "method.pretrain.betas": [0.9, 0.999], "method.pretrain.loader": "memory",
+                  "method.pretrain.native_crops": False,
                   # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided
                   # empty set then scored NaN where it now scores 0: a fix, not another protocol)
                   **{f"{section}.evaluate.{key}": TASK_DEFAULTS["evaluate"][key]

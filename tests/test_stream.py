@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sslbench.cli import main
-from sslbench.data.stream import CachedVolumes, StepSampler, plan_workers, shard, step_indices
+from sslbench.data.stream import CachedVolumes, StepSampler, native_crop, plan_workers, shard, step_indices
 
 MB = 2 ** 20
 
@@ -83,6 +83,18 @@ def test_cached_volumes_resize_image_trilinear_and_labels_nearest(tmp_path):
     assert out[1, 0, :, 0].tolist() == [0.0, 3.0] and set(out[1].unique().tolist()) == {0.0, 3.0}
 
 
+def test_native_crop_cuts_a_seeded_box_at_the_stored_spacing_and_pads_short_axes():
+    volume = torch.arange(6 * 3 * 2, dtype=torch.float32).reshape(1, 6, 3, 2) + 1   # no zero voxel
+    out = native_crop(volume, (4, 3, 4), seed=1, step=2, rank=0, slot=1)
+    assert out.shape == (1, 4, 3, 4)
+    # x: offset in 0..2 drawn from rng([1, 2, 0, 1]); y: whole (3 = 3); z: 2 voxels kept, 2 padded with 0
+    off = int(np.random.default_rng([1, 2, 0, 1]).integers(0, 3))
+    assert torch.equal(out[:, :, :, :2], volume[:, off:off + 4]) and not out[:, :, :, 2:].any()
+    assert torch.equal(native_crop(volume, (4, 3, 4), 1, 2, 0, 1), out)          # deterministic in its key
+    others = {int(native_crop(volume, (4, 3, 4), 1, s, 0, 0)[0, 0, 0, 0]) for s in range(12)}
+    assert others == {1, 7, 13}                       # x offsets 0, 1, 2 (6 voxels per x slab) all drawn
+
+
 # ---------------------------------------------------------------------------------------------- protocol
 FAST = ["--method", "simsiam", "--corpus", "phantom-corpus", "--set", "method.pretrain.steps=4",
         "--set", "method.pretrain.log_every=1", "--set", "method.pretrain.checkpoint_every=2",
@@ -117,6 +129,18 @@ def test_stream_reproduces_itself_and_the_memory_loader(corpus, tmp_path, capsys
     # the case cache was filled on first use and reused: the second run caches nothing
     out = capsys.readouterr().out
     assert out.count("caching 6 of 6 corpus volumes") == 1
+
+
+def test_native_crops_stream_reproducible_boxes_and_need_the_stream(corpus, tmp_path, capsys):
+    native = [*STREAM, "--set", "method.pretrain.native_crops=true", "--set", "method.pretrain.steps=2"]
+    for name in ("n1", "n2"):
+        assert main(["pretrain", *FAST, *native, "--corpus-root", str(corpus), "--out", str(tmp_path / name)]) == 0
+    a, b = _metrics(tmp_path / "n1"), _metrics(tmp_path / "n2")
+    assert len(a["history"]) == 2 and a["history"] == b["history"]
+    capsys.readouterr()
+    code = main(["pretrain", *FAST, "--set", "method.pretrain.native_crops=true", "--corpus-root", str(corpus),
+                 "--out", str(tmp_path / "m")])
+    assert code == 2 and "needs pretrain.loader stream" in capsys.readouterr().err
 
 
 def test_stream_refuses_a_method_that_needs_the_corpus_in_memory(corpus, tmp_path, capsys):

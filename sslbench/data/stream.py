@@ -14,6 +14,10 @@ GPU under CUDA): memory grows with the corpus. ``loader: stream`` keeps nothing 
   gathers, and a resumed run streams the batches of the steps it has left;
 * under torchrun each rank reads only its shard of the corpus (:func:`shard`: every ``world_size``-th volume
   from its rank), as torch's ``DistributedSampler`` shards a dataset;
+* ``method.pretrain.native_crops: true`` delivers a random ``input_size`` box of each volume at the
+  preprocessing spacing (:func:`native_crop`, seeded by seed, step, rank and batch slot) instead of the whole
+  volume resized to ``input_size``: the voxel size the pretext task sees is then the fine-tuning's (the
+  official form of Models Genesis, TransVW, PCRL, SwinUNETR-SSL and MAE; VoCo's whole-volume resize is its own);
 * host memory is bounded by ``run.loader_memory_mb`` whatever the corpus size (:func:`plan_workers`): the batches
   in flight (workers x prefetch depth, plus the one being pinned and the one in use) plus one source volume per
   worker.
@@ -53,14 +57,18 @@ def step_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0) -
 
 class StepSampler(Sampler):
     """Yields the index list of every step in ``[start, stop)``: deterministic in (seed, step, rank), so a run
-    resumed at step ``start`` draws what the uninterrupted run drew from there on."""
+    resumed at step ``start`` draws what the uninterrupted run drew from there on. With ``keys`` each entry is
+    ``(index, step, slot)``, what a native crop is seeded by."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 keys: bool = False):
         self.n, self.batch_size, self.seed, self.start, self.stop, self.rank = n, batch_size, seed, start, stop, rank
+        self.keys = keys
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         for step in range(self.start, self.stop):
-            yield step_indices(self.n, self.batch_size, self.seed, step, self.rank)
+            idx = step_indices(self.n, self.batch_size, self.seed, step, self.rank)
+            yield [(i, step, j) for j, i in enumerate(idx)] if self.keys else idx
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -70,14 +78,34 @@ def _plain(x) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
+def native_crop(volume: torch.Tensor, size: Sequence[int], seed: int, step: int, rank: int, slot: int) -> torch.Tensor:
+    """A ``size`` box of ``volume`` [C, X, Y, Z] at its stored (preprocessing) spacing: along each axis a uniform
+    offset in [0, extent - size] from ``rng([seed, step, rank, slot])``; an axis shorter than ``size`` is kept whole
+    and padded with 0 (air, after the [0, 1] scaling) at its end."""
+    rng = np.random.default_rng([int(seed), int(step), int(rank), int(slot)])
+    out = torch.zeros((volume.shape[0], *size), dtype=torch.float32)
+    src, dst = [slice(None)], [slice(None)]
+    for extent, want in zip(volume.shape[1:], size):
+        off = int(rng.integers(0, extent - want + 1)) if extent > want else 0
+        keep = min(extent, want)
+        src.append(slice(off, off + keep))
+        dst.append(slice(0, keep))
+    out[tuple(dst)] = torch.as_tensor(volume[tuple(src)]).float()
+    return out
+
+
 class CachedVolumes(Dataset):
     """Volumes read from case-cache files [(image .npy, label .npy or None)], each resized to ``size``
-    (image: trilinear, label ids: nearest, stacked as channel 1), as the memory loader resizes them."""
+    (image: trilinear, label ids: nearest, stacked as channel 1), as the memory loader resizes them; with
+    ``native`` a random ``size`` box at the stored spacing instead (:func:`native_crop`; items are then
+    ``(index, step, slot)``)."""
 
-    def __init__(self, files: Sequence[tuple[str, str | None]], size: Sequence[int], with_label: bool = False):
+    def __init__(self, files: Sequence[tuple[str, str | None]], size: Sequence[int], with_label: bool = False,
+                 native: bool = False, seed: int = 0, rank: int = 0):
         self.files = [(str(a), None if b is None else str(b)) for a, b in files]
         self.size = tuple(int(s) for s in size)
         self.with_label = with_label
+        self.native, self.seed, self.rank = native, int(seed), int(rank)
         self._resize = None
 
     def __len__(self) -> int:
@@ -91,11 +119,17 @@ class CachedVolumes(Dataset):
                             mt.Resize(spatial_size=self.size, mode="nearest"))
         return self._resize
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, key) -> torch.Tensor:
+        i, step, slot = key if isinstance(key, tuple) else (key, 0, 0)
         image_path, label_path = self.files[i]
         trilinear, nearest = self._resizers()
         try:
             image = torch.from_numpy(np.load(image_path, mmap_mode="c"))
+            if self.native:
+                if self.with_label:
+                    label = torch.from_numpy(np.load(label_path, mmap_mode="c"))
+                    image = torch.cat([torch.as_tensor(image).float(), torch.as_tensor(label).float()])
+                return native_crop(image, self.size, self.seed, step, self.rank, slot)
             out = _plain(torch.as_tensor(trilinear(torch.as_tensor(image).float())).float())
             if self.with_label:
                 label = torch.from_numpy(np.load(label_path, mmap_mode="c"))
@@ -156,10 +190,11 @@ class Stream:
 
     def __init__(self, files: Sequence[tuple[str, str | None]], size: Sequence[int], batch_size: int, seed: int,
                  rank: int = 0, with_label: bool = False, budget_mb: float = 1024, workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, native: bool = False):
         if not files:
             raise DataError("method.pretrain.loader=stream: the corpus shard of this process is empty")
-        self.dataset = CachedVolumes(files, size, with_label)
+        self.dataset = CachedVolumes(files, size, with_label, native=native, seed=seed, rank=rank)
+        self.native = native
         self.batch_size, self.seed, self.rank, self.pin_memory = int(batch_size), int(seed), int(rank), pin_memory
         channels = 2 if with_label else 1
         batch_bytes = self.batch_size * channels * int(np.prod(self.dataset.size)) * 4
@@ -170,7 +205,7 @@ class Stream:
         return len(self.dataset)
 
     def loader(self, start: int, stop: int) -> DataLoader:
-        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start, stop, self.rank)
+        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start, stop, self.rank, keys=self.native)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.plan.workers,
                           prefetch_factor=self.plan.prefetch, pin_memory=self.pin_memory,
                           persistent_workers=False)
@@ -192,5 +227,5 @@ class Stream:
     def first_batch(self) -> torch.Tensor:
         """Step 0's batch, read in this process (the compiled-step check)."""
         idx = step_indices(len(self.dataset), self.batch_size, self.seed, 0, self.rank)
-        return torch.stack([self.dataset[i] for i in idx])
+        return torch.stack([self.dataset[(i, 0, j)] for j, i in enumerate(idx)])
 
