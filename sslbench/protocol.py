@@ -1203,6 +1203,26 @@ class DataWait:
         return out
 
 
+def check_loader(cfg: Mapping[str, Any], cls) -> None:
+    """One-line errors for ``method.pretrain.loader`` / ``native_crops`` settings that cannot run (before any run
+    folder exists); ``cls`` None skips the check of the method's corpus-level set-up."""
+    from .methods.base import PretrainMethod
+
+    pt = cfg["method"].get("pretrain") or {}
+    where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
+    if pt.get("loader", "memory") != "stream":
+        if pt.get("native_crops"):
+            raise RecipeError(f"{where}: key 'pretrain.native_crops': true needs pretrain.loader stream (the memory "
+                              f"loader keeps whole resized volumes); expected --set method.pretrain.loader=stream")
+        return
+    if cls is not None and cls.prepare is not PretrainMethod.prepare:
+        raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
+                          f"on the whole corpus in memory (prepare); expected loader memory")
+    if str(cfg["run"].get("cache", "read")) == "none":
+        raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
+                          "expected read or write")
+
+
 def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_label: bool,
                     dist: "distributed.Dist", device: torch.device, progress=None,
                     log: Callable[[str], None] = print):
@@ -1216,16 +1236,9 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
     from .data.cache import CaseCache
     from .data.stream import Stream, shard
     from .data.transforms import preprocess_transforms
-    from .methods.base import PretrainMethod
 
     run_cfg, corpus, pt = cfg["run"], cfg["corpus"], cfg["method"]["pretrain"]
-    where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
-    if cls is not None and cls.prepare is not PretrainMethod.prepare:
-        raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
-                          f"on the whole corpus in memory (prepare); expected loader memory")
-    if str(run_cfg.get("cache", "read")) == "none":
-        raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
-                          "expected read or write")
+    check_loader(cfg, cls)
     cache = CaseCache(corpus, with_label=with_label)
     mine = shard(items, dist.rank, dist.world_size)
     files = [cache.files(it) for it in mine]
@@ -1265,6 +1278,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     params = dict(method_cfg.get("params") or {})
     if needs_labels:   # the method knows no task: its class count is the labelled corpus's
         params["num_classes"] = len(corpus["classes"])
+    check_loader(cfg, cls)
     # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
     dist, plan, record, action, say = _claim_run(cfg, "pretrain", resume, force, console, root)
     protocol, root_path, phantom, items = plan.protocol, plan.root, plan.phantom, plan.items
@@ -1289,15 +1303,12 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     progress = make_progress(console)
     with progress:
         stream = stack = None
-        if pt.get("native_crops") and pt.get("loader", "memory") != "stream":
-            raise RecipeError(f"{(cfg.get('recipe_files') or {}).get('method') or method_cfg['name']}: key "
-                              f"'pretrain.native_crops': true needs pretrain.loader stream (the memory loader keeps "
-                              f"whole resized volumes); expected --set method.pretrain.loader=stream")
         if pt.get("loader", "memory") == "stream":   # step batches read from the case cache by worker processes
             stream = pretrain_stream(cfg, cls, items, size, needs_labels, dist, device, progress,
                                      say if dist.is_main else (lambda *_: None))
             if dist.is_main:
-                record.log(stream.plan.describe())
+                record.log(stream.plan.describe() + f"; rank 0 of {dist.world_size} reads its shard of {len(stream)} "
+                           f"of {len(items)} volumes")
         else:
             cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
             volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",

@@ -123,7 +123,8 @@ def test_stream_reproduces_itself_and_the_memory_loader(corpus, tmp_path, capsys
     assert s1["protocol"] != m["protocol"]          # the loader is part of the protocol (shards under torchrun)
     run = next((tmp_path / "s1").rglob("metrics.json")).parent
     log = (run / "log.txt").read_text()
-    assert "loader stream: 1 worker(s)" in log and log.count(" data_wait ") == 4
+    assert "loader stream: 1 worker(s)" in log and "rank 0 of 1 reads its shard of 6 of 6 volumes" in log
+    assert log.count(" data_wait ") == 4
     assert 0.0 <= json.loads((run / "status.json").read_text())["data_wait"] <= 1.0
     assert 0.0 <= m["data_wait"] <= 1.0
     # the case cache was filled on first use and reused: the second run caches nothing
@@ -141,6 +142,7 @@ def test_native_crops_stream_reproducible_boxes_and_need_the_stream(corpus, tmp_
     code = main(["pretrain", *FAST, "--set", "method.pretrain.native_crops=true", "--corpus-root", str(corpus),
                  "--out", str(tmp_path / "m")])
     assert code == 2 and "needs pretrain.loader stream" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_stream_refuses_a_method_that_needs_the_corpus_in_memory(corpus, tmp_path, capsys):
@@ -148,6 +150,7 @@ def test_stream_refuses_a_method_that_needs_the_corpus_in_memory(corpus, tmp_pat
                  "--out", str(tmp_path / "t"), *STREAM])
     err = capsys.readouterr().err
     assert code == 2 and "pretrain.loader" in err and "expected loader memory" in err
+    assert not (tmp_path / "t").exists()                    # refused before any run folder exists
 
 
 def _cli(out, corpus, env_extra=None, *extra):
@@ -210,3 +213,18 @@ def test_bench_pretrain_from_disk_times_the_streaming_loader(corpus):
                          precision="fp32", from_disk={"corpus": "phantom-corpus", "root": str(corpus), "workers": 1})
     assert out["corpus_volumes"] == 6 and out["loader_workers"] == 1 and out["size"] == [96, 96, 32]
     assert 0.0 <= out["data_wait"] < 1.0 and out["loader_volumes_per_s"] > 0 and out["valid"] is True
+
+
+def test_two_processes_read_disjoint_shards(corpus, tmp_path):
+    """`pretrain --gpus 2` on CPU (gloo) with the stream: rank 0 reads 3 of the 6 volumes and caches only those;
+    the other 3 in the cache can only come from rank 1's shard; one record."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "sslbench", "pretrain", *FAST, *STREAM, "--gpus", "2", "--set", "run.device=cpu",
+           "--set", "method.pretrain.steps=2", "--corpus-root", str(corpus), "--out", str(tmp_path / "d")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("caching 3 of 3 corpus volumes") == 1            # rank 0 talks: its shard only
+    run = next((tmp_path / "d").rglob("metrics.json")).parent
+    assert "rank 0 of 2 reads its shard of 3 of 6 volumes" in (run / "log.txt").read_text()
+    assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
+    assert len(list((tmp_path / "cache").rglob("*.image.npy"))) == 6          # both shards cached, by their ranks
