@@ -163,17 +163,42 @@ def build_method(method: str = "voco", variant: str = "paper", feature_size: int
     return cls(params, model_cfg), params, tuple(int(s) for s in size)
 
 
+def disk_stream(spec: Mapping[str, Any], size: Sequence[int], batch: int, seed: int, dist, dev: torch.device):
+    """The streaming loader ``bench pretrain --from-disk`` times: ``spec`` {corpus, root, cases, workers,
+    memory_mb} names a corpus recipe (at its paper values; ``cases``: its phantom count) and the loader settings."""
+    from . import protocol, recipes
+    from .data.corpus import corpus_items
+
+    corpus = recipes.load_task(str(spec.get("corpus") or "phantom-corpus"))
+    if spec.get("cases"):
+        corpus["data"]["phantom_cases"] = int(spec["cases"])
+    _, _, items = corpus_items(corpus, spec.get("root"), log=lambda *_: None)
+    cfg = {"run": {"seed": seed, "cache": "read", "loader_workers": int(spec.get("workers") or 0),
+                   "loader_memory_mb": float(spec.get("memory_mb") or 2048)},
+           "corpus": corpus, "method": {"name": "bench", "pretrain": {"batch_size": batch}}}
+    stream = protocol.pretrain_stream(cfg, None, items, size, False, dist, dev, log=print)
+    if dist.is_main:
+        print(stream.plan.describe(), flush=True)
+    return stream
+
+
 def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: int = 48, batch: int = 2,
                    sw: int = 2, n: int = 4, crop: int = 64, steps: int = 10, warmup: int = 3,
                    precision: str = "bf16", compile: bool = False, device: str = "cuda",
                    attention: str = "fused", size: Sequence[int] | None = None, use_checkpoint: bool = False,
                    augment: bool = True, lr: float = 1e-4, seed: int = 0, profile: bool = False,
                    compile_mode: str | None = None, model_name: str = "swinunetr",
-                   inductor: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   inductor: Mapping[str, Any] | None = None,
+                   from_disk: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Time real pre-training steps of ``method`` and return the figures as a dict.
 
     Geometry: ``batch`` volumes of ``size`` (default n * 1.5 * crop in x-y and crop in z: 384x384x64 for
     n=4, crop=64), ``sw`` random crops + n*n bases each, every crop resized to crop^3.
+
+    ``from_disk`` ({corpus, root, cases, workers, memory_mb}): every step takes a new batch from the streaming
+    loader over that corpus's case cache (built on first use), as ``method.pretrain.loader=stream`` does; the
+    step time then includes waiting for it, reported as ``data_wait`` (fraction of step time), beside the
+    loader's own rate without training (``loader_volumes_per_s``).
     """
     if inductor:   # torch._inductor.config entries for this run (compilation happens in the warm-up steps)
         args = dict(locals(), inductor=None)           # the parameters: nothing else is bound yet
@@ -204,14 +229,21 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(trainable, lr=lr, **opt_kw)
-    volumes = phantom_volumes(batch, size, dev, seed=seed + dist.rank)
+    stream = batches = None
+    if from_disk is not None:
+        stream = disk_stream(from_disk, size, batch, seed, dist, dev)
+        batches = stream.batches(0, 10 ** 9)
+        volumes = next(batches).to(dev)
+    else:
+        volumes = phantom_volumes(batch, size, dev, seed=seed + dist.rank)
+    current = {"volumes": volumes}
     model.prepare(phantom_volumes(max(batch, 8), size, dev, seed=seed + 1), seed)
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     run_model = distributed.wrap(model, dist, dev)   # DDP under torchrun (gradients all-reduced every step)
 
     def step(i: int) -> torch.Tensor:
         with autocast:
-            loss, _ = run_model(volumes, i)
+            loss, _ = run_model(current["volumes"], i)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -257,19 +289,36 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
             compile_check["feature_rel_diff"] = seeded_probe(lambda: model.compile_agreement(volumes), bf16, dev,
                                                              seed + 7919)
     for i in range(warmup):
+        if batches is not None:
+            current["volumes"] = next(batches).to(dev, non_blocking=True)
         step(1 + i)
     _sync(dev)
     warmup_s = time.perf_counter() - t_start
     if dev.type == "cuda":
         torch.cuda.empty_cache()       # a CUDA-graph row reports reserved memory: not the probe's cached blocks
         torch.cuda.reset_peak_memory_stats(dev)
-    times, losses = [], []
+    times, losses, waits = [], [], []
     for i in range(steps):
         t0 = time.perf_counter()
+        if batches is not None:
+            current["volumes"] = next(batches).to(dev, non_blocking=True)
+            waits.append(time.perf_counter() - t0)
         losses.append(step(1 + warmup + i))
         _sync(dev)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times) if times else float("nan")
+    disk: dict[str, Any] = {}
+    if stream is not None:
+        drain = stream.batches(0, max(steps, 4) + 1)
+        next(drain)                                   # workers started: time the steady rate
+        t0 = time.perf_counter()
+        drained = sum(1 for _ in drain)
+        loader_s = time.perf_counter() - t0
+        disk = {"from_disk": dict(from_disk), "corpus_volumes": len(stream),
+                "data_wait": sum(waits) / sum(times) if times else float("nan"),
+                "loader_workers": stream.plan.workers, "loader_prefetch": stream.plan.prefetch,
+                "loader_bound_mb": stream.plan.bound_bytes / 2 ** 20,
+                "loader_volumes_per_s": drained * batch / loader_s if loader_s > 0 else float("nan")}
     profile_table = None
     profile_kernels: list[tuple[str, float]] = []
     if profile:   # one more step under the profiler: where the device time goes, by kernel / operator
@@ -328,6 +377,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
         "device": str(dev), "card": card, "torch": torch.__version__, "monai": monai_version,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **disk,
         **({"profile": profile_table} if profile_table is not None else {}),
         **({"profile_kernels": profile_kernels} if profile_kernels else {}),
     }
@@ -530,6 +580,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cols = [("method", "method"), ("model", "model"), ("world_size", "procs"), ("variant", "variant"), ("attention", "attn"), ("precision", "prec"), ("compile", "compile"),
             ("use_checkpoint", "ckpt"), ("volumes_per_s", "vol/s"), ("step_s", "s/step"),
             ("tflop_per_step", "TFLOP/step"), ("tflops", "TFLOP/s"), ("peak_gib", "peak GiB"), ("valid", "valid")]
+    if any("data_wait" in r for r in rows):   # --from-disk
+        cols += [("data_wait", "data wait"), ("loader_volumes_per_s", "loader vol/s")]
     lines = [[h for _, h in cols]]
     for r in rows:
         if "error" in r:
@@ -623,6 +675,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="time DistributedDataParallel steps on N local GPUs (torchrun); vol/s is then global")
+    p.add_argument("--from-disk", action="store_true",
+                   help="each step reads a new batch through the streaming loader (method.pretrain.loader=stream) "
+                        "from the case cache of --corpus (built on first use): data_wait, loader_volumes_per_s")
+    p.add_argument("--corpus", default="phantom-corpus", help="--from-disk: the corpus recipe")
+    p.add_argument("--corpus-root", default=None, help="--from-disk: the corpus root (phantoms: written on first use)")
+    p.add_argument("--corpus-cases", type=int, default=None, help="--from-disk: phantom volumes (data.phantom_cases)")
+    p.add_argument("--loader-workers", type=int, default=0, help="--from-disk: run.loader_workers (0: cores - 1)")
+    p.add_argument("--loader-memory-mb", type=float, default=2048, help="--from-disk: run.loader_memory_mb")
     for what, help_text in (("finetune", "time fine-tuning steps of SwinUNETR (the protocol's step)"),
                             ("infer", "time sliding-window inference of one volume")):
         q = sub.add_parser(what, help=help_text)
@@ -669,7 +729,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          size=args.size, use_checkpoint=args.checkpointing,
                                          augment=not args.no_augment, profile=args.profile,
                                          compile_mode=args.compile_mode, model_name=args.model,
-                                         inductor=inductor)
+                                         inductor=inductor,
+                                         from_disk={"corpus": args.corpus, "root": args.corpus_root,
+                                                    "cases": args.corpus_cases, "workers": args.loader_workers,
+                                                    "memory_mb": args.loader_memory_mb} if args.from_disk else None)
                 except Exception as exc:  # keep the other configurations (an OOM must not end the table)
                     traceback.print_exc()
                     row = {"variant": variant, "attention": attention, "precision": precision,

@@ -163,8 +163,10 @@ def load_workers() -> int:
     return max(1, min(8, cores))
 
 
-def load_cases(items: list[dict], transform, desc: str, progress=None, cache=None, write: bool = False) -> list[dict]:
-    """Apply the deterministic preprocessing to every case once (kept in memory for the run).
+def load_cases(items: list[dict], transform, desc: str, progress=None, cache=None, write: bool = False,
+               keep: bool = True) -> list[dict]:
+    """Apply the deterministic preprocessing to every case once (kept in memory for the run; ``keep=False``:
+    only written to ``cache``, nothing kept or returned, as the streaming loader fills its cache).
 
     ``cache`` (a :class:`sslbench.data.cache.CaseCache` keyed by this very preprocessing) serves cases built by
     ``sslbench data cache``; with ``write`` the cases preprocessed here are stored into it too. Cases are
@@ -204,7 +206,8 @@ def load_cases(items: list[dict], transform, desc: str, progress=None, cache=Non
         results = pool.map(one, items)
     try:
         for case in results:
-            out.append(case)
+            if keep:
+                out.append(case)
             if job is not None:
                 progress.advance(job)
     finally:
@@ -1255,6 +1258,87 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
         return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
 
 
+class DataWait:
+    """The fraction of step time spent waiting for the step's batch (``data_wait`` in log.txt, status.json and
+    metrics.json): host wall time from a step's start until its batch is on its way to the device, over the
+    step's wall time (CUDA work is asynchronous, so a GPU-bound step shows its time in the step, not the wait)."""
+
+    def __init__(self):
+        self.wait = self.total = self.wait_i = self.total_i = 0.0
+        self._t0 = self._t1 = None
+
+    def start_step(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def got_data(self) -> None:
+        self._t1 = time.perf_counter()
+
+    def end_step(self) -> None:
+        now = time.perf_counter()
+        w, t = self._t1 - self._t0, now - self._t0
+        self.wait, self.total, self.wait_i, self.total_i = self.wait + w, self.total + t, self.wait_i + w, self.total_i + t
+
+    def fraction(self) -> float:
+        """Over the steps of this session so far (the step being logged counts up to its data)."""
+        return self.wait / self.total if self.total > 0 else 0.0
+
+    def interval(self) -> float:
+        """Over the steps since the last call (then restarts)."""
+        out = self.wait_i / self.total_i if self.total_i > 0 else 0.0
+        self.wait_i = self.total_i = 0.0
+        return out
+
+
+def check_loader(cfg: Mapping[str, Any], cls) -> None:
+    """One-line errors for ``method.pretrain.loader`` / ``native_crops`` settings that cannot run (before any run
+    folder exists); ``cls`` None skips the check of the method's corpus-level set-up."""
+    from .methods.base import PretrainMethod
+
+    pt = cfg["method"].get("pretrain") or {}
+    where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
+    if pt.get("loader", "memory") != "stream":
+        if pt.get("native_crops"):
+            raise RecipeError(f"{where}: key 'pretrain.native_crops': true needs pretrain.loader stream (the memory "
+                              f"loader keeps whole resized volumes); expected --set method.pretrain.loader=stream")
+        return
+    if cls is not None and cls.prepare is not PretrainMethod.prepare:
+        raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
+                          f"on the whole corpus in memory (prepare); expected loader memory")
+    if str(cfg["run"].get("cache", "read")) == "none":
+        raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
+                          "expected read or write")
+
+
+def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_label: bool,
+                    dist: "distributed.Dist", device: torch.device, progress=None,
+                    log: Callable[[str], None] = print):
+    """The streaming loader (``method.pretrain.loader: stream``) of this rank's shard of the corpus.
+
+    The shard's cases missing from the case cache are preprocessed into it first (threads, progress bar; every
+    rank fills only its own shard), so nothing of the corpus is kept in memory (``cls`` None: no check of the
+    method's corpus-level set-up, as ``bench pretrain --from-disk`` times the loader); :class:`sslbench.data.stream.Stream`
+    then reads step batches from the cache files in ``run.loader_workers`` processes within ``run.loader_memory_mb``.
+    """
+    from .data.cache import CaseCache
+    from .data.stream import Stream, shard
+    from .data.transforms import preprocess_transforms
+
+    run_cfg, corpus, pt = cfg["run"], cfg["corpus"], cfg["method"]["pretrain"]
+    check_loader(cfg, cls)
+    cache = CaseCache(corpus, with_label=with_label)
+    mine = shard(items, dist.rank, dist.world_size)
+    files = [cache.files(it) for it in mine]
+    todo = [it for it, (image, label) in zip(mine, files)
+            if not image.is_file() or (label is not None and not label.is_file())]
+    if todo:
+        log(f"caching {len(todo)} of {len(mine)} corpus volumes in {cache.folder}")
+        load_cases(todo, preprocess_transforms(corpus, with_label=with_label), "cache corpus", progress,
+                   cache=cache, write=True, keep=False)
+    return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
+                  budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
+                  pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)))
+
+
 def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
               console=None) -> Outcome:
     """Pre-train a method's backbone on a corpus; writes checkpoints/backbone.pt in SwinUNETR's key layout."""
@@ -1280,6 +1364,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     params = dict(method_cfg.get("params") or {})
     if needs_labels:   # the method knows no task: its class count is the labelled corpus's
         params["num_classes"] = len(corpus["classes"])
+    check_loader(cfg, cls)
     # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
     dist, plan, record, action, say = _claim_run(cfg, "pretrain", resume, force, console, root)
     protocol, root_path, phantom, items = plan.protocol, plan.root, plan.phantom, plan.items
@@ -1296,9 +1381,26 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
 
     progress = make_progress(console)
     with progress:
-        cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
-        volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",
-                             progress, cache=cache, write=write)
+        stream = stack = None
+        if pt.get("loader", "memory") == "stream":   # step batches read from the case cache by worker processes
+            stream = pretrain_stream(cfg, cls, items, size, needs_labels, dist, device, progress,
+                                     say if dist.is_main else (lambda *_: None))
+
+        else:
+            cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
+            volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",
+                                 progress, cache=cache, write=write)
+            resize = mt.Resize(spatial_size=tuple(size), mode="trilinear")
+            stack = torch.stack([torch.as_tensor(resize(torch.as_tensor(v["image"]).float())).float()
+                                 for v in volumes])  # [N, 1, X, Y, Z]
+            if needs_labels:   # [N, 2, X, Y, Z]: channel 1 holds the label ids (nearest-neighbour resize)
+                nearest = mt.Resize(spatial_size=tuple(size), mode="nearest")
+                labels = torch.stack([torch.as_tensor(nearest(torch.as_tensor(v["label"]).float())).float()
+                                      for v in volumes])
+                stack = torch.cat([stack, labels], dim=1)
+            del volumes
+            if device.type == "cuda":
+                stack = stack.to(device)  # GPU-resident corpus: batches are gathered on the device
         # the run folder only once every case loaded and passed its checks (a refused run leaves none)
         if dist.is_main:
             record.path.mkdir(parents=True, exist_ok=True)
@@ -1307,20 +1409,13 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
             record.write_env(str(device), world_size=dist.world_size)
             record.set_status(state="running", stage="pretrain", step=0, protocol=protocol, world_size=dist.world_size,
                               started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        resize = mt.Resize(spatial_size=tuple(size), mode="trilinear")
-        stack = torch.stack([torch.as_tensor(resize(torch.as_tensor(v["image"]).float())).float()
-                             for v in volumes])  # [N, 1, X, Y, Z]
-        if needs_labels:   # [N, 2, X, Y, Z]: channel 1 holds the label ids (nearest-neighbour resize)
-            nearest = mt.Resize(spatial_size=tuple(size), mode="nearest")
-            labels = torch.stack([torch.as_tensor(nearest(torch.as_tensor(v["label"]).float())).float()
-                                  for v in volumes])
-            stack = torch.cat([stack, labels], dim=1)
-        del volumes
-        if device.type == "cuda":
-            stack = stack.to(device)  # GPU-resident corpus: batches are gathered on the device
+        if stream is not None and dist.is_main:
+            record.log(stream.plan.describe() + f"; rank 0 of {dist.world_size} reads its shard of {len(stream)} "
+                       f"of {len(items)} volumes")
         torch.manual_seed(seed)
         method = cls(params, cfg["model"]).to(device)
-        method.prepare(stack, seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
+        if stack is not None:
+            method.prepare(stack, seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
         opt = pretrain_optimizer(method, pt, device)
         sched = pretrain_schedule(opt, pt, total)
         start, history = 0, []
@@ -1339,7 +1434,8 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         if cfg["run"].get("compile"):
             if dist.is_main:
                 record.log("run.compile: Inductor settings " + ", ".join(f"{k}={v}" for k, v in inductor.current().items()))
-            diffs = check_compiled_method(method, stack[: pt["batch_size"]].to(device), bf16, device, seed, str(record.path))
+            first = stack[: pt["batch_size"]] if stream is None else stream.first_batch()
+            diffs = check_compiled_method(method, first.to(device), bf16, device, seed, str(record.path))
             if diffs and dist.is_main:
                 record.log("compiled encoders against eager on the first batch (max relative difference): "
                            + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
@@ -1348,11 +1444,18 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         acc: dict[str, torch.Tensor] = {}
         n_acc = 0
         t0 = time.perf_counter()
+        batches = stream.batches(start, total) if stream is not None else None
+        wait = DataWait()
         for step in range(start, total):
-            rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
-            idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
+            wait.start_step()
+            if batches is not None:   # the StepSampler draws what the memory loader's rng draws below
+                volumes_b = next(batches).to(device, non_blocking=True)
+            else:
+                rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
+                idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
+                volumes_b = stack.index_select(0, idx).to(device, non_blocking=True)
+            wait.got_data()
             torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))
-            volumes_b = stack.index_select(0, idx).to(device, non_blocking=True)
             with autocast(bf16, device):
                 loss, logs = step_fn(volumes_b, step)
             opt.zero_grad(set_to_none=True)
@@ -1360,6 +1463,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
             opt.step()
             sched.step()
             method.after_step(step)
+            wait.end_step()
             for k, v in {"loss": loss, **logs}.items():
                 v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                 acc[k] = acc.get(k, 0) + v
@@ -1371,13 +1475,14 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
                 history.append(entry)
                 acc, n_acc = {}, 0
                 if dist.is_main:
-                    record.log("step {step} ".format(step=done) + " ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
+                    record.log("step {step} ".format(step=done) + " ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step")
+                               + f" data_wait {wait.interval():.3f}")
                 progress.update(job, info=f"loss {entry['loss']:.4f}")
             if done % pt.get("checkpoint_every", 500) == 0 or done == total:
                 if dist.is_main:
                     atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(),
                                        "scheduler": sched.state_dict(), "step": done, "history": history}, last)
-                    record.set_status(step=done)
+                    record.set_status(step=done, data_wait=wait.fraction())
                 dist.barrier()
             progress.update(job, advance=1)
             _kill_point(done)
@@ -1394,7 +1499,8 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
                "preset": cfg["run"]["preset"], "steps": total, "volumes": len(items), "world_size": dist.world_size,
                "labelled": needs_labels,
                "final_loss": history[-1]["loss"] if history else None, "history": history,
-               "seconds_this_session": elapsed, "backbone_tensors": len(backbone),
+               "seconds_this_session": elapsed, "data_wait": wait.fraction(),
+               "loader": pt.get("loader", "memory"), "backbone_tensors": len(backbone),
                "transfers_decoder": bool(getattr(cls, "transfers_decoder", False)),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(record.path / "metrics.json", metrics)

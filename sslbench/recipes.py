@@ -178,6 +178,11 @@ METHOD_SCHEMA = Spec(fields={
         "optimizer": Spec(choices=("adamw", "sgd")), "momentum": NUM,
         "schedule": Spec(choices=("warmup_cosine", "step")), "step_every": INT, "step_gamma": NUM,
         "fixed_lr": Spec(items=STR),
+        # memory: the whole corpus resized and stacked once; stream: step batches read by DataLoader workers
+        # from the memory-mapped case cache (sslbench/data/stream.py)
+        "loader": Spec(choices=("memory", "stream")),
+        # stream only: random input_size boxes at the preprocessing spacing instead of whole resized volumes
+        "native_crops": BOOL,
     }),
     "params": Spec(free=True),
 })
@@ -245,6 +250,7 @@ DEFAULTS_SCHEMA = Spec(fields={
         "num_threads": INT, "preset": Spec(choices=PRESETS), "label": STR,
         "cache": Spec(choices=("read", "write", "none")),
         "attention": Spec(choices=("fused", "sdpa", "monai")), "compile": BOOL,
+        "loader_workers": INT, "loader_memory_mb": NUM,
     }),
     "model": Spec(fields={
         "name": Spec(choices=("swinunetr", "unet3d", "basicunet", "unetr")), "feature_size": INT, "use_v2": BOOL,
@@ -273,7 +279,8 @@ METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
 PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
                                      "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999],
                                      "optimizer": "adamw", "momentum": 0.9, "schedule": "warmup_cosine",
-                                     "step_every": 0, "step_gamma": 0.5, "fixed_lr": []}
+                                     "step_every": 0, "step_gamma": 0.5, "fixed_lr": [],
+                                     "loader": "memory", "native_crops": False}
 
 
 def deep_merge(base: Mapping, top: Mapping) -> dict:
@@ -557,7 +564,8 @@ def _check_scoring(task: Mapping[str, Any], task_file: str) -> None:
 #: keys that change how a run computes, not what: the same protocol whatever their values (the window-attention
 #: kernel computes the same function, to rounding, with any of its values)
 _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.cache", "recipe_files",
-                 "method.params.attention", "run.attention", "run.compile")
+                 "method.params.attention", "run.attention", "run.compile", "run.loader_workers",
+                 "run.loader_memory_mb")
 
 
 #: keys added after runs were recorded without them, each with the value that computes what those runs did: at
@@ -568,6 +576,7 @@ _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bi
                   **{f"method.pretrain.{k}": v for k, v in (("optimizer", "adamw"), ("momentum", 0.9),
                                                             ("schedule", "warmup_cosine"), ("step_every", 0),
                                                             ("step_gamma", 0.5), ("fixed_lr", []))},
+                  "method.pretrain.loader": "memory", "method.pretrain.native_crops": False,
                   # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided
                   # empty set then scored NaN where it now scores 0: a fix, not another protocol)
                   **{f"{section}.evaluate.{key}": TASK_DEFAULTS["evaluate"][key]

@@ -77,11 +77,12 @@ def preprocessing_key(task: Mapping[str, Any], with_label: bool) -> str:
 
 def _preprocessing_code_digest() -> str:
     """SHA-256 of the code that preprocessing may run: every module of sslbench/data except the phantom writers,
-    the checker and this cache (a changed transform, reader or layout is a new cache key)."""
+    the checker, this cache and the streaming loader, which reads the cache (a changed transform, reader or
+    layout is a new cache key)."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(here.glob("*.py")):
-        if path.name.startswith(("phantom", "check", "cache")):
+        if path.name.startswith(("phantom", "check", "cache", "stream")):
             continue
         h.update(path.name.encode())
         h.update(path.read_bytes())
@@ -125,6 +126,13 @@ class CaseCache:
                             _file_identity(item.get("label") if self.with_label else None)], default=str)
         digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
         return self.folder / f"{_safe(str(item['id']))}-{digest}"
+
+    def files(self, item: Mapping[str, Any]) -> tuple[Path, Path | None]:
+        """(image .npy, label .npy or None) of a case in this cache (present or not): what the streaming
+        pre-training loader (:mod:`sslbench.data.stream`) maps in its workers."""
+        stem = self._stem(item)
+        label = stem.with_name(stem.name + ".label.npy") if self.with_label and item.get("label") else None
+        return stem.with_name(stem.name + ".image.npy"), label
 
     def get(self, item: Mapping[str, Any]) -> dict | None:
         """The cached case (tensors backed by copy-on-write memory maps), or None on a miss."""

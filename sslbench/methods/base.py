@@ -43,7 +43,9 @@ class PretrainMethod(nn.Module):
 
         ``corpus`` is every pre-processed corpus volume [N, 1, *input_size] on the training device. It must be
         deterministic given ``seed``; whatever it builds that training depends on (e.g. TransVW's visual-word
-        coordinates) belongs in registered buffers so checkpoints carry it.
+        coordinates) belongs in registered buffers so checkpoints carry it. Not called under
+        ``method.pretrain.loader: stream``, which never holds the corpus: a method that overrides it refuses the
+        streaming loader.
         """
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:

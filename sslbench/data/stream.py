@@ -1,0 +1,231 @@
+"""The streaming pre-training loader (``method.pretrain.loader: stream``).
+
+``loader: memory`` (the default) resizes every corpus volume once and stacks the whole corpus in memory (on the
+GPU under CUDA): memory grows with the corpus. ``loader: stream`` keeps nothing of the corpus in memory:
+
+* the corpus is preprocessed once into the memory-mapped case cache (:mod:`sslbench.data.cache`, keyed as
+  ``sslbench data cache`` keys it; the protocol fills the missing cases on first use, in threads, with a
+  progress bar);
+* a torch ``DataLoader`` with worker processes reads each step's volumes from the cache files (pages mapped,
+  nothing decompressed), resizes them to the method's ``input_size`` exactly as the memory loader does and
+  collates them into pinned batches (on CUDA); the method still cuts its views on the device;
+* the volumes of step ``s`` are drawn by :class:`StepSampler` from ``rng([seed, s])`` (rank r > 0:
+  ``[seed, s, r]``), the memory loader's draw, so one process streams exactly the batches the memory loader
+  gathers, and a resumed run streams the batches of the steps it has left;
+* under torchrun each rank reads only its shard of the corpus (:func:`shard`: every ``world_size``-th volume
+  from its rank), as torch's ``DistributedSampler`` shards a dataset;
+* ``method.pretrain.native_crops: true`` delivers a random ``input_size`` box of each volume at the
+  preprocessing spacing (:func:`native_crop`, seeded by seed, step, rank and batch slot) instead of the whole
+  volume resized to ``input_size``: the voxel size the pretext task sees is then the fine-tuning's (the
+  official form of Models Genesis, TransVW, PCRL, SwinUNETR-SSL and MAE; VoCo's whole-volume resize is its own);
+* host memory is bounded by ``run.loader_memory_mb`` whatever the corpus size (:func:`plan_workers`): the batches
+  in flight (workers x prefetch depth, plus the one being pinned and the one in use) plus one source volume per
+  worker.
+
+This module reads the cache and the recipe values it is given; it never imports the protocol.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sslbench.errors import DataError
+
+LOADERS = ("memory", "stream")
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """The items rank ``rank`` of ``world_size`` reads: every ``world_size``-th from index ``rank`` (disjoint
+    shards whose union is ``items``)."""
+    if world_size > len(items):
+        raise DataError(f"corpus of {len(items)} volumes for {world_size} processes; expected at least one "
+                        f"volume per process (method.pretrain.loader=stream shards the corpus by rank)")
+    return list(items[rank::world_size])
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0) -> list[int]:
+    """The corpus indices of step ``step``: the memory loader's draw (``rng([seed, step])``, rank r > 0
+    ``rng([seed, step, r])``), uniform with replacement over ``n`` volumes."""
+    rng = np.random.default_rng([seed, step] if rank == 0 else [seed, step, rank])
+    return rng.integers(0, n, size=batch_size).tolist()
+
+
+class StepSampler(Sampler):
+    """Yields the index list of every step in ``[start, stop)``: deterministic in (seed, step, rank), so a run
+    resumed at step ``start`` draws what the uninterrupted run drew from there on. With ``keys`` each entry is
+    ``(index, step, slot)``, what a native crop is seeded by."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 keys: bool = False):
+        self.n, self.batch_size, self.seed, self.start, self.stop, self.rank = n, batch_size, seed, start, stop, rank
+        self.keys = keys
+
+    def __iter__(self) -> Iterator[list]:
+        for step in range(self.start, self.stop):
+            idx = step_indices(self.n, self.batch_size, self.seed, step, self.rank)
+            yield [(i, step, j) for j, i in enumerate(idx)] if self.keys else idx
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def _plain(x) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def native_crop(volume: torch.Tensor, size: Sequence[int], seed: int, step: int, rank: int, slot: int) -> torch.Tensor:
+    """A ``size`` box of ``volume`` [C, X, Y, Z] at its stored (preprocessing) spacing: along each axis a uniform
+    offset in [0, extent - size] from ``rng([seed, step, rank, slot])``; an axis shorter than ``size`` is kept whole
+    and padded with 0 (air, after the [0, 1] scaling) at its end."""
+    rng = np.random.default_rng([int(seed), int(step), int(rank), int(slot)])
+    out = torch.zeros((volume.shape[0], *size), dtype=torch.float32)
+    src, dst = [slice(None)], [slice(None)]
+    for extent, want in zip(volume.shape[1:], size):
+        off = int(rng.integers(0, extent - want + 1)) if extent > want else 0
+        keep = min(extent, want)
+        src.append(slice(off, off + keep))
+        dst.append(slice(0, keep))
+    out[tuple(dst)] = torch.as_tensor(volume[tuple(src)]).float()
+    return out
+
+
+class CachedVolumes(Dataset):
+    """Volumes read from case-cache files [(image .npy, label .npy or None)], each resized to ``size``
+    (image: trilinear, label ids: nearest, stacked as channel 1), as the memory loader resizes them; with
+    ``native`` a random ``size`` box at the stored spacing instead (:func:`native_crop`; items are then
+    ``(index, step, slot)``)."""
+
+    def __init__(self, files: Sequence[tuple[str, str | None]], size: Sequence[int], with_label: bool = False,
+                 native: bool = False, seed: int = 0, rank: int = 0):
+        self.files = [(str(a), None if b is None else str(b)) for a, b in files]
+        self.size = tuple(int(s) for s in size)
+        self.with_label = with_label
+        self.native, self.seed, self.rank = native, int(seed), int(rank)
+        self._resize = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _resizers(self):
+        if self._resize is None:
+            from monai import transforms as mt
+
+            self._resize = (mt.Resize(spatial_size=self.size, mode="trilinear"),
+                            mt.Resize(spatial_size=self.size, mode="nearest"))
+        return self._resize
+
+    def __getitem__(self, key) -> torch.Tensor:
+        i, step, slot = key if isinstance(key, tuple) else (key, 0, 0)
+        image_path, label_path = self.files[i]
+        trilinear, nearest = self._resizers()
+        try:
+            image = torch.from_numpy(np.load(image_path, mmap_mode="c"))
+            if self.native:
+                if self.with_label:
+                    label = torch.from_numpy(np.load(label_path, mmap_mode="c"))
+                    image = torch.cat([torch.as_tensor(image).float(), torch.as_tensor(label).float()])
+                return native_crop(image, self.size, self.seed, step, self.rank, slot)
+            out = _plain(torch.as_tensor(trilinear(torch.as_tensor(image).float())).float())
+            if self.with_label:
+                label = torch.from_numpy(np.load(label_path, mmap_mode="c"))
+                out = torch.cat([out, _plain(torch.as_tensor(nearest(torch.as_tensor(label).float())).float())])
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{image_path}: cannot be read from the case cache ({exc})") from None
+        return out.contiguous()
+
+
+@dataclass
+class Plan:
+    """How many workers and batches a stream keeps in flight, and the host memory that bounds."""
+    workers: int
+    prefetch: int
+    batch_bytes: int
+    volume_bytes: int      # the largest cached source volume (one per worker while it is resized)
+    budget_bytes: int
+
+    @property
+    def bound_bytes(self) -> int:
+        """Batches in flight (workers x prefetch, + the one pinned + the one in use) + one source per worker."""
+        return (self.workers * self.prefetch + 2) * self.batch_bytes + self.workers * self.volume_bytes
+
+    def describe(self) -> str:
+        mb = 2 ** 20
+        return (f"loader stream: {self.workers} worker(s) x prefetch {self.prefetch}, batch {self.batch_bytes / mb:.1f} "
+                f"MB, host memory in flight <= {self.bound_bytes / mb:.1f} MB (run.loader_memory_mb "
+                f"{self.budget_bytes / mb:.0f})" + (" - the budget is below one batch per worker; using the minimum"
+                                                    if self.bound_bytes > self.budget_bytes else ""))
+
+
+def default_workers() -> int:
+    """Loader worker processes when ``run.loader_workers`` is 0: the usable cores less one, 1 to 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores - 1))
+
+
+def plan_workers(batch_bytes: int, volume_bytes: int, budget_mb: float, workers: int = 0) -> Plan:
+    """The most workers (at most ``workers``; 0: :func:`default_workers`) and the deepest prefetch that keep
+    :attr:`Plan.bound_bytes` within ``budget_mb``; at least one worker with a prefetch of one."""
+    budget = int(float(budget_mb) * 2 ** 20)
+    want = int(workers) if workers and workers > 0 else default_workers()
+    w = want
+    while w > 1 and (w + 2) * batch_bytes + w * volume_bytes > budget:
+        w -= 1
+    prefetch = 1
+    while prefetch < 8 and (w * (prefetch + 1) + 2) * batch_bytes + w * volume_bytes <= budget:
+        prefetch += 1
+    return Plan(workers=w, prefetch=prefetch, batch_bytes=int(batch_bytes), volume_bytes=int(volume_bytes),
+                budget_bytes=budget)
+
+
+class Stream:
+    """A corpus shard streamed from the case cache: ``batches(start, stop)`` yields step batches [B, C, *size]."""
+
+    def __init__(self, files: Sequence[tuple[str, str | None]], size: Sequence[int], batch_size: int, seed: int,
+                 rank: int = 0, with_label: bool = False, budget_mb: float = 1024, workers: int = 0,
+                 pin_memory: bool = False, native: bool = False):
+        if not files:
+            raise DataError("method.pretrain.loader=stream: the corpus shard of this process is empty")
+        self.dataset = CachedVolumes(files, size, with_label, native=native, seed=seed, rank=rank)
+        self.native = native
+        self.batch_size, self.seed, self.rank, self.pin_memory = int(batch_size), int(seed), int(rank), pin_memory
+        channels = 2 if with_label else 1
+        batch_bytes = self.batch_size * channels * int(np.prod(self.dataset.size)) * 4
+        volume_bytes = max(sum(os.path.getsize(p) for p in pair if p) for pair in self.dataset.files)
+        self.plan = plan_workers(batch_bytes, volume_bytes, budget_mb, workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def loader(self, start: int, stop: int) -> DataLoader:
+        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start, stop, self.rank, keys=self.native)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.plan.workers,
+                          prefetch_factor=self.plan.prefetch, pin_memory=self.pin_memory,
+                          persistent_workers=False)
+
+    def batches(self, start: int, stop: int) -> Iterator[torch.Tensor]:
+        """The batches of steps ``start`` .. ``stop - 1`` in order; a worker's error is one line."""
+        it = iter(self.loader(start, stop))
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as exc:   # re-raised by the DataLoader with the worker's traceback appended
+                lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                raise DataError(next((ln.split("DataError: ", 1)[1] for ln in reversed(lines)
+                                      if "DataError: " in ln), lines[0] if lines else "loader worker failed")) from None
+            yield batch
+
+    def first_batch(self) -> torch.Tensor:
+        """Step 0's batch, read in this process (the compiled-step check)."""
+        idx = step_indices(len(self.dataset), self.batch_size, self.seed, 0, self.rank)
+        return torch.stack([self.dataset[(i, 0, j)] for j, i in enumerate(idx)])
+
