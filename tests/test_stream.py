@@ -98,8 +98,16 @@ def test_native_crop_cuts_a_seeded_box_at_the_stored_spacing_and_pads_short_axes
 # ---------------------------------------------------------------------------------------------- protocol
 FAST = ["--method", "simsiam", "--corpus", "phantom-corpus", "--set", "method.pretrain.steps=4",
         "--set", "method.pretrain.log_every=1", "--set", "method.pretrain.checkpoint_every=2",
-        "--set", "run.loader_workers=1"]
+        "--set", "run.loader_workers=1", "--set", "run.num_threads=1"]   # one thread: bit-exact comparisons
 STREAM = ["--set", "method.pretrain.loader=stream"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """In-process runs set torch's thread count (run.num_threads=1); give the next test of this worker its own."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def _metrics(out):
@@ -187,7 +195,10 @@ def test_stream_peak_host_memory_does_not_grow_with_the_corpus(tmp_path):
     2,000: writing and caching 2,000 volumes takes minutes on a shared 2-core CI machine; each volume here weighs
     96^3 x 4 bytes resized, so the corpus the memory loader keeps (690 MB) stands far above the noise of the
     training step's own peak (~0.1 GB between runs)."""
-    env = dict(os.environ, SSLBENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    # a clean environment: no sslbench or torchrun variables left by earlier tests of this worker
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SSLBENCH_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SSLBENCH_CACHE=str(tmp_path / "cache"), SSLBENCH_DATA=str(tmp_path / "data"), OMP_NUM_THREADS="1")
     big = ["--set", "method.params.resize=[96,96,96]", "--set", "method.pretrain.steps=2"]
     peaks = {}
     for loader, n in (("stream", 50), ("stream", 200), ("memory", 200)):
