@@ -868,7 +868,7 @@ class FinetuneRun:
     phantom: bool
 
 
-def preflight(cfg: Mapping[str, Any], stage: str, items: list[dict], force: bool = False) -> None:
+def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force: bool = False) -> None:
     """Check every case a run will read before its run folder is claimed, created or (``--force``) replaced.
 
     ``items`` are the cases :func:`plan_run` listed (a fine-tuning's train and val cases, a pre-training's
@@ -900,13 +900,13 @@ def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, co
                pretrain_key: str | None = None):
     """(dist, plan, record, action, say): join the torchrun job if any, locate the data and name the run
     (:func:`plan_run`, rank 0 first), lock the run folder (sslbench/locks.py) and let rank 0 decide new /
-    resume / skip after :func:`preflight` checked the cases; every rank gets its decision; only rank 0 talks.
+    resume / skip after :func:`check_run_cases` checked the cases; every rank gets its decision; only rank 0 talks.
     Nothing is written to the folder here."""
     dist = distributed.setup(cfg["run"].get("device", "auto"))
     say = (console.print if console is not None else print) if dist.is_main else (lambda *a, **k: None)
     plan = _rank0_first(dist, lambda: plan_run(cfg, stage, root, log=say, pretrain_key=pretrain_key, dist=dist))
     if dist.is_main:
-        preflight(cfg, stage, plan.items, force)   # data checks before the folder is claimed or replaced
+        check_run_cases(cfg, stage, plan.items, force)   # data checks before the folder is claimed or replaced
     record = RunRecord(plan.path, run_key=plan.run_key, data=plan.data)
     if dist.is_main:
         lock = locks.RunLock(locks.lock_path(cfg["run"]["out"], plan.path), plan.path).acquire(say=say)
