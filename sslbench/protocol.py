@@ -644,9 +644,9 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
                     f"{' (PHANTOM)' if phantom or cfg['corpus'].get('phantom') else ''}: {pt['steps']} steps, batch "
                     f"{pt['batch_size']}, lr {pt['lr']}, {'?' if items is None else len(items)} volumes")
             else:
-                view = fcfg if "corpus" not in cfg else finetune_view(cfg)
-                if init is not None:
-                    view = {**view, "init": {k: v for k, v in init.items() if k in ("source", "hash", "method")}}
+                # hashed as open_finetune hashes it: with its init (None: from scratch)
+                view = finetune_view(cfg) if "corpus" in cfg else {
+                    **fcfg, "init": {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None}
                 ft, task = cfg["task"]["finetune"], cfg["task"]
                 say(f"  finetune: {run.get('label', cfg['method']['name'])} on task {task['name']}"
                     f"{' (PHANTOM)' if phantom or task.get('phantom') else ''}: "
