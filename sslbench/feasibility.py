@@ -216,8 +216,8 @@ def estimate_finetune(cfg: Mapping[str, Any], m: Machine, train_cases: int | Non
     if task.get("kind") == "segmentation":
         voxels = int(ft.get("batch_size", 1)) * int(ft.get("num_samples", 1)) * _cube(ft.get("roi") or 96)
         family = "segmentation"
-    else:   # classification: the encoder on whole (resized) inputs
-        voxels = int(ft.get("batch_size", 1)) * _cube(ft.get("roi") or ft.get("size") or 96)
+    else:   # classification: the encoder on whole inputs, resized to preprocess.size (2D: pixels)
+        voxels = int(ft.get("batch_size", 1)) * _cube((task.get("preprocess") or {}).get("size") or 96)
         family = "encoder"
     steps = finetune_steps(task, train_cases)
     act, seconds = _act_and_time(voxels, f, family, m)
