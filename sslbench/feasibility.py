@@ -9,7 +9,8 @@ runs in minutes from one that needs days or 50 GB), not predictions to the secon
   ``encoder`` 17 B; the fine-tuning step, SwinUNETR (encoder + decoder) on 4 x 96^3 at 48: 9.85 GiB ->
   ``segmentation`` 55 B (after the weights and optimiser state below). On the CPU (fp32, MONAI attention)
   both are multiplied by 2.6, the ratio of the same bench's ``monai fp32`` row (23.67 GiB) to ``fused bf16``.
-  Paper-preset VoCo on the CPU (80 crops of 64^3) comes to ~45 GB; the run of issue 20 was OOM-killed at 21.7 GB.
+  Paper-preset VoCo on the CPU (80 crops of 64^3) comes to ~41 GiB of activations (~50 GiB with the weights
+  and the 200-volume corpus); the run of issue 20 was OOM-killed at 21.7 GB, still growing.
 * **weights + optimiser**: 16 bytes a parameter (fp32 weights, gradients, AdamW's two moments); SwinUNETR has
   72.8 M parameters at feature size 48 and scales with its square (4.7 M at 12).
 * **pre-training corpus**: the corpus is held resized in memory (on the GPU when there is one): volumes x
