@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="folder for run records (default: runs/)")
         sp.add_argument("--gpus", type=int, default=None, metavar="N",
                         help="run on N local processes under torchrun (DistributedDataParallel; one per GPU)")
+        sp.add_argument("--dry-run", action="store_true",
+                        help="print the plan (stages, settings, run folders, corpus, phantom or not) and its memory / "
+                             "time estimates, write nothing")
+        sp.add_argument("--no-feasibility-check", action="store_true",
+                        help="run a plan the estimates say cannot fit (a warning instead; = --set run.feasibility=warn)")
 
     sp = add("run", "Pre-train (if the method has a pre-training; reused when an identical one finished), fine-tune and evaluate.")
     sp.add_argument("--method", default=DEFAULT_METHOD, help=f"method recipe name (default {DEFAULT_METHOD})")
@@ -202,9 +207,16 @@ def _resolve(args, method: str, task: str | None, corpus: str | None = None) -> 
     return cfg
 
 
+def _say(console):
+    return lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _cmd_run(args, console) -> int:
     from . import protocol
 
+    if args.dry_run:
+        cfg = _resolve(args, args.method, args.task, corpus=args.corpus)
+        return protocol.dry_run(cfg, root=args.root, corpus_root=args.corpus_root, say=_say(console), gpus=args.gpus)
     out = protocol.run_protocol(args.method, args.task, preset=args.preset, overrides=args.overrides, seed=args.seed,
                                 root=args.root, corpus=args.corpus, corpus_root=args.corpus_root, out=args.out,
                                 resume=args.resume, force=args.force, console=console)
@@ -224,6 +236,9 @@ def _cmd_pretrain(args, console) -> int:
 
         raise RecipeError(f"method '{args.method}' has no pre-training (methods/{args.method}.yaml: pretrain is null)")
     pcfg = recipes.split_config(cfg, "corpus")
+    if args.dry_run:
+        return protocol.dry_run(pcfg, corpus_root=args.corpus_root, say=_say(console), gpus=args.gpus)
+    protocol.preflight(pcfg, corpus_root=args.corpus_root, say=_say(console))
     out = protocol.pretrain(pcfg, root=args.corpus_root, resume=args.resume, force=args.force, console=console)
     m = out.metrics
     phantom = " on PHANTOM data" if m.get("phantom") else ""
@@ -249,6 +264,10 @@ def _cmd_finetune(args, console) -> int:
         init = {"path": str(path), "source": "file", "hash": protocol.file_digest(path), "method": label}
         # a backbone of an sslbench pre-training: its decoder hand-over and its PHANTOM label, as `run` does
         init.update(protocol.checkpoint_provenance(path, method))
+    if args.dry_run:
+        return protocol.dry_run(recipes.split_config(cfg, "task"), root=args.root, say=_say(console), init=init,
+                                gpus=args.gpus)
+    protocol.preflight(recipes.split_config(cfg, "task"), root=args.root, say=_say(console))
     out = protocol.finetune(recipes.split_config(cfg, "task"), root=args.root, init=init, resume=args.resume,
                             force=args.force, console=console)
     if "rank" in out.metrics:
@@ -417,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _quiet_third_party()
-    if getattr(args, "gpus", None) is not None:
+    if getattr(args, "no_feasibility_check", False):
+        args.overrides = [*args.overrides, "run.feasibility=warn"]
+    if getattr(args, "gpus", None) is not None and not getattr(args, "dry_run", False):
         import os
 
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:

@@ -87,6 +87,18 @@ def data_home() -> Path:
     return Path(os.environ.get("SSLBENCH_DATA", "data"))
 
 
+#: set while a plan is only looked at (preflight, --dry-run): locate_data writes no phantom tree
+_PLAN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("sslbench_plan_only", default=False)
+
+
+class PhantomNotWritten(Exception):
+    """A phantom tree a plan needs is not written yet (raised only under :data:`_PLAN_ONLY`)."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
 def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, bool]:
     """The dataset root for a task, synthesising the phantom twin when the recipe says ``root: auto``."""
     data = task.get("data") or {}
@@ -95,10 +107,15 @@ def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[
 
         return locate_sources(task, None if root is None else str(root), log)
     if root is None:
-        root = data.get("root")
+        from .data.corpus import env_name
+
+        root = os.environ.get(env_name(task["name"])) or data.get("root")
     if root in (None, ""):
-        raise DataError(f"task '{task['name']}' needs --root DIR (your copy of {task['title']} in its distributed "
-                        f"layout: {', '.join(data.get('layouts', []))}); for a demo use --task phantom-{task['name']}")
+        from .data.corpus import env_name
+
+        raise DataError(f"task '{task['name']}' needs --root DIR or ${env_name(task['name'])} (your copy of "
+                        f"{task['title']} in its distributed layout: {', '.join(data.get('layouts', []))}; see the "
+                        f"README's 'Real datasets'); for a demo use --task phantom-{task['name']}")
     if root == "auto":
         from .data import phantom as phantom_mod
 
@@ -108,6 +125,8 @@ def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[
         cases = int(data.get("phantom_cases", 8))
         out = data_home() / "phantoms" / f"{like}-n{cases}"
         existing = next(iter(sorted(out.rglob(PHANTOM_MARKER))), None) if out.is_dir() else None
+        if existing is None and _PLAN_ONLY.get():
+            raise PhantomNotWritten(out)
         if existing is None:
             log(f"writing {cases} phantom cases like {like} to {out} (procedural anatomy, not patient data)")
             path = phantom_mod.synth(like, out, cases=cases, seed=0)
@@ -586,6 +605,134 @@ def planned_runs(cfg: Mapping[str, Any], root: str | Path | None = None, corpus_
     return pre, plan_run(fcfg, "finetune", root, log, pretrain_key=pre.run_key if pre else None), fcfg
 
 
+# --------------------------------------------------------------------------------------------------
+# Before any work: roots, readers, feasibility (sslbench/feasibility.py); --dry-run
+# --------------------------------------------------------------------------------------------------
+def _listed(cfg: Mapping[str, Any], stage: str, root) -> tuple[list | None, bool, Path | None]:
+    """(items, phantom, root) of a stage's data, located and listed without writing anything (items None: a
+    phantom tree not written yet). A real dataset without its root raises the one-line DataError here."""
+    token = _PLAN_ONLY.set(True)
+    try:
+        where, phantom, items = _stage_items(cfg, stage, root, log=lambda *a, **k: None)
+        return items, phantom, where
+    except PhantomNotWritten:
+        return None, True, None
+    finally:
+        _PLAN_ONLY.reset(token)
+
+
+def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list, dict]:
+    from . import feasibility
+
+    ests, seen = [], {}
+    if "corpus" in cfg and cfg["method"].get("pretrain") is not None:
+        pcfg = cfg if "task" not in cfg else recipes.split_config(cfg, "corpus")
+        try:
+            items, phantom, where = _listed(pcfg, "pretrain", corpus_root)
+        except DataError as exc:
+            if pcfg["corpus"].get("phantom"):
+                raise
+            raise DataError(f"{exc}; a real task pre-trains on the paper's corpus ('{pcfg['corpus']['name']}'); "
+                            f"--corpus phantom-corpus pre-trains on phantoms (the run is then PHANTOM)") from None
+        seen["pretrain"] = (items, phantom, where)
+        ests.append(feasibility.estimate_pretrain(pcfg, machine, None if items is None else len(items)))
+    if "task" in cfg:
+        fcfg = cfg if "corpus" not in cfg else recipes.split_config(cfg, "task")
+        items, phantom, where = _listed(fcfg, "finetune", root)
+        seen["finetune"] = (items, phantom, where)
+        train = fcfg["task"]["data"].get("phantom_cases") if items is None else None   # a phantom not written yet
+        if items is not None:
+            from .data import layouts
+
+            splits = layouts.load_datalist(fcfg["task"], where).splits
+            train = len(labeled_subset(splits.get("train", []), fcfg["task"]["finetune"].get("labeled_cases")))
+        ests.append(feasibility.estimate_finetune(fcfg, machine, train))
+    return ests, seen
+
+
+def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[str], None] = print,
+              gpus: int | None = None) -> list:
+    """Check everything before any work starts (issue 20), writing nothing: the fine-tuning task's root (a real
+    task without --root or $SSLBENCH_ROOT_<NAME>: one line naming the dataset, its layout and the phantom
+    twin), then the corpus's roots (one line naming the corpus), the optional readers its files need
+    (SimpleITK for .mhd, pydicom for DICOM), and the feasibility of the plan (memory and time estimates,
+    refused with the way out unless ``run.feasibility`` says otherwise). ``cfg``: a resolved recipe or one
+    stage's view of it. Returns the stage estimates."""
+    from . import feasibility
+
+    fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
+    if "task" in cfg:   # the fine-tuning data first: its missing root is the first thing to say
+        _listed(fcfg, "finetune", root)
+    machine = feasibility.machine(cfg["run"], gpus)
+    ests, seen = _estimates(cfg, root, corpus_root, machine)
+    missing = feasibility.missing_readers([it for items, phantom, _ in seen.values() if items and not phantom
+                                           for it in items])
+    if missing:
+        raise DataError(missing)
+    feasibility.check(ests, machine, cfg["run"], say=say)
+    return ests
+
+
+def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[str], None] = print,
+            init: Mapping[str, Any] | None = None, gpus: int | None = None) -> int:
+    """``--dry-run``: the plan (stages, the recipes' key settings, corpus, phantom or not, run folders and
+    keys) and its estimates, printed; nothing is written (a phantom tree not written yet leaves its run keys
+    open). Root and reader errors raise as in a run; an infeasible plan is printed, not raised."""
+    from . import feasibility
+
+    fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
+    if "task" in cfg:
+        _listed(fcfg, "finetune", root)
+    machine = feasibility.machine(cfg["run"], gpus)
+    ests, seen = _estimates(cfg, root, corpus_root, machine)
+    run, model = cfg["run"], cfg["model"]
+    say(f"plan (dry run, nothing written): preset {run['preset']}, seed {run['seed']}, model {model['name']} "
+        f"feature size {model.get('feature_size')}, device {machine.device}"
+        f"{f' x {machine.gpus}' if machine.gpus > 1 else ''}, out {run['out']}")
+    pre_key = (init or {}).get("run_key")
+    token = _PLAN_ONLY.set(True)
+    try:
+        for e in ests:
+            items, phantom, where = seen[e.stage]
+            view = cfg
+            if e.stage == "pretrain":
+                view = cfg if "task" not in cfg else recipes.split_config(cfg, "corpus")
+                pt = cfg["method"]["pretrain"]
+                say(f"  pretrain: method {cfg['method']['name']} on corpus {cfg['corpus']['name']}"
+                    f"{' (PHANTOM)' if phantom or cfg['corpus'].get('phantom') else ''}: {pt['steps']} steps, batch "
+                    f"{pt['batch_size']}, lr {pt['lr']}, {'?' if items is None else len(items)} volumes")
+            else:
+                # hashed as open_finetune hashes it: with its init (None: from scratch)
+                view = finetune_view(cfg) if "corpus" in cfg else {
+                    **fcfg, "init": {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None}
+                ft, task = cfg["task"]["finetune"], cfg["task"]
+                say(f"  finetune: {run.get('label', cfg['method']['name'])} on task {task['name']}"
+                    f"{' (PHANTOM)' if phantom or task.get('phantom') else ''}: "
+                    + (f"{ft['max_steps']} steps" if ft.get("max_steps") else f"{ft['epochs']} epochs")
+                    + f", roi {ft.get('roi')}, batch {ft.get('batch_size')} x {ft.get('num_samples', 1)} crops, "
+                      f"lr {ft.get('lr')}")
+            if items is None or (e.stage == "finetune" and "pretrain" in seen and pre_key is None):
+                say(f"    run folder: decided once the phantom data is written (run key = protocol + data"
+                    f" fingerprint)")
+            else:
+                plan = plan_run(view, e.stage, root if e.stage == "finetune" else corpus_root,
+                                log=lambda *a, **k: None, pretrain_key=pre_key if e.stage == "finetune" else None)
+                if e.stage == "pretrain":
+                    pre_key = plan.run_key
+                state = (RunRecord(plan.path).status or {}).get("state") if plan.path.is_dir() else None
+                say(f"    run folder: {plan.path} (run key {plan.run_key}, protocol {plan.protocol}"
+                    f"{f', {state} there' if state else ''}); data {where}")
+            say(f"    estimate: {e.line()}" + "".join(f"; {n}" for n in e.notes))
+    finally:
+        _PLAN_ONLY.reset(token)
+    found = feasibility.problems(ests, machine, run)
+    if found and run.get("feasibility", "check") != "off":
+        say(f"would be refused: {'; '.join(found)}; way out: {feasibility.way_out(run, machine)}")
+    else:
+        say("feasible on this machine (estimates: sslbench/feasibility.py)")
+    return 0
+
+
 def finetune_view(cfg: Mapping[str, Any]) -> dict:
     """The fine-tuning config :func:`run_protocol` hashes for a resolved recipe: its ``init`` names the
     pre-training's protocol (or None for a method without one)."""
@@ -912,7 +1059,7 @@ def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, co
         lock = locks.RunLock(locks.lock_path(cfg["run"]["out"], plan.path), plan.path).acquire(say=say)
         claimed = _CLAIMED.get()
         try:
-            action = prepare_run_folder(record, plan.protocol, resume, force)
+            action = prepare_run_folder(record, plan.protocol, resume, force, say=say)
         except BaseException:
             lock.release()
             raise
@@ -1087,7 +1234,8 @@ def checkpoint_provenance(path: str | Path, method: str | None = None) -> dict[s
         cls = get_method_class(method) if method and method != "scratch" else None
         return {"include_decoder": bool(getattr(cls, "transfers_decoder", False))} if cls is not None else {}
     return {"include_decoder": bool(metrics.get("transfers_decoder")), "phantom": bool(metrics.get("phantom")),
-            "pretrain_run": str(run), **({"run_key": metrics["run_key"]} if metrics.get("run_key") else {})}
+            "pretrain_run": str(run), **({"run_key": metrics["run_key"]} if metrics.get("run_key") else {}),
+            **({"corpus": metrics["corpus"]} if metrics.get("corpus") else {})}
 
 
 def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume: bool, force: bool,
@@ -1523,6 +1671,8 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
     cfg = recipes.resolve(method, task, preset=preset, overrides=overrides, seed=seed, corpus=corpus)
     if out:
         cfg["run"]["out"] = out
+    # roots, readers and feasibility of both stages before any work starts (nothing written if refused)
+    preflight(cfg, root, corpus_root, say=(console.print if console is not None else print))
     init = None
     if cfg["task"]["kind"] == "classification2d":
         from . import classify
@@ -1534,6 +1684,6 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
         init = {"path": str(pre.record.ckpt_dir / "backbone.pt"), "source": "pretrain",
                 "pretrain_run": str(pre.record.path), "hash": recipes.protocol_hash(pcfg), "run_key": pre.record.run_key,
                 "method": cfg["method"]["name"], "include_decoder": bool(pre.metrics.get("transfers_decoder", False)),
-                "phantom": bool(pre.metrics.get("phantom"))}
+                "phantom": bool(pre.metrics.get("phantom")), "corpus": cfg["corpus"]["name"]}
     return finetune(recipes.split_config(cfg, "task"), root=root, init=init, resume=resume, force=force,
                     console=console, on_validation=on_validation)

@@ -210,6 +210,8 @@ TASK_SCHEMA = Spec(fields={
         # (null: each source's own phantom_cases); never a key of TASK_DEFAULTS (hashes stay as they were)
         "phantom_total": S(int, nullable=True),
         "root": S(str, nullable=True),
+        # the paper's pre-training corpus of a real task (default voco-corpus; see paper_corpus); not hashed
+        "pretrain_corpus": S(str, nullable=True),
         # a combined pre-training corpus: the task recipes it reads (sslbench/data/corpus.py)
         "sources": Spec(items=Spec(fields={"task": S(str, required=True), "root": S(str, nullable=True)}),
                         nullable=True),
@@ -251,6 +253,7 @@ DEFAULTS_SCHEMA = Spec(fields={
         "cache": Spec(choices=("read", "write", "none")),
         "attention": Spec(choices=("fused", "sdpa", "monai")), "compile": BOOL,
         "loader_workers": INT, "loader_memory_mb": NUM,
+        "feasibility": Spec(choices=("check", "warn", "off")), "feasibility_hours": NUM,   # sslbench/feasibility.py
     }),
     "model": Spec(fields={
         "name": Spec(choices=("swinunetr", "unet3d", "basicunet", "unetr")), "feature_size": INT, "use_v2": BOOL,
@@ -455,6 +458,23 @@ def parse_set(items: Iterable[str]) -> list[tuple[str, str]]:
 TASK_CORPUS = "@task"
 
 
+#: the paper's corpus for a real task without ``data.pretrain_corpus``: the 1.6k VoCo corpus (seed supplement,
+#: Sec. 1: BTCV + TCIA COVID-19 + LUNA16 "for the other four downstream tasks"; BTCV's is voco-corpus-btcv)
+PAPER_CORPUS = "voco-corpus"
+
+
+def paper_corpus(default: str, task: Mapping[str, Any]) -> str:
+    """The corpus a method whose recipe names ``default`` pre-trains on before a REAL ``task``: the generic
+    phantom image corpus (``phantom-corpus``) becomes the task's ``data.pretrain_corpus`` (else voco-corpus), a
+    phantom twin (``phantom-btcv``, the labelled corpus of the supervised control) its real dataset (``btcv``);
+    ``@task`` and real corpora stay. Phantom corpora for a real task only on request (``--corpus``)."""
+    if default == "phantom-corpus":
+        return (task.get("data") or {}).get("pretrain_corpus") or PAPER_CORPUS
+    if default.startswith("phantom-") and default[len("phantom-"):] in list_recipes("benchmarks"):
+        return default[len("phantom-"):]
+    return default
+
+
 def resolve(method: str, task: str | None = None, preset: str | None = None, overrides: Iterable[str] = (),
             seed: int | None = None, corpus: str | None = None) -> dict:
     """The full, validated configuration of one protocol run.
@@ -474,6 +494,8 @@ def resolve(method: str, task: str | None = None, preset: str | None = None, ove
                               f"{recipe['_file']}); available: {', '.join(ready)}")
     if corpus is None and m.get("pretrain"):
         corpus = m["pretrain"]["corpus"]
+        if t is not None and not t.get("phantom"):   # a real task pre-trains on a real corpus (issue 20)
+            corpus = paper_corpus(corpus, t)
     if corpus == TASK_CORPUS:   # the fine-tuning task is the corpus (methods/supervised-task.yaml)
         if not task:
             raise RecipeError(f"{m['_file']}: key 'pretrain.corpus' is {TASK_CORPUS!r} (the fine-tuning task's "
@@ -565,7 +587,8 @@ def _check_scoring(task: Mapping[str, Any], task_file: str) -> None:
 #: kernel computes the same function, to rounding, with any of its values)
 _NOT_PROTOCOL = ("run.out", "run.device", "run.num_threads", "run.seed", "run.cache", "recipe_files",
                  "method.params.attention", "run.attention", "run.compile", "run.loader_workers",
-                 "run.loader_memory_mb")
+                 "run.loader_memory_mb", "run.feasibility", "run.feasibility_hours", "task.data.pretrain_corpus",
+                 "corpus.data.pretrain_corpus")
 
 
 #: keys added after runs were recorded without them, each with the value that computes what those runs did: at

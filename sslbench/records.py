@@ -25,7 +25,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -233,6 +233,8 @@ class RunRecord:
     def set_status(self, **fields: Any) -> None:
         status = self.status or {}
         status.update(fields)
+        if status.get("state") == "running":   # who works on it: a later call tells a dead run by these
+            status.update(pid=os.getpid(), host=platform.node())
         if self.run_key is not None:
             status["run_key"] = self.run_key
         status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -262,14 +264,19 @@ class RunRecord:
         return read_json(f) if f.is_file() else None
 
 
-def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bool) -> str:
+def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bool,
+                       say: Callable[[str], None] | None = None) -> str:
     """Decide what to do with a run folder: 'new', 'resume' or 'skip' (finished identical run).
 
     A ``failed`` run starts over ('new', the folder emptied) or, with ``resume`` and a readable
-    checkpoints/last.pt, resumes. The caller holds the folder's lock (sslbench/locks.py).
+    checkpoints/last.pt, resumes. The caller holds the folder's lock (sslbench/locks.py), so an unfinished
+    (``running``) folder recorded by a process of this host is a dead run (OOM-killed, kill -9, reboot: the
+    kernel freed its lock): it is resumed from a readable last.pt, else started over, with a line (``say``)
+    naming the dead process (status.json's pid, host, started) and what is done.
 
-    Raises RunError for an unfinished folder without --resume/--force, and for a folder whose recorded
-    protocol hash differs (results are never mixed across protocols).
+    Raises RunError for an unfinished folder recorded on another host without --resume/--force (its lock may
+    not be shared with this one), and for a folder whose recorded protocol hash differs (results are never
+    mixed across protocols).
     """
     import shutil
 
@@ -297,5 +304,19 @@ def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bo
         return "new"
     if resume:
         return "resume"
-    raise RunError(f"{record.path}: an unfinished run (state {status.get('state')}, step {status.get('step')}) is "
-                   f"there; pass --resume to continue it or --force to start over")
+    host = status.get("host")
+    if host not in (None, platform.node()):
+        raise RunError(f"{record.path}: an unfinished run (state {status.get('state')}, step {status.get('step')}) "
+                       f"recorded by pid {status.get('pid', '?')} on {host}; if it is gone pass --resume to continue "
+                       f"it or --force to start over")
+    # we hold the folder's lock, so its recorded owner is gone (the kernel frees a dead process's flock)
+    dead = (f"{record.path}: its run died (pid {status.get('pid', '?')} on {host or '?'}, started "
+            f"{status.get('started', '?')}, state {status.get('state')} at step {status.get('step')}; its lock is free)")
+    last = record.ckpt_dir / "last.pt"
+    if valid_checkpoint(last):
+        (say or print)(f"{dead}: resuming from {last}")
+        record.log(f"{dead}: resumed automatically")
+        return "resume"
+    (say or print)(f"{dead}: no readable checkpoints/last.pt, starting over")
+    shutil.rmtree(record.path)
+    return "new"

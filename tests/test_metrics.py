@@ -287,7 +287,7 @@ def test_existing_run_hashes_are_unchanged_by_the_empty_keys():
     assert cfg["task"]["evaluate"]["empty"]["one"] == 0.0 and math.isnan(cfg["task"]["evaluate"]["hd95_empty"])
     assert recipes.protocol_hash(cfg) == "57e10608ca0e"
     assert recipes.protocol_hash(recipes.resolve("scratch", "btcv")) == "383053d98ec0"
-    voco = recipes.resolve("voco", "btcv")
+    voco = recipes.resolve("voco", "btcv", corpus="phantom-corpus")   # a real task's default is now voco-corpus-btcv
     assert recipes.protocol_hash(recipes.split_config(voco, "corpus")) == "635d66100ebc"
     # nan written out explicitly is the default too; any other rule is another protocol.
     assert recipes.protocol_hash(recipes.resolve("scratch", "btcv", overrides=["task.evaluate.empty.both=nan"])) \

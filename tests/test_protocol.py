@@ -75,11 +75,15 @@ def test_killed_run_resumes_to_the_same_metrics(phantom_home, tmp_path):
     assert whole.returncode == 0, whole.stderr
     killed = _cli(tmp_path / "b", {"SSLBENCH_KILL_AFTER_STEP": "5"})
     assert killed.returncode == -9                      # SIGKILL after step 5 (last checkpoint: step 4)
-    again = _cli(tmp_path / "b")
-    assert again.returncode == 2 and "--resume" in again.stderr    # an unfinished run is not silently redone
-    resumed = _cli(tmp_path / "b", None, "--resume")
+    run = _only_run(tmp_path / "b")
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "running" and status["pid"] > 0 and status["host"]   # the dead owner, recorded
+    # the next identical call (no --resume) recognises the dead run from its free lock and resumes it
+    resumed = _cli(tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr
-    assert "from step 4" in resumed.stdout
+    assert f"its run died (pid {status['pid']} on {status['host']}" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "from step 4" in resumed.stdout
+    assert "resumed automatically" in (run / "log.txt").read_text()
     a = json.loads((_only_run(tmp_path / "a") / "metrics.json").read_text())
     b = json.loads((_only_run(tmp_path / "b") / "metrics.json").read_text())
     assert a["protocol"] == b["protocol"]
