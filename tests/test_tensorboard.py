@@ -64,8 +64,9 @@ def test_a_run_killed_and_resumed_has_the_loss_lr_and_dice_of_every_logged_step_
     dice = [(h["step"], h["val_dice"]) for h in metrics["history"] if "val_dice" in h]
     assert [s for s, _ in _scalars(run, "val/dice")] == [s for s, _ in dice] == [4, 8]
     assert [v for _, v in _scalars(run, "val/dice")] == pytest.approx([v for _, v in dice], rel=1e-6)
+    # lr 2e-3 after 2 warm-up steps, then a half cosine to 0 over the 6 others: 2e-3 * (1 + cos(pi * (s - 2) / 6)) / 2
     lr = _scalars(run, "finetune/lr")
-    assert [s for s, _ in lr] == [2, 4, 6, 8] and all(v > 0 for _, v in lr)
-    assert lr[0][1] == pytest.approx(2e-3)     # the tiny lr at the end of its 2 warm-up steps (linear warm-up)
+    assert [s for s, _ in lr] == [2, 4, 6, 8]
+    assert [v for _, v in lr] == pytest.approx([2e-3, 1.5e-3, 5e-4, 0.0], abs=1e-9)
     (final,) = _scalars(run, "eval/mean_dice")
     assert final == (8, pytest.approx(metrics["mean_dice"], rel=1e-6))
