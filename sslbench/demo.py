@@ -32,8 +32,8 @@ DEMO_OVERRIDES: tuple[str, ...] = (
     "task.finetune.log_every=10",
     "task.finetune.checkpoint_every=20",
 )
-#: the pre-training of the demo (VoCo only): 20 steps of the tiny preset's VoCo on the 12 volumes of the tiny
-#: phantom-corpus (the tiny preset: 40)
+#: the pre-training of the demo (VoCo only): 20 steps of the tiny preset's VoCo on the tiny phantom-corpus (12
+#: phantoms, 15 volumes read; the tiny preset: 40 steps)
 PRETRAIN_OVERRIDES: dict[str, tuple[str, ...]] = {
     "voco": ("method.pretrain.steps=20", "method.pretrain.warmup_steps=2", "method.pretrain.checkpoint_every=10"),
 }
@@ -86,7 +86,8 @@ def comparison_rows(metrics: dict[str, dict]) -> list[list[str]]:
         a, b = values[0], values[-1]
         delta = "n/a" if None in (a, b) or a != a or b != b else f"{100 * (b - a):+.2f}"
         missed = [m for m, v in zip(methods, values) if v is not None and v == v and round(100 * v, 2) == 0.0]
-        note = "; ".join(f"not learnt in {metrics[m].get('steps')} steps ({m})" for m in missed)
+        steps = sorted({str(metrics[m].get("steps")) for m in missed})
+        note = f"not learnt in {'/'.join(steps)} steps ({', '.join(missed)})" if missed else ""
         rows.append([name, *[pct(v) for v in values], delta, note])
     means = [metrics[m].get("mean_dice") for m in methods]
     a, b = first.get("mean_dice"), last.get("mean_dice")

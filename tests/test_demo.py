@@ -15,13 +15,15 @@ def _metrics(method, per_class, mean, steps=300, pretrain_run=None):
 
 def test_rows_put_methods_side_by_side_with_the_delta_and_say_why_a_structure_is_at_zero():
     scratch = _metrics("scratch", {"left atrium": 0.5, "whole aorta": 0.0, "pulmonary artery": None}, 0.25)
-    voco = _metrics("voco", {"left atrium": 0.625, "whole aorta": 0.1, "pulmonary artery": 0.00004}, 0.3)
+    voco = _metrics("voco", {"left atrium": 0.625, "whole aorta": 0.1, "pulmonary artery": 0.00004, "myo": 0.0}, 0.3)
+    scratch["per_class"]["myo"] = 0.0
     rows = demo.comparison_rows({"scratch": scratch, "voco": voco})
     assert rows[0] == ["left atrium", "50.00", "62.50", "+12.50", ""]
     assert rows[1] == ["whole aorta", "0.00", "10.00", "+10.00", "not learnt in 300 steps (scratch)"]
     # absent from every validation case for scratch (n/a), 0.00 once rounded for voco: said so, no delta
     assert rows[2] == ["pulmonary artery", "n/a", "0.00", "n/a", "not learnt in 300 steps (voco)"]
-    assert rows[3] == ["mean (per case, then over cases)", "25.00", "30.00", "+5.00", ""]
+    assert rows[3] == ["myo", "0.00", "0.00", "+0.00", "not learnt in 300 steps (scratch, voco)"]
+    assert rows[4] == ["mean (per case, then over cases)", "25.00", "30.00", "+5.00", ""]
 
 
 def test_run_without_arguments_runs_voco_and_scratch_alike_and_prints_the_phantom_table(tmp_path, monkeypatch, capsys):
