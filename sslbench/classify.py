@@ -356,6 +356,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                 loss_n = 0
                 history.append({"step": done, "loss": mean_loss})
                 record.log(f"step {done}/{total} loss {mean_loss:.4f}")
+                record.scalars(done, {"finetune/loss": mean_loss, "finetune/lr": opt.param_groups[0]["lr"]})
                 progress.update(job, info=f"loss {mean_loss:.3f}")
             validated = bool(val_every) and (done % val_every == 0 or done == total)
             if validated:
@@ -363,6 +364,7 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                 score = score_of(summary)
                 history.append({"step": done, f"val_{metric}": summary[f"mean_{metric}"]})
                 record.log(f"step {done} validation {metric} {_fmt(summary[f'mean_{metric}'])}")
+                record.scalars(done, {f"val/{metric}": summary[f"mean_{metric}"]})
                 if score > best:
                     best, best_step = score, done
                     if dist.is_main:

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslbench", formatter_class=fmt,
                                 description="One pretrain -> finetune -> evaluate protocol for VoCo and its "
                                             "self-supervised baselines on 3D medical imaging tasks.",
-                                epilog="examples:\n  sslbench run                      # the demo: scratch on phantom BTCV (CPU, minutes)\n"
+                                epilog="examples:\n  sslbench run                      # the demo: VoCo against scratch on phantom MM-WHS (CPU, minutes)\n"
                                        "  sslbench list tasks\n  sslbench <command> --help")
     sub = p.add_subparsers(dest="command", metavar="command")
 
@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="run a plan the estimates say cannot fit (a warning instead; = --set run.feasibility=warn)")
 
     sp = add("run", "Pre-train (if the method has a pre-training; reused when an identical one finished), fine-tune and evaluate.")
-    sp.add_argument("--method", default=DEFAULT_METHOD, help=f"method recipe name (default {DEFAULT_METHOD})")
-    sp.add_argument("--task", default=DEFAULT_TASK, help=f"task recipe name (default {DEFAULT_TASK})")
+    sp.add_argument("--method", help=f"method recipe name (default {DEFAULT_METHOD}; neither --method nor --task: "
+                                     f"the demo, VoCo against scratch on {DEFAULT_TASK})")
+    sp.add_argument("--task", help=f"task recipe name (default {DEFAULT_TASK})")
     sp.add_argument("--root", help="dataset root of the task (phantom tasks synthesise their own)")
     sp.add_argument("--corpus", help="pre-training corpus recipe (default: the method's)")
     sp.add_argument("--corpus-root", help="dataset root of the corpus; a corpus of several sources (voco-corpus): NAME=PATH,NAME=PATH")
@@ -214,6 +215,13 @@ def _say(console):
 def _cmd_run(args, console) -> int:
     from . import protocol
 
+    if not args.dry_run and args.method is None and args.task is None and not (args.root or args.corpus or args.corpus_root or args.preset):
+        from . import demo   # `sslbench run` alone: VoCo against scratch on phantom MM-WHS, side by side
+
+        demo.run_demo(seed=args.seed, overrides=args.overrides, out=args.out, resume=args.resume, force=args.force,
+                      console=console)
+        return 0
+    args.method, args.task = args.method or DEFAULT_METHOD, args.task or DEFAULT_TASK
     if args.dry_run:
         cfg = _resolve(args, args.method, args.task, corpus=args.corpus)
         return protocol.dry_run(cfg, root=args.root, corpus_root=args.corpus_root, say=_say(console), gpus=args.gpus)

@@ -802,7 +802,8 @@ def run_scope():
         raise
     finally:
         _CLAIMED.reset(token)
-        for _, lock in claimed:
+        for record, lock in claimed:
+            record.close_scalars()   # a run stopped unfinished (a pruned sweep trial) too
             lock.release()
 
 
@@ -958,12 +959,14 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
                     loss_n = 0
                     history.append({"step": done, "loss": mean_loss})
                     record.log(f"step {done}/{total} loss {mean_loss:.4f}")
+                    record.scalars(done, {"finetune/loss": mean_loss, "finetune/lr": opt.param_groups[0]["lr"]})
                     progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best {best:.3f}" if best >= 0 else ""))
                 if val_every and (done % val_every == 0 or done == total):
                     rows = _evaluate_sharded(eval_model, val_cases, task, device, bf16, dist)
                     score = float(np.nanmean([r["mean"] for r in rows]))
                     history.append({"step": done, "val_dice": score})
                     record.log(f"step {done} validation dice {score:.4f}")
+                    record.scalars(done, {"val/dice": score})
                     if score > best:
                         best, best_step = score, done
                         if dist.is_main:
@@ -1297,6 +1300,7 @@ class _SilentRecord(RunRecord):
     def write_env(self, *a, **k) -> None: ...
     def set_status(self, *a, **k) -> None: ...
     def log(self, *a, **k) -> None: ...
+    def scalars(self, *a, **k) -> None: ...
 
 
 def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], summary: dict, protocol: str,
@@ -1330,6 +1334,8 @@ def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], s
     pd.DataFrame(rows).to_csv(record.path / ".cases.csv.tmp", index=False)
     os.replace(record.path / ".cases.csv.tmp", record.path / "cases.csv")
     atomic_write_json(record.path / "metrics.json", metrics)
+    record.scalars(int(extra.get("steps") or 0), {"eval/mean_dice": summary.get("mean_dice"),
+                                                  **{"eval/dice/" + k.replace(" ", "_"): v for k, v in (summary.get("per_class") or {}).items()}})
     record.set_status(state="finished", finished=metrics["finished"])
     record.log(f"finished: mean dice {summary['mean_dice']:.4f} over {summary['n_cases']} cases"
                f"{' (PHANTOM data)' if phantom else ''}")
@@ -1625,6 +1631,8 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
                 if dist.is_main:
                     record.log("step {step} ".format(step=done) + " ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step")
                                + f" data_wait {wait.interval():.3f}")
+                    record.scalars(done, {**{f"pretrain/{k}": v for k, v in entry.items() if k != "step"},
+                                          "pretrain/lr": opt.param_groups[0]["lr"]})
                 progress.update(job, info=f"loss {entry['loss']:.4f}")
             if done % pt.get("checkpoint_every", 500) == 0 or done == total:
                 if dist.is_main:

@@ -10,6 +10,7 @@ Layout of a run folder::
     metrics.json     the summary (like nnU-Net's summary.json): mean and per-class metrics, per case too
     cases.csv        one row per evaluated case
     log.txt          what the run printed
+    tb/              TensorBoard event files: loss, lr and validation scores by step (``tensorboard --logdir runs``)
     checkpoints/     last.pt (resume), best.pt (selected on validation); pre-training: backbone.pt, heads.pt
 """
 from __future__ import annotations
@@ -212,6 +213,7 @@ class RunRecord:
         #: recipe write adds data.json
         self.run_key = run_key
         self.data = dict(data) if data is not None else None
+        self._tb = None          # the SummaryWriter of this process (opened on the first :meth:`scalars`)
 
     def identity(self) -> dict[str, Any]:
         """``run_key`` and ``data_fingerprint`` for metrics.json ({} for a record opened without them)."""
@@ -239,6 +241,8 @@ class RunRecord:
             status["run_key"] = self.run_key
         status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.path / "status.json", status)
+        if fields.get("state") in ("finished", "failed"):
+            self.close_scalars()
 
     # -- contents ---------------------------------------------------------------------------------
     def write_recipe(self, cfg: Mapping[str, Any]) -> None:
@@ -257,6 +261,41 @@ class RunRecord:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / "log.txt", "a") as f:
             f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line.rstrip() + "\n")
+
+    # -- TensorBoard ------------------------------------------------------------------------------
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Write ``{tag: value}`` at ``step`` to TensorBoard event files under ``<run dir>/tb/`` (None / NaN
+        values are left out), flushed at once so that ``tensorboard --logdir runs`` shows a run while it works.
+
+        Each process writes its own event file; the first one opened by a process passes its first step as
+        ``purge_step``, so a resumed run's TensorBoard drops what the killed process had logged from that step on
+        (logging steps are deterministic: the resumed process logs them again) and every step shows once.
+        Without the ``tensorboard`` package nothing is written (one line in log.txt says so).
+        """
+        if self._tb is False:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:   # tensorboard is a dependency; a broken install must not stop a run
+                self._tb = False
+                self.log(f"TensorBoard event files not written: {exc}")
+                return
+            self._tb = SummaryWriter(log_dir=str(self.path / "tb"), purge_step=int(step), flush_secs=30)
+        for tag, value in values.items():
+            if value is None:
+                continue
+            value = float(value)
+            if math.isfinite(value):
+                self._tb.add_scalar(tag, value, global_step=int(step))
+        self._tb.flush()
+
+    def close_scalars(self) -> None:
+        """Close this process's TensorBoard event file (a finished or failed run; a later :meth:`scalars`
+        opens a new one)."""
+        if self._tb:
+            self._tb.close()
+        self._tb = None
 
     @property
     def metrics(self) -> dict[str, Any] | None:

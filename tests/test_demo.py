@@ -1,0 +1,59 @@
+"""The demo (`sslbench run` alone): both methods with the same seed and budget, the side-by-side table."""
+import json
+
+from sslbench import demo
+from sslbench.cli import main
+from sslbench.protocol import Outcome
+from sslbench.records import RunRecord
+
+
+def _metrics(method, per_class, mean, steps=300, pretrain_run=None):
+    return {"method": method, "task_title": "MM-WHS (phantom)", "phantom": True, "n_cases": 2, "seed": 0,
+            "steps": steps, "per_class": per_class, "mean_dice": mean,
+            "init": {"pretrain_run": pretrain_run} if pretrain_run else {}}
+
+
+def test_rows_put_methods_side_by_side_with_the_delta_and_say_why_a_structure_is_at_zero():
+    scratch = _metrics("scratch", {"left atrium": 0.5, "whole aorta": 0.0, "pulmonary artery": None}, 0.25)
+    voco = _metrics("voco", {"left atrium": 0.625, "whole aorta": 0.1, "pulmonary artery": 0.00004, "myo": 0.0}, 0.3)
+    scratch["per_class"]["myo"] = 0.0
+    rows = demo.comparison_rows({"scratch": scratch, "voco": voco})
+    assert rows[0] == ["left atrium", "50.00", "62.50", "+12.50", ""]
+    assert rows[1] == ["whole aorta", "0.00", "10.00", "+10.00", "not learnt in 300 steps (scratch)"]
+    # absent from every validation case for scratch (n/a), 0.00 once rounded for voco: said so, no delta
+    assert rows[2] == ["pulmonary artery", "n/a", "0.00", "n/a", "not learnt in 300 steps (voco)"]
+    assert rows[3] == ["myo", "0.00", "0.00", "+0.00", "not learnt in 300 steps (scratch, voco)"]
+    assert rows[4] == ["mean (per case, then over cases)", "25.00", "30.00", "+5.00", ""]
+
+
+def test_run_without_arguments_runs_voco_and_scratch_alike_and_prints_the_phantom_table(tmp_path, monkeypatch, capsys):
+    pre = tmp_path / "pretrain-run"
+    pre.mkdir()
+    (pre / "metrics.json").write_text(json.dumps({"steps": 40, "volumes": 12, "corpus": "phantom-corpus",
+                                                  "phantom": True, "final_loss": 1.5, "seconds_this_session": 7.0}))
+    calls = []
+
+    def fake(method, task, **kw):
+        calls.append((method, task, kw))
+        per_class = {"left atrium": 0.5, "whole aorta": 0.0} if method == "scratch" else {"left atrium": 0.6,
+                                                                                           "whole aorta": 0.2}
+        m = _metrics(method, per_class, 0.25 if method == "scratch" else 0.4,
+                     pretrain_run=str(pre) if method == "voco" else None)
+        return Outcome(RunRecord(tmp_path / method), "new", m)
+
+    monkeypatch.setattr(demo.protocol, "run_protocol", fake)
+    monkeypatch.setenv("COLUMNS", "200")   # one table row a line
+    assert main(["run", "--seed", "3", "--out", str(tmp_path), "--set", "run.num_threads=1"]) == 0
+    assert [c[:2] for c in calls] == [("scratch", "phantom-mmwhs"), ("voco", "phantom-mmwhs")]
+    for _, _, kw in calls:   # same seed, preset and fine-tuning budget; the user's --set after the demo's own
+        assert kw["seed"] == 3 and kw["preset"] == "tiny" and kw["out"] == str(tmp_path)
+        assert kw["overrides"][:len(demo.DEMO_OVERRIDES)] == list(demo.DEMO_OVERRIDES)
+        assert kw["overrides"][-1] == "run.num_threads=1"
+    out = " ".join(capsys.readouterr().out.split())
+    assert "PHANTOM" in out and "not learnt in 300 steps (scratch)" in out and "+15.00" in out
+    assert "pre-trained 40 steps on 12 volumes of phantom-corpus (PHANTOM)" in out
+    assert "no evidence about the methods" in out
+
+    calls.clear()   # a task named: one run, of the default method, as before
+    assert main(["run", "--task", "phantom-mmwhs", "--out", str(tmp_path)]) == 0
+    assert [c[:2] for c in calls] == [("scratch", "phantom-mmwhs")]
