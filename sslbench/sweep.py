@@ -14,7 +14,9 @@ Storage and study
 Default storage: an Optuna journal file ``<out>/sweeps/<study>.journal`` (``JournalStorage`` over
 ``JournalFileBackend``: an append-only log behind a lock file, safe for several worker processes on one
 machine or on a shared file system; Optuna's FAQ advises against SQLite for parallel work). ``--storage``
-takes any RDB URL (``postgresql://...``, for workers on several machines) or another journal path. The
+takes any RDB URL (``postgresql://...``, for workers on several machines; a driverless PostgreSQL URL gets
+the driver installed, psycopg or psycopg2, and printed URLs hide the password) or another journal path;
+``optuna-dashboard <journal>`` opens the journal as it is (tests/test_sweep_storage.py). The
 default study name joins key, method, task, preset and seed with a hash of the resolved base protocol (the
 swept key left out) and of the search space, so a sweep with another protocol never shares a study, and
 the same command always finds its own study again.
@@ -350,16 +352,45 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
 # ==================================================================================================
 # Storage, workers, liveness
 # ==================================================================================================
+def _with_pg_driver(url: str) -> str:
+    """``postgresql://`` names no driver: SQLAlchemy 2.1 then means psycopg (3), 2.0 psycopg2. Name the one that
+    is installed (psycopg first, then psycopg2), so either package serves the documented URL; a URL that names
+    its driver (``postgresql+psycopg2://``) is left as it is. Neither installed: one line saying what to install."""
+    import importlib.util
+
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    rest = url.split("://", 1)[1]
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://{rest}"
+    raise RecipeError(f"--storage {_public_url(url)}: no PostgreSQL driver is installed; expected psycopg2 or "
+                      f"psycopg (pip install 'sslbench[postgresql]', i.e. psycopg2-binary)")
+
+
+def _public_url(location: str) -> str:
+    """A storage location as printed: a database URL without its password."""
+    if "://" not in location:
+        return location
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(location).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: print it as given
+        return location
+
+
 def open_storage(location: str):
     """JournalStorage for a path (created), RDBStorage for a URL (postgresql://, mysql://, sqlite://)."""
     import optuna
 
     if "://" in location:
+        location = _with_pg_driver(location)
         try:
             return optuna.storages.RDBStorage(location, engine_kwargs={"pool_pre_ping": True}
                                               if not location.startswith("sqlite") else None)
         except Exception as exc:  # noqa: BLE001 - driver missing, server down, bad URL: one line
-            raise RecipeError(f"--storage {location}: cannot open the database ({type(exc).__name__}: "
+            raise RecipeError(f"--storage {_public_url(location)}: cannot open the database ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -531,7 +562,7 @@ class Worker:
                 self.study = optuna.load_study(storage=self.storage, study_name=sw.study, sampler=sampler,
                                                pruner=pruner)
         except KeyError:
-            raise RecipeError(f"--study {sw.study}: no such study in {sw.storage} yet (run the sweep first)") from None
+            raise RecipeError(f"--study {sw.study}: no such study in {_public_url(sw.storage)} yet (run the sweep first)") from None
         except ValueError as exc:  # an existing study with another direction
             raise RecipeError(f"--study {sw.study}: {exc}") from None
         self.study_id = self.storage.get_study_id_from_name(sw.study)
@@ -541,7 +572,7 @@ class Worker:
             self.study.set_user_attr(ATTR_SPEC, spec)
         elif have is not None and have != spec:
             diff = [k for k in spec if have.get(k) != spec.get(k)]
-            raise RecipeError(f"--study {sw.study}: this study in {sw.storage} holds another sweep (differs in "
+            raise RecipeError(f"--study {sw.study}: this study in {_public_url(sw.storage)} holds another sweep (differs in "
                               f"{', '.join(diff)}); choose another --study name")
         self.failed_at_start: set[int] = set()
         self.ran = 0
@@ -1066,7 +1097,7 @@ def print_summary(w: Worker, console, plan: dict[str, Any] | None) -> None:
                       + (" (in its phantom column)" if sw.phantom else "") + ".")
     else:
         console.print(f"every trial is a run record: `sslbench report{esc(runs)}` lists them with the other runs.")
-    console.print(f"study {esc(sw.study)} in {esc(sw.storage)}")
+    console.print(f"study {esc(sw.study)} in {esc(_public_url(sw.storage))}")
 
 
 # ==================================================================================================
@@ -1167,7 +1198,7 @@ def _main(args: argparse.Namespace) -> int:
                 f"{' (integers)' if sw.integer else ''}, {sw.trials} trials, pruner {sw.pruner}")
         console.print(f"[bold]sweep {esc(sw.display)}[/bold] " + esc(f"({sw.key}) of {sw.method} on {sw.task} "
                       f"[preset {sw.preset}, seed {sw.seed if sw.seed is not None else 0}]: {what}"))
-        console.print(esc(f"study {sw.study} in {sw.storage} (start this command again elsewhere to add workers)"))
+        console.print(esc(f"study {sw.study} in {_public_url(sw.storage)} (start this command again elsewhere to add workers)"))
         if sw.phantom:
             console.print(f"[magenta]PHANTOM data[/magenta]: {esc(sw.task_title)} is procedurally generated; "
                           f"these are phantom results, not results on the real dataset")
