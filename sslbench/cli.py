@@ -21,6 +21,7 @@ EXAMPLES = {
     "pretrain": "sslbench pretrain --method voco\n  sslbench pretrain --method voco --corpus phantom-corpus --set method.params.lambda=0.5",
     "finetune": "sslbench finetune --task phantom-btcv --init runs/pretrain/voco/phantom-corpus/<hash>-s0/checkpoints/backbone.pt\n  sslbench finetune --task btcv --root /data/BTCV --init model_swinvit.pt --method swinunetr-ssl",
     "evaluate": "sslbench evaluate runs/finetune/phantom-btcv/scratch/<hash>-s0\n  sslbench evaluate RUN_DIR --checkpoint RUN_DIR/checkpoints/last.pt\n  sslbench evaluate RUN_DIR --precision fp32 --attention monai   # the reference, beside the run's own Dice",
+    "predict": "sslbench predict runs/finetune/btcv/voco/<hash>-s0 --root /data/BTCV --split test\n  sslbench predict RUN_DIR --split val --out /tmp/val-predictions",
     "sweep": "sslbench sweep lambda --task phantom-mmwhs --values 0.5 1.0 1.5",
     "report": "sslbench report --format md --out leaderboards/rendered",
     "data": "sslbench data synth --like btcv --out /tmp/btcv-phantom --cases 8\n  sslbench data check --task btcv --root /tmp/btcv-phantom",
@@ -93,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="override the run's precision for this evaluation (writes evaluation-<prec>-<attn>.json)")
     sp.add_argument("--attention", choices=["fused", "sdpa", "monai"],
                     help="override the run's window attention for this evaluation (same file naming)")
+
+    sp = add("predict", "Write a fine-tuning run's predictions of a split as NIfTI in the original image geometry and label values.")
+    sp.add_argument("run_dir", help="a run folder under runs/finetune/")
+    sp.add_argument("--root", help="dataset root (default: the one recorded)")
+    sp.add_argument("--split", default="test", choices=("test", "val", "train"), help="images to predict (default test)")
+    sp.add_argument("--out", help="folder for the predictions and manifest.json (default: RUN_DIR/predictions/SPLIT)")
+    sp.add_argument("--checkpoint", help="checkpoint to predict with (default: best.pt, else last.pt)")
 
     sp = add("sweep", "Optuna sweeps over recipe keys (the lambda ablation first).")
     sp.add_argument("key", nargs="?", default="lambda")
@@ -272,6 +280,16 @@ def _cmd_evaluate(args, console) -> int:
     return 0
 
 
+def _cmd_predict(args, console) -> int:
+    from . import predict
+
+    m = predict.predict_run(args.run_dir, root=args.root, split=args.split, out=args.out, checkpoint=args.checkpoint,
+                            console=console)
+    console.print(f"{len(m['cases'])} {args.split} predictions in {m['out']} ({m['_written']} written, "
+                  f"{m['_skipped']} already there); manifest: {Path(m['out']) / predict.MANIFEST}")
+    return 0
+
+
 def _cmd_data(args, console) -> int:
     from rich.table import Table
 
@@ -431,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(args.gpus, raw)
     console = _console()
     handlers = {"run": _cmd_run, "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "evaluate": _cmd_evaluate,
-                "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench,
+                "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench, "predict": _cmd_predict,
                 "report": _cmd_report}
     try:
         return int(handlers[args.command](args, console) or 0)

@@ -1,0 +1,166 @@
+"""``sslbench predict`` (issue 24): predictions inverted to the original grid and label values, manifest, resume.
+
+The round trips use an oracle "network": the ground truth put through the run's forward preprocessing
+(one-hot classes, or BraTS region masks, on the preprocessed grid). Predicted and inverted, it must give back
+the original label map on the original grid (non-RAS, axis-permuted affines, anisotropic spacing).
+"""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from sslbench import predict as P
+from sslbench import recipes
+from sslbench.data.transforms import preprocess_transforms
+from sslbench.errors import RecipeError, RunError
+from sslbench.metrics import labels_to_onehot, labels_to_regions, region_class_ids
+
+# voxel axis 0 -> world -y (1.6 mm), axis 1 -> world -x (0.8 mm), axis 2 -> +z (2.4 mm): "PLS", not RAS.
+# The tests resample to 0.8 mm: whole ratios 2, 1, 3, so that the oracle's hard (nearest) forward labels hold
+# the original voxels exactly and the round trip tests the geometry alone (with other ratios a hard label map
+# resampled there and back loses sub-voxel parts of small structures, whatever the inversion).
+AFFINE = np.array([[0.0, -0.8, 0.0, 30.0],
+                   [-1.6, 0.0, 0.0, 20.0],
+                   [0.0, 0.0, 2.4, -10.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (24, 44, 16)
+RUN = {"run_key": "k0", "checkpoint_sha256": "c0", "run_hash": "abc-s0"}
+
+
+def _world():
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1).astype(np.float64)
+    world = idx @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    centre = (np.array(SHAPE) - 1) / 2 @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    return world - centre
+
+
+def _spheres(values_radii):
+    """Concentric-ish balls (world mm) painted largest first: a label map in raw label values."""
+    w = _world()
+    lab = np.zeros(SHAPE, np.int16)
+    for value, radius, shift in values_radii:
+        lab[np.linalg.norm(w - np.array(shift), axis=-1) <= radius] = value
+    return lab
+
+
+def _save(path, data, affine=AFFINE):
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return str(path)
+
+
+def _body(channels=None, value=800.0):
+    """An image whose body (an ellipsoid, > 0) is smaller than the volume, so the foreground crop acts."""
+    w = _world()
+    body = ((w / np.array([15.0, 13.0, 16.0])) ** 2).sum(-1) <= 1.0
+    img = np.where(body, value, 0.0).astype(np.float32)
+    if channels:
+        img = np.stack([img * (c + 1) for c in range(channels)], -1)
+    return img
+
+
+def _oracle(task, items):
+    """infer(case): the preprocessed ground truth of the next item, as probabilities (one-hot or regions)."""
+    full = preprocess_transforms(task)
+    queue = list(items)
+
+    def infer(case):
+        item = queue.pop(0)
+        lab = full({"image": item["image"], "label": item["label"]})["label"]
+        assert lab.shape[1:] == case["image"].shape[1:]
+        lab = torch.as_tensor(lab).unsqueeze(0).long()
+        ids = region_class_ids(task)
+        if ids is not None:
+            return labels_to_regions(lab, ids)[0]
+        return labels_to_onehot(lab, len(task["classes"]))[0].float()
+
+    return infer
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def _check_round_trip(items, out, truth_values):
+    for item in items:
+        src = nib.load(item["image"] if isinstance(item["image"], str) else item["image"][0])
+        pred = nib.load(str(out / f"{item['id']}.nii.gz"))
+        truth = np.asarray(nib.load(item["label"]).dataobj)
+        data = np.asarray(pred.dataobj)
+        assert np.issubdtype(pred.get_data_dtype(), np.integer)
+        assert data.shape == truth.shape == src.shape[:3]
+        assert np.array_equal(pred.affine, src.affine)
+        assert np.array_equal(pred.header.get_sform(), src.header.get_sform())
+        assert np.array_equal(pred.header.get_qform(), src.header.get_qform())
+        assert set(np.unique(data).tolist()) == set(np.unique(truth).tolist()) == truth_values
+        for v in truth_values - {0}:
+            assert _dice(data == v, truth == v) >= 0.995, (item["id"], v)
+
+
+def test_label_spaces_by_hand():
+    mmwhs = recipes.resolve("scratch", "mmwhs")["task"]
+    assert P.original_values(mmwhs).tolist() == [0, 205, 420, 500, 550, 600, 820, 850]
+    assert P.to_original_labels(np.array([[0, 1], [7, 3]]), mmwhs).tolist() == [[0, 205], [850, 500]]
+    assert P.to_original_labels(np.array([1]), mmwhs).dtype == np.int16
+    brats = recipes.resolve("scratch", "brats21")["task"]
+    # regions TC, WT, ET: WT paints ED (class 2), TC paints NCR (class 1), ET paints ET (class 3)
+    assert P.region_paint_order(brats) == [(1, 2), (0, 1), (2, 3)]
+    masks = np.array([[0, 1, 1, 0, 1],      # TC
+                      [0, 1, 1, 1, 1],      # WT
+                      [0, 0, 1, 0, 0]])     # ET
+    classes = P.regions_to_classes(masks, brats)
+    assert classes.tolist() == [0, 1, 3, 2, 1]
+    labels = P.to_original_labels(classes, brats)
+    assert labels.tolist() == [0, 1, 4, 2, 1] and labels.dtype == np.uint8
+    bad = {**brats, "regions": {"A": ["NCR", "ED"], "B": ["ET"]}}
+    with pytest.raises(RecipeError, match="regions.A"):
+        P.region_paint_order(bad)
+
+
+def test_ct_round_trip_mmwhs_label_values_and_resume(tmp_path):
+    task = recipes.resolve("scratch", "phantom-mmwhs", overrides=["task.preprocess.spacing=[0.8,0.8,0.8]"])["task"]
+    items = []
+    for k, shift in enumerate([(0, 0, 0), (2, -3, 4)]):
+        lab = _spheres([(205, 11, shift), (500, 6, (shift[0] + 3, shift[1], shift[2])), (850, 3, (-6, 5, 0))])
+        items.append({"id": f"case{k}", "image": _save(tmp_path / f"img{k}.nii.gz", _body()),
+                      "label": _save(tmp_path / f"lab{k}.nii.gz", lab)})
+    out = tmp_path / "pred"
+    m = P.predict_items(items, task, _oracle(task, items), out, RUN)
+    assert m["_written"] == 2 and m["_skipped"] == 0
+    _check_round_trip(items, out, {0, 205, 500, 850})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["run_key"] == "k0" and set(manifest["cases"]) == {"case0", "case1"}
+    assert manifest["cases"]["case0"]["sha256"] == P.sha256(out / "case0.nii.gz")
+    assert nib.load(str(out / "case0.nii.gz")).get_data_dtype() == np.int16
+    # resumable: finished cases are skipped (no inference called), a lost file is predicted again
+    (out / "case1.nii.gz").unlink()
+    m = P.predict_items(items, task, _oracle(task, items[1:]), out, RUN)
+    assert m["_written"] == 1 and m["_skipped"] == 1
+    _check_round_trip(items[1:], out, {0, 205, 500, 850})
+    with pytest.raises(RunError, match="another run or checkpoint"):
+        P.predict_items(items, task, _oracle(task, items), out, {**RUN, "checkpoint_sha256": "c1"})
+
+
+def test_msd_4d_multimodal_round_trip(tmp_path):
+    task = recipes.resolve("scratch", "phantom-msd01", overrides=["task.preprocess.spacing=[0.8,0.8,0.8]"])["task"]
+    assert len(task["channels"]) == 4
+    lab = _spheres([(1, 10, (0, 0, 0)), (2, 6, (1, 1, 0)), (3, 3, (1, 1, 0))])
+    item = {"id": "BRATS_001", "image": _save(tmp_path / "img.nii.gz", _body(channels=4, value=300.0)),
+            "label": _save(tmp_path / "lab.nii.gz", lab.astype(np.uint8))}
+    assert nib.load(item["image"]).shape == (*SHAPE, 4)
+    P.predict_items([item], task, _oracle(task, [item]), tmp_path / "pred", RUN)
+    _check_round_trip([item], tmp_path / "pred", {0, 1, 2, 3})
+    assert nib.load(str(tmp_path / "pred" / "BRATS_001.nii.gz")).get_data_dtype() == np.uint8
+
+
+def test_brats_regions_round_trip_back_to_1_2_4(tmp_path):
+    task = recipes.resolve("scratch", "phantom-brats21", overrides=["task.preprocess.spacing=[0.8,0.8,0.8]"])["task"]
+    lab = _spheres([(2, 11, (0, 0, 0)), (1, 7, (1, 0, 1)), (4, 3, (1, 0, 1))])
+    images = [_save(tmp_path / f"img_{c}.nii.gz", _body(value=100.0 * (k + 1))) for k, c in enumerate(task["channels"])]
+    item = {"id": "BraTS2021_00000", "image": images, "label": _save(tmp_path / "seg.nii.gz", lab)}
+    P.predict_items([item], task, _oracle(task, [item]), tmp_path / "pred", RUN)
+    _check_round_trip([item], tmp_path / "pred", {0, 1, 2, 4})
