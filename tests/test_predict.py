@@ -164,3 +164,38 @@ def test_brats_regions_round_trip_back_to_1_2_4(tmp_path):
     item = {"id": "BraTS2021_00000", "image": images, "label": _save(tmp_path / "seg.nii.gz", lab)}
     P.predict_items([item], task, _oracle(task, [item]), tmp_path / "pred", RUN)
     _check_round_trip([item], tmp_path / "pred", {0, 1, 2, 4})
+
+
+def test_predict_cli_on_a_tiny_trained_phantom_run(phantom_home, tmp_path, capsys):
+    from sslbench.cli import main
+    from sslbench.data import layouts
+
+    fast = ["--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32,32]",
+            "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=0",
+            "--set", "task.evaluate.overlap=0.0", "--set", "task.finetune.warmup_steps=1"]
+    assert main(["run", "--method", "scratch", "--task", "phantom-btcv", "--out", str(tmp_path), *fast]) == 0
+    run = next((tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir())
+    capsys.readouterr()
+    assert main(["predict", str(run)]) == 0
+    assert "written" in capsys.readouterr().out
+    out = run / "predictions" / "test"
+    cfg = recipes.resolve("scratch", "phantom-btcv")["task"]
+    root = next(phantom_home.rglob("dataset_0.json")).parent
+    tests = layouts.read_datalist(cfg, root)["test"]
+    assert tests and sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{t['id']}.nii.gz" for t in tests)
+    manifest = json.loads((out / "manifest.json").read_text())
+    status = json.loads((run / "status.json").read_text())
+    assert manifest["run"]["run_key"] == status["run_key"] and manifest["run"]["run_hash"] == run.name
+    assert manifest["run"]["checkpoint_sha256"] == P.sha256(run / "checkpoints" / "last.pt")
+    for t in tests:
+        src, pred = nib.load(t["image"]), nib.load(str(out / f"{t['id']}.nii.gz"))
+        assert pred.shape == src.shape and np.array_equal(pred.affine, src.affine)
+        assert manifest["cases"][t["id"]]["sha256"] == P.sha256(out / f"{t['id']}.nii.gz")
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= set(range(14))
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["predict", str(run)]) == 0
+    assert f"0 written, {len(tests)} already there" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"} == \
+        {k: v for k, v in stamp.items() if k != "manifest.json"}
+    assert main(["predict", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
