@@ -22,6 +22,7 @@ EXAMPLES = {
     "finetune": "sslbench finetune --task phantom-btcv --init runs/pretrain/voco/phantom-corpus/<hash>-s0/checkpoints/backbone.pt\n  sslbench finetune --task btcv --root /data/BTCV --init model_swinvit.pt --method swinunetr-ssl",
     "evaluate": "sslbench evaluate runs/finetune/phantom-btcv/scratch/<hash>-s0\n  sslbench evaluate RUN_DIR --checkpoint RUN_DIR/checkpoints/last.pt\n  sslbench evaluate RUN_DIR --precision fp32 --attention monai   # the reference, beside the run's own Dice",
     "predict": "sslbench predict runs/finetune/btcv/voco/<hash>-s0 --root /data/BTCV --split test\n  sslbench predict RUN_DIR --split val --out /tmp/val-predictions",
+    "submit": "sslbench submit runs/finetune/amos22/voco/<hash>-s0 --leaderboard amos22 --split val",
     "sweep": "sslbench sweep lambda --task phantom-mmwhs --values 0.5 1.0 1.5",
     "report": "sslbench report --format md --out leaderboards/rendered",
     "data": "sslbench data synth --like btcv --out /tmp/btcv-phantom --cases 8\n  sslbench data check --task btcv --root /tmp/btcv-phantom",
@@ -101,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test", choices=("test", "val", "train"), help="images to predict (default test)")
     sp.add_argument("--out", help="folder for the predictions and manifest.json (default: RUN_DIR/predictions/SPLIT)")
     sp.add_argument("--checkpoint", help="checkpoint to predict with (default: best.pt, else last.pt)")
+
+    sp = add("submit", "Pack a run's predictions (sslbench predict) as a leaderboard expects; refuses a missing or malformed case.")
+    sp.add_argument("run_dir", help="a run folder under runs/finetune/")
+    sp.add_argument("--leaderboard", required=True, choices=("btcv", "flare23", "amos22", "msd"))
+    sp.add_argument("--root", help="dataset root (default: the one recorded)")
+    sp.add_argument("--split", default="test", choices=("test", "val", "train"), help="the predicted split (default test)")
+    sp.add_argument("--predictions", help="predictions folder (default: RUN_DIR/predictions/SPLIT)")
+    sp.add_argument("--out", help="the zip to write (default: RUN_DIR/submissions/LEADERBOARD-SPLIT.zip)")
 
     sp = add("sweep", "Optuna sweeps over recipe keys (the lambda ablation first).")
     sp.add_argument("key", nargs="?", default="lambda")
@@ -290,6 +299,16 @@ def _cmd_predict(args, console) -> int:
     return 0
 
 
+def _cmd_submit(args, console) -> int:
+    from . import submit
+
+    res = submit.submit_run(args.run_dir, args.leaderboard, root=args.root, split=args.split,
+                            predictions=args.predictions, out=args.out)
+    rule = "" if res["verified"] else " (packing rule NOT verified against the leaderboard's instructions; see sslbench/submit.py)"
+    console.print(f"{len(res['files'])} predictions packed for {args.leaderboard} in {res['archive']}{rule}")
+    return 0
+
+
 def _cmd_data(args, console) -> int:
     from rich.table import Table
 
@@ -450,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = _console()
     handlers = {"run": _cmd_run, "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "evaluate": _cmd_evaluate,
                 "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench, "predict": _cmd_predict,
+                "submit": _cmd_submit,
                 "report": _cmd_report}
     try:
         return int(handlers[args.command](args, console) or 0)

@@ -199,3 +199,37 @@ def test_predict_cli_on_a_tiny_trained_phantom_run(phantom_home, tmp_path, capsy
         {k: v for k, v in stamp.items() if k != "manifest.json"}
     assert main(["predict", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_submit_packs_and_refuses_a_missing_case_and_a_wrong_shape(tmp_path):
+    import zipfile
+
+    from sslbench import submit
+    from sslbench.errors import DataError
+
+    task = recipes.resolve("scratch", "phantom-mmwhs", overrides=["task.preprocess.spacing=[0.8,0.8,0.8]"])["task"]
+    items = []
+    for k in range(2):
+        lab = _spheres([(205, 10, (k, 0, 0))])
+        items.append({"id": f"amos_000{k}", "image": _save(tmp_path / f"amos_000{k}.nii.gz", _body()),
+                      "label": _save(tmp_path / f"lab{k}.nii.gz", lab)})
+    pred = tmp_path / "pred"
+    P.predict_items(items, task, _oracle(task, items), pred, RUN)
+    res = submit.pack(items, task, pred, "amos22", tmp_path / "sub.zip")
+    assert res["verified"] is True
+    with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
+        assert sorted(zf.namelist()) == ["results/amos_0000.nii.gz", "results/amos_0001.nii.gz"]
+    res = submit.pack(items, task, pred, "btcv", tmp_path / "btcv.zip")
+    assert res["files"] == ["amos_0000.nii.gz", "amos_0001.nii.gz"] and res["verified"] is False
+    # a wrong shape: the file replaced (and the manifest's sha256 updated, so that only the shape is wrong)
+    manifest = json.loads((pred / "manifest.json").read_text())
+    bad = pred / "amos_0001.nii.gz"
+    _save(bad, np.zeros((5, 5, 5), np.uint8))
+    manifest["cases"]["amos_0001"]["sha256"] = P.sha256(bad)
+    (pred / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"amos_0001.nii.gz: shape \(5, 5, 5\); expected the image's \(24, 44, 16\)"):
+        submit.pack(items, task, pred, "amos22", tmp_path / "sub2.zip")
+    bad.unlink()
+    with pytest.raises(DataError, match="prediction of case amos_0001 missing"):
+        submit.pack(items, task, pred, "amos22", tmp_path / "sub2.zip")
+    assert not (tmp_path / "sub2.zip").exists()
