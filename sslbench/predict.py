@@ -111,31 +111,46 @@ def _image_file(item: Mapping[str, Any]) -> str:
     return image if isinstance(image, str) else image[0]
 
 
-def invert_to_original(scores: torch.Tensor, image, pre) -> np.ndarray:
+def invert_to_original(scores: torch.Tensor, image, pre):
     """``scores`` ``[K, ...]`` on the preprocessed grid of ``image`` (its MetaTensor), on the original grid.
 
-    Channels go through ``pre``'s inverse :data:`CHANNEL_CHUNK` at a time: un-crop, resample (bilinear,
-    as the image was), re-orient. Returns float32 ``[K, X, Y, Z]`` in the original voxel order.
+    Yields (first channel, float32 ``[k, X, Y, Z]`` in the original voxel order) for :data:`CHANNEL_CHUNK`
+    channels at a time, each through ``pre``'s inverse: un-crop, resample (bilinear, as the image was),
+    re-orient.
     """
     import copy
 
     from monai.data import MetaTensor
 
-    parts = []
     for lo in range(0, scores.shape[0], CHANNEL_CHUNK):
         chunk = MetaTensor(scores[lo:lo + CHANNEL_CHUNK].float().cpu(), meta=copy.deepcopy(image.meta),
                            applied_operations=copy.deepcopy(image.applied_operations))
         inv = pre.inverse({"image": chunk})["image"]
-        parts.append(torch.as_tensor(inv).as_subclass(torch.Tensor).numpy().astype(np.float32))
-    return np.concatenate(parts, axis=0)
+        yield lo, torch.as_tensor(inv).as_subclass(torch.Tensor).numpy().astype(np.float32, copy=False)
 
 
-def labels_from_scores(scores: np.ndarray, task: Mapping[str, Any]) -> np.ndarray:
-    """Original label values from class probabilities (argmax) or region probabilities (> 0.5)."""
+def labels_from_scores(chunks, task: Mapping[str, Any]) -> np.ndarray:
+    """Original label values from chunks of class probabilities (argmax) or region probabilities (> 0.5).
+
+    ``chunks`` as :func:`invert_to_original` yields them; only one chunk and the running maximum are held,
+    never all channels on the original grid.
+    """
     if task.get("regions"):
-        classes = regions_to_classes(scores > 0.5, task)
+        masks = {}
+        for lo, part in chunks:
+            for k in range(part.shape[0]):
+                masks[lo + k] = part[k] > 0.5
+        classes = regions_to_classes(np.stack([masks[r] for r in sorted(masks)]), task)
     else:
-        classes = scores.argmax(0)
+        best = classes = None
+        for lo, part in chunks:
+            arg, top = part.argmax(0), part.max(0)
+            if best is None:
+                best, classes = top, arg.astype(np.int64)
+            else:
+                better = top > best              # ties keep the lower class, as one argmax over all would
+                best = np.where(better, top, best)
+                classes = np.where(better, arg + lo, classes)
     return to_original_labels(classes, task)
 
 
@@ -170,8 +185,7 @@ def predict_item(item: Mapping[str, Any], task: Mapping[str, Any], infer: Callab
         raise DataError(f"{_image_file(item)}: cannot be loaded and preprocessed "
                         f"({(msg[-1] if msg else type(exc).__name__)[:200]})") from None
     scores = infer(case)
-    original = invert_to_original(scores, case["image"], pre)
-    return labels_from_scores(original, task), case["image"]
+    return labels_from_scores(invert_to_original(scores, case["image"], pre), task), case["image"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -233,3 +233,13 @@ def test_submit_packs_and_refuses_a_missing_case_and_a_wrong_shape(tmp_path):
     with pytest.raises(DataError, match="prediction of case amos_0001 missing"):
         submit.pack(items, task, pred, "amos22", tmp_path / "sub2.zip")
     assert not (tmp_path / "sub2.zip").exists()
+
+
+def test_chunked_argmax_equals_one_argmax_ties_to_the_lower_class():
+    task = recipes.resolve("scratch", "mmwhs")["task"]          # 8 classes: chunks of 4 + 4
+    scores = np.zeros((8, 3), np.float32)
+    scores[:, 0] = [0.1, 0.2, 0.0, 0.0, 0.0, 0.7, 0.0, 0.0]   # class 5, in the second chunk
+    scores[:, 1] = [0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0]   # tie across the chunks: class 3
+    scores[:, 2] = [0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1]   # background
+    chunks = [(0, scores[:4]), (4, scores[4:])]
+    assert P.labels_from_scores(iter(chunks), task).tolist() == [600, 500, 0]
