@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="override the run's precision for this evaluation (writes evaluation-<prec>-<attn>.json)")
     sp.add_argument("--attention", choices=["fused", "sdpa", "monai"],
                     help="override the run's window attention for this evaluation (same file naming)")
+    sp.add_argument("--space", choices=("preprocessed", "original"), default="preprocessed",
+                    help="original: predict the validation images in their original geometry (sslbench predict) and "
+                         "score them against the original label files (writes evaluation-original.json)")
 
     sp = add("predict", "Write a fine-tuning run's predictions of a split as NIfTI in the original image geometry and label values.")
     sp.add_argument("run_dir", help="a run folder under runs/finetune/")
@@ -278,8 +281,13 @@ def _cmd_finetune(args, console) -> int:
 def _cmd_evaluate(args, console) -> int:
     from . import protocol
 
-    res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console,
-                              precision=args.precision, attention=args.attention)
+    if args.space == "original":
+        from . import predict
+
+        res = predict.evaluate_original(args.run_dir, root=args.root, checkpoint=args.checkpoint, console=console)
+    else:
+        res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console,
+                                  precision=args.precision, attention=args.attention)
     rec = json.loads((Path(args.run_dir) / "metrics.json").read_text()) if (Path(args.run_dir) / "metrics.json").is_file() else {}
     _results_table({**rec, **res, "method": rec.get("method", "?"), "task_title": rec.get("task_title", "?"),
                     "checkpoint": res["checkpoint"]}, console)

@@ -353,3 +353,75 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
                                  progress=progress, log=say)
     manifest["out"] = str(out_path)
     return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores in the original space (``sslbench evaluate RUN --space original``)
+# --------------------------------------------------------------------------------------------------
+def original_to_classes(values: np.ndarray, task: Mapping[str, Any], source: str) -> np.ndarray:
+    """Class indices of a label map in the dataset's original values (``source`` names the file on a bad value)."""
+    lut = {int(v): c for c, v in enumerate(original_values(task))}
+    values = np.rint(np.asarray(values)).astype(np.int64)
+    uniq = np.unique(values)
+    bad = [int(v) for v in uniq if int(v) not in lut]
+    if bad:
+        raise DataError(f"{source}: label values {bad[:8]} outside the task's {sorted(lut)}")
+    out = np.zeros(values.shape, np.int64)
+    for v in uniq:
+        out[values == v] = lut[int(v)]
+    return out
+
+
+def score_original(items: list[dict], task: Mapping[str, Any], pred_dir: str | Path) -> list[dict]:
+    """Per-case scores of the predictions in ``pred_dir`` against the original label files, on the original grid.
+
+    :func:`sslbench.metrics.case_scores` as the run's own evaluation (Dice, and NSD at ``evaluate.nsd_tolerance``
+    mm / HD95 where the task scores them, the same empty-set rules), but at each label file's own voxel
+    spacing (its header's pixdim) instead of ``preprocess.spacing``.
+    """
+    import nibabel as nib
+
+    from .metrics import case_scores, truth_masks
+
+    rows = []
+    for item in items:
+        if not item.get("label"):
+            raise DataError(f"{_image_file(item)}: no label file; --space original scores labelled cases only")
+        truth_img = nib.load(item["label"])
+        pred_path = Path(pred_dir) / output_name(item)
+        pred = original_to_classes(np.asarray(nib.load(str(pred_path)).dataobj), task, str(pred_path))
+        truth = original_to_classes(np.asarray(truth_img.dataobj), task, item["label"])
+        if pred.shape != truth.shape:
+            raise DataError(f"{pred_path}: shape {pred.shape}; expected the label's {truth.shape} ({item['label']})")
+        spacing = [float(z) for z in truth_img.header.get_zooms()[:3]]
+        local = {**task, "preprocess": {**task["preprocess"], "spacing": spacing}}
+        p = truth_masks(torch.as_tensor(pred)[None, None], task)
+        t = truth_masks(torch.as_tensor(truth)[None, None], task)
+        rows.append({"case": item["id"], **case_scores(p, t, local)})
+    return rows
+
+
+def evaluate_original(run_dir: str | Path, root: str | Path | None = None, checkpoint: str | None = None,
+                      console=None) -> dict[str, Any]:
+    """Predict the validation split into ``<run>/predictions/val`` (resumable) and score it in the original space.
+
+    Writes ``<run>/evaluation-original.json`` (same fields as evaluation.json, ``space: original``, the
+    ``scoring`` block with ``spacing_mm: "each label file's own"``).
+    """
+    from .data import layouts
+    from .metrics import score_names, scoring
+    from .protocol import locate_data, summarize
+    from .records import RunRecord, atomic_write_json
+
+    manifest = predict_run(run_dir, root=root, split="val", checkpoint=checkpoint, console=console)
+    record = RunRecord(run_dir)
+    task = record.read_recipe()["task"]
+    root_path, phantom = locate_data(task, manifest["run"]["data_root"])
+    items = layouts.read_datalist(task, root_path)["val"]
+    rows = score_original(items, task, manifest["out"])
+    out = {"checkpoint": manifest["run"]["checkpoint"], "space": "original", "phantom": phantom or bool(task.get("phantom")),
+           "predictions": manifest["out"], "scoring": {**scoring(task), "spacing_mm": "each label file's own"},
+           **summarize(rows, score_names(task)), "cases": rows}
+    out["written"] = str(record.path / "evaluation-original.json")
+    atomic_write_json(record.path / "evaluation-original.json", out)
+    return out

@@ -14,7 +14,7 @@ import torch
 from sslbench import predict as P
 from sslbench import recipes
 from sslbench.data.transforms import preprocess_transforms
-from sslbench.errors import RecipeError, RunError
+from sslbench.errors import DataError, RecipeError, RunError
 from sslbench.metrics import labels_to_onehot, labels_to_regions, region_class_ids
 
 # voxel axis 0 -> world -y (1.6 mm), axis 1 -> world -x (0.8 mm), axis 2 -> +z (2.4 mm): "PLS", not RAS.
@@ -197,6 +197,13 @@ def test_predict_cli_on_a_tiny_trained_phantom_run(phantom_home, tmp_path, capsy
     assert f"0 written, {len(tests)} already there" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"} == \
         {k: v for k, v in stamp.items() if k != "manifest.json"}
+    # scored in the original space: the validation images predicted (predictions/val) and scored on their grids
+    assert main(["evaluate", str(run), "--space", "original"]) == 0
+    orig = json.loads((run / "evaluation-original.json").read_text())
+    val = layouts.read_datalist(cfg, root)["val"]
+    assert orig["space"] == "original" and orig["n_cases"] == len(val) and 0.0 <= orig["mean_dice"] <= 1.0
+    assert sorted(p.name for p in (run / "predictions" / "val").glob("*.nii.gz")) == sorted(f"{v['id']}.nii.gz" for v in val)
+    capsys.readouterr()
     assert main(["predict", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
 
@@ -243,3 +250,24 @@ def test_chunked_argmax_equals_one_argmax_ties_to_the_lower_class():
     scores[:, 2] = [0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1]   # background
     chunks = [(0, scores[:4]), (4, scores[4:])]
     assert P.labels_from_scores(iter(chunks), task).tolist() == [600, 500, 0]
+
+
+def test_scores_in_the_original_space_by_hand(tmp_path):
+    task = recipes.resolve("scratch", "phantom-mmwhs", overrides=["task.preprocess.spacing=[0.8,0.8,0.8]"])["task"]
+    lab = np.zeros(SHAPE, np.int16)
+    lab[2:6, 2:6, 2:4] = 205          # 32 voxels
+    lab[10:12, 10:12, 5:7] = 850      # 8 voxels
+    pred = lab.copy()
+    pred[2:4, 2:6, 2:4] = 0           # 205: 16 of 32 found -> Dice 2*16/(16+32) = 2/3
+    pred[10:12, 10:12, 5:7] = 0       # 850 missed entirely -> Dice 0 (empty in one)
+    item = {"id": "c0", "image": _save(tmp_path / "img.nii.gz", _body()), "label": _save(tmp_path / "lab.nii.gz", lab)}
+    (tmp_path / "pred").mkdir()
+    _save(tmp_path / "pred" / "c0.nii.gz", pred.astype(np.int16))
+    row = P.score_original([item], task, tmp_path / "pred")[0]
+    assert row["myocardium of left ventricle"] == pytest.approx(2 / 3)
+    assert row["pulmonary artery"] == 0.0
+    assert np.isnan(row["left atrium"])      # absent from both: left out (the task's empty rule)
+    assert row["mean"] == pytest.approx(1 / 3)
+    _save(tmp_path / "pred" / "c0.nii.gz", np.full(SHAPE, 7, np.int16))
+    with pytest.raises(DataError, match=r"c0.nii.gz: label values \[7\] outside"):
+        P.score_original([item], task, tmp_path / "pred")
