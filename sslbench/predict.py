@@ -180,7 +180,12 @@ def predict_item(item: Mapping[str, Any], task: Mapping[str, Any], infer: Callab
     pre = pre if pre is not None else invertible_preprocessing(task)
     try:
         case = pre({"image": item["image"]})
-    except Exception as exc:
+    except Exception as exc:     # MONAI wraps reader errors: a reader's own one-line DataError, else the last line
+        inner = exc
+        while inner is not None and not isinstance(inner, DataError):
+            inner = inner.__cause__
+        if inner is not None:
+            raise DataError(str(inner)) from None
         msg = str(exc).strip().splitlines()
         raise DataError(f"{_image_file(item)}: cannot be loaded and preprocessed "
                         f"({(msg[-1] if msg else type(exc).__name__)[:200]})") from None

@@ -271,3 +271,15 @@ def test_scores_in_the_original_space_by_hand(tmp_path):
     _save(tmp_path / "pred" / "c0.nii.gz", np.full(SHAPE, 7, np.int16))
     with pytest.raises(DataError, match=r"c0.nii.gz: label values \[7\] outside"):
         P.score_original([item], task, tmp_path / "pred")
+
+
+def test_an_unreadable_image_is_one_line_naming_it(tmp_path):
+    from sslbench.errors import DataError
+
+    task = recipes.resolve("scratch", "phantom-mmwhs")["task"]
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    item = {"id": "broken", "image": str(bad), "label": None}
+    with pytest.raises(DataError, match="broken.nii.gz: cannot be loaded and preprocessed") as err:
+        P.predict_items([item], task, lambda case: None, tmp_path / "pred", RUN)
+    assert "\n" not in str(err.value)
