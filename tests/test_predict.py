@@ -186,7 +186,8 @@ def test_predict_cli_on_a_tiny_trained_phantom_run(phantom_home, tmp_path, capsy
     manifest = json.loads((out / "manifest.json").read_text())
     status = json.loads((run / "status.json").read_text())
     assert manifest["run"]["run_key"] == status["run_key"] and manifest["run"]["run_hash"] == run.name
-    assert manifest["run"]["checkpoint_sha256"] == P.sha256(run / "checkpoints" / "last.pt")
+    ckpt = run / "checkpoints" / ("best.pt" if (run / "checkpoints" / "best.pt").is_file() else "last.pt")
+    assert manifest["run"]["checkpoint"] == str(ckpt) and manifest["run"]["checkpoint_sha256"] == P.sha256(ckpt)
     for t in tests:
         src, pred = nib.load(t["image"]), nib.load(str(out / f"{t['id']}.nii.gz"))
         assert pred.shape == src.shape and np.array_equal(pred.affine, src.affine)
