@@ -21,6 +21,8 @@ EXAMPLES = {
     "pretrain": "sslbench pretrain --method voco\n  sslbench pretrain --method voco --corpus phantom-corpus --set method.params.lambda=0.5",
     "finetune": "sslbench finetune --task phantom-btcv --init runs/pretrain/voco/phantom-corpus/<hash>-s0/checkpoints/backbone.pt\n  sslbench finetune --task btcv --root /data/BTCV --init model_swinvit.pt --method swinunetr-ssl",
     "evaluate": "sslbench evaluate runs/finetune/phantom-btcv/scratch/<hash>-s0\n  sslbench evaluate RUN_DIR --checkpoint RUN_DIR/checkpoints/last.pt\n  sslbench evaluate RUN_DIR --precision fp32 --attention monai   # the reference, beside the run's own Dice",
+    "predict": "sslbench predict runs/finetune/btcv/voco/<hash>-s0 --root /data/BTCV --split test\n  sslbench predict RUN_DIR --split val --out /tmp/val-predictions",
+    "submit": "sslbench submit runs/finetune/amos22/voco/<hash>-s0 --leaderboard amos22 --split val",
     "sweep": "sslbench sweep lambda --task phantom-mmwhs --values 0.5 1.0 1.5",
     "report": "sslbench report --format md --out leaderboards/rendered",
     "data": "sslbench data synth --like btcv --out /tmp/btcv-phantom --cases 8\n  sslbench data check --task btcv --root /tmp/btcv-phantom",
@@ -99,6 +101,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="override the run's precision for this evaluation (writes evaluation-<prec>-<attn>.json)")
     sp.add_argument("--attention", choices=["fused", "sdpa", "monai"],
                     help="override the run's window attention for this evaluation (same file naming)")
+    sp.add_argument("--space", choices=("preprocessed", "original"), default="preprocessed",
+                    help="original: predict the validation images in their original geometry (sslbench predict) and "
+                         "score them against the original label files (writes evaluation-original.json)")
+
+    sp = add("predict", "Write a fine-tuning run's predictions of a split as NIfTI in the original image geometry and label values.")
+    sp.add_argument("run_dir", help="a run folder under runs/finetune/")
+    sp.add_argument("--root", help="dataset root (default: the one recorded)")
+    sp.add_argument("--split", default="test", choices=("test", "val", "train"), help="images to predict (default test)")
+    sp.add_argument("--out", help="folder for the predictions and manifest.json (default: RUN_DIR/predictions/SPLIT)")
+    sp.add_argument("--checkpoint", help="checkpoint to predict with (default: best.pt, else last.pt)")
+
+    sp = add("submit", "Pack a run's predictions (sslbench predict) as a leaderboard expects; refuses a missing or malformed case.")
+    sp.add_argument("run_dir", help="a run folder under runs/finetune/")
+    sp.add_argument("--leaderboard", required=True, choices=("btcv", "flare23", "amos22", "msd"))
+    sp.add_argument("--root", help="dataset root (default: the one recorded)")
+    sp.add_argument("--split", default="test", choices=("test", "val", "train"), help="the predicted split (default test)")
+    sp.add_argument("--predictions", help="predictions folder (default: RUN_DIR/predictions/SPLIT)")
+    sp.add_argument("--out", help="the zip to write (default: RUN_DIR/submissions/LEADERBOARD-SPLIT.zip)")
 
     sp = add("sweep", "Optuna sweeps over recipe keys (the lambda ablation first).")
     sp.add_argument("key", nargs="?", default="lambda")
@@ -288,14 +308,39 @@ def _cmd_finetune(args, console) -> int:
 def _cmd_evaluate(args, console) -> int:
     from . import protocol
 
-    res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console,
-                              precision=args.precision, attention=args.attention)
+    if args.space == "original":
+        from . import predict
+
+        res = predict.evaluate_original(args.run_dir, root=args.root, checkpoint=args.checkpoint, console=console)
+    else:
+        res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console,
+                                  precision=args.precision, attention=args.attention)
     rec = json.loads((Path(args.run_dir) / "metrics.json").read_text()) if (Path(args.run_dir) / "metrics.json").is_file() else {}
     _results_table({**rec, **res, "method": rec.get("method", "?"), "task_title": rec.get("task_title", "?"),
                     "checkpoint": res["checkpoint"]}, console)
     if "precision" in res:
         console.print(f"evaluated with {res['precision']}, attention {res['attention']} on {res['device']}")
     console.print(f"written: {res.get('written', Path(args.run_dir) / 'evaluation.json')}")
+    return 0
+
+
+def _cmd_predict(args, console) -> int:
+    from . import predict
+
+    m = predict.predict_run(args.run_dir, root=args.root, split=args.split, out=args.out, checkpoint=args.checkpoint,
+                            console=console)
+    console.print(f"{len(m['cases'])} {args.split} predictions in {m['out']} ({m['_written']} written, "
+                  f"{m['_skipped']} already there); manifest: {Path(m['out']) / predict.MANIFEST}")
+    return 0
+
+
+def _cmd_submit(args, console) -> int:
+    from . import submit
+
+    res = submit.submit_run(args.run_dir, args.leaderboard, root=args.root, split=args.split,
+                            predictions=args.predictions, out=args.out)
+    rule = "" if res["verified"] else " (packing rule NOT verified against the leaderboard's instructions; see sslbench/submit.py)"
+    console.print(f"{len(res['files'])} predictions packed for {args.leaderboard} in {res['archive']}{rule}")
     return 0
 
 
@@ -460,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(args.gpus, raw)
     console = _console()
     handlers = {"run": _cmd_run, "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "evaluate": _cmd_evaluate,
-                "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench,
+                "data": _cmd_data, "list": _cmd_list, "bench": _cmd_bench, "predict": _cmd_predict,
+                "submit": _cmd_submit,
                 "report": _cmd_report}
     try:
         return int(handlers[args.command](args, console) or 0)
