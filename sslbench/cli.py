@@ -330,7 +330,7 @@ def _cmd_predict(args, console) -> int:
     m = predict.predict_run(args.run_dir, root=args.root, split=args.split, out=args.out, checkpoint=args.checkpoint,
                             console=console)
     console.print(f"{len(m['cases'])} {args.split} predictions in {m['out']} ({m['_written']} written, "
-                  f"{m['_skipped']} already there); manifest: {Path(m['out']) / predict.MANIFEST}")
+                  f"{m['_skipped']} already there); manifest: {Path(m['out']) / predict.MANIFEST}", soft_wrap=True)
     return 0
 
 

@@ -1033,6 +1033,8 @@ def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force
     from .data.check import check_case_headers
 
     task = cfg["task"] if stage == "finetune" else cfg["corpus"]
+    if task.get("kind") in ("classification", "classification2d"):
+        return   # images and label tables of their own (PNG, scan folders): checked by their readers as they load
     check_case_headers(items, task)
     if force:
         from .data.check import LoadChecked

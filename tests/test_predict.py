@@ -180,7 +180,7 @@ def test_predict_cli_on_a_tiny_trained_phantom_run(phantom_home, tmp_path, capsy
     assert "written" in capsys.readouterr().out
     out = run / "predictions" / "test"
     cfg = recipes.resolve("scratch", "phantom-btcv")["task"]
-    root = next(phantom_home.rglob("dataset_0.json")).parent
+    root = json.loads((run / "data.json").read_text())["root"]   # the tree this run read (others may exist)
     tests = layouts.read_datalist(cfg, root)["test"]
     assert tests and sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{t['id']}.nii.gz" for t in tests)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -281,6 +281,6 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not a nifti")
     item = {"id": "broken", "image": str(bad), "label": None}
-    with pytest.raises(DataError, match="broken.nii.gz: cannot be loaded and preprocessed") as err:
+    with pytest.raises(DataError, match="broken.nii.gz: not a gzip file although named .gz") as err:
         P.predict_items([item], task, lambda case: None, tmp_path / "pred", RUN)
     assert "\n" not in str(err.value)
