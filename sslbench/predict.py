@@ -20,7 +20,6 @@ prediction resumes where it stopped; a folder holding another run's (or checkpoi
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -197,11 +196,10 @@ def predict_item(item: Mapping[str, Any], task: Mapping[str, Any], infer: Callab
 # Writing
 # --------------------------------------------------------------------------------------------------
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The manifest's checksum of a file (:func:`sslbench.data.fingerprint.file_sha256`)."""
+    from .data.fingerprint import file_sha256
+
+    return file_sha256(path)
 
 
 def _is_nifti(path: str) -> bool:

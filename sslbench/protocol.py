@@ -808,11 +808,10 @@ def run_scope():
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """The first 16 hex digits of a file's SHA-256 (:func:`sslbench.data.fingerprint.file_sha256`)."""
+    from .data.fingerprint import file_sha256
+
+    return file_sha256(path)[:16]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def _expand(files: Iterable[Path]) -> list[Path]:
     return sorted(seen)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks: the one file checksum of sslbench."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -133,7 +134,7 @@ def fingerprint(root: str | Path, items: Iterable[Mapping[str, Any]], files: Ite
                 st = p.stat()
             except OSError:
                 raise DataError(f"{p}: listed by the datalist of {root_path} but not found") from None
-            entry = [_relative(p, root_path), st.st_size, _sha256(p) if how == "content" else st.st_mtime_ns]
+            entry = [_relative(p, root_path), st.st_size, file_sha256(p) if how == "content" else st.st_mtime_ns]
         h.update(json.dumps(entry).encode() + b"\n")
     if not all_phantom:          # real data: where it lives is part of its identity
         h.update(f"root {root_text} mode {how}".encode())
