@@ -80,3 +80,21 @@ def test_msd_imagests_predicted_and_packed_from_a_tiny_trained_phantom_run(phant
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"prediction of case {images[1][:-7]} missing" in err
     assert not (tmp_path / "again.zip").exists()
+
+
+def test_flare23_imagests_is_the_test_split_and_packs_as_its_label_names(tmp_path):
+    from sslbench.data import layouts
+    from treekit import task, touch
+
+    for n in (1, 2, 3):
+        touch(tmp_path / "imagesTr" / f"FLARE23_{n:04d}_0000.nii.gz")
+        touch(tmp_path / "labelsTr" / f"FLARE23_{n:04d}.nii.gz")
+    t = task("flare23", val_last=1)
+    assert "test" not in layouts.load_datalist(t, tmp_path).splits         # no imagesTs: no test split
+    for n in (101, 102):
+        touch(tmp_path / "imagesTs" / f"FLARE23Ts_{n:04d}_0000.nii.gz")
+    dl = layouts.load_datalist(t, tmp_path)
+    tests = dl.splits["test"]
+    assert [i["id"] for i in tests] == ["FLARE23Ts_0101", "FLARE23Ts_0102"] and all(i["label"] is None for i in tests)
+    assert dl.origin["test"] == "images in imagesTs/" and len(dl.splits["train"]) == 2
+    assert [submit.archive_name(i, "flare23", t) for i in tests] == ["FLARE23Ts_0101.nii.gz", "FLARE23Ts_0102.nii.gz"]
