@@ -75,7 +75,13 @@ def _date(value: Any, where: str, key: str, today: _dt.date) -> _dt.date:
 
 def _find_run(runs_df, name: str) -> list[str]:
     """Paths of the runs whose folder name is ``name`` or whose recorded run key is ``name``."""
-    from .report import _read_json
+    import json
+
+    def _read_json(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
 
     paths = []
     for path in dict.fromkeys(runs_df["path"]) if len(runs_df) else ():
