@@ -21,8 +21,8 @@ published numbers and ships with the package): entries point at run folders of t
 
 Every entry is checked before anything is rendered; the first fault is one line naming the file and the key
 (``entries[2].run``): unknown or missing keys, a leaderboard / metric pair Table 6 has no column for, a value
-outside 0-100 or one that looks like a fraction (0 < value <= 1), a date that is not a date or lies in the
-future, a run that is no finished fine-tuning run under ``<runs>/finetune`` (or whose task is not the
+outside 0-100 or one that looks like a fraction (0 < value <= 1), a date that is not a date, lies in the
+future or before the run finished, a run that is no finished fine-tuning run under ``<runs>/finetune`` (or whose task is not the
 leaderboard's), and a second entry for the same leaderboard, run and metric.
 
 An entry then stands for its run in Table 6: the run's own comparability (``report.comparability``: only a
@@ -161,9 +161,17 @@ def validate_online(data: Any, where: str, spec: Mapping[str, Any], runs_df, run
             _fail(where, f"{key}.run", f"one run; {run!r} names {len(found)} ({', '.join(found[:3])}): give the "
                                        f"folder name", show=False)
         path = found[0]
-        task = str(runs_df[runs_df["path"] == path]["base_task"].iloc[0])
+        row = runs_df[runs_df["path"] == path].iloc[0]
+        task = str(row["base_task"])
         if task != board:
             _fail(where, f"{key}.run", f"a {board} fine-tuning run ({path} fine-tuned {task})", run)
+        try:                 # an answer older than the run cannot be about this run's predictions
+            finished = _dt.date.fromisoformat(str(row.get("finished") or "")[:10])
+        except ValueError:
+            finished = None
+        if finished is not None and date < finished:
+            _fail(where, f"{key}.date", f"a date on or after the run finished ({finished.isoformat()}, "
+                                        f"{Path(path).name})", date.isoformat())
         ident = (board, path, metric)
         if ident in seen:
             _fail(where, key, f"one entry per leaderboard, run and metric (entries[{seen[ident]}] has this "

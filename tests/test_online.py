@@ -137,6 +137,7 @@ def _bad(entries, i, **change):
     ({"value": "85"}, "entries[0].value", "0-100"),
     ({"date": "FUTURE"}, "entries[0].date", "a date not after today"),
     ({"date": "last week"}, "entries[0].date", "YYYY-MM-DD"),
+    ({"date": "2024-12-31"}, "entries[0].date", "on or after the run finished (2025-01-01"),
     ({"run": "0123abcd-s9"}, "entries[0].run", "a finished fine-tuning run under"),
     ({"run": 12345}, "entries[0].run", "as a string"),
     ({"leaderboard": "amos22"}, "entries[0].run", "a amos22 fine-tuning run"),
