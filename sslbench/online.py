@@ -22,8 +22,8 @@ published numbers and ships with the package): entries point at run folders of t
 Every entry is checked before anything is rendered; the first fault is one line naming the file and the key
 (``entries[2].run``): unknown or missing keys, a leaderboard / metric pair Table 6 has no column for, a value
 outside 0-100 or one that looks like a fraction (0 < value <= 1), a date that is not a date, lies in the
-future or before the run finished, a run that is no finished fine-tuning run under ``<runs>/finetune`` (or whose task is not the
-leaderboard's), and a second entry for the same leaderboard, run and metric.
+future or before the run finished, a run that is no finished fine-tuning run under ``<runs>/finetune`` (or
+whose task is not the leaderboard's), and a second entry for the same leaderboard, run and metric.
 
 An entry then stands for its run in Table 6: the run's own comparability (``report.comparability``: only a
 run at the paper protocol, on real data, stands beside the published number with a Δ; a phantom run fills
