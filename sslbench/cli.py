@@ -339,7 +339,8 @@ def _cmd_submit(args, console) -> int:
 
     res = submit.submit_run(args.run_dir, args.leaderboard, root=args.root, split=args.split,
                             predictions=args.predictions, out=args.out)
-    rule = "" if res["verified"] else " (packing rule NOT verified against the leaderboard's instructions; see sslbench/submit.py)"
+    rule = "" if res["verified"] else (f" (NOT verified against the leaderboard's instructions: {res['unconfirmed']}; "
+                                       f"see sslbench/submit.py)")
     console.print(f"{len(res['files'])} predictions packed for {args.leaderboard} in {res['archive']}{rule}")
     return 0
 

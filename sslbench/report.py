@@ -33,8 +33,10 @@ Rules the tables keep:
 * **Environments are never mixed silently.** Each run's torch / monai versions (its env.json, and its
   pre-training's) travel with it; a group whose runs differ is marked ``‡env`` and a table whose measured runs
   span several environments gets a note listing them, and the terminal a warning.
-* Table 6 is published on hidden leaderboard test sets; sslbench evaluates validation splits, so its
-  cells stay published-only (the YAML's ``measured: false``).
+* Table 6 is published on hidden leaderboard test sets; sslbench evaluates validation splits, so no run
+  record fills it (the YAML's ``measured: false``). Its measured values are what the leaderboards answered,
+  recorded as data (``<runs>/leaderboards/online.yaml`` or ``--online FILE``; sslbench/online.py): each
+  stands where its run's comparability puts it, with its provenance (run folder, date, submission id).
 
 ``--format html`` writes one self-contained page (sslbench/report_html.py); every report output is written
 atomically and world-readable (0644).
@@ -170,11 +172,13 @@ def _check_params(c: _Checker, params: Any, key: str) -> None:
 
 def _check_results(c: _Checker, t: dict, key: str) -> None:
     c.mapping(t, key, _TABLE_HEAD + ("number", "source", "row_header", "evaluated_on", "measured", "digits",
-                                     "columns", "rows"), ("measured_note", "marks_legend", "params"))
+                                     "columns", "rows"), ("measured_note", "marks_legend", "params", "online"))
     c.integer(t["number"], f"{key}.number", 1)
     for k in ("source", "row_header", "evaluated_on"):
         c.text(t[k], f"{key}.{k}")
     c.boolean(t["measured"], f"{key}.measured")
+    if "online" in t:
+        c.boolean(t["online"], f"{key}.online")
     c.integer(t["digits"], f"{key}.digits")
     if "measured_note" in t:
         c.text(t["measured_note"], f"{key}.measured_note")
@@ -710,6 +714,8 @@ class Group:
     fingerprints: list[str | None] = field(default_factory=list)
     #: scored before the empty-set rules (no ``scoring`` block in metrics.json): marked OLD_SCORING_MARK
     old_scoring: bool = False
+    #: leaderboard answers (sslbench/online.py): where each value came from (run folder, date, submission)
+    provenance: list[str] = field(default_factory=list)
 
     @property
     def mixed_env(self) -> bool:
@@ -812,6 +818,8 @@ class Cell:
             s += f" {OLD_SCORING_MARK}"
         if len(self.groups) > 1:
             s += f" [{g.label()}]"
+        if g.provenance:
+            s += " {" + "; ".join(g.provenance) + "}"
         return s
 
     def text(self) -> str:
@@ -900,7 +908,8 @@ def _groups(sel, value_col: str, scale: float = 100.0) -> list[Group]:
                             paths=list(part["path"]),
                             envs=[str(e) for e in part["env"]] if "env" in part.columns else [],
                             fingerprints=([None if f is None or f != f else str(f) for f in part["data_fingerprint"]]
-                                          if "data_fingerprint" in part.columns else [])))
+                                          if "data_fingerprint" in part.columns else []),
+                            provenance=list(part["provenance"]) if "provenance" in part.columns else []))
     groups.sort(key=lambda g: (g.old_scoring, -g.n, g.protocol))
     return groups
 
@@ -989,15 +998,23 @@ def environment_notes(groups: Sequence[Group]) -> list[str]:
     return notes
 
 
-def _results_table(spec: Mapping, runs_df) -> Table:
-    methods = {r["method"] for r in spec["rows"]}
+def _results_table(spec: Mapping, runs_df, online_df=None) -> Table:
+    online = bool(spec.get("online"))
+    if online:          # a leaderboard table: filled by the recorded answers only, never by validation records
+        runs_df = online_df
+    measured = spec["measured"] or (online and runs_df is not None and len(runs_df) > 0)
+    spec_rows = list(spec["rows"])
+    if online and measured:      # a method answered for without a published row gets a row of its own
+        spec_rows += [{"id": m, "label": m, "method": m, "cells": {}}
+                      for m in sorted(set(runs_df["method"]) - {r["method"] for r in spec_rows})]
+    methods = {r["method"] for r in spec_rows}
     cols: list[tuple[dict, str]] = []
     for col in spec["columns"]:
         cols.append((col, COMPARABLE))
         cols += [(col, kind) for kind in NOT_COMPARABLE
-                 if spec["measured"] and _has_runs(runs_df, col["task"], col["metric"], kind, methods)]
+                 if measured and _has_runs(runs_df, col["task"], col["metric"], kind, methods)]
     rows = []
-    for r in spec["rows"]:
+    for r in spec_rows:
         cells = []
         cls = r.get("class")
         value_col = "score" if cls in (None, "mean") else f"dice:{cls}"
@@ -1009,7 +1026,7 @@ def _results_table(spec: Mapping, runs_df) -> Table:
                 cell.digits = int(pub.get("digits", spec["digits"]))
                 cell.marks = tuple(pub["marks"])
                 cell.source = pub["source"]
-            if spec["measured"]:
+            if measured:
                 sel = _select(runs_df, method=r["method"], task=col["task"], metric=col["metric"], kind=kind,
                               params=r.get("params", spec.get("params")))
                 cell.groups = _groups(sel, value_col, _scale(col["metric"]))
@@ -1023,8 +1040,12 @@ def _results_table(spec: Mapping, runs_df) -> Table:
         notes.append("Measured runs counted: " + ", ".join(f"{_PARAM_NAMES.get(k, k)} = {v:g}"
                                                           for k, v in spec["params"].items()) + " only.")
     notes += [f"{mark}: {meaning}" for mark, meaning in (spec.get("marks_legend") or {}).items()]
-    if not spec["measured"] and spec.get("measured_note"):
+    if not measured and spec.get("measured_note"):
         notes.append("Not measured: " + spec["measured_note"])
+    if online and measured:
+        notes.append(f"Measured: the leaderboards' answers recorded in {runs_df.attrs.get('file', 'the online file')} "
+                     "(sslbench report --online); the braces after each value name its leaderboard, run folder, date "
+                     "and submission id; a run stands beside the published number only at the published protocol on real data")
     table.notes = notes + _measurement_notes(table)
     return table
 
@@ -1111,11 +1132,12 @@ def _comparison_table(spec: Mapping, tables: Mapping[str, Mapping], runs_df) -> 
     return table
 
 
-def build_tables(published: Mapping, runs_df=None) -> list[Table]:
+def build_tables(published: Mapping, runs_df=None, online_df=None) -> list[Table]:
     """The leaderboard tables, in the order of the YAML (Table 1, 3, 4, 5, 6, 7, then the comparison).
 
     Each result cell holds its published value and the measured protocol groups (see the module docstring
-    for how protocols and phantoms are kept apart).
+    for how protocols and phantoms are kept apart). ``online_df`` (sslbench/online.py) fills the table marked
+    ``online: true`` (Table 6) instead of the run records.
     """
     import pandas as pd
 
@@ -1127,7 +1149,7 @@ def build_tables(published: Mapping, runs_df=None) -> list[Table]:
         if spec["kind"] == "datasets":
             out.append(_datasets_table(spec))
         elif spec["kind"] == "results":
-            out.append(_results_table(spec, runs_df))
+            out.append(_results_table(spec, runs_df, online_df))
         else:
             out.append(_comparison_table(spec, specs, runs_df))
     from .efficiency import label_efficiency_tables
@@ -1411,13 +1433,16 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Render the leaderboard tables (published numbers of the VoCo "
                                             "supplement) with the measured values of the run records beside them.",
                                 epilog="examples:\n  sslbench report\n  sslbench report --runs runs --format latex\n"
-                                       "  sslbench report --format md --out leaderboards/rendered")
+                                       "  sslbench report --format md --out leaderboards/rendered\n"
+                                       "  sslbench report --online runs/leaderboards/online.yaml")
     p.add_argument("--runs", default="runs", help="folder of run records (default: runs)")
     p.add_argument("--format", choices=FORMATS + ("rich",), default=None,
                    help="md | latex | html | csv (default: a coloured terminal table on a terminal, else md)")
     p.add_argument("--out", help="write one file per table (html: one page, index.html) and the PNG plots to this "
                                  "folder instead of printing")
     p.add_argument("--published", help=f"leaderboard YAML (default: leaderboards/{DEFAULT_LEADERBOARD})")
+    p.add_argument("--online", help="what the leaderboards answered, for Table 6 (default: "
+                                    "RUNS/leaderboards/online.yaml when it exists; format: sslbench/online.py)")
     return p
 
 
@@ -1430,7 +1455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         published = load_published(args.published)
         runs_df = collect_runs(args.runs)
-        tables = build_tables(published, runs_df)
+        from .online import default_online, load_online
+
+        online_df = load_online(args.online or default_online(args.runs), published, runs_df, args.runs,
+                                required=bool(args.online))
+        tables = build_tables(published, runs_df, online_df)
         for line in runs_df.attrs.get("skipped", []):
             print(f"skipped: {line}", file=sys.stderr)
         envs = sorted(set(runs_df["env"].dropna())) if len(runs_df) else []

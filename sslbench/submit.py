@@ -4,23 +4,41 @@ Every image of the split must have its prediction (listed in the predictions' ma
 intact), on the image's voxel grid (same spatial shape and affine) with integer labels; the first case that
 fails is refused with one line. The archive is a zip written atomically.
 
-The packing rules, with where each was (or was not) verified; sslbench had no internet access when they were
-written, only a search over stored public pages:
+The packing rules, with what a public source confirms and what it does not (looked up 2026-12-02/03 with a
+search over stored public pages, issues and code; sslbench had no direct internet access). ``verified`` is
+true only where a source confirms the whole rule; ``sslbench submit`` prints the unconfirmed part otherwise.
 
 * ``amos22``: one zip holding ``results/amos_XXXX.nii.gz``, one prediction per image, matched one to one
-  (else the submission is invalid): AMOS22 "Evaluation" page, https://amos22.grand-challenge.org/Evaluation/
-  (validation phase; the test phase took Docker containers).
-* ``flare23``: one zip of ``<case>.nii.gz`` at its top level. NOT verified: only the FLARE21 page
-  (https://flare.grand-challenge.org/Evaluation/) was found; it says validation segmentations are uploaded
-  to grand-challenge directly and the test phase takes a Docker container, without naming files.
-* ``btcv``: one zip of ``<case>.nii.gz`` (the test image's name, e.g. ``img0061.nii.gz``). NOT verified: the
-  Synapse BTCV submission page could not be found.
-* ``msd``: one zip holding ``<TaskXX_Name>/<image name>.nii.gz``. NOT verified: the Decathlon's submission
-  instructions could not be found (http://medicaldecathlon.com/ names the rolling leaderboard only).
+  (else the submission is invalid). Confirmed by the AMOS22 "Evaluation" page,
+  https://amos22.grand-challenge.org/Evaluation/ (validation phase; the test phase took Docker containers).
+* ``flare23``: one zip of ``<case>.nii.gz`` at its top level, ``<case>`` the image name without nnU-Net's
+  ``_0000`` channel suffix (``FLARE23_0001_0000.nii.gz`` -> ``FLARE23_0001.nii.gz``, the name of the case's
+  label file). Confirmed: FLARE23's official evaluation program
+  (https://github.com/JunMa11/FLARE/blob/main/FLARE23/FLARE23_DSC_NSD_Eval.py, the CodaLab scoring program
+  of https://codalab.lisn.upsaclay.fr/competitions/12239) takes every reference ``ref/*.nii.gz`` and
+  stops unless ``res/<the same file name>`` exists with the reference's shape; CodaLab unpacks the uploaded
+  zip into ``res/``, so the files lie at the zip's top level (a zip holding a folder fails with "Submission
+  volume not found": https://github.com/PatrickChrist/LITS-CHALLENGE/issues/6, LiTS's CodaLab program of the
+  same form). Labels are FLARE's 1-14 (13 organs, 14 tumour), read as integers. NOT confirmed: the hidden
+  reference files' names; they are taken to follow the released labels (``labelsTr/<case>.nii.gz``).
+* ``btcv``: one zip of ``<image name>.nii.gz`` (``img0061.nii.gz``) at its top level. NOT confirmed: the
+  Synapse "Multi-Atlas Labeling Beyond the Cranial Vault" submission instructions
+  (https://www.synapse.org/#!Synapse:syn3193805) were not found in any stored source; nnU-Net's BTCV
+  conversion (Task017_BeyondCranialVaultAbdominalOrganSegmentation.py) renames the test images but writes no
+  submission.
+* ``msd``: one zip holding ``<TaskXX_Name>/<image name>.nii.gz``, one prediction per ``imagesTs`` image,
+  named as the image (medicaldecathlon.com's description). Confirmed: the folder, one per task named exactly
+  as the Decathlon's ``TaskXX_Name`` at the zip's top level: the evaluation of
+  https://decathlon-10.grand-challenge.org/ reads ``/input/Task01_BrainTumour`` and fails ("Could not load
+  any files in /input/Task01_BrainTumour") when the zip lacks that folder by that name
+  (https://github.com/Ziyan-Huang/FLARE22/issues/2). NOT confirmed: the file names inside the folder and
+  whether one zip must hold all ten tasks (asked in that thread, not answered there); sslbench packs the
+  run's one task.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,13 +48,42 @@ import numpy as np
 
 from .errors import DataError, RecipeError, RunError
 
-#: leaderboard -> folder inside the archive (None: top level; "task": the MSD task folder), verified, where
+#: leaderboard -> packing rule: ``folder`` inside the archive (None: top level; "task": the MSD task folder),
+#: ``name`` of each file ("image": the image's file name; "label": without the ``_0000`` channel suffix),
+#: ``task`` the base task of the runs it takes (a prefix for "msd"), ``verified`` (the whole rule confirmed),
+#: ``unconfirmed`` (what no source confirms), ``sources``.
 RULES: dict[str, dict[str, Any]] = {
-    "amos22": {"folder": "results", "verified": True, "source": "https://amos22.grand-challenge.org/Evaluation/"},
-    "flare23": {"folder": None, "verified": False, "source": "not found (FLARE21's page only)"},
-    "btcv": {"folder": None, "verified": False, "source": "not found"},
-    "msd": {"folder": "task", "verified": False, "source": "not found"},
+    "amos22": {"folder": "results", "name": "image", "task": "amos22", "verified": True, "unconfirmed": None,
+               "sources": ["https://amos22.grand-challenge.org/Evaluation/"]},
+    "flare23": {"folder": None, "name": "label", "task": "flare23", "verified": False,
+                "unconfirmed": "the hidden reference labels' file names (taken as <case>.nii.gz, the released "
+                               "labels' naming)",
+                "sources": ["https://github.com/JunMa11/FLARE/blob/main/FLARE23/FLARE23_DSC_NSD_Eval.py",
+                            "https://github.com/PatrickChrist/LITS-CHALLENGE/issues/6"]},
+    "btcv": {"folder": None, "name": "image", "task": "btcv", "verified": False,
+             "unconfirmed": "the whole layout (the Synapse submission instructions were not found)", "sources": []},
+    "msd": {"folder": "task", "name": "image", "task": "msd", "verified": False,
+            "unconfirmed": "the file names inside TaskXX_Name/ and whether one zip must hold all ten tasks",
+            "sources": ["https://github.com/Ziyan-Huang/FLARE22/issues/2", "https://decathlon-10.grand-challenge.org/"]},
 }
+for _rule in RULES.values():
+    _rule["source"] = "; ".join(_rule["sources"]) or "not found"
+
+
+def msd_folder(task: Mapping[str, Any]) -> str:
+    """The Decathlon's folder name of an MSD task (``msd04`` / ``phantom-msd04`` -> ``Task04_Hippocampus``,
+    ``msd-spleen`` -> ``Task09_Spleen``); one line when the task is no MSD task."""
+    from .data.msd import TASKS
+
+    name = str(task.get("extends") or task.get("name") or "")
+    name = name[len("phantom-"):] if name.startswith("phantom-") else name
+    m = re.fullmatch(r"msd(\d\d)", name)
+    number = 9 if name == "msd-spleen" else int(m.group(1)) if m else None
+    if number == 9:
+        return "Task09_Spleen"
+    if number not in TASKS:
+        raise RecipeError(f"task '{task.get('name', '?')}': not an MSD task; --leaderboard msd packs msd01..msd10 runs")
+    return TASKS[number].folder
 
 
 def _image_name(item: Mapping[str, Any]) -> str:
@@ -50,12 +97,14 @@ def _image_name(item: Mapping[str, Any]) -> str:
 
 def archive_name(item: Mapping[str, Any], leaderboard: str, task: Mapping[str, Any]) -> str:
     """The path of ``item``'s prediction inside the archive, per :data:`RULES`."""
-    folder = RULES[leaderboard]["folder"]
-    name = f"{_image_name(item)}.nii.gz"
-    if folder == "task":
-        task_dir = next((p.name for p in [Path(_first(item)).parent.parent] if p.name.startswith("Task")), None)
-        return f"{task_dir or task['name']}/{name}"
-    return f"{folder}/{name}" if folder else name
+    rule = RULES[leaderboard]
+    stem = _image_name(item)
+    if rule["name"] == "label":
+        stem = re.sub(r"_0000$", "", stem)
+    name = f"{stem}.nii.gz"
+    if rule["folder"] == "task":
+        return f"{msd_folder(task)}/{name}"
+    return f"{rule['folder']}/{name}" if rule["folder"] else name
 
 
 def _first(item: Mapping[str, Any]) -> str:
@@ -107,6 +156,9 @@ def pack(items: list[dict], task: Mapping[str, Any], pred_dir: str | Path, leade
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:   # .nii.gz: compressed already
             for item in items:
                 name = archive_name(item, leaderboard, task)
+                if name in names:
+                    raise DataError(f"{_first(item)}: its prediction would be packed as {name}, as another "
+                                    f"image's; expected one file name per image")
                 zf.write(files[item["id"]], name)
                 names.append(name)
         os.replace(tmp, out)
@@ -128,6 +180,16 @@ def submit_run(run_dir: str | Path, leaderboard: str, root: str | Path | None = 
         raise RunError(f"{record.path}: not a run folder (no recipe.yaml)")
     cfg = record.read_recipe()
     task = cfg["task"]
+    if leaderboard not in RULES:
+        raise RecipeError(f"--leaderboard: {leaderboard!r}; expected one of {', '.join(RULES)}")
+    want = RULES[leaderboard]["task"]
+    if want == "msd":
+        msd_folder(task)
+    else:
+        base = str(task.get("extends") or task["name"])
+        base = base[len("phantom-"):] if base.startswith("phantom-") else base
+        if base != want:
+            raise RecipeError(f"{record.path}: a {task['name']} run; --leaderboard {leaderboard} takes {want} runs")
     root_path, _ = locate_data(task, root or (cfg.get("data") or {}).get("root"))
     items = layouts.read_datalist(task, root_path).get(split) or []
     if not items:

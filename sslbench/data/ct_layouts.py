@@ -12,7 +12,7 @@ VoCo supplement's Table 1):
 * ``flare23``: ``imagesTr/FLARE23_0001_0000.nii.gz`` + ``labelsTr/FLARE23_0001.nii.gz`` (nnU-Net naming; FLARE22's
   ``FLARE22_Tr_0001_0000.nii.gz`` too). Images without a label file (FLARE23's unlabelled part) are left out of a
   segmentation datalist; ``imagesVal``/``labelsVal`` (or ``imagesVa``/``labelsVa``) form the validation split where
-  both exist, else ``data.val_last``.
+  both exist, else ``data.val_last``; ``imagesTs/`` (images only: what a leaderboard scores) is the test split.
 * ``amos22``: ``dataset.json`` with ``training`` / ``validation`` / ``test`` lists over ``imagesTr``,
   ``imagesVa`` and ``imagesTs`` (``amos_0001.nii.gz``), or those folders without the JSON. Ids up to
   :data:`AMOS_CT_MAX_ID` are CT, above it MRI: only CT cases are listed (the AMOS22 CT task).
@@ -502,7 +502,12 @@ def _read_flare(task: Mapping[str, Any], root: Path, base: Path) -> L.Datalist:
     else:
         train, val, how = L._carve_val(task, items, f"labelled images in {img_dir.name}/", img_dir)
         origin = {"train": f"labelled images in {img_dir.name}/ without the validation cases{skipped}", "val": how}
-    return _dl("flare23", base, img_dir, {"train": train, "val": val}, origin)
+    splits = {"train": train, "val": val}
+    if (base / "imagesTs").is_dir():            # unlabelled images a leaderboard scores (sslbench predict --split test)
+        splits["test"] = [L._item(L.case_id(f), L._resolve(base, str(f)), None)
+                          for f in L._list_images(base / "imagesTs", _NNUNET_IMAGE)]
+        origin["test"] = "images in imagesTs/"
+    return _dl("flare23", base, img_dir, splits, origin)
 
 
 # ----------------------------------------------------------------------------------------------------------
