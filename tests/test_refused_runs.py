@@ -63,3 +63,48 @@ def test_inside_a_sweep_a_locked_folder_is_waited_for(tmp_path):
     t.join(10)
     assert got and got[0].held
     got[0].release()
+
+
+def test_voxel_checks_run_once_per_case_and_are_cached_with_it(phantom_home, tmp_path, monkeypatch):
+    """'Voxel checks once per case, cached with the case': a cached case passed them (their version is in the
+    cache key), so the up-front checks of --force skip it; a case that fails them is never cached."""
+    import nibabel as nib
+    import numpy as np
+    import pytest
+
+    from sslbench import protocol, recipes
+    from sslbench.data import check
+    from sslbench.data.cache import CaseCache, preprocessing_key
+    from sslbench.data.transforms import preprocess_transforms
+    from sslbench.errors import DataError
+
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    cfg = recipes.resolve("scratch", "phantom-btcv", preset="tiny", overrides=[])
+    task = cfg["task"]
+    root, _ = protocol.locate_data(task, None, log=lambda *_: None)
+    splits = protocol.read_splits(task, root)
+    items = [*splits["train"], *splits["val"]]
+    key = preprocessing_key(task, True)
+    monkeypatch.setattr(check, "VOXEL_CHECKS", check.VOXEL_CHECKS + 1)
+    assert preprocessing_key(task, True) != key                    # another version of the checks: a cache miss
+    monkeypatch.setattr(check, "VOXEL_CHECKS", check.VOXEL_CHECKS - 1)
+
+    checked = []
+    real_call = check.LoadChecked.__call__
+    monkeypatch.setattr(check.LoadChecked, "__call__", lambda self, d: checked.append(d["image"]) or real_call(self, d))
+    protocol.check_run_cases(cfg, "finetune", items, force=True)
+    assert sorted(checked) == sorted(it["image"] for it in items)  # nothing cached: every case checked once
+    protocol.load_cases(items[:1], preprocess_transforms(task), "cache", cache=CaseCache(task), write=True)
+    checked.clear()
+    protocol.check_run_cases(cfg, "finetune", items, force=True)
+    assert sorted(checked) == sorted(it["image"] for it in items[1:])   # the cached case is not read again
+
+    bad = tmp_path / "nan.nii.gz"
+    img = nib.load(items[1]["image"])
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), bad)
+    item = {**items[1], "id": "nan", "image": str(bad)}
+    with pytest.raises(DataError, match=r"contains 1 NaN or infinite voxel"):
+        protocol.load_cases([item], preprocess_transforms(task), "cache", cache=CaseCache(task), write=True)
+    assert CaseCache(task).get(item) is None                       # a refused case is never cached
