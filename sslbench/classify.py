@@ -271,18 +271,6 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
     train_items = P.labeled_subset(splits["train"], ft.get("labeled_cases"))
     val_items = splits["val"]
 
-    record.path.mkdir(parents=True, exist_ok=True)
-    if action == "new":
-        record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-        record.write_env(str(device))
-        record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
-                          started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        unused = [it for it in splits["train"] if it not in train_items]   # left out by finetune.labeled_cases
-        if dist.is_main:
-            _write_split(record, {**splits, "train": train_items, **({"train-unused": unused} if unused else {})})
-    record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
-               f"at {root_path}), protocol {protocol}, device {device}")
-
     steps_per_epoch = math.ceil(len(train_items) / ft["batch_size"])
     total = int(ft["max_steps"]) if ft.get("max_steps") else int(ft["epochs"]) * steps_per_epoch
     val_every = ft.get("val_every") or 0
@@ -307,6 +295,18 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
         model = build_classifier(cfg["model"], len(task["classes"]), dims)
         P.use_run_attention(model, cfg["run"])
         load_report = _load_init(model, task, init)
+        # the run folder only once every image decoded and the --init checkpoint matched (a refused run leaves none)
+        record.path.mkdir(parents=True, exist_ok=True)
+        if action == "new":
+            record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
+            record.write_env(str(device))
+            record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
+                              started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            unused = [it for it in splits["train"] if it not in train_items]   # left out by finetune.labeled_cases
+            if dist.is_main:
+                _write_split(record, {**splits, "train": train_items, **({"train-unused": unused} if unused else {})})
+        record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} "
+                   f"({'PHANTOM data' if phantom else 'real data'} at {root_path}), protocol {protocol}, device {device}")
         if load_report is not None:
             say(load_report.summary())
             record.log(load_report.summary())

@@ -306,6 +306,16 @@ def _cmd_finetune(args, console) -> int:
 
 
 def _cmd_evaluate(args, console) -> int:
+    """Under the run folder's lock (sslbench/locks.py): never beside a training of that folder or another evaluate."""
+    from . import locks
+
+    if not (Path(args.run_dir) / "recipe.yaml").is_file():   # not a run folder: the evaluation says so, no lock file
+        return _evaluate(args, console)
+    with locks.folder_lock(args.run_dir):
+        return _evaluate(args, console)
+
+
+def _evaluate(args, console) -> int:
     from . import protocol
 
     if args.space == "original":

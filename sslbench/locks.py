@@ -99,6 +99,12 @@ class RunLock:
         self._file = f
         return self
 
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def release(self) -> None:
         import fcntl
 
@@ -111,3 +117,16 @@ class RunLock:
             fcntl.flock(f, fcntl.LOCK_UN)
         finally:
             f.close()
+
+
+def folder_lock(run_dir: str | Path) -> RunLock:
+    """The lock of an existing run folder, the very file its training holds (``sslbench evaluate`` takes it, so
+    an evaluation beside a running training of that folder, or a second evaluation, is refused with the holder).
+
+    A run folder ``<out>/{pretrain,finetune}/<a>/<b>/<run>`` (the layout the protocol names its folders in) is
+    locked at :func:`lock_path` ``(<out>, folder)``, however the path is spelled (relative, absolute, through a
+    link: one directory, one lock file); a folder outside that layout at ``<its parent>/locks/<name>.lock``.
+    """
+    run_dir = Path(run_dir)
+    inside = len(run_dir.parts) >= 4 and run_dir.parts[-4] in ("pretrain", "finetune")
+    return RunLock(lock_path(run_dir.parents[3] if inside else run_dir.parent, run_dir), run_dir)

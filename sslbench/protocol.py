@@ -1028,12 +1028,17 @@ def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force
     (:class:`sslbench.data.check.LoadChecked`), before the folder is created; with ``force`` (which deletes an old
     folder when the run is claimed) they run here too, on every case not in the case cache (a cached case passed
     them), so a refused ``--force`` keeps the old folder.
+    Classification tasks (PNG/JPG images) get the checks of :mod:`sslbench.data.classification_check` instead.
     """
     from .data.check import check_case_headers
 
     task = cfg["task"] if stage == "finetune" else cfg["corpus"]
     if task.get("kind") in ("classification", "classification2d"):
-        return   # images and label tables of their own (PNG, scan folders): checked by their readers as they load
+        from .data.classification_check import check_cases
+
+        # PNG/JPG slices and radiographs: headers, end markers, slice sizes, labels; every pixel with --force
+        check_cases(task, items, decode=force)
+        return
     check_case_headers(items, task)
     if force:
         from .data.check import LoadChecked

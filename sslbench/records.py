@@ -39,8 +39,12 @@ _NEARLY_FULL = 64 << 20
 
 
 def _disk_full(exc: BaseException, path: Path) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+    seen, chain = set(), exc        # torch's writer raises a RuntimeError whose context is the OSError of the write
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
     if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
         import shutil
 
@@ -121,12 +125,18 @@ def _json_default(o: Any) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a file object of ours: a full disk raises its errno (in the exception's context)
+    and the file is closed on the way out, so the space of the removed temporary file is free again at once
+    (torch's own handle of a named file stays open in the traceback, and the ``failed`` status then cannot be
+    written)."""
     import torch
 
     path = Path(path)
     with _writing(path) as (fd, tmp):
-        os.close(fd)
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

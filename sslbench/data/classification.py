@@ -172,6 +172,11 @@ def _fold_items(path: Path, by_key: dict[tuple[str, str], dict]) -> list[dict]:
         if it["class"] != row.label.strip():
             raise DataError(f"{path} line {i}: scan p{key[0]}-s{key[1]} is labelled {row.label!r} but lies in "
                             f"{it['class']}/; expected the same class")
+        target = str(getattr(row, "target", it["label"])).strip()    # the class index VoCo's code trains on
+        if target != str(it["label"]):
+            raise DataError(f"{path} line {i}: target {target!r} of scan p{key[0]}-s{key[1]} ({it['class']}) is not "
+                            f"its class index; expected {it['label']} "
+                            f"({', '.join(f'{k} {c}' for k, c in enumerate(CCCCII_CLASSES))})")
         out.append(it)
     return out
 
