@@ -335,6 +335,15 @@ def _evaluate(args, console) -> int:
 
 
 def _cmd_predict(args, console) -> int:
+    from . import locks
+
+    if not (Path(args.run_dir) / "recipe.yaml").is_file():   # not a run folder: predict says so, no lock file
+        return _predict(args, console)
+    with locks.folder_lock(args.run_dir):   # the training's lock: no prediction from a folder still being written
+        return _predict(args, console)
+
+
+def _predict(args, console) -> int:
     from . import predict
 
     m = predict.predict_run(args.run_dir, root=args.root, split=args.split, out=args.out, checkpoint=args.checkpoint,

@@ -5,6 +5,7 @@ The round trips use an oracle "network": the ground truth put through the run's 
 the original label map on the original grid (non-RAS, axis-permuted affines, anisotropic spacing).
 """
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -207,6 +208,12 @@ def test_predict_cli_on_a_tiny_trained_phantom_run(phantom_home, tmp_path, capsy
     capsys.readouterr()
     assert main(["predict", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+    from sslbench import locks
+
+    with locks.folder_lock(run):   # a training (or evaluate) of the folder holds its lock: predict is refused
+        assert main(["predict", str(run), "--split", "val"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {run} is in use by pid {os.getpid()} on ") and "\n" not in err, err
 
 
 def test_submit_packs_and_refuses_a_missing_case_and_a_wrong_shape(tmp_path):
