@@ -477,6 +477,22 @@ def _kill_point(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _rank_report(dist: "distributed.Dist", state: Mapping[str, torch.Tensor], **facts: Any) -> None:
+    """Test hook: with SSLBENCH_RANK_REPORT=DIR every rank writes DIR/rank<r>.json (its rank, world size, a
+    SHA-256 of its final trained state and ``facts``), so a test can check that the ranks of a job ended in
+    agreement; the run folder stays rank 0's alone."""
+    folder = os.environ.get("SSLBENCH_RANK_REPORT")
+    if not folder:
+        return
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(folder) / f"rank{dist.rank}.json", {"rank": dist.rank, "world_size": dist.world_size,
+                                                               "state_sha256": h.hexdigest(), **facts})
+
+
 class Prefetcher:
     """Builds the batches of the next steps in background threads (each batch depends only on its step)."""
 
@@ -1524,9 +1540,12 @@ def check_loader(cfg: Mapping[str, Any], cls) -> None:
             raise RecipeError(f"{where}: key 'pretrain.native_crops': true needs pretrain.loader stream (the memory "
                               f"loader keeps whole resized volumes); expected --set method.pretrain.loader=stream")
         return
-    if cls is not None and cls.prepare is not PretrainMethod.prepare:
+    if cls is not None and cls.prepare is not PretrainMethod.prepare and not getattr(cls, "streams_prepare", False):
         raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
                           f"on the whole corpus in memory (prepare); expected loader memory")
+    if cls is not None and getattr(cls, "streams_prepare", False) and pt.get("native_crops"):
+        raise RecipeError(f"{where}: key 'pretrain.native_crops': true, but method '{cfg['method']['name']}' discovers "
+                          f"its set-up on whole resized volumes and trains on that grid; expected native_crops false")
     if str(cfg["run"].get("cache", "read")) == "none":
         raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
                           "expected read or write")
@@ -1560,6 +1579,21 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
     return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
                   budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
                   pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)))
+
+
+@torch.no_grad()
+def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", device: torch.device) -> torch.Tensor:
+    """Every corpus volume's ``method.volume_features`` [N, D] in corpus order, without holding the corpus: this rank
+    reads its shard (volumes r, r + W, ...) from the case cache in chunks; the shards are gathered to every rank and
+    interleaved back, so every rank discovers the same set-up the memory loader's ``prepare`` does."""
+    mine = torch.cat([method.volume_features(chunk.to(device)) for chunk in stream.whole_volumes()])
+    if not dist.enabled:
+        return mine
+    parts = dist.gather_rows([mine])
+    out = torch.empty((sum(len(p) for p in parts), mine.shape[1]), dtype=mine.dtype)
+    for r, part in enumerate(parts):
+        out[r::dist.world_size] = part
+    return out
 
 
 def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
@@ -1639,6 +1673,8 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         method = cls(params, cfg["model"]).to(device)
         if stack is not None:
             method.prepare(stack, seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
+        elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume
+            method.discover(stream_features(method, stream, dist, device), seed)
         opt = pretrain_optimizer(method, pt, device)
         sched = pretrain_schedule(opt, pt, total)
         start, history = 0, []
@@ -1712,6 +1748,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
             progress.update(job, advance=1)
             _kill_point(done)
         elapsed = time.perf_counter() - t0
+    _rank_report(dist, method.backbone_state_dict(), steps=total, history=history)
     if not dist.is_main:   # rank 0 writes the weights and the record; the others wait for them
         dist.barrier()
         return Outcome(record, action, {"kind": "pretrain", "rank": dist.rank,

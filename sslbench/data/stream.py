@@ -1,4 +1,4 @@
-"""The streaming pre-training loader (``method.pretrain.loader: stream``).
+"""The streaming loaders: pre-training (``method.pretrain.loader: stream``) and fine-tuning (``task.finetune.loader``).
 
 ``loader: memory`` (the default) resizes every corpus volume once and stacks the whole corpus in memory (on the
 GPU under CUDA): memory grows with the corpus. ``loader: stream`` keeps nothing of the corpus in memory:
@@ -21,6 +21,10 @@ GPU under CUDA): memory grows with the corpus. ``loader: stream`` keeps nothing 
 * host memory is bounded by ``run.loader_memory_mb`` whatever the corpus size (:func:`plan_workers`): the batches
   in flight (workers x prefetch depth, plus the one being pinned and the one in use) plus one source volume per
   worker.
+
+``task.finetune.loader: stream`` is the same style for fine-tuning (:class:`CropStream`): worker processes cut each
+step's RandCropByPosNegLabel crops (and their flips, rotations, intensity shift) from the cached cases of this rank's
+shard, with the memory loader's draw (:class:`StepCrops`), into pinned batches, within the same memory plan.
 
 This module reads the cache and the recipe values it is given; it never imports the protocol.
 """
@@ -223,6 +227,15 @@ class Stream:
                 raise DataError(next((ln.split("DataError: ", 1)[1] for ln in reversed(lines)
                                       if "DataError: " in ln), lines[0] if lines else "loader worker failed")) from None
             yield batch
+
+    def whole_volumes(self) -> Iterator[torch.Tensor]:
+        """The shard's volumes in order, whole and resized to ``size`` as the memory loader stacks them (never native
+        crops), in chunks of ``batch_size`` [k, C, *size] read by the workers: a corpus-level set-up's one pass
+        (TransVW's self-discovery features) within the same memory plan as the step batches."""
+        ds = CachedVolumes(self.dataset.files, self.dataset.size, self.dataset.with_label)
+        chunks = [list(range(i, min(i + self.batch_size, len(ds)))) for i in range(0, len(ds), self.batch_size)]
+        yield from DataLoader(ds, batch_sampler=chunks, num_workers=self.plan.workers,
+                              prefetch_factor=self.plan.prefetch, persistent_workers=False)
 
     def first_batch(self) -> torch.Tensor:
         """Step 0's batch, read in this process (the compiled-step check)."""
