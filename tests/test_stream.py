@@ -278,3 +278,19 @@ def test_two_processes_read_disjoint_shards(corpus, tmp_path):
     assert "rank 0 of 2 reads its shard of 3 of 6 volumes" in (run / "log.txt").read_text()
     assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
     assert len(list((tmp_path / "cache").rglob("*.image.npy"))) == 6          # both shards cached, by their ranks
+
+
+def test_two_processes_discover_the_single_process_visual_words(corpus, tmp_path):
+    """TransVW `--gpus 2` (gloo) with the stream: each rank embeds only its shard (volumes 0, 2, 4 | 1, 3, 5); the
+    embeddings gathered and interleaved back give the visual words of one process holding the whole corpus."""
+    assert main(["pretrain", *TRANSVW, "--set", "method.pretrain.steps=1", "--corpus-root", str(corpus),
+                 "--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "sslbench", "pretrain", *TRANSVW, *STREAM, "--gpus", "2", "--set", "run.device=cpu",
+           "--set", "method.pretrain.steps=1", "--corpus-root", str(corpus), "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _metrics(tmp_path / "two")["world_size"] == 2
+    one, two = (torch.load(next((tmp_path / n).rglob("last.pt")), weights_only=True)["method"] for n in ("one", "two"))
+    for key in ("vw_coords", "vw_members", "vw_refs", "vw_radius"):
+        assert torch.equal(one[key], two[key]), key

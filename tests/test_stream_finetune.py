@@ -158,3 +158,25 @@ def test_two_processes_read_disjoint_training_shards(btcv, tmp_path):
     assert metrics["world_size"] == 2 and metrics["loader"] == "stream" and len(metrics["cases"]) == 1
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").rglob("*.image.npy"))
     assert len(cached) == 4 and len(set(cached)) == 4            # rank 1 cached its case; none twice
+
+
+def test_crop_stream_plans_its_memory_from_the_crops_and_the_largest_case(tmp_path):
+    """Batch: batch_size x num_samples crops of (channels + label) x roi float32; per worker: three times the
+    largest case's image + label files (the case, and the crop sampler's int64 voxel indices)."""
+    from sslbench.data.stream import CropStream
+
+    files = []
+    for i, side in enumerate((4, 8)):
+        np.save(tmp_path / f"{i}.image.npy", np.zeros((1, side, side, side), np.float32))
+        np.save(tmp_path / f"{i}.label.npy", np.zeros((1, side, side, side), np.float32))
+        files.append((tmp_path / f"{i}.image.npy", tmp_path / f"{i}.label.npy"))
+    largest = sum(os.path.getsize(p) for p in files[1])
+    s = CropStream(files, None, batch_size=2, crops_per_case=3, roi=(4, 4, 2), channels=1, seed=0, workers=2,
+                   budget_mb=1)
+    assert s.plan.batch_bytes == 2 * 3 * 2 * 32 * 4 and s.plan.volume_bytes == 3 * largest
+    # 1 MB holds two workers at the deepest prefetch (8): (2 x 8 + 2) batches + two workers' cases
+    assert (s.plan.workers, s.plan.prefetch) == (2, 8) and s.plan.bound_bytes == 18 * 1536 + 2 * 3 * largest
+    # a budget of exactly (1 + 2) batches + one worker's case: one worker, prefetch 1
+    tight = CropStream(files, None, batch_size=2, crops_per_case=3, roi=(4, 4, 2), channels=1, seed=0, workers=2,
+                       budget_mb=(3 * 1536 + 3 * largest) / 2 ** 20)
+    assert (tight.plan.workers, tight.plan.prefetch, tight.plan.bound_bytes) == (1, 1, 3 * 1536 + 3 * largest)
