@@ -180,3 +180,25 @@ def test_crop_stream_plans_its_memory_from_the_crops_and_the_largest_case(tmp_pa
     tight = CropStream(files, None, batch_size=2, crops_per_case=3, roi=(4, 4, 2), channels=1, seed=0, workers=2,
                        budget_mb=(3 * 1536 + 3 * largest) / 2 ** 20)
     assert (tight.plan.workers, tight.plan.prefetch, tight.plan.bound_bytes) == (1, 1, 3 * 1536 + 3 * largest)
+
+
+def test_loader_is_hashed_only_when_it_streams():
+    """task.finetune.loader at its default (memory) leaves the protocol hash of runs recorded before the key; stream
+    is another protocol (under torchrun it reads shards); a pre-training's hash never sees the key."""
+    from sslbench import recipes
+
+    def hashes(*overrides):
+        cfg = recipes.resolve("scratch", "phantom-btcv", overrides=list(overrides))
+        return recipes.protocol_hash(recipes.split_config(cfg, "task"))
+
+    base = recipes.split_config(recipes.resolve("scratch", "phantom-btcv"), "task")
+    assert base["task"]["finetune"]["loader"] == "memory"
+    without = {**base, "task": {**base["task"], "finetune": {k: v for k, v in base["task"]["finetune"].items()
+                                                             if k != "loader"}}}
+    assert recipes.protocol_hash(base) == recipes.protocol_hash(without) == hashes("task.finetune.loader=memory")
+    assert hashes("task.finetune.loader=stream") != recipes.protocol_hash(base)
+    voco = recipes.split_config(recipes.resolve("voco", "phantom-btcv"), "corpus")
+    assert voco["corpus"]["finetune"]["loader"] == "memory"          # corpus recipes get the task defaults too
+    corpus_without = {**voco, "corpus": {**voco["corpus"], "finetune": {
+        k: v for k, v in voco["corpus"]["finetune"].items() if k != "loader"}}}
+    assert recipes.protocol_hash(voco) == recipes.protocol_hash(corpus_without)
