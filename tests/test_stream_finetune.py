@@ -202,3 +202,20 @@ def test_loader_is_hashed_only_when_it_streams():
     corpus_without = {**voco, "corpus": {**voco["corpus"], "finetune": {
         k: v for k, v in voco["corpus"]["finetune"].items() if k != "loader"}}}
     assert recipes.protocol_hash(voco) == recipes.protocol_hash(corpus_without)
+
+
+def test_a_corrupt_cache_file_is_one_line_from_the_worker(tmp_path):
+    """A worker that cannot map a cached case: the DataLoader's re-raised traceback becomes the worker's own line."""
+    from monai import transforms as mt
+
+    from sslbench.data.stream import CropStream
+    from sslbench.errors import DataError
+
+    (tmp_path / "bad.image.npy").write_bytes(b"not an array")
+    np.save(tmp_path / "bad.label.npy", np.zeros((1, 4, 4, 4), np.float32))
+    s = CropStream([(tmp_path / "bad.image.npy", tmp_path / "bad.label.npy")], mt.Compose([]), batch_size=1,
+                   crops_per_case=1, roi=(4, 4, 4), channels=1, seed=0, workers=1)
+    with pytest.raises(DataError) as err:
+        next(s.batches(0, 1))
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(str(tmp_path / "bad.image.npy")) and "cannot be read" in line

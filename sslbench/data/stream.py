@@ -223,9 +223,7 @@ class Stream:
             except StopIteration:
                 return
             except DataError as exc:   # re-raised by the DataLoader with the worker's traceback appended
-                lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-                raise DataError(next((ln.split("DataError: ", 1)[1] for ln in reversed(lines)
-                                      if "DataError: " in ln), lines[0] if lines else "loader worker failed")) from None
+                raise DataError(_worker_line(exc)) from None
             yield batch
 
     def whole_volumes(self) -> Iterator[torch.Tensor]:
