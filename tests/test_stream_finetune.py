@@ -219,3 +219,11 @@ def test_a_corrupt_cache_file_is_one_line_from_the_worker(tmp_path):
         next(s.batches(0, 1))
     line = str(err.value)
     assert "\n" not in line and line.startswith(str(tmp_path / "bad.image.npy")) and "cannot be read" in line
+
+
+def test_run_refuses_a_streamed_classification_before_pre_training(tmp_path, capsys):
+    """`sslbench run` checks the fine-tuning loader in its preflight: nothing is pre-trained for a refused run."""
+    code = main(["run", "--method", "simsiam", "--task", "phantom-ccccii", *STREAM, "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'finetune.loader': stream" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
