@@ -678,7 +678,7 @@ def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable
 
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:   # the fine-tuning data first: its missing root is the first thing to say
-        check_finetune_loader(fcfg)   # (after a loader that cannot serve the task: no pre-training runs for it)
+        check_finetune_loader(fcfg)   # refused before any pre-training runs for a loader the task cannot use
         _listed(fcfg, "finetune", root)
     machine = feasibility.machine(cfg["run"], gpus)
     ests, seen = _estimates(cfg, root, corpus_root, machine)
