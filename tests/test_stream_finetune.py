@@ -52,7 +52,13 @@ def _metrics(out: Path) -> dict:
     return json.loads((_run_dir(out) / "metrics.json").read_text())
 
 
-def test_stream_cuts_the_memory_loaders_crops_to_the_same_losses(btcv, tmp_path, capsys):
+def _cli(out: Path, root: Path, env_extra=None, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "sslbench", "finetune", *FAST, *STREAM, "--root", str(root), "--out", str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_stream_cuts_the_memory_loaders_crops_to_the_same_losses_and_resumes_after_kill(btcv, tmp_path, capsys):
     for name, extra in (("m", []), ("s1", STREAM)):
         assert main(["finetune", *FAST, "--root", str(btcv), "--out", str(tmp_path / name), *extra]) == 0
     m, s1 = (_metrics(tmp_path / n) for n in ("m", "s1"))
@@ -73,6 +79,16 @@ def test_stream_cuts_the_memory_loaders_crops_to_the_same_losses(btcv, tmp_path,
     log = (_run_dir(tmp_path / "s1") / "log.txt").read_text()
     assert "loader stream: 1 worker(s)" in log and "rank 0 of 1 reads its shard of 3 of 3 training cases" in log
     assert "caching 4 of 4 cases (3 training, 1 validation)" in capsys.readouterr().out
+
+    # killed (SIGKILL after step 3; last checkpoint: step 2) and resumed: the same crops, the same metrics
+    killed = _cli(tmp_path / "k", btcv, {"SSLBENCH_KILL_AFTER_STEP": "3"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _cli(tmp_path / "k", btcv, None, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "from step 2" in resumed.stdout and "caching" not in resumed.stdout     # the cache of s1 serves both
+    k = _metrics(tmp_path / "k")
+    assert k["protocol"] == s1["protocol"] and k["history"] == s1["history"]
+    assert [c["mean"] for c in k["cases"]] == [c["mean"] for c in s1["cases"]]
 
 
 def test_step_crops_are_the_memory_loaders_draw(tmp_path):
@@ -112,24 +128,6 @@ def test_step_crops_are_the_memory_loaders_draw(tmp_path):
     ds[0]
     x2, _ = ds[3]                                     # built again after another step: the same batch
     assert torch.equal(x, x2)
-
-
-def _cli(out: Path, root: Path, env_extra=None, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "sslbench", "finetune", *FAST, *STREAM, "--root", str(root), "--out", str(out), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def test_stream_resumes_after_kill_to_the_same_metrics(btcv, tmp_path):
-    assert main(["finetune", *FAST, *STREAM, "--root", str(btcv), "--out", str(tmp_path / "a")]) == 0
-    killed = _cli(tmp_path / "b", btcv, {"SSLBENCH_KILL_AFTER_STEP": "3"})
-    assert killed.returncode == -9, killed.stderr[-2000:]      # SIGKILL after step 3 (last checkpoint: step 2)
-    resumed = _cli(tmp_path / "b", btcv, None, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "from step 2" in resumed.stdout
-    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
-    assert a["protocol"] == b["protocol"] and a["history"] == b["history"]
-    assert [c["mean"] for c in a["cases"]] == [c["mean"] for c in b["cases"]]
 
 
 def test_stream_refuses_what_it_cannot_serve_in_one_line(btcv, phantom_home, tmp_path, capsys):
