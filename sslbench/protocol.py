@@ -477,6 +477,22 @@ def _kill_point(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _rank_report(dist: "distributed.Dist", state: Mapping[str, torch.Tensor], **facts: Any) -> None:
+    """Test hook: with SSLBENCH_RANK_REPORT=DIR every rank writes DIR/rank<r>.json (its rank, world size, a
+    SHA-256 of its final trained state and ``facts``), so a test can check that the ranks of a job ended in
+    agreement; the run folder stays rank 0's alone."""
+    folder = os.environ.get("SSLBENCH_RANK_REPORT")
+    if not folder:
+        return
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(folder) / f"rank{dist.rank}.json", {"rank": dist.rank, "world_size": dist.world_size,
+                                                               "state_sha256": h.hexdigest(), **facts})
+
+
 class Prefetcher:
     """Builds the batches of the next steps in background threads (each batch depends only on its step)."""
 
@@ -662,6 +678,7 @@ def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable
 
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:   # the fine-tuning data first: its missing root is the first thing to say
+        check_finetune_loader(fcfg)   # refused before any pre-training runs for a loader the task cannot use
         _listed(fcfg, "finetune", root)
     machine = feasibility.machine(cfg["run"], gpus)
     ests, seen = _estimates(cfg, root, corpus_root, machine)
@@ -825,6 +842,57 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
                          on_validation=scope.callback(on_validation))
 
 
+def finetune_stream(cfg: Mapping[str, Any], train_items: list[dict], val_items: list[dict], dist: "distributed.Dist",
+                    device: torch.device, progress=None, log: Callable[[str], None] = print):
+    """``task.finetune.loader: stream``: (the :class:`sslbench.data.stream.CropStream` of this rank's shard of the
+    training cases, the validation cases mapped from the case cache).
+
+    Each rank preprocesses only the cases of its shard (every ``world_size``-th training case from its rank, and
+    its share of the validation cases) that the case cache lacks, checks its training cases one at a time from
+    the cache (channels, label values; nothing of the split stays in memory), and maps the validation cases
+    (pages read on touch) after every rank has cached its share.
+    """
+    from .data.cache import CaseCache
+    from .data.stream import CropStream, shard
+    from .data.transforms import preprocess_transforms, train_augmentation
+
+    task, run_cfg = cfg["task"], cfg["run"]
+    ft = task["finetune"]
+    cache = CaseCache(task, with_label=True)
+    mine = shard(train_items, dist.rank, dist.world_size)
+    share = mine + dist.shard(val_items)
+    todo = [it for it in share if cache.get(it) is None]
+    if todo:
+        log(f"caching {len(todo)} of {len(share)} cases ({len(mine)} training, {len(share) - len(mine)} validation) "
+            f"in {cache.folder}")
+        load_cases(todo, preprocess_transforms(task), "cache cases", progress, cache=cache, write=True, keep=False)
+    for item in mine:
+        check_cases([{**cache.get(item), "id": item["id"]}], task, [item], cfg["recipe_files"]["task"])
+    dist.barrier()   # every rank's validation share is in the cache
+    val_cases = load_cases(val_items, preprocess_transforms(task), "map val", progress, cache=cache)
+    check_cases(val_cases, task, val_items, cfg["recipe_files"]["task"])
+    stream = CropStream([cache.files(it) for it in mine], train_augmentation(task), int(ft["batch_size"]),
+                        int(ft["num_samples"]), ft["roi"], input_channels(task), int(run_cfg["seed"]), rank=dist.rank,
+                        budget_mb=float(run_cfg.get("loader_memory_mb", 2048)),
+                        workers=int(run_cfg.get("loader_workers", 0)), pin_memory=device.type == "cuda")
+    return stream, val_cases
+
+
+def check_finetune_loader(cfg: Mapping[str, Any]) -> None:
+    """One-line errors for a ``task.finetune.loader`` that cannot run (before any run folder exists)."""
+    task = cfg["task"]
+    if (task.get("finetune") or {}).get("loader", "memory") != "stream":
+        return
+    where = (cfg.get("recipe_files") or {}).get("task") or task["name"]
+    if task["kind"] != "segmentation":
+        raise RecipeError(f"{where}: key 'finetune.loader': stream, but task '{task['name']}' is a {task['kind']} "
+                          f"task (the stream cuts RandCropByPosNegLabel crops of segmentation cases); expected "
+                          f"loader memory")
+    if str(cfg["run"].get("cache", "read")) == "none":
+        raise RecipeError("run.cache: none, but task.finetune.loader=stream reads the cases from the case cache; "
+                          "expected read or write")
+
+
 def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
               force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> Outcome:
     """Fine-tune SwinUNETR on a task (optionally from pre-trained backbone weights) and evaluate it.
@@ -840,6 +908,7 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
     if task["status"] != "available":
         raise RecipeError(f"task '{task['name']}' is {task['status']} (not implemented yet); "
                           f"see `sslbench list tasks` for the available ones")
+    check_finetune_loader(cfg)
     if task["kind"] in ("classification", "classification2d"):
         from . import classify
 
@@ -865,11 +934,16 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
 
     progress = make_progress(console)
     with progress:
-        pre = preprocess_transforms(task)
-        cache, write = case_cache(cfg["run"], task, with_label=True)
-        train_cases = load_cases(train_items, pre, "preprocess train", progress, cache=cache, write=write)
-        val_cases = load_cases(val_items, pre, "preprocess val", progress, cache=cache, write=write)
-        check_cases(train_cases + val_cases, task, train_items + val_items, cfg["recipe_files"]["task"])
+        stream = None
+        if ft.get("loader", "memory") == "stream":   # step crops cut from the case cache by worker processes
+            stream, val_cases = finetune_stream(cfg, train_items, val_items, dist, device, progress,
+                                                say if dist.is_main else (lambda *_: None))
+        else:
+            pre = preprocess_transforms(task)
+            cache, write = case_cache(cfg["run"], task, with_label=True)
+            train_cases = load_cases(train_items, pre, "preprocess train", progress, cache=cache, write=write)
+            val_cases = load_cases(val_items, pre, "preprocess val", progress, cache=cache, write=write)
+            check_cases(train_cases + val_cases, task, train_items + val_items, cfg["recipe_files"]["task"])
         # the run folder only once every case loaded and passed its checks (a refused run leaves none)
         record.path.mkdir(parents=True, exist_ok=True)
         if action == "new":
@@ -879,6 +953,9 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
                               started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} ({'PHANTOM data' if phantom else 'real data'} "
                    f"at {root_path}), protocol {protocol}, device {device}")
+        if stream is not None:
+            record.log(stream.plan.describe() + f"; rank 0 of {dist.world_size} reads its shard of {len(stream)} "
+                       f"of {len(train_items)} training cases")
 
         torch.manual_seed(seed)
         model = build_model(cfg["model"], in_channels=input_channels(task), out_channels=output_channels(task),
@@ -928,10 +1005,13 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "step": step, "best": best,
                                "best_step": best_step, "history": history}, last)
-            record.set_status(step=step)
+            record.set_status(step=step, data_wait=wait.fraction())
 
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-        fetch = Prefetcher(make_batch, start, total, depth=4, workers=workers)
+        # the CropStream draws what make_batch draws, in worker processes
+        batches = stream.batches(start, total) if stream is not None else None
+        fetch = Prefetcher(make_batch, start, total, depth=4, workers=workers) if stream is None else None
+        wait = DataWait()
         train_job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
         train_model = compiled(distributed.wrap(model, dist, device), cfg["run"])   # DDP under torchrun
@@ -939,8 +1019,10 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
         loss_sum, loss_n = torch.zeros((), device=device), 0
         try:
             for step in range(start, total):
-                x, y = fetch.get(step)
+                wait.start_step()
+                x, y = next(batches) if batches is not None else fetch.get(step)
                 x, y = x.to(device, non_blocking=True), targets(y.to(device, non_blocking=True), task)
+                wait.got_data()
                 with autocast(bf16, device):
                     logits = train_model(x)
                 loss = loss_fn(logits.float(), y)
@@ -948,6 +1030,7 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
                 loss.backward()
                 opt.step()
                 sched.step()
+                wait.end_step()
                 loss_sum += loss.detach()
                 loss_n += 1
                 done = step + 1
@@ -957,7 +1040,7 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
                     loss_sum.zero_()
                     loss_n = 0
                     history.append({"step": done, "loss": mean_loss})
-                    record.log(f"step {done}/{total} loss {mean_loss:.4f}")
+                    record.log(f"step {done}/{total} loss {mean_loss:.4f} data_wait {wait.interval():.3f}")
                     record.scalars(done, {"finetune/loss": mean_loss, "finetune/lr": opt.param_groups[0]["lr"]})
                     progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best {best:.3f}" if best >= 0 else ""))
                 if val_every and (done % val_every == 0 or done == total):
@@ -979,7 +1062,8 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
                 if on_validation is not None and val_every and (done % val_every == 0 or done == total):
                     on_validation(done, float(history[-1]["val_dice"]))
         finally:
-            fetch.close()
+            if fetch is not None:
+                fetch.close()
 
         # Final evaluation on the validation split with the selected checkpoint.
         dist.barrier()   # best.pt is on disk for every rank
@@ -996,7 +1080,8 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
     write_results(record, cfg, rows, summary, protocol=protocol, phantom=phantom, root=root_path,
                   extra={"checkpoint": chosen, "steps": total, "train_cases": len(train_items),
                          "init": {**(init or {}), "load": load_report.as_dict() if load_report else None},
-                         "history": history, "world_size": dist.world_size})
+                         "history": history, "world_size": dist.world_size, "data_wait": wait.fraction(),
+                         "loader": ft.get("loader", "memory")})
     dist.barrier()
     return Outcome(record, action, record.metrics or {})
 
@@ -1461,9 +1546,12 @@ def check_loader(cfg: Mapping[str, Any], cls) -> None:
             raise RecipeError(f"{where}: key 'pretrain.native_crops': true needs pretrain.loader stream (the memory "
                               f"loader keeps whole resized volumes); expected --set method.pretrain.loader=stream")
         return
-    if cls is not None and cls.prepare is not PretrainMethod.prepare:
+    if cls is not None and cls.prepare is not PretrainMethod.prepare and not getattr(cls, "streams_prepare", False):
         raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
                           f"on the whole corpus in memory (prepare); expected loader memory")
+    if cls is not None and getattr(cls, "streams_prepare", False) and pt.get("native_crops"):
+        raise RecipeError(f"{where}: key 'pretrain.native_crops': true, but method '{cfg['method']['name']}' discovers "
+                          f"its set-up on whole resized volumes and trains on that grid; expected native_crops false")
     if str(cfg["run"].get("cache", "read")) == "none":
         raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
                           "expected read or write")
@@ -1497,6 +1585,21 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
     return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
                   budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
                   pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)))
+
+
+@torch.no_grad()
+def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", device: torch.device) -> torch.Tensor:
+    """Every corpus volume's ``method.volume_features`` [N, D] in corpus order, without holding the corpus: this rank
+    reads its shard (volumes r, r + W, ...) from the case cache in chunks; the shards are gathered to every rank and
+    interleaved back, so every rank discovers the same set-up the memory loader's ``prepare`` does."""
+    mine = torch.cat([method.volume_features(chunk.to(device)) for chunk in stream.whole_volumes()])
+    if not dist.enabled:
+        return mine
+    parts = dist.gather_rows([mine])
+    out = torch.empty((sum(len(p) for p in parts), mine.shape[1]), dtype=mine.dtype)
+    for r, part in enumerate(parts):
+        out[r::dist.world_size] = part
+    return out
 
 
 def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
@@ -1576,6 +1679,8 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         method = cls(params, cfg["model"]).to(device)
         if stack is not None:
             method.prepare(stack, seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
+        elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume
+            method.discover(stream_features(method, stream, dist, device), seed)
         opt = pretrain_optimizer(method, pt, device)
         sched = pretrain_schedule(opt, pt, total)
         start, history = 0, []
@@ -1649,6 +1754,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
             progress.update(job, advance=1)
             _kill_point(done)
         elapsed = time.perf_counter() - t0
+    _rank_report(dist, method.backbone_state_dict(), steps=total, history=history)
     if not dist.is_main:   # rank 0 writes the weights and the record; the others wait for them
         dist.barrier()
         return Outcome(record, action, {"kind": "pretrain", "rank": dist.rank,

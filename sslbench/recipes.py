@@ -232,6 +232,9 @@ TASK_SCHEMA = Spec(fields={
         "labeled_cases": S(int, float, nullable=True), "loss": Spec(choices=("dicece", "ce", "bce")),
         "log_every": INT, "channel_adapt": Spec(choices=("repeat", "random")),
         "flip_axes": Spec(items=INT), "shift": NUM, "brightness": NUM, "contrast": NUM,   # classification
+        # memory: every training case preprocessed and kept; stream: each step's crops cut by DataLoader workers
+        # from the memory-mapped case cache (sslbench/data/stream.py CropStream; segmentation tasks)
+        "loader": Spec(choices=("memory", "stream")),
     }),
     "evaluate": Spec(fields={
         "overlap": NUM, "sw_batch_size": INT,
@@ -275,7 +278,7 @@ TASK_DEFAULTS: dict[str, Any] = {
              "val_ids": None, "val_last": None, "label_map": None, "phantom_like": None,
              "phantom_cases": 8, "root": None},
     "finetune": {"max_steps": None, "val_every": None, "checkpoint_every": 200, "labeled_cases": None,
-                 "loss": "dicece", "log_every": 10},
+                 "loss": "dicece", "log_every": 10, "loader": "memory"},
     "evaluate": {"mode": "gaussian", "empty": {"both": float("nan"), "one": 0.0}, "hd95_empty": float("nan")},
 }
 METHOD_DEFAULTS: dict[str, Any] = {"code": None, "params": {}}
@@ -600,6 +603,8 @@ _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bi
                                                             ("schedule", "warmup_cosine"), ("step_every", 0),
                                                             ("step_gamma", 0.5), ("fixed_lr", []))},
                   "method.pretrain.loader": "memory", "method.pretrain.native_crops": False,
+                  # issue 22: fine-tuning's loader at its default computes what runs before the key computed
+                  **{f"{section}.finetune.loader": "memory" for section in ("task", "corpus")},
                   # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided
                   # empty set then scored NaN where it now scores 0: a fix, not another protocol)
                   **{f"{section}.evaluate.{key}": TASK_DEFAULTS["evaluate"][key]

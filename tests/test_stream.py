@@ -153,11 +153,41 @@ def test_native_crops_stream_reproducible_boxes_and_need_the_stream(corpus, tmp_
     assert not (tmp_path / "m").exists()
 
 
-def test_stream_refuses_a_method_that_needs_the_corpus_in_memory(corpus, tmp_path, capsys):
-    code = main(["pretrain", "--method", "transvw", "--corpus", "phantom-corpus", "--corpus-root", str(corpus),
-                 "--out", str(tmp_path / "t"), *STREAM])
-    err = capsys.readouterr().err
-    assert code == 2 and "pretrain.loader" in err and "expected loader memory" in err
+TRANSVW = ["--method", "transvw", "--preset", "tiny", "--corpus", "phantom-corpus", "--set", "model.name=unet3d",
+           "--set", "method.pretrain.steps=2", "--set", "method.pretrain.log_every=1",
+           "--set", "run.loader_workers=1", "--set", "run.num_threads=1"]
+
+
+def test_transvw_streams_its_self_discovery_to_the_memory_loaders_visual_words(corpus, tmp_path):
+    """TransVW's prepare needs one embedding per volume (streams_prepare): the stream computes them from the case
+    cache, so one process discovers the memory loader's visual words and trains to the same losses."""
+    for name, extra in (("m", []), ("s", STREAM)):
+        assert main(["pretrain", *TRANSVW, "--corpus-root", str(corpus), "--out", str(tmp_path / name), *extra]) == 0
+    m, s = _metrics(tmp_path / "m"), _metrics(tmp_path / "s")
+    assert s["loader"] == "stream" and len(s["history"]) == 2 and s["history"] == m["history"]
+    words = [torch.load(next((tmp_path / n).rglob("last.pt")), weights_only=True)["method"] for n in ("m", "s")]
+    for key in ("vw_coords", "vw_members", "vw_refs", "vw_radius"):
+        assert torch.equal(words[0][key], words[1][key]), key
+    assert words[0]["vw_members"].shape == (4, 4)               # tiny preset: 4 classes x 4 of the 6 volumes
+
+
+def test_stream_refuses_what_it_cannot_set_up_in_one_line(corpus, tmp_path, capsys):
+    from sslbench import recipes
+    from sslbench.methods.base import PretrainMethod
+    from sslbench.protocol import check_loader
+
+    class WholeCorpus(PretrainMethod):            # a set-up on the whole corpus, not per volume
+        def prepare(self, corpus, seed):
+            pass
+
+    cfg = recipes.split_config(recipes.resolve("simsiam", None, overrides=["method.pretrain.loader=stream"]), "corpus")
+    with pytest.raises(Exception, match="sets itself up on the whole corpus in memory.*expected loader memory"):
+        check_loader(cfg, WholeCorpus)
+    check_loader(cfg, PretrainMethod)
+    code = main(["pretrain", *TRANSVW, *STREAM, "--set", "method.pretrain.native_crops=true", "--corpus-root",
+                 str(corpus), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "native_crops" in err and "expected native_crops false" in err and "\n" not in err
     assert not (tmp_path / "t").exists()                    # refused before any run folder exists
 
 
@@ -248,3 +278,19 @@ def test_two_processes_read_disjoint_shards(corpus, tmp_path):
     assert "rank 0 of 2 reads its shard of 3 of 6 volumes" in (run / "log.txt").read_text()
     assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
     assert len(list((tmp_path / "cache").rglob("*.image.npy"))) == 6          # both shards cached, by their ranks
+
+
+def test_two_processes_discover_the_single_process_visual_words(corpus, tmp_path):
+    """TransVW `--gpus 2` (gloo) with the stream: each rank embeds only its shard (volumes 0, 2, 4 | 1, 3, 5); the
+    embeddings gathered and interleaved back give the visual words of one process holding the whole corpus."""
+    assert main(["pretrain", *TRANSVW, "--set", "method.pretrain.steps=1", "--corpus-root", str(corpus),
+                 "--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "sslbench", "pretrain", *TRANSVW, *STREAM, "--gpus", "2", "--set", "run.device=cpu",
+           "--set", "method.pretrain.steps=1", "--corpus-root", str(corpus), "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _metrics(tmp_path / "two")["world_size"] == 2
+    one, two = (torch.load(next((tmp_path / n).rglob("last.pt")), weights_only=True)["method"] for n in ("one", "two"))
+    for key in ("vw_coords", "vw_members", "vw_refs", "vw_radius"):
+        assert torch.equal(one[key], two[key]), key

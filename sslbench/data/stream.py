@@ -1,4 +1,4 @@
-"""The streaming pre-training loader (``method.pretrain.loader: stream``).
+"""The streaming loaders: pre-training (``method.pretrain.loader: stream``) and fine-tuning (``task.finetune.loader``).
 
 ``loader: memory`` (the default) resizes every corpus volume once and stacks the whole corpus in memory (on the
 GPU under CUDA): memory grows with the corpus. ``loader: stream`` keeps nothing of the corpus in memory:
@@ -21,6 +21,10 @@ GPU under CUDA): memory grows with the corpus. ``loader: stream`` keeps nothing 
 * host memory is bounded by ``run.loader_memory_mb`` whatever the corpus size (:func:`plan_workers`): the batches
   in flight (workers x prefetch depth, plus the one being pinned and the one in use) plus one source volume per
   worker.
+
+``task.finetune.loader: stream`` is the same style for fine-tuning (:class:`CropStream`): worker processes cut each
+step's RandCropByPosNegLabel crops (and their flips, rotations, intensity shift) from the cached cases of this rank's
+shard, with the memory loader's draw (:class:`StepCrops`), into pinned batches, within the same memory plan.
 
 This module reads the cache and the recipe values it is given; it never imports the protocol.
 """
@@ -219,13 +223,104 @@ class Stream:
             except StopIteration:
                 return
             except DataError as exc:   # re-raised by the DataLoader with the worker's traceback appended
-                lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-                raise DataError(next((ln.split("DataError: ", 1)[1] for ln in reversed(lines)
-                                      if "DataError: " in ln), lines[0] if lines else "loader worker failed")) from None
+                raise DataError(_worker_line(exc)) from None
             yield batch
+
+    def whole_volumes(self) -> Iterator[torch.Tensor]:
+        """The shard's volumes in order, whole and resized to ``size`` as the memory loader stacks them (never native
+        crops), in chunks of ``batch_size`` [k, C, *size] read by the workers: a corpus-level set-up's one pass
+        (TransVW's self-discovery features) within the same memory plan as the step batches."""
+        ds = CachedVolumes(self.dataset.files, self.dataset.size, self.dataset.with_label)
+        chunks = [list(range(i, min(i + self.batch_size, len(ds)))) for i in range(0, len(ds), self.batch_size)]
+        yield from DataLoader(ds, batch_sampler=chunks, num_workers=self.plan.workers,
+                              prefetch_factor=self.plan.prefetch, persistent_workers=False)
 
     def first_batch(self) -> torch.Tensor:
         """Step 0's batch, read in this process (the compiled-step check)."""
         idx = step_indices(len(self.dataset), self.batch_size, self.seed, 0, self.rank)
         return torch.stack([self.dataset[(i, 0, j)] for j, i in enumerate(idx)])
 
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+class StepCrops(Dataset):
+    """Fine-tuning's step batches (``task.finetune.loader: stream``): item ``step`` is that step's ``(image,
+    label)`` crops [B x num_samples, C, *roi], cut from cached cases (image .npy, label .npy) mapped in the worker.
+
+    The draw is the memory loader's (``protocol._finetune``'s ``make_batch``): the cases of step ``s`` are
+    :func:`step_indices` over this shard, and the random transforms (RandCropByPosNegLabeld and its flips,
+    rotations, intensity shift) are re-seeded with ``step_seed(seed, s, 1000 * rank)`` and applied to the
+    cases in their drawn order; so one process cuts exactly the memory loader's crops, and any step can be built
+    alone (a resumed run starts at its step). Each worker process holds its own copy of the transforms."""
+
+    def __init__(self, files: Sequence[tuple[str, str]], augmentation, batch_size: int, seed: int, rank: int = 0):
+        if not files:
+            raise DataError("task.finetune.loader=stream: the training shard of this process is empty")
+        self.files = [(str(a), str(b)) for a, b in files]
+        self.augmentation = augmentation
+        self.batch_size, self.seed, self.rank = int(batch_size), int(seed), int(rank)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def case(self, i: int) -> dict:
+        image_path, label_path = self.files[i]
+        try:
+            return {"image": torch.from_numpy(np.load(image_path, mmap_mode="c")),
+                    "label": torch.from_numpy(np.load(label_path, mmap_mode="c"))}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{image_path}: cannot be read from the case cache ({exc})") from None
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from .transforms import step_seed
+
+        picks = step_indices(len(self.files), self.batch_size, self.seed, int(step), self.rank)
+        self.augmentation.set_random_state(seed=step_seed(self.seed, int(step), 1000 * self.rank))
+        crops = []
+        for i in picks:
+            out = self.augmentation(self.case(i))
+            crops.extend(out if isinstance(out, list) else [out])
+        x = torch.stack([_plain(c["image"]) for c in crops]).float()
+        y = torch.stack([_plain(c["label"]) for c in crops]).float()
+        return x.contiguous(), y.contiguous()
+
+
+class CropStream:
+    """A fine-tuning shard streamed from the case cache: ``batches(start, stop)`` yields each step's ``(x, y)``
+    in step order, built by DataLoader worker processes within ``budget_mb`` (:func:`plan_workers`)."""
+
+    def __init__(self, files: Sequence[tuple[str, str]], augmentation, batch_size: int, crops_per_case: int,
+                 roi: Sequence[int], channels: int, seed: int, rank: int = 0, budget_mb: float = 1024,
+                 workers: int = 0, pin_memory: bool = False):
+        self.dataset = StepCrops(files, augmentation, batch_size, seed, rank)
+        self.pin_memory = pin_memory
+        crops = int(batch_size) * int(crops_per_case)
+        batch_bytes = crops * (int(channels) + 1) * int(np.prod([int(r) for r in roi])) * 4
+        # a worker holds its source case (image + label) and the crop sampler's foreground / background voxel
+        # indices (int64: 8 bytes per voxel, twice the float32 label file): about three times the case's files
+        volume_bytes = 3 * max(os.path.getsize(a) + os.path.getsize(b) for a, b in self.dataset.files)
+        self.plan = plan_workers(batch_bytes, volume_bytes, budget_mb, workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(self.dataset, sampler=range(int(start), int(stop)), batch_size=None,
+                            num_workers=self.plan.workers, prefetch_factor=self.plan.prefetch,
+                            pin_memory=self.pin_memory, persistent_workers=False)
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as exc:   # re-raised by the DataLoader with the worker's traceback appended
+                raise DataError(_worker_line(exc)) from None
+            yield batch
+
+
+def _worker_line(exc: BaseException) -> str:
+    """The worker's own one-line DataError out of the DataLoader's re-raised message."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return next((ln.split("DataError: ", 1)[1] for ln in reversed(lines) if "DataError: " in ln),
+                lines[0] if lines else "loader worker failed")

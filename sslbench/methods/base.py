@@ -45,8 +45,21 @@ class PretrainMethod(nn.Module):
         deterministic given ``seed``; whatever it builds that training depends on (e.g. TransVW's visual-word
         coordinates) belongs in registered buffers so checkpoints carry it. Not called under
         ``method.pretrain.loader: stream``, which never holds the corpus: a method that overrides it refuses the
-        streaming loader.
+        streaming loader, unless its set-up needs only one feature vector per volume (``streams_prepare``).
         """
+
+    #: True when :meth:`prepare` is :meth:`discover` of :meth:`volume_features`: the streaming loader then computes
+    #: the features volume by volume from the case cache (every rank its shard, gathered in corpus order) and calls
+    #: :meth:`discover`, so the corpus is never held
+    streams_prepare = False
+
+    def volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
+        """One feature vector per volume [B, 1, *input_size] -> [B, D] (methods with ``streams_prepare``)."""
+        raise NotImplementedError
+
+    def discover(self, features: torch.Tensor, seed: int) -> None:
+        """The corpus-level set-up from every corpus volume's feature [N, D], in corpus order (``streams_prepare``)."""
+        raise NotImplementedError
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """One training step's loss on a batch of volumes [B, 1, X, Y, Z] scaled to [0, 1]."""

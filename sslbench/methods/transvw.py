@@ -10,7 +10,9 @@ github.com/fhaghighi/TransVW (``self_discovery/pattern_generator_3D.py``, ``pyto
    feature space (the reference first) become the class members, and one random coordinate, drawn on the
    reference's grid, is the class's location: the crop at that coordinate of every member is one
    instance of visual word c. Coordinates closer than ``min_distance`` voxels to an earlier class's are
-   redrawn (the official ``distance_threshold``).
+   redrawn (the official ``distance_threshold``). Only one feature per volume is needed (``volume_features``,
+   then ``discover``), so ``method.pretrain.loader: stream`` streams the features from the case cache instead of
+   holding the corpus: the same visual words.
 2. Self-classification + self-restoration (``forward``; the paper's "self-classification" and
    "self-restoration"): an instance x of class c is perturbed (elastic deformation, then ONE of four
    transformations, p = 1/4 each, as the official ``TransVW_Dataset.luna_loader``); the encoder's
@@ -458,16 +460,30 @@ class TransVW(PretrainMethod):
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
         return _size3(params.get("resize", TRANSVW_DEFAULTS["resize"]), "resize")
 
+    #: self-discovery needs only each volume's embedding: the streaming loader computes them from the case cache
+    streams_prepare = True
+
     @torch.no_grad()
     def prepare(self, corpus: torch.Tensor, seed: int) -> None:
         """Self-discovery of the visual words on the whole corpus [N, 1, *resize] (deterministic in seed)."""
         corpus = plain_float(corpus)
-        if tuple(corpus.shape[2:]) != self.resize:
+        self.discover(torch.cat([self.volume_features(chunk) for chunk in corpus.split(64)]), seed)
+
+    @torch.no_grad()
+    def volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
+        """Each volume's self-discovery feature (:func:`volume_embedding`), [B, D] on the CPU."""
+        volumes = plain_float(volumes)
+        if tuple(volumes.shape[2:]) != self.resize:
             raise RecipeError(f"method.params.resize: {list(self.resize)} for method {self.name}, but the corpus "
-                              f"volumes are {list(corpus.shape[2:])}")
-        n = corpus.shape[0]
+                              f"volumes are {list(volumes.shape[2:])}")
+        return volume_embedding(volumes, self.embed_grid).cpu()
+
+    @torch.no_grad()
+    def discover(self, feats: torch.Tensor, seed: int) -> None:
+        """Self-discovery from every corpus volume's feature [N, D] (corpus order; deterministic in seed): class
+        references, their K nearest members and radius, one coordinate per class."""
+        n = feats.shape[0]
         g = torch.Generator(device="cpu").manual_seed(int(seed))
-        feats = torch.cat([volume_embedding(chunk, self.embed_grid).cpu() for chunk in corpus.split(64)])
         reps = -(-self.num_classes // n)
         refs = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[: self.num_classes]
         members, radius = nearest_members(feats, refs, min(self.instances, n))
