@@ -66,10 +66,24 @@ def round_labels(label):
     return label.round()
 
 
+def rotation_plane(roi: tuple, crops_per_step: int) -> tuple[int, int] | None:
+    """The plane of the 90-degree rotations: (0, 1), MONAI's default and the BTCV recipe's (96^3 crops), whenever a
+    rotated crop keeps its shape or is the only crop of its step. Crops of one step are stacked, so when the ROI's
+    first two sizes differ and a step has several crops, the first plane of two equal sizes is used instead
+    (e.g. (1, 2) for 64 x 32 x 32), or none (no rotation) when all sizes differ: a rotation there would give crops
+    of two shapes that cannot be stacked."""
+    if roi[0] == roi[1] or crops_per_step <= 1:
+        return (0, 1)
+    return next(((a, b) for a in range(len(roi)) for b in range(a + 1, len(roi)) if roi[a] == roi[b]), None)
+
+
 def train_augmentation(task: Mapping[str, Any]) -> mt.Compose:
     """Random crops of the ROI (balanced on labels) with flips, 90-degree rotations and intensity shift."""
     ft = task["finetune"]
     roi = tuple(ft["roi"])
+    plane = rotation_plane(roi, int(ft.get("num_samples", 1)) * int(ft.get("batch_size", 1)))
+    rotate = [] if plane is None else [mt.RandRotate90d(keys=["image", "label"], prob=0.1, max_k=3,
+                                                        spatial_axes=plane)]
     return mt.Compose([
         mt.SpatialPadd(keys=["image", "label"], spatial_size=roi),
         mt.RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi,
@@ -78,7 +92,7 @@ def train_augmentation(task: Mapping[str, Any]) -> mt.Compose:
         mt.RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=0),
         mt.RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=1),
         mt.RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=2),
-        mt.RandRotate90d(keys=["image", "label"], prob=0.1, max_k=3),
+        *rotate,
         mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
     ])
 
