@@ -635,8 +635,7 @@ def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list
             raise DataError(f"{exc}; a real task pre-trains on the paper's corpus ('{pcfg['corpus']['name']}'); "
                             f"--corpus phantom-corpus pre-trains on phantoms (the run is then PHANTOM)") from None
         seen["pretrain"] = (items, phantom, where)
-        est = feasibility.estimate_pretrain(pcfg, machine, None if items is None else len(items))
-        ests.append(est)
+        ests.append(feasibility.estimate_pretrain(pcfg, machine, None if items is None else len(items)))
         from .methods import get_method_class
 
         labelled = bool(getattr(get_method_class(pcfg["method"]["name"]), "needs_labels", False))
