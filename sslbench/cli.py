@@ -235,9 +235,11 @@ def _say(console):
 def _cmd_run(args, console) -> int:
     from . import protocol
 
-    if not args.dry_run and args.method is None and args.task is None and not (args.root or args.corpus or args.corpus_root or args.preset):
+    if args.method is None and args.task is None and not (args.root or args.corpus or args.corpus_root or args.preset):
         from . import demo   # `sslbench run` alone: VoCo against scratch on phantom MM-WHS, side by side
 
+        if args.dry_run:
+            return demo.dry_run(seed=args.seed, overrides=args.overrides, out=args.out, say=_say(console))
         demo.run_demo(seed=args.seed, overrides=args.overrides, out=args.out, resume=args.resume, force=args.force,
                       console=console)
         return 0

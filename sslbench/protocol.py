@@ -652,17 +652,36 @@ def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list
                             f"--corpus phantom-corpus pre-trains on phantoms (the run is then PHANTOM)") from None
         seen["pretrain"] = (items, phantom, where)
         ests.append(feasibility.estimate_pretrain(pcfg, machine, None if items is None else len(items)))
+        from .methods import get_method_class
+
+        labelled = bool(getattr(get_method_class(pcfg["method"]["name"]), "needs_labels", False))
+        volumes = int((pcfg["corpus"].get("data") or {}).get("phantom_total")
+                      or (pcfg["corpus"].get("data") or {}).get("phantom_cases") or 0)
+        voxels, _, write, notes = feasibility.case_sizes(pcfg["corpus"], items, pcfg["run"], labelled, volumes)
+        ests.append(feasibility.estimate_preprocessing(pcfg["corpus"], machine, voxels, write, notes=notes))
     if "task" in cfg:
         fcfg = cfg if "corpus" not in cfg else recipes.split_config(cfg, "task")
         items, phantom, where = _listed(fcfg, "finetune", root)
         seen["finetune"] = (items, phantom, where)
-        train = fcfg["task"]["data"].get("phantom_cases") if items is None else None   # a phantom not written yet
+        task = fcfg["task"]
+        train = task["data"].get("phantom_cases") if items is None else None   # a phantom not written yet
+        train_items, val_items = None, None
         if items is not None:
             from .data import layouts
 
-            splits = layouts.load_datalist(fcfg["task"], where).splits
-            train = len(labeled_subset(splits.get("train", []), fcfg["task"]["finetune"].get("labeled_cases")))
-        ests.append(feasibility.estimate_finetune(fcfg, machine, train))
+            splits = layouts.load_datalist(task, where).splits
+            train_items = labeled_subset(splits.get("train", []), task["finetune"].get("labeled_cases"))
+            val_items, train = splits.get("val", []), len(train_items)
+        est = feasibility.estimate_finetune(fcfg, machine, train)
+        ests.append(est)
+        # a phantom not written yet: its validation cases are data.val_last (else about a fifth) of its cases
+        n = int(task["data"].get("phantom_cases") or 0)
+        n_val = int(task["data"].get("val_last") or max(1, n // 5)) if items is None else 0
+        _, val_shapes, _, vnotes = feasibility.case_sizes(task, val_items, fcfg["run"], True, n_val)
+        ests.append(feasibility.estimate_validation(fcfg, machine, val_shapes, est.steps, notes=vnotes))
+        everything = None if items is None else [*train_items, *val_items]
+        voxels, shapes, write, notes = feasibility.case_sizes(task, everything, fcfg["run"], True, n)
+        ests.append(feasibility.estimate_preprocessing(task, machine, voxels, write, held=shapes, notes=notes))
     return ests, seen
 
 
@@ -710,6 +729,9 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
     token = _PLAN_ONLY.set(True)
     try:
         for e in ests:
+            if e.stage not in seen:   # validation / pre-processing: under the stage they belong to
+                say(f"    estimate: {e.line()}" + "".join(f"; {n}" for n in e.notes))
+                continue
             items, phantom, where = seen[e.stage]
             view = cfg
             if e.stage == "pretrain":

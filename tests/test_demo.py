@@ -57,3 +57,43 @@ def test_run_without_arguments_runs_voco_and_scratch_alike_and_prints_the_phanto
     calls.clear()   # a task named: one run, of the default method, as before
     assert main(["run", "--task", "phantom-mmwhs", "--out", str(tmp_path)]) == 0
     assert [c[:2] for c in calls] == [("scratch", "phantom-mmwhs")]
+
+
+def test_the_demo_plan_gives_both_methods_one_budget_and_fits_five_minutes_of_two_cpu_cores(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The real demo takes minutes: its plan is tested (the feasibility estimates, training + validation +
+    pre-processing, on a 2-core CPU), not the run."""
+    import yaml
+
+    from sslbench import feasibility, protocol, recipes
+
+    monkeypatch.setenv("SSLBENCH_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr(feasibility, "gpu_memory", lambda: (0, 0.0, ""))
+    monkeypatch.setattr(feasibility, "cpu_cores", lambda: 2)
+    cfgs = demo.plan(out=str(tmp_path / "runs"))
+    assert list(cfgs) == ["scratch", "voco"]
+    scratch, voco = cfgs["scratch"], cfgs["voco"]
+    # the same fine-tuning budget, grid, network and seed for both rows; only VoCo pre-trains
+    assert scratch["task"] == voco["task"] and scratch["model"] == voco["model"]
+    assert scratch["run"]["seed"] == voco["run"]["seed"] and scratch["run"]["preset"] == "tiny"
+    assert scratch["method"]["pretrain"] is None and voco["method"]["pretrain"]["steps"] > 0
+    for key in demo.DEMO_OVERRIDES:   # the demo's settings, applied to the tiny preset
+        name, value = key.split("=", 1)
+        want = yaml.safe_load(value)   # YAML 1.1 reads 2e-3 as a string; the recipe coerces it to a float
+        assert recipes.get_dotted(scratch, name) == (float(want) if isinstance(want, str) else want), key
+    ests = {m: protocol.preflight(cfg, say=lambda *a: None) for m, cfg in cfgs.items()}
+    stages = {m: [e.stage for e in es] for m, es in ests.items()}
+    assert stages == {"scratch": ["finetune", "validate", "preprocess"],
+                      "voco": ["pretrain", "preprocess", "finetune", "validate", "preprocess"]}
+    total = sum(e.seconds for es in ests.values() for e in es)
+    assert 60 < total < 300, [e.line() for es in ests.values() for e in es]
+    assert max(e.memory for es in ests.values() for e in es) < 4 * 1024 ** 3
+    assert not (tmp_path / "home").exists() and not (tmp_path / "runs").exists()   # a plan writes nothing
+
+    # `sslbench run --dry-run` alone prints the demo's settings and both plans
+    assert main(["run", "--dry-run", "--out", str(tmp_path / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("demo settings (on top of the tiny preset, the same for both fine-tunings): "
+                           + " ".join(demo.DEMO_OVERRIDES))
+    assert "finetune: scratch on task phantom-mmwhs (PHANTOM)" in text and "pretrain: method voco" in text
+    assert not (tmp_path / "runs").exists()
