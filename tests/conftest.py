@@ -26,8 +26,9 @@ def pytest_xdist_auto_num_workers(config):
 #: Test files made of end-to-end runs (CLI trainings, torchrun / sweep subprocesses: a minute or more of CPU each
 #: on 2 cores), the longest first (CPU seconds per file measured on the dev machine, 2026-12-03; the files of
 #: others' end-to-end runs read, not measured); ``pytest_collection_modifyitems`` runs them before the rest.
-LONG_FIRST = ("test_distributed.py", "test_protocol.py", "test_sweep.py", "test_methods_run.py", "test_report.py",
-              "test_stream.py", "test_predict.py", "test_runkey.py", "test_tensorboard.py")
+LONG_FIRST = ("test_distributed.py", "test_protocol.py", "test_sweep.py", "test_methods_run.py",
+              "test_stream.py", "test_predict.py", "test_runkey.py", "test_supervised.py", "test_ct_tasks.py",
+              "test_tensorboard.py")
 
 
 @pytest.hookimpl(trylast=True)                   # after pytest's own reordering by fixture scope
