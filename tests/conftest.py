@@ -23,6 +23,25 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(cores, MAX_WORKERS))
 
 
+#: Test files made of end-to-end runs (CLI trainings, torchrun / sweep subprocesses: a minute or more of CPU each
+#: on 2 cores), the longest first (CPU seconds per file measured on the dev machine, 2026-12-03; the files of
+#: others' end-to-end runs read, not measured); ``pytest_collection_modifyitems`` runs them before the rest.
+LONG_FIRST = ("test_distributed.py", "test_protocol.py", "test_sweep.py", "test_methods_run.py",
+              "test_stream.py", "test_predict.py", "test_runkey.py", "test_supervised.py", "test_ct_tasks.py",
+              "test_tensorboard.py")
+
+
+@pytest.hookimpl(trylast=True)                   # after pytest's own reordering by fixture scope
+def pytest_collection_modifyitems(session, config, items):
+    """The files of LONG_FIRST first, in that order, each file's tests kept together and in their order (so a
+    module-scoped fixture is still set up once), the others after them as collected. Under ``-n auto`` the
+    workers then draw the long tests first and end on short ones, instead of one worker running a long test
+    at the end while the other has nothing left (the alphabetical order ends on test_voco and
+    test_window_attention)."""
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1], len(rank)))
+
+
 @pytest.fixture(scope="session")
 def phantom_home(tmp_path_factory):
     """One phantom data folder for the whole session (phantom tasks synthesise into it on first use)."""

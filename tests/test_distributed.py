@@ -117,34 +117,6 @@ def test_torchrun_pretrain_two_processes_writes_one_record(phantom_home, tmp_pat
     assert metrics["protocol"] != run_protocol_hash(cfg, distributed.SINGLE)
 
 
-def test_torchrun_finetune_two_processes_one_record_all_cases(phantom_home, tmp_path):
-    """`sslbench run --method scratch --gpus 2` on CPU: one record by rank 0; validation cases split over the
-    ranks and gathered back, every case scored once, in the split's order."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", SSLBENCH_DATA=str(phantom_home))
-    cmd = [sys.executable, "-m", "sslbench", "run", "--method", "scratch", "--task", "phantom-btcv", "--gpus", "2",
-           "--set", "task.finetune.max_steps=4", "--set", "task.finetune.roi=[64,32,32]",
-           "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=2",
-           "--set", "task.finetune.log_every=2", "--set", "task.evaluate.overlap=0.0",
-           "--set", "task.finetune.warmup_steps=1", "--set", "run.device=cpu", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = list((tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir())
-    assert len(runs) == 1
-    metrics = json.loads((runs[0] / "metrics.json").read_text())
-    assert metrics["world_size"] == 2
-    from sslbench import recipes
-    from sslbench.protocol import locate_data, read_splits
-
-    task = recipes.resolve("scratch", "phantom-btcv")["task"]
-    root, _ = locate_data(task, None, log=lambda *_: None)
-    val_ids = [it["id"] for it in read_splits(task, root)["val"]]
-    assert [c["case"] for c in metrics["cases"]] == val_ids          # all cases, once each, in order
-    assert sum("val_dice" in h for h in metrics["history"]) == 2
-    log = (runs[0] / "log.txt").read_text()
-    assert log.count("validation dice") == 2                          # rank 0 alone writes the log
-    assert proc.stdout.count("run record") == 1
-
-
 def test_sweep_trials_on_two_processes(phantom_home, tmp_path):
     """`sslbench sweep ... --gpus 2`: rank 0 drives the Optuna study and broadcasts each trial's value; every
     trial is one 2-process fine-tuning run with its own record, and the study ends with both points done."""
@@ -152,6 +124,7 @@ def test_sweep_trials_on_two_processes(phantom_home, tmp_path):
     cmd = [sys.executable, "-m", "sslbench", "sweep", "task.finetune.lr", "--method", "scratch", "--task", "phantom-btcv",
            "--values", "0.001", "0.002", "--gpus", "2", "--out", str(tmp_path),
            "--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32,32]",
+           "--set", "task.preprocess.spacing=[6,6,6]",
            "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=2",
            "--set", "task.evaluate.overlap=0.0", "--set", "task.finetune.warmup_steps=1", "--set", "run.device=cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -190,7 +163,8 @@ def _prune_worker(rank: int, world: int, port: int, data: str, out: str) -> None
         distributed.cleanup()
         return
     kwargs = dict(method="scratch", task="phantom-btcv", out=out, resume=True, force=False, overrides=[
-        "task.finetune.max_steps=6", "task.finetune.roi=[64,32,32]", "task.finetune.num_samples=1",
+        "task.finetune.max_steps=6", "task.finetune.roi=[64,32,32]", "task.preprocess.spacing=[6,6,6]",
+        "task.finetune.num_samples=1",
         "task.finetune.val_every=2", "task.finetune.checkpoint_every=2", "task.evaluate.overlap=0.0",
         "task.finetune.warmup_steps=1", "run.device=cpu"])
     seen = []
@@ -235,13 +209,17 @@ def test_torchrun_classification_finetune_two_processes(phantom_home, tmp_path):
     assert (runs[0] / "log.txt").read_text().count("validation accuracy") == 2
 
 
-def test_a_killed_two_process_run_resumes_on_both_ranks(phantom_home, tmp_path):
-    """Both ranks SIGKILLed after step 3 (checkpoint at step 2); `--resume` continues the same folder from step 2
-    on both ranks and finishes with one record."""
+def test_a_killed_two_process_run_resumes_on_both_ranks_to_one_record_of_all_cases(phantom_home, tmp_path):
+    """`sslbench run --method scratch --gpus 2` on CPU, both ranks SIGKILLed after step 3 (validation and
+    checkpoint at step 2): `--resume` continues the same folder from step 2 on both ranks and finishes with one
+    record, by rank 0; validation cases split over the ranks and gathered back, every case scored once, in the
+    split's order. (One launch pair checks what a clean 2-process run and a resumed one did before.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", SSLBENCH_DATA=str(phantom_home))
     cmd = [sys.executable, "-m", "sslbench", "run", "--method", "scratch", "--task", "phantom-btcv", "--gpus", "2",
            "--set", "task.finetune.max_steps=4", "--set", "task.finetune.roi=[64,32,32]",
-           "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=0",
+           "--set", "task.preprocess.spacing=[6,6,6]",
+           "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=2",
+           "--set", "task.finetune.log_every=2",
            "--set", "task.finetune.checkpoint_every=2", "--set", "task.evaluate.overlap=0.0",
            "--set", "task.finetune.warmup_steps=1", "--set", "run.device=cpu", "--out", str(tmp_path)]
     killed = subprocess.run(cmd, env=dict(env, SSLBENCH_KILL_AFTER_STEP="3"), capture_output=True, text=True,
@@ -253,5 +231,17 @@ def test_a_killed_two_process_run_resumes_on_both_ranks(phantom_home, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name for p in (tmp_path / "finetune" / "phantom-btcv" / "scratch").iterdir()] == [run.name]
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
-    assert "resumed from step 2" in (run / "log.txt").read_text()
-    assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
+    log = (run / "log.txt").read_text()
+    assert "resumed from step 2" in log
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    from sslbench import recipes
+    from sslbench.protocol import locate_data, read_splits
+
+    task = recipes.resolve("scratch", "phantom-btcv")["task"]
+    root, _ = locate_data(task, None, log=lambda *_: None)
+    val_ids = [it["id"] for it in read_splits(task, root)["val"]]
+    assert [c["case"] for c in metrics["cases"]] == val_ids          # all cases, once each, in order
+    assert sum("val_dice" in h for h in metrics["history"]) == 2     # step 2 (before the kill) and step 4
+    assert log.count("validation dice") == 2                          # rank 0 alone writes the log
+    assert done.stdout.count("run record") == 1

@@ -9,7 +9,8 @@ from sslbench.cli import main
 FAST = ["--set", "method.pretrain.steps=1", "--set", "method.pretrain.log_every=1",
         "--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32,32]",
         "--set", "task.finetune.num_samples=1", "--set", "task.finetune.val_every=0",
-        "--set", "task.evaluate.overlap=0.0", "--set", "task.finetune.warmup_steps=1"]
+        "--set", "task.evaluate.overlap=0.0", "--set", "task.finetune.warmup_steps=1",
+        "--set", "task.preprocess.spacing=[6,6,6]"]   # 6 mm voxels: the final evaluation is a few windows
 
 
 @pytest.mark.parametrize("method", ["mg", "transvw", "simsiam", "pcrlv1", "pcrlv2", "mae", "swinunetr-ssl"])
