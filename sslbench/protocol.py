@@ -674,6 +674,8 @@ def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list
             val_items, train = splits.get("val", []), len(train_items)
         est = feasibility.estimate_finetune(fcfg, machine, train)
         ests.append(est)
+        if task.get("kind") in ("classification", "classification2d"):
+            return ests, seen   # images and labels, not NIfTI volumes: no sliding window, no case cache to size
         # a phantom not written yet: its validation cases are data.val_last (else about a fifth) of its cases
         n = int(task["data"].get("phantom_cases") or 0)
         n_val = int(task["data"].get("val_last") or max(1, n // 5)) if items is None else 0
