@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import distributed, inductor, locks, recipes
+from . import distributed, inductor, locks, recipes, track2d
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names, scoring
@@ -562,6 +562,8 @@ class PlannedRun:
 def _stage_items(cfg: Mapping[str, Any], stage: str, root, log) -> tuple[Path, bool, list]:
     """(root, phantom, items read) of a run's data: the corpus volumes of a pre-training, the train and val
     cases of a fine-tuning (only located and listed here; nothing is preprocessed)."""
+    if stage == "pretrain" and track2d.is_2d(cfg.get("corpus")):   # the 2D track: the task's pretrain split
+        return track2d.pretrain_items(cfg["corpus"], root, log)
     if stage == "pretrain":
         from .data.corpus import corpus_items, labelled_items
         from .methods import get_method_class
@@ -1505,7 +1507,10 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     method_cfg, corpus = cfg["method"], cfg["corpus"]
     if method_cfg.get("pretrain") is None:
         raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
-    cls = get_method_class(method_cfg["name"])
+    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/track2d.py): images of a classification2d task
+    if two_d:
+        track2d.check(cfg)
+    cls = track2d.method_class(cfg) if two_d else get_method_class(method_cfg["name"])
     if cls is None or method_cfg["status"] != "available":
         raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
     pt = method_cfg["pretrain"]
@@ -1530,7 +1535,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     device, bf16 = _device_setup(cfg["run"], dist)
     seed = int(cfg["run"]["seed"])
     total = int(pt["steps"])
-    size = cls.input_size(params)
+    size = track2d.input_size(corpus) if two_d else cls.input_size(params)
     if size is None:
         raise RecipeError(f"method '{method_cfg['name']}': random-crop corpora are not supported yet (input_size is None)")
 
@@ -1541,6 +1546,10 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
             stream = pretrain_stream(cfg, cls, items, size, needs_labels, dist, device, progress,
                                      say if dist.is_main else (lambda *_: None))
 
+        elif two_d:
+            stack = track2d.load_images(corpus, items, progress)   # [N, 1, H, W] at preprocess.size
+            if device.type == "cuda":
+                stack = stack.to(device)
         else:
             cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
             volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",
@@ -1686,7 +1695,7 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
     if cfg["task"]["kind"] == "classification2d":
         from . import classify
 
-        classify.refuse_pretraining_for_2d(cfg)   # every method pre-trains a 3D backbone
+        classify.refuse_pretraining_for_2d(cfg)   # a 3D corpus, or a method without a 2D form
     if cfg["method"].get("pretrain") is not None:
         pcfg = recipes.split_config(cfg, "corpus")
         pre = pretrain(pcfg, root=corpus_root, resume=resume, force=False, console=console)
