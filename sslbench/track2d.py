@@ -76,3 +76,12 @@ def input_size(corpus: Mapping[str, Any]) -> tuple[int, int]:
         raise RecipeError(f"{corpus['name']}: key 'preprocess.size': {list(size)}; the 2D U-Net needs two sizes, "
                           f"multiples of 32")
     return size
+
+
+def pretrain_pixels(cfg: Mapping[str, Any], cls) -> int:
+    """Pixels through the encoder in one 2D pre-training step (feasibility estimates): batch x the method's
+    ``views_per_image`` (its encoder passes per image) x the image size."""
+    pt = cfg["method"].get("pretrain") or {}
+    size = tuple(int(s) for s in (cfg["corpus"].get("preprocess") or {}).get("size") or (224, 224))
+    views = cls.views_per_image(dict(cfg["method"].get("params") or {})) if cls is not None else 2
+    return int(pt.get("batch_size", 1)) * int(views) * size[0] * size[-1]
