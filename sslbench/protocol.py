@@ -602,6 +602,7 @@ def planned_runs(cfg: Mapping[str, Any], root: str | Path | None = None, corpus_
     for a resolved recipe ``cfg``."""
     fcfg = finetune_view(cfg)
     pre = None
+    corpus_root = track2d.corpus_root(cfg, root, corpus_root)
     if cfg["method"].get("pretrain") is not None:
         pre = plan_run(recipes.split_config(cfg, "corpus"), "pretrain", corpus_root, log)
     return pre, plan_run(fcfg, "finetune", root, log, pretrain_key=pre.run_key if pre else None), fcfg
@@ -686,6 +687,7 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
     if "task" in cfg:
         _listed(fcfg, "finetune", root)
     machine = feasibility.machine(cfg["run"], gpus)
+    corpus_root = track2d.corpus_root(cfg, root, corpus_root)   # 2D: the task's pretrain split, from its --root
     ests, seen = _estimates(cfg, root, corpus_root, machine)
     run, model = cfg["run"], cfg["model"]
     say(f"plan (dry run, nothing written): preset {run['preset']}, seed {run['seed']}, model {model['name']} "
@@ -1689,6 +1691,7 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
     cfg = recipes.resolve(method, task, preset=preset, overrides=overrides, seed=seed, corpus=corpus)
     if out:
         cfg["run"]["out"] = out
+    corpus_root = track2d.corpus_root(cfg, root, corpus_root)   # 2D: the task's pretrain split, from its --root
     # roots, readers and feasibility of both stages before any work starts (nothing written if refused)
     preflight(cfg, root, corpus_root, say=(console.print if console is not None else print))
     init = None

@@ -47,6 +47,15 @@ def check(cfg: Mapping[str, Any]) -> None:
                           f"expected unet2d (the 2D Swin fine-tunes from scratch only)")
 
 
+def corpus_root(cfg: Mapping[str, Any], root, corpus_root):
+    """The root a 2D pre-training reads: the task's own ``--root`` when the corpus is the task (its pretrain
+    split), unless ``--corpus-root`` names another copy."""
+    corpus, task = cfg.get("corpus") or {}, cfg.get("task") or {}
+    if corpus_root is None and is_2d(corpus) and corpus.get("name") == task.get("name"):
+        return root
+    return corpus_root
+
+
 def pretrain_items(corpus: Mapping[str, Any], root, log: Callable[[str], None]) -> tuple[Path, bool, list[dict]]:
     """(root, phantom, the ``pretrain`` split's items) of a 2D task: what a 2D pre-training reads."""
     from .data import layouts
