@@ -77,3 +77,34 @@ def test_simsiam2d_tiny_batch_step():
     assert m.encoder.conv1.weight.grad is not None and m.predictor[0].weight.grad is not None
     rep = load_backbone(UNet2DClassifier(MODEL, 14), m.backbone_state_dict(), "simsiam2d", model_name="unet2d")
     assert not rep.missing and not rep.unexpected
+
+
+def test_genesis_transforms_in_2d_on_hand_computed_boxes_and_flips():
+    from sslbench.methods.genesis import _box_mask, flip_pair
+
+    starts = torch.tensor([[[1, 0], [0, 0]]])
+    sizes = torch.tensor([[[2, 3], [1, 1]]])
+    mask = _box_mask(starts, sizes, torch.tensor([[True, False]]), (4, 4))
+    assert mask.shape == (1, 1, 4, 4)
+    assert mask[0, 0].int().tolist() == [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+    x = torch.arange(32.0).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    inp, tgt = flip_pair(x, x.clone(), prob=1.0, generator=g)                 # 3 flips of axes in {0, 1}
+    assert torch.equal(inp, tgt)
+    assert any(torch.equal(inp[i], v) for i in range(2)
+               for v in (x[i], x[i].flip(1), x[i].flip(2), x[i].flip(1).flip(2)))
+
+
+def test_mg2d_tiny_batch_restores_and_hands_over_encoder_and_decoder():
+    from sslbench.methods.genesis2d import ModelsGenesis2D
+
+    torch.manual_seed(0)
+    m = ModelsGenesis2D({}, MODEL)
+    loss, logs = m(torch.rand(2, 1, 32, 32), 0)
+    assert 0.0 <= float(loss.detach()) <= 1.0 and float(logs["mse"]) == pytest.approx(float(loss.detach()))
+    loss.backward()
+    assert m.net.decoder.blocks[0].conv1[0].weight.grad is not None
+    state = m.backbone_state_dict()
+    assert any(k.startswith("decoder.") for k in state) and not any(k.startswith("head.") for k in state)
+    rep = load_backbone(UNet2DClassifier(MODEL, 14), state, "mg2d", model_name="unet2d")
+    assert not rep.missing and all(k.startswith("decoder.") for k in rep.unexpected)
