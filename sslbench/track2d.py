@@ -89,8 +89,9 @@ def input_size(corpus: Mapping[str, Any]) -> tuple[int, int]:
 
 def pretrain_pixels(cfg: Mapping[str, Any], cls) -> int:
     """Pixels through the encoder in one 2D pre-training step (feasibility estimates): batch x the method's
-    ``views_per_image`` (its encoder passes per image) x the image size."""
+    ``pixels_per_image`` (its encoder's input pixels per image, e.g. two views of the image's size)."""
     pt = cfg["method"].get("pretrain") or {}
     size = tuple(int(s) for s in (cfg["corpus"].get("preprocess") or {}).get("size") or (224, 224))
-    views = cls.views_per_image(dict(cfg["method"].get("params") or {})) if cls is not None else 2
-    return int(pt.get("batch_size", 1)) * int(views) * size[0] * size[-1]
+    params = dict(cfg["method"].get("params") or {})
+    per = cls.pixels_per_image(params, size) if cls is not None else 2 * size[0] * size[-1]
+    return int(pt.get("batch_size", 1) * per)

@@ -110,9 +110,9 @@ class C2L(PretrainMethod):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @staticmethod
-    def views_per_image(params: Mapping[str, Any]) -> float:
-        """Encoder passes per image and step (feasibility): two views and their two mixups."""
-        return 4
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        """Encoder input pixels per image and step (feasibility): two views and their two mixups."""
+        return 4 * size[0] * size[1]
 
     def embed(self, x: torch.Tensor, key: bool = False) -> torch.Tensor:
         enc, fc = (self.key_encoder, self.key_fc) if key else (self.encoder, self.fc)

@@ -37,8 +37,8 @@ class ModelsGenesis2D(PretrainMethod):
         self.net = UNet2D(model_cfg, in_channels=1, out_channels=1)
 
     @staticmethod
-    def views_per_image(params: Mapping[str, Any]) -> float:
-        return 1
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        return size[0] * size[1]
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = volumes.float()

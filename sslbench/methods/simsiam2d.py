@@ -49,8 +49,8 @@ class SimSiam2D(PretrainMethod):
         self.predictor = Predictor(proj, pred)
 
     @staticmethod
-    def views_per_image(params: Mapping[str, Any]) -> float:
-        return 2
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        return 2 * size[0] * size[1]
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params

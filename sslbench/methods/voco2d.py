@@ -79,10 +79,10 @@ class VoCo2D(PretrainMethod):
         self.head = ProjectionHead(width, dim, dim)
 
     @staticmethod
-    def views_per_image(params: Mapping[str, Any]) -> float:
-        """Encoder pixels per image and step over the image's (feasibility): (k + n^2) crops of crop_size^2 / 224^2."""
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        """Encoder input pixels per image and step (feasibility): (k + n^2) crops of crop_size^2."""
         n, k, s = int(params.get("n", 4)), int(params.get("sw_batch_size", 4)), int(params.get("crop_size", 64))
-        return (k + n * n) * s * s / (224 * 224)
+        return (k + n * n) * s * s
 
     def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(views [B*k + B*n*n, C, s, s]: random crops of every image, then the bases; labels [B, k, n*n])."""
