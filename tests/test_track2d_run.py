@@ -57,3 +57,35 @@ def test_every_2d_method_pretrains_finetunes_and_fills_table4(phantom_home, tmp_
             assert ph.text().startswith("PHANTOM") and "(n=1)" in ph.text() and ph.published is None, m
         else:
             assert not ph.groups, m
+
+
+@pytest.mark.slow
+def test_killed_2d_pretraining_resumes_to_the_same_losses(phantom_home, tmp_path):
+    """C2L (queue, pointer and key encoder in the checkpoint) killed after step 3 resumes from step 2 and ends
+    with the losses of an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    root = phantom.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
+    args = ["--set", "task.preprocess.size=[32,32]", "--set", "task.finetune.max_steps=2",
+            "--set", "task.finetune.val_every=2", "--set", "task.finetune.batch_size=4",
+            "--set", "method.pretrain.steps=4", "--set", "method.pretrain.checkpoint_every=2",
+            "--set", "method.pretrain.log_every=1", "--set", "method.pretrain.batch_size=4"]
+
+    def cli(out, kill=None, *extra):
+        env = dict(os.environ, OMP_NUM_THREADS="1", **({"SSLBENCH_KILL_AFTER_STEP": kill} if kill else {}))
+        return subprocess.run([sys.executable, "-m", "sslbench", "run", "--method", "c2l", "--task",
+                               "phantom-chestxray14", "--root", str(root), "--out", str(out), *args, *extra],
+                              env=env, capture_output=True, text=True)
+
+    assert cli(tmp_path / "a").returncode == 0
+    assert cli(tmp_path / "b", "3").returncode == -9                       # killed in pre-training step 4
+    resumed = cli(tmp_path / "b", None, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step 2/4" in resumed.stdout
+    read = lambda d: json.loads(next((d / "pretrain" / "c2l" / "phantom-chestxray14").glob("*/metrics.json"))
+                                .read_text())  # noqa: E731
+    a, b = read(tmp_path / "a"), read(tmp_path / "b")
+    assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], abs=1e-4)
+    assert a["run_key"] == b["run_key"]
