@@ -7,7 +7,9 @@ best checkpoint chosen on the validation split, phantom results flagged.
 
 * Model: the pre-trained backbone's Swin encoder (MONAI SwinUNETR's ``swinViT``, the part every method's
   checkpoint transfers, loaded by the shared key rules of :mod:`sslbench.backbones`) -> global average
-  pool of its last stage -> ``Linear``. 3D for CC-CCII, ``spatial_dims=2`` for ChestX-ray14.
+  pool of its last stage -> ``Linear``. 3D for CC-CCII, ``spatial_dims=2`` for ChestX-ray14 with
+  ``model.name=swinunetr``; ChestX-ray14's default is the 2D track's ``model.name=unet2d``: the ResNet-18 encoder
+  of PCRL's U-Net (:mod:`sslbench.unet2d`) -> pool -> ``Linear``, loaded from a 2D pre-training's ``encoder.*``.
 * Losses: cross-entropy over the 3 CC-CCII classes; binary cross-entropy per finding for ChestX-ray14.
 * Augmentation (VoCo's CC-CCII code): random flips, a random shift of the crop, brightness and contrast,
   drawn per sample as tensors and applied to the whole batch at once on the device (one ``grid_sample``).

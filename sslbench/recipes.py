@@ -556,7 +556,8 @@ def method_form(m: dict, two_d: bool, corpus: str | None, task: Mapping | None) 
     merged over the 3D ones, ``params`` and ``presets`` replaced); a 2D-only method (``only_2d``) refused for
     a 3D task or a pre-training alone (``only_2d`` and ``two_d`` never reach the run's config)."""
     if m.get("only_2d") and not two_d:
-        where = f"task '{task['name']}' is {task['kind']}" if task is not None else f"--corpus {corpus} (no 2D task)"
+        where = (f"task '{task['name']}' is {task['kind']}" if task is not None
+                 else f"corpus '{corpus}' is not a 2D task" if corpus else "no 2D task given")
         raise RecipeError(f"{m['_file']}: method '{m['name']}' exists in 2D only (PCRL's ChestX-ray14 track); {where}; "
                           f"expected --task chestxray14 or phantom-chestxray14")
     out = {k: v for k, v in m.items() if k != "only_2d"}

@@ -50,6 +50,19 @@ def test_2d_runs_use_the_unet_and_pretrain_on_the_task_itself():
         recipes.resolve("simsiam", "phantom-chestxray14", corpus="phantom-corpus")
 
 
+def test_2d_only_method_and_2d_forms_resolve_or_refuse_in_one_line():
+    cfg = recipes.resolve("voco", "phantom-chestxray14")
+    assert cfg["corpus"]["name"] == "phantom-chestxray14" and cfg["method"]["params"]["n"] == 2   # two_d tiny
+    assert "two_d" not in cfg["method"] and "resize" not in cfg["method"]["params"]
+    assert recipes.resolve("voco", "phantom-mmwhs")["method"]["params"]["resize"] == [128, 128, 32]   # 3D as before
+    for task, corpus, needle in (("btcv", None, "task 'btcv' is segmentation"), (None, None, "no 2D task given"),
+                                 (None, "phantom-corpus", "corpus 'phantom-corpus' is not a 2D task")):
+        with pytest.raises(RecipeError, match="method 'c2l' exists in 2D only") as err:
+            recipes.resolve("c2l", task, corpus=corpus)
+        assert needle in str(err.value) and "\n" not in str(err.value)
+    assert recipes.resolve("c2l", corpus="phantom-chestxray14")["method"]["params"]["queue"] == 64   # tiny
+
+
 def test_3d_protocol_hashes_are_unchanged():
     """Hashes computed with the code before the 2D track (main at b671a3c); every method x 3D task x preset
     was compared the same way (110 pairs, identical)."""
