@@ -34,6 +34,8 @@ TRANSFER_PREFIXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                   ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")),
     "unetr": (("vit.",), ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "decoder5.", "decoder4.",
                           "decoder3.", "decoder2.")),
+    # the 2D track: PCRL's ResNet-18 U-Net (sslbench/unet2d.py; timm encoder, smp-style decoder)
+    "unet2d": (("encoder.",), ("decoder.",)),
 }
 MODEL_NAMES = tuple(TRANSFER_PREFIXES)
 _WRAPPERS = ("state_dict", "student", "net", "model", "network_weights", "backbone_state_dict")
@@ -327,7 +329,8 @@ def load_backbone(model: nn.Module, state: Mapping[str, torch.Tensor], source: s
     if not update:
         example = {"swinunetr": "swinViT.patch_embed.proj.weight", "unet3d": "down_tr64.ops.0.conv1.weight",
                    "basicunet": "conv_0.conv_0.conv.weight",
-                   "unetr": "vit.patch_embedding.patch_embeddings.weight"}.get(model_name, "?")
+                   "unetr": "vit.patch_embedding.patch_embeddings.weight",
+                   "unet2d": "encoder.conv1.weight"}.get(model_name, "?")
         raise CheckpointError(f"{source}: matches no backbone tensor of {model_name} "
                               f"(expected keys like {example}; got e.g. {list(state)[:3]})")
     target.update({k: v.to(target[k].dtype) for k, v in update.items()})

@@ -7,7 +7,9 @@ best checkpoint chosen on the validation split, phantom results flagged.
 
 * Model: the pre-trained backbone's Swin encoder (MONAI SwinUNETR's ``swinViT``, the part every method's
   checkpoint transfers, loaded by the shared key rules of :mod:`sslbench.backbones`) -> global average
-  pool of its last stage -> ``Linear``. 3D for CC-CCII, ``spatial_dims=2`` for ChestX-ray14.
+  pool of its last stage -> ``Linear``. 3D for CC-CCII, ``spatial_dims=2`` for ChestX-ray14 with
+  ``model.name=swinunetr``; ChestX-ray14's default is the 2D track's ``model.name=unet2d``: the ResNet-18 encoder
+  of PCRL's U-Net (:mod:`sslbench.unet2d`) -> pool -> ``Linear``, loaded from a 2D pre-training's ``encoder.*``.
 * Losses: cross-entropy over the 3 CC-CCII classes; binary cross-entropy per finding for ChestX-ray14.
 * Augmentation (VoCo's CC-CCII code): random flips, a random shift of the crop, brightness and contrast,
   drawn per sample as tensors and applied to the whole batch at once on the device (one ``grid_sample``).
@@ -50,11 +52,16 @@ class EncoderClassifier(nn.Module):
         return self.head(last.flatten(2).mean(-1))
 
 
-def build_classifier(model_cfg: Mapping[str, Any], n_outputs: int, spatial_dims: int) -> EncoderClassifier:
-    """SwinUNETR's ``swinViT`` (3D from the shared builder, or the same configuration in 2D) with a head."""
+def build_classifier(model_cfg: Mapping[str, Any], n_outputs: int, spatial_dims: int) -> nn.Module:
+    """SwinUNETR's ``swinViT`` (3D from the shared builder, or the same configuration in 2D) with a head; in 2D
+    with ``model.name: unet2d`` the ResNet-18 encoder of PCRL's U-Net with a head (sslbench/unet2d.py)."""
+    if spatial_dims == 2 and str(model_cfg.get("name")) == "unet2d":   # the 2D track: PCRL's ResNet-18 U-Net
+        from .unet2d import UNet2DClassifier
+
+        return UNet2DClassifier(model_cfg, n_outputs)
     if str(model_cfg.get("name", "swinunetr")) != "swinunetr":
-        raise RecipeError(f"model.name: classification tasks use the SwinUNETR encoder (swinunetr), "
-                          f"got {model_cfg.get('name')!r}")
+        raise RecipeError(f"model.name: classification tasks use the SwinUNETR encoder (swinunetr"
+                          f"{', or unet2d in 2D' if spatial_dims == 2 else ''}), got {model_cfg.get('name')!r}")
     if spatial_dims == 3:
         net = build_model(model_cfg, in_channels=1, out_channels=1)
     else:
@@ -73,17 +80,24 @@ def refuse_3d_init_of_2d(task: Mapping[str, Any], state: Mapping[str, torch.Tens
     """A 3D checkpoint (5-D patch embedding) cannot initialise the 2D Swin of a ``classification2d`` task."""
     if task["kind"] != "classification2d":
         return
-    w = (state or {}).get("swinViT.patch_embed.proj.weight")
-    if state is None or (w is not None and w.dim() == 5):
-        raise CheckpointError(f"{source}: a 3D pre-trained backbone cannot initialise the 2D Swin encoder of task "
-                              f"'{task['name']}' (2D pre-training is not built yet); fine-tune it with --method scratch")
+    if state is None or any(v.dim() == 5 for v in state.values()):
+        raise CheckpointError(f"{source}: a 3D pre-trained backbone cannot initialise the 2D encoder of task "
+                              f"'{task['name']}' (pre-train it in 2D: sslbench run --method M --task {task['name']}); "
+                              f"or fine-tune it with --method scratch")
 
 
 def refuse_pretraining_for_2d(cfg: Mapping[str, Any]) -> None:
-    """Called before a pre-training starts: every method pre-trains a 3D backbone, useless for a 2D task."""
+    """Called before a pre-training starts for a 2D task: the corpus must be 2D images (the task's pretrain split)
+    and the method needs a 2D form on the 2D U-Net (sslbench/track2d.py); one line otherwise, nothing written."""
+    from . import track2d
+
     task = cfg.get("task") or {}
-    if task.get("kind") == "classification2d" and cfg["method"].get("pretrain") is not None:
+    if task.get("kind") != "classification2d" or cfg["method"].get("pretrain") is None:
+        return
+    if not track2d.is_2d(cfg.get("corpus")):
         refuse_3d_init_of_2d(task, None, f"method '{cfg['method']['name']}'")
+    track2d.method_class(cfg)
+    track2d.check(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +247,8 @@ def _load_init(model: nn.Module, task: Mapping[str, Any], init: Mapping[str, Any
         return None
     state = read_checkpoint(init["path"])
     refuse_3d_init_of_2d(task, state, str(init["path"]))
-    return load_backbone(model, state, str(init["path"]), include_decoder=False, model_name="swinunetr")
+    family = "unet2d" if hasattr(model, "encoder") and not hasattr(model, "swinViT") else "swinunetr"
+    return load_backbone(model, state, str(init["path"]), include_decoder=False, model_name=family)
 
 
 def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,

@@ -165,6 +165,8 @@ def _feature_size(model: Mapping[str, Any]) -> int:
         return int((model.get("unet_features") or [32])[0])
     if name == "unetr":
         return max(1, int((model.get("vit") or {}).get("hidden_size", 768)) // 16)
+    if name == "unet2d":   # ResNet-18 U-Net (~14 M parameters): the SwinUNETR size of that many parameters
+        return 16
     return int(model.get("feature_size", 48))
 
 
@@ -201,11 +203,14 @@ def pretrain_voxels(method: Mapping[str, Any]) -> int:
 def estimate_pretrain(cfg: Mapping[str, Any], m: Machine, volumes: int | None = None) -> StageEstimate:
     from .methods import get_method_class
 
+    from . import track2d
+
     method, corpus = cfg["method"], cfg.get("corpus") or {}
-    cls = get_method_class(method["name"])
+    two_d = track2d.is_2d(corpus)
+    cls = get_method_class(method["name"], 2 if two_d else 3)
     family = "segmentation" if getattr(cls, "transfers_decoder", False) else "encoder"
     f = _feature_size(cfg["model"])
-    voxels = pretrain_voxels(method)
+    voxels = track2d.pretrain_pixels(cfg, cls) if two_d else pretrain_voxels(method)
     steps = int(method["pretrain"]["steps"])
     act, seconds = _act_and_time(voxels, f, family, m)
     notes = []
@@ -213,7 +218,7 @@ def estimate_pretrain(cfg: Mapping[str, Any], m: Machine, volumes: int | None = 
         volumes = int((corpus.get("data") or {}).get("phantom_total") or (corpus.get("data") or {}).get("phantom_cases")
                       or 0) if corpus.get("phantom") else 0
     size = None
-    if cls is not None:
+    if cls is not None and not two_d:
         try:
             size = cls.input_size(dict(method.get("params") or {}))
         except Exception:   # an estimate never fails a run

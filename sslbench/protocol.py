@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import distributed, inductor, locks, recipes
+from . import distributed, inductor, locks, recipes, track2d
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names, scoring
@@ -578,6 +578,8 @@ class PlannedRun:
 def _stage_items(cfg: Mapping[str, Any], stage: str, root, log) -> tuple[Path, bool, list]:
     """(root, phantom, items read) of a run's data: the corpus volumes of a pre-training, the train and val
     cases of a fine-tuning (only located and listed here; nothing is preprocessed)."""
+    if stage == "pretrain" and track2d.is_2d(cfg.get("corpus")):   # the 2D track: the task's pretrain split
+        return track2d.pretrain_items(cfg["corpus"], root, log)
     if stage == "pretrain":
         from .data.corpus import corpus_items, labelled_items
         from .methods import get_method_class
@@ -616,6 +618,7 @@ def planned_runs(cfg: Mapping[str, Any], root: str | Path | None = None, corpus_
     for a resolved recipe ``cfg``."""
     fcfg = finetune_view(cfg)
     pre = None
+    corpus_root = track2d.corpus_root(cfg, root, corpus_root)
     if cfg["method"].get("pretrain") is not None:
         pre = plan_run(recipes.split_config(cfg, "corpus"), "pretrain", corpus_root, log)
     return pre, plan_run(fcfg, "finetune", root, log, pretrain_key=pre.run_key if pre else None), fcfg
@@ -722,6 +725,7 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
     if "task" in cfg:
         _listed(fcfg, "finetune", root)
     machine = feasibility.machine(cfg["run"], gpus)
+    corpus_root = track2d.corpus_root(cfg, root, corpus_root)   # 2D: the task's pretrain split, from its --root
     ests, seen = _estimates(cfg, root, corpus_root, machine)
     run, model = cfg["run"], cfg["model"]
     say(f"plan (dry run, nothing written): preset {run['preset']}, seed {run['seed']}, model {model['name']} "
@@ -1637,7 +1641,10 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     method_cfg, corpus = cfg["method"], cfg["corpus"]
     if method_cfg.get("pretrain") is None:
         raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
-    cls = get_method_class(method_cfg["name"])
+    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/track2d.py): images of a classification2d task
+    if two_d:
+        track2d.check(cfg)
+    cls = track2d.method_class(cfg) if two_d else get_method_class(method_cfg["name"])
     if cls is None or method_cfg["status"] != "available":
         raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
     pt = method_cfg["pretrain"]
@@ -1662,7 +1669,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     device, bf16 = _device_setup(cfg["run"], dist)
     seed = int(cfg["run"]["seed"])
     total = int(pt["steps"])
-    size = cls.input_size(params)
+    size = track2d.input_size(corpus) if two_d else cls.input_size(params)
     if size is None:
         raise RecipeError(f"method '{method_cfg['name']}': random-crop corpora are not supported yet (input_size is None)")
 
@@ -1673,6 +1680,10 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
             stream = pretrain_stream(cfg, cls, items, size, needs_labels, dist, device, progress,
                                      say if dist.is_main else (lambda *_: None))
 
+        elif two_d:
+            stack = track2d.load_images(corpus, items, progress)   # [N, 1, H, W] at preprocess.size
+            if device.type == "cuda":
+                stack = stack.to(device)
         else:
             cache, write = case_cache(cfg["run"], corpus, with_label=needs_labels)
             volumes = load_cases(items, preprocess_transforms(corpus, with_label=needs_labels), "preprocess corpus",
@@ -1815,13 +1826,14 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
     cfg = recipes.resolve(method, task, preset=preset, overrides=overrides, seed=seed, corpus=corpus)
     if out:
         cfg["run"]["out"] = out
+    corpus_root = track2d.corpus_root(cfg, root, corpus_root)   # 2D: the task's pretrain split, from its --root
     # roots, readers and feasibility of both stages before any work starts (nothing written if refused)
     preflight(cfg, root, corpus_root, say=(console.print if console is not None else print))
     init = None
     if cfg["task"]["kind"] == "classification2d":
         from . import classify
 
-        classify.refuse_pretraining_for_2d(cfg)   # every method pre-trains a 3D backbone
+        classify.refuse_pretraining_for_2d(cfg)   # a 3D corpus, or a method without a 2D form
     if cfg["method"].get("pretrain") is not None:
         pcfg = recipes.split_config(cfg, "corpus")
         pre = pretrain(pcfg, root=corpus_root, resume=resume, force=False, console=console)

@@ -185,6 +185,11 @@ METHOD_SCHEMA = Spec(fields={
         "native_crops": BOOL,
     }),
     "params": Spec(free=True),
+    # the method's 2D form (the 2D track, issue 23): pretrain keys over the 3D ones, its own params and presets;
+    # read only for a classification2d task (never part of a 3D run's config, so 3D hashes stay as they were)
+    "two_d": Spec(fields={"pretrain": Spec(free=True), "params": Spec(free=True), "presets": PRESET_MAP}),
+    # a method that exists in 2D only (C2L): its top-level pretrain / params are the 2D ones
+    "only_2d": BOOL,
 })
 
 TASK_SCHEMA = Spec(fields={
@@ -217,6 +222,8 @@ TASK_SCHEMA = Spec(fields={
                         nullable=True),
     }),
     "classes": Spec(items=STR),
+    # model keys a task sets for every run on it (the 2D track: model.name unet2d), before presets and --set
+    "model": Spec(free=True),
     "channels": Spec(items=STR, nullable=True),
     "regions": Spec(free=True, nullable=True),
     "preprocess": Spec(fields={
@@ -259,13 +266,17 @@ DEFAULTS_SCHEMA = Spec(fields={
         "feasibility": Spec(choices=("check", "warn", "off")), "feasibility_hours": NUM,   # sslbench/feasibility.py
     }),
     "model": Spec(fields={
-        "name": Spec(choices=("swinunetr", "unet3d", "basicunet", "unetr")), "feature_size": INT, "use_v2": BOOL,
+        "name": Spec(choices=("swinunetr", "unet3d", "basicunet", "unetr", "unet2d")), "feature_size": INT,
+        "use_v2": BOOL,
         "use_checkpoint": BOOL, "drop_rate": NUM, "attn_drop_rate": NUM, "dropout_path_rate": NUM,
         "unet_features": Spec(items=INT, length=6),
         "unet3d": Spec(fields={"base": INT, "norm": Spec(choices=("batch_stats", "batch")),
                                "act": Spec(choices=("relu", "prelu", "elu"))}),
         "vit": Spec(fields={"patch_size": INT, "hidden_size": INT, "mlp_dim": INT, "num_layers": INT,
                             "num_heads": INT}),
+        # the 2D track (sslbench/unet2d.py): PCRL's ResNet-18 U-Net; ImageNet weights for it (none = official off)
+        "unet2d": Spec(fields={"encoder": STR, "decoder_channels": Spec(items=INT, length=5)}),
+        "pretrained_2d": Spec(choices=("none", "imagenet")),
     }),
     "presets": PRESET_MAP,
 })
@@ -495,6 +506,10 @@ def resolve(method: str, task: str | None = None, preset: str | None = None, ove
                      if (load_method(n) if kind == "method" else load_task(n))["status"] == "available"]
             raise RecipeError(f"{kind} '{recipe['name']}' is {recipe['status']} (not implemented yet; "
                               f"{recipe['_file']}); available: {', '.join(ready)}")
+    two_d = (t["kind"] if t is not None else load_task(corpus)["kind"] if corpus else None) == "classification2d"
+    m = method_form(m, two_d, corpus, t)
+    if two_d and m.get("pretrain"):
+        corpus = corpus or task       # the 2D track pre-trains on the task's own pre-training split (60%)
     if corpus is None and m.get("pretrain"):
         corpus = m["pretrain"]["corpus"]
         if t is not None and not t.get("phantom"):   # a real task pre-trains on a real corpus (issue 20)
@@ -507,19 +522,24 @@ def resolve(method: str, task: str | None = None, preset: str | None = None, ove
     c = load_task(corpus) if corpus else None
     if c is not None and c["kind"] != "corpus" and c["status"] != "available":
         raise RecipeError(f"{c['_file']}: task '{corpus}' is {c['status']}, not a usable pre-training corpus")
+    if two_d and c is not None and c["kind"] != "classification2d":
+        raise RecipeError(f"--corpus {corpus}: task '{t['name']}' is 2D (classification2d) and pre-trains on 2D "
+                          f"images; expected a classification2d corpus such as --corpus {t['name']}")
     lead = t or c
     preset = preset or (lead.get("default_preset") if lead else None) or "paper"
     if preset not in PRESETS:
         raise RecipeError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}{did_you_mean(preset, PRESETS)}")
     cfg: dict[str, Any] = {"run": copy.deepcopy(defaults["run"]), "model": copy.deepcopy(defaults["model"]),
-                           "method": {k: v for k, v in m.items() if k not in ("presets", "_file")}}
+                           "method": {k: v for k, v in m.items() if k not in ("presets", "_file", "two_d")}}
     files = {"defaults": defaults["_file"], "method": m["_file"]}
     layers = [("", defaults), ("method", m)]
     for section, recipe in (("task", t), ("corpus", c)):
         if recipe is not None:
-            cfg[section] = {k: v for k, v in recipe.items() if k not in ("presets", "_file")}
+            cfg[section] = {k: v for k, v in recipe.items() if k not in ("presets", "_file", "model")}
             files[section] = recipe["_file"]
             layers.append((section, recipe))
+    if t is not None and t.get("model"):   # the task's model keys (the 2D track's unet2d), under presets and --set
+        cfg["model"] = deep_merge(cfg["model"], t["model"])
     cfg["run"]["preset"] = preset
     for section, recipe in layers:
         for key, value in (recipe.get("presets", {}).get(preset) or {}).items():
@@ -532,6 +552,27 @@ def resolve(method: str, task: str | None = None, preset: str | None = None, ove
     _validate_resolved(cfg, files)
     cfg["recipe_files"] = files
     return cfg
+
+
+def method_form(m: dict, two_d: bool, corpus: str | None, task: Mapping | None) -> dict:
+    """The method recipe ``m`` in the form a run uses: its ``two_d`` block applied for a 2D task (pretrain keys
+    merged over the 3D ones, ``params`` and ``presets`` replaced); a 2D-only method (``only_2d``) refused for
+    a 3D task or a pre-training alone (``only_2d`` and ``two_d`` never reach the run's config)."""
+    if m.get("only_2d") and not two_d:
+        where = (f"task '{task['name']}' is {task['kind']}" if task is not None
+                 else f"corpus '{corpus}' is not a 2D task" if corpus else "no 2D task given")
+        raise RecipeError(f"{m['_file']}: method '{m['name']}' exists in 2D only (PCRL's ChestX-ray14 track); {where}; "
+                          f"expected --task chestxray14 or phantom-chestxray14")
+    out = {k: v for k, v in m.items() if k != "only_2d"}
+    block = m.get("two_d")
+    if two_d and block:
+        if out.get("pretrain") is not None and block.get("pretrain"):
+            out["pretrain"] = deep_merge(out["pretrain"], block["pretrain"])
+        if "params" in block:
+            out["params"] = copy.deepcopy(block["params"])
+        if "presets" in block:
+            out["presets"] = copy.deepcopy(block["presets"])
+    return out
 
 
 def split_config(cfg: Mapping, part: str) -> dict:

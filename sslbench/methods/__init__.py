@@ -18,10 +18,19 @@ REGISTRY: dict[str, str] = {
     "supervised-task": "sslbench.methods.supervised:Supervised",
 }
 
+#: the 2D track (issue 23, ChestX-ray14 on the ResNet-18 U-Net of sslbench/unet2d.py): name -> the method's 2D form
+REGISTRY_2D: dict[str, str] = {
+    "c2l": "sslbench.methods.c2l:C2L",
+    "mg": "sslbench.methods.genesis2d:ModelsGenesis2D",
+    "voco": "sslbench.methods.voco2d:VoCo2D",
+    "simsiam": "sslbench.methods.simsiam2d:SimSiam2D",
+}
 
-def get_method_class(name: str):
-    """The class of a registered method, or None (unknown name, or its module is not written yet)."""
-    target = REGISTRY.get(name)
+
+def get_method_class(name: str, spatial_dims: int = 3):
+    """The class of a registered method (its 2D form for ``spatial_dims=2``), or None (unknown name, no form
+    in those dimensions, or its module is not written yet)."""
+    target = (REGISTRY_2D if spatial_dims == 2 else REGISTRY).get(name)
     if target is None:
         return None
     module, cls = target.split(":")

@@ -80,18 +80,19 @@ def _where_sample(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
 
 def _box_mask(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor,
               shape: Sequence[int]) -> torch.Tensor:
-    """Union of the active boxes of each sample: bool [B, 1, X, Y, Z].
+    """Union of the active boxes of each sample: bool [B, 1, *shape] (3D: [B, 1, X, Y, Z]; 2D: [B, 1, H, W]).
 
-    starts / sizes [B, k, 3] in voxels (half-open boxes [start, start + size)), active [B, k].
+    starts / sizes [B, k, d] in voxels (half-open boxes [start, start + size)), active [B, k].
     """
-    inside = []
+    nd = len(shape)
+    boxes = None
     for axis, n in enumerate(shape):
         ar = torch.arange(int(n), device=starts.device)
         s, z = starts[..., axis, None], sizes[..., axis, None]
-        inside.append((ar >= s) & (ar < s + z))                       # [B, k, n]
-    ix, iy, iz = inside
-    boxes = ix[..., :, None, None] & iy[..., None, :, None] & iz[..., None, None, :]
-    return (boxes & active[..., None, None, None]).any(dim=1, keepdim=True)
+        inside = (ar >= s) & (ar < s + z)                             # [B, k, n]
+        inside = inside.view(*inside.shape[:2], *([1] * axis), int(n), *([1] * (nd - 1 - axis)))
+        boxes = inside if boxes is None else boxes & inside
+    return (boxes & active.view(*active.shape, *([1] * nd))).any(dim=1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,14 +108,14 @@ def flip_pair(x: torch.Tensor, y: torch.Tensor, prob: float = 0.4,
     draws u_1..u_3 and three axes a_1..a_3 per sample; flip k happens iff u_1..u_k < prob; an axis chosen
     an even number of times is not flipped, so each axis is flipped by its parity (one ``where`` per axis).
     """
-    b = x.shape[0]
+    b, nd = x.shape[0], x.dim() - 2                                     # nd spatial axes (3; 2 in the 2D track)
     dev = _device(x, generator)
     u = torch.rand(b, 3, generator=generator, device=dev)
-    axes = torch.randint(0, 3, (b, 3), generator=generator, device=dev)
+    axes = torch.randint(0, nd, (b, 3), generator=generator, device=dev)
     applied = (u < prob).long().cumprod(dim=1)                         # flip k only if flips 1..k-1 happened
-    counts = (F.one_hot(axes, 3) * applied[..., None]).sum(dim=1)      # [B, 3] times each axis is flipped
+    counts = (F.one_hot(axes, nd) * applied[..., None]).sum(dim=1)     # [B, nd] times each axis is flipped
     flip = (counts % 2 == 1).to(x.device)
-    for axis in range(3):
+    for axis in range(nd):
         x = _where_sample(flip[:, axis], x.flip(2 + axis), x)
         y = _where_sample(flip[:, axis], y.flip(2 + axis), y)
     return x, y
@@ -167,10 +168,13 @@ def local_pixel_shuffle(x: torch.Tensor, prob: float = 0.5, generator: torch.Gen
     b, _, *shape = x.shape
     dev = _device(x, generator)
     max_sides = [max(int(n) // 10, 1) for n in shape]
-    sx, sy, sz = (_slab_index(b, int(n), m, generator, dev) for n, m in zip(shape, max_sides))
-    ny, nz = shape[1] + 1, shape[2] + 1
-    tiles = (sx[:, :, None, None] * ny + sy[:, None, :, None]) * nz + sz[:, None, None, :]   # [B, X, Y, Z]
-    n_tiles = (shape[0] + 1) * ny * nz
+    nd = len(shape)
+    slabs = [_slab_index(b, int(n), m, generator, dev) for n, m in zip(shape, max_sides)]
+    tiles = None                                   # mixed radix over the axes' slab ids: [B, *shape]
+    for axis, (n, sl) in enumerate(zip(shape, slabs)):
+        sl = sl.view(b, *([1] * axis), int(n), *([1] * (nd - 1 - axis)))
+        tiles = sl if tiles is None else tiles * (int(n) + 1) + sl
+    n_tiles = math.prod(int(n) + 1 for n in shape)
     voxels = math.prod(shape)
     mean_block = math.prod((m + 1) / 2 for m in max_sides)
     coverage = 1.0 - math.exp(-num_blocks * mean_block / voxels)
@@ -232,7 +236,7 @@ def _painting_boxes(b: int, k: int, shape: Sequence[int], low: Sequence[int], hi
     """k boxes per sample with sides in [low, high] per axis, kept 3 voxels off the borders: (starts, sizes)."""
     sizes = torch.stack([randint_inclusive(lo, hi, (b, k), generator, device) for lo, hi in zip(low, high)], -1)
     dims = torch.tensor([int(n) for n in shape], device=device)
-    starts = randint_inclusive(3, dims - sizes - 3, (b, k, 3), generator, device)
+    starts = randint_inclusive(3, dims - sizes - 3, (b, k, len(shape)), generator, device)
     return starts, sizes
 
 

@@ -1,0 +1,165 @@
+"""C2L: Comparing to Learn (Zhou et al., MICCAI 2020), 2D only, on the ResNet-18 encoder of sslbench/unet2d.py.
+
+Read from the official code (funnyzhou/C2L_MICCAI2020, ``train_C2L_res18.py`` ``train_moco``, ``NCE/NCEAverage.py``
+``MemoryC2L``, ``models/resnet_mixup.py``): a query encoder f_q (ResNet-18 -> average pool -> fc 512 -> 128) and a
+momentum key encoder f_k (``moment_update``: theta_k <- m theta_k + (1 - m) theta_q, m = 0.999, after every step;
+its BatchNorm layers in train mode), a fixed-size queue of K = 16384 L2-normalised keys, temperature t = 0.07.
+For two views x1, x2 of each image, with q = f_q(x1), k = f_k(x2) and a batch mixup of both views with one
+lambda ~ Beta(1, 1), lambda <- max(lambda, 1 - lambda), and one permutation pi:
+
+    mx1 = lambda x1 + (1 - lambda) x1[pi],    mx2 = lambda x2 + (1 - lambda) x2[pi]
+    L = ( NCE(q, k) + NCE(f_q(mx1), f_k(mx2)) + NCE(f_q(mx1), lambda k + (1 - lambda) k[pi]) ) / 3
+
+where NCE(a, b) is the queue's InfoNCE, -log softmax([a.b, a.queue_1, ..., a.queue_K] / t)[0] with a and b
+L2-normalised (:func:`queue_logits`, :func:`info_nce`), and every one of the three comparisons then enqueues its
+keys (the official ``MemoryC2L.forward`` updates the queue inside each call, so the second and third see the
+keys the first pushed). Views: RandomResizedCrop(224, scale (0.2, 1)), RandomRotation(10), ColorJitter(0.4, 0.4,
+0.4, 0.4), RandomHorizontalFlip, Cutout(3 holes of 32 px at 224) (sslbench/methods/aug2d.py).
+
+Ledger of deviations (restoring keys where one exists):
+
+* Loss form: the softmax InfoNCE above (the official script's ``--softmax``, ``NCESoftmaxLoss``); the script's
+  default without the flag is CMC's NCE criterion with a normalisation constant Z. No key.
+* Optimiser: the shared AdamW warmup-cosine; official SGD lr 0.03, momentum 0.9, weight decay 1e-4, steps at
+  epochs 60, 80, 100 (x 0.1) of 120, batch 128: ``--set method.pretrain.optimizer=sgd`` with
+  ``method.pretrain.lr=0.03``, ``schedule=step``, ``step_every`` / ``step_gamma=0.1`` (evenly spaced steps only).
+* Inputs: grey [0, 1], 1 channel; official: 3 replicated channels with ImageNet mean / std normalisation, and
+  Cutout fills 0 after that normalisation, i.e. the mean colour: here the holes are filled with ``cutout_fill``
+  (0.449, the mean of ImageNet's channel means). No key for the normalisation.
+* ShuffleBN: the official query / key batches are shuffled for the key encoder's BatchNorm across GPUs; on one
+  process the permutation does not change batch statistics, so it is left out (under torchrun each rank's
+  BatchNorm sees its own batch, as without shuffling).
+* Encoder: the U-Net's timm ResNet-18 (PCRL's Table 4 protocol) with an adaptive average pool, instead of the
+  official ``AvgPool2d(7)`` (the same at 224 x 224).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..unet2d import build_encoder
+from . import aug2d
+from .base import PretrainMethod
+
+
+def queue_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
+    """``[B, 1 + K]`` logits: the positive q.k, then q against every queued key, over temperature t.
+
+    q, k: ``[B, D]`` (already L2-normalised), queue: ``[K, D]``. Column 0 holds the positives (MemoryC2L's out).
+    """
+    pos = (q * k).sum(dim=1, keepdim=True)
+    neg = q @ queue.t()
+    return torch.cat([pos, neg], dim=1) / t
+
+
+def info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy towards column 0 (NCESoftmaxLoss): -mean log softmax(logits)[:, 0]."""
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
+def mixup(x: torch.Tensor, lam: float, index: torch.Tensor) -> torch.Tensor:
+    """lam x + (1 - lam) x[index] (``mixup_data``)."""
+    return lam * x + (1 - lam) * x[index]
+
+
+def draw_lambda(alpha: float) -> float:
+    """lambda ~ Beta(alpha, alpha) from the global torch generator, folded to max(lambda, 1 - lambda) >= 0.5."""
+    lam = float(torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample())
+    return max(lam, 1 - lam)
+
+
+def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """Write ``keys`` [B, D] into the ring ``queue`` [K, D] at ``ptr`` (wrapping), advance ``ptr`` (in place)."""
+    n, size = keys.shape[0], queue.shape[0]
+    ids = (torch.arange(n, device=queue.device) + int(ptr)) % size
+    queue.index_copy_(0, ids, keys.to(queue.dtype))
+    ptr.fill_((int(ptr) + n) % size)
+
+
+@torch.no_grad()
+def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
+    """theta_target <- m theta_target + (1 - m) theta_online (``moment_update``; buffers are the target's own)."""
+    for p, q in zip(online.parameters(), target.parameters()):
+        q.mul_(m).add_(p.detach(), alpha=1 - m)
+
+
+class C2L(PretrainMethod):
+    name = "c2l"
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = self.params
+        self.dim = int(p.get("dim", 128))
+        self.t = float(p.get("temperature", 0.07))
+        self.m = float(p.get("momentum", 0.999))
+        self.encoder = build_encoder(model_cfg)
+        width = self.encoder.feature_info.channels()[-1]
+        self.fc = nn.Linear(width, self.dim)
+        self.key_encoder = copy.deepcopy(self.encoder)       # moment_update(model, model_ema, 0): a copy
+        self.key_fc = copy.deepcopy(self.fc)
+        for prm in list(self.key_encoder.parameters()) + list(self.key_fc.parameters()):
+            prm.requires_grad_(False)
+        k = int(p.get("queue", 16384))
+        stdv = 1.0 / math.sqrt(self.dim / 3)
+        self.register_buffer("queue", torch.rand(k, self.dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        """Encoder input pixels per image and step (feasibility): two views and their two mixups."""
+        return 4 * size[0] * size[1]
+
+    def embed(self, x: torch.Tensor, key: bool = False) -> torch.Tensor:
+        enc, fc = (self.key_encoder, self.key_fc) if key else (self.encoder, self.fc)
+        return fc(enc(x)[-1].mean(dim=(2, 3)))
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        v = aug2d.random_geometry(x, tuple(p.get("crop_scale", (0.2, 1.0))), float(p.get("rotate_degrees", 10)),
+                                  float(p.get("p_flip", 0.5)))
+        v = aug2d.random_jitter(v, float(p.get("jitter", 0.4)))
+        return aug2d.cutout(v, int(p.get("cutout_holes", 3)), float(p.get("cutout_length", 32 / 224)),
+                            float(p.get("cutout_fill", 0.449)))
+
+    def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """One comparison against the queue, then its keys enqueued (MemoryC2L.forward)."""
+        k = k.detach()
+        loss = info_nce(queue_logits(q.float(), k.float(), self.queue.clone(), self.t))
+        with torch.no_grad():
+            enqueue(self.queue, self.queue_ptr, k.float())
+        return loss
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x1, x2 = self.views(volumes), self.views(volumes)
+        self.key_encoder.train()                        # set_bn_train: the key encoder's BN uses batch statistics
+        q = F.normalize(self.embed(x1), dim=1)
+        with torch.no_grad():
+            feat_k = self.embed(x2, key=True)
+        lam = draw_lambda(float(self.params.get("mixup_alpha", 1.0)))
+        index = torch.randperm(volumes.shape[0], device=volumes.device)
+        mq = F.normalize(self.embed(mixup(x1, lam, index)), dim=1)
+        with torch.no_grad():
+            mk = F.normalize(self.embed(mixup(x2, lam, index), key=True), dim=1)
+        k = F.normalize(feat_k, dim=1)
+        mixed_keys = F.normalize(mixup(feat_k, lam, index), dim=1)
+        l1 = self.contrast(q, k)
+        l2 = self.contrast(mq, mk)
+        l3 = self.contrast(mq, mixed_keys)
+        loss = (l1 + l2 + l3) / 3
+        return loss, {"nce": l1.detach(), "nce_mixed": l2.detach(), "nce_mixed_keys": l3.detach(), "lambda": lam}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        momentum_update(self.encoder, self.key_encoder, self.m)
+        momentum_update(self.fc, self.key_fc, self.m)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"fc.{k}": v for k, v in self.fc.state_dict().items()}
