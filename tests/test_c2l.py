@@ -33,7 +33,7 @@ def test_mixup_lambda_queue_ring_and_momentum_update():
     with torch.no_grad():
         online.weight.fill_(1.0)
         target.weight.fill_(0.0)
-    momentum_update(online, target, 0.9)
+    momentum_update(target.parameters(), online.parameters(), 0.9)   # key (target) <- query (online)
     assert float(target.weight.detach()) == pytest.approx(0.1)                 # 0.9 * 0 + 0.1 * 1
 
 

@@ -216,15 +216,7 @@ class Stream:
 
     def batches(self, start: int, stop: int) -> Iterator[torch.Tensor]:
         """The batches of steps ``start`` .. ``stop - 1`` in order; a worker's error is one line."""
-        it = iter(self.loader(start, stop))
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except DataError as exc:   # re-raised by the DataLoader with the worker's traceback appended
-                raise DataError(_worker_line(exc)) from None
-            yield batch
+        yield from _one_line_errors(self.loader(start, stop))
 
     def whole_volumes(self) -> Iterator[torch.Tensor]:
         """The shard's volumes in order, whole and resized to ``size`` as the memory loader stacks them (never native
@@ -308,15 +300,21 @@ class CropStream:
         loader = DataLoader(self.dataset, sampler=range(int(start), int(stop)), batch_size=None,
                             num_workers=self.plan.workers, prefetch_factor=self.plan.prefetch,
                             pin_memory=self.pin_memory, persistent_workers=False)
-        it = iter(loader)
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except DataError as exc:   # re-raised by the DataLoader with the worker's traceback appended
-                raise DataError(_worker_line(exc)) from None
-            yield batch
+        yield from _one_line_errors(loader)
+
+
+def _one_line_errors(loader: DataLoader) -> Iterator:
+    """The loader's batches in order; a worker's DataError (re-raised by the DataLoader with the worker's
+    traceback appended) comes out as its own one line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DataError as exc:
+            raise DataError(_worker_line(exc)) from None
+        yield batch
 
 
 def _worker_line(exc: BaseException) -> str:

@@ -76,3 +76,10 @@ class PretrainMethod(nn.Module):
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """Method-specific heads (projection MLPs, predictors...), saved apart from the backbone."""
         return {}
+
+
+@torch.no_grad()
+def momentum_update(key_params, query_params, m: float) -> None:
+    """param_k <- m param_k + (1 - m) param_q: the momentum (key / target) encoder of MoCo-style methods (PCRL's and
+    C2L's official ``moment_update``), one foreach kernel group; buffers stay the key encoder's own."""
+    torch._foreach_lerp_(list(key_params), list(query_params), 1.0 - m)

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..unet2d import build_encoder
 from . import aug2d
-from .base import PretrainMethod
+from .base import PretrainMethod, momentum_update
 
 
 def queue_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
@@ -79,13 +79,6 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     ids = (torch.arange(n, device=queue.device) + int(ptr)) % size
     queue.index_copy_(0, ids, keys.to(queue.dtype))
     ptr.fill_((int(ptr) + n) % size)
-
-
-@torch.no_grad()
-def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
-    """theta_target <- m theta_target + (1 - m) theta_online (``moment_update``; buffers are the target's own)."""
-    for p, q in zip(online.parameters(), target.parameters()):
-        q.mul_(m).add_(p.detach(), alpha=1 - m)
 
 
 class C2L(PretrainMethod):
@@ -155,8 +148,8 @@ class C2L(PretrainMethod):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        momentum_update(self.encoder, self.key_encoder, self.m)
-        momentum_update(self.fc, self.key_fc, self.m)
+        momentum_update([*self.key_encoder.parameters(), *self.key_fc.parameters()],
+                        [*self.encoder.parameters(), *self.fc.parameters()], self.m)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}

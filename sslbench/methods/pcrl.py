@@ -104,7 +104,7 @@ from torch import nn
 from ..backbones import (SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
                          decoder_output, encoder_features, output_layer_name, upsampling_widths)
 from ..errors import RecipeError
-from .base import PretrainMethod
+from .base import PretrainMethod, momentum_update
 from .genesis import local_pixel_shuffle, nonlinear_intensity, paint
 from .voco import _axis_coords, use_sdpa_window_attention
 
@@ -442,12 +442,6 @@ def info_nce_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's InfoNCE: cross-entropy of softmax(logits / T) with the positive (column 0) as the target."""
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits.float() / temperature, target)
-
-
-@torch.no_grad()
-def momentum_update(key_params: Sequence[torch.Tensor], query_params: Sequence[torch.Tensor], m: float) -> None:
-    """param_k <- m param_k + (1 - m) param_q (the official ``moment_update``), one foreach kernel group."""
-    torch._foreach_lerp_(list(key_params), list(query_params), 1.0 - m)
 
 
 def pcrlv2_beta(step: int, total: int) -> float:
