@@ -579,7 +579,7 @@ def _stage_items(cfg: Mapping[str, Any], stage: str, root, log) -> tuple[Path, b
     """(root, phantom, items read) of a run's data: the corpus volumes of a pre-training, the train and val
     cases of a fine-tuning (only located and listed here; nothing is preprocessed)."""
     if stage == "pretrain" and track2d.is_2d(cfg.get("corpus")):   # the 2D track: the task's pretrain split
-        return track2d.pretrain_items(cfg["corpus"], root, log)
+        return track2d.pretrain_items(cfg["corpus"], *locate_data(cfg["corpus"], root, log=log))
     if stage == "pretrain":
         from .data.corpus import corpus_items, labelled_items
         from .methods import get_method_class

@@ -11,7 +11,7 @@ split), the image stack ``[N, 1, H, W]`` in [0, 1] at ``preprocess.size``, the m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -56,13 +56,12 @@ def corpus_root(cfg: Mapping[str, Any], root, corpus_root):
     return corpus_root
 
 
-def pretrain_items(corpus: Mapping[str, Any], root, log: Callable[[str], None]) -> tuple[Path, bool, list[dict]]:
-    """(root, phantom, the ``pretrain`` split's items) of a 2D task: what a 2D pre-training reads."""
+def pretrain_items(corpus: Mapping[str, Any], root_path, phantom: bool) -> tuple[Path, bool, list[dict]]:
+    """(root, phantom, the ``pretrain`` split's items) of a 2D task located at ``root_path`` (the protocol's
+    ``locate_data``): what a 2D pre-training reads."""
     from .data import layouts
     from .errors import DataError
-    from .protocol import locate_data
 
-    root_path, phantom = locate_data(corpus, root, log=log)
     dl = layouts.load_datalist(corpus, root_path)
     items = dl.splits.get("pretrain") or []
     if not items:
