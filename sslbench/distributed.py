@@ -18,6 +18,7 @@ unchanged.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -142,6 +143,10 @@ def setup(device_setting: str = "auto") -> Dist:
         if cuda:
             torch.cuda.set_device(local)
         tdist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        # every command that joined a job leaves it before the interpreter is torn down: gloo's worker threads
+        # still holding tensors at finalisation abort the process (SIGABRT, "terminate called without an
+        # active exception"), which turned a finished two-process sweep into a failed one
+        atexit.register(cleanup)
     _CURRENT = Dist(rank=rank, world_size=world, local_rank=local, backend=tdist.get_backend())
     return _CURRENT
 
@@ -179,8 +184,15 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def cleanup() -> None:
+    """Leave the job: on gloo, first wait (at most a minute) until every rank is here, so that no rank tears
+    down its process group while a peer's last collective with it is in flight; then destroy the group."""
     global _CURRENT
     if tdist.is_initialized():
+        if tdist.get_backend() == "gloo" and tdist.get_world_size() > 1:
+            try:
+                tdist.monitored_barrier(timeout=timedelta(seconds=60))
+            except Exception:  # noqa: BLE001 - a peer that already left or died: leave anyway
+                pass
         tdist.destroy_process_group()
     _CURRENT = SINGLE
 

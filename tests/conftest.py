@@ -28,7 +28,7 @@ def pytest_xdist_auto_num_workers(config):
 #: others' end-to-end runs read, not measured); ``pytest_collection_modifyitems`` runs them before the rest.
 LONG_FIRST = ("test_distributed.py", "test_protocol.py", "test_sweep.py", "test_methods_run.py",
               "test_stream.py", "test_predict.py", "test_runkey.py", "test_supervised.py", "test_ct_tasks.py",
-              "test_tensorboard.py")
+              "test_tensorboard.py", "test_golden.py")
 
 
 @pytest.hookimpl(trylast=True)                   # after pytest's own reordering by fixture scope
