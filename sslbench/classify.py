@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import protocol as P
+from .protocol.loop import Loop, Validation
 from .backbones import LoadReport, build_model, load_backbone, read_checkpoint
 from .errors import CheckpointError, DataError, RecipeError, RunError
 from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state
@@ -332,66 +333,47 @@ def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None
 
         start, best, best_step, history = P.resume_finetune(run, model, opt, sched, total, best=-math.inf)
         last = record.ckpt_dir / "last.pt"
-
-        def save_last(step: int) -> None:
-            if not dist.is_main:
-                return
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "step": step, "best": best,
-                               "best_step": best_step, "history": history}, last)
-            record.set_status(step=step)
-
-        job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
         train_model = P.compiled(distributed.wrap(model, dist, device), cfg["run"])   # DDP under torchrun
-        loss_sum, loss_n = torch.zeros((), device=device), 0
-        for step in range(start, total):
+
+        def batch(step: int):
             stream = [seed, step] if dist.rank == 0 else [seed, step, dist.rank]   # rank 0 = one process
             picks = np.random.default_rng(stream).integers(0, len(train_items), size=ft["batch_size"])
             idx = torch.as_tensor(picks, device=train_x.device)
             gen = torch.Generator().manual_seed(step_seed(seed, step, 2 + 1000 * dist.rank))
             params = draw_augmentation(len(picks), dims, ft, gen)
             x = train_x.index_select(0, idx).to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
-            x = apply_augmentation(x, params)
-            y = train_y.index_select(0, idx.to(device))
+            return apply_augmentation(x, params), train_y.index_select(0, idx.to(device))
+
+        def loss_of(xy, step: int):
             with P.autocast(bf16, device):
-                logits = train_model(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach()
-            loss_n += 1
-            done = step + 1
-            if done % ft.get("log_every", 10) == 0 or done == total:
-                mean_loss = float(dist.mean(loss_sum / loss_n))
-                P.stop_if_not_finite(mean_loss, done, record, cfg["run"], "fine-tuning")
-                loss_sum.zero_()
-                loss_n = 0
-                history.append({"step": done, "loss": mean_loss})
-                record.log(f"step {done}/{total} loss {mean_loss:.4f}")
-                record.scalars(done, {"finetune/loss": mean_loss, "finetune/lr": opt.param_groups[0]["lr"]})
-                progress.update(job, info=f"loss {mean_loss:.3f}")
-            validated = bool(val_every) and (done % val_every == 0 or done == total)
-            if validated:
-                summary = summarize(predict(model, val_x, task, device, bf16), val_truth, task)
-                score = score_of(summary)
-                history.append({"step": done, f"val_{metric}": summary[f"mean_{metric}"]})
-                record.log(f"step {done} validation {metric} {_fmt(summary[f'mean_{metric}'])}")
-                record.scalars(done, {f"val/{metric}": summary[f"mean_{metric}"]})
-                if score > best:
-                    best, best_step = score, done
-                    if dist.is_main:
-                        atomic_torch_save({"model": model.state_dict(), "step": done, f"val_{metric}": score},
-                                          record.ckpt_dir / "best.pt")
-            if done % ckpt_every == 0 or done == total:
-                save_last(done)
-            progress.update(job, advance=1)
-            P._kill_point(done)
-            if on_validation is not None and validated:
-                value = history[-1][f"val_{metric}"]
-                on_validation(done, math.nan if value is None else float(value))
+                logits = train_model(xy[0])
+            return loss_fn(logits.float(), xy[1]), {}
+
+        def validate(done: int) -> Validation:
+            summary = summarize(predict(model, val_x, task, device, bf16), val_truth, task)
+            value = summary[f"mean_{metric}"]
+            return Validation(score_of(summary), math.nan if value is None else float(value),
+                              {"step": done, f"val_{metric}": value}, f"validation {metric} {_fmt(value)}",
+                              {f"val/{metric}": value}, {f"val_{metric}": score_of(summary)})
+
+        def save_last(done: int) -> None:
+            if dist.is_main:
+                atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "step": done, "best": loop.best,
+                                   "best_step": loop.best_step, "history": history}, last)
+                record.set_status(step=done)
+
+        def save_best(done: int, result: Validation) -> None:
+            atomic_torch_save({"model": model.state_dict(), "step": done, **result.best_state},
+                              record.ckpt_dir / "best.pt")
+
+        loop = Loop("fine-tuning", "finetune", total, int(ft.get("log_every", 10)), ckpt_every, record, dist,
+                    cfg["run"], opt, sched, progress, progress.add_task("finetune", total=total, completed=start, info=""),
+                    device, batch, loss_of, save_last, history=history, validate=validate, val_every=val_every,
+                    save_best=save_best, on_validation=on_validation, show_total=True, best=best, best_step=best_step)
+        loop.run(start)
+        best_step = loop.best_step
 
         dist.barrier()   # best.pt is on disk for every rank
         chosen = "last"

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +25,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import distributed, inductor, locks, recipes, track2d
-from .backbones import build_model, load_backbone, read_checkpoint
-from .errors import DataError, RecipeError, RunError
-from .metrics import score_names, scoring
-from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state, prepare_run_folder
+from .. import distributed, inductor, locks, recipes, track2d
+from ..backbones import build_model, load_backbone, read_checkpoint
+from ..errors import DataError, RecipeError, RunError
+from ..metrics import score_names, scoring
+from ..records import RunRecord, atomic_torch_save, atomic_write_json, load_state, prepare_run_folder
+from .loop import DataWait, Loop, Validation, stop_if_not_finite  # noqa: F401 (stop_if_not_finite: public here)
 
 PHANTOM_MARKER = "sslbench_phantom.json"
 
@@ -103,21 +103,21 @@ def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[
     """The dataset root for a task, synthesising the phantom twin when the recipe says ``root: auto``."""
     data = task.get("data") or {}
     if data.get("sources"):   # a combined corpus: every source located (phantoms synthesised), their common folder
-        from .data.corpus import locate_sources
+        from ..data.corpus import locate_sources
 
         return locate_sources(task, None if root is None else str(root), log)
     if root is None:
-        from .data.corpus import env_name
+        from ..data.corpus import env_name
 
         root = os.environ.get(env_name(task["name"])) or data.get("root")
     if root in (None, ""):
-        from .data.corpus import env_name
+        from ..data.corpus import env_name
 
         raise DataError(f"task '{task['name']}' needs --root DIR or ${env_name(task['name'])} (your copy of "
                         f"{task['title']} in its distributed layout: {', '.join(data.get('layouts', []))}; see the "
                         f"README's 'Real datasets'); for a demo use --task phantom-{task['name']}")
     if root == "auto":
-        from .data import phantom as phantom_mod
+        from ..data import phantom as phantom_mod
 
         like = data.get("phantom_like")
         if not like:
@@ -151,7 +151,7 @@ def labeled_subset(items: list[dict], labeled: int | float | None) -> list[dict]
 
 
 def read_splits(task: Mapping[str, Any], root: Path) -> dict[str, list[dict]]:
-    from .data import layouts
+    from ..data import layouts
 
     splits = layouts.read_datalist(task, root)
     for name in ("train", "val"):
@@ -165,7 +165,7 @@ def case_cache(run_cfg: Mapping[str, Any], task: Mapping[str, Any], with_label: 
     mode = str(run_cfg.get("cache", "read"))
     if mode == "none":
         return None, False
-    from .data.cache import CaseCache
+    from ..data.cache import CaseCache
 
     return CaseCache(task, with_label=with_label), mode == "write"
 
@@ -206,7 +206,7 @@ def load_cases(items: list[dict], transform, desc: str, progress=None, cache=Non
         try:
             case = local.transform(d)
         except Exception as exc:  # MONAI wraps reader errors; one line naming the file and the cause
-            from .data.check import load_error
+            from ..data.check import load_error
 
             raise DataError(load_error(item["image"], exc)) from None
         if cache is not None and write:
@@ -266,7 +266,7 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
     """
     from monai.inferers import sliding_window_inference
 
-    from .metrics import case_scores, predict_masks, truth_masks
+    from ..metrics import case_scores, predict_masks, truth_masks
 
     ev, roi = task["evaluate"], tuple(task["finetune"]["roi"])
     model.eval()
@@ -470,13 +470,6 @@ def make_schedule(opt, warmup: int, total: int):
     return WarmupCosineSchedule(opt, warmup_steps=min(warmup, max(total - 1, 0)), t_total=max(total, 1))
 
 
-def _kill_point(step: int) -> None:
-    """Test hook: SSLBENCH_KILL_AFTER_STEP=N kills the process (SIGKILL) right after step N."""
-    at = os.environ.get("SSLBENCH_KILL_AFTER_STEP")
-    if at is not None and int(at) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _rank_report(dist: "distributed.Dist", state: Mapping[str, torch.Tensor], **facts: Any) -> None:
     """Test hook: with SSLBENCH_RANK_REPORT=DIR every rank writes DIR/rank<r>.json (its rank, world size, a
     SHA-256 of its final trained state and ``facts``), so a test can check that the ranks of a job ended in
@@ -581,14 +574,14 @@ def _stage_items(cfg: Mapping[str, Any], stage: str, root, log) -> tuple[Path, b
     if stage == "pretrain" and track2d.is_2d(cfg.get("corpus")):   # the 2D track: the task's pretrain split
         return track2d.pretrain_items(cfg["corpus"], *locate_data(cfg["corpus"], root, log=log))
     if stage == "pretrain":
-        from .data.corpus import corpus_items, labelled_items
-        from .methods import get_method_class
+        from ..data.corpus import corpus_items, labelled_items
+        from ..methods import get_method_class
 
         cls = get_method_class(cfg["method"]["name"])
         read = labelled_items if getattr(cls, "needs_labels", False) else corpus_items
         where, phantom, items = read(cfg["corpus"], None if root is None else str(root), log=log)
         return Path(where), phantom or bool(cfg["corpus"].get("phantom")), items
-    from .data import layouts
+    from ..data import layouts
 
     root_path, phantom = locate_data(cfg["task"], root, log=log)
     splits = layouts.load_datalist(cfg["task"], root_path).splits
@@ -603,7 +596,7 @@ def plan_run(cfg: Mapping[str, Any], stage: str, root: str | Path | None = None,
     ``cfg`` is a pre-training ('pretrain') or fine-tuning ('finetune') view of a resolved recipe, as the
     protocol runs it (a fine-tuning's ``init`` set); ``pretrain_key`` the run key of the pre-training a
     fine-tuning starts from."""
-    from .data.fingerprint import fingerprint
+    from ..data.fingerprint import fingerprint
 
     root_path, phantom, items = _stage_items(cfg, stage, root, log)
     data = fingerprint(root_path, items)
@@ -641,7 +634,7 @@ def _listed(cfg: Mapping[str, Any], stage: str, root) -> tuple[list | None, bool
 
 
 def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list, dict]:
-    from . import feasibility
+    from .. import feasibility
 
     ests, seen = [], {}
     if "corpus" in cfg and cfg["method"].get("pretrain") is not None:
@@ -655,7 +648,7 @@ def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list
                             f"--corpus phantom-corpus pre-trains on phantoms (the run is then PHANTOM)") from None
         seen["pretrain"] = (items, phantom, where)
         ests.append(feasibility.estimate_pretrain(pcfg, machine, None if items is None else len(items)))
-        from .methods import get_method_class
+        from ..methods import get_method_class
 
         labelled = bool(getattr(get_method_class(pcfg["method"]["name"]), "needs_labels", False))
         volumes = int((pcfg["corpus"].get("data") or {}).get("phantom_total")
@@ -670,7 +663,7 @@ def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list
         train = task["data"].get("phantom_cases") if items is None else None   # a phantom not written yet
         train_items, val_items = None, None
         if items is not None:
-            from .data import layouts
+            from ..data import layouts
 
             splits = layouts.load_datalist(task, where).splits
             train_items = labeled_subset(splits.get("train", []), task["finetune"].get("labeled_cases"))
@@ -698,7 +691,7 @@ def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable
     (SimpleITK for .mhd, pydicom for DICOM), and the feasibility of the plan (memory and time estimates,
     refused with the way out unless ``run.feasibility`` says otherwise). ``cfg``: a resolved recipe or one
     stage's view of it. Returns the stage estimates."""
-    from . import feasibility
+    from .. import feasibility
 
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:   # the fine-tuning data first: its missing root is the first thing to say
@@ -719,7 +712,7 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
     """``--dry-run``: the plan (stages, the recipes' key settings, corpus, phantom or not, run folders and
     keys) and its estimates, printed; nothing is written (a phantom tree not written yet leaves its run keys
     open). Root and reader errors raise as in a run; an infeasible plan is printed, not raised."""
-    from . import feasibility
+    from .. import feasibility
 
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:
@@ -854,7 +847,7 @@ def run_scope():
 
 def file_digest(path: Path) -> str:
     """The first 16 hex digits of a file's SHA-256 (:func:`sslbench.data.fingerprint.file_sha256`)."""
-    from .data.fingerprint import file_sha256
+    from ..data.fingerprint import file_sha256
 
     return file_sha256(path)[:16]
 
@@ -880,9 +873,9 @@ def finetune_stream(cfg: Mapping[str, Any], train_items: list[dict], val_items: 
     the cache (channels, label values; nothing of the split stays in memory), and maps the validation cases
     (pages read on touch) after every rank has cached its share.
     """
-    from .data.cache import CaseCache
-    from .data.stream import CropStream, shard
-    from .data.transforms import preprocess_transforms, train_augmentation
+    from ..data.cache import CaseCache
+    from ..data.stream import CropStream, shard
+    from ..data.transforms import preprocess_transforms, train_augmentation
 
     task, run_cfg = cfg["task"], cfg["run"]
     ft = task["finetune"]
@@ -929,8 +922,8 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
     ``on_validation(step, mean_dice)`` is called after each periodic validation, after the checkpoint of
     that step is safe on disk (a sweep reports intermediate values there and may raise to prune).
     """
-    from .data.transforms import preprocess_transforms, step_seed, train_augmentation
-    from .metrics import targets
+    from ..data.transforms import preprocess_transforms, step_seed, train_augmentation
+    from ..metrics import targets
 
     task = cfg["task"]
     if task["status"] != "available":
@@ -938,7 +931,7 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
                           f"see `sslbench list tasks` for the available ones")
     check_finetune_loader(cfg)
     if task["kind"] in ("classification", "classification2d"):
-        from . import classify
+        from .. import classify
 
         return classify.finetune(cfg, root=root, init=init, resume=resume, force=force, console=console,
                                  on_validation=on_validation)
@@ -1027,71 +1020,52 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
             y = torch.stack([plain(c["label"]) for c in crops]).float()
             return x, y
 
-        def save_last(step: int) -> None:
-            if not dist.is_main:
-                return
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "step": step, "best": best,
-                               "best_step": best_step, "history": history}, last)
-            record.set_status(step=step, data_wait=wait.fraction())
-
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
         # the CropStream draws what make_batch draws, in worker processes
         batches = stream.batches(start, total) if stream is not None else None
         fetch = Prefetcher(make_batch, start, total, depth=4, workers=workers) if stream is None else None
         wait = DataWait()
-        train_job = progress.add_task("finetune", total=total, completed=start, info="")
         model.train()
         train_model = compiled(distributed.wrap(model, dist, device), cfg["run"])   # DDP under torchrun
         eval_model = compiled(model, cfg["run"])
-        loss_sum, loss_n = torch.zeros((), device=device), 0
+
+        def batch(step: int):
+            x, y = next(batches) if batches is not None else fetch.get(step)
+            return x.to(device, non_blocking=True), targets(y.to(device, non_blocking=True), task)
+
+        def loss_of(xy, step: int):
+            with autocast(bf16, device):
+                logits = train_model(xy[0])
+            return loss_fn(logits.float(), xy[1]), {}
+
+        def validate(done: int) -> Validation:
+            rows = _evaluate_sharded(eval_model, val_cases, task, device, bf16, dist)
+            score = float(np.nanmean([r["mean"] for r in rows]))
+            return Validation(score, score, {"step": done, "val_dice": score}, f"validation dice {score:.4f}",
+                              {"val/dice": score}, {"val_dice": score})
+
+        def save_last(done: int) -> None:
+            if dist.is_main:
+                atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "step": done, "best": loop.best,
+                                   "best_step": loop.best_step, "history": history}, last)
+                record.set_status(step=done, data_wait=wait.fraction())
+
+        def save_best(done: int, result: Validation) -> None:
+            atomic_torch_save({"model": model.state_dict(), "step": done, **result.best_state},
+                              record.ckpt_dir / "best.pt")
+
+        loop = Loop("fine-tuning", "finetune", total, int(ft.get("log_every", 10)), ckpt_every, record, dist,
+                    cfg["run"], opt, sched, progress, progress.add_task("finetune", total=total, completed=start, info=""),
+                    device, batch, loss_of, save_last, history=history, validate=validate, val_every=val_every,
+                    save_best=save_best, on_validation=on_validation, wait=wait, show_total=True, best=best,
+                    best_step=best_step)
         try:
-            for step in range(start, total):
-                wait.start_step()
-                x, y = next(batches) if batches is not None else fetch.get(step)
-                x, y = x.to(device, non_blocking=True), targets(y.to(device, non_blocking=True), task)
-                wait.got_data()
-                with autocast(bf16, device):
-                    logits = train_model(x)
-                loss = loss_fn(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                wait.end_step()
-                loss_sum += loss.detach()
-                loss_n += 1
-                done = step + 1
-                if done % ft.get("log_every", 10) == 0 or done == total:
-                    mean_loss = float(dist.mean(loss_sum / loss_n))
-                    stop_if_not_finite(mean_loss, done, record, cfg["run"], "fine-tuning")
-                    loss_sum.zero_()
-                    loss_n = 0
-                    history.append({"step": done, "loss": mean_loss})
-                    record.log(f"step {done}/{total} loss {mean_loss:.4f} data_wait {wait.interval():.3f}")
-                    record.scalars(done, {"finetune/loss": mean_loss, "finetune/lr": opt.param_groups[0]["lr"]})
-                    progress.update(train_job, info=f"loss {mean_loss:.3f}" + (f" best {best:.3f}" if best >= 0 else ""))
-                if val_every and (done % val_every == 0 or done == total):
-                    rows = _evaluate_sharded(eval_model, val_cases, task, device, bf16, dist)
-                    score = float(np.nanmean([r["mean"] for r in rows]))
-                    history.append({"step": done, "val_dice": score})
-                    record.log(f"step {done} validation dice {score:.4f}")
-                    record.scalars(done, {"val/dice": score})
-                    if score > best:
-                        best, best_step = score, done
-                        if dist.is_main:
-                            atomic_torch_save({"model": model.state_dict(), "step": done, "val_dice": score},
-                                              record.ckpt_dir / "best.pt")
-                    progress.update(train_job, info=f"dice {score:.3f} best {best:.3f}")
-                if done % ckpt_every == 0 or done == total:
-                    save_last(done)
-                progress.update(train_job, advance=1)
-                _kill_point(done)
-                if on_validation is not None and val_every and (done % val_every == 0 or done == total):
-                    on_validation(done, float(history[-1]["val_dice"]))
+            loop.run(start)
         finally:
             if fetch is not None:
                 fetch.close()
+        best_step = loop.best_step
 
         # Final evaluation on the validation split with the selected checkpoint.
         dist.barrier()   # best.pt is on disk for every rank
@@ -1143,19 +1117,19 @@ def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force
     them), so a refused ``--force`` keeps the old folder.
     Classification tasks (PNG/JPG images) get the checks of :mod:`sslbench.data.classification_check` instead.
     """
-    from .data.check import check_case_headers
+    from ..data.check import check_case_headers
 
     task = cfg["task"] if stage == "finetune" else cfg["corpus"]
     if task.get("kind") in ("classification", "classification2d"):
-        from .data.classification_check import check_cases
+        from ..data.classification_check import check_cases
 
         # PNG/JPG slices and radiographs: headers, end markers, slice sizes, labels; every pixel with --force
         check_cases(task, items, decode=force)
         return
     check_case_headers(items, task)
     if force:
-        from .data.check import LoadChecked
-        from .data.ct_layouts import DicomSeriesReader, SimpleITKReader
+        from ..data.check import LoadChecked
+        from ..data.ct_layouts import DicomSeriesReader, SimpleITKReader
 
         keys = ["image", "label"] if items and items[0].get("label") else ["image"]
         cache, _ = case_cache(cfg["run"], task, with_label="label" in keys)
@@ -1190,19 +1164,6 @@ def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, co
     return dist, plan, record, action, say
 
 
-def stop_if_not_finite(loss: float, step: int, record: "RunRecord", run_cfg: Mapping[str, Any], stage: str) -> None:
-    """A NaN / inf training loss ends the run with a one-line error instead of training on (and scoring)
-    garbage; the run is marked failed (run_scope), with its last checkpoint from before the logging window."""
-    if math.isfinite(loss):
-        return
-    msg = (f"{record.path}: the {stage} loss is {loss} at step {step} (precision "
-           f"{run_cfg.get('precision', 'auto')}, compile {bool(run_cfg.get('compile'))}, attention "
-           f"{run_cfg.get('attention', 'fused')}); the run was stopped unfinished. Try a lower learning rate or "
-           f"--set run.precision=fp32, then run again (the failed folder starts over)")
-    record.log(msg)
-    raise RunError(msg)
-
-
 def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Module:
     """``run.compile``: ``torch.compile(module, dynamic=False)`` (the crops and windows have fixed shapes) under
     sslbench's Inductor settings (sslbench/inductor.py), else ``module`` itself. The compiled wrapper shares the
@@ -1212,7 +1173,7 @@ def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Mo
     gave NaN losses on an H100 (2026-11-27, tiny preset on phantom BTCV, eager finite)."""
     if not run_cfg.get("compile"):
         return module
-    from .fast_swin import keep_sdpa_out_of_compile
+    from ..fast_swin import keep_sdpa_out_of_compile
 
     keep_sdpa_out_of_compile(module)
     return inductor.compile(module, dynamic=False)
@@ -1314,7 +1275,7 @@ def compile_method(method: torch.nn.Module, run_cfg: Mapping[str, Any]) -> None:
 def use_run_attention(model: torch.nn.Module, run_cfg: Mapping[str, Any]) -> int:
     """``run.attention`` (fused | sdpa | monai) for the Swin window attention of a network to fine-tune or
     evaluate (sslbench/fast_swin.py: the same function computed faster; parameters and keys unchanged)."""
-    from .fast_swin import apply_attention
+    from ..fast_swin import apply_attention
 
     return apply_attention(model, str(run_cfg.get("attention", "fused")))
 
@@ -1351,7 +1312,7 @@ def checkpoint_provenance(path: str | Path, method: str | None = None) -> dict[s
     except (OSError, ValueError):
         metrics = None
     if not isinstance(metrics, dict) or metrics.get("kind") != "pretrain":
-        from .methods import get_method_class
+        from ..methods import get_method_class
 
         cls = get_method_class(method) if method and method != "scratch" else None
         return {"include_decoder": bool(getattr(cls, "transfers_decoder", False))} if cls is not None else {}
@@ -1467,7 +1428,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     ``precision`` (bf16 | fp32) and ``attention`` (fused | sdpa | monai) override the run's own settings for
     this evaluation only, to check that fast inference gives the reference's Dice; the result then goes to
     evaluation-<precision>-<attention>.json (never over the run's evaluation.json) and records both."""
-    from .data.transforms import preprocess_transforms
+    from ..data.transforms import preprocess_transforms
 
     record = RunRecord(run_dir)
     if not (record.path / "recipe.yaml").is_file():
@@ -1475,7 +1436,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     cfg = record.read_recipe()
     task = cfg["task"]
     if task["kind"] in ("classification", "classification2d"):
-        from . import classify
+        from .. import classify
 
         if precision is not None or attention is not None:
             raise RecipeError(f"{record.path}: --precision/--attention overrides apply to segmentation runs; "
@@ -1488,7 +1449,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
             raise RecipeError(f"--precision: {precision!r}; expected bf16 or fp32")
         run_cfg["precision"] = precision
     if attention is not None:
-        from .fast_swin import ATTENTIONS
+        from ..fast_swin import ATTENTIONS
 
         if attention not in ATTENTIONS:
             raise RecipeError(f"--attention: {attention!r}; expected one of {', '.join(ATTENTIONS)}")
@@ -1531,41 +1492,10 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
         return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
 
 
-class DataWait:
-    """The fraction of step time spent waiting for the step's batch (``data_wait`` in log.txt, status.json and
-    metrics.json): host wall time from a step's start until its batch is on its way to the device, over the
-    step's wall time (CUDA work is asynchronous, so a GPU-bound step shows its time in the step, not the wait)."""
-
-    def __init__(self):
-        self.wait = self.total = self.wait_i = self.total_i = 0.0
-        self._t0 = self._t1 = None
-
-    def start_step(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def got_data(self) -> None:
-        self._t1 = time.perf_counter()
-
-    def end_step(self) -> None:
-        now = time.perf_counter()
-        w, t = self._t1 - self._t0, now - self._t0
-        self.wait, self.total, self.wait_i, self.total_i = self.wait + w, self.total + t, self.wait_i + w, self.total_i + t
-
-    def fraction(self) -> float:
-        """Over the steps of this session so far (the step being logged counts up to its data)."""
-        return self.wait / self.total if self.total > 0 else 0.0
-
-    def interval(self) -> float:
-        """Over the steps since the last call (then restarts)."""
-        out = self.wait_i / self.total_i if self.total_i > 0 else 0.0
-        self.wait_i = self.total_i = 0.0
-        return out
-
-
 def check_loader(cfg: Mapping[str, Any], cls) -> None:
     """One-line errors for ``method.pretrain.loader`` / ``native_crops`` settings that cannot run (before any run
     folder exists); ``cls`` None skips the check of the method's corpus-level set-up."""
-    from .methods.base import PretrainMethod
+    from ..methods.base import PretrainMethod
 
     pt = cfg["method"].get("pretrain") or {}
     where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
@@ -1595,9 +1525,9 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
     method's corpus-level set-up, as ``bench pretrain --from-disk`` times the loader); :class:`sslbench.data.stream.Stream`
     then reads step batches from the cache files in ``run.loader_workers`` processes within ``run.loader_memory_mb``.
     """
-    from .data.cache import CaseCache
-    from .data.stream import Stream, shard
-    from .data.transforms import preprocess_transforms
+    from ..data.cache import CaseCache
+    from ..data.stream import Stream, shard
+    from ..data.transforms import preprocess_transforms
 
     run_cfg, corpus, pt = cfg["run"], cfg["corpus"], cfg["method"]["pretrain"]
     check_loader(cfg, cls)
@@ -1635,8 +1565,8 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     """Pre-train a method's backbone on a corpus; writes checkpoints/backbone.pt in SwinUNETR's key layout."""
     from monai import transforms as mt
 
-    from .data.transforms import preprocess_transforms, step_seed
-    from .methods import get_method_class
+    from ..data.transforms import preprocess_transforms, step_seed
+    from ..methods import get_method_class
 
     method_cfg, corpus = cfg["method"], cfg["corpus"]
     if method_cfg.get("pretrain") is None:
@@ -1740,54 +1670,33 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
                 record.log("compiled encoders against eager on the first batch (max relative difference): "
                            + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
         step_fn = distributed.wrap(method, dist, device)
-        job = progress.add_task(f"pretrain {method_cfg['name']}", total=total, completed=start, info="")
-        acc: dict[str, torch.Tensor] = {}
-        n_acc = 0
         t0 = time.perf_counter()
         batches = stream.batches(start, total) if stream is not None else None
-        wait = DataWait()
-        for step in range(start, total):
-            wait.start_step()
+
+        def batch(step: int) -> torch.Tensor:
             if batches is not None:   # the StepSampler draws what the memory loader's rng draws below
-                volumes_b = next(batches).to(device, non_blocking=True)
-            else:
-                rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
-                idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
-                volumes_b = stack.index_select(0, idx).to(device, non_blocking=True)
-            wait.got_data()
+                return next(batches).to(device, non_blocking=True)
+            rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
+            idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
+            return stack.index_select(0, idx).to(device, non_blocking=True)
+
+        def loss_of(volumes_b: torch.Tensor, step: int):
             torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))
             with autocast(bf16, device):
-                loss, logs = step_fn(volumes_b, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            method.after_step(step)
-            wait.end_step()
-            for k, v in {"loss": loss, **logs}.items():
-                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                acc[k] = acc.get(k, 0) + v
-            n_acc += 1
-            done = step + 1
-            if done % pt.get("log_every", 10) == 0 or done == total:
-                entry = {"step": done, **{k: float(dist.mean(v.to(device) / n_acc)) for k, v in acc.items()}}
-                stop_if_not_finite(entry["loss"], done, record, cfg["run"], "pre-training")
-                history.append(entry)
-                acc, n_acc = {}, 0
-                if dist.is_main:
-                    record.log("step {step} ".format(step=done) + " ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step")
-                               + f" data_wait {wait.interval():.3f}")
-                    record.scalars(done, {**{f"pretrain/{k}": v for k, v in entry.items() if k != "step"},
-                                          "pretrain/lr": opt.param_groups[0]["lr"]})
-                progress.update(job, info=f"loss {entry['loss']:.4f}")
-            if done % pt.get("checkpoint_every", 500) == 0 or done == total:
-                if dist.is_main:
-                    atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(),
-                                       "scheduler": sched.state_dict(), "step": done, "history": history}, last)
-                    record.set_status(step=done, data_wait=wait.fraction())
-                dist.barrier()
-            progress.update(job, advance=1)
-            _kill_point(done)
+                return step_fn(volumes_b, step)
+
+        def save_last(done: int) -> None:
+            if dist.is_main:
+                atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "step": done, "history": history}, last)
+                record.set_status(step=done, data_wait=wait.fraction())
+            dist.barrier()
+
+        wait = DataWait()
+        Loop("pre-training", "pretrain", total, int(pt.get("log_every", 10)), int(pt.get("checkpoint_every", 500)),
+             record, dist, cfg["run"], opt, sched, progress,
+             progress.add_task(f"pretrain {method_cfg['name']}", total=total, completed=start, info=""), device,
+             batch, loss_of, save_last, history=history, after_step=method.after_step, wait=wait).run(start)
         elapsed = time.perf_counter() - t0
     _rank_report(dist, method.backbone_state_dict(), steps=total, history=history)
     if not dist.is_main:   # rank 0 writes the weights and the record; the others wait for them
@@ -1831,7 +1740,7 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
     preflight(cfg, root, corpus_root, say=(console.print if console is not None else print))
     init = None
     if cfg["task"]["kind"] == "classification2d":
-        from . import classify
+        from .. import classify
 
         classify.refuse_pretraining_for_2d(cfg)   # a 3D corpus, or a method without a 2D form
     if cfg["method"].get("pretrain") is not None:
