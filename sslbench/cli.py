@@ -167,7 +167,7 @@ def _results_table(metrics: dict, console) -> None:
     from rich.table import Table
 
     if metrics.get("metric") in ("accuracy", "auc"):   # classification tasks (CC-CCII, ChestX-ray14)
-        from .classify import print_results
+        from .tasks.classification import print_results
 
         return print_results(metrics, console)
     phantom = " [PHANTOM data, not the real dataset]" if metrics.get("phantom") else ""

@@ -157,7 +157,8 @@ def model_scores(model: torch.nn.Module, task: Mapping[str, Any], device: torch.
     """``infer(case) -> [K, ...]`` probabilities: the run's sliding-window inference, softmax or sigmoid."""
     from monai.inferers import sliding_window_inference
 
-    from .protocol import autocast, plain
+    from .protocol import autocast
+    from .tasks.segmentation import plain
 
     ev, roi = task["evaluate"], tuple(task["finetune"]["roi"])
     model.eval()
@@ -314,8 +315,8 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
     ``_skipped``).
     """
     from .backbones import build_model
-    from .protocol import (file_digest, input_channels, locate_data, make_progress, output_channels, select_device,
-                           use_bf16, use_run_attention)
+    from .protocol import file_digest, locate_data, make_progress, select_device, use_bf16, use_run_attention
+    from .recipes import input_channels, output_channels
     from .data import layouts
     from .records import RunRecord, load_state
 
@@ -413,7 +414,8 @@ def evaluate_original(run_dir: str | Path, root: str | Path | None = None, check
     """
     from .data import layouts
     from .metrics import score_names, scoring
-    from .protocol import locate_data, summarize
+    from .protocol import locate_data
+    from .tasks.segmentation import summarize
     from .records import RunRecord, atomic_write_json
 
     manifest = predict_run(run_dir, root=root, split="val", checkpoint=checkpoint, console=console)

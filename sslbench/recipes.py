@@ -694,3 +694,13 @@ def protocol_hash(cfg: Mapping, exclude: Iterable[str] = ()) -> str:
             node.pop(parts[-1], None)
     text = json.dumps(c, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def output_channels(task: Mapping[str, Any]) -> int:
+    """The model's output channels: one per region (sigmoid) for a regions task, else one per class (softmax)."""
+    return len(task["regions"]) if task.get("regions") else len(task["classes"])
+
+
+def input_channels(task: Mapping[str, Any]) -> int:
+    """The number of input channels of a task's images (``task.channels``; 1 where the recipe has none)."""
+    return len(task.get("channels") or []) or 1

@@ -158,7 +158,7 @@ def test_recipe_carries_the_seed_settings():
     assert t["channels"] == ["flair", "t1ce", "t1", "t2"] and list(t["regions"]) == ["TC", "WT", "ET"]
     assert t["finetune"]["epochs"] == 500 and t["finetune"]["labeled_cases"] == 387 and t["data"]["val_last"] == 97
     assert t["preprocess"]["normalize"] == "zscore" and t["finetune"]["roi"] == [96, 96, 96]
-    assert protocol.output_channels(t) == 3 and protocol.input_channels(t) == 4
+    assert recipes.output_channels(t) == 3 and recipes.input_channels(t) == 4
     assert type(protocol.make_loss(t)).__name__ == "DiceLoss"
     tiny = recipes.resolve("scratch", "phantom-brats21")["task"]
     assert tiny["finetune"]["labeled_cases"] is None

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sslbench import classify, recipes
+from sslbench import recipes
+from sslbench.tasks import classification as classify
 from sslbench.cli import main
 from sslbench.data import classification as cls_data
 from sslbench.data import layouts, phantom

@@ -8,7 +8,7 @@ import torch
 
 from sslbench import metrics, recipes
 from sslbench.backbones import adapt_input_kernel, build_model, load_backbone
-from sslbench.protocol import summarize
+from sslbench.tasks.segmentation import summarize
 
 BRATS_TASK = {"name": "t", "classes": ["background", "NCR", "ED", "ET"],
               "regions": {"TC": ["NCR", "ET"], "WT": ["NCR", "ED", "ET"], "ET": ["ET"]}}

@@ -134,7 +134,7 @@ def test_pretrain_builds_its_optimizer_from_the_recipe(phantom_home, tmp_path, m
         seen.update(method=method, opt=real(method, pt, device))
         raise Built
 
-    monkeypatch.setattr(protocol, "pretrain_optimizer", spy)
+    monkeypatch.setattr(protocol.pretraining, "pretrain_optimizer", spy)   # where the pre-training looks it up
     cfg = recipes.resolve("mae", preset="tiny", overrides=["method.pretrain.amsgrad=true", f"run.out={tmp_path}",
                                                           "corpus.data.phantom_cases=2"])
     with pytest.raises(Built):

@@ -192,7 +192,8 @@ def test_evaluation_runs_without_autograd_on_plain_tensors():
     from monai.data import MetaTensor
 
     from sslbench import recipes
-    from sslbench.protocol import evaluate_segmentation, output_channels
+    from sslbench.recipes import output_channels
+    from sslbench.tasks.segmentation import evaluate_segmentation
 
     task = recipes.resolve("scratch", "phantom-btcv")["task"]
     task["finetune"]["roi"] = [16, 16, 16]

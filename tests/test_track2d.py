@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sslbench import classify, recipes
+from sslbench import recipes
+from sslbench.tasks import classification as classify
 from sslbench.backbones import load_backbone
 from sslbench.errors import RecipeError
 from sslbench.unet2d import UNet2D, UNet2DClassifier, unet2d_config

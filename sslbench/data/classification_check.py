@@ -14,7 +14,7 @@ What is cheap runs for every run, up front, on every image file of the train and
 
 Decoding every pixel (damage inside the compressed data, with an intact end marker) is the expensive check:
 the loader does it as it loads the split (:func:`sslbench.data.classification.load_split`), still before the run
-folder is created (:func:`sslbench.classify.finetune`). With ``decode=True`` (``--force``, which deletes an old
+folder is created (:func:`sslbench.protocol.finetuning.finetune`). With ``decode=True`` (``--force``, which deletes an old
 run folder as the run is claimed) it runs here too, so that a refused ``--force`` keeps the old folder.
 Classification tasks keep no case cache, so there is no checked case to skip (the segmentation path skips cases
 its case cache holds: they passed these checks when they were cached).

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import RunError
+from ..tasks.base import Validation
 
 
 class DataWait:
@@ -70,20 +71,6 @@ def stop_if_not_finite(loss: float, step: int, record, run_cfg: Mapping[str, Any
            f"--set run.precision=fp32, then run again (the failed folder starts over)")
     record.log(msg)
     raise RunError(msg)
-
-
-@dataclass
-class Validation:
-    """What one periodic validation measured: ``score`` decides the best checkpoint (higher is better),
-    ``value`` is what a sweep's ``on_validation`` receives, ``entry`` goes into the history, ``text`` into
-    log.txt, ``scalars`` to TensorBoard, ``best_state`` into best.pt beside the model."""
-
-    score: float
-    value: float
-    entry: dict
-    text: str
-    scalars: dict
-    best_state: dict
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""Fine-tuning and evaluation of the classification tasks: CC-CCII (3D) and NIH ChestX-ray14 (2D, multi-label).
+"""The classification task kinds: CC-CCII (3D) and NIH ChestX-ray14 (2D, multi-label).
 
-The same protocol as segmentation (:func:`sslbench.protocol.finetune` dispatches here for task kinds
-``classification`` and ``classification2d``): one run folder per (task, method, protocol hash, seed), atomic
-records, ``--resume`` from the last checkpoint with every random draw of step ``s`` seeded by (run seed, s),
-best checkpoint chosen on the validation split, phantom results flagged.
+The protocol's one fine-tuning flow (:func:`sslbench.protocol.finetuning.finetune`) runs them as it runs
+segmentation: one run folder per (task, method, protocol hash, seed), atomic records, ``--resume`` from the last
+checkpoint with every random draw of step ``s`` seeded by (run seed, s), best checkpoint chosen on the validation
+split, phantom results flagged. This module supplies what is the kind's own:
 
 * Model: the pre-trained backbone's Swin encoder (MONAI SwinUNETR's ``swinViT``, the part every method's
   checkpoint transfers, loaded by the shared key rules of :mod:`sslbench.backbones`) -> global average
@@ -22,17 +22,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import protocol as P
-from .protocol.loop import Loop, Validation
-from .backbones import LoadReport, build_model, load_backbone, read_checkpoint
-from .errors import CheckpointError, DataError, RecipeError, RunError
-from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state
+from ..backbones import LoadReport, build_model, load_backbone, read_checkpoint
+from ..errors import CheckpointError, DataError, RecipeError
+from ..protocol.datasets import labeled_subset
+from ..records import RunRecord, atomic_write_json
+from .base import Steps, TaskKind, Validation, autocast
 
 KINDS = ("classification", "classification2d")
 
@@ -57,7 +57,7 @@ def build_classifier(model_cfg: Mapping[str, Any], n_outputs: int, spatial_dims:
     """SwinUNETR's ``swinViT`` (3D from the shared builder, or the same configuration in 2D) with a head; in 2D
     with ``model.name: unet2d`` the ResNet-18 encoder of PCRL's U-Net with a head (sslbench/unet2d.py)."""
     if spatial_dims == 2 and str(model_cfg.get("name")) == "unet2d":   # the 2D track: PCRL's ResNet-18 U-Net
-        from .unet2d import UNet2DClassifier
+        from ..unet2d import UNet2DClassifier
 
         return UNet2DClassifier(model_cfg, n_outputs)
     if str(model_cfg.get("name", "swinunetr")) != "swinunetr":
@@ -85,20 +85,6 @@ def refuse_3d_init_of_2d(task: Mapping[str, Any], state: Mapping[str, torch.Tens
         raise CheckpointError(f"{source}: a 3D pre-trained backbone cannot initialise the 2D encoder of task "
                               f"'{task['name']}' (pre-train it in 2D: sslbench run --method M --task {task['name']}); "
                               f"or fine-tune it with --method scratch")
-
-
-def refuse_pretraining_for_2d(cfg: Mapping[str, Any]) -> None:
-    """Called before a pre-training starts for a 2D task: the corpus must be 2D images (the task's pretrain split)
-    and the method needs a 2D form on the 2D U-Net (sslbench/track2d.py); one line otherwise, nothing written."""
-    from . import track2d
-
-    task = cfg.get("task") or {}
-    if task.get("kind") != "classification2d" or cfg["method"].get("pretrain") is None:
-        return
-    if not track2d.is_2d(cfg.get("corpus")):
-        refuse_3d_init_of_2d(task, None, f"method '{cfg['method']['name']}'")
-    track2d.method_class(cfg)
-    track2d.check(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +197,7 @@ def predict(model: nn.Module, images: torch.Tensor, task: Mapping[str, Any], dev
     out = []
     for i in range(0, images.shape[0], bs):
         x = images[i:i + bs].to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
-        with P.autocast(bf16, device):
+        with autocast(bf16, device):
             logits = model(x).float()
         out.append(torch.sigmoid(logits) if task["kind"] == "classification2d" else torch.softmax(logits, 1))
     model.train()
@@ -252,150 +238,107 @@ def _load_init(model: nn.Module, task: Mapping[str, Any], init: Mapping[str, Any
     return load_backbone(model, state, str(init["path"]), include_decoder=False, model_name=family)
 
 
-def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
-             force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> P.Outcome:
-    """Fine-tune the Swin encoder + linear head on a classification task and evaluate it (see module doc).
+class Classification(TaskKind):
+    """The classification kinds (``classification``: CC-CCII, 3D; ``classification2d``: ChestX-ray14): the
+    pre-trained encoder + a linear head (see the module docstring). Under torchrun every rank draws its own batch,
+    DDP averages gradients and every rank scores the whole validation split (cheap for classification)."""
 
-    Arguments as :func:`sslbench.protocol.finetune`; ``on_validation(step, score)`` gets the validation
-    accuracy (CC-CCII) or mean AUC (ChestX-ray14).
-    """
-    from . import distributed
-    from .data import classification as data_mod
-    from .data.transforms import step_seed
+    initial_best = -math.inf
 
-    task = cfg["task"]
-    two_d = task["kind"] == "classification2d"
-    dims = 2 if two_d else 3
-    # Under torchrun (see sslbench/distributed.py): rank 0 owns the run folder, every rank draws its own batch,
-    # DDP averages gradients, and every rank scores the whole validation split (cheap for classification).
-    run = P.open_finetune(cfg, init, root, resume, force, console)
-    if isinstance(run, P.Outcome):
-        return run
-    cfg, dist, protocol, record, action = run.cfg, run.dist, run.protocol, run.record, run.action
-    say, device, bf16, root_path, phantom = run.say, run.device, run.bf16, run.root, run.phantom
-    from .data import layouts
+    def __init__(self, cfg: Mapping[str, Any], rt, say):
+        super().__init__(cfg, rt, say)
+        self.two_d = self.task["kind"] == "classification2d"
+        self.dims = 2 if self.two_d else 3
+        self.metric = "auc" if self.two_d else "accuracy"
 
-    dl = layouts.load_datalist(task, root_path)
-    splits = dl.splits
-    for name in ("train", "val"):
-        if not splits.get(name):
-            raise DataError(f"{dl.source}: the '{name}' split ({dl.origin.get(name, '?')}) is empty; expected cases")
-    clash = layouts.overlaps(splits)
-    if clash:
-        raise DataError(clash[0])
-    ft = task["finetune"]
-    train_items = P.labeled_subset(splits["train"], ft.get("labeled_cases"))
-    val_items = splits["val"]
+    def load(self, root: Path, progress) -> None:
+        from ..data import classification as data_mod
+        from ..data import layouts
 
-    steps_per_epoch = math.ceil(len(train_items) / ft["batch_size"])
-    total = int(ft["max_steps"]) if ft.get("max_steps") else int(ft["epochs"]) * steps_per_epoch
-    val_every = ft.get("val_every") or 0
-    ckpt_every = max(1, int(ft.get("checkpoint_every") or total))
-    seed = int(cfg["run"]["seed"])
-    metric = "auc" if two_d else "accuracy"
-
-    progress = P.make_progress(console)
-    with progress:
-        train_x = torch.from_numpy(data_mod.load_split(task, train_items, progress, "load train"))
-        val_x = torch.from_numpy(data_mod.load_split(task, val_items, progress, "load val"))
+        task, device = self.task, self.rt.device
+        self.datalist = dl = layouts.load_datalist(task, root)
+        for name in ("train", "val"):
+            if not dl.splits.get(name):
+                raise DataError(f"{dl.source}: the '{name}' split ({dl.origin.get(name, '?')}) is empty; expected cases")
+        clash = layouts.overlaps(dl.splits)
+        if clash:
+            raise DataError(clash[0])
+        self.train_items = labeled_subset(dl.splits["train"], self.ft.get("labeled_cases"))
+        self.val_items = dl.splits["val"]
+        self.train_x = torch.from_numpy(data_mod.load_split(task, self.train_items, progress, "load train"))
+        self.val_x = torch.from_numpy(data_mod.load_split(task, self.val_items, progress, "load val"))
         if device.type == "cuda":   # uint8 on the device: batches are gathered and augmented there
-            train_x = train_x.to(device)
-        if two_d:
-            train_y = torch.as_tensor(truth_array(train_items, task), dtype=torch.float32)
-        else:
-            train_y = torch.as_tensor(truth_array(train_items, task), dtype=torch.long)
-        train_y = train_y.to(device)
-        val_truth = truth_array(val_items, task)
+            self.train_x = self.train_x.to(device)
+        dtype = torch.float32 if self.two_d else torch.long
+        self.train_y = torch.as_tensor(truth_array(self.train_items, task), dtype=dtype).to(device)
+        self.val_truth = truth_array(self.val_items, task)
 
-        torch.manual_seed(seed)
-        model = build_classifier(cfg["model"], len(task["classes"]), dims)
-        P.use_run_attention(model, cfg["run"])
-        load_report = _load_init(model, task, init)
-        # the run folder only once every image decoded and the --init checkpoint matched (a refused run leaves none)
-        record.path.mkdir(parents=True, exist_ok=True)
-        if action == "new":
-            record.write_recipe({**cfg, "data": {"root": str(root_path), "phantom": phantom}})
-            record.write_env(str(device))
-            record.set_status(state="running", stage="finetune", step=0, protocol=protocol,
-                              started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            unused = [it for it in splits["train"] if it not in train_items]   # left out by finetune.labeled_cases
-            if dist.is_main:
-                _write_split(record, {**splits, "train": train_items, **({"train-unused": unused} if unused else {})})
-        record.log(f"{action}: finetune {cfg['method']['name']} on {task['name']} "
-                   f"({'PHANTOM data' if phantom else 'real data'} at {root_path}), protocol {protocol}, device {device}")
-        if load_report is not None:
-            say(load_report.summary())
-            record.log(load_report.summary())
-        model.to(device)
-        opt = P.make_optimizer(model.parameters(), ft["lr"], ft["weight_decay"], device)
-        sched = P.make_schedule(opt, ft["warmup_steps"], total)
-        loss_fn = nn.BCEWithLogitsLoss() if two_d else nn.CrossEntropyLoss()
+    def build_model(self) -> nn.Module:
+        return build_classifier(self.cfg["model"], len(self.task["classes"]), self.dims)
 
-        start, best, best_step, history = P.resume_finetune(run, model, opt, sched, total, best=-math.inf)
-        last = record.ckpt_dir / "last.pt"
-        model.train()
-        train_model = P.compiled(distributed.wrap(model, dist, device), cfg["run"])   # DDP under torchrun
+    def load_init(self, model: nn.Module, init: Mapping[str, Any] | None) -> LoadReport | None:
+        return _load_init(model, self.task, init)
+
+    def on_new_record(self, record) -> None:
+        splits = self.datalist.splits
+        unused = [it for it in splits["train"] if it not in self.train_items]   # left out by finetune.labeled_cases
+        if self.rt.dist.is_main:
+            _write_split(record, {**splits, "train": self.train_items, **({"train-unused": unused} if unused else {})})
+
+    def steps(self, model: nn.Module, start: int, total: int) -> Steps:
+        from ..data.transforms import step_seed
+
+        rt, task, ft, metric = self.rt, self.task, self.ft, self.metric
+        seed, rank, device = int(self.cfg["run"]["seed"]), rt.dist.rank, rt.device
+        train_model = rt.train_module(model)
+        loss_fn = nn.BCEWithLogitsLoss() if self.two_d else nn.CrossEntropyLoss()
 
         def batch(step: int):
-            stream = [seed, step] if dist.rank == 0 else [seed, step, dist.rank]   # rank 0 = one process
-            picks = np.random.default_rng(stream).integers(0, len(train_items), size=ft["batch_size"])
-            idx = torch.as_tensor(picks, device=train_x.device)
-            gen = torch.Generator().manual_seed(step_seed(seed, step, 2 + 1000 * dist.rank))
-            params = draw_augmentation(len(picks), dims, ft, gen)
-            x = train_x.index_select(0, idx).to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
-            return apply_augmentation(x, params), train_y.index_select(0, idx.to(device))
+            stream = [seed, step] if rank == 0 else [seed, step, rank]   # rank 0 = one process
+            picks = np.random.default_rng(stream).integers(0, len(self.train_items), size=ft["batch_size"])
+            idx = torch.as_tensor(picks, device=self.train_x.device)
+            gen = torch.Generator().manual_seed(step_seed(seed, step, 2 + 1000 * rank))
+            params = draw_augmentation(len(picks), self.dims, ft, gen)
+            x = self.train_x.index_select(0, idx).to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+            return apply_augmentation(x, params), self.train_y.index_select(0, idx.to(device))
 
-        def loss_of(xy, step: int):
-            with P.autocast(bf16, device):
+        def loss(xy, step: int):
+            with rt.autocast():
                 logits = train_model(xy[0])
             return loss_fn(logits.float(), xy[1]), {}
 
         def validate(done: int) -> Validation:
-            summary = summarize(predict(model, val_x, task, device, bf16), val_truth, task)
-            value = summary[f"mean_{metric}"]
-            return Validation(score_of(summary), math.nan if value is None else float(value),
+            summary = summarize(predict(model, self.val_x, task, device, rt.bf16), self.val_truth, task)
+            value, score = summary[f"mean_{metric}"], score_of(summary)
+            return Validation(score, math.nan if value is None else float(value),
                               {"step": done, f"val_{metric}": value}, f"validation {metric} {_fmt(value)}",
-                              {f"val/{metric}": value}, {f"val_{metric}": score_of(summary)})
+                              {f"val/{metric}": value}, {f"val_{metric}": score})
 
-        def save_last(done: int) -> None:
-            if dist.is_main:
-                atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                   "scheduler": sched.state_dict(), "step": done, "best": loop.best,
-                                   "best_step": loop.best_step, "history": history}, last)
-                record.set_status(step=done)
+        return Steps(batch, loss, validate)
 
-        def save_best(done: int, result: Validation) -> None:
-            atomic_torch_save({"model": model.state_dict(), "step": done, **result.best_state},
-                              record.ckpt_dir / "best.pt")
+    def load_validation(self, root: Path, progress) -> None:
+        from ..data import classification as data_mod
+        from ..data import layouts
 
-        loop = Loop("fine-tuning", "finetune", total, int(ft.get("log_every", 10)), ckpt_every, record, dist,
-                    cfg["run"], opt, sched, progress, progress.add_task("finetune", total=total, completed=start, info=""),
-                    device, batch, loss_of, save_last, history=history, validate=validate, val_every=val_every,
-                    save_best=save_best, on_validation=on_validation, show_total=True, best=best, best_step=best_step)
-        loop.run(start)
-        best_step = loop.best_step
+        self.val_items = layouts.read_datalist(self.task, root)["val"]
+        self.val_x = torch.from_numpy(data_mod.load_split(self.task, self.val_items, progress, "load val"))
+        self.val_truth = truth_array(self.val_items, self.task)
 
-        dist.barrier()   # best.pt is on disk for every rank
-        chosen = "last"
-        if best_step > 0 and (record.ckpt_dir / "best.pt").is_file():
-            model.load_state_dict(torch.load(record.ckpt_dir / "best.pt", map_location="cpu",
-                                             weights_only=True)["model"])
-            chosen = f"best (step {best_step})"
-        probs = predict(model, val_x, task, device, bf16)
+    def evaluate(self, model: nn.Module, progress) -> np.ndarray:
+        return predict(model, self.val_x, self.task, self.rt.device, self.rt.bf16)
 
-    if not dist.is_main:
-        dist.barrier()
-        return P.Outcome(record, action, {"kind": "finetune", "rank": dist.rank})
-    summary = summarize(probs, val_truth, task)
-    write_results(record, cfg, case_rows(val_items, probs, task), summary, protocol=protocol, phantom=phantom,
-                  root=root_path, extra={"checkpoint": chosen, "steps": total, "train_cases": len(train_items),
-                                         "split": {k: {"cases": len(v), "from": dl.origin.get(k, "")}
-                                                   for k, v in splits.items()},
-                                         "init": {**(init or {}),
-                                                  "load": load_report.as_dict() if load_report else None},
-                                         "history": history, "world_size": dist.world_size})
-    dist.barrier()
-    return P.Outcome(record, action, record.metrics or {})
+    def evaluation(self, result: np.ndarray) -> dict:
+        return {**summarize(result, self.val_truth, self.task), "cases": case_rows(self.val_items, result, self.task)}
+
+    def record_fields(self) -> dict:
+        origin = self.datalist.origin
+        return {"split": {k: {"cases": len(v), "from": origin.get(k, "")} for k, v in self.datalist.splits.items()}}
+
+    def write_results(self, record, result: np.ndarray, protocol: str, phantom: bool, root: Path,
+                      extra: Mapping) -> None:
+        write_results(record, self.cfg, case_rows(self.val_items, result, self.task),
+                      summarize(result, self.val_truth, self.task), protocol=protocol, phantom=phantom, root=root,
+                      extra=extra)
 
 
 def _fmt(value: float | None) -> str:
@@ -446,36 +389,6 @@ def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], s
     head = summary["metric"]
     record.log(f"finished: {head} {_fmt(summary[f'mean_{head}'])} over {summary['n_cases']} cases"
                f"{' (PHANTOM data)' if phantom else ''}")
-
-
-def reevaluate(record: RunRecord, cfg: Mapping[str, Any], checkpoint: str | None = None,
-               root: str | Path | None = None, console=None) -> dict:
-    """Evaluate a finished classification run again (e.g. another checkpoint); writes evaluation.json."""
-    from .data import classification as data_mod
-    from .data import layouts
-
-    task = cfg["task"]
-    device = P.select_device(cfg["run"])
-    bf16 = P.use_bf16(cfg["run"], device)
-    root_path, phantom = P.locate_data(task, root or (cfg.get("data") or {}).get("root"))
-    val_items = layouts.read_datalist(task, root_path)["val"]
-    ckpt = Path(checkpoint) if checkpoint else next((p for p in (record.ckpt_dir / "best.pt", record.ckpt_dir / "last.pt")
-                                                     if p.is_file()), None)
-    if ckpt is None or not ckpt.is_file():
-        raise RunError(f"{record.path}/checkpoints: no best.pt or last.pt to evaluate")
-    model = build_classifier(cfg["model"], len(task["classes"]), 2 if task["kind"] == "classification2d" else 3)
-    P.use_run_attention(model, cfg["run"])
-    model.load_state_dict(load_state(ckpt)["model"])
-    model.to(device)
-    progress = P.make_progress(console)
-    with progress:
-        images = torch.from_numpy(data_mod.load_split(task, val_items, progress, "load val"))
-        probs = predict(model, images, task, device, bf16)
-    summary = summarize(probs, truth_array(val_items, task), task)
-    out = {"checkpoint": str(ckpt), "phantom": phantom or bool(task.get("phantom")), **summary,
-           "cases": case_rows(val_items, probs, task)}
-    atomic_write_json(record.path / "evaluation.json", out)
-    return out
 
 
 def print_results(metrics: Mapping[str, Any], console) -> None:

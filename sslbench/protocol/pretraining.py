@@ -1,0 +1,329 @@
+"""Pre-training: a method's pretext task on a corpus, through the one loop; writes checkpoints/backbone.pt (the
+backbone in SwinUNETR's key layout, or the 2D U-Net's) and heads.pt, and the record.
+
+The corpus is held on the device (memory loader: every volume resized to the method's input size) or streamed
+from the case cache by worker processes (``method.pretrain.loader: stream``). Under torchrun DDP averages the
+gradients and each rank draws its own batch (rank 0 draws what a single process would), so the global batch is
+world_size x batch_size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .. import distributed, inductor, track2d
+from ..errors import RecipeError
+from ..records import atomic_torch_save, atomic_write_json, load_state
+from .datasets import case_cache, load_cases
+from .loop import DataWait, Loop
+from .optim import pretrain_optimizer, pretrain_schedule
+from .runs import Outcome, _claim_run, _rank_report, run_scope
+from .runtime import _device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method, make_progress
+
+
+def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
+             console=None) -> Outcome:
+    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error)."""
+    with run_scope():
+        return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
+
+
+def check_loader(cfg: Mapping[str, Any], cls) -> None:
+    """One-line errors for ``method.pretrain.loader`` / ``native_crops`` settings that cannot run (before any run
+    folder exists); ``cls`` None skips the check of the method's corpus-level set-up."""
+    from ..methods.base import PretrainMethod
+
+    pt = cfg["method"].get("pretrain") or {}
+    where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
+    if pt.get("loader", "memory") != "stream":
+        if pt.get("native_crops"):
+            raise RecipeError(f"{where}: key 'pretrain.native_crops': true needs pretrain.loader stream (the memory "
+                              f"loader keeps whole resized volumes); expected --set method.pretrain.loader=stream")
+        return
+    if cls is not None and cls.prepare is not PretrainMethod.prepare and not getattr(cls, "streams_prepare", False):
+        raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
+                          f"on the whole corpus in memory (prepare); expected loader memory")
+    if cls is not None and getattr(cls, "streams_prepare", False) and pt.get("native_crops"):
+        raise RecipeError(f"{where}: key 'pretrain.native_crops': true, but method '{cfg['method']['name']}' discovers "
+                          f"its set-up on whole resized volumes and trains on that grid; expected native_crops false")
+    if str(cfg["run"].get("cache", "read")) == "none":
+        raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
+                          "expected read or write")
+
+
+def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_label: bool,
+                    dist: "distributed.Dist", device: torch.device, progress=None,
+                    log: Callable[[str], None] = print):
+    """The streaming loader (``method.pretrain.loader: stream``) of this rank's shard of the corpus.
+
+    The shard's cases missing from the case cache are preprocessed into it first (threads, progress bar; every
+    rank fills only its own shard), so nothing of the corpus is kept in memory (``cls`` None: no check of the
+    method's corpus-level set-up, as ``bench pretrain --from-disk`` times the loader); :class:`sslbench.data.stream.Stream`
+    then reads step batches from the cache files in ``run.loader_workers`` processes within ``run.loader_memory_mb``.
+    """
+    from ..data.cache import CaseCache
+    from ..data.stream import Stream, shard
+    from ..data.transforms import preprocess_transforms
+
+    run_cfg, corpus, pt = cfg["run"], cfg["corpus"], cfg["method"]["pretrain"]
+    check_loader(cfg, cls)
+    cache = CaseCache(corpus, with_label=with_label)
+    mine = shard(items, dist.rank, dist.world_size)
+    files = [cache.files(it) for it in mine]
+    todo = [it for it, (image, label) in zip(mine, files)
+            if not image.is_file() or (label is not None and not label.is_file())]
+    if todo:
+        log(f"caching {len(todo)} of {len(mine)} corpus volumes in {cache.folder}")
+        load_cases(todo, preprocess_transforms(corpus, with_label=with_label), "cache corpus", progress,
+                   cache=cache, write=True, keep=False)
+    return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
+                  budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
+                  pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)))
+
+
+@torch.no_grad()
+def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", device: torch.device) -> torch.Tensor:
+    """Every corpus volume's ``method.volume_features`` [N, D] in corpus order, without holding the corpus: this rank
+    reads its shard (volumes r, r + W, ...) from the case cache in chunks; the shards are gathered to every rank and
+    interleaved back, so every rank discovers the same set-up the memory loader's ``prepare`` does."""
+    mine = torch.cat([method.volume_features(chunk.to(device)) for chunk in stream.whole_volumes()])
+    if not dist.enabled:
+        return mine
+    parts = dist.gather_rows([mine])
+    out = torch.empty((sum(len(p) for p in parts), mine.shape[1]), dtype=mine.dtype)
+    for r, part in enumerate(parts):
+        out[r::dist.world_size] = part
+    return out
+
+
+@dataclass
+class PretrainRun:
+    """A pre-training being run: its method class and parameters, run folder, device and data."""
+
+    cfg: dict
+    cls: type
+    params: dict
+    needs_labels: bool
+    two_d: bool
+    dist: Any
+    plan: Any
+    record: Any
+    action: str
+    say: Callable[..., None]
+    device: torch.device = None
+    bf16: bool = False
+    stream: Any = None
+    stack: torch.Tensor | None = None
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg["run"]["seed"])
+
+
+def method_class(cfg: Mapping[str, Any]) -> tuple[type, dict, bool, bool]:
+    """(method class, its parameters, whether it pre-trains on label maps, whether it is the 2D track), with one
+    line for a method or corpus that cannot pre-train."""
+    from ..methods import get_method_class
+
+    method_cfg, corpus = cfg["method"], cfg["corpus"]
+    if method_cfg.get("pretrain") is None:
+        raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
+    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/track2d.py): images of a classification2d task
+    if two_d:
+        track2d.check(cfg)
+    cls = track2d.method_class(cfg) if two_d else get_method_class(method_cfg["name"])
+    if cls is None or method_cfg["status"] != "available":
+        raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
+    # a method that pre-trains on label maps (the supervised controls) reads a segmentation task as its corpus
+    needs_labels = bool(getattr(cls, "needs_labels", False))
+    if needs_labels and (corpus.get("kind") != "segmentation" or len(corpus.get("classes") or []) < 2):
+        where = (cfg.get("recipe_files") or {}).get("corpus") or corpus["name"]
+        raise RecipeError(f"{where}: method '{method_cfg['name']}' pre-trains on label "
+                          f"maps; corpus '{corpus['name']}' is a {corpus.get('kind')} recipe without classes; expected "
+                          f"a segmentation task (e.g. --corpus phantom-btcv)")
+    params = dict(method_cfg.get("params") or {})
+    if needs_labels:   # the method knows no task: its class count is the labelled corpus's
+        params["num_classes"] = len(corpus["classes"])
+    check_loader(cfg, cls)
+    return cls, params, needs_labels, two_d
+
+
+def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
+              console=None) -> Outcome:
+    """Pre-train a method's backbone on a corpus; writes checkpoints/backbone.pt in SwinUNETR's key layout."""
+    cls, params, needs_labels, two_d = method_class(cfg)
+    # one root, or the roots of data.sources (a labelled corpus: its training split, images and labels)
+    dist, plan, record, action, say = _claim_run(cfg, "pretrain", resume, force, console, root)
+    if action == "skip":
+        say(f"pre-training already finished: {record.path} (protocol {plan.protocol}); reusing it")
+        return Outcome(record, "skip", record.metrics or {})
+    run = PretrainRun(cfg, cls, params, needs_labels, two_d, dist, plan, record, action, say)
+    run.device, run.bf16 = _device_setup(cfg["run"], dist)
+    size = track2d.input_size(cfg["corpus"]) if two_d else cls.input_size(params)
+    if size is None:
+        raise RecipeError(f"method '{cfg['method']['name']}': random-crop corpora are not supported yet (input_size is None)")
+    progress = make_progress(console)
+    with progress:
+        _load_corpus(run, size, progress)
+        _start_record(run)
+        torch.manual_seed(run.seed)
+        method = cls(params, cfg["model"]).to(run.device)
+        if run.stack is not None:
+            method.prepare(run.stack, run.seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
+        elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume
+            method.discover(stream_features(method, run.stream, dist, run.device), run.seed)
+        loop = _train(run, method, progress)
+    _rank_report(dist, method.backbone_state_dict(), steps=loop.total, history=loop.history)
+    if not dist.is_main:   # rank 0 writes the weights and the record; the others wait for them
+        dist.barrier()
+        return Outcome(record, action, {"kind": "pretrain", "rank": dist.rank,
+                                        "transfers_decoder": bool(getattr(cls, "transfers_decoder", False))})
+    metrics = _write_results(run, method, loop)
+    dist.barrier()
+    return Outcome(record, action, metrics)
+
+
+def _load_corpus(run: PretrainRun, size, progress) -> None:
+    """The corpus: a stream from the case cache, the 2D track's images, or every volume resized to ``size`` (and
+    held on the device)."""
+    from monai import transforms as mt
+
+    from ..data.transforms import preprocess_transforms
+
+    cfg, dist, device, corpus, items = run.cfg, run.dist, run.device, run.cfg["corpus"], run.plan.items
+    if cfg["method"]["pretrain"].get("loader", "memory") == "stream":   # batches read from the case cache by workers
+        run.stream = pretrain_stream(cfg, run.cls, items, size, run.needs_labels, dist, device, progress,
+                                     run.say if dist.is_main else (lambda *_: None))
+        return
+    if run.two_d:
+        stack = track2d.load_images(corpus, items, progress)   # [N, 1, H, W] at preprocess.size
+    else:
+        cache, write = case_cache(cfg["run"], corpus, with_label=run.needs_labels)
+        volumes = load_cases(items, preprocess_transforms(corpus, with_label=run.needs_labels), "preprocess corpus",
+                             progress, cache=cache, write=write)
+        resize = mt.Resize(spatial_size=tuple(size), mode="trilinear")
+        stack = torch.stack([torch.as_tensor(resize(torch.as_tensor(v["image"]).float())).float()
+                             for v in volumes])  # [N, 1, X, Y, Z]
+        if run.needs_labels:   # [N, 2, X, Y, Z]: channel 1 holds the label ids (nearest-neighbour resize)
+            nearest = mt.Resize(spatial_size=tuple(size), mode="nearest")
+            labels = torch.stack([torch.as_tensor(nearest(torch.as_tensor(v["label"]).float())).float()
+                                  for v in volumes])
+            stack = torch.cat([stack, labels], dim=1)
+        del volumes
+    run.stack = stack.to(device) if device.type == "cuda" else stack   # GPU-resident: batches gathered there
+
+
+def _start_record(run: PretrainRun) -> None:
+    """The run folder only once every case loaded and passed its checks (a refused run leaves none)."""
+    record, dist, plan = run.record, run.dist, run.plan
+    if not dist.is_main:
+        return
+    record.path.mkdir(parents=True, exist_ok=True)
+    if run.action == "new":
+        record.write_recipe({**run.cfg, "data": {"root": str(plan.root), "phantom": plan.phantom}})
+        record.write_env(str(run.device), world_size=dist.world_size)
+        record.set_status(state="running", stage="pretrain", step=0, protocol=plan.protocol,
+                          world_size=dist.world_size, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if run.stream is not None:
+        record.log(run.stream.plan.describe() + f"; rank 0 of {dist.world_size} reads its shard of "
+                   f"{len(run.stream)} of {len(plan.items)} volumes")
+
+
+def _resume(run: PretrainRun, method, opt, sched, total: int) -> tuple[int, list]:
+    """(start step, history): from checkpoints/last.pt when resuming, else a fresh start."""
+    last = run.record.ckpt_dir / "last.pt"
+    if run.action != "resume" or not last.is_file():
+        return 0, []
+    state = load_state(last)
+    method.load_state_dict(state["method"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    start = int(state["step"])
+    run.say(f"resuming {run.record.path} from step {start}/{total}")
+    return start, list(state.get("history", []))
+
+
+def _compile(run: PretrainRun, method, opt) -> None:
+    """``run.compile``: the method's encoders compiled and checked against eager on the first batch."""
+    compile_method(method, run.cfg["run"])
+    align_optimizer_state(opt)     # compiled VoCo's backbones went channels-last; a resumed state may not be
+    if not run.cfg["run"].get("compile"):
+        return
+    record, dist, pt = run.record, run.dist, run.cfg["method"]["pretrain"]
+    if dist.is_main:
+        record.log("run.compile: Inductor settings " + ", ".join(f"{k}={v}" for k, v in inductor.current().items()))
+    first = run.stack[: pt["batch_size"]] if run.stream is None else run.stream.first_batch()
+    diffs = check_compiled_method(method, first.to(run.device), run.bf16, run.device, run.seed, str(record.path))
+    if diffs and dist.is_main:
+        record.log("compiled encoders against eager on the first batch (max relative difference): "
+                   + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+
+
+def _train(run: PretrainRun, method, progress) -> Loop:
+    """The optimiser, the schedule and the loop over the method's steps (resumed from last.pt where one exists)."""
+    from ..data.transforms import step_seed
+
+    pt, dist, device, record, seed = run.cfg["method"]["pretrain"], run.dist, run.device, run.record, run.seed
+    total = int(pt["steps"])
+    opt = pretrain_optimizer(method, pt, device)
+    sched = pretrain_schedule(opt, pt, total)
+    start, history = _resume(run, method, opt, sched, total)
+    _compile(run, method, opt)
+    step_fn = distributed.wrap(method, dist, device)
+    batches = run.stream.batches(start, total) if run.stream is not None else None
+    stack, wait = run.stack, DataWait()
+
+    def batch(step: int) -> torch.Tensor:
+        if batches is not None:   # the StepSampler draws what the memory loader's rng draws below
+            return next(batches).to(device, non_blocking=True)
+        rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
+        idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
+        return stack.index_select(0, idx).to(device, non_blocking=True)
+
+    def loss_of(volumes_b: torch.Tensor, step: int):
+        torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))
+        with autocast(run.bf16, device):
+            return step_fn(volumes_b, step)
+
+    def save_last(done: int) -> None:
+        if dist.is_main:
+            atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "step": done, "history": history},
+                              record.ckpt_dir / "last.pt")
+            record.set_status(step=done, data_wait=wait.fraction())
+        dist.barrier()
+
+    loop = Loop("pre-training", "pretrain", total, int(pt.get("log_every", 10)), int(pt.get("checkpoint_every", 500)),
+                record, dist, run.cfg["run"], opt, sched, progress,
+                progress.add_task(f"pretrain {run.cfg['method']['name']}", total=total, completed=start, info=""),
+                device, batch, loss_of, save_last, history=history, after_step=method.after_step, wait=wait)
+    t0 = time.perf_counter()
+    loop.run(start)
+    loop.seconds = time.perf_counter() - t0
+    return loop
+
+
+def _write_results(run: PretrainRun, method, loop: Loop) -> dict:
+    """backbone.pt, heads.pt and metrics.json (rank 0); the status becomes finished."""
+    record, cfg, plan, history = run.record, run.cfg, run.plan, loop.history
+    method_cfg, pt = cfg["method"], cfg["method"]["pretrain"]
+    backbone = {k: v.detach().cpu() for k, v in method.backbone_state_dict().items()}
+    atomic_torch_save(backbone, record.ckpt_dir / "backbone.pt")
+    atomic_torch_save({k: v.detach().cpu() for k, v in method.head_state_dict().items()}, record.ckpt_dir / "heads.pt")
+    metrics = {"kind": "pretrain", "method": method_cfg["name"], "variant": (method_cfg.get("params") or {}).get("variant"),
+               "corpus": cfg["corpus"]["name"], "phantom": plan.phantom, "protocol": plan.protocol, **record.identity(),
+               "seed": run.seed, "preset": cfg["run"]["preset"], "steps": loop.total, "volumes": len(plan.items),
+               "world_size": run.dist.world_size, "labelled": run.needs_labels,
+               "final_loss": history[-1]["loss"] if history else None, "history": history,
+               "seconds_this_session": loop.seconds, "data_wait": loop.wait.fraction(),
+               "loader": pt.get("loader", "memory"), "backbone_tensors": len(backbone),
+               "transfers_decoder": bool(getattr(run.cls, "transfers_decoder", False)),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(record.path / "metrics.json", metrics)
+    record.set_status(state="finished", finished=metrics["finished"])
+    return metrics
