@@ -303,7 +303,9 @@ class Segmentation(TaskKind):
         self.val_cases = load_cases(self.val_items, preprocess_transforms(self.task), "preprocess val", progress)
 
     def evaluate(self, model: torch.nn.Module, progress) -> list[dict]:
-        eval_model = getattr(self, "eval_model", None) or self.rt.compiled(model)
+        eval_model = getattr(self, "eval_model", None)
+        if eval_model is None:   # `sslbench evaluate RUN`: no training steps built one
+            eval_model = self.rt.compiled(model)
         return _evaluate_sharded(eval_model, self.val_cases, self.task, self.rt.device, self.rt.bf16,
                                  self.rt.dist, progress)
 
