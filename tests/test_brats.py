@@ -12,6 +12,7 @@ import torch
 
 from sslbench import metrics, protocol, recipes
 from sslbench.cli import main
+from sslbench.tasks import segmentation
 from sslbench.data import brats, check, layouts, phantom
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError
@@ -159,7 +160,7 @@ def test_recipe_carries_the_seed_settings():
     assert t["finetune"]["epochs"] == 500 and t["finetune"]["labeled_cases"] == 387 and t["data"]["val_last"] == 97
     assert t["preprocess"]["normalize"] == "zscore" and t["finetune"]["roi"] == [96, 96, 96]
     assert recipes.output_channels(t) == 3 and recipes.input_channels(t) == 4
-    assert type(protocol.make_loss(t)).__name__ == "DiceLoss"
+    assert type(segmentation.make_loss(t)).__name__ == "DiceLoss"
     tiny = recipes.resolve("scratch", "phantom-brats21")["task"]
     assert tiny["finetune"]["labeled_cases"] is None
     with pytest.raises(Exception, match="regions"):

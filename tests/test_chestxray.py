@@ -144,7 +144,7 @@ def test_synth_check_tiny_run_and_3d_checkpoint_refused(phantom_home, tmp_path, 
     assert "3D pre-trained backbone cannot initialise the 2D encoder" in err and len(err.strip().splitlines()) == 1
     assert main(["run", "--method", "mae", "--task", "phantom-chestxray14", "--root", str(root),
                  "--out", str(runs), *fast]) == 2
-    assert "method 'mae' has no 2D form yet" in capsys.readouterr().err   # (2D methods: sslbench/track2d.py)
+    assert "method 'mae' has no 2D form yet" in capsys.readouterr().err   # (2D methods: sslbench/protocol/track2d.py)
     assert not (runs / "pretrain").exists()                                 # refused before pre-training
 
 

@@ -65,7 +65,8 @@ def test_the_demo_plan_gives_both_methods_one_budget_and_fits_five_minutes_of_tw
     pre-processing, on a 2-core CPU), not the run."""
     import yaml
 
-    from sslbench import feasibility, protocol, recipes
+    from sslbench import protocol, recipes
+    from sslbench.protocol import feasibility
 
     monkeypatch.setenv("SSLBENCH_DATA", str(tmp_path / "home"))
     monkeypatch.setattr(feasibility, "gpu_memory", lambda: (0, 0.0, ""))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslbench import feasibility, recipes
+from sslbench import recipes
+from sslbench.protocol import feasibility
 from sslbench.cli import main
 
 GIB = 1024 ** 3

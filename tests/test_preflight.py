@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sslbench import feasibility, recipes
+from sslbench import recipes
+from sslbench.protocol import feasibility
 from sslbench.cli import main
 from sslbench.errors import RunError
 

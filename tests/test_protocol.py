@@ -58,6 +58,9 @@ def test_end_to_end_run_writes_a_complete_record(fast_run, capsys):
     assert any("loss" in h for h in metrics["history"]) and any("val_dice" in h for h in metrics["history"])
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] and env["monai"] and env["device"] == "cpu"
+    # how it ran (not part of the protocol): the runtime's settings
+    assert env["runtime"] == {"device": "cpu", "precision": "fp32", "attention": "fused", "compile": False,
+                              "cudnn_benchmark": False, "threads": env["runtime"]["threads"]}
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["protocol"] == metrics["protocol"]
     header = (run / "cases.csv").read_text().splitlines()[0]

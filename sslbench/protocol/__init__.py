@@ -11,8 +11,9 @@ from __future__ import annotations
 # The protocol layer's public surface (cli, sweep, bench and predict call these):
 from .evaluate import reevaluate  # noqa: F401
 from .run import run_protocol  # noqa: F401
-from .datasets import (PHANTOM_MARKER, PhantomNotWritten, case_cache, check_cases, data_home,  # noqa: F401
-                       labeled_subset, load_cases, locate_data, read_splits)
+from ..data.loaded import check_cases, labeled_subset  # noqa: F401
+from .datasets import (PHANTOM_MARKER, PhantomNotWritten, case_cache, data_home, load_cases,  # noqa: F401
+                       locate_data, read_splits)
 from .finetuning import _finetune, finetune  # noqa: F401
 from .keys import run_key, run_protocol_hash  # noqa: F401
 from .loop import DataWait, Loop, Validation, stop_if_not_finite  # noqa: F401

@@ -87,7 +87,8 @@ def _start_record(run: FinetuneRun, kind, load_report) -> None:
     record.path.mkdir(parents=True, exist_ok=True)
     if run.action == "new":
         record.write_recipe({**cfg, "data": {"root": str(run.root), "phantom": run.phantom}})
-        record.write_env(str(run.device), **({"world_size": run.dist.world_size} if run.dist.enabled else {}))
+        record.write_env(str(run.device), runtime=kind.rt.settings(),
+                         **({"world_size": run.dist.world_size} if run.dist.enabled else {}))
         record.set_status(state="running", stage="finetune", step=0, protocol=run.protocol,
                           started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         kind.on_new_record(record)

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .. import distributed, recipes, track2d
+from .. import distributed, recipes
+from ..data.loaded import labeled_subset
 from ..errors import DataError, RecipeError
 from ..records import RunRecord
 from ..tasks.classification import refuse_3d_init_of_2d
-from .datasets import _PLAN_ONLY, labeled_subset, locate_data, PhantomNotWritten
+from . import track2d
+from .datasets import _PLAN_ONLY, locate_data, PhantomNotWritten
 from .keys import _run_dir, run_key, run_protocol_hash
 
 
@@ -93,7 +95,7 @@ def _listed(cfg: Mapping[str, Any], stage: str, root) -> tuple[list | None, bool
 
 
 def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list, dict]:
-    from .. import feasibility
+    from . import feasibility
 
     ests, seen = [], {}
     if "corpus" in cfg and cfg["method"].get("pretrain") is not None:
@@ -150,7 +152,7 @@ def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable
     (SimpleITK for .mhd, pydicom for DICOM), and the feasibility of the plan (memory and time estimates,
     refused with the way out unless ``run.feasibility`` says otherwise). ``cfg``: a resolved recipe or one
     stage's view of it. Returns the stage estimates."""
-    from .. import feasibility
+    from . import feasibility
 
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:   # the fine-tuning data first: its missing root is the first thing to say
@@ -171,7 +173,7 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
     """``--dry-run``: the plan (stages, the recipes' key settings, corpus, phantom or not, run folders and
     keys) and its estimates, printed; nothing is written (a phantom tree not written yet leaves its run keys
     open). Root and reader errors raise as in a run; an infeasible plan is printed, not raised."""
-    from .. import feasibility
+    from . import feasibility
 
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:
@@ -209,7 +211,7 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
                     + f", roi {ft.get('roi')}, batch {ft.get('batch_size')} x {ft.get('num_samples', 1)} crops, "
                       f"lr {ft.get('lr')}")
             if items is None or (e.stage == "finetune" and "pretrain" in seen and pre_key is None):
-                say(f"    run folder: decided once the phantom data is written (run key = protocol + data"
+                say("    run folder: decided once the phantom data is written (run key = protocol + data"
                     " fingerprint)")
             else:
                 plan = plan_run(view, e.stage, root if e.stage == "finetune" else corpus_root,

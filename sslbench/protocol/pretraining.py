@@ -16,14 +16,16 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .. import distributed, inductor, track2d
+from .. import distributed, inductor
 from ..errors import RecipeError
 from ..records import atomic_torch_save, atomic_write_json, load_state
+from . import track2d
 from .datasets import case_cache, load_cases
 from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
-from .runs import Outcome, _claim_run, _rank_report, run_scope
-from .runtime import _device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method, make_progress
+from .runs import _claim_run, _rank_report, Outcome, run_scope
+from .runtime import (_device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method,
+                      make_progress, runtime_settings)
 
 
 def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
@@ -226,7 +228,8 @@ def _start_record(run: PretrainRun) -> None:
     record.path.mkdir(parents=True, exist_ok=True)
     if run.action == "new":
         record.write_recipe({**run.cfg, "data": {"root": str(plan.root), "phantom": plan.phantom}})
-        record.write_env(str(run.device), world_size=dist.world_size)
+        record.write_env(str(run.device), world_size=dist.world_size,
+                         runtime=runtime_settings(run.cfg["run"], run.device, run.bf16))
         record.set_status(state="running", stage="pretrain", step=0, protocol=plan.protocol,
                           world_size=dist.world_size, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if run.stream is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .. import recipes, track2d
+from .. import recipes
+from . import track2d
 from .finetuning import finetune
 from .plan import preflight, refuse_pretraining_for_2d
 from .pretraining import pretrain

@@ -211,3 +211,15 @@ class Runtime:
 
     def use_attention(self, model: torch.nn.Module) -> int:
         return use_run_attention(model, self.run_cfg)
+
+    def settings(self) -> dict:
+        """What env.json records of how the run ran (``runtime``): none of it is part of the protocol."""
+        return runtime_settings(self.run_cfg, self.device, self.bf16)
+
+
+def runtime_settings(run_cfg: Mapping[str, Any], device: torch.device, bf16: bool) -> dict:
+    """The speed settings a stage ran with (env.json's ``runtime``): precision, window-attention kernel,
+    torch.compile, cuDNN autotuning, threads."""
+    return {"device": str(device), "precision": "bf16" if bf16 else "fp32",
+            "attention": str(run_cfg.get("attention", "fused")), "compile": bool(run_cfg.get("compile")),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "threads": torch.get_num_threads()}

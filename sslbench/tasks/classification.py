@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones import LoadReport, build_model, load_backbone, read_checkpoint
+from ..backbones import build_model, load_backbone, LoadReport, read_checkpoint
+from ..data.loaded import labeled_subset
 from ..errors import CheckpointError, DataError, RecipeError
-from ..protocol.datasets import labeled_subset
-from ..records import RunRecord, atomic_write_json
-from .base import Steps, TaskKind, Validation, autocast
+from ..records import atomic_write_json, RunRecord
+from .base import autocast, Steps, TaskKind, Validation
+
 
 KINDS = ("classification", "classification2d")
 

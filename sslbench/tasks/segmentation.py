@@ -21,8 +21,9 @@ import torch
 
 from .. import distributed
 from ..backbones import build_model, load_backbone, read_checkpoint
+from ..data.loaded import check_cases, labeled_subset
 from ..metrics import score_names, scoring
-from ..protocol.datasets import case_cache, check_cases, labeled_subset, load_cases, read_splits
+from ..protocol.datasets import case_cache, load_cases, read_splits
 from ..recipes import input_channels, output_channels
 from ..records import atomic_write_json, RunRecord
 from .base import autocast, Steps, TaskKind, Validation

@@ -4,7 +4,7 @@ The VoCo supplement's Table 4 follows PCRL / PCRLv2's 2D protocol: every method 
 (whole patients; the task's ``pretrain`` split, :func:`sslbench.data.classification.pretrain_patients`) and
 fine-tunes on the rest (``train``), scored by the mean AUC over the 14 findings on ``test_list.txt``. A method
 pre-trains in 2D when the run's corpus is such a task (:func:`sslbench.recipes.resolve` makes the task its own
-corpus and applies the method's ``two_d`` recipe block). :func:`sslbench.protocol._pretrain` runs the same loop,
+corpus and applies the method's ``two_d`` recipe block). :func:`sslbench.protocol.pretraining._pretrain` runs the same loop,
 records, hashes and resume as in 3D; this module supplies the 2D parts it calls: the items (the ``pretrain``
 split), the image stack ``[N, 1, H, W]`` in [0, 1] at ``preprocess.size``, the method's 2D class.
 """
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 
 def is_2d(corpus: Mapping[str, Any] | None) -> bool:
@@ -25,7 +25,7 @@ def is_2d(corpus: Mapping[str, Any] | None) -> bool:
 
 def method_class(cfg: Mapping[str, Any]):
     """The method's 2D class, or a one-line RecipeError naming the methods that have one."""
-    from .methods import REGISTRY_2D, get_method_class
+    from ..methods import REGISTRY_2D, get_method_class
 
     name = cfg["method"]["name"]
     cls = get_method_class(name, spatial_dims=2)
@@ -59,8 +59,8 @@ def corpus_root(cfg: Mapping[str, Any], root, corpus_root):
 def pretrain_items(corpus: Mapping[str, Any], root_path, phantom: bool) -> tuple[Path, bool, list[dict]]:
     """(root, phantom, the ``pretrain`` split's items) of a 2D task located at ``root_path`` (the protocol's
     ``locate_data``): what a 2D pre-training reads."""
-    from .data import layouts
-    from .errors import DataError
+    from ..data import layouts
+    from ..errors import DataError
 
     dl = layouts.load_datalist(corpus, root_path)
     items = dl.splits.get("pretrain") or []
@@ -72,7 +72,7 @@ def pretrain_items(corpus: Mapping[str, Any], root_path, phantom: bool) -> tuple
 
 def load_images(corpus: Mapping[str, Any], items: list[dict], progress=None) -> torch.Tensor:
     """The pre-training images as float32 ``[N, 1, H, W]`` in [0, 1] (grey, resized to ``preprocess.size``)."""
-    from .data import classification as data_mod
+    from ..data import classification as data_mod
 
     arr = data_mod.load_split(corpus, items, progress, "load pretrain images")
     return torch.from_numpy(arr).unsqueeze(1).float().div_(255.0)

@@ -46,7 +46,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .errors import RunError
+from ..errors import RunError
 
 GIB = 1024 ** 3
 #: bytes per voxel-channel of activations, per family, on a GPU (bf16, fused attention) -- see the docstring
@@ -201,7 +201,7 @@ def pretrain_voxels(method: Mapping[str, Any]) -> int:
 
 
 def estimate_pretrain(cfg: Mapping[str, Any], m: Machine, volumes: int | None = None) -> StageEstimate:
-    from .methods import get_method_class
+    from ..methods import get_method_class
 
     from . import track2d
 
@@ -366,7 +366,7 @@ def case_sizes(recipe: Mapping[str, Any], items: list[Mapping[str, Any]] | None,
         return [math.prod(shape)] * n, [resampled_shape(shape, zooms, spacing)] * n, n, []
     cache = None
     if str(run_cfg.get("cache", "read")) != "none":
-        from .data.cache import CaseCache
+        from ..data.cache import CaseCache
 
         cache = CaseCache(recipe, with_label=with_label)
     step = max(1, math.ceil(len(items) / HEADER_SAMPLE))
