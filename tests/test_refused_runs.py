@@ -104,3 +104,16 @@ def test_voxel_checks_run_once_per_case_and_are_cached_with_it(phantom_home, tmp
     with pytest.raises(DataError, match=r"contains 1 NaN or infinite voxel"):
         protocol.load_cases([item], preprocess_transforms(task), "cache", cache=CaseCache(task), write=True)
     assert CaseCache(task).get(item) is None                       # a refused case is never cached
+
+
+def test_a_loss_the_task_kind_does_not_train_with_is_refused_before_any_work(phantom_home, tmp_path, capsys):
+    """task.finetune.loss is read: it must name the kind's loss (it is part of the protocol hash), one line naming
+    the recipe file and the key, before a pre-training or a run folder exists."""
+    out = tmp_path / "runs"
+    for task, loss, expected in (("phantom-btcv", "ce", "'dicece'"), ("phantom-ccccii", "dicece", "'ce'"),
+                                 ("phantom-chestxray14", "ce", "'bce'")):
+        assert main(["run", "--method", "voco", "--task", task, "--out", str(out),
+                     "--set", f"task.finetune.loss={loss}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{task}.yaml: key 'finetune.loss': '{loss}'" in err and expected in err and "\n" not in err, err
+        assert not out.exists()

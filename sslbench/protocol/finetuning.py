@@ -46,6 +46,7 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
                           f"see `sslbench list tasks` for the available ones")
     check_finetune_loader(cfg)
     kind_cls = tasks.kind_of(task)
+    kind_cls.check(cfg)
     run = open_finetune(cfg, init, root, resume, force, console)
     if isinstance(run, Outcome):
         return run

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .. import distributed, recipes
+from .. import distributed, recipes, tasks
 from ..data.loaded import labeled_subset
 from ..errors import DataError, RecipeError
 from ..records import RunRecord
@@ -157,6 +157,7 @@ def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:   # the fine-tuning data first: its missing root is the first thing to say
         check_finetune_loader(fcfg)   # refused before any pre-training runs for a loader the task cannot use
+        tasks.kind_of(fcfg["task"]).check(fcfg)   # and for a fine-tuning the task's kind cannot run
         _listed(fcfg, "finetune", root)
     machine = feasibility.machine(cfg["run"], gpus)
     ests, seen = _estimates(cfg, root, corpus_root, machine)

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..errors import RecipeError
+
 
 def autocast(enabled: bool, device: torch.device):
     """bf16 autocast on ``device`` when ``enabled`` (the run's ``run.precision``), else nothing."""
@@ -64,6 +66,24 @@ class TaskKind:
     overrides_runtime: bool = False
     #: the initial best validation score (a resumed run reads its own from last.pt)
     initial_best: float = -1.0
+
+    #: the ``finetune.loss`` values the kind trains with: {recipe value: what it means}
+    losses: Mapping[str, str] = {}
+
+    @classmethod
+    def check(cls, cfg: Mapping[str, Any]) -> None:
+        """Recipe settings the kind cannot run, refused before any work: ``finetune.loss`` must name the kind's
+        loss (the key is part of the protocol hash, so it says what the run trained with)."""
+        task = cfg["task"]
+        loss = (task.get("finetune") or {}).get("loss")
+        if loss not in cls.expected_losses(task):
+            where = (cfg.get("recipe_files") or {}).get("task") or task["name"]
+            raise RecipeError(f"{where}: key 'finetune.loss': {loss!r}, but a {task['kind']} task trains with "
+                              + " or ".join(f"{k!r} ({v})" for k, v in cls.expected_losses(task).items()))
+
+    @classmethod
+    def expected_losses(cls, task: Mapping[str, Any]) -> Mapping[str, str]:
+        return cls.losses
 
     def __init__(self, cfg: Mapping[str, Any], rt, say: Callable[..., None]):
         self.cfg, self.task, self.rt, self.say = cfg, cfg["task"], rt, say

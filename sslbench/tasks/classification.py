@@ -246,6 +246,12 @@ class Classification(TaskKind):
 
     initial_best = -math.inf
 
+    @classmethod
+    def expected_losses(cls, task: Mapping[str, Any]) -> Mapping[str, str]:
+        if task["kind"] == "classification2d":
+            return {"bce": "binary cross-entropy per finding (multi-label)"}
+        return {"ce": "cross-entropy over the classes"}
+
     def __init__(self, cfg: Mapping[str, Any], rt, say):
         super().__init__(cfg, rt, say)
         self.two_d = self.task["kind"] == "classification2d"

@@ -202,6 +202,7 @@ class Segmentation(TaskKind):
     """The segmentation kind (see the module docstring)."""
 
     metric = "dice"
+    losses = {"dicece": "Dice + cross-entropy over softmax classes; on a regions task soft Dice on sigmoid regions"}
     measures_data_wait = True
     overrides_runtime = True
     initial_best = -1.0
