@@ -31,7 +31,7 @@ from torch import nn
 from . import protocol as P
 from .backbones import LoadReport, build_model, load_backbone, read_checkpoint
 from .errors import CheckpointError, DataError, RecipeError, RunError
-from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state
+from .store.records import RunRecord, atomic_torch_save, atomic_write_json, load_state
 
 KINDS = ("classification", "classification2d")
 

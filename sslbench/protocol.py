@@ -26,11 +26,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import distributed, inductor, locks, recipes, track2d
+from . import distributed, inductor, recipes, track2d
 from .backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names, scoring
-from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state, prepare_run_folder
+from .store import lock as locks
+from .store.records import RunRecord, atomic_torch_save, atomic_write_json, load_state, prepare_run_folder
+from .store.run_key import protocol_hash as run_protocol_hash, run_dir as _run_dir, run_key
 
 PHANTOM_MARKER = "sslbench_phantom.json"
 
@@ -527,39 +529,9 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def run_protocol_hash(cfg: Mapping[str, Any], dist: "distributed.Dist | None" = None) -> str:
-    """The protocol hash of a run: the recipe's, plus the number of processes when there are several.
-
-    Under torchrun every process draws its own batch, so N processes train with an N times larger global batch:
-    another protocol, which must never be mixed with (or reused as) the single-process one.
-    """
-    dist = dist or distributed.current()
-    if dist.world_size > 1:
-        return recipes.protocol_hash({**cfg, "world_size": dist.world_size})
-    return recipes.protocol_hash(cfg)
-
-
-def _run_dir(cfg: Mapping[str, Any], stage: str, key: str) -> Path:
-    """``<out>/pretrain/<method>/<corpus>/<run key>-s<seed>`` or ``<out>/finetune/<task>/<label>/<run key>-s<seed>``."""
-    out = Path(cfg["run"]["out"])
-    seed = cfg["run"]["seed"]
-    if stage == "pretrain":
-        return out / "pretrain" / cfg["method"]["name"] / cfg["corpus"]["name"] / f"{key}-s{seed}"
-    return out / "finetune" / cfg["task"]["name"] / cfg["run"].get("label", cfg["method"]["name"]) / f"{key}-s{seed}"
-
-
 # --------------------------------------------------------------------------------------------------
 # A run's identity: protocol + data (+ the pre-training it starts from) -> run key -> run folder
 # --------------------------------------------------------------------------------------------------
-def run_key(protocol: str, data: Mapping[str, Any], pretrain_key: str | None = None) -> str:
-    """The run key: a short SHA-256 of the protocol hash, the data fingerprint (sslbench/data/fingerprint.py)
-    and, for a fine-tuning from a pre-training, that pre-training's run key. Runs of one protocol on other data
-    (another copy, changed files) get other keys, so other folders; ``protocol`` alone still names the
-    protocol (status.json, metrics.json), which the report compares."""
-    text = json.dumps({"protocol": protocol, "data": data["fingerprint"], "pretrain": pretrain_key}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 @dataclass
 class PlannedRun:
     """Where a run goes and why: its folder, protocol hash, run key, data identity (data.json), the located

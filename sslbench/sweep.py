@@ -81,7 +81,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import distributed, recipes
 from .errors import RecipeError, SSLBenchError
-from .locks import waiting as waiting_for_run_locks
+from .store.lock import waiting as waiting_for_run_locks
+from .store.run_key import protocol_hash
 
 
 def esc(text: Any) -> str:
@@ -325,7 +326,7 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
         if isinstance(v, (list, dict)):
             raise RecipeError(f"--values: '{typed}' must take numbers, integers, booleans or strings, got {v!r}")
         # every value reads the same data: the fine-tuning protocol alone tells their runs apart
-        folder = protocol.run_protocol_hash(protocol.finetune_view(cfg))
+        folder = protocol_hash(protocol.finetune_view(cfg))
         if folder in folders:
             same = folders[folder]
             if same == v:

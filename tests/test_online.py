@@ -11,7 +11,7 @@ import yaml
 
 from sslbench import online, report
 from sslbench.errors import RecipeError
-from sslbench.records import RunRecord
+from sslbench.store.records import RunRecord
 from test_report import write_run
 
 TODAY = dt.date(2026, 12, 3)

@@ -192,7 +192,7 @@ def test_missing_optional_reader_is_named():
 def test_dead_run_without_checkpoint_starts_over_and_another_hosts_run_is_left_alone(tmp_path, capsys):
     import platform
 
-    from sslbench.records import RunRecord, prepare_run_folder
+    from sslbench.store.records import RunRecord, prepare_run_folder
 
     rec = RunRecord(tmp_path / "run")
     rec.path.mkdir()

@@ -14,7 +14,7 @@ import yaml
 
 from sslbench import recipes, report
 from sslbench.errors import RecipeError
-from sslbench.records import RunRecord, atomic_write_json
+from sslbench.store.records import RunRecord, atomic_write_json
 
 # --------------------------------------------------------------------------------------------------
 # The seed's Tables 3-7, transcribed independently of leaderboards/ (as printed, with daggers).

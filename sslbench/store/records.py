@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .errors import RunError
+from ..errors import RunError
 
 
 #: below this many free bytes, a failed checkpoint write is taken for a full disk (torch's zip writer raises a
@@ -144,7 +144,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     line for a file that cannot be one: "not a checkpoint: <path> (truncated or corrupt)"."""
     import torch
 
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     path = Path(path)
     if not path.is_file():
@@ -160,7 +160,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 def valid_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` holds a readable training state (:func:`load_state`)."""
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     try:
         load_state(path)
@@ -174,7 +174,7 @@ def read_json(path: str | Path) -> Any:
 
 
 def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]      # the repository (sslbench/store/records.py)
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)
@@ -318,7 +318,7 @@ def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bo
     """Decide what to do with a run folder: 'new', 'resume' or 'skip' (finished identical run).
 
     A ``failed`` run starts over ('new', the folder emptied) or, with ``resume`` and a readable
-    checkpoints/last.pt, resumes. The caller holds the folder's lock (sslbench/locks.py), so an unfinished
+    checkpoints/last.pt, resumes. The caller holds the folder's lock (sslbench/store/lock.py), so an unfinished
     (``running``) folder recorded by a process of this host is a dead run (OOM-killed, kill -9, reboot: the
     kernel freed its lock): it is resumed from a readable last.pt, else started over, with a line (``say``)
     naming the dead process (status.json's pid, host, started) and what is done.
