@@ -449,9 +449,9 @@ def _not_yet(name: str, issue: str) -> int:
 
 
 def _cmd_report(args, console) -> int:
-    from . import report
+    from .report import command
 
-    return int(report.main(args.rest) or 0)
+    return int(command.main(args.rest) or 0)
 
 
 def _cmd_bench(args, console) -> int:
@@ -463,9 +463,9 @@ def _cmd_bench(args, console) -> int:
 
 
 def _forward_report(argv: list[str]) -> int:
-    from . import report
+    from .report import command
 
-    return report.main(argv)
+    return command.main(argv)
 
 
 def _forward_bench(argv: list[str]) -> int:

@@ -220,7 +220,8 @@ def test_changed_data_full_disk_and_corrupt_checkpoints(phantom_home, tmp_path, 
 def test_the_report_marks_a_cell_whose_runs_read_different_data(tmp_path):
     from test_report import _tables, write_run
 
-    from sslbench import report
+    from sslbench.report.cells import MIXED_DATA_MARK
+    from sslbench.report.render import render_table
     from sslbench.store.records import atomic_write_json
 
     runs = tmp_path / "runs"
@@ -229,9 +230,9 @@ def test_the_report_marks_a_cell_whose_runs_read_different_data(tmp_path):
         atomic_write_json(folder / "data.json", {"root": "/data/x", "fingerprint": "f0", "files": 8})
     df, tables = _tables(runs)
     assert list(df["data_fingerprint"]) == ["f0", "f0"] and list(df["data"]) == ["/data/x", "/data/x"]
-    assert report.MIXED_DATA_MARK not in report.render_table(tables["table5"], "md")
+    assert MIXED_DATA_MARK not in render_table(tables["table5"], "md")
     atomic_write_json(folders[1] / "data.json", {"root": "/data/x", "fingerprint": "f1", "files": 8})
     df, tables = _tables(runs)
     cell = tables["table5"].cell("average", "mmwhs")
     assert cell.mixed_data and cell.text() == "90.54 / 90.00 ± 0.00 (Δ -0.54, n=2) ‡data"
-    assert "‡data: this cell's runs read different data" in report.render_table(tables["table5"], "md")
+    assert "‡data: this cell's runs read different data" in render_table(tables["table5"], "md")

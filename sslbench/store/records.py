@@ -72,16 +72,24 @@ def _writing(path: Path):
         raise
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+#: the mode of files written for everyone to read (report outputs; mkstemp alone would leave them 0600)
+PUBLIC_MODE = 0o644
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, then rename), with file ``mode`` when given."""
+    path = Path(path)
     with _writing(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write_bytes(Path(path), text.encode())
+    atomic_write_bytes(Path(path), text.encode())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -171,6 +179,24 @@ def valid_checkpoint(path: str | Path) -> bool:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def try_read_json(path: str | Path) -> Any:
+    """A record file's JSON, None where it is missing or not JSON (a run killed mid-write, another tool's file):
+    readers of many folders (the report) skip such a folder instead of failing."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def try_read_recipe(folder: str | Path) -> dict | None:
+    """A run folder's recipe.yaml as a mapping, None where it is missing or not a YAML mapping."""
+    try:
+        cfg = yaml.safe_load((Path(folder) / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def git_commit() -> str | None:

@@ -25,7 +25,7 @@ outside 0-100 or one that looks like a fraction (0 < value <= 1), a date that is
 future or before the run finished, a run that is no finished fine-tuning run under ``<runs>/finetune`` (or
 whose task is not the leaderboard's), and a second entry for the same leaderboard, run and metric.
 
-An entry then stands for its run in Table 6: the run's own comparability (``report.comparability``: only a
+An entry then stands for its run in Table 6: the run's own comparability (``runs.comparability``: only a
 run at the paper protocol, on real data, stands beside the published number with a Δ; a phantom run fills
 the ``(phantom)`` column and is labelled PHANTOM; the others their labelled columns) and its provenance
 (run folder, date, submission id) printed in the cell.
@@ -36,7 +36,9 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import RecipeError
+from .. import recipes
+from ..errors import RecipeError
+from ..store.records import try_read_json
 
 #: where ``sslbench report`` looks for the answers when no ``--online`` is given (relative to ``--runs``)
 DEFAULT_ONLINE = Path("leaderboards") / "online.yaml"
@@ -75,14 +77,6 @@ def _date(value: Any, where: str, key: str, today: _dt.date) -> _dt.date:
 
 def _find_run(runs_df, name: str) -> list[str]:
     """Paths of the runs whose folder name is ``name`` or whose recorded run key is ``name``."""
-    import json
-
-    def _read_json(path: Path) -> Any:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
     paths = []
     for path in dict.fromkeys(runs_df["path"]) if len(runs_df) else ():
         folder = Path(path)
@@ -90,7 +84,7 @@ def _find_run(runs_df, name: str) -> list[str]:
             paths.append(path)
             continue
         for record in ("status.json", "metrics.json"):
-            data = _read_json(folder / record)
+            data = try_read_json(folder / record)
             if isinstance(data, Mapping) and data.get("run_key") == name:
                 paths.append(path)
                 break
@@ -194,7 +188,7 @@ def provenance(entry: Mapping[str, Any]) -> str:
 
 
 def online_frame(entries: list[dict], runs_df):
-    """One row per entry, shaped like ``report.collect_runs``'s rows (so the tables select and group them):
+    """One row per entry, shaped like ``runs.collect_runs``'s rows (so the tables select and group them):
     the run's own row (method, protocol, comparability, phantom, environment...) with ``metric`` and ``score``
     (a fraction, like the records) from the leaderboard, ``base_task`` the leaderboard, and ``provenance``."""
     import pandas as pd
@@ -219,13 +213,11 @@ def load_online(path: str | Path, published: Mapping[str, Any], runs_df, runs_di
                 required: bool = True, today: _dt.date | None = None):
     """The online answers of ``path`` as a frame for Table 6 (``online_frame``), validated; None when the file
     is absent and not ``required`` (the default location). ``df.attrs['file']`` names the file."""
-    from . import recipes
-
     path = Path(path)
     if not path.is_file():
         if required:
             raise RecipeError(f"{path}: online results file not found (expected YAML with 'entries'; see "
-                              f"sslbench/online.py)")
+                              f"sslbench/report/online.py)")
         return None
     spec = next((t for t in published["tables"] if t.get("online")), None)
     if spec is None:
