@@ -1,9 +1,10 @@
 """`sslbench report`: leaderboard tables built from run records, beside the published numbers.
 
-The package, its arrows pointing down only: ``command`` (the CLI) -> ``tables`` (tables built from data) and
-``html`` / ``render`` / ``plots`` (output) -> ``efficiency`` (label-efficiency tables and plot) -> ``cells``
-(Table, Row, Cell, Group) -> ``runs`` (records collected into a DataFrame, through sslbench.store) and
-``published`` (the leaderboard YAML); ``online`` (Table 6's answers) reads only the store and the recipes.
+The package, its arrows pointing down only: ``command`` (the CLI) -> ``tables`` (tables built from data),
+``html`` / ``render`` (output as text) and ``online`` (Table 6's answers); ``tables`` -> ``efficiency``
+(label-efficiency tables and plot) -> ``plots`` -> ``cells`` (Table, Row, Cell, Group) -> ``runs`` (the records
+collected into a DataFrame, read and hashed through sslbench.store); ``published`` (the leaderboard YAML) and
+``online`` read only the recipes and the store.
 
 Published numbers are data (``leaderboards/voco_supplement.yaml``: the VoCo supplement's Tables 1, 3-7,
 each cell with its source); measured numbers are the run folders under ``runs/finetune`` (their
