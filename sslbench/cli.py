@@ -308,8 +308,8 @@ def _cmd_finetune(args, console) -> int:
 
 
 def _cmd_evaluate(args, console) -> int:
-    """Under the run folder's lock (sslbench/locks.py): never beside a training of that folder or another evaluate."""
-    from . import locks
+    """Under the run folder's lock (sslbench/store/lock.py): never beside a training of that folder or another evaluate."""
+    from .store import lock as locks
 
     if not (Path(args.run_dir) / "recipe.yaml").is_file():   # not a run folder: the evaluation says so, no lock file
         return _evaluate(args, console)
@@ -337,7 +337,7 @@ def _evaluate(args, console) -> int:
 
 
 def _cmd_predict(args, console) -> int:
-    from . import locks
+    from .store import lock as locks
 
     if not (Path(args.run_dir) / "recipe.yaml").is_file():   # not a run folder: predict says so, no lock file
         return _predict(args, console)
@@ -449,9 +449,9 @@ def _not_yet(name: str, issue: str) -> int:
 
 
 def _cmd_report(args, console) -> int:
-    from . import report
+    from .report import command
 
-    return int(report.main(args.rest) or 0)
+    return int(command.main(args.rest) or 0)
 
 
 def _cmd_bench(args, console) -> int:
@@ -463,9 +463,9 @@ def _cmd_bench(args, console) -> int:
 
 
 def _forward_report(argv: list[str]) -> int:
-    from . import report
+    from .report import command
 
-    return report.main(argv)
+    return command.main(argv)
 
 
 def _forward_bench(argv: list[str]) -> int:

@@ -103,7 +103,7 @@ def _pretraining(metrics: dict) -> dict | None:
     """The metrics.json of the pre-training a fine-tuning started from (None: from scratch)."""
     from pathlib import Path
 
-    from .records import read_json
+    from .store.records import read_json
 
     run = ((metrics.get("init") or {}).get("pretrain_run"))
     f = Path(run) / "metrics.json" if run else None

@@ -258,7 +258,7 @@ def predict_items(items: list[dict], task: Mapping[str, Any], infer: Callable, o
     ``run_info`` identifies what predicts (run folder, run key, checkpoint digest); a manifest in ``out`` that
     names another run or checkpoint is refused with one line.
     """
-    from .records import atomic_write_json, read_json
+    from .store.records import atomic_write_json, read_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +318,7 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
     from .protocol import file_digest, locate_data, make_progress, select_device, use_bf16, use_run_attention
     from .recipes import input_channels, output_channels
     from .data import layouts
-    from .records import RunRecord, load_state
+    from .store.records import RunRecord, load_state
 
     record = RunRecord(run_dir)
     if not (record.path / "recipe.yaml").is_file():
@@ -416,7 +416,7 @@ def evaluate_original(run_dir: str | Path, root: str | Path | None = None, check
     from .metrics import score_names, scoring
     from .protocol import locate_data
     from .tasks.segmentation import summarize
-    from .records import RunRecord, atomic_write_json
+    from .store.records import RunRecord, atomic_write_json
 
     manifest = predict_run(run_dir, root=root, split="val", checkpoint=checkpoint, console=console)
     record = RunRecord(run_dir)

@@ -116,7 +116,7 @@ def check_predictions(items: list[dict], pred_dir: Path) -> dict[str, Path]:
     import nibabel as nib
 
     from .predict import MANIFEST, sha256
-    from .records import read_json
+    from .store.records import read_json
 
     mf = pred_dir / MANIFEST
     if not mf.is_file():
@@ -173,7 +173,7 @@ def submit_run(run_dir: str | Path, leaderboard: str, root: str | Path | None = 
     """``sslbench submit``: the predictions of ``run_dir`` (default ``<run>/predictions/<split>``) packed."""
     from .data import layouts
     from .protocol import locate_data
-    from .records import RunRecord
+    from .store.records import RunRecord
 
     record = RunRecord(run_dir)
     if not (record.path / "recipe.yaml").is_file():

@@ -52,10 +52,10 @@ its own loop over Optuna's ask/tell interface:
 4. **No point is run twice.** Right after ``ask()``, a trial whose point already has a COMPLETE trial, or
    has another RUNNING or WAITING trial with a smaller number, is closed at once (FAIL, marked
    ``sslbench:superseded``) without running anything. Trial numbers follow creation order, so of two
-   workers racing for one point exactly one proceeds. On top of that the fine-tuning run folder (and a
-   shared pre-training) is guarded by an ``flock`` in ``<out>/sweeps/locks/``: if a worker wrongly declared
-   dead is in fact alive, the retry waits for it and then reads its finished run instead of training
-   beside it.
+   workers racing for one point exactly one proceeds. On top of that every run folder (the fine-tuning, a
+   shared pre-training) is guarded by the protocol's own run lock (sslbench/store/lock.py, on the folder its
+   run key names), which a trial waits for: if a worker wrongly declared dead is in fact alive, the retry
+   waits for it and then reads its finished run instead of training beside it.
 
 Pruning: trials report the validation Dice of every periodic validation (``on_validation``) with
 ``trial.report(dice, step)``; searches prune with ``MedianPruner`` (default) or ``HyperbandPruner``
@@ -77,11 +77,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 from . import distributed, recipes
 from .errors import RecipeError, SSLBenchError
-from .locks import waiting as waiting_for_run_locks
+from .store.lock import RunLock
+from .store.lock import waiting as waiting_for_run_locks
+from .store.run_key import protocol_hash
 
 
 def esc(text: Any) -> str:
@@ -325,7 +327,7 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
         if isinstance(v, (list, dict)):
             raise RecipeError(f"--values: '{typed}' must take numbers, integers, booleans or strings, got {v!r}")
         # every value reads the same data: the fine-tuning protocol alone tells their runs apart
-        folder = protocol.run_protocol_hash(protocol.finetune_view(cfg))
+        folder = protocol_hash(protocol.finetune_view(cfg))
         if folder in folders:
             same = folders[folder]
             if same == v:
@@ -492,27 +494,6 @@ class Heartbeat:
             self._stop.set()
             if self._thread.is_alive():
                 self._thread.join(timeout=10)
-
-
-@contextlib.contextmanager
-def exclusive(path: Path, say: Callable[[str], None], what: str) -> Iterator[None]:
-    """An flock on ``path`` (released by the kernel if the holder dies); a no-op where flock is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting: another process is running {what} (lock {esc(path)})")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _grid_sampler_class():
@@ -833,16 +814,15 @@ class Worker:
             if pruned is not None:
                 raise pruned
 
-        locks = Path(sw.out) / "sweeps" / "locks"
         try:
+            # Each run folder is locked by the protocol itself (sslbench/store/lock.py, on the folder its run key
+            # names); inside waiting_for_run_locks a second worker on the same run waits for the first, then finds
+            # the run finished and reads it instead of training beside it.
             if pcfg is not None:
-                pre = (f"pretrain-{pcfg['method']['name']}-{pcfg['corpus']['name']}-"
-                       f"{recipes.protocol_hash(pcfg)}-s{pcfg['run']['seed']}.lock")
-                with exclusive(locks / pre, self.say, "this pre-training"), waiting_for_run_locks():
+                with waiting_for_run_locks():
                     command(dist, ("pretrain", pcfg, sw.corpus_root))
                     protocol.pretrain(pcfg, root=sw.corpus_root, resume=True, force=False, console=self.console)
-            with exclusive(locks / f"finetune-{_safe_name(sw.task)}-{proto}-s{cfg['run']['seed']}.lock",
-                           self.say, "this fine-tuning run"), waiting_for_run_locks():
+            with waiting_for_run_locks():
                 run_kwargs = dict(method=sw.method, task=sw.task, preset=sw.preset,
                                   overrides=sw.overrides + [sw.override(value)], seed=sw.seed, root=sw.root,
                                   corpus=sw.corpus, corpus_root=sw.corpus_root, out=sw.out, resume=True, force=False)
@@ -974,9 +954,12 @@ def check_data(sw: Sweep, console) -> None:
     for section, root in (("task", sw.root), ("corpus", sw.corpus_root)):
         if section not in cfg:
             continue
-        with exclusive(Path(sw.out) / "sweeps" / "locks" / f"data-{_safe_name(cfg[section]['name'])}.lock", say,
-                       f"the synthesis of {cfg[section]['name']}"):
+        lock = RunLock(Path(sw.out) / "sweeps" / "locks" / f"data-{_safe_name(cfg[section]['name'])}.lock",
+                       f"the synthesis of {cfg[section]['name']}").acquire(wait=True, say=say)
+        try:
             protocol.locate_data(cfg[section], root, log=say)
+        finally:
+            lock.release()
 
 
 # ==================================================================================================

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslbench import locks, recipes
+from sslbench import recipes
+from sslbench.store import lock as locks
 from sslbench.cli import main
 from sslbench.data import layouts, phantom
 from sslbench.data.classification_check import image_problem, label_problem
@@ -193,7 +194,7 @@ def test_force_keeps_the_old_folder_and_evaluate_holds_the_run_folders_lock(phan
     assert trained.is_file() and locks.folder_lock(run).path == trained
     assert os.path.samefile(locks.folder_lock(os.path.relpath(run)).path, trained)
     # beside a training of the folder (another process holding its lock): refused with the holder's line
-    code = ("import sys, time; from sslbench import locks; held = locks.RunLock(sys.argv[1], sys.argv[2]).acquire(); "
+    code = ("import sys, time; from sslbench.store import lock as locks; held = locks.RunLock(sys.argv[1], sys.argv[2]).acquire(); "
             "print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(trained), str(run)], stdout=subprocess.PIPE, text=True)
     try:

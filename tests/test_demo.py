@@ -4,7 +4,7 @@ import json
 from sslbench import demo
 from sslbench.cli import main
 from sslbench.protocol import Outcome
-from sslbench.records import RunRecord
+from sslbench.store.records import RunRecord
 
 
 def _metrics(method, per_class, mean, steps=300, pretrain_run=None):

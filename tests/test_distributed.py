@@ -108,7 +108,7 @@ def test_torchrun_pretrain_two_processes_writes_one_record(phantom_home, tmp_pat
     assert proc.stdout.count("pre-trained voco") == 1          # only rank 0 talks
     # the same recipe on one process is another protocol (global batch differs): a different folder
     from sslbench import recipes
-    from sslbench.protocol import run_protocol_hash
+    from sslbench.store.run_key import protocol_hash as run_protocol_hash
 
     cfg = recipes.split_config(recipes.resolve("voco", None, preset="tiny", overrides=[
         "method.pretrain.steps=2", "method.pretrain.log_every=1", "run.device=cpu",

@@ -250,7 +250,7 @@ def test_one_channel_checkpoint_into_a_four_channel_model():
 
 
 def test_report_reads_nsd_from_a_run_record(tmp_path):
-    from sslbench import report
+    from sslbench.report.runs import collect_runs
 
     folder = tmp_path / "finetune" / "msd03" / "voco" / "abc-s0"
     folder.mkdir(parents=True)
@@ -259,7 +259,7 @@ def test_report_reads_nsd_from_a_run_record(tmp_path):
          "metrics": ["dice", "nsd"], "mean_dice": 0.8, "per_class": {"liver": 0.9, "cancer": 0.7},
          "mean_nsd": 0.6, "per_class_nsd": {"liver": 0.75, "cancer": 0.45}, "n_cases": 2}
     (folder / "metrics.json").write_text(json.dumps(m))
-    df = report.collect_runs(tmp_path).set_index("metric")
+    df = collect_runs(tmp_path).set_index("metric")
     assert df.loc["dice", "score"] == pytest.approx(0.8) and df.loc["dice", "dice:cancer"] == pytest.approx(0.7)
     assert df.loc["nsd", "score"] == pytest.approx(0.6) and df.loc["nsd", "dice:liver"] == pytest.approx(0.75)
 

@@ -1,4 +1,4 @@
-"""Online leaderboard answers as data (sslbench/online.py, issue 24): Table 6 shows each recorded answer
+"""Online leaderboard answers as data (sslbench/report/online.py, issue 24): Table 6 shows each recorded answer
 beside the published row with its provenance, in the column its run's comparability gives; a malformed file is
 one line naming the file and the key, before anything is rendered."""
 from __future__ import annotations
@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sslbench import online, report
+from sslbench.report import command, online
+from sslbench.report.published import load_published
+from sslbench.report.runs import _paper_recipe, collect_runs
+from sslbench.report.tables import build_tables
 from sslbench.errors import RecipeError
-from sslbench.records import RunRecord
+from sslbench.store.records import RunRecord
 from test_report import write_run
 
 TODAY = dt.date(2026, 12, 3)
@@ -23,7 +26,7 @@ def _board_run(runs: Path, task: str, seed: int, method: str = "voco", preset: s
     path = write_run(runs, task=task, seed=seed, method=method, preset=preset, phantom=phantom)
     rec = RunRecord(path)
     cfg = rec.read_recipe()
-    cfg["task"]["finetune"]["epochs"] = report._paper_recipe("benchmarks", task)["finetune"]["epochs"]
+    cfg["task"]["finetune"]["epochs"] = _paper_recipe("benchmarks", task)["finetune"]["epochs"]
     cfg["task"]["title"] = task
     if phantom:
         cfg["task"]["extends"] = task
@@ -56,10 +59,10 @@ def boards(tmp_path):
 
 
 def _table6(runs: Path, file: Path):
-    published = report.load_published()
-    df = report.collect_runs(runs)
+    published = load_published()
+    df = collect_runs(runs)
     odf = online.load_online(file, published, df, runs, today=TODAY)
-    return {t.id: t for t in report.build_tables(published, df, odf)}
+    return {t.id: t for t in build_tables(published, df, odf)}
 
 
 def test_answers_stand_beside_the_published_row_with_provenance_and_their_runs_comparability(boards):
@@ -106,12 +109,12 @@ def test_a_run_key_names_the_run_and_two_answers_of_one_protocol_pool(tmp_path):
 
 def test_report_reads_the_default_file_and_without_one_table6_stays_published(boards, capsys):
     runs, paths, entries = boards
-    assert report.main(["--runs", str(runs), "--format", "md"]) == 0
+    assert command.main(["--runs", str(runs), "--format", "md"]) == 0
     out = capsys.readouterr().out
     t6 = out[out.index("Table 6"):out.index("Table 7")]
     assert "Not measured" in t6 and "85.10" not in t6
     _write(online.default_online(runs), entries[:1])
-    assert report.main(["--runs", str(runs), "--format", "csv"]) == 0
+    assert command.main(["--runs", str(runs), "--format", "csv"]) == 0
     out = capsys.readouterr().out
     t6 = out[out.index("Table 6"):out.index("Table 7")]
     assert f"86.44 / 85.10 (Δ -1.34, n=1) {{btcv: run {paths['real'].name}, 2026-11-30, submission 42}}" in t6
@@ -147,7 +150,7 @@ def test_a_bad_entry_is_one_line_naming_the_file_and_key_before_rendering(boards
     if change.get("date") == "FUTURE":
         change = {"date": (dt.date.today() + dt.timedelta(days=30)).isoformat()}
     file = _write(runs / "online.yaml", _bad(entries, 0, **change))
-    assert report.main(["--runs", str(runs), "--online", str(file), "--format", "md"]) == 2
+    assert command.main(["--runs", str(runs), "--online", str(file), "--format", "md"]) == 2
     cap = capsys.readouterr()
     assert cap.out == ""                                         # nothing rendered
     line = cap.err.strip()
@@ -156,8 +159,8 @@ def test_a_bad_entry_is_one_line_naming_the_file_and_key_before_rendering(boards
 
 def test_a_duplicate_answer_a_bad_top_level_and_a_missing_given_file(boards, tmp_path):
     runs, _, entries = boards
-    df = report.collect_runs(runs)
-    published = report.load_published()
+    df = collect_runs(runs)
+    published = load_published()
     dup = _write(tmp_path / "dup.yaml", entries + [dict(entries[0], value=80.0)])
     with pytest.raises(RecipeError, match=r"dup\.yaml: key 'entries\[4\]': expected one entry per leaderboard, "
                                           r"run and metric \(entries\[0\] has this one"):
@@ -170,5 +173,5 @@ def test_a_duplicate_answer_a_bad_top_level_and_a_missing_given_file(boards, tmp
         online.load_online(tmp_path / "nowhere.yaml", published, df, runs)
     assert online.load_online(tmp_path / "nowhere.yaml", published, df, runs, required=False) is None
     empty = _write(tmp_path / "empty.yaml", [])
-    t6 = {t.id: t for t in report.build_tables(published, df, online.load_online(empty, published, df, runs))}["table6"]
+    t6 = {t.id: t for t in build_tables(published, df, online.load_online(empty, published, df, runs))}["table6"]
     assert not t6.measured and any(n.startswith("Not measured") for n in t6.notes)

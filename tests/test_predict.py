@@ -208,7 +208,7 @@ def test_predict_cli_on_a_tiny_trained_phantom_run(phantom_home, tmp_path, capsy
     capsys.readouterr()
     assert main(["predict", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
-    from sslbench import locks
+    from sslbench.store import lock as locks
 
     with locks.folder_lock(run):   # a training (or evaluate) of the folder holds its lock: predict is refused
         assert main(["predict", str(run), "--split", "val"]) == 2

@@ -193,7 +193,7 @@ def test_missing_optional_reader_is_named():
 def test_dead_run_without_checkpoint_starts_over_and_another_hosts_run_is_left_alone(tmp_path, capsys):
     import platform
 
-    from sslbench.records import RunRecord, prepare_run_folder
+    from sslbench.store.records import RunRecord, prepare_run_folder
 
     rec = RunRecord(tmp_path / "run")
     rec.path.mkdir()
@@ -221,7 +221,7 @@ FAST = ["--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32
 
 
 def test_real_task_pretrained_on_phantoms_is_phantom_in_terminal_record_and_report(phantom_home, tmp_path, capsys):
-    from sslbench import report
+    from sslbench.report.runs import collect_runs
 
     root = _real_tree("btcv", tmp_path / "btcv", cases=4)
     out = tmp_path / "runs"
@@ -235,7 +235,7 @@ def test_real_task_pretrained_on_phantoms_is_phantom_in_terminal_record_and_repo
     init = m["init"]
     assert init["corpus"] == "phantom-corpus" and init["phantom"] is True
     assert init["run_key"] == pre["run_key"] and init["hash"] == pre["protocol"]
-    runs = report.collect_runs(out)
+    runs = collect_runs(out)
     runs_df = runs[0] if isinstance(runs, tuple) else runs
     row = runs_df[runs_df["task"] == "btcv"].iloc[0]
     assert bool(row["phantom"]) is True                    # the report's phantom column, never the real BTCV one

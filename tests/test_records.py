@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from sslbench.records import atomic_write_json, read_json, strict_json
+from sslbench.store.records import atomic_write_json, read_json, strict_json
 
 
 def _strict_load(text: str):

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from sslbench import locks
+from sslbench.store import lock as locks
 from sslbench.cli import main
 from sslbench.data import phantom
 

@@ -12,9 +12,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from sslbench import recipes, report
+from sslbench import recipes
+from sslbench.report import command
+from sslbench.report.command import write_outputs
+from sslbench.report.published import default_leaderboard, load_published
+from sslbench.report.render import FORMATS, print_rich, render, render_table
+from sslbench.report.runs import collect_runs, comparability
+from sslbench.report.tables import build_tables
 from sslbench.errors import RecipeError
-from sslbench.records import RunRecord, atomic_write_json
+from sslbench.store.records import RunRecord, atomic_write_json
 
 # --------------------------------------------------------------------------------------------------
 # The seed's Tables 3-7, transcribed independently of leaderboards/ (as printed, with daggers).
@@ -74,16 +80,16 @@ MMWHS_CLASSES = ["background", "myocardium of left ventricle", "left atrium", "l
 
 @pytest.fixture(scope="module")
 def published():
-    return report.load_published()
+    return load_published()
 
 
 @pytest.fixture(scope="module")
 def empty_tables(published):
-    return {t.id: t for t in report.build_tables(published, None)}
+    return {t.id: t for t in build_tables(published, None)}
 
 
 def _csv_cells(table) -> dict[tuple[str, str], str]:
-    df = pd.read_csv(io.StringIO(report.render_table(table, "csv")), dtype=str, keep_default_na=False)
+    df = pd.read_csv(io.StringIO(render_table(table, "csv")), dtype=str, keep_default_na=False)
     first = df.columns[0]
     return {(row[first], col): row[col] for _, row in df.iterrows() for col in df.columns[1:]}
 
@@ -96,7 +102,7 @@ def test_published_tables_reproduce_the_seed_cell_by_cell(published, empty_table
     in_yaml = {(r["id"], c) for r in spec["rows"] for c in r["cells"]}
     assert in_yaml == set(expected), "the YAML holds exactly the seed's cells"
     csv_cells = _csv_cells(table)
-    md = report.render_table(table, "md")
+    md = render_table(table, "md")
     md_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
                for line in md.splitlines() if line.startswith("| ") and not line.startswith("|--")}
     header = md_rows.pop(table.row_header)
@@ -139,7 +145,7 @@ def test_published_sources_marks_and_task_names(published, empty_tables):
     assert [(r["method"], r["params"]["lambda"]) for r in t3["rows"]] == [("voco", 0.5), ("voco", 1.0), ("voco", 1.5)]
     t1 = next(t for t in published["tables"] if t["id"] == "table1")
     assert [(r["dataset"], r["stage"], r["modality"], r["task"], r["train"], r["valid"]) for r in t1["rows"]] == SEED_TABLE1
-    rendered = report.render_table(empty_tables["table1"], "csv")
+    rendered = render_table(empty_tables["table1"], "csv")
     assert "CC-CCII [18],downstream,CT,classification,2514,1664" in rendered
 
 
@@ -203,8 +209,8 @@ def write_run(runs: Path, *, method: str = "voco", task: str = "mmwhs", seed: in
 
 
 def _tables(runs: Path) -> tuple[pd.DataFrame, dict]:
-    df = report.collect_runs(runs)
-    return df, {t.id: t for t in report.build_tables(report.load_published(), df)}
+    df = collect_runs(runs)
+    return df, {t.id: t for t in build_tables(load_published(), df)}
 
 
 def test_collect_runs_aggregates_mean_and_std_over_seeds(tmp_path):
@@ -263,7 +269,7 @@ def test_different_protocols_are_never_averaged(tmp_path):
     text = cell.text()
     assert text.count("p:") == 2 and "n=2" in text and "n=1" in text
     assert "71.00" not in text                                            # never the mean over both protocols
-    md = report.render_table(tables["table5"], "md")
+    md = render_table(tables["table5"], "md")
     assert "never averaged" in md
 
 
@@ -280,10 +286,10 @@ def test_runs_of_different_package_environments_are_flagged(tmp_path, capsys):
     cell = tables["table5"].cell("average", "mmwhs")
     (g,) = cell.groups                                                   # one protocol: one group, flagged
     assert g.n == 2 and g.mixed_env and cell.text().endswith("(Δ +0.46, n=2) ‡env")
-    md = report.render_table(tables["table5"], "md")
+    md = render_table(tables["table5"], "md")
     assert "MIXED ENVIRONMENTS" in md and "torch 2.13.0 + monai 1.6.1 (1 run); torch 2.14.1 + monai 1.6.1 (1 run)" in md
-    assert "$^\\ddagger$env" in report.render_table(tables["table5"], "latex")
-    assert report.main(["--runs", str(runs), "--format", "csv"]) == 0
+    assert "$^\\ddagger$env" in render_table(tables["table5"], "latex")
+    assert command.main(["--runs", str(runs), "--format", "csv"]) == 0
     assert "2 package environments" in capsys.readouterr().err
 
 
@@ -292,15 +298,15 @@ def test_one_environment_is_not_flagged_and_cells_of_different_ones_are_noted(tm
     for seed in (0, 1):
         _env(write_run(runs, seed=seed, dice=0.9), "2.14.1")
     df, tables = _tables(runs)
-    md = report.render_table(tables["table5"], "md")
+    md = render_table(tables["table5"], "md")
     assert "‡env" not in md and "MIXED" not in md
-    assert report.main(["--runs", str(runs), "--format", "csv"]) == 0
+    assert command.main(["--runs", str(runs), "--format", "csv"]) == 0
     assert "package environments" not in capsys.readouterr().err
     # another method's cell under another monai: no group mixes, but the table does
     _env(write_run(runs, method="mg", seed=0, dice=0.8), "2.14.1", monai="1.5.0")
     df, tables = _tables(runs)
-    assert "MIXED" not in report.render_table(tables["table5"], "md")          # Table 5 holds VoCo's runs only
-    md = report.render_table(tables["comparison"], "md")                        # methods x tasks: both
+    assert "MIXED" not in render_table(tables["table5"], "md")          # Table 5 holds VoCo's runs only
+    md = render_table(tables["comparison"], "md")                        # methods x tasks: both
     assert "‡env" not in md and "MIXED ENVIRONMENTS" in md
     assert "torch 2.14.1 + monai 1.5.0 (1 run); torch 2.14.1 + monai 1.6.1 (2 runs)" in md
 
@@ -332,11 +338,11 @@ def test_phantom_runs_are_labelled_phantom_in_every_format(tmp_path):
     assert phantom.text().startswith("PHANTOM 60.50 ± 0.71") and "Δ" not in phantom.text()
     assert phantom.agreement() == "magenta"
     for table in (t5, tables["table3"], tables["comparison"]):
-        for fmt in report.FORMATS:
-            out = report.render_table(table, fmt)
+        for fmt in FORMATS:
+            out = render_table(table, fmt)
             assert "PHANTOM" in out and "(phantom)" in out, (table.id, fmt)
     console = _console()
-    report.print_rich([t5], console)
+    print_rich([t5], console)
     assert "PHANTOM" in console.export_text()
 
 
@@ -351,18 +357,18 @@ def test_every_format_renders(tmp_path, empty_tables):
     write_run(runs, seed=0, dice=0.9)
     _, tables = _tables(runs)
     tl = list(tables.values())
-    md, tex, htm, csv = (report.render(tl, f) for f in ("md", "latex", "html", "csv"))
+    md, tex, htm, csv = (render(tl, f) for f in ("md", "latex", "html", "csv"))
     assert md.count("### Table") == 6 and "| λ" in md
     assert tex.count("\\begin{table}") == 7 and "\\begin{tabular}" in tex
-    assert "90.54 / 90.00 ($\\Delta$ -0.54, n=1)" in report.render_table(tables["table5"], "latex")
+    assert "90.54 / 90.00 ($\\Delta$ -0.54, n=1)" in render_table(tables["table5"], "latex")
     assert "$\\lambda$" in tex and "$^\\dagger$84.72" in tex and "Dice Scores(\\%)" in tex
     assert htm.count("<table>") == 7 and "&lt;" not in htm.replace("<", "")
     assert csv.count("# Table") == 6
-    t5 = pd.read_csv(io.StringIO(report.render_table(tables["table5"], "csv")))
+    t5 = pd.read_csv(io.StringIO(render_table(tables["table5"], "csv")))
     assert list(t5.columns) == ["Organs", "Dice Scores(%)"] and len(t5) == 8
     assert t5.iloc[7, 1].startswith("90.54 / 90.00 (Δ -0.54, n=1)")
     with pytest.raises(RecipeError, match="--format"):
-        report.render_table(tables["table5"], "docx")
+        render_table(tables["table5"], "docx")
 
 
 def test_rich_colours_by_agreement(tmp_path):
@@ -376,7 +382,7 @@ def test_rich_colours_by_agreement(tmp_path):
     assert tables["table5"].cell("whole-aorta", "mmwhs").agreement() in ("green", "yellow", "red")
     assert tables["table4"].cell("voco", "chestxray14").agreement() == "grey"
     console = _console()
-    report.print_rich([tables["table5"], tables["table4"]], console)
+    print_rich([tables["table5"], tables["table4"]], console)
     out = console.export_text(styles=True)
     assert "Regression" in out and "\x1b[" in out
 
@@ -408,11 +414,11 @@ def _table(data, tid):
     (lambda d: d.__setitem__("tables", {}), "tables"),
 ])
 def test_malformed_leaderboard_gives_one_line_naming_file_and_key(tmp_path, mutation, key):
-    data = yaml.safe_load(report.default_leaderboard().read_text())
+    data = yaml.safe_load(default_leaderboard().read_text())
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_mutate(data, mutation), allow_unicode=True, sort_keys=False))
     with pytest.raises(RecipeError) as info:
-        report.load_published(bad)
+        load_published(bad)
     msg = str(info.value)
     assert "\n" not in msg and str(bad) in msg and f"'{key}'" in msg, msg
 
@@ -421,8 +427,8 @@ def test_unparsable_leaderboard_and_cli_error(tmp_path, capsys):
     bad = tmp_path / "broken.yaml"
     bad.write_text("tables: [\n")
     with pytest.raises(RecipeError, match=re.escape(str(bad))):
-        report.load_published(bad)
-    assert report.main(["--published", str(bad), "--runs", str(tmp_path / "runs")]) == 2
+        load_published(bad)
+    assert command.main(["--published", str(bad), "--runs", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(bad) in err and len(err.splitlines()) == 1
 
@@ -433,12 +439,12 @@ def test_unparsable_leaderboard_and_cli_error(tmp_path, capsys):
 def test_main_without_runs_prints_published_tables(tmp_path, monkeypatch, capsys):
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert report.main([]) == 0
+    assert command.main([]) == 0
     cap = capsys.readouterr()
     for needle in ("### Table 3", "### Table 5", "| 1.0 | 83.85  | 90.54    |", "91.32", "†84.72", "45.17", "82.02"):
         assert needle in cap.out, needle
     assert "sslbench sweep lambda --task mmwhs" in cap.err and "sslbench run --method voco --task mmwhs" in cap.err
-    assert report.main(["--runs", str(tmp_path / "nowhere"), "--format", "csv"]) == 0
+    assert command.main(["--runs", str(tmp_path / "nowhere"), "--format", "csv"]) == 0
     assert "# Table 7" in capsys.readouterr().out
 
 
@@ -448,7 +454,7 @@ def test_main_out_writes_one_file_per_table_and_plots(tmp_path, capsys):
         for seed in (0, 1):
             write_run(runs, seed=seed, lam=lam, dice=0.85 + lam / 100 + seed / 200)
             write_run(runs, task="phantom-mmwhs", seed=seed, lam=lam, dice=0.5 + seed / 100, phantom=True)
-    assert report.main(["--runs", str(runs), "--out", str(out), "--format", "latex"]) == 0
+    assert command.main(["--runs", str(runs), "--out", str(out), "--format", "latex"]) == 0
     names = sorted(p.name for p in out.iterdir())
     tables = [f"{t}.tex" for t in ("table1", "table3", "table4", "table5", "table6", "table7", "comparison")]
     assert set(tables) <= set(names) and not [n for n in names if n.startswith(".")]
@@ -458,15 +464,15 @@ def test_main_out_writes_one_file_per_table_and_plots(tmp_path, capsys):
     assert (out / "table3_lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # No measurement, no plot.
     shutil.rmtree(out)
-    assert report.main(["--runs", str(tmp_path / "empty"), "--out", str(out)]) == 0
+    assert command.main(["--runs", str(tmp_path / "empty"), "--out", str(out)]) == 0
     assert not list(out.glob("*.png")) and (out / "table5.md").is_file()
 
 
 # --------------------------------------------------------------------------------------------------
-# Label efficiency (sslbench/efficiency.py)
+# Label efficiency (sslbench/report/efficiency.py)
 # --------------------------------------------------------------------------------------------------
 def test_t_interval_and_paired_difference_by_hand():
-    from sslbench.efficiency import paired_difference, t_interval
+    from sslbench.report.efficiency import paired_difference, t_interval
 
     # [1, 2, 3]: mean 2, s = 1, t_{0.975, 2} = 4.302653 -> half width 4.302653 / sqrt(3) = 2.484138
     mean, lo, hi = t_interval([1.0, 2.0, 3.0])
@@ -502,7 +508,7 @@ def test_label_efficiency_table_pairs_by_seed_and_never_mixes_fine_tuning_protoc
     assert t.rows[0].cells[other] == "—"
     six = next(j for j, h in enumerate(t.headers) if h.startswith("mmwhs · 6 labelled"))
     assert t.rows[1].cells[six].startswith("PHANTOM 88.0 [80.5, 95.5] Δ +11.0")
-    written = report.write_outputs(list(tables.values()), df, tmp_path / "out", "md")
+    written = write_outputs(list(tables.values()), df, tmp_path / "out", "md")
     assert tmp_path / "out" / "label_efficiency_phantom.png" in written
     assert "PHANTOM" in (tmp_path / "out" / "label_efficiency_phantom.md").read_text()
 
@@ -516,7 +522,7 @@ def _mmwhs_cfg(preset: str = "paper", **finetune) -> dict:
 
 
 def test_comparability_rule_by_hand():
-    rule = report.comparability
+    rule = comparability
     assert rule(_mmwhs_cfg(), {"task": "mmwhs", "steps": 14000}) == ("", [])
     # tiny preset: the recipe's tiny schedule (max_steps 150 instead of 1000 epochs) is reduced too
     kind, why = rule(_mmwhs_cfg("tiny", epochs=0, max_steps=150), {"task": "mmwhs", "steps": 150})
@@ -567,12 +573,12 @@ def test_a_tiny_preset_run_is_never_beside_a_published_number(tmp_path):
     comp = tables["comparison"]
     assert comp.cell("voco", "mmwhs").text() == "90.54 / 90.00 (Δ -0.54, n=1)"
     assert comp.cell("voco", "mmwhs@tiny-preset").text() == "30.00 (n=1)"
-    md = report.render_table(t5, "md")
+    md = render_table(t5, "md")
     assert "(tiny preset) columns: runs at --preset tiny" in md
     (row,) = [line for line in md.splitlines() if line.startswith("| Average")]
     assert row.split("|")[3].strip() == "30.00 (n=1)"                     # no Δ in its column
     console = _console()
-    report.print_rich([t5], console)
+    print_rich([t5], console)
     (reg,) = [line for line in console.export_text().splitlines() if "30.00" in line and "Average" in line
               and "Table 5" in line]
     assert "—" in reg and "-60.54" not in reg and "+" not in reg.split("30.00")[1]
@@ -593,7 +599,7 @@ def test_the_issue_run_pretrained_on_phantoms_is_phantom_in_the_report(tmp_path)
     assert t3.cell("1.0", "btcv@phantom").text() == "PHANTOM 5.72 (n=1)"
     assert tables["comparison"].cell("voco", "btcv").text() == "83.85"
     for fmt in ("md", "csv", "html"):
-        out = report.render_table(t3, fmt)
+        out = render_table(t3, fmt)
         assert "PHANTOM 5.72 (n=1)" in out and "Δ -78" not in out and "83.85 / " not in out
 
 
@@ -616,7 +622,7 @@ def test_hd95_is_shown_for_tasks_that_score_it_and_old_scoring_is_marked(tmp_pat
     assert cell.text().startswith("— / 10.00 ± 3.54 (n=2) [") and "40.00 (n=1) ‡scoring [" in cell.text()
     dice = comp.cell("scratch", "brats21")
     assert [g.mean for g in dice.groups] == pytest.approx([75.0, 40.0])
-    md = report.render_table(comp, "md")
+    md = render_table(comp, "md")
     assert "scored before the empty-set rules of 2026-12-03" in md and "HD95 columns: 95th-percentile" in md
 
 
@@ -629,7 +635,7 @@ def test_html_report_is_one_self_contained_world_readable_page(tmp_path, capsys)
         write_run(runs, seed=0, lam=lam, dice=0.91)
     write_run(runs, seed=0, dice=0.30, preset="tiny", steps=150)
     write_run(runs, task="phantom-mmwhs", seed=0, dice=0.5, phantom=True)
-    assert report.main(["--runs", str(runs), "--out", str(out), "--format", "html"]) == 0
+    assert command.main(["--runs", str(runs), "--out", str(out), "--format", "html"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert "index.html" in names and not [n for n in names if n.endswith(".html") and n != "index.html"]
     assert not [n for n in names if n.startswith(".")]
@@ -675,5 +681,5 @@ def test_html_report_is_one_self_contained_world_readable_page(tmp_path, capsys)
     assert "src=\"http" not in text and "<script" not in text and "<link" not in text   # self-contained
     # without --out: the same page on stdout
     capsys.readouterr()
-    assert report.main(["--runs", str(runs), "--format", "html"]) == 0
+    assert command.main(["--runs", str(runs), "--format", "html"]) == 0
     assert capsys.readouterr().out.startswith("<!DOCTYPE html>")

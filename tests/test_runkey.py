@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sslbench import locks, protocol
+from sslbench.store import lock as locks
+from sslbench.store.run_key import run_key
 from sslbench.cli import main
 from sslbench.data.fingerprint import fingerprint
 from sslbench.errors import DataError, RecipeError, RunError
@@ -85,9 +86,9 @@ def test_phantom_fingerprint_is_settings_and_names_wherever_and_whenever_written
 
 def test_run_key_combines_protocol_data_and_pretraining():
     d1, d2 = {"fingerprint": "aaaa"}, {"fingerprint": "bbbb"}
-    key = protocol.run_key("p1", d1)
-    assert len(key) == 12 and key == protocol.run_key("p1", dict(d1, root="/elsewhere"))
-    assert len({key, protocol.run_key("p2", d1), protocol.run_key("p1", d2), protocol.run_key("p1", d1, "pre")}) == 4
+    key = run_key("p1", d1)
+    assert len(key) == 12 and key == run_key("p1", dict(d1, root="/elsewhere"))
+    assert len({key, run_key("p2", d1), run_key("p1", d2), run_key("p1", d1, "pre")}) == 4
 
 
 def test_a_lock_names_its_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
@@ -99,7 +100,7 @@ def test_a_lock_names_its_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
     first.release()
     locks.RunLock(path, "RUN").acquire().release()
     # a holder killed with SIGKILL: the kernel drops its flock; the next run takes the lock over
-    code = ("import sys, time; from sslbench import locks; held = locks.RunLock(sys.argv[1], 'RUN').acquire(); "
+    code = ("import sys, time; from sslbench.store import lock as locks; held = locks.RunLock(sys.argv[1], 'RUN').acquire(); "
             "print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -219,8 +220,9 @@ def test_changed_data_full_disk_and_corrupt_checkpoints(phantom_home, tmp_path, 
 def test_the_report_marks_a_cell_whose_runs_read_different_data(tmp_path):
     from test_report import _tables, write_run
 
-    from sslbench import report
-    from sslbench.records import atomic_write_json
+    from sslbench.report.cells import MIXED_DATA_MARK
+    from sslbench.report.render import render_table
+    from sslbench.store.records import atomic_write_json
 
     runs = tmp_path / "runs"
     folders = [write_run(runs, seed=seed, dice=0.9) for seed in (0, 1)]
@@ -228,9 +230,9 @@ def test_the_report_marks_a_cell_whose_runs_read_different_data(tmp_path):
         atomic_write_json(folder / "data.json", {"root": "/data/x", "fingerprint": "f0", "files": 8})
     df, tables = _tables(runs)
     assert list(df["data_fingerprint"]) == ["f0", "f0"] and list(df["data"]) == ["/data/x", "/data/x"]
-    assert report.MIXED_DATA_MARK not in report.render_table(tables["table5"], "md")
+    assert MIXED_DATA_MARK not in render_table(tables["table5"], "md")
     atomic_write_json(folders[1] / "data.json", {"root": "/data/x", "fingerprint": "f1", "files": 8})
     df, tables = _tables(runs)
     cell = tables["table5"].cell("average", "mmwhs")
     assert cell.mixed_data and cell.text() == "90.54 / 90.00 ± 0.00 (Δ -0.54, n=2) ‡data"
-    assert "‡data: this cell's runs read different data" in report.render_table(tables["table5"], "md")
+    assert "‡data: this cell's runs read different data" in render_table(tables["table5"], "md")

@@ -16,7 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from sslbench import protocol, recipes, report, sweep
+from sslbench import protocol, recipes, sweep
+from sslbench.report.published import load_published
+from sslbench.report.runs import collect_runs
+from sslbench.report.tables import build_tables
 
 # One validation (at step 2): a validation after step 1 makes the next CPU steps much slower. One torch
 # thread per process: on 2 shared cores, 2-thread workers slow down 3x as soon as anything else runs.
@@ -133,7 +136,7 @@ def test_lambda_grid_fills_table3_with_phantom_cells(mmwhs_data, tmp_path, capsy
         assert t.user_attrs["protocol"] == metrics["protocol"] and t.value == pytest.approx(metrics["mean_dice"])
         assert metrics["phantom"] is True and metrics["method"] == "voco"
 
-    tables = {t.id: t for t in report.build_tables(report.load_published(), report.collect_runs(out))}
+    tables = {t.id: t for t in build_tables(load_published(), collect_runs(out))}
     t3 = tables["table3"]
     assert "mmwhs@phantom" in t3.column_ids
     for row in ("0.5", "1.0", "1.5"):

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sslbench.cli import main  # noqa: E402
 from sslbench.protocol import _SilentRecord  # noqa: E402
-from sslbench.records import RunRecord  # noqa: E402
+from sslbench.store.records import RunRecord  # noqa: E402
 
 from test_protocol import FAST, _only_run  # noqa: E402
 

@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from sslbench import report
+from sslbench.report.published import load_published
+from sslbench.report.runs import collect_runs
+from sslbench.report.tables import build_tables
 from sslbench.cli import main
 from sslbench.data import layouts, phantom
 from sslbench import recipes
@@ -46,8 +48,8 @@ def test_every_2d_method_pretrains_finetunes_and_fills_table4(phantom_home, tmp_
     assert "already finished" in capsys.readouterr().out
     assert len(list((runs / "pretrain" / "c2l" / "phantom-chestxray14").iterdir())) == 1
 
-    df = report.collect_runs(runs)
-    t4 = {t.id: t for t in report.build_tables(report.load_published(), df)}["table4"]
+    df = collect_runs(runs)
+    t4 = {t.id: t for t in build_tables(load_published(), df)}["table4"]
     assert [r.id for r in t4.rows] == TABLE4_ORDER
     assert t4.headers == ["NIH ChestX-ray", "NIH ChestX-ray (phantom)"]
     for m in TABLE4_ORDER:

@@ -1,6 +1,6 @@
 """The identity of the data a run reads: where it lives and a fingerprint of the files of its split.
 
-A run's key (sslbench.protocol.run_key) hashes its protocol together with this fingerprint, so a run on another
+A run's key (sslbench.store.run_key.run_key) hashes its protocol together with this fingerprint, so a run on another
 copy of a dataset, or on the same root after its files changed, gets its own run folder instead of being
 answered "already finished" with the other data's results.
 

@@ -15,7 +15,6 @@ from ..data.loaded import check_cases, labeled_subset  # noqa: F401
 from .datasets import (PHANTOM_MARKER, PhantomNotWritten, case_cache, data_home, load_cases,  # noqa: F401
                        locate_data, read_splits)
 from .finetuning import _finetune, finetune  # noqa: F401
-from .keys import run_key, run_protocol_hash  # noqa: F401
 from .loop import DataWait, Loop, Validation, stop_if_not_finite  # noqa: F401
 from .optim import make_optimizer, make_schedule, param_groups, pretrain_optimizer, pretrain_schedule  # noqa: F401
 from .plan import refuse_pretraining_for_2d  # noqa: F401

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .. import distributed, tasks
 from ..errors import RecipeError, RunError
-from ..records import RunRecord, atomic_write_json, load_state
+from ..store.records import RunRecord, atomic_write_json, load_state
 from .datasets import locate_data
 from .runtime import Runtime, make_progress, select_device, use_bf16
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import tasks
 from ..errors import RecipeError
-from ..records import atomic_torch_save
+from ..store.records import atomic_torch_save
 from .loop import DataWait, Loop
 from .optim import make_optimizer, make_schedule
 from .plan import check_finetune_loader

@@ -10,11 +10,11 @@ from typing import Any, Callable, Mapping
 from .. import distributed, recipes, tasks
 from ..data.loaded import labeled_subset
 from ..errors import DataError, RecipeError
-from ..records import RunRecord
+from ..store.records import RunRecord
+from ..store.run_key import protocol_hash, run_dir, run_key
 from ..tasks.classification import refuse_3d_init_of_2d
 from . import track2d
 from .datasets import _PLAN_ONLY, locate_data, PhantomNotWritten
-from .keys import _run_dir, run_key, run_protocol_hash
 
 
 @dataclass
@@ -64,9 +64,9 @@ def plan_run(cfg: Mapping[str, Any], stage: str, root: str | Path | None = None,
 
     root_path, phantom, items = _stage_items(cfg, stage, root, log)
     data = fingerprint(root_path, items)
-    protocol = run_protocol_hash(cfg, dist)
+    protocol = protocol_hash(cfg, dist)
     key = run_key(protocol, data, pretrain_key)
-    return PlannedRun(stage, _run_dir(cfg, stage, key), protocol, key, data, root_path, phantom, items)
+    return PlannedRun(stage, run_dir(cfg, stage, key), protocol, key, data, root_path, phantom, items)
 
 
 def planned_runs(cfg: Mapping[str, Any], root: str | Path | None = None, corpus_root: str | Path | None = None,

@@ -18,7 +18,7 @@ import torch
 
 from .. import distributed, inductor
 from ..errors import RecipeError
-from ..records import atomic_torch_save, atomic_write_json, load_state
+from ..store.records import atomic_torch_save, atomic_write_json, load_state
 from . import track2d
 from .datasets import case_cache, load_cases
 from .loop import DataWait, Loop

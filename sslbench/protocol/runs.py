@@ -15,9 +15,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import distributed, locks
+from .. import distributed
 from ..errors import DataError, RecipeError, RunError
-from ..records import atomic_write_json, load_state, prepare_run_folder, RunRecord
+from ..store import lock as locks
+from ..store.records import atomic_write_json, load_state, prepare_run_folder, RunRecord
 from .datasets import case_cache
 from .plan import plan_run
 from .runtime import _device_setup
@@ -172,7 +173,7 @@ def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force
 def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, console=None, root=None,
                pretrain_key: str | None = None):
     """(dist, plan, record, action, say): join the torchrun job if any, locate the data and name the run
-    (:func:`plan_run`, rank 0 first), lock the run folder (sslbench/locks.py) and let rank 0 decide new /
+    (:func:`plan_run`, rank 0 first), lock the run folder (sslbench/store/lock.py) and let rank 0 decide new /
     resume / skip after :func:`check_run_cases` checked the cases; every rank gets its decision; only rank 0 talks.
     Nothing is written to the folder here."""
     dist = distributed.setup(cfg["run"].get("device", "auto"))

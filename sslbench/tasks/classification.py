@@ -31,7 +31,7 @@ from torch import nn
 from ..backbones import build_model, load_backbone, LoadReport, read_checkpoint
 from ..data.loaded import labeled_subset
 from ..errors import CheckpointError, DataError, RecipeError
-from ..records import atomic_write_json, RunRecord
+from ..store.records import atomic_write_json, RunRecord
 from .base import autocast, Steps, TaskKind, Validation
 
 

@@ -25,7 +25,7 @@ from ..data.loaded import check_cases, labeled_subset
 from ..metrics import score_names, scoring
 from ..protocol.datasets import case_cache, load_cases, read_splits
 from ..recipes import input_channels, output_channels
-from ..records import atomic_write_json, RunRecord
+from ..store.records import atomic_write_json, RunRecord
 from .base import autocast, Steps, TaskKind, Validation
 
 

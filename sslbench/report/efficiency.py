@@ -19,6 +19,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .cells import Row, Table
+from .plots import save_png
+
 #: Row order: the reference and the two controls first, then the self-supervised methods, then anything else.
 METHOD_ORDER = ("scratch", "supervised-task", "supervised", "voco", "mg", "transvw", "simsiam", "pcrlv1", "pcrlv2",
                 "mae", "swinunetr-ssl")
@@ -86,8 +89,6 @@ def _columns(df) -> list[tuple[str, str, str]]:
 def label_efficiency_tables(runs_df) -> list:
     """One Table per data kind present (PHANTOM runs, real runs), rows = methods, columns = the label-efficiency
     columns (module docstring). [] when no run set ``task.finetune.labeled_cases``."""
-    from .report import Row, Table
-
     df = efficiency_frame(runs_df)
     if df is None:
         return []
@@ -165,8 +166,6 @@ def label_efficiency_plot(runs_df, out_dir: str | Path) -> list[Path]:
         from matplotlib.figure import Figure
     except ImportError:
         return []
-    from .report import _save_png
-
     written = []
     for phantom in (True, False):
         part = df[(df["phantom"].astype(bool) == phantom) & (df["labeled"] != "all")]
@@ -201,6 +200,6 @@ def label_efficiency_plot(runs_df, out_dir: str | Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.suptitle("Label efficiency" + (" (PHANTOM data)" if phantom else "") + ": mean Dice, 95% intervals")
         path = Path(out_dir) / ("label_efficiency" + ("_phantom" if phantom else "") + ".png")
-        _save_png(fig, path)
+        save_png(fig, path)
         written.append(path)
     return written

@@ -15,9 +15,9 @@ import html
 import time
 from typing import Any, Mapping, Sequence
 
-from . import report
+from .cells import MIXED_DATA_MARK, MIXED_ENV_MARK, NO_VALUE, OLD_SCORING_MARK, OLD_SCORING_NOTE, Cell, Table
 
-#: agreement -> CSS colour (the terminal table's rich styles, report._RICH_STYLE)
+#: agreement -> CSS colour (the terminal table's rich styles, render._RICH_STYLE)
 COLOURS = {"green": "#1a7f37", "yellow": "#9a6700", "red": "#cf222e", "grey": "#8c959f", "magenta": "#a21caf",
            "none": "#0969a8"}
 
@@ -42,25 +42,25 @@ def _e(text: Any) -> str:
 
 def _cell_html(cell: Any, css: str) -> str:
     """A table cell: published value, then each measured group in its agreement colour (one per line)."""
-    if not isinstance(cell, report.Cell):
+    if not isinstance(cell, Cell):
         return f"<td>{_e(cell)}</td>"
     groups = "<br>".join(f'<span class="{cell.agreement(g)}">{_e(cell.group_text(g))}</span>' for g in cell.groups)
     if cell.comparable:
         inner = _e(cell.published_text()) if cell.groups else f'<span class="grey">{_e(cell.published_text())}</span>'
         inner += f" / {groups}" if groups else ""
     else:
-        inner = groups or f'<span class="grey">{_e(report.NO_VALUE)}</span>'
+        inner = groups or f'<span class="grey">{_e(NO_VALUE)}</span>'
     return f'<td class="{" ".join(c for c in ("num", css) if c)}">{inner}</td>'
 
 
-def _column_class(table: report.Table, j: int) -> str:
-    cells = [r.cells[j] for r in table.rows if isinstance(r.cells[j], report.Cell)]
+def _column_class(table: Table, j: int) -> str:
+    cells = [r.cells[j] for r in table.rows if isinstance(r.cells[j], Cell)]
     if not cells or cells[0].comparable:
         return ""
     return "phantom" if cells[0].phantom else "apart"
 
 
-def table_html(table: report.Table) -> str:
+def table_html(table: Table) -> str:
     """One report table as an HTML section (title, table, caption, notes)."""
     classes = [_column_class(table, j) for j in range(len(table.headers))]
     head = f"<th>{_e(table.row_header)}</th>" + "".join(
@@ -90,7 +90,7 @@ def _provenance_value(row: Mapping, key: str) -> str:
     if key == "data_fingerprint" and isinstance(v, str):
         return v[:16]
     if v is None or (isinstance(v, float) and v != v) or v == "":
-        return report.NO_VALUE
+        return NO_VALUE
     return str(v)
 
 
@@ -112,17 +112,17 @@ RULES = [
     "A measured value stands beside a published one, with Δ = measured - published, only when its run follows "
     "the published protocol: real data everywhere (task and pre-training), --preset paper for the fine-tuning "
     "and its pre-training, the full schedule of the task (and of the method's pre-training), every labelled "
-    "case, the published split and scoring (sslbench.report.comparability).",
+    "case, the published split and scoring (sslbench.report.runs.comparability).",
     "Every other run fills its own column, labelled (phantom), (tiny preset), (reduced schedule) or "
     "(other protocol), and never gets a Δ.",
     "Runs of different protocols are never averaged together: a cell lists each protocol group apart.",
-    f"{report.MIXED_ENV_MARK}: a group whose runs ran under different torch / monai versions; "
-    f"{report.MIXED_DATA_MARK}: a cell whose runs read different data; "
-    f"{report.OLD_SCORING_MARK}: {report.OLD_SCORING_NOTE}.",
+    f"{MIXED_ENV_MARK}: a group whose runs ran under different torch / monai versions; "
+    f"{MIXED_DATA_MARK}: a cell whose runs read different data; "
+    f"{OLD_SCORING_MARK}: {OLD_SCORING_NOTE}.",
 ]
 
 
-def page(tables: Sequence[report.Table], runs_df=None, images: Sequence[tuple[str, bytes]] = (),
+def page(tables: Sequence[Table], runs_df=None, images: Sequence[tuple[str, bytes]] = (),
          title: str = "sslbench report", source: str | None = None) -> str:
     """The whole report as one HTML document (``images``: (name, PNG bytes), shown inline)."""
     legend = "".join(f'<span class="{k}">■ {_e(v)}</span>' for k, v in (

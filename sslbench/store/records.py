@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .errors import RunError
+from ..errors import RunError
 
 
 #: below this many free bytes, a failed checkpoint write is taken for a full disk (torch's zip writer raises a
@@ -72,16 +72,24 @@ def _writing(path: Path):
         raise
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+#: the mode of files written for everyone to read (report outputs; mkstemp alone would leave them 0600)
+PUBLIC_MODE = 0o644
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, then rename), with file ``mode`` when given."""
+    path = Path(path)
     with _writing(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write_bytes(Path(path), text.encode())
+    atomic_write_bytes(Path(path), text.encode())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -144,7 +152,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     line for a file that cannot be one: "not a checkpoint: <path> (truncated or corrupt)"."""
     import torch
 
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     path = Path(path)
     if not path.is_file():
@@ -160,7 +168,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 def valid_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` holds a readable training state (:func:`load_state`)."""
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     try:
         load_state(path)
@@ -173,8 +181,26 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def try_read_json(path: str | Path) -> Any:
+    """A record file's JSON, None where it is missing or not JSON (a run killed mid-write, another tool's file):
+    readers of many folders (the report) skip such a folder instead of failing."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def try_read_recipe(folder: str | Path) -> dict | None:
+    """A run folder's recipe.yaml as a mapping, None where it is missing or not a YAML mapping."""
+    try:
+        cfg = yaml.safe_load((Path(folder) / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]      # the repository (sslbench/store/records.py)
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)
@@ -318,7 +344,7 @@ def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bo
     """Decide what to do with a run folder: 'new', 'resume' or 'skip' (finished identical run).
 
     A ``failed`` run starts over ('new', the folder emptied) or, with ``resume`` and a readable
-    checkpoints/last.pt, resumes. The caller holds the folder's lock (sslbench/locks.py), so an unfinished
+    checkpoints/last.pt, resumes. The caller holds the folder's lock (sslbench/store/lock.py), so an unfinished
     (``running``) folder recorded by a process of this host is a dead run (OOM-killed, kill -9, reboot: the
     kernel freed its lock): it is resumed from a readable last.pt, else started over, with a line (``say``)
     naming the dead process (status.json's pid, host, started) and what is done.

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import RunError
+from ..errors import RunError
 
 _WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("sslbench_lock_wait", default=False)
 

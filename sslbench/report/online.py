@@ -25,7 +25,7 @@ outside 0-100 or one that looks like a fraction (0 < value <= 1), a date that is
 future or before the run finished, a run that is no finished fine-tuning run under ``<runs>/finetune`` (or
 whose task is not the leaderboard's), and a second entry for the same leaderboard, run and metric.
 
-An entry then stands for its run in Table 6: the run's own comparability (``report.comparability``: only a
+An entry then stands for its run in Table 6: the run's own comparability (``runs.comparability``: only a
 run at the paper protocol, on real data, stands beside the published number with a Δ; a phantom run fills
 the ``(phantom)`` column and is labelled PHANTOM; the others their labelled columns) and its provenance
 (run folder, date, submission id) printed in the cell.
@@ -36,7 +36,9 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import RecipeError
+from .. import recipes
+from ..errors import RecipeError
+from ..store.records import try_read_json
 
 #: where ``sslbench report`` looks for the answers when no ``--online`` is given (relative to ``--runs``)
 DEFAULT_ONLINE = Path("leaderboards") / "online.yaml"
@@ -75,14 +77,6 @@ def _date(value: Any, where: str, key: str, today: _dt.date) -> _dt.date:
 
 def _find_run(runs_df, name: str) -> list[str]:
     """Paths of the runs whose folder name is ``name`` or whose recorded run key is ``name``."""
-    import json
-
-    def _read_json(path: Path) -> Any:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
     paths = []
     for path in dict.fromkeys(runs_df["path"]) if len(runs_df) else ():
         folder = Path(path)
@@ -90,20 +84,15 @@ def _find_run(runs_df, name: str) -> list[str]:
             paths.append(path)
             continue
         for record in ("status.json", "metrics.json"):
-            data = _read_json(folder / record)
+            data = try_read_json(folder / record)
             if isinstance(data, Mapping) and data.get("run_key") == name:
                 paths.append(path)
                 break
     return paths
 
 
-def validate_online(data: Any, where: str, spec: Mapping[str, Any], runs_df, runs_dir: str | Path,
-                    today: _dt.date | None = None) -> list[dict]:
-    """The entries of an online-results file, checked (one-line RecipeError naming ``where`` and the key).
-
-    Each returned entry has its run folder resolved (``path``) and its date as ``datetime.date``.
-    """
-    today = today or _dt.date.today()
+def _entries(data: Any, where: str) -> list:
+    """The ``entries`` list of an online-results file, its top level checked."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: expected a mapping with 'entries' at the top level")
     for k in data:
@@ -118,66 +107,90 @@ def validate_online(data: Any, where: str, spec: Mapping[str, Any], runs_df, run
         entries = []
     if not isinstance(entries, list):
         _fail(where, "entries", "a list of entries", entries)
-    columns = board_columns(spec)
+    return entries
+
+
+def _check_entry(e: Any, where: str, key: str, columns: Mapping[tuple[str, str], str],
+                 today: _dt.date) -> tuple[float, _dt.date, str]:
+    """(value, date, run) of one entry whose own keys are checked (its run is not looked up yet)."""
     boards = sorted({b for b, _ in columns})
     pairs = ", ".join(f"{b}/{m}" for b, m in columns)
+    if not isinstance(e, Mapping):
+        _fail(where, key, "a mapping", e)
+    for k in e:
+        if k not in ENTRY_REQUIRED + ENTRY_OPTIONAL:
+            raise RecipeError(f"{where}: unknown key '{key}.{k}'; expected one of "
+                              f"{', '.join(ENTRY_REQUIRED + ENTRY_OPTIONAL)}")
+    for k in ENTRY_REQUIRED:
+        if k not in e:
+            raise RecipeError(f"{where}: missing key '{key}.{k}'")
+    board, metric = e["leaderboard"], e["metric"]
+    if board not in boards:
+        _fail(where, f"{key}.leaderboard", f"one of {', '.join(boards)}", board)
+    if (board, metric) not in columns:
+        _fail(where, f"{key}.metric", f"a metric Table 6 shows for {board} (one of {pairs})", metric)
+    value = e["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        _fail(where, f"{key}.value", "a number in percent, 0-100", value)
+    if 0 < value <= 1:
+        _fail(where, f"{key}.value", f"percent as the leaderboard shows it ({value!r} looks like a fraction: "
+                                     f"write {100 * value:g})", show=False)
+    date = _date(e["date"], where, f"{key}.date", today)
+    if not isinstance(e["run"], str) or not e["run"].strip():
+        _fail(where, f"{key}.run", "a run folder name or run key as a string (quoted)", e["run"])
+    for k in ENTRY_OPTIONAL:
+        if k in e and (not isinstance(e[k], (str, int)) or isinstance(e[k], bool) or not str(e[k]).strip()):
+            _fail(where, f"{key}.{k}", "a non-empty string", e[k])
+    return float(value), date, str(e["run"]).strip()
+
+
+def _entry_run(where: str, key: str, run: str, board: str, date: _dt.date, runs_df, runs_dir: str | Path) -> str:
+    """The folder of the one finished fine-tuning run of ``board`` that an entry names, finished by ``date``."""
+    found = _find_run(runs_df, run)
+    finetune = Path(runs_dir) / "finetune"
+    if not found:
+        _fail(where, f"{key}.run", f"a finished fine-tuning run under {finetune} (its folder name "
+                                   f"<run key>-s<seed>, or its run key)", run)
+    if len(found) > 1:
+        _fail(where, f"{key}.run", f"one run; {run!r} names {len(found)} ({', '.join(found[:3])}): give the "
+                                   f"folder name", show=False)
+    path = found[0]
+    row = runs_df[runs_df["path"] == path].iloc[0]
+    task = str(row["base_task"])
+    if task != board:
+        _fail(where, f"{key}.run", f"a {board} fine-tuning run ({path} fine-tuned {task})", run)
+    try:                 # an answer older than the run cannot be about this run's predictions
+        finished = _dt.date.fromisoformat(str(row.get("finished") or "")[:10])
+    except ValueError:
+        finished = None
+    if finished is not None and date < finished:
+        _fail(where, f"{key}.date", f"a date on or after the run finished ({finished.isoformat()}, "
+                                    f"{Path(path).name})", date.isoformat())
+    return path
+
+
+def validate_online(data: Any, where: str, spec: Mapping[str, Any], runs_df, runs_dir: str | Path,
+                    today: _dt.date | None = None) -> list[dict]:
+    """The entries of an online-results file, checked (one-line RecipeError naming ``where`` and the key).
+
+    Each returned entry has its run folder resolved (``path``) and its date as ``datetime.date``.
+    """
+    today = today or _dt.date.today()
+    entries = _entries(data, where)
+    columns = board_columns(spec)
     out: list[dict] = []
     seen: dict[tuple[str, str, str], int] = {}
     for i, e in enumerate(entries):
         key = f"entries[{i}]"
-        if not isinstance(e, Mapping):
-            _fail(where, key, "a mapping", e)
-        for k in e:
-            if k not in ENTRY_REQUIRED + ENTRY_OPTIONAL:
-                raise RecipeError(f"{where}: unknown key '{key}.{k}'; expected one of "
-                                  f"{', '.join(ENTRY_REQUIRED + ENTRY_OPTIONAL)}")
-        for k in ENTRY_REQUIRED:
-            if k not in e:
-                raise RecipeError(f"{where}: missing key '{key}.{k}'")
+        value, date, run = _check_entry(e, where, key, columns, today)
         board, metric = e["leaderboard"], e["metric"]
-        if board not in boards:
-            _fail(where, f"{key}.leaderboard", f"one of {', '.join(boards)}", board)
-        if (board, metric) not in columns:
-            _fail(where, f"{key}.metric", f"a metric Table 6 shows for {board} (one of {pairs})", metric)
-        value = e["value"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-            _fail(where, f"{key}.value", "a number in percent, 0-100", value)
-        if 0 < value <= 1:
-            _fail(where, f"{key}.value", f"percent as the leaderboard shows it ({value!r} looks like a fraction: "
-                                         f"write {100 * value:g})", show=False)
-        date = _date(e["date"], where, f"{key}.date", today)
-        if not isinstance(e["run"], str) or not e["run"].strip():
-            _fail(where, f"{key}.run", "a run folder name or run key as a string (quoted)", e["run"])
-        for k in ENTRY_OPTIONAL:
-            if k in e and (not isinstance(e[k], (str, int)) or isinstance(e[k], bool) or not str(e[k]).strip()):
-                _fail(where, f"{key}.{k}", "a non-empty string", e[k])
-        run = str(e["run"]).strip()
-        found = _find_run(runs_df, run)
-        finetune = Path(runs_dir) / "finetune"
-        if not found:
-            _fail(where, f"{key}.run", f"a finished fine-tuning run under {finetune} (its folder name "
-                                       f"<run key>-s<seed>, or its run key)", run)
-        if len(found) > 1:
-            _fail(where, f"{key}.run", f"one run; {run!r} names {len(found)} ({', '.join(found[:3])}): give the "
-                                       f"folder name", show=False)
-        path = found[0]
-        row = runs_df[runs_df["path"] == path].iloc[0]
-        task = str(row["base_task"])
-        if task != board:
-            _fail(where, f"{key}.run", f"a {board} fine-tuning run ({path} fine-tuned {task})", run)
-        try:                 # an answer older than the run cannot be about this run's predictions
-            finished = _dt.date.fromisoformat(str(row.get("finished") or "")[:10])
-        except ValueError:
-            finished = None
-        if finished is not None and date < finished:
-            _fail(where, f"{key}.date", f"a date on or after the run finished ({finished.isoformat()}, "
-                                        f"{Path(path).name})", date.isoformat())
+        path = _entry_run(where, key, run, board, date, runs_df, runs_dir)
         ident = (board, path, metric)
         if ident in seen:
             _fail(where, key, f"one entry per leaderboard, run and metric (entries[{seen[ident]}] has this "
                               f"one: {board}, {run}, {metric})", show=False)
         seen[ident] = i
-        out.append({"leaderboard": board, "run": run, "path": path, "metric": metric, "value": float(value),
+        out.append({"leaderboard": board, "run": run, "path": path, "metric": metric, "value": value,
                     "date": date, "submission": str(e["submission"]) if "submission" in e else None,
                     "note": str(e["note"]) if "note" in e else None, "column": columns[(board, metric)]})
     return out
@@ -194,7 +207,7 @@ def provenance(entry: Mapping[str, Any]) -> str:
 
 
 def online_frame(entries: list[dict], runs_df):
-    """One row per entry, shaped like ``report.collect_runs``'s rows (so the tables select and group them):
+    """One row per entry, shaped like ``runs.collect_runs``'s rows (so the tables select and group them):
     the run's own row (method, protocol, comparability, phantom, environment...) with ``metric`` and ``score``
     (a fraction, like the records) from the leaderboard, ``base_task`` the leaderboard, and ``provenance``."""
     import pandas as pd
@@ -219,13 +232,11 @@ def load_online(path: str | Path, published: Mapping[str, Any], runs_df, runs_di
                 required: bool = True, today: _dt.date | None = None):
     """The online answers of ``path`` as a frame for Table 6 (``online_frame``), validated; None when the file
     is absent and not ``required`` (the default location). ``df.attrs['file']`` names the file."""
-    from . import recipes
-
     path = Path(path)
     if not path.is_file():
         if required:
             raise RecipeError(f"{path}: online results file not found (expected YAML with 'entries'; see "
-                              f"sslbench/online.py)")
+                              f"sslbench/report/online.py)")
         return None
     spec = next((t for t in published["tables"] if t.get("online")), None)
     if spec is None:
