@@ -451,7 +451,7 @@ def _bench_device(precision: str, device: str, seed: int) -> torch.device:
 
 
 def _swinunetr(feature_size: int, classes: int, attention: str, dev: torch.device) -> torch.nn.Module:
-    from .backbones import build_model
+    from .models.backbones import build_model
     from .protocol import use_run_attention
 
     net = build_model({"name": "swinunetr", "feature_size": feature_size, "use_v2": True}, 1, classes)

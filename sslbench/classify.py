@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import protocol as P
-from .backbones import LoadReport, build_model, load_backbone, read_checkpoint
+from .models.backbones import LoadReport, build_model, load_backbone, read_checkpoint
 from .errors import CheckpointError, DataError, RecipeError, RunError
 from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state
 
@@ -56,7 +56,7 @@ def build_classifier(model_cfg: Mapping[str, Any], n_outputs: int, spatial_dims:
     """SwinUNETR's ``swinViT`` (3D from the shared builder, or the same configuration in 2D) with a head; in 2D
     with ``model.name: unet2d`` the ResNet-18 encoder of PCRL's U-Net with a head (sslbench/unet2d.py)."""
     if spatial_dims == 2 and str(model_cfg.get("name")) == "unet2d":   # the 2D track: PCRL's ResNet-18 U-Net
-        from .unet2d import UNet2DClassifier
+        from .models.unet2d import UNet2DClassifier
 
         return UNet2DClassifier(model_cfg, n_outputs)
     if str(model_cfg.get("name", "swinunetr")) != "swinunetr":

@@ -313,7 +313,7 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
     ``out`` defaults to ``<run>/predictions/<split>``. Returns the manifest (with ``out``, ``_written`` and
     ``_skipped``).
     """
-    from .backbones import build_model
+    from .models.backbones import build_model
     from .protocol import (file_digest, input_channels, locate_data, make_progress, output_channels, select_device,
                            use_bf16, use_run_attention)
     from .data import layouts

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import distributed, inductor, locks, recipes, track2d
-from .backbones import build_model, load_backbone, read_checkpoint
+from .models.backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names, scoring
 from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state, prepare_run_folder

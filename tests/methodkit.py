@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from sslbench import recipes
-from sslbench.backbones import TRANSFER_PREFIXES, build_model, load_backbone
+from sslbench.models.backbones import TRANSFER_PREFIXES, build_model, load_backbone
 from sslbench.bench import phantom_volumes
 from sslbench.methods import get_method_class
 

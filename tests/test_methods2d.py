@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from sslbench.backbones import load_backbone
+from sslbench.models.backbones import load_backbone
 from sslbench.methods.simsiam2d import SimSiam2D, blur_2d
 from sslbench.methods.voco import base_crop_boxes, position_labels
 from sslbench.methods.voco2d import VoCo2D, augment_crops_2d, crop_images
-from sslbench.unet2d import UNet2DClassifier
+from sslbench.models.unet2d import UNet2DClassifier
 
 MODEL = {"name": "unet2d"}
 

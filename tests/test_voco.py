@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslbench.backbones import build_swinunetr, load_backbone
+from sslbench.models.backbones import build_swinunetr, load_backbone
 from sslbench.bench import bench_pretrain, phantom_volumes
 from sslbench.errors import RecipeError
 from methodkit import closes_gap

@@ -283,7 +283,7 @@ def test_run_attention_switches_swin_in_fine_tuning_networks(dims):
     MONAI's function (values and gradients; SDPA path on CPU) and keeps its state-dict keys."""
     from monai.networks.nets import SwinUNETR
 
-    from sslbench.backbones import build_basicunet, build_unet3d
+    from sslbench.models.backbones import build_basicunet, build_unet3d
     from sslbench.fast_swin import _SDPAWindowAttention
     from sslbench.protocol import use_run_attention
 

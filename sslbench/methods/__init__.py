@@ -18,7 +18,7 @@ REGISTRY: dict[str, str] = {
     "supervised-task": "sslbench.methods.supervised:Supervised",
 }
 
-#: the 2D track (issue 23, ChestX-ray14 on the ResNet-18 U-Net of sslbench/unet2d.py): name -> the method's 2D form
+#: the 2D track (issue 23, ChestX-ray14 on the ResNet-18 U-Net of sslbench/models/unet2d.py): name -> the method's 2D form
 REGISTRY_2D: dict[str, str] = {
     "c2l": "sslbench.methods.c2l:C2L",
     "mg": "sslbench.methods.genesis2d:ModelsGenesis2D",

@@ -1,4 +1,4 @@
-"""C2L: Comparing to Learn (Zhou et al., MICCAI 2020), 2D only, on the ResNet-18 encoder of sslbench/unet2d.py.
+"""C2L: Comparing to Learn (Zhou et al., MICCAI 2020), 2D only, on the ResNet-18 encoder of sslbench/models/unet2d.py.
 
 Read from the official code (funnyzhou/C2L_MICCAI2020, ``train_C2L_res18.py`` ``train_moco``, ``NCE/NCEAverage.py``
 ``MemoryC2L``, ``models/resnet_mixup.py``): a query encoder f_q (ResNet-18 -> average pool -> fc 512 -> 128) and a
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..unet2d import build_encoder
+from ..models.unet2d import build_encoder
 from . import aug2d
 from .base import PretrainMethod, momentum_update
 

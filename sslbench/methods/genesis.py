@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import SIZE_DIVISOR, build_model, is_transferable
+from ..models.backbones import SIZE_DIVISOR, build_model, is_transferable
 from ..errors import RecipeError
 from .base import PretrainMethod
 

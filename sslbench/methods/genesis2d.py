@@ -1,5 +1,5 @@
 """Models Genesis in 2D (the Table 4 row "MG"): restore a radiograph from its transformed copy with PCRL's
-ResNet-18 U-Net (sslbench/unet2d.py), L = MSE(sigmoid(f(g(x))), x).
+ResNet-18 U-Net (sslbench/models/unet2d.py), L = MSE(sigmoid(f(g(x))), x).
 
 The transformations g are :mod:`sslbench.methods.genesis`'s own (``genesis_views``: flip of input and target,
 local pixel shuffling, the Bezier non-linear intensity map, in-/out-painting, the official ``config.py`` rates),
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RecipeError
-from ..unet2d import UNet2D
+from ..models.unet2d import UNet2D
 from .base import PretrainMethod
 from .genesis import GENESIS_DEFAULTS, MIN_PAINT_SIZE, genesis_views
 

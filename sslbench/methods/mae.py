@@ -57,7 +57,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..backbones import ENCODER_PREFIXES, build_model, vit_config
+from ..models.backbones import ENCODER_PREFIXES, build_model, vit_config
 from ..errors import RecipeError
 from .base import PretrainMethod
 from .voco import ATTENTIONS, augment_crops, use_sdpa_window_attention

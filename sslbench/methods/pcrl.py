@@ -5,7 +5,7 @@
 * PCRL v2: Zhou, Lu, Chen, Yang, Yu. "A Unified Visual Information Preservation Framework for Self-supervised
   Pre-training in Medical Image Analysis", TPAMI 2023 (code: github.com/RL4M/PCRLv2, ``src/train_3d.py``).
 
-Both run on a fine-tuning network built by ``sslbench.backbones.build_model`` (``model.name`` swinunetr, the
+Both run on a fine-tuning network built by ``sslbench.models.backbones.build_model`` (``model.name`` swinunetr, the
 default, unet3d = the official 3D U-Net, or basicunet) and call its own submodules, so the weights handed over are in the fine-tuning layout.
 
 PCRL v1 (``PCRLv1``), per batch of B volumes:
@@ -101,7 +101,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import (SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
+from ..models.backbones import (SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
                          decoder_output, encoder_features, output_layer_name, upsampling_widths)
 from ..errors import RecipeError
 from .base import PretrainMethod, momentum_update
@@ -477,7 +477,7 @@ class UNetEncoder(nn.Module):
     """The encoder of a ``build_model`` network under its own attribute names (its keys = fine-tuning keys).
 
     swinunetr: ``swinViT`` + ``encoder1..4`` + ``encoder10``; unet3d: ``down_tr64..512``; basicunet:
-    ``conv_0`` + ``down_1..4``. ``forward`` -> :func:`sslbench.backbones.encoder_features` (the bottleneck
+    ``conv_0`` + ``down_1..4``. ``forward`` -> :func:`sslbench.models.backbones.encoder_features` (the bottleneck
     last). ``bottleneck_only``: keep only the modules on the path input -> bottleneck (on swinunetr: swinViT and
     encoder10, without SwinUNETR's skip blocks encoder1..4).
     """

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import (TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
+from ..models.backbones import (TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
                          build_swinunetr)
 from ..errors import RecipeError
 from . import dist

@@ -1,4 +1,4 @@
-"""SimSiam in 2D (Chen and He, CVPR 2021) on the ResNet-18 encoder of sslbench/unet2d.py (the Table 4 row).
+"""SimSiam in 2D (Chen and He, CVPR 2021) on the ResNet-18 encoder of sslbench/models/unet2d.py (the Table 4 row).
 
 The official code (facebookresearch/simsiam ``main_simsiam.py``, ``simsiam/builder.py``) is 2D; this is its form
 on grey radiographs, with the losses and heads of :mod:`sslbench.methods.simsiam`:
@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..unet2d import build_encoder
+from ..models.unet2d import build_encoder
 from . import aug2d
 from .base import PretrainMethod
 from .simsiam import Predictor, Projector, collapse_std, gaussian_blur, simsiam_loss

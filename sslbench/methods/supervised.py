@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..backbones import SIZE_DIVISOR, build_model
+from ..models.backbones import SIZE_DIVISOR, build_model
 from ..errors import RecipeError
 from .base import PretrainMethod
 from .genesis import _size3, plain_float, random_crop_starts, transferable_state

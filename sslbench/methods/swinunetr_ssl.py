@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import build_swinunetr
+from ..models.backbones import build_swinunetr
 from ..errors import RecipeError
 from . import dist
 from .base import PretrainMethod

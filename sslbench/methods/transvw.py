@@ -96,7 +96,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import bottleneck_module
+from ..models.backbones import bottleneck_module
 from ..errors import RecipeError
 from .base import PretrainMethod
 from .genesis import (MIN_PAINT_SIZE, build_restoration_net, check_crop, crop_3d, local_pixel_shuffle,
@@ -393,7 +393,7 @@ class ClassificationHead(nn.Module):
 
 def bottleneck(net: nn.Module, model_name: str) -> tuple[nn.Module, int]:
     """The module whose output is the encoder's bottleneck, and its channels
-    (:func:`sslbench.backbones.bottleneck_module`: SwinUNETR ``encoder10``, the 1/32-scale map; unet3d
+    (:func:`sslbench.models.backbones.bottleneck_module`: SwinUNETR ``encoder10``, the 1/32-scale map; unet3d
     ``down_tr512``, 1/8; basicunet ``down_4``, 1/16)."""
     return bottleneck_module(net, model_name)
 

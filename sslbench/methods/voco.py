@@ -119,7 +119,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import inductor
-from ..backbones import build_swinunetr
+from ..models.backbones import build_swinunetr
 from ..errors import RecipeError
 from ..fast_swin import ATTENTIONS, full_precision, keep_sdpa_out_of_compile, use_sdpa_window_attention
 from .base import PretrainMethod

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..unet2d import build_encoder
+from ..models.unet2d import build_encoder
 from . import aug2d
 from .base import PretrainMethod
 from .voco import (ProjectionHead, base_crop_boxes, position_labels, prediction_term, random_crop_boxes,
