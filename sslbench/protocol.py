@@ -26,11 +26,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import distributed, inductor, locks, recipes, track2d
+from . import distributed, locks, recipes, speed, track2d
 from .models.backbones import build_model, load_backbone, read_checkpoint
 from .errors import DataError, RecipeError, RunError
 from .metrics import score_names, scoring
 from .records import RunRecord, atomic_torch_save, atomic_write_json, load_state, prepare_run_folder
+from .speed import inductor
 
 PHANTOM_MARKER = "sslbench_phantom.json"
 
@@ -1212,7 +1213,7 @@ def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Mo
     gave NaN losses on an H100 (2026-11-27, tiny preset on phantom BTCV, eager finite)."""
     if not run_cfg.get("compile"):
         return module
-    from .fast_swin import keep_sdpa_out_of_compile
+    from .speed.fast_swin import keep_sdpa_out_of_compile
 
     keep_sdpa_out_of_compile(module)
     return inductor.compile(module, dynamic=False)
@@ -1274,9 +1275,9 @@ def check_compiled_method(method: torch.nn.Module, volumes: torch.Tensor, bf16: 
     (``compile_agreement``: VoCo) must give the eager encoders' features on one batch, as
     ``compiled_feature_problems`` judges them; otherwise a one-line RunError (a compiler fault must not train
     silently). Returns the relative differences ({} for methods without the check)."""
-    if not hasattr(method, "compile_agreement"):
+    if not getattr(method, "feature_encoders", None):
         return {}
-    diffs = seeded_probe(lambda: method.compile_agreement(volumes), bf16, device, seed)
+    diffs = seeded_probe(lambda: speed.compile_agreement(method, volumes), bf16, device, seed)
     problems = compiled_feature_problems(diffs)
     if problems:
         raise RunError(f"{where}: run.compile: on the first batch, {'; '.join(problems)}; run again with "
@@ -1305,16 +1306,13 @@ def compile_method(method: torch.nn.Module, run_cfg: Mapping[str, Any]) -> None:
     ``forward``; the benchmark (``sslbench bench pretrain --compile``) compiles the same way."""
     if not run_cfg.get("compile"):
         return
-    if hasattr(method, "compile_encoders"):
-        method.compile_encoders(dynamic=False)
-    else:
-        method.forward = inductor.compile(method.forward, dynamic=False)
+    speed.compile_method(method, dynamic=False)
 
 
 def use_run_attention(model: torch.nn.Module, run_cfg: Mapping[str, Any]) -> int:
     """``run.attention`` (fused | sdpa | monai) for the Swin window attention of a network to fine-tune or
     evaluate (sslbench/fast_swin.py: the same function computed faster; parameters and keys unchanged)."""
-    from .fast_swin import apply_attention
+    from .speed.fast_swin import apply_attention
 
     return apply_attention(model, str(run_cfg.get("attention", "fused")))
 
@@ -1488,7 +1486,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
             raise RecipeError(f"--precision: {precision!r}; expected bf16 or fp32")
         run_cfg["precision"] = precision
     if attention is not None:
-        from .fast_swin import ATTENTIONS
+        from .speed import ATTENTIONS
 
         if attention not in ATTENTIONS:
             raise RecipeError(f"--attention: {attention!r}; expected one of {', '.join(ATTENTIONS)}")
@@ -1712,6 +1710,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
                        f"of {len(items)} volumes")
         torch.manual_seed(seed)
         method = cls(params, cfg["model"]).to(device)
+        speed.apply(method)
         if stack is not None:
             method.prepare(stack, seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
         elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume

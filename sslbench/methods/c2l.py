@@ -14,7 +14,7 @@ where NCE(a, b) is the queue's InfoNCE, -log softmax([a.b, a.queue_1, ..., a.que
 L2-normalised (:func:`queue_logits`, :func:`info_nce`), and every one of the three comparisons then enqueues its
 keys (the official ``MemoryC2L.forward`` updates the queue inside each call, so the second and third see the
 keys the first pushed). Views: RandomResizedCrop(224, scale (0.2, 1)), RandomRotation(10), ColorJitter(0.4, 0.4,
-0.4, 0.4), RandomHorizontalFlip, Cutout(3 holes of 32 px at 224) (sslbench/methods/aug2d.py).
+0.4, 0.4), RandomHorizontalFlip, Cutout(3 holes of 32 px at 224) (sslbench/methods/parts/aug2d.py).
 
 Ledger of deviations (restoring keys where one exists):
 
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.unet2d import build_encoder
-from . import aug2d
-from .base import PretrainMethod, momentum_update
+from .base import PretrainMethod
+from .parts import aug2d
+from .parts.ema import momentum_update
 
 
 def queue_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:

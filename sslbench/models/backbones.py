@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..speed import ATTENTIONS  # noqa: F401 - the window-attention forms a Swin backbone computes with
 
 #: Key prefixes of SwinUNETR's encoder: the part that self-supervised pre-training transfers.
 ENCODER_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
@@ -212,6 +213,12 @@ def is_transferable(key: str, include_decoder: bool = False, model_name: str = "
     enc, dec = TRANSFER_PREFIXES.get(model_name, (ENCODER_PREFIXES, DECODER_PREFIXES))
     prefixes = enc + (dec if include_decoder else ())
     return key.startswith(prefixes)
+
+
+def transferable_state(net: nn.Module, model_name: str) -> dict[str, torch.Tensor]:
+    """Encoder + decoder tensors of ``net`` (its output layer excluded), fine-tuning key layout."""
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
+            if is_transferable(k, include_decoder=True, model_name=model_name)}
 
 
 def normalize_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
