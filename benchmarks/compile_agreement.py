@@ -6,11 +6,11 @@
 One batch of VoCo views (2 volumes x (2 crops + 16 bases) = 36 crops of 64^3, bf16 autocast unless --fp32, no
 autograd unless --grad). Every piece (patch embedding, each Swin stage and its v2 residual block, the output
 norms, encoder1 in its pooled form, encoders 2-4 and 10, the whole backbone) is compiled on its own through
-sslbench.inductor.compile (sslbench's Inductor settings, then the --inductor overrides) and run on the eager
+sslbench.speed.inductor.compile (sslbench's Inductor settings, then the --inductor overrides) and run on the eager
 pipeline's input; each line prints max |compiled - eager| / max |eager| of its output (nan: the compiled
 output is not finite). In bf16 a faithful compile differs by under ~1 %; a piece far above that computes a
 different function. For the Swin stages it also prints whether the stage's qkv rows are 128-byte aligned
-(Inductor's comprehensive padding pads misaligned strides; see sslbench/inductor.py).
+(Inductor's comprehensive padding pads misaligned strides; see sslbench/speed/inductor.py).
 
 --steps K then trains an eager and a compiled copy (backbones and heads compiled as ``run.compile`` does) in
 lockstep for K steps on the same crops and prints both losses per step. The JSON is rewritten after every
@@ -29,16 +29,19 @@ import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
 
-from sslbench import inductor
+from sslbench import speed
 from sslbench.bench import build_method, parse_inductor_options, phantom_volumes
 from sslbench.methods import voco as V
+from sslbench.speed import inductor
+from sslbench.speed.compile import max_relative_difference
+from sslbench.speed.pooled_stem import pooled_input_block
 
 
 def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_bytes: int, rows: list,
            save=lambda: None) -> list[dict]:
     """Each piece compiled alone on the eager pipeline's input, appended to ``rows`` as {piece, rel_diff, ...}
     (``save()`` after each, so that a run stopped by a time limit keeps what it measured)."""
-    from sslbench.fast_swin import keep_sdpa_out_of_compile
+    from sslbench.speed.fast_swin import keep_sdpa_out_of_compile
 
     keep_sdpa_out_of_compile(model)
     backbone = model.backbone
@@ -48,7 +51,7 @@ def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_byt
         with torch.set_grad_enabled(grad), autocast:
             eager = fn(*inputs)
             compiled = inductor.compile(fn)(*inputs)
-        rows.append({"piece": name, "rel_diff": V.max_relative_difference(compiled, eager), **extra})
+        rows.append({"piece": name, "rel_diff": max_relative_difference(compiled, eager), **extra})
         save()
         print(f"{name:18} {rows[-1]['rel_diff']:10.3g}" + "".join(f"   {k} {v}" for k, v in extra.items()), flush=True)
         return eager.detach()
@@ -66,8 +69,8 @@ def pieces(model: V.VoCo, views: torch.Tensor, grad: bool, autocast, element_byt
         h = check(f"layers{i}", layer, h.contiguous(), qkv_window_bytes=row_bytes, aligned_128=row_bytes % 128 == 0)
         stages.append(h)
     hs = [check(f"proj_out{i}", lambda t: swin.proj_out(t, True), stages[i]) for i in (0, 1, 2, 4)]
-    if backbone.pooled_encoder1:
-        check("encoder1 (pooled)", lambda v: V.pooled_input_block(backbone.encoder1, v), views)
+    if hasattr(backbone.encoder1, "pooled_forward"):
+        check("encoder1 (pooled)", lambda v: pooled_input_block(backbone.encoder1, v), views)
     else:
         check("encoder1", lambda v: backbone.encoder1(v).mean(dim=(2, 3, 4)), views)
     for name, x in zip(("encoder2", "encoder3", "encoder4", "encoder10"), hs):
@@ -80,7 +83,7 @@ def lockstep(model: V.VoCo, volumes: torch.Tensor, steps: int, autocast, rows: l
     """Eager and compiled copies trained side by side on the same crops (AdamW 1e-4): their losses per step,
     appended to ``rows`` (``save()`` after each step)."""
     eager, comp = model, copy.deepcopy(model)
-    comp.compile_encoders()
+    speed.compile_method(comp)
     fused = {"fused": True} if volumes.is_cuda else {}
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, **fused) for m in (eager, comp)]
     for step in range(steps):

@@ -22,7 +22,7 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
-from sslbench import inductor
+from sslbench.speed import inductor
 
 
 def mean_ms(fn, steps: int = 10, warmup: int = 3) -> float:
@@ -38,7 +38,7 @@ def mean_ms(fn, steps: int = 10, warmup: int = 3) -> float:
 
 def closures(block: torch.nn.Module, x: torch.Tensor, mode: str):
     """(forward + backward, no-grad forward) of ``block`` on ``x`` in ``mode``."""
-    from sslbench.methods import voco as V
+    from sslbench.speed import pooled_stem as V
 
     if "cl" in mode.split("-"):
         block = block.to(memory_format=torch.channels_last_3d)
@@ -65,7 +65,7 @@ def closures(block: torch.nn.Module, x: torch.Tensor, mode: str):
 def main(modes: list[str]) -> int:
     from monai.networks.nets import SwinUNETR
 
-    from sslbench.methods import voco as V
+    from sslbench.speed import pooled_stem as V
 
     torch.backends.cudnn.benchmark = True
     net = SwinUNETR(in_channels=1, out_channels=1, feature_size=48, use_v2=True).cuda()
@@ -76,7 +76,7 @@ def main(modes: list[str]) -> int:
     for name, (block, x) in inputs.items():
         for mode in modes:
             inductor_config.force_layout_optimization = "force" in mode
-            if "pooled" in mode and not V._is_pooled_input_block(block):
+            if "pooled" in mode and not V.is_pooled_input_block(block):
                 continue
             torch._dynamo.reset()
             train, forward = closures(block, x, mode)

@@ -5,7 +5,7 @@
 For each Swin stage of SwinUNETR-B on 36 crops of 64^3 (stage 1: 36 x 125 windows x 3 heads of 343
 tokens, shifted-window mask; ...; stage 4: 36 windows x 24 heads of 64 tokens, no mask) it prints the
 median time of a forward (no grad) and of a forward + backward (gradients to qkv and the bias) of
-``sslbench.window_attention`` and of ``scaled_dot_product_attention`` with the bias + mask materialised as
+``sslbench.speed.window_attention`` and of ``scaled_dot_product_attention`` with the bias + mask materialised as
 the ``sdpa`` form of sslbench/methods/voco.py computes it. ``--sweep`` first tries launch configurations of
 the three fused kernels on the stage-1 shape and keeps the fastest of each (to re-tune on another card;
 copy the winners into FWD_CONFIG / DQ_CONFIG / DKV_CONFIG). ``fused-atomic`` rows time the backward whose dK/dV
@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sslbench import window_attention as W
+from sslbench.speed import window_attention as W
 
 #: (windows, heads, windows per crop, tokens) of the four stages for 36 crops of 64^3, head dim 16
 STAGES = {"stage1": (36 * 125, 3, 125, 343), "stage2": (36 * 27, 6, 27, 343),

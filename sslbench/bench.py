@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import inductor as _inductor
+from . import speed
+from .speed import inductor as _inductor
 
 PRECISIONS = ("bf16", "fp32")
 
@@ -160,7 +161,9 @@ def build_method(method: str = "voco", variant: str = "paper", feature_size: int
             raise ValueError(f"method {method!r}: input_size is None; pass --size X Y Z")
     model_cfg = {**recipes.load_defaults()["model"], "name": model_name, "feature_size": feature_size,
                  "use_v2": True, "use_checkpoint": use_checkpoint}
-    return cls(params, model_cfg), params, tuple(int(s) for s in size)
+    model = cls(params, model_cfg)
+    speed.apply(model)                 # as the protocol does once it has built a method
+    return model, params, tuple(int(s) for s in size)
 
 
 def disk_stream(spec: Mapping[str, Any], size: Sequence[int], batch: int, seed: int, dist, dev: torch.device):
@@ -224,8 +227,10 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
                                        attention=attention, size=size, use_checkpoint=use_checkpoint,
                                        augment=augment, model_name=model_name)
     model = model.to(dev).train()
-    if compile and hasattr(model, "use_channels_last"):
-        model.use_channels_last()      # what compile_encoders does, done before the optimizer and DDP see them
+    if compile:
+        from .speed.compile import channels_last
+
+        channels_last(model)           # what speed.compile_method does, done before the optimizer and DDP see them
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(trainable, lr=lr, **opt_kw)
@@ -274,20 +279,18 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
 
         bf16 = precision == "bf16"
         eager_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
-        encoders_only = hasattr(model, "compile_encoders")
-        if encoders_only:   # its backbones went channels-last before the optimizer held any state (above)
-            model.compile_encoders(mode=compile_mode)
-        else:
-            model.forward = _inductor.compile(model.forward, mode=compile_mode)
+        # compile_parts: its backbones went channels-last before the optimizer held any state (above)
+        encoders_only = bool(getattr(model, "compile_parts", ()))
+        speed.compile_method(model, mode=compile_mode)
         compiled_loss = seeded_probe(lambda: float(model(volumes, 0)[0].detach()), bf16, dev, seed + 7919)
         compile_check = {"eager_loss": eager_loss, "compiled_loss": compiled_loss,
                          "rel_diff": abs(compiled_loss - eager_loss) / max(abs(eager_loss), 1e-12),
                          # a compiled forward draws its random crops / masks with Inductor's generator, not
                          # eager's: then the two losses score different samples and only inform
                          "loss_check_applies": encoders_only}
-        if hasattr(model, "compile_agreement"):
-            compile_check["feature_rel_diff"] = seeded_probe(lambda: model.compile_agreement(volumes), bf16, dev,
-                                                             seed + 7919)
+        if getattr(model, "feature_encoders", None):
+            compile_check["feature_rel_diff"] = seeded_probe(lambda: speed.compile_agreement(model, volumes), bf16,
+                                                             dev, seed + 7919)
     for i in range(warmup):
         if batches is not None:
             current["volumes"] = next(batches).to(dev, non_blocking=True)
@@ -390,7 +393,7 @@ COMPILE_LOSS_TOLERANCE = 0.05
 
 def _backward_modes() -> dict[str, str]:
     """How the fused attention's backward computes dQ, delta and the bias gradient, as row fields."""
-    from . import window_attention
+    from .speed import window_attention
 
     return {f"{key}_mode": mode for key, mode in window_attention.backward_modes().items()}
 
@@ -451,7 +454,7 @@ def _bench_device(precision: str, device: str, seed: int) -> torch.device:
 
 
 def _swinunetr(feature_size: int, classes: int, attention: str, dev: torch.device) -> torch.nn.Module:
-    from .backbones import build_model
+    from .models.backbones import build_model
     from .protocol import use_run_attention
 
     net = build_model({"name": "swinunetr", "feature_size": feature_size, "use_v2": True}, 1, classes)
@@ -634,7 +637,7 @@ def _main_finetune_infer(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import window_attention
+    from .speed import window_attention
 
     ap = argparse.ArgumentParser(prog="sslbench bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)

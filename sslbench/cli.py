@@ -288,7 +288,7 @@ def _cmd_finetune(args, console) -> int:
     init = None
     if args.init:
         path = Path(args.init)
-        from .backbones import read_checkpoint
+        from .models.backbones import read_checkpoint
 
         read_checkpoint(path)  # fail early, with one line, on a missing or unreadable file
         init = {"path": str(path), "source": "file", "hash": protocol.file_digest(path), "method": label}

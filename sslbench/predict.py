@@ -314,7 +314,7 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
     ``out`` defaults to ``<run>/predictions/<split>``. Returns the manifest (with ``out``, ``_written`` and
     ``_skipped``).
     """
-    from .backbones import build_model
+    from .models.backbones import build_model
     from .protocol import file_digest, locate_data, make_progress, select_device, use_bf16, use_run_attention
     from .recipes import input_channels, output_channels
     from .data import layouts

@@ -274,7 +274,7 @@ DEFAULTS_SCHEMA = Spec(fields={
                                "act": Spec(choices=("relu", "prelu", "elu"))}),
         "vit": Spec(fields={"patch_size": INT, "hidden_size": INT, "mlp_dim": INT, "num_layers": INT,
                             "num_heads": INT}),
-        # the 2D track (sslbench/unet2d.py): PCRL's ResNet-18 U-Net; ImageNet weights for it (none = official off)
+        # the 2D track (sslbench/models/unet2d.py): PCRL's ResNet-18 U-Net; ImageNet weights for it (none = official off)
         "unet2d": Spec(fields={"encoder": STR, "decoder_channels": Spec(items=INT, length=5)}),
         "pretrained_2d": Spec(choices=("none", "imagenet")),
     }),

@@ -3,7 +3,7 @@
     from methodkit import tiny_method, train_steps, check_handover
 
 A method is exercised exactly as the protocol runs it: built from its recipe's ``tiny`` preset params and
-the tiny model section, ``prepare``d on a small corpus, trained with AdamW, its ``after_step`` hook called,
+the tiny model section, its speed settings applied (``sslbench.speed.apply``), ``prepare``d on a small corpus, trained with AdamW, its ``after_step`` hook called,
 and the weights it hands over loaded into the fine-tuning network with every expected tensor matched.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
-from sslbench import recipes
-from sslbench.backbones import TRANSFER_PREFIXES, build_model, load_backbone
+from sslbench import recipes, speed
+from sslbench.models.backbones import TRANSFER_PREFIXES, build_model, load_backbone
 from sslbench.bench import phantom_volumes
 from sslbench.methods import get_method_class
 
@@ -40,6 +40,7 @@ def tiny_method(method: str, overrides: Mapping[str, Any] | None = None,
     torch.manual_seed(seed)
     corpus = phantom_volumes(corpus_size, size, "cpu", seed=seed)
     model = cls(params, model_cfg)
+    speed.apply(model)                  # as the protocol does once it has built the method
     model.prepare(corpus, seed)
     return model, corpus, params, model_cfg
 

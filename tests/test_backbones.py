@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sslbench.backbones import build_swinunetr, load_backbone, normalize_state_dict, read_checkpoint
+from sslbench.models.backbones import build_swinunetr, load_backbone, normalize_state_dict, read_checkpoint
 from sslbench.errors import CheckpointError
 
 TINY = {"feature_size": 12, "use_v2": True}

@@ -63,7 +63,7 @@ def test_synth_check_and_tiny_run(tmp_path, capsys, phantom_home):
 
     # A 1-channel checkpoint fine-tuned on the 4 channels: the recipe's channel_adapt (repeat) is applied and
     # recorded in the run's load report.
-    from sslbench.backbones import build_model
+    from sslbench.models.backbones import build_model
 
     ckpt = tmp_path / "one-channel.pt"
     cfg = recipes.resolve("scratch", "phantom-brats21")

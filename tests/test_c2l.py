@@ -1,13 +1,13 @@
-"""C2L (2D, sslbench/methods/c2l.py) and the 2D view augmentations (sslbench/methods/aug2d.py): hand-computed values."""
+"""C2L (2D, sslbench/methods/c2l.py) and the 2D view augmentations (sslbench/methods/parts/aug2d.py): hand-computed values."""
 import math
 
 import pytest
 import torch
 
-from sslbench.methods import aug2d
+from sslbench.methods.parts import aug2d
 from sslbench.methods.c2l import (C2L, draw_lambda, enqueue, info_nce, mixup, momentum_update, queue_logits)
-from sslbench.unet2d import UNet2DClassifier
-from sslbench.backbones import load_backbone
+from sslbench.models.unet2d import UNet2DClassifier
+from sslbench.models.backbones import load_backbone
 
 
 def test_queue_infonce_on_hand_computed_logits():

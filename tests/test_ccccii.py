@@ -182,7 +182,7 @@ def test_synth_check_and_tiny_run(phantom_home, tmp_path, capsys):
 
 def test_a_pretrained_swinunetr_checkpoint_initialises_the_encoder(tmp_path):
     """Every method's backbone.pt is in SwinUNETR's key layout: its swinViT tensors load, the rest is reported."""
-    from sslbench.backbones import build_model
+    from sslbench.models.backbones import build_model
 
     cfg = {"feature_size": 12, "use_v2": True}
     pretrained = build_model(cfg, in_channels=1, out_channels=1)

@@ -1,11 +1,12 @@
-"""sslbench's Inductor settings (sslbench/inductor.py): set once, applied on every compile path, overridable."""
+"""sslbench's Inductor settings (sslbench/speed/inductor.py): set once, applied on every compile path, overridable."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch._inductor.config as config
 
-from sslbench import inductor, protocol
+from sslbench import protocol, speed
+from sslbench.speed import inductor
 from sslbench.methods import voco as V
 
 
@@ -48,8 +49,10 @@ def test_every_compile_path_compiles_without_comprehensive_padding(fresh_setting
     params = {"variant": "teacher-student", "n": 2, "sw_batch_size": 1, "resize": [96, 96, 64], "crop_size": 64,
               "head_dim": 32}
     model = V.VoCo(params, {"feature_size": 12, "use_v2": True})
+    speed.apply(model)
     _as_new_process()
-    model.compile_encoders()
-    assert set(model._compiled) == {"backbone", "head", "teacher", "teacher_head"}
+    speed.compile_method(model)
+    assert {name for name in model.compile_parts if "forward" in vars(getattr(model, name))} == {
+        "backbone", "head", "teacher", "teacher_head"}
     assert len(fresh_settings) == 2 + 4
     assert all(padding is False and kwargs.get("dynamic") is False for _, padding, kwargs in fresh_settings)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from methodkit import check_handover, closes_gap, tiny_method
 
-from sslbench.backbones import build_model, load_backbone
+from sslbench.models.backbones import build_model, load_backbone
 from sslbench.bench import phantom_volumes
 from sslbench.cli import main
 from sslbench.errors import RecipeError

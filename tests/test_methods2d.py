@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 
-from sslbench.backbones import load_backbone
-from sslbench.methods.simsiam2d import SimSiam2D, blur_2d
-from sslbench.methods.voco import base_crop_boxes, position_labels
-from sslbench.methods.voco2d import VoCo2D, augment_crops_2d, crop_images
-from sslbench.unet2d import UNet2DClassifier
+from sslbench.models.backbones import load_backbone
+from sslbench.methods.simsiam import SimSiam2D, blur_2d
+from sslbench.methods.voco import VoCo2D, augment_crops_2d, base_crop_boxes, crop_images, position_labels
+from sslbench.models.unet2d import UNet2DClassifier
 
 MODEL = {"name": "unet2d"}
 
@@ -80,7 +79,7 @@ def test_simsiam2d_tiny_batch_step():
 
 
 def test_genesis_transforms_in_2d_on_hand_computed_boxes_and_flips():
-    from sslbench.methods.genesis import _box_mask, flip_pair
+    from sslbench.methods.parts.perturbations import _box_mask, flip_pair
 
     starts = torch.tensor([[[1, 0], [0, 0]]])
     sizes = torch.tensor([[[2, 3], [1, 1]]])
@@ -96,7 +95,7 @@ def test_genesis_transforms_in_2d_on_hand_computed_boxes_and_flips():
 
 
 def test_mg2d_tiny_batch_restores_and_hands_over_encoder_and_decoder():
-    from sslbench.methods.genesis2d import ModelsGenesis2D
+    from sslbench.methods.genesis import ModelsGenesis2D
 
     torch.manual_seed(0)
     m = ModelsGenesis2D({}, MODEL)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sslbench import metrics, recipes
-from sslbench.backbones import adapt_input_kernel, build_model, load_backbone
+from sslbench.models.backbones import adapt_input_kernel, build_model, load_backbone
 from sslbench.tasks.segmentation import summarize
 
 BRATS_TASK = {"name": "t", "classes": ["background", "NCR", "ED", "ET"],

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as tdist
 
 from methodkit import check_handover, closes_gap, fixed_batch_logs, tiny_method
-from sslbench.backbones import ENCODER_PREFIXES, build_model, load_backbone
+from sslbench.models.backbones import ENCODER_PREFIXES, build_model, load_backbone
 from sslbench.cli import main
 from sslbench.errors import RecipeError
 from sslbench.methods import pcrl as P

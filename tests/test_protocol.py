@@ -155,12 +155,13 @@ def test_run_compile_compiles_training_and_evaluation_and_is_not_protocol(phanto
     capsys.readouterr()
     assert _run(tmp_path, *short) == 0 and "already finished" in capsys.readouterr().out
 
-    # Pre-training methods: their own compile_encoders where they have one, else their forward.
+    # Pre-training methods: their compile_parts one by one where they name some, else their forward.
     class WithEncoders(torch.nn.Module):
-        compiled_with = None
+        compile_parts = ("encoder", "missing")
 
-        def compile_encoders(self, **kwargs):
-            self.compiled_with = kwargs
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(2, 2)
 
     class Plain(torch.nn.Module):
         def forward(self, x):
@@ -169,7 +170,8 @@ def test_run_compile_compiles_training_and_evaluation_and_is_not_protocol(phanto
     a, b = WithEncoders(), Plain()
     protocol.compile_method(a, {"compile": True})
     protocol.compile_method(b, {"compile": True})
-    assert a.compiled_with == {"dynamic": False} and "forward" in vars(b)
+    assert "forward" in vars(a.encoder) and "forward" not in vars(a) and "forward" in vars(b)
+    assert calls[-2:] == [{"dynamic": False}] * 2
     assert float(b(torch.zeros(()))) == 1.0
     c = Plain()
     protocol.compile_method(c, {"compile": False})

@@ -206,7 +206,7 @@ def test_unet3d_step_and_handover():
 
 
 def test_cli_pretrain_end_to_end(phantom_home, tmp_path):
-    from sslbench.backbones import build_model, load_backbone
+    from sslbench.models.backbones import build_model, load_backbone
 
     assert main(["pretrain", "--method", "simsiam", "--preset", "tiny", "--set", "method.pretrain.steps=2",
                  "--out", str(tmp_path)]) == 0

@@ -280,7 +280,7 @@ def test_training_steps_loss_falls_and_handover():
 
 
 def test_cli_pretrain_end_to_end(phantom_home, tmp_path):
-    from sslbench.backbones import build_model, load_backbone
+    from sslbench.models.backbones import build_model, load_backbone
 
     assert main(["pretrain", "--method", "swinunetr-ssl", "--preset", "tiny", "--set", "method.pretrain.steps=2",
                  "--set", "method.pretrain.batch_size=1", "--out", str(tmp_path)]) == 0

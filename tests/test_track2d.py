@@ -4,9 +4,9 @@ import torch
 
 from sslbench import recipes
 from sslbench.tasks import classification as classify
-from sslbench.backbones import load_backbone
+from sslbench.models.backbones import load_backbone
 from sslbench.errors import RecipeError
-from sslbench.unet2d import UNet2D, UNet2DClassifier, unet2d_config
+from sslbench.models.unet2d import UNet2D, UNet2DClassifier, unet2d_config
 
 CFG = {"name": "unet2d"}
 

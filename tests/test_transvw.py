@@ -12,7 +12,7 @@ import torch
 from methodkit import check_handover, closes_gap, tiny_method, train_steps
 from sslbench.cli import main
 from sslbench.errors import RecipeError
-from sslbench.methods import genesis as G
+from sslbench.methods.parts import perturbations as PT
 from sslbench.methods import transvw as T
 
 UNET = {"name": "basicunet", "feature_size": 12, "unet_features": [8, 16, 32, 64, 128, 8]}
@@ -263,10 +263,10 @@ def test_one_of_four_forms_are_the_named_functions():
         g = torch.Generator().manual_seed(seed)
         kind = torch.randint(0, 4, (6,), generator=g)
         if forms == "genesis":                                              # the earlier sslbench behaviour
-            variants = [G.local_pixel_shuffle(x, prob=1.0, generator=g), G.nonlinear_intensity(x, 1.0, g),
-                        G.paint(x, 1.0, 1.0, g), G.paint(x, 1.0, 0.0, g)]
+            variants = [PT.local_pixel_shuffle(x, prob=1.0, generator=g), PT.nonlinear_intensity(x, 1.0, g),
+                        PT.paint(x, 1.0, 1.0, g), PT.paint(x, 1.0, 0.0, g)]
         else:
-            variants = [T.transvw_local_shuffle(x, g), G.nonlinear_intensity(x, 1.0, g),
+            variants = [T.transvw_local_shuffle(x, g), PT.nonlinear_intensity(x, 1.0, g),
                         T.transvw_inpaint(x, g), T.transvw_outpaint(x, g)]
         return torch.stack([variants[int(k)][i] for i, k in enumerate(kind)]), kind
 
@@ -278,7 +278,7 @@ def test_one_of_four_forms_are_the_named_functions():
     assert torch.equal(default, T.one_of_four(x, torch.Generator().manual_seed(1), perturbations="transvw")[0])
     # TransVW shuffles 5 small blocks (sides <= 2, 2, 1 here); Models Genesis tiles most of the cube
     moved_transvw = (T.transvw_local_shuffle(x, torch.Generator().manual_seed(0)) != x).float().mean()
-    moved_genesis = (G.local_pixel_shuffle(x, 1.0, torch.Generator().manual_seed(0)) != x).float().mean()
+    moved_genesis = (PT.local_pixel_shuffle(x, 1.0, torch.Generator().manual_seed(0)) != x).float().mean()
     assert 0 < moved_transvw <= 5 * 2 * 2 * 1 / (28 * 28 * 14) and moved_genesis > 0.3
     with pytest.raises(ValueError, match="perturbations"):
         T.one_of_four(x, perturbations="mg")

@@ -1,4 +1,4 @@
-"""The original 3D U-Net of Models Genesis / TransVW / PCRL (``model.name=unet3d``, sslbench/unet3d.py).
+"""The original 3D U-Net of Models Genesis / TransVW / PCRL (``model.name=unet3d``, sslbench/models/unet3d.py).
 
 Shapes are the official network's (MrGiovanni/ModelsGenesis pytorch/unet3d.py, read 2026-12-02): the widths
 below are derived by hand from its ``_make_nConv`` (level d: 32*2^d then 32*2^(d+1); decoder: in + in/2 ->
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from sslbench import backbones as B
+from sslbench.models import backbones as B
 from sslbench.errors import RecipeError
-from sslbench.unet3d import BatchStatsNorm3d, UNet3D
+from sslbench.models.unet3d import BatchStatsNorm3d, UNet3D
 
 # (key, shape) of the official network at base 32, one class, hand-derived from the official file
 OFFICIAL_SHAPES = {

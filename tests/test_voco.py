@@ -14,11 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslbench.backbones import build_swinunetr, load_backbone
+from sslbench.models.backbones import build_swinunetr, load_backbone
 from sslbench.bench import bench_pretrain, phantom_volumes
 from sslbench.errors import RecipeError
 from methodkit import closes_gap
+from sslbench import speed
 from sslbench.methods import voco as V
+from sslbench.methods.parts import views as VW
+from sslbench.methods.parts.pooled_swin import PooledSwinEncoder
+from sslbench.speed import compile as SC
+from sslbench.speed import pooled_stem as PS
+from sslbench.speed.fast_swin import use_sdpa_window_attention
 
 MODEL = {"feature_size": 12, "use_v2": True}
 
@@ -28,7 +34,9 @@ def make(**kw) -> V.VoCo:
     params = dict(variant="paper", n=2, sw_batch_size=1, resize=[64, 64, 32], crop_size=32, augment=False,
                   head_dim=256)
     params.update(kw)
-    return V.VoCo(params, MODEL)
+    method = V.VoCo(params, MODEL)
+    speed.apply(method)                 # as the protocol does once it has built the method
+    return method
 
 
 # ------------------------------------------------------------------------------------------ crops, labels
@@ -134,13 +142,13 @@ def test_crop_and_resize_through_a_foreground_frame_of_a_ramp():
 
 def test_augment_crops_all_or_nothing():
     x = torch.rand(3, 1, 8, 8, 8)
-    assert torch.equal(V.augment_crops(x, p_flip=0, p_rot90=0, p_shift=0), x)
-    flipped = V.augment_crops(x, p_flip=1, p_rot90=0, p_shift=0)
+    assert torch.equal(VW.augment_crops(x, p_flip=0, p_rot90=0, p_shift=0), x)
+    flipped = VW.augment_crops(x, p_flip=1, p_rot90=0, p_shift=0)
     assert torch.equal(flipped, x.flip(2, 3, 4))
-    shifted = V.augment_crops(x, p_flip=0, p_rot90=0, p_shift=1, max_shift=0.1) - x
+    shifted = VW.augment_crops(x, p_flip=0, p_rot90=0, p_shift=1, max_shift=0.1) - x
     assert shifted.amax(dim=(1, 2, 3, 4)).sub(shifted.amin(dim=(1, 2, 3, 4))).abs().max() < 1e-6
     assert shifted.abs().max() <= 0.1 + 1e-6
-    rotated = V.augment_crops(x, p_flip=0, p_rot90=1, p_shift=0)
+    rotated = VW.augment_crops(x, p_flip=0, p_rot90=1, p_shift=0)
     for i in range(3):
         assert any(torch.equal(rotated[i], x[i].rot90(k, dims=(1, 2))) for k in (1, 2, 3))
 
@@ -233,13 +241,10 @@ def test_detach_bases_in_the_step():
     model = make(**{"lambda": 0.0})
     assert model.detach_bases is True                        # the paper variant's default
     rows = {}
-    encode = model._encode
 
-    def spy(backbone, head, x):
-        out = encode(backbone, head, x)
+    def spy(module, inputs, out):                            # the gradient reaching the head's output rows
         out.register_hook(lambda g: rows.__setitem__(model.detach_bases, g.detach().clone()))
-        return out
-    model._encode = spy
+    model.head.register_forward_hook(spy)
     for detach in (True, False):                             # one model, the same crops: only the key differs
         model.detach_bases = detach
         model.zero_grad(set_to_none=True)
@@ -285,7 +290,7 @@ def test_sdpa_window_attention_matches_monai(kernel):
     ref = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
     fast = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
     fast.load_state_dict(ref.state_dict())
-    assert V.use_sdpa_window_attention(fast, kernel=kernel) == 8
+    assert use_sdpa_window_attention(fast, kernel=kernel) == 8
     x = torch.rand(1, 1, 32, 32, 32, dtype=torch.float64)
     outs = [sum(h.square().mean() for h in net.swinViT(x)) for net in (ref, fast)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=0)
@@ -301,14 +306,14 @@ def test_single_channel_conv_as_matmul_equals_conv3d():
 
     torch.manual_seed(0)
     block = UnetrBasicBlock(3, 1, 12, 3, 1, "instance", res_block=True).double()
-    assert V.use_single_channel_convs(block) == 2           # the 3^3 conv1 and the 1^3 residual conv3
+    assert PS.use_single_channel_convs(block) == 2           # the 3^3 conv1 and the 1^3 residual conv3
     x = torch.rand(2, 1, 8, 9, 10, dtype=torch.float64)
     for conv, pad in ((block.layer.conv1.conv, 1), (block.layer.conv3.conv, 0)):
-        assert isinstance(conv, V._SingleChannelConv3d)
-        torch.testing.assert_close(V.conv_as_matmul(conv, x), F.conv3d(x, conv.weight, conv.bias, padding=pad),
+        assert isinstance(conv, PS._SingleChannelConv3d)
+        torch.testing.assert_close(PS.conv_as_matmul(conv, x), F.conv3d(x, conv.weight, conv.bias, padding=pad),
                                    rtol=1e-12, atol=1e-12)
     wide = UnetrBasicBlock(3, 2, 12, 3, 1, "instance", res_block=True)      # 2 input channels: untouched
-    assert V.use_single_channel_convs(wide) == 0
+    assert PS.use_single_channel_convs(wide) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path")
@@ -321,7 +326,7 @@ def test_single_channel_conv_on_cuda_matches_cudnn_with_gradients():
     (ref * g).sum().backward()
     ref_grad = conv.weight.grad.clone()
     conv.weight.grad = None
-    V.use_single_channel_convs(conv)
+    PS.use_single_channel_convs(conv)
     out = conv(x)
     (out * g).sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -536,7 +541,7 @@ def test_pooled_input_block_is_encoder1_pooled_with_gradients():
 
     torch.manual_seed(0)
     block = UnetrBasicBlock(3, 1, 12, 3, 1, "instance", res_block=True).double()
-    assert V._is_pooled_input_block(block)
+    assert PS.is_pooled_input_block(block)
     x = torch.rand(3, 1, 12, 10, 9, dtype=torch.float64) * 2 + 0.5
     x[0] = 0.7                            # a constant crop: only the zero padding gives conv1 any variance
     ref = block(x).mean(dim=(2, 3, 4))
@@ -544,7 +549,7 @@ def test_pooled_input_block_is_encoder1_pooled_with_gradients():
     (ref * weights).sum().backward()
     expected = {k: p.grad.clone() for k, p in block.named_parameters()}
     block.zero_grad()
-    out = V.pooled_input_block(block, x)
+    out = PS.pooled_input_block(block, x)
     (out * weights).sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for name, p in block.named_parameters():
@@ -555,13 +560,13 @@ def test_pooled_input_block_is_encoder1_pooled_with_gradients():
     odd = UnetResBlock(3, 1, 6, (3, 5, 1), 1, "instance",
                        act_name=("leakyrelu", {"negative_slope": 0.3, "inplace": True})).double()
     odd.norm1.eps, odd.norm2.eps, odd.norm3.eps = 1e-1, 1e-3, 3e-1
-    assert V._is_pooled_input_block(odd)
+    assert PS.is_pooled_input_block(odd)
     x = torch.rand(2, 1, 7, 9, 5, dtype=torch.float64)
-    torch.testing.assert_close(V.pooled_input_block(odd, x), odd(x).mean(dim=(2, 3, 4)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(PS.pooled_input_block(odd, x), odd(x).mean(dim=(2, 3, 4)), rtol=1e-10, atol=1e-12)
     # blocks of another kind do not qualify: two input channels, affine norms, dropout inside the convolutions
-    assert not V._is_pooled_input_block(UnetrBasicBlock(3, 2, 12, 3, 1, "instance", res_block=True))
-    assert not V._is_pooled_input_block(UnetrBasicBlock(3, 1, 12, 3, 1, ("instance", {"affine": True}), res_block=True))
-    assert not V._is_pooled_input_block(UnetResBlock(3, 1, 6, 3, 1, "instance", dropout=0.5))
+    assert not PS.is_pooled_input_block(UnetrBasicBlock(3, 2, 12, 3, 1, "instance", res_block=True))
+    assert not PS.is_pooled_input_block(UnetrBasicBlock(3, 1, 12, 3, 1, ("instance", {"affine": True}), res_block=True))
+    assert not PS.is_pooled_input_block(UnetResBlock(3, 1, 6, 3, 1, "instance", dropout=0.5))
 
 
 def test_pooled_input_block_in_bf16_stays_close_to_float64_on_offset_crops():
@@ -575,7 +580,7 @@ def test_pooled_input_block_in_bf16_stays_close_to_float64_on_offset_crops():
     exact = block.double()(x.double()).mean(dim=(2, 3, 4))
     block.float()
     with torch.autocast("cpu", torch.bfloat16):
-        fast = V.pooled_input_block(block, x).detach()
+        fast = PS.pooled_input_block(block, x).detach()
     assert fast.dtype == torch.float32
     for row in range(2):
         err = float((fast[row].double() - exact[row]).abs().max() / exact[row].abs().max())
@@ -587,7 +592,7 @@ def test_exact_moments_split_keeps_float32_products_exact():
     cols = torch.rand(2, 4096, 32) * 3 - 1
     exact = cols.double().transpose(1, 2) @ cols.double()
     for split in (False, True):
-        got = V._exact_moments(cols, torch.float32, split=split)
+        got = PS._exact_moments(cols, torch.float32, split=split)
         assert got.dtype == torch.float32 and got.shape == (2, 32, 32)
         torch.testing.assert_close(got.double(), exact, rtol=2e-5, atol=1e-3)
     # with the split, the products come from bf16 parts: still float32-close, where one bf16 copy is not
@@ -595,43 +600,46 @@ def test_exact_moments_split_keeps_float32_products_exact():
     assert float((one_copy.transpose(1, 2) @ one_copy - exact).abs().max()) > 1e-2
     # bf16 input: the moments of exactly those values
     b = cols.to(torch.bfloat16)
-    torch.testing.assert_close(V._exact_moments(b, torch.float32).double(), b.double().transpose(1, 2) @ b.double(),
+    torch.testing.assert_close(PS._exact_moments(b, torch.float32).double(), b.double().transpose(1, 2) @ b.double(),
                                rtol=2e-6, atol=1e-3)
 
 
 def test_teacher_student_backbone_uses_pooled_encoder1_with_the_same_features():
     torch.manual_seed(0)
     net = build_swinunetr({"name": "swinunetr", "feature_size": 12, "use_v2": True}).double()
-    backbone = V.VoCoBackbone(net, all_stages=True)
-    assert backbone.pooled_encoder1
+    backbone = PooledSwinEncoder(net, all_stages=True)
+    plain = copy.deepcopy(backbone)
+    assert PS.use_pooled_stems(backbone) == 1           # the speed layer's pooled encoder1
+    assert hasattr(backbone.encoder1, "pooled_forward") and not hasattr(plain.encoder1, "pooled_forward")
+    assert PS.use_pooled_stems(backbone) == 0           # once only
     x = torch.rand(2, 1, 64, 64, 64, dtype=torch.float64)
     calls = []
-    original = V.pooled_input_block
+    original = PS.pooled_input_block
 
     def spy(block, t):
         calls.append(block)
         return original(block, t)
-    V.pooled_input_block = spy
+    PS.pooled_input_block = spy
     try:
         fast = backbone(x)
     finally:
-        V.pooled_input_block = original
+        PS.pooled_input_block = original
     assert calls == [net.encoder1]                      # the pooled form ran, on encoder1
-    backbone.pooled_encoder1 = False
-    torch.testing.assert_close(fast, backbone(x), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast, plain(x), rtol=1e-9, atol=1e-12)
+    assert backbone.state_dict().keys() == plain.state_dict().keys()
     assert fast.shape == (2, 24 * 12)
 
 
 def test_channels_last_backbone_computes_swinunetrs_encoder_features():
-    """use_channels_last (what compile_encoders does) makes the convolutions channels-last (NDHWC, cuDNN's
+    """use_channels_last (what speed.compile_method does to compiled parts) makes the convolutions channels-last (NDHWC, cuDNN's
     bf16 layout) and the backbone still computes what MONAI's SwinUNETR computes in its own layout: the pooled
     encoder1..4 / encoder10 outputs."""
     torch.manual_seed(0)
     net = build_swinunetr({"name": "swinunetr", "feature_size": 12, "use_v2": True}).double()
     reference = copy.deepcopy(net)
-    backbone = V.VoCoBackbone(net, all_stages=True)
+    backbone = PooledSwinEncoder(net, all_stages=True)
     assert backbone.encoder2.layer.conv1.conv.weight.is_contiguous()      # eager: MONAI's layout
-    backbone.use_channels_last()
+    assert SC.use_channels_last(backbone) == 1
     weight = backbone.encoder2.layer.conv1.conv.weight
     assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
     assert backbone.swinViT.layers1c[0].layer.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
@@ -722,7 +730,7 @@ def test_compiled_features_are_judged_against_the_rounding_of_eager_bf16():
 def test_full_precision_switches_only_fused_kernels_and_restores_everything_after_an_error():
     """The fp32 reference context: inside, autocast and TF32 are off and fused attention runs as SDPA; after it,
     even when the body raised, every kernel, the matmul precision and cuDNN's TF32 flag are as before."""
-    from sslbench.fast_swin import full_precision
+    from sslbench.speed.fast_swin import full_precision
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     for m, kernel in zip(net, ("fused", "sdpa", "fused")):
@@ -751,13 +759,13 @@ def test_compile_agreement_under_autocast_measures_against_fp32(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     torch.manual_seed(0)
     method = make()                       # the paper variant at 32^3 (the teacher's check is the same loop)
-    method.compile_encoders()
+    speed.compile_method(method)
     volumes = phantom_volumes(1, (64, 64, 32), "cpu")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            diffs = method.compile_agreement(volumes)
+            diffs = speed.compile_agreement(method, volumes)
             assert torch.is_autocast_enabled("cpu")                 # the reference's autocast-off is undone
         assert torch.backends.cuda.matmul.allow_tf32 is True         # and its TF32 switch
     finally:
@@ -767,7 +775,7 @@ def test_compile_agreement_under_autocast_measures_against_fp32(monkeypatch):
     assert diffs["student_vs_fp32"] == diffs["student_eager_vs_fp32"]
     assert 1e-4 < diffs["student_eager_vs_fp32"] < 0.1, diffs
     with torch.no_grad():
-        diffs = method.compile_agreement(volumes)                    # no autocast: no reference computed
+        diffs = speed.compile_agreement(method, volumes)                    # no autocast: no reference computed
     assert set(diffs) == {"student"}
 
 
@@ -776,7 +784,8 @@ def test_bench_compile_check_draws_the_same_crops_and_catches_a_wrong_compiled_s
     function passes, one that scrambles the encoder's output is reported INVALID (exit status 1)."""
     import torch._inductor.config as inductor_config
 
-    from sslbench import bench, inductor
+    from sslbench import bench
+    from sslbench.speed import inductor
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     common = dict(device="cpu", feature_size=12, crop=32, batch=1, sw=1, n=2, steps=1, warmup=0, precision="fp32",
@@ -787,7 +796,7 @@ def test_bench_compile_check_draws_the_same_crops_and_catches_a_wrong_compiled_s
     check = out["compile_check"]
     assert check["rel_diff"] < 1e-6 and out["valid"] is True, check          # same crops, same weights
     assert check["loss_check_applies"] is True and check["feature_rel_diff"]["student"] < 1e-6
-    assert out["inductor_settings"] == {"comprehensive_padding": False}     # sslbench/inductor.py, recorded
+    assert out["inductor_settings"] == {"comprehensive_padding": False}     # sslbench/speed/inductor.py, recorded
 
     def scrambling(fn, **kw):
         return lambda x: fn(x).roll(1, 0)                                # crops' features shifted: wrong

@@ -1,4 +1,4 @@
-"""sslbench.window_attention: the fused Swin window attention against plain torch.
+"""sslbench.speed.window_attention: the fused Swin window attention against plain torch.
 
 The kernels run on CUDA + Triton (the GPU tests are skipped on CPU-only machines such as CI; they run on
 the device machine: ``python -m pytest tests/test_window_attention.py``). On a CPU their math is still
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from sslbench import window_attention as W
+from sslbench.speed import window_attention as W
 
 cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and W.triton is not None),
                                  reason="the fused kernel needs CUDA and Triton")
@@ -74,21 +74,20 @@ def test_reference_matches_monai_window_attention():
 def test_dispatch_falls_back_to_sdpa_off_cuda():
     from monai.networks.nets import SwinUNETR
 
-    from sslbench.fast_swin import _SDPAWindowAttention
-    from sslbench.methods import voco as V
+    from sslbench.speed.fast_swin import _SDPAWindowAttention, use_sdpa_window_attention
 
     torch.manual_seed(0)
     ref = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True)
     fused = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True)
     fused.load_state_dict(ref.state_dict())
-    V.use_sdpa_window_attention(fused, kernel="fused")
+    use_sdpa_window_attention(fused, kernel="fused")
     attn = next(m for m in fused.modules() if isinstance(m, _SDPAWindowAttention))
     x = torch.rand(1, 1, 32, 32, 32)
     assert attn.kernel == "fused" and not attn._fused_ok(torch.zeros(1, 343, 12))   # CPU: SDPA path
     with torch.no_grad():
         torch.testing.assert_close(fused.swinViT(x)[-1], ref.swinViT(x)[-1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="expected fused or sdpa"):
-        V.use_sdpa_window_attention(fused, kernel="flash")
+        use_sdpa_window_attention(fused, kernel="flash")
 
 
 def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkeypatch):
@@ -96,7 +95,7 @@ def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkey
     (training), SDPA without it (evaluation, a no-grad teacher); both give MONAI's values."""
     from monai.networks.nets import SwinUNETR
 
-    import sslbench.fast_swin as fs
+    import sslbench.speed.fast_swin as fs
 
     torch.manual_seed(0)
     ref = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).double()
@@ -153,14 +152,14 @@ def test_fused_swin_training_step_is_as_close_to_fp32_as_sdpa():
     fp32 SDPA reference no more than SDPA's own bf16 step does (up to a small factor)."""
     from monai.networks.nets import SwinUNETR
 
-    from sslbench.methods import voco as V
+    from sslbench.speed.fast_swin import use_sdpa_window_attention
 
     x = torch.rand(2, 1, 64, 64, 64, device="cuda")
     results = {}
     for name, kernel, bf16 in (("ref", "sdpa", False), ("sdpa", "sdpa", True), ("fused", "fused", True)):
         torch.manual_seed(0)
         net = SwinUNETR(in_channels=1, out_channels=1, feature_size=48, use_v2=True).cuda()
-        V.use_sdpa_window_attention(net.swinViT, kernel=kernel)
+        use_sdpa_window_attention(net.swinViT, kernel=kernel)
         with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
             y = sum(h.float().square().mean() for h in net.swinViT(x))
         y.backward()
@@ -192,18 +191,18 @@ def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
     graph, and every stage's compiled bf16 output is as close to the fp32 computation as the eager bf16 one
     (protocol.compiled_feature_problems, the judgement of VoCo's compile check): stages 1 and 2 at 64^3 have
     windows whose qkv rows are not 128-byte aligned, where torch 2.11's comprehensive padding gave wrong values
-    (0.78 and 0.40 from eager; sslbench/inductor.py). bf16 alone moves a stage's output by a few % of its
+    (0.78 and 0.40 from eager; sslbench/speed/inductor.py). bf16 alone moves a stage's output by a few % of its
     largest value (H100, 2026-11-27: 0.031 compiled-vs-eager at stage 3), so compiled-vs-eager is no bound."""
     from monai.networks.nets import SwinUNETR
 
-    from sslbench import inductor
-    from sslbench.fast_swin import full_precision
-    from sslbench.methods import voco as V
+    from sslbench.speed import inductor
+    from sslbench.speed.compile import max_relative_difference
+    from sslbench.speed.fast_swin import full_precision, use_sdpa_window_attention
     from sslbench.protocol import compiled_feature_problems
 
     torch.manual_seed(0)
     net = SwinUNETR(in_channels=1, out_channels=1, feature_size=48, use_v2=True).cuda()
-    V.use_sdpa_window_attention(net.swinViT, kernel="fused")
+    use_sdpa_window_attention(net.swinViT, kernel="fused")
     x = torch.rand(2, 1, 64, 64, 64, device="cuda")
 
     def f(t):
@@ -218,16 +217,16 @@ def test_compiled_swin_has_no_graph_breaks_and_matches_eager():
     assert explained.graph_break_count == 0, explained.break_reasons
     diffs = {}
     for stage, (c, e, r) in enumerate(zip(compiled, eager, reference)):
-        diffs[f"stage{stage}"] = V.max_relative_difference(c, e)
-        diffs[f"stage{stage}_vs_fp32"] = V.max_relative_difference(c, r)
-        diffs[f"stage{stage}_eager_vs_fp32"] = V.max_relative_difference(e, r)
+        diffs[f"stage{stage}"] = max_relative_difference(c, e)
+        diffs[f"stage{stage}_vs_fp32"] = max_relative_difference(c, r)
+        diffs[f"stage{stage}_eager_vs_fp32"] = max_relative_difference(e, r)
     assert compiled_feature_problems(diffs) == [], diffs
 
 
 _INTERPRETED = r"""
 import json, sys
 import torch
-from sslbench import window_attention as W
+from sslbench.speed import window_attention as W
 torch.manual_seed(0)
 rows = []
 # (windows, tokens, heads, head dim, windows per image or 0 = no mask, configs)
@@ -283,8 +282,8 @@ def test_run_attention_switches_swin_in_fine_tuning_networks(dims):
     MONAI's function (values and gradients; SDPA path on CPU) and keeps its state-dict keys."""
     from monai.networks.nets import SwinUNETR
 
-    from sslbench.backbones import build_basicunet, build_unet3d
-    from sslbench.fast_swin import _SDPAWindowAttention
+    from sslbench.models.backbones import build_basicunet, build_unet3d
+    from sslbench.speed.fast_swin import _SDPAWindowAttention
     from sslbench.protocol import use_run_attention
 
     torch.manual_seed(0)

@@ -18,12 +18,13 @@ REGISTRY: dict[str, str] = {
     "supervised-task": "sslbench.methods.supervised:Supervised",
 }
 
-#: the 2D track (issue 23, ChestX-ray14 on the ResNet-18 U-Net of sslbench/unet2d.py): name -> the method's 2D form
+#: the 2D track (issue 23, ChestX-ray14 on the ResNet-18 U-Net of sslbench/models/unet2d.py): name -> the method's
+#: 2D form (a class in the method's own file)
 REGISTRY_2D: dict[str, str] = {
     "c2l": "sslbench.methods.c2l:C2L",
-    "mg": "sslbench.methods.genesis2d:ModelsGenesis2D",
-    "voco": "sslbench.methods.voco2d:VoCo2D",
-    "simsiam": "sslbench.methods.simsiam2d:SimSiam2D",
+    "mg": "sslbench.methods.genesis:ModelsGenesis2D",
+    "voco": "sslbench.methods.voco:VoCo2D",
+    "simsiam": "sslbench.methods.simsiam:SimSiam2D",
 }
 
 

@@ -28,6 +28,15 @@ class PretrainMethod(nn.Module):
     #: ``params["num_classes"]`` from that task's classes. The method still never reads a task.
     needs_labels: bool = False
 
+    # What the runtime's speed layer (sslbench/speed, applied when a run asks) may act on; a method names its
+    # parts here and never imports that layer. Pooled encoders (``parts.pooled_swin``) expose their own stem.
+    #: attributes holding encoder copies trained by EMA only, never by autograd (VoCo's teacher)
+    teachers: tuple[str, ...] = ()
+    #: attributes of the submodules ``run.compile`` compiles one by one (empty: the whole ``forward``)
+    compile_parts: tuple[str, ...] = ()
+    #: report key -> attribute of the compiled encoders whose features are checked against eager (``encoder_inputs``)
+    feature_encoders: Mapping[str, str] = {}
+
     def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
         super().__init__()
         self.params = dict(params)
@@ -61,8 +70,13 @@ class PretrainMethod(nn.Module):
         """The corpus-level set-up from every corpus volume's feature [N, D], in corpus order (``streams_prepare``)."""
         raise NotImplementedError
 
+    def encoder_inputs(self, volumes: torch.Tensor) -> torch.Tensor:
+        """One step's input of the ``feature_encoders`` (e.g. VoCo's views) made from a batch of volumes."""
+        raise NotImplementedError
+
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """One training step's loss on a batch of volumes [B, 1, X, Y, Z] scaled to [0, 1]."""
+        """One training step's loss on a batch of volumes [B, 1, X, Y, Z] scaled to [0, 1] (a MONAI MetaTensor
+        batch: ``parts.tensors.plain_float`` gives the plain float tensor)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -78,8 +92,3 @@ class PretrainMethod(nn.Module):
         return {}
 
 
-@torch.no_grad()
-def momentum_update(key_params, query_params, m: float) -> None:
-    """param_k <- m param_k + (1 - m) param_q: the momentum (key / target) encoder of MoCo-style methods (PCRL's and
-    C2L's official ``moment_update``), one foreach kernel group; buffers stay the key encoder's own."""
-    torch._foreach_lerp_(list(key_params), list(query_params), 1.0 - m)

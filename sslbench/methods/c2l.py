@@ -1,4 +1,4 @@
-"""C2L: Comparing to Learn (Zhou et al., MICCAI 2020), 2D only, on the ResNet-18 encoder of sslbench/unet2d.py.
+"""C2L: Comparing to Learn (Zhou et al., MICCAI 2020), 2D only, on the ResNet-18 encoder of sslbench/models/unet2d.py.
 
 Read from the official code (funnyzhou/C2L_MICCAI2020, ``train_C2L_res18.py`` ``train_moco``, ``NCE/NCEAverage.py``
 ``MemoryC2L``, ``models/resnet_mixup.py``): a query encoder f_q (ResNet-18 -> average pool -> fc 512 -> 128) and a
@@ -14,7 +14,7 @@ where NCE(a, b) is the queue's InfoNCE, -log softmax([a.b, a.queue_1, ..., a.que
 L2-normalised (:func:`queue_logits`, :func:`info_nce`), and every one of the three comparisons then enqueues its
 keys (the official ``MemoryC2L.forward`` updates the queue inside each call, so the second and third see the
 keys the first pushed). Views: RandomResizedCrop(224, scale (0.2, 1)), RandomRotation(10), ColorJitter(0.4, 0.4,
-0.4, 0.4), RandomHorizontalFlip, Cutout(3 holes of 32 px at 224) (sslbench/methods/aug2d.py).
+0.4, 0.4), RandomHorizontalFlip, Cutout(3 holes of 32 px at 224) (sslbench/methods/parts/aug2d.py).
 
 Ledger of deviations (restoring keys where one exists):
 
@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..unet2d import build_encoder
-from . import aug2d
-from .base import PretrainMethod, momentum_update
+from ..models.unet2d import build_encoder
+from .base import PretrainMethod
+from .parts import aug2d
+from .parts.ema import momentum_update
 
 
 def queue_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:

@@ -7,7 +7,8 @@ github.com/MrGiovanni/ModelsGenesis (``pytorch/utils.py``, ``pytorch/config.py``
 A random sub-volume x of a CT volume (intensities in [0, 1]) goes through the paper's image
 transformations g(.) in this order (its Fig. 1; probabilities of the official ``config.py``):
 
-1. flip, applied to input AND target (``flip_pair``): "while u < 0.4 and at most 3 times: flip a random
+1. flip, applied to input AND target (``flip_pair``; the four are in sslbench/methods/parts/perturbations.py,
+   shared with the 2D form below, PCRL and TransVW): "while u < 0.4 and at most 3 times: flip a random
    axis" (``data_augmentation``);
 2. local pixel shuffling, p = 0.5 (``local_pixel_shuffle``);
 3. non-linear intensity transformation, p = 0.9: a Bezier map through (0,0), two random control points,
@@ -18,372 +19,26 @@ The full encoder-decoder network f restores the target:  L = MSE(sigmoid(f(g(x))
 restoration objective, an L2 distance between restored and original sub-volumes). Encoder and decoder
 are both transferred.
 
-Every transformation here is batched: each sample's random choices are drawn as tensors on the device
-and applied with masks, ``torch.where``, ``gather``/``scatter`` and one ``grid_sample``; nothing loops
-over samples. MONAI's ``RandCoarseShuffle`` / ``RandCoarseDropout`` are per-sample array transforms
-(one random draw per call, run on the loader's CPU), so they cannot transform a device batch with
-per-sample randomness; and neither matches the paper exactly (see the functions' docstrings).
+Every transformation is batched on the device (nothing loops over samples). The 2D form
+(``ModelsGenesis2D``, the ChestX-ray14 track of issue 23) is at the end of this file.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..backbones import SIZE_DIVISOR, build_model, is_transferable
 from ..errors import RecipeError
+from ..models.backbones import build_model, transferable_state
+from ..models.unet2d import UNet2D
 from .base import PretrainMethod
+from .parts.perturbations import GENESIS_DEFAULTS, MIN_PAINT_SIZE, genesis_views
+from .parts.tensors import plain_float
+from .parts.views import check_crop, crop_3d, random_crop_starts, size3
 
-#: the official ``config.py`` rates, paper order of application.
-GENESIS_DEFAULTS: dict[str, float] = {"flip_rate": 0.4, "local_rate": 0.5, "nonlinear_rate": 0.9,
-                                      "paint_rate": 0.9, "inpaint_rate": 0.2}
-#: backbones a restoration method can train (the whole encoder-decoder is needed).
-RESTORATION_MODELS = ("swinunetr", "unet3d", "basicunet")
-#: smallest spatial size the painting boxes fit in (out-painting windows keep 3 voxels off each border).
-MIN_PAINT_SIZE = 14
-#: samples of the Bezier curve's look-up table (the official uses 100,000 with np.interp; 1,000 with linear
-#: interpolation is within 1e-6 of it for these smooth cubic curves)
-BEZIER_POINTS = 1000
 #: corpus volume size when params.resize is not given
 DEFAULT_RESIZE = [192, 192, 128]
-
-
-# --------------------------------------------------------------------------------------------------
-# Random numbers as tensors
-# --------------------------------------------------------------------------------------------------
-
-def _device(x: torch.Tensor, generator: torch.Generator | None) -> torch.device:
-    """Where random tensors are drawn: the generator's device (it must match x's), else x's."""
-    return generator.device if generator is not None else x.device
-
-
-def randint_inclusive(low: torch.Tensor | int, high: torch.Tensor | int, shape: Sequence[int],
-                      generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Integers uniform in [low, high] (both inclusive, like Python's ``random.randint``), elementwise.
-
-    ``low`` / ``high`` may be tensors broadcastable to ``shape`` (per-sample bounds), as int64.
-    """
-    low_t = torch.as_tensor(low, device=device, dtype=torch.int64)
-    high_t = torch.as_tensor(high, device=device, dtype=torch.int64)
-    u = torch.rand(tuple(shape), generator=generator, device=device)
-    span = (high_t - low_t + 1).clamp_min(1)
-    return low_t + torch.minimum((u * span).long(), span - 1)
-
-
-def _where_sample(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample choice: a where mask[i] else b (mask [B], a / b [B, ...])."""
-    return torch.where(mask.view((-1,) + (1,) * (a.dim() - 1)), a, b)
-
-
-def _box_mask(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor,
-              shape: Sequence[int]) -> torch.Tensor:
-    """Union of the active boxes of each sample: bool [B, 1, *shape] (3D: [B, 1, X, Y, Z]; 2D: [B, 1, H, W]).
-
-    starts / sizes [B, k, d] in voxels (half-open boxes [start, start + size)), active [B, k].
-    """
-    nd = len(shape)
-    boxes = None
-    for axis, n in enumerate(shape):
-        ar = torch.arange(int(n), device=starts.device)
-        s, z = starts[..., axis, None], sizes[..., axis, None]
-        inside = (ar >= s) & (ar < s + z)                             # [B, k, n]
-        inside = inside.view(*inside.shape[:2], *([1] * axis), int(n), *([1] * (nd - 1 - axis)))
-        boxes = inside if boxes is None else boxes & inside
-    return (boxes & active.view(*active.shape, *([1] * nd))).any(dim=1, keepdim=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# The four transformations (the paper's non-linear transformation, local pixel shuffling,
-# out-painting and in-painting)
-# --------------------------------------------------------------------------------------------------
-
-def flip_pair(x: torch.Tensor, y: torch.Tensor, prob: float = 0.4,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random flips of input x and target y [B, C, X, Y, Z] (official ``data_augmentation``).
-
-    Official rule per sample: ``while random() < prob and count < 3: flip a random axis``. Batched: three
-    draws u_1..u_3 and three axes a_1..a_3 per sample; flip k happens iff u_1..u_k < prob; an axis chosen
-    an even number of times is not flipped, so each axis is flipped by its parity (one ``where`` per axis).
-    """
-    b, nd = x.shape[0], x.dim() - 2                                     # nd spatial axes (3; 2 in the 2D track)
-    dev = _device(x, generator)
-    u = torch.rand(b, 3, generator=generator, device=dev)
-    axes = torch.randint(0, nd, (b, 3), generator=generator, device=dev)
-    applied = (u < prob).long().cumprod(dim=1)                         # flip k only if flips 1..k-1 happened
-    counts = (F.one_hot(axes, nd) * applied[..., None]).sum(dim=1)     # [B, nd] times each axis is flipped
-    flip = (counts % 2 == 1).to(x.device)
-    for axis in range(nd):
-        x = _where_sample(flip[:, axis], x.flip(2 + axis), x)
-        y = _where_sample(flip[:, axis], y.flip(2 + axis), y)
-    return x, y
-
-
-def block_shuffle(x: torch.Tensor, block_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Randomly permute the voxels inside every block: x [B, C, X, Y, Z], block_ids int [B, X, Y, Z].
-
-    Voxels with the same id form one block (any shape); every channel gets the same permutation. Two
-    sorts of the flattened ids, one in raster order (stable) and one with random tie-breaks, list each
-    block's voxels at the same positions; scattering the second list's values onto the first's voxels
-    permutes every block within itself.
-    """
-    b, c = x.shape[:2]
-    ids = block_ids.reshape(b, -1).to(device=x.device, dtype=torch.int64)
-    n = ids.shape[1]
-    dev = _device(x, generator)
-    key = ids * (1 << 20) + torch.randint(0, 1 << 20, (b, n), generator=generator, device=dev).to(x.device)
-    order_random = torch.argsort(key, dim=1)
-    order_raster = torch.sort(ids, dim=1, stable=True).indices
-    flat = x.reshape(b, c, n)
-    values = flat.gather(2, order_random.unsqueeze(1).expand(b, c, n))
-    out = torch.empty_like(flat).scatter_(2, order_raster.unsqueeze(1).expand(b, c, n), values)
-    return out.view_as(x)
-
-
-def _slab_index(b: int, n: int, max_size: int, generator: torch.Generator | None,
-                device: torch.device) -> torch.Tensor:
-    """Per sample, cut an axis of n voxels into consecutive slabs of random widths 1..max_size: [B, n] slab ids."""
-    widths = randint_inclusive(1, max_size, (b, n), generator, device)
-    offset = randint_inclusive(0, widths[:, :1] - 1, (b, 1), generator, device)   # first slab is cut short
-    edges = widths.cumsum(dim=1) - offset
-    coords = torch.arange(n, device=device).expand(b, n).contiguous()
-    return torch.searchsorted(edges, coords, right=True)
-
-
-def local_pixel_shuffle(x: torch.Tensor, prob: float = 0.5, generator: torch.Generator | None = None,
-                        num_blocks: int = 10000) -> torch.Tensor:
-    """Local pixel shuffling (the paper's transformation of that name), with probability prob per sample.
-
-    Official (``local_pixel_shuffling``): 10,000 blocks of random side 1..dim//10 per axis at random
-    positions, each shuffled from the original image (later blocks overwrite earlier ones). Batched form:
-    each sample's volume is tiled by a rectilinear grid whose slab widths are random in 1..dim//10 per axis
-    (so block sides vary as in the official), and each tile is shuffled with probability
-    1 - exp(-num_blocks * E[block volume] / volume), the fraction of voxels that the official's
-    ``num_blocks`` random blocks cover (about 80% of a 64^3 cube); the other tiles stay as they are. Unlike
-    the official, shuffled blocks never overlap. MONAI's ``RandCoarseShuffle`` shuffles a few large holes
-    (not a dense tiling of tiny blocks) and draws once per call on the CPU, so it is not used.
-    """
-    b, _, *shape = x.shape
-    dev = _device(x, generator)
-    max_sides = [max(int(n) // 10, 1) for n in shape]
-    nd = len(shape)
-    slabs = [_slab_index(b, int(n), m, generator, dev) for n, m in zip(shape, max_sides)]
-    tiles = None                                   # mixed radix over the axes' slab ids: [B, *shape]
-    for axis, (n, sl) in enumerate(zip(shape, slabs)):
-        sl = sl.view(b, *([1] * axis), int(n), *([1] * (nd - 1 - axis)))
-        tiles = sl if tiles is None else tiles * (int(n) + 1) + sl
-    n_tiles = math.prod(int(n) + 1 for n in shape)
-    voxels = math.prod(shape)
-    mean_block = math.prod((m + 1) / 2 for m in max_sides)
-    coverage = 1.0 - math.exp(-num_blocks * mean_block / voxels)
-    chosen = torch.rand(b, n_tiles, generator=generator, device=dev) < coverage
-    chosen = chosen.gather(1, tiles.reshape(b, -1)).view_as(tiles)
-    raster = torch.arange(voxels, device=dev).view(1, *shape)
-    ids = torch.where(chosen, tiles, n_tiles + raster)                 # an unchosen voxel is its own block
-    shuffled = block_shuffle(x, ids.to(x.device), generator)
-    apply = (torch.rand(b, generator=generator, device=dev) < prob).to(x.device)
-    return _where_sample(apply, shuffled, x)
-
-
-
-def bezier_map(x: torch.Tensor, control: torch.Tensor, invert: torch.Tensor,
-               points: int = BEZIER_POINTS) -> torch.Tensor:
-    """The paper's non-linear transformation (a Bezier intensity map) of each sample of x [B, ...] in [0, 1].
-
-    The cubic Bezier curve P(t) = (1-t)^3 P0 + 3t(1-t)^2 P1 + 3t^2(1-t) P2 + t^3 P3 with P0 = (0, 0),
-    P1 = (control[:, 0], control[:, 1]), P2 = (control[:, 2], control[:, 3]), P3 = (1, 1) is sampled at
-    ``points`` values of t and used as a look-up table with linear interpolation (``np.interp`` in the
-    official ``nonlinear_transformation``, batched with ``searchsorted``). With control points in [0, 1]
-    the curve's x(t) and y(t) are non-decreasing, so the map is monotone with f(0) = 0, f(1) = 1.
-    ``invert`` [B] bool: the official "flip" pairs sorted x(t) with y(1 - t), i.e. the curve whose y
-    control values are reversed (1, y2, y1, 0): a decreasing map with f(0) = 1, f(1) = 0.
-    """
-    b = x.shape[0]
-    control = control.to(device=x.device, dtype=torch.float32)
-    t = torch.linspace(0.0, 1.0, points, device=x.device)
-    basis = torch.stack([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t ** 2 * (1 - t), t ** 3])    # [4, T]
-    zeros, ones = torch.zeros(b, device=x.device), torch.ones(b, device=x.device)
-    xs = torch.stack([zeros, control[:, 0], control[:, 2], ones], dim=1) @ basis                # [B, T]
-    y_up = torch.stack([zeros, control[:, 1], control[:, 3], ones], dim=1)
-    y_down = torch.stack([ones, control[:, 3], control[:, 1], zeros], dim=1)
-    ys = torch.where(invert.to(x.device).view(b, 1), y_down, y_up) @ basis                     # [B, T]
-    v = x.reshape(b, -1).float().contiguous()
-    hi = torch.searchsorted(xs.contiguous(), v).clamp(1, points - 1)
-    lo = hi - 1
-    x0, x1, y0, y1 = xs.gather(1, lo), xs.gather(1, hi), ys.gather(1, lo), ys.gather(1, hi)
-    w = ((v - x0) / (x1 - x0).clamp_min(1e-12)).clamp(0.0, 1.0)
-    return (y0 + w * (y1 - y0)).view_as(x).to(x.dtype)
-
-
-def nonlinear_intensity(x: torch.Tensor, prob: float = 0.9, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The paper's non-linear transformation with probability prob, per sample.
-
-    Two random control points (uniform in [0, 1]^2) and an inversion with probability 1/2 per sample, as
-    the official ``nonlinear_transformation``; the map itself is ``bezier_map`` (MONAI has no Bezier map).
-    """
-    b = x.shape[0]
-    dev = _device(x, generator)
-    control = torch.rand(b, 4, generator=generator, device=dev)
-    invert = torch.rand(b, generator=generator, device=dev) < 0.5
-    apply = (torch.rand(b, generator=generator, device=dev) < prob).to(x.device)
-    return _where_sample(apply, bezier_map(x, control, invert), x)
-
-
-def _painting_boxes(b: int, k: int, shape: Sequence[int], low: Sequence[int], high: Sequence[int],
-                    generator: torch.Generator | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """k boxes per sample with sides in [low, high] per axis, kept 3 voxels off the borders: (starts, sizes)."""
-    sizes = torch.stack([randint_inclusive(lo, hi, (b, k), generator, device) for lo, hi in zip(low, high)], -1)
-    dims = torch.tensor([int(n) for n in shape], device=device)
-    starts = randint_inclusive(3, dims - sizes - 3, (b, k, len(shape)), generator, device)
-    return starts, sizes
-
-
-def paint(x: torch.Tensor, prob: float = 0.9, inpaint_rate: float = 0.2,
-          generator: torch.Generator | None = None) -> torch.Tensor:
-    """The paper's in-painting or out-painting with probability prob, per sample.
-
-    In-painting (probability ``inpaint_rate``), official ``image_in_painting``: up to 5 boxes (another one
-    while u < 0.95) of side U{dim//6 .. dim//3} per axis, 3 voxels off the border, filled with uniform
-    noise. Out-painting, official ``image_out_painting``: the whole cube becomes uniform noise except 1 + up
-    to 4 boxes (another one while u < 0.95) of side dim - U{3 dim//7 .. 4 dim//7} where the original is
-    kept. Overlapping in-painting boxes share one noise volume, which leaves the union i.i.d. uniform as
-    the official's successive fills do. MONAI's ``RandCoarseDropout`` (fill with random values, or keep
-    only the holes with ``dropout_holes=False``) draws one set of holes per call on the CPU and has no
-    0.95-continuation rule; the batched masks here are what a device training step needs.
-    """
-    b, _, *shape = x.shape
-    if min(shape) < MIN_PAINT_SIZE:
-        raise ValueError(f"paint: every spatial size must be >= {MIN_PAINT_SIZE} voxels, got {tuple(shape)}")
-    dev = _device(x, generator)
-    n = [int(s) for s in shape]
-    in_starts, in_sizes = _painting_boxes(b, 5, n, [s // 6 for s in n], [s // 3 for s in n], generator, dev)
-    in_active = (torch.rand(b, 5, generator=generator, device=dev) < 0.95).long().cumprod(1).bool()
-    out_starts, out_sizes = _painting_boxes(b, 5, n, [s - 4 * s // 7 for s in n], [s - 3 * s // 7 for s in n],
-                                            generator, dev)
-    more = (torch.rand(b, 4, generator=generator, device=dev) < 0.95).long().cumprod(1).bool()
-    out_active = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), more], dim=1)
-    noise = torch.rand(x.shape, generator=generator, device=dev).to(device=x.device, dtype=x.dtype)
-    in_mask = _box_mask(in_starts, in_sizes, in_active, n).to(x.device)
-    keep_mask = _box_mask(out_starts, out_sizes, out_active, n).to(x.device)
-    inpainted = torch.where(in_mask, noise, x)
-    outpainted = torch.where(keep_mask, x, noise)
-    do_paint = (torch.rand(b, generator=generator, device=dev) < prob).to(x.device)
-    use_in = (torch.rand(b, generator=generator, device=dev) < inpaint_rate).to(x.device)
-    painted = _where_sample(use_in, inpainted, outpainted)
-    return _where_sample(do_paint, painted, x)
-
-
-def genesis_views(x: torch.Tensor, params: Mapping[str, Any] | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, target) of Models Genesis for sub-volumes x [B, C, X, Y, Z] in [0, 1] (official ``generate_pair``).
-
-    Order: flip (input and target) -> local pixel shuffling -> non-linear intensity -> in/out-painting.
-    Rates from ``params`` (``flip_rate``, ``local_rate``, ``nonlinear_rate``, ``paint_rate``,
-    ``inpaint_rate``), defaulting to the official ``config.py`` (GENESIS_DEFAULTS).
-    """
-    p = {**GENESIS_DEFAULTS, **{k: v for k, v in (params or {}).items() if k in GENESIS_DEFAULTS}}
-    inp, target = flip_pair(x, x, prob=float(p["flip_rate"]), generator=generator)
-    inp = local_pixel_shuffle(inp, prob=float(p["local_rate"]), generator=generator)
-    inp = nonlinear_intensity(inp, prob=float(p["nonlinear_rate"]), generator=generator)
-    inp = paint(inp, prob=float(p["paint_rate"]), inpaint_rate=float(p["inpaint_rate"]), generator=generator)
-    return inp, target
-
-
-# --------------------------------------------------------------------------------------------------
-# Sub-volume crops and the restoration network (shared with TransVW)
-# --------------------------------------------------------------------------------------------------
-
-def crop_3d(volumes: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor,
-            out_size: Sequence[int]) -> torch.Tensor:
-    """Cut one box per volume and resize it (trilinear) to out_size: Tensor[B, C, *out_size].
-
-    volumes [B, C, X, Y, Z]; starts / sizes [B, 3] in voxels (box [start, start + size) per axis). Output
-    voxel o of an axis reads voxel start + o * (size - 1) / (out - 1) (``align_corners=True``, as MONAI's
-    Resize after a SpatialCrop); a box of the output's size is therefore an exact crop. ONE grid_sample.
-    """
-    b, _, *shape = volumes.shape
-    starts = starts.to(device=volumes.device, dtype=torch.float32)
-    sizes = sizes.to(device=volumes.device, dtype=torch.float32)
-    coords = []
-    for axis, (n_in, n_out) in enumerate(zip(shape, out_size)):
-        t = torch.linspace(0.0, 1.0, int(n_out), device=volumes.device)
-        pos = starts[:, axis, None] + t * (sizes[:, axis, None] - 1)
-        coords.append(pos * (2.0 / max(int(n_in) - 1, 1)) - 1.0)              # [B, n_out]
-    ox, oy, oz = (int(s) for s in out_size)
-    gx = coords[0].view(b, ox, 1, 1).expand(b, ox, oy, oz)
-    gy = coords[1].view(b, 1, oy, 1).expand(b, ox, oy, oz)
-    gz = coords[2].view(b, 1, 1, oz).expand(b, ox, oy, oz)
-    # grid_sample's last grid axis is (W, H, D) = (z, y, x) of a [B, C, X, Y, Z] input
-    grid = torch.stack([gz, gy, gx], dim=-1).to(volumes.dtype)
-    return F.grid_sample(volumes, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
-def random_crop_starts(batch: int, size: Sequence[int], crop: Sequence[int],
-                       generator: torch.Generator | None = None,
-                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """Integer corners uniform in [0, size - crop] per axis: Tensor[batch, 3] (int64)."""
-    hi = torch.tensor([int(s) - int(c) for s, c in zip(size, crop)], device=device)
-    return randint_inclusive(0, hi, (batch, 3), generator, torch.device(device))
-
-
-def check_crop(method: str, model_name: str, crop: Sequence[int], resize: Sequence[int]) -> None:
-    """RecipeError unless the crop fits the corpus volume and the backbone's downsampling."""
-    if model_name not in RESTORATION_MODELS:
-        raise RecipeError(f"model.name: {model_name!r} for method {method}; expected one of "
-                          f"{', '.join(RESTORATION_MODELS)} (the restoration needs the whole encoder-decoder)")
-    if len(crop) != 3 or len(resize) != 3:
-        raise RecipeError(f"method.params.crop / resize for method {method}: expected 3 sizes each, got "
-                          f"{list(crop)} and {list(resize)}")
-    if any(c > r for c, r in zip(crop, resize)):
-        raise RecipeError(f"method.params.crop: {list(crop)} for method {method}; expected at most the corpus "
-                          f"volume size method.params.resize {list(resize)} on every axis")
-    if min(crop) < MIN_PAINT_SIZE:
-        raise RecipeError(f"method.params.crop: {list(crop)} for method {method}; expected >= {MIN_PAINT_SIZE} "
-                          f"voxels per axis (painting boxes keep 3 voxels off the borders)")
-    factor = SIZE_DIVISOR[model_name]
-    if any(c % factor for c in crop):
-        raise RecipeError(f"method.params.crop: {list(crop)} for method {method} with model {model_name}; expected "
-                          f"multiples of {factor}")
-    if model_name == "swinunetr" and math.prod(c // 32 for c in crop) < 2:
-        raise RecipeError(f"method.params.crop: {list(crop)} for method {method}; SwinUNETR's encoder10 "
-                          f"instance-normalises the 1/32-scale map, which needs >= 2 voxels (e.g. 64x32x32)")
-
-
-def build_restoration_net(model_cfg: Mapping[str, Any], attention: str = "fused") -> nn.Module:
-    """The fine-tuning network itself (1 input, 1 output channel), so its keys are the fine-tuning layout.
-
-    SwinUNETR's window attention is switched to VoCo's SDPA form (same parameters and keys) unless
-    ``attention == "monai"``.
-    """
-    net = build_model(model_cfg, in_channels=1, out_channels=1)
-    if str(model_cfg.get("name", "swinunetr")) == "swinunetr" and attention != "monai":
-        from .voco import use_sdpa_window_attention
-
-        use_sdpa_window_attention(net.swinViT, kernel=attention)
-    return net
-
-
-def transferable_state(net: nn.Module, model_name: str) -> dict[str, torch.Tensor]:
-    """Encoder + decoder tensors of ``net`` (its output layer excluded), fine-tuning key layout."""
-    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
-            if is_transferable(k, include_decoder=True, model_name=model_name)}
-
-
-def plain_float(volumes: torch.Tensor) -> torch.Tensor:
-    """A MONAI MetaTensor batch as a plain float tensor."""
-    if hasattr(volumes, "as_tensor"):
-        volumes = volumes.as_tensor()
-    return volumes if volumes.is_floating_point() else volumes.float()
-
-
-def _size3(value: Any, key: str, method: str) -> tuple[int, int, int]:
-    """A size given as one int or three: (x, y, z)."""
-    vals = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(vals) != 3 or any(int(v) != v or int(v) < 1 for v in vals):
-        raise RecipeError(f"method.params.{key}: {value!r} for method {method}; expected a positive int or 3 of them")
-    return tuple(int(v) for v in vals)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,8 +59,8 @@ class ModelsGenesis(PretrainMethod):
     def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
         p = self.params
-        self.resize = _size3(p.get("resize", DEFAULT_RESIZE), "resize", self.name)
-        self.crop = _size3(p.get("crop", [64, 64, 64]), "crop", self.name)
+        self.resize = size3(p.get("resize", DEFAULT_RESIZE), "resize", self.name)
+        self.crop = size3(p.get("crop", [64, 64, 64]), "crop", self.name)
         self.model_name = str(self.model_cfg.get("name", "swinunetr"))
         check_crop(self.name, self.model_name, self.crop, self.resize)
         for key in GENESIS_DEFAULTS:
@@ -413,11 +68,12 @@ class ModelsGenesis(PretrainMethod):
             if not 0.0 <= rate <= 1.0:
                 raise RecipeError(f"method.params.{key}: {rate} for method {self.name}; "
                                   f"expected a probability in [0, 1]")
-        self.net = build_restoration_net(self.model_cfg, str(p.get("attention", "fused")))
+        # the fine-tuning network itself (1 input, 1 output channel), so its keys are the fine-tuning layout
+        self.net = build_model(self.model_cfg, in_channels=1, out_channels=1)
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return _size3(params.get("resize", DEFAULT_RESIZE), "resize", "mg")
+        return size3(params.get("resize", DEFAULT_RESIZE), "resize", "mg")
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = plain_float(volumes)
@@ -436,3 +92,50 @@ class ModelsGenesis(PretrainMethod):
         """Encoder and decoder (SwinUNETR: swinViT, encoder*, decoder*; unet3d: down_tr*, up_tr*; basicunet: conv_0,
         down_*, upcat_*)."""
         return transferable_state(self.net, self.model_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The 2D form (ChestX-ray14 track, issue 23)
+# --------------------------------------------------------------------------------------------------
+# Models Genesis in 2D (the Table 4 row "MG"): restore a radiograph from its transformed copy with PCRL's
+# ResNet-18 U-Net (sslbench/models/unet2d.py), L = MSE(sigmoid(f(g(x))), x).
+#
+# The transformations g are the 3D method's own (``genesis_views``: flip of input and target,
+# local pixel shuffling, the Bezier non-linear intensity map, in-/out-painting, the official ``config.py`` rates),
+# which work on any number of spatial axes; here on the whole image [B, 1, H, W] (PCRL's 2D protocol trains on
+# whole 224 x 224 radiographs; no sub-crop).
+#
+# Ledger (2D form): the official Models Genesis code is 3D; its 2D form here keeps the 3D official rules per axis:
+# painting boxes of side dim//6..dim//3 (in) and dim - 4 dim//7 .. dim - 3 dim//7 (out), local shuffling blocks of
+# side 1..dim//10 with the official's 10,000 blocks' coverage (nearly every pixel at 224 x 224), flips of a random
+# axis while u < 0.4 (at most 3 times). No key restores another 2D rule. The optimiser rows of the 3D table apply.
+
+class ModelsGenesis2D(PretrainMethod):
+    name = "mg"
+    transfers_decoder = True
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        for key in GENESIS_DEFAULTS:
+            rate = float(self.params.get(key, GENESIS_DEFAULTS[key]))
+            if not 0.0 <= rate <= 1.0:
+                raise RecipeError(f"method.params.{key}: {rate} for method mg; expected a probability in [0, 1]")
+        self.net = UNet2D(model_cfg, in_channels=1, out_channels=1)
+
+    @staticmethod
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        return size[0] * size[1]
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = volumes.float()
+        if min(x.shape[2:]) < MIN_PAINT_SIZE:
+            raise ValueError(f"mg: images {list(x.shape[2:])} are smaller than {MIN_PAINT_SIZE} px (painting boxes)")
+        with torch.autocast(x.device.type, enabled=False):   # views in fp32 under the protocol's bf16
+            inp, target = genesis_views(x, self.params)
+        restored = torch.sigmoid(self.net(inp).float())
+        loss = F.mse_loss(restored, target)
+        return loss, {"mse": loss.detach()}
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The U-Net's encoder and decoder (``encoder.*``, ``decoder.*``; the output conv is not transferred)."""
+        return {k: v for k, v in self.net.state_dict().items() if k.startswith(("encoder.", "decoder."))}

@@ -57,10 +57,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..backbones import ENCODER_PREFIXES, build_model, vit_config
+from ..models.backbones import ATTENTIONS, ENCODER_PREFIXES, build_model, vit_config
 from ..errors import RecipeError
 from .base import PretrainMethod
-from .voco import ATTENTIONS, augment_crops, use_sdpa_window_attention
+from .parts.tensors import plain_float
+from .parts.views import augment_crops
 
 #: model.name -> form of masked modelling.
 FORMS = {"unetr": "mae", "swinunetr": "simmim"}
@@ -167,13 +168,6 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, voxel_mask: torch.Tensor
 # Networks
 # --------------------------------------------------------------------------------------------------
 
-def _use_sdpa(blocks: nn.Module) -> None:
-    """Switch MONAI self-attention blocks to their scaled_dot_product_attention path (same function)."""
-    for m in blocks.modules():
-        if hasattr(m, "use_flash_attention") and not getattr(m, "save_attn", False):
-            m.use_flash_attention = True
-
-
 def _sincos_table(grid: Sequence[int], dim: int) -> nn.Parameter:
     """MONAI's fixed 3D sin-cos position embedding [1, prod(grid), dim] (requires_grad False)."""
     from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
@@ -223,7 +217,7 @@ class MAEDecoder(nn.Module):
 class MAEViT(nn.Module):
     """UNETR's ``vit`` as MAE's encoder (visible patches only) + ``MAEDecoder``."""
 
-    def __init__(self, model_cfg: Mapping[str, Any], crop: Sequence[int], decoder: Mapping[str, Any], sdpa: bool):
+    def __init__(self, model_cfg: Mapping[str, Any], crop: Sequence[int], decoder: Mapping[str, Any]):
         super().__init__()
         v = vit_config(model_cfg)
         self.patch = v["patch_size"]
@@ -237,8 +231,6 @@ class MAEViT(nn.Module):
         self.decoder = MAEDecoder(v["hidden_size"], self.grid, self.patch ** 3,
                                   int(decoder.get("hidden_size", 384)), int(decoder.get("num_layers", 8)),
                                   int(decoder.get("num_heads", 12)), int(decoder.get("mlp_dim", 1536)))
-        if sdpa:
-            _use_sdpa(self)
 
     def encode(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Embed every patch (+ position), keep the visible ones, run the ViT blocks and its final norm."""
@@ -258,13 +250,11 @@ class SimMIMSwin(nn.Module):
     Holds the SwinUNETR itself as ``net`` (its state dict keys are SwinUNETR's under ``net.``).
     """
 
-    def __init__(self, model_cfg: Mapping[str, Any], sdpa: bool, kernel: str = "fused"):
+    def __init__(self, model_cfg: Mapping[str, Any]):
         super().__init__()
         from monai.networks.layers import trunc_normal_
 
         self.net = build_model(model_cfg, 1, 1)
-        if sdpa:
-            use_sdpa_window_attention(self.net.swinViT, kernel=kernel)
         embed_dim = int(self.net.swinViT.patch_embed.proj.out_channels)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1, 1))
         trunc_normal_(self.mask_token, mean=0.0, std=0.02, a=-2.0, b=2.0)
@@ -363,12 +353,11 @@ class MAE(PretrainMethod):
             raise RecipeError(f"method.params.{ratio_key}: {ratio} masks {self.n_masked} of {n_tokens} patches of "
                               f"crop {list(self.crop)}; expected at least one masked and one visible")
 
-        sdpa = attention != "monai"
         if self.form == "mae":
             self.norm_pix_loss = bool(p.get("norm_pix_loss", True))
-            self.model = MAEViT(self.model_cfg, self.crop, dict(p.get("decoder") or {}), sdpa)
+            self.model = MAEViT(self.model_cfg, self.crop, dict(p.get("decoder") or {}))
         else:
-            self.model = SimMIMSwin(self.model_cfg, sdpa, kernel=attention if sdpa else "sdpa")
+            self.model = SimMIMSwin(self.model_cfg)
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
@@ -401,10 +390,7 @@ class MAE(PretrainMethod):
         return masked_l1(pred, crops, voxel_mask), mask
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if hasattr(volumes, "as_tensor"):          # MONAI MetaTensor -> plain tensor
-            volumes = volumes.as_tensor()
-        if not volumes.is_floating_point():
-            volumes = volumes.float()
+        volumes = plain_float(volumes)
         crops = self.views(volumes)
         loss, mask = self.mae_loss(crops) if self.form == "mae" else self.simmim_loss(crops)
         return loss, {"loss": loss.detach(), "mask_ratio": mask.float().mean().detach()}

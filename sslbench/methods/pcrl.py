@@ -5,14 +5,14 @@
 * PCRL v2: Zhou, Lu, Chen, Yang, Yu. "A Unified Visual Information Preservation Framework for Self-supervised
   Pre-training in Medical Image Analysis", TPAMI 2023 (code: github.com/RL4M/PCRLv2, ``src/train_3d.py``).
 
-Both run on a fine-tuning network built by ``sslbench.backbones.build_model`` (``model.name`` swinunetr, the
+Both run on a fine-tuning network built by ``sslbench.models.backbones.build_model`` (``model.name`` swinunetr, the
 default, unet3d = the official 3D U-Net, or basicunet) and call its own submodules, so the weights handed over are in the fine-tuning layout.
 
 PCRL v1 (``PCRLv1``), per batch of B volumes:
 
 * views: two overlapping crops per volume (IoU > ``min_iou`` = 0.25, sizes and positions drawn on the device),
   resized to ``view_size`` with one ``grid_sample`` -> clean crops c1, c2; encoder inputs x = Models Genesis
-  local pixel shuffling + in/out-painting of c (``sslbench.methods.genesis``);
+  local pixel shuffling + in/out-painting of c (``sslbench.methods.parts.perturbations``);
 * transformation T = random flips of the three axes (p = 0.5 each) + rot90 by k in {0..3} in the x-y plane,
   coded as the 7-d one-hot a = [flip_x, flip_y, flip_z, onehot(k)] (the official ``spatial_aug``);
 * transformation-conditioned attention: g(a) = sigmoid(FC(ReLU(FC(a)))) gates the bottleneck channels
@@ -101,12 +101,14 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import (SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
-                         decoder_output, encoder_features, output_layer_name, upsampling_widths)
 from ..errors import RecipeError
-from .base import PretrainMethod, momentum_update
-from .genesis import local_pixel_shuffle, nonlinear_intensity, paint
-from .voco import _axis_coords, use_sdpa_window_attention
+from ..models.backbones import (ATTENTIONS, SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module,
+                                build_model, decoder_output, encoder_features, output_layer_name, upsampling_widths)
+from .base import PretrainMethod
+from .parts.ema import momentum_update
+from .parts.perturbations import local_pixel_shuffle, nonlinear_intensity, paint
+from .parts.tensors import plain_float
+from .parts.views import axis_coords
 
 FAMILIES = ("swinunetr", "unet3d", "basicunet")
 CONTRASTS = ("nce", "infonce")
@@ -206,9 +208,9 @@ def crop_and_resize_3d(volumes: torch.Tensor, boxes: torch.Tensor, out_size: Seq
     ox, oy, oz = (int(s) for s in out_size)
     k = boxes.shape[1]
     boxes = boxes.to(device=volumes.device, dtype=torch.float32)
-    gx = _axis_coords(boxes[..., 0], boxes[..., 3], ox, sx)[..., :, None, None]      # [B, k, ox, 1, 1]
-    gy = _axis_coords(boxes[..., 1], boxes[..., 4], oy, sy)[..., None, :, None]      # [B, k, 1, oy, 1]
-    gz = _axis_coords(boxes[..., 2], boxes[..., 5], oz, sz)[..., None, None, :]      # [B, k, 1, 1, oz]
+    gx = axis_coords(boxes[..., 0], boxes[..., 3], ox, sx)[..., :, None, None]      # [B, k, ox, 1, 1]
+    gy = axis_coords(boxes[..., 1], boxes[..., 4], oy, sy)[..., None, :, None]      # [B, k, 1, oy, 1]
+    gz = axis_coords(boxes[..., 2], boxes[..., 5], oz, sz)[..., None, None, :]      # [B, k, 1, 1, oz]
     # grid_sample's last grid axis is (W, H, D) = (z, y, x) of a [B, C, X, Y, Z] input
     grid = torch.stack(torch.broadcast_tensors(gz, gy, gx), dim=-1).reshape(b, k * ox, oy, oz, 3)
     out = F.grid_sample(volumes, grid.to(volumes.dtype), mode="bilinear", padding_mode="border",
@@ -477,7 +479,7 @@ class UNetEncoder(nn.Module):
     """The encoder of a ``build_model`` network under its own attribute names (its keys = fine-tuning keys).
 
     swinunetr: ``swinViT`` + ``encoder1..4`` + ``encoder10``; unet3d: ``down_tr64..512``; basicunet:
-    ``conv_0`` + ``down_1..4``. ``forward`` -> :func:`sslbench.backbones.encoder_features` (the bottleneck
+    ``conv_0`` + ``down_1..4``. ``forward`` -> :func:`sslbench.models.backbones.encoder_features` (the bottleneck
     last). ``bottleneck_only``: keep only the modules on the path input -> bottleneck (on swinunetr: swinViT and
     encoder10, without SwinUNETR's skip blocks encoder1..4).
     """
@@ -522,13 +524,6 @@ class UNetDecoder(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         return decoder_output(self, self.family, list(feats))
-
-
-def _build(model_cfg: Mapping[str, Any], family: str, attention: str) -> nn.Module:
-    net = build_model(model_cfg, in_channels=1, out_channels=1)
-    if family == "swinunetr" and attention != "monai":
-        use_sdpa_window_attention(net.swinViT, kernel=attention)
-    return net
 
 
 def _check_size(size: Sequence[int], family: str, key: str, method: str) -> tuple[int, int, int]:
@@ -584,12 +579,6 @@ def _bounds(params: Mapping[str, Any], key: str, default: Sequence[float], metho
     return lo, hi
 
 
-def _plain(volumes: torch.Tensor) -> torch.Tensor:
-    if hasattr(volumes, "as_tensor"):      # MONAI MetaTensor -> plain tensor
-        volumes = volumes.as_tensor()
-    return volumes if volumes.is_floating_point() else volumes.float()
-
-
 # --------------------------------------------------------------------------------------------------
 # PCRL v1
 # --------------------------------------------------------------------------------------------------
@@ -626,7 +615,7 @@ class PCRLv1(PretrainMethod):
         self.family = _family(self.model_cfg, self.name)
         self.contrast = _choice(p, "contrast", "nce", CONTRASTS, self.name)
         self.target = _choice(p, "target", "corrupted", TARGETS, self.name)
-        attention = _choice(p, "attention", "fused", ("fused", "sdpa", "monai"), self.name)
+        _choice(p, "attention", "fused", ATTENTIONS, self.name)   # the runtime applies it (sslbench/speed)
         self.view_size = _check_size(p.get("view_size", (96, 96, 64)), self.family, "view_size", self.name)
         if self.view_size[0] != self.view_size[1]:
             raise RecipeError(f"method.params.view_size: {list(self.view_size)} for method pcrlv1; expected X == Y "
@@ -641,7 +630,7 @@ class PCRLv1(PretrainMethod):
         self.inpaint_rate = float(p.get("inpaint_rate", 0.2))
         dim = int(p.get("dim", 128))
 
-        net = _build(self.model_cfg, self.family, attention)
+        net = build_model(self.model_cfg, in_channels=1, out_channels=1)
         self.encoder = UNetEncoder(net, self.family)
         self.decoder = UNetDecoder(net, self.family)
         self.out_layer = getattr(net, output_layer_name(self.family))
@@ -697,7 +686,7 @@ class PCRLv1(PretrainMethod):
         return loss
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = _plain(volumes)
+        volumes = plain_float(volumes)
         b = volumes.shape[0]
         dev = volumes.device
         v = self.make_views(volumes)
@@ -853,7 +842,7 @@ class PCRLv2(PretrainMethod):
         super().__init__(params, model_cfg)
         p = self.params
         self.family = _family(self.model_cfg, self.name)
-        attention = _choice(p, "attention", "fused", ("fused", "sdpa", "monai"), self.name)
+        _choice(p, "attention", "fused", ATTENTIONS, self.name)   # the runtime applies it (sslbench/speed)
         self.global_size = _check_size(p.get("global_size", (96, 96, 64)), self.family, "global_size", self.name)
         self.local_size = _check_size(p.get("local_size", (64, 64, 32)), self.family, "local_size", self.name)
         self.num_local = int(p.get("num_local", 6))
@@ -872,7 +861,7 @@ class PCRLv2(PretrainMethod):
         ds_head = _choice(p, "ds_head", "official", DS_HEADS, self.name)
         self.flip_axes = _flip_axes(p.get("flip_axes", [0]), self.name)
 
-        net = _build(self.model_cfg, self.family, attention)
+        net = build_model(self.model_cfg, in_channels=1, out_channels=1)
         # only the bottleneck path is trained (see the class docstring)
         self.encoder = UNetEncoder(net, self.family, bottleneck_only=True)
         norm = "instance" if self.family == "swinunetr" else "batch"
@@ -917,7 +906,7 @@ class PCRLv2(PretrainMethod):
         return flip_axes(x, random_axis_flips(x.shape[0], self.flip_axes, x.device))
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = _plain(volumes)
+        volumes = plain_float(volumes)
         b = volumes.shape[0]
         dev = volumes.device
         v = self.make_views(volumes)

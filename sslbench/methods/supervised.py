@@ -31,10 +31,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..backbones import SIZE_DIVISOR, build_model
 from ..errors import RecipeError
+from ..models.backbones import SIZE_DIVISOR, build_model, transferable_state
 from .base import PretrainMethod
-from .genesis import _size3, plain_float, random_crop_starts, transferable_state
+from .parts.tensors import plain_float
+from .parts.views import random_crop_starts, size3
 
 DEFAULT_RESIZE = (128, 128, 96)
 
@@ -75,8 +76,8 @@ class Supervised(PretrainMethod):
     def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
         p = self.params
-        self.resize = _size3(p.get("resize", DEFAULT_RESIZE), "resize", self.name)
-        self.crop = _size3(p.get("crop", [64, 64, 64]), "crop", self.name)
+        self.resize = size3(p.get("resize", DEFAULT_RESIZE), "resize", self.name)
+        self.crop = size3(p.get("crop", [64, 64, 64]), "crop", self.name)
         self.model_name = str(self.model_cfg.get("name", "swinunetr"))
         if self.model_name not in SIZE_DIVISOR or self.model_name == "unetr":
             raise RecipeError(f"model.name: {self.model_name!r} for method {self.name}; expected one of "
@@ -94,17 +95,13 @@ class Supervised(PretrainMethod):
                               f"corpus's class count (>= 2, background included), set by the protocol")
         self.num_classes = classes
         self.net = build_model(self.model_cfg, in_channels=1, out_channels=classes)
-        if self.model_name == "swinunetr" and str(p.get("attention", "fused")) != "monai":
-            from .voco import use_sdpa_window_attention
-
-            use_sdpa_window_attention(self.net.swinViT, kernel=str(p.get("attention", "fused")))
         from monai.losses import DiceCELoss
 
         self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return _size3(params.get("resize", DEFAULT_RESIZE), "resize", "supervised")
+        return size3(params.get("resize", DEFAULT_RESIZE), "resize", "supervised")
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = plain_float(volumes)

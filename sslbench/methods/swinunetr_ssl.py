@@ -62,11 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import build_swinunetr
+from ..models.backbones import ATTENTIONS, build_swinunetr
 from ..errors import RecipeError
 from . import dist
 from .base import PretrainMethod
-from .voco import ATTENTIONS, VoCoBackbone, use_sdpa_window_attention
+from .parts.pooled_swin import PooledSwinEncoder
+from .parts.tensors import plain_float
 
 #: official ``patch_rand_drop`` defaults: target fraction U(0, max_drop), box sides in
 #: [tolerance, max_block) of the crop side
@@ -304,11 +305,8 @@ class SwinUNETRSSL(PretrainMethod):
                             float(p.get("tolerance", TOLERANCE)))
         dim = 16 * int(self.model_cfg["feature_size"])
 
-        net = build_swinunetr(self.model_cfg)
-        if attention != "monai":
-            use_sdpa_window_attention(net.swinViT, kernel=attention)
         # swinViT + encoder1..4, encoder10 under SwinUNETR's names; only swinViT is trained (see module doc)
-        self.backbone = VoCoBackbone(net, all_stages=True)
+        self.backbone = PooledSwinEncoder(build_swinunetr(self.model_cfg), all_stages=True)
         for name, module in self.backbone.named_children():
             if name != "swinViT":
                 module.requires_grad_(False)
@@ -341,10 +339,7 @@ class SwinUNETRSSL(PretrainMethod):
         return {"inputs": inputs, "targets": targets, "rotations": torch.cat([r1, r2])}
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if hasattr(volumes, "as_tensor"):          # MONAI MetaTensor -> plain tensor
-            volumes = volumes.as_tensor()
-        if not volumes.is_floating_point():
-            volumes = volumes.float()
+        volumes = plain_float(volumes)
         views = self.make_views(volumes)
         n = views["inputs"].shape[0] // 2
         hs4 = self.backbone.swinViT(views["inputs"].contiguous())[4]        # [2N, 16fs, h, w, d], layer-normed

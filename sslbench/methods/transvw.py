@@ -36,7 +36,8 @@ Each sample gets exactly one of:
   U{1 .. dim//10} per axis, corner U{0 .. dim - side}, each block's voxels permuted from the unshuffled input,
   later blocks overwriting earlier ones where they overlap;
 * the non-linear (Bezier) intensity transformation (``nonlinear_transformation``): identical to Models
-  Genesis' (two uniform control points, inverted half the time), so genesis.py's ``nonlinear_intensity``;
+  Genesis' (two uniform control points, inverted half the time), so Models Genesis' ``nonlinear_intensity``
+  (sslbench/methods/parts/perturbations.py);
 * in-painting (``image_in_painting`` -> ``transvw_inpaint``): ONE box of side U{dim//6 .. dim//3}, corner
   U{3 .. dim - side - 3}, filled with uniform noise in [0, 1);
 * out-painting (``image_out_painting`` -> ``transvw_outpaint``): the whole cube becomes uniform noise in
@@ -70,8 +71,8 @@ which key, if any, gives the official behaviour):
   still drawing its own coordinate.
 * Perturbations: TransVW's own, the official behaviour, by default (``perturbations: transvw``, above).
   ``perturbations: genesis`` restores this module's earlier form: Models Genesis' local shuffling (10,000 blocks, as a tiling), in-painting (up to 5 boxes) and
-  out-painting (1 + up to 4 windows) from sslbench/methods/genesis.py, each applied with probability 1 in place
-  of TransVW's. Kept as an option for comparison with runs made before the TransVW forms were implemented.
+  out-painting (1 + up to 4 windows) from sslbench/methods/parts/perturbations.py, each applied with probability 1
+  in place of TransVW's. Kept as an option for comparison with runs made before the TransVW forms were implemented.
 * Local shuffling of an axis shorter than 10 voxels: block sides U{1 .. max(dim//10, 1)} (the official
   ``random.randint(1, 0)`` raises); no effect at the recipe crops (>= 14 voxels per axis, ``check_crop``),
   so no key.
@@ -96,11 +97,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import bottleneck_module
 from ..errors import RecipeError
+from ..models.backbones import bottleneck_module, build_model, transferable_state
 from .base import PretrainMethod
-from .genesis import (MIN_PAINT_SIZE, build_restoration_net, check_crop, crop_3d, local_pixel_shuffle,
-                      nonlinear_intensity, paint, plain_float, randint_inclusive, transferable_state)
+from .parts.perturbations import MIN_PAINT_SIZE, local_pixel_shuffle, nonlinear_intensity, paint, randint_inclusive
+from .parts.tensors import plain_float
+from .parts.views import check_crop, crop_3d
 
 #: official ``train.py`` / ``config.py`` defaults
 TRANSVW_DEFAULTS: dict[str, Any] = {
@@ -343,7 +345,7 @@ def one_of_four(x: torch.Tensor, generator: torch.Generator | None = None,
 
     0: local pixel shuffling, 1: non-linear intensity, 2: in-painting, 3: out-painting. ``perturbations``:
     ``transvw`` (TransVW's own forms: ``transvw_local_shuffle``, ``nonlinear_intensity``, ``transvw_inpaint``,
-    ``transvw_outpaint``) or ``genesis`` (Models Genesis' forms from genesis.py, each with probability 1).
+    ``transvw_outpaint``) or ``genesis`` (Models Genesis' forms from parts/perturbations.py, each with probability 1).
     Returns (perturbed x, kind [B] int64). All four are computed for the batch and one is kept per sample.
     """
     if perturbations not in PERTURBATIONS:
@@ -393,7 +395,7 @@ class ClassificationHead(nn.Module):
 
 def bottleneck(net: nn.Module, model_name: str) -> tuple[nn.Module, int]:
     """The module whose output is the encoder's bottleneck, and its channels
-    (:func:`sslbench.backbones.bottleneck_module`: SwinUNETR ``encoder10``, the 1/32-scale map; unet3d
+    (:func:`sslbench.models.backbones.bottleneck_module`: SwinUNETR ``encoder10``, the 1/32-scale map; unet3d
     ``down_tr512``, 1/8; basicunet ``down_4``, 1/16)."""
     return bottleneck_module(net, model_name)
 
@@ -443,7 +445,8 @@ class TransVW(PretrainMethod):
             raise RecipeError(f"method.params.perturbations: unknown value {p['perturbations']!r} for method "
                               f"{self.name}; expected one of {', '.join(PERTURBATIONS)}")
 
-        self.net = build_restoration_net(self.model_cfg, str(p["attention"]))
+        # the fine-tuning network itself (1 input, 1 output channel), so its keys are the fine-tuning layout
+        self.net = build_model(self.model_cfg, in_channels=1, out_channels=1)
         module, channels = bottleneck(self.net, self.model_name)
         self.head = ClassificationHead(channels, self.num_classes)
         self._bottleneck: torch.Tensor | None = None

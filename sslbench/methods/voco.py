@@ -87,42 +87,34 @@ BatchNorm therefore normalises over all of them, as the official code does), and
 matrix products. ``forward`` returns its logs as detached 0-dim tensors so that no host sync happens
 inside the step: call ``float()`` on them when logging.
 
-Window attention: MONAI's ``use_flash_attention=True`` (MONAI 1.6.1) only takes effect when autograd is
-off, so it cannot speed up training. ``params["attention"]`` picks what replaces it (sslbench/fast_swin.py,
-shared with the other methods and with fine-tuning); in every case each
-``WindowAttention`` of the backbone is switched to a subclass that computes the same function (relative
-position bias + shift mask, gradients to the bias table included) and the Swin LayerNorms return bf16
-under autocast (their outputs only feed Linears, which autocast casts to bf16 anyway):
-``"fused"`` (default) runs sslbench/window_attention.py, a Triton kernel that reads the bias table and
-the shift-mask region ids per window instead of materialising a (windows, heads, n, n) bias, in forward
-and backward (CUDA with Triton and a power-of-two head dim; otherwise SDPA on CUDA, MONAI's math on a CPU);
-``"sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernel) with the
-bias materialised; ``"monai"`` keeps MONAI's modules as they are (and turns on MONAI's own SDPA path for
-the no-grad teacher). Parameter names and the state-dict layout are unchanged. With the teacher-student
-variant encoder1 (the full-resolution residual block on the 1-channel crop, the costliest part of the step)
-is computed as ``pooled_input_block``: its two single-channel branches are linear in the crop, so their
-instance norms follow from the crop's 27 x 27 tap covariance, and only conv2's map is full size (same
-function and gradients; where a block does not qualify, its 1-channel convolutions run as a matmul over
-shifted copies on CUDA, ``conv_as_matmul``, which cuDNN does slowly). ``compile_encoders()`` wraps the
-backbones and heads in ``torch.compile``, each on its own (static shapes; the fused kernels are registered PyTorch
-operators, so a compiled block stays one graph; the SDPA form stays eager). Figures on an
-H100: BENCHMARKS.md, section "VoCo pre-training".
+Speed: none of it is here. The method computes on plain float tensors; the runtime's speed layer
+(sslbench/speed, applied when a run asks) computes the same functions faster: the Swin window attention that
+``params["attention"]`` names (``fused`` Triton kernels, ``sdpa``, or MONAI's own ``monai``, whose SDPA path then
+serves the no-grad teacher), encoder1 of the teacher-student backbone pooled from the crop's statistics, and
+``run.compile`` of the parts this class names (``compile_parts``) with channels-last backbones and a check of the
+compiled features against eager (``feature_encoders``, ``encoder_inputs``). Figures on an H100: BENCHMARKS.md,
+section "VoCo pre-training".
+
+The 2D form (``VoCo2D``, the ChestX-ray14 track of issue 23) is at the end of this file.
 """
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import inductor
-from ..backbones import build_swinunetr
 from ..errors import RecipeError
-from ..fast_swin import ATTENTIONS, full_precision, keep_sdpa_out_of_compile, use_sdpa_window_attention
+from ..models.backbones import ATTENTIONS, build_swinunetr
+from ..models.unet2d import build_encoder
 from .base import PretrainMethod
+from .parts import aug2d
+from .parts.ema import momentum_update
+from .parts.pooled_swin import PooledSwinEncoder
+from .parts.tensors import plain_float
+from .parts.views import augment_crops, axis_coords, axis_positions, grid_coords
 
 VARIANTS = ("paper", "teacher-student")
 #: ``params["pred_loss"]``: the official code's pos + neg split, or the paper's Eq. 3 as printed
@@ -206,25 +198,6 @@ def foreground_boxes(volumes: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.stack(lows + highs, dim=1).to(torch.float32)
 
 
-def _axis_positions(lo: torch.Tensor, hi: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Voxel positions of n_out samples over voxels lo .. hi - 1 (align_corners=True): [..., n_out]."""
-    if n_out > 1:
-        t = torch.linspace(0.0, 1.0, n_out, device=lo.device, dtype=torch.float32)
-    else:
-        t = torch.full((1,), 0.5, device=lo.device, dtype=torch.float32)
-    return lo.unsqueeze(-1) + t * (hi - 1 - lo).unsqueeze(-1)
-
-
-def _grid_coords(pos: torch.Tensor, n_in: int) -> torch.Tensor:
-    """Voxel positions of an axis of n_in voxels as grid_sample coordinates (align_corners=True)."""
-    return pos * (2.0 / (n_in - 1)) - 1.0 if n_in > 1 else torch.zeros_like(pos)
-
-
-def _axis_coords(lo: torch.Tensor, hi: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
-    """grid_sample coordinates (align_corners=True) of n_out samples over voxels lo .. hi - 1: [..., n_out]."""
-    return _grid_coords(_axis_positions(lo, hi, n_out), n_in)
-
-
 def _through_frame(pos: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor, n_in: int) -> torch.Tensor:
     """Positions in the frame [f0, f1) resized to n_in voxels (align_corners=True) as positions in the volume.
 
@@ -255,43 +228,22 @@ def crop_and_resize(volumes: torch.Tensor, boxes: torch.Tensor, out_size: int | 
     boxes = boxes.to(device=volumes.device, dtype=torch.float32)
     zero = torch.zeros((), device=volumes.device)
     if frame is None:
-        gx = _axis_coords(boxes[..., 0], boxes[..., 2], ox, sx)[..., :, None, None]      # [B, k, ox, 1, 1]
-        gy = _axis_coords(boxes[..., 1], boxes[..., 3], oy, sy)[..., None, :, None]      # [B, k, 1, oy, 1]
-        gz = _axis_coords(zero, zero + sz, oz, sz).view(1, 1, 1, 1, oz)                # [1, 1, 1, 1, oz]
+        gx = axis_coords(boxes[..., 0], boxes[..., 2], ox, sx)[..., :, None, None]      # [B, k, ox, 1, 1]
+        gy = axis_coords(boxes[..., 1], boxes[..., 3], oy, sy)[..., None, :, None]      # [B, k, 1, oy, 1]
+        gz = axis_coords(zero, zero + sz, oz, sz).view(1, 1, 1, 1, oz)                # [1, 1, 1, 1, oz]
     else:
         f = frame.to(device=volumes.device, dtype=torch.float32)
-        px = _through_frame(_axis_positions(boxes[..., 0], boxes[..., 2], ox), f[:, 0], f[:, 3], sx)
-        py = _through_frame(_axis_positions(boxes[..., 1], boxes[..., 3], oy), f[:, 1], f[:, 4], sy)
-        pz = _through_frame(_axis_positions(zero, zero + sz, oz).expand(b, oz), f[:, 2], f[:, 5], sz)
-        gx = _grid_coords(px, sx)[..., :, None, None]                                    # [B, k, ox, 1, 1]
-        gy = _grid_coords(py, sy)[..., None, :, None]                                    # [B, k, 1, oy, 1]
-        gz = _grid_coords(pz, sz).view(b, 1, 1, 1, oz)                                   # [B, 1, 1, 1, oz]
+        px = _through_frame(axis_positions(boxes[..., 0], boxes[..., 2], ox), f[:, 0], f[:, 3], sx)
+        py = _through_frame(axis_positions(boxes[..., 1], boxes[..., 3], oy), f[:, 1], f[:, 4], sy)
+        pz = _through_frame(axis_positions(zero, zero + sz, oz).expand(b, oz), f[:, 2], f[:, 5], sz)
+        gx = grid_coords(px, sx)[..., :, None, None]                                    # [B, k, ox, 1, 1]
+        gy = grid_coords(py, sy)[..., None, :, None]                                    # [B, k, 1, oy, 1]
+        gz = grid_coords(pz, sz).view(b, 1, 1, 1, oz)                                   # [B, 1, 1, 1, oz]
     # grid_sample's last grid axis is (W, H, D) = (z, y, x) of a [B, C, X, Y, Z] input
     grid = torch.stack(torch.broadcast_tensors(gz, gy, gx), dim=-1).reshape(b, k * ox, oy, oz, 3)
     out = F.grid_sample(volumes, grid.to(volumes.dtype), mode="bilinear", padding_mode="border",
                         align_corners=True)                                                # [B, C, k*ox, oy, oz]
     return out.view(b, c, k, ox, oy, oz).transpose(1, 2).contiguous()
-
-
-def augment_crops(x: torch.Tensor, generator: torch.Generator | None = None, p_flip: float = 0.2,
-                  p_rot90: float = 0.2, p_shift: float = 0.1, max_shift: float = 0.1) -> torch.Tensor:
-    """Independent random augmentation of each crop of x [N, C, X, Y, Z] (X == Y), batched.
-
-    The official per-crop chain: RandFlip p=0.2 on each spatial axis, RandRotate90 p=0.2 (k in 1..3, x-y
-    plane), RandShiftIntensity(offsets=0.1) p=0.1. Each choice is a torch.where over the whole batch.
-    """
-    n = x.shape[0]
-    u = torch.rand(n, 6, generator=generator, device=x.device)
-    rot_k = torch.randint(1, 4, (n,), generator=generator, device=x.device)
-    view = (n,) + (1,) * (x.dim() - 1)
-    for axis in range(3):
-        x = torch.where((u[:, axis] < p_flip).view(view), x.flip(2 + axis), x)
-    if x.shape[2] == x.shape[3]:
-        rotate = u[:, 3] < p_rot90
-        for kk in (1, 2, 3):
-            x = torch.where((rotate & (rot_k == kk)).view(view), x.rot90(kk, dims=(2, 3)), x)
-    shift = (u[:, 4] * 2 - 1) * max_shift * (u[:, 5] < p_shift)
-    return x + shift.view(view).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,174 +342,6 @@ def prediction_term(crops: torch.Tensor, bases: torch.Tensor, labels: torch.Tens
 # Networks
 # --------------------------------------------------------------------------------------------------
 
-class _SingleChannelConv3d(nn.Conv3d):
-    """nn.Conv3d with one input channel (stride 1, 'same' padding), computed on CUDA as one batched matrix
-    product over the k^3 shifted copies of the input (cuDNN picks a slow generic kernel for a 1-channel
-    3x3x3 convolution of 64^3 crops: 1.9 ms per call on an H200 against ~0.4 ms this way). Same parameters,
-    same function: out[c] = sum_ijk w[c, 0, i, j, k] * x_pad[. + (i, j, k)] (+ bias)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_as_matmul(self, x) if x.is_cuda else super().forward(x)
-
-
-def conv_as_matmul(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """A 1-input-channel, stride-1 nn.Conv3d applied to x [b, 1, d, h, w] as weight [C, k^3] @ shifted copies
-    [b, k^3, d*h*w] (under autocast, in its dtype, as the convolution would be)."""
-    kd, kh, kw = conv.kernel_size
-    pd, ph, pw = conv.padding
-    b, _, d, h, w = x.shape
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    xp = F.pad(x[:, 0], (pw, pw, ph, ph, pd, pd)) if (pd or ph or pw) else x[:, 0]
-    cols = torch.stack([xp[:, i:i + d, j:j + h, k:k + w] for i in range(kd) for j in range(kh) for k in range(kw)],
-                       dim=1).view(b, kd * kh * kw, d * h * w)
-    out = torch.matmul(conv.weight.view(conv.out_channels, -1).to(cols.dtype), cols)          # [b, C, d*h*w]
-    if conv.bias is not None:
-        out = out + conv.bias.to(out.dtype).view(1, -1, 1)
-    return out.view(b, conv.out_channels, d, h, w)
-
-
-def use_single_channel_convs(module: nn.Module) -> int:
-    """Switch every 1-input-channel, stride-1, 'same'-padded nn.Conv3d in ``module`` to
-    ``_SingleChannelConv3d`` (same parameters and keys); returns how many."""
-    count = 0
-    for m in module.modules():
-        if (type(m) is nn.Conv3d and m.in_channels == 1 and m.groups == 1 and tuple(m.stride) == (1, 1, 1)
-                and tuple(m.dilation) == (1, 1, 1) and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
-                and all(2 * p + 1 == k for p, k in zip(m.padding, m.kernel_size))):
-            m.__class__ = _SingleChannelConv3d
-            count += 1
-    return count
-
-
-def _is_pooled_input_block(block: nn.Module) -> bool:
-    """True for MONAI's UnetrBasicBlock / UnetResBlock on a 1-channel input as SwinUNETR's encoder1 builds it:
-    conv1 3^3 (stride 1, 'same' zero padding) and residual conv3 1^3, no biases, affine-free instance norms
-    without running statistics, LeakyReLU."""
-    layer = getattr(block, "layer", block)
-    try:
-        c1, c2, c3 = layer.conv1.conv, layer.conv2.conv, layer.conv3.conv
-        # MONAI's Convolution holds only the convolution here (an 'adn' child would add dropout / norm / act)
-        if any(set(dict(getattr(layer, f"conv{i}").named_children())) != {"conv"} for i in (1, 2, 3)):
-            return False
-        norms = (layer.norm1, layer.norm2, layer.norm3)
-        lrelu = layer.lrelu
-    except AttributeError:
-        return False
-    return (all(isinstance(c, nn.Conv3d) and c.bias is None and c.groups == 1 and tuple(c.stride) == (1, 1, 1)
-                and tuple(c.dilation) == (1, 1, 1) and c.padding_mode == "zeros" and isinstance(c.padding, tuple)
-                and all(2 * p + 1 == k for p, k in zip(c.padding, c.kernel_size)) for c in (c1, c2, c3))
-            and c1.in_channels == 1 and c3.in_channels == 1 and tuple(c3.kernel_size) == (1, 1, 1)
-            and all(type(nm) is nn.InstanceNorm3d and not nm.affine and not nm.track_running_stats for nm in norms)
-            and isinstance(lrelu, nn.LeakyReLU))
-
-
-def _exact_moments(cols: torch.Tensor, acc: torch.dtype, chunks: int = 64, split: bool | None = None) -> torch.Tensor:
-    """cols^T cols per batch entry, [N, S, K] -> [N, K, K] in ``acc``, summed over up to 64 chunks of S (one
-    batched product with enough blocks). TF32 does not round the products: bf16 / fp16 inputs are exact in
-    TF32, and an fp32 input on CUDA with TF32 on is split into two bf16 parts, hi + lo, which carry it to
-    ~2^-17 (the dropped lo * lo term is smaller still); ``split`` forces the choice."""
-    n, s, k = cols.shape
-    chunks = math.gcd(s, chunks)
-
-    def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = a.reshape(n * chunks, s // chunks, k).to(acc)
-        b = b.reshape(n * chunks, s // chunks, k).to(acc)
-        return (a.transpose(1, 2) @ b).view(n, chunks, k, k).sum(dim=1)
-
-    if split is None:
-        split = cols.dtype == torch.float32 and cols.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    if split:
-        hi = cols.to(torch.bfloat16)
-        lo = (cols - hi.float()).to(torch.bfloat16)
-        cross = gram(hi, lo)
-        return gram(hi, hi) + cross + cross.transpose(1, 2)
-    return gram(cols, cols)
-
-
-def pooled_input_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """block(x).mean over space for SwinUNETR's encoder1 (a MONAI residual block on the 1-channel crop),
-    computed without the full-size outputs of conv1, norm1, conv3 and norm3: Tensor[N, C] (float32).
-
-    The block is  out = lrelu(IN(conv2(lrelu(IN(conv1(x))))) + IN(conv3(x))),  IN = instance norm without
-    affine, conv1 3^3 and conv3 1^3 with one input channel and no bias. Both single-channel branches are
-    linear in x, so their instance norms follow from statistics of x alone (exact algebra, no approximation):
-
-    * conv1(x)_c = w_c . P(s), P = the k^3 shifted copies of the zero-padded crop [N, S, k^3]. With mu = mean_s P
-      and Sigma = Cov_s(P) (biased, per crop):  IN(conv1(x))_c = w_c . (P - mu) / sqrt(w_c^T Sigma w_c + eps),
-      i.e. a per-crop 1 -> C convolution with weights A[n, c] = w_c / sqrt(w_c^T Sigma_n w_c + eps) and bias
-      -A[n, c] . mu_n, applied as one batched matrix product that writes the map directly in channels-last order.
-    * IN(conv3(x))_c = w3_c (x - m) / sqrt(w3_c^2 var(x) + eps): a per-crop scale of the centred crop, fused into
-      the final addition instead of a C-channel map with its own statistics (var(x) = Sigma at the centre tap).
-
-    Only conv2's output (channels-last, so cuDNN needs no layout conversions) and its statistics remain full size.
-    The copies are centred by a per-crop constant (the mean of a strided sample: the algebra is exact for any
-    constant, which only keeps the bias small) and padded with columns of ones to 32 (aligned rows for the
-    tensor cores; one batched product then gives the sums of the taps too, and the bias rides in the weights).
-    The moments are accumulated in float32 (float64 for float64 input) from the very values the main product
-    reads (bf16 under autocast), unrounded by TF32 (``_exact_moments``); the variances
-    w^T Sigma w are elementwise sums (as a TF32 matrix product they came out negative on smooth crops: NaN).
-    Gradients reach conv1, conv2 and conv3 through the same algebra: the function and its gradients are the
-    block's up to rounding (``tests/test_voco.py`` checks both against MONAI's module in float64). Use
-    ``_is_pooled_input_block`` to see whether a block qualifies.
-    """
-    layer = getattr(block, "layer", block)
-    c1, c2, c3 = layer.conv1.conv, layer.conv2.conv, layer.conv3.conv
-    slope = float(layer.lrelu.negative_slope)
-    n, _, d, h, w = x.shape
-    s, ch = d * h * w, c1.out_channels
-    kd, kh, kw = c1.kernel_size
-    pd, ph, pw = c1.padding
-    taps = kd * kh * kw
-    width = -(-(taps + 1) // 8) * 8                       # taps + the ones column, rounded up to 8
-    centre = (kd // 2) * kh * kw + (kh // 2) * kw + kw // 2
-    dev = x.device.type
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else acc
-    with torch.autocast(dev, enabled=False):
-        xf = x[:, 0].to(acc)
-        shift = xf[:, ::4, ::4, ::4].mean(dim=(1, 2, 3), keepdim=True)                # any per-crop constant
-        xp = F.pad(xf, (pw, pw, ph, ph, pd, pd)) - shift                              # the padding becomes -shift
-        taps_view = xp.unfold(1, kd, 1).unfold(2, kh, 1).unfold(3, kw, 1)              # [N, d, h, w, kd, kh, kw]
-        cols = F.pad(taps_view.reshape(n, s, taps), (0, width - taps), value=1.0).to(cdt)   # [N, S, width]
-        moments = _exact_moments(cols, acc) / s                                       # [N, width, width]
-        mu = moments[:, :taps, taps]                                                  # [N, taps]
-        cov = moments[:, :taps, :taps] - mu.unsqueeze(2) * mu.unsqueeze(1)
-        w1 = c1.weight.view(ch, taps).to(acc)
-        # w^T Sigma w and the bias as elementwise sums, never a matrix product (TF32 would round them); a
-        # smooth crop makes Sigma nearly rank one, and an edge-like filter's variance is then a tiny difference
-        var1 = (w1.unsqueeze(-1) * cov.unsqueeze(1) * w1.unsqueeze(-2)).sum(dim=(-2, -1)).clamp_min(0)   # [N, C]
-        a1 = w1 * torch.rsqrt(var1 + layer.norm1.eps).unsqueeze(-1)                   # [N, C, taps]
-        b1 = -(a1 * mu.unsqueeze(1)).sum(dim=-1, keepdim=True)                        # [N, C, 1]
-        weights = torch.cat([a1, b1, a1.new_zeros(n, ch, width - taps - 1)], dim=-1)   # [N, C, width]: the
-        # columns past the taps are all ones: the first carries the bias, the rest meet zero weights
-        w3 = c3.weight.view(ch).to(acc)
-        a3 = w3 * torch.rsqrt(w3.square() * cov[:, centre, centre].unsqueeze(-1) + layer.norm3.eps)   # [N, C]
-        xc = xp[:, pd:pd + d, ph:ph + h, pw:pw + w] - mu[:, centre].view(n, 1, 1, 1)   # x - mean(x)
-    h1 = F.leaky_relu(cols @ weights.transpose(1, 2).to(cdt), slope)                 # [N, S, C] = channels-last
-    z = F.conv3d(h1.view(n, d, h, w, ch).permute(0, 4, 1, 2, 3), c2.weight.to(cdt), padding=c2.padding)
-    with torch.autocast(dev, enabled=False):
-        zf = z.to(acc)
-        var2, mean2 = torch.var_mean(zf, dim=(2, 3, 4), correction=0, keepdim=True)
-        out = (zf - mean2) * torch.rsqrt(var2 + layer.norm2.eps) + a3[:, :, None, None, None] * xc.unsqueeze(1)
-        return F.leaky_relu(out, slope).mean(dim=(2, 3, 4))
-
-
-def max_relative_difference(compiled: torch.Tensor, eager: torch.Tensor) -> float:
-    """max |compiled - eager| / max |eager| (NaN where ``compiled`` is not finite): how far a compiled
-    computation is from the eager one, relative to the eager output's scale."""
-    compiled, eager = compiled.detach().float(), eager.detach().float()
-    if not bool(torch.isfinite(compiled).all()):
-        return float("nan")
-    return float((compiled - eager).abs().max() / eager.abs().max().clamp_min(1e-12))
-
-
-def _plain_float(volumes: torch.Tensor) -> torch.Tensor:
-    """A MONAI MetaTensor as a plain tensor (cheaper, and it compiles), integer input as float."""
-    if hasattr(volumes, "as_tensor"):
-        volumes = volumes.as_tensor()
-    return volumes if volumes.is_floating_point() else volumes.float()
-
 
 class ProjectionHead(nn.Module):
     """in_dim -> hidden -> hidden -> out, BatchNorm1d(affine=False, track_running_stats=False) + ReLU
@@ -577,64 +361,6 @@ class ProjectionHead(nn.Module):
         return self.layer3(self.layer2(self.layer1(x)))
 
 
-class VoCoBackbone(nn.Module):
-    """The parts of a SwinUNETR that VoCo trains, under SwinUNETR's own attribute names.
-
-    ``all_stages=False``: ``swinViT`` only; features = pooled, layer-normed last stage (16fs).
-    ``all_stages=True``: also encoder1..4 and encoder10; features = pooled and concatenated
-    encoder1(x), encoder2(hs0), encoder3(hs1), encoder4(hs2), encoder10(hs4) (24fs); encoder1's pooled
-    output comes from ``pooled_input_block`` when the block qualifies (``pooled_encoder1``).
-    Its state_dict keys are SwinUNETR's (``swinViT.*``, ``encoder1.*``...).
-    """
-
-    def __init__(self, net: nn.Module, all_stages: bool):
-        super().__init__()
-        self.all_stages = all_stages
-        self.swinViT = net.swinViT
-        if all_stages:
-            self.encoder1, self.encoder2, self.encoder3 = net.encoder1, net.encoder2, net.encoder3
-            self.encoder4, self.encoder10 = net.encoder4, net.encoder10
-        # encoder1's pooled output without its full-size 1-channel branches (same function; pooled_input_block)
-        self.pooled_encoder1 = all_stages and _is_pooled_input_block(net.encoder1)
-        self.memory_format = torch.contiguous_format    # of the maps between stages (``use_channels_last``)
-
-    def use_channels_last(self) -> None:
-        """Convolution weights and the maps between stages channels-last (NDHWC). The Swin stages produce their
-        maps channels-last anyway and cuDNN's bf16 3D convolutions run on NDHWC, so in the NCDHW layout every
-        convolution converted its input, weight and output: 6.9 of 142.7 ms of the compiled teacher-student
-        step (H100, 2026-11-27; 149.8 -> 141.9 ms a step with this). Done for compiled encoders only
-        (``VoCo.compile_encoders``): the eager step measured no faster with it (8.16 volumes/s against 8.25
-        without, same peak memory, H100), so eager runs keep MONAI's layout. Only for ``all_stages`` (the
-        teacher-student backbone, where it was measured): the paper variant's swinViT-only backbone has few
-        convolutions, and its eager step ran slower channels-last (16.77 against 18.52 volumes/s, two H100
-        machines); its compiled step was not measured either way, so it keeps NCDHW. Same function; the state
-        dict's values are unchanged."""
-        if not self.all_stages:
-            return
-        self.to(memory_format=torch.channels_last_3d)
-        self.memory_format = torch.channels_last_3d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SwinTransformer.forward, minus the layer norms of stage outputs that are not used
-        swin = self.swinViT
-        h = swin.pos_drop(swin.patch_embed(x))
-        stages = [h]
-        for i in range(1, 5):
-            if swin.use_v2:
-                h = getattr(swin, f"layers{i}c")[0](h.contiguous(memory_format=self.memory_format))
-            h = getattr(swin, f"layers{i}")[0](h.contiguous(memory_format=self.memory_format))
-            stages.append(h)
-
-        def hs(i: int) -> torch.Tensor:
-            return swin.proj_out(stages[i], True)
-
-        if not self.all_stages:
-            return hs(4).mean(dim=(2, 3, 4))
-        enc1 = pooled_input_block(self.encoder1, x) if self.pooled_encoder1 else self.encoder1(x).mean(dim=(2, 3, 4))
-        encs = (self.encoder2(hs(0)), self.encoder3(hs(1)), self.encoder4(hs(2)), self.encoder10(hs(4)))
-        return torch.cat([enc1] + [e.mean(dim=(2, 3, 4)) for e in encs], dim=1)
-
-
 # --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
@@ -650,6 +376,11 @@ class VoCo(PretrainMethod):
 
     name = "voco"
     transfers_decoder = False
+    #: what the runtime's speed layer may act on (sslbench/speed): the EMA teacher, the parts compiled one by one
+    #: (crops and losses stay eager), and the encoders whose compiled features are checked against eager
+    teachers = ("teacher",)
+    compile_parts = ("backbone", "head", "teacher", "teacher_head")
+    feature_encoders = {"student": "backbone", "teacher": "teacher"}
 
     def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
@@ -695,86 +426,24 @@ class VoCo(PretrainMethod):
         head_dim = int(p.get("head_dim", 2048))
         fs = int(self.model_cfg["feature_size"])
 
-        net = build_swinunetr(self.model_cfg)
-        if attention != "monai":
-            use_sdpa_window_attention(net.swinViT, kernel=attention)
         teacher_student = self.variant == "teacher-student"
-        self.backbone = VoCoBackbone(net, all_stages=teacher_student)   # SwinUNETR's decoder is dropped
-        if teacher_student and not self.backbone.pooled_encoder1:
-            use_single_channel_convs(self.backbone.encoder1)   # its 3^3 and 1^3 convolutions of the 1-channel crop
+        # SwinUNETR's decoder is dropped
+        self.backbone = PooledSwinEncoder(build_swinunetr(self.model_cfg), all_stages=teacher_student)
         self.head = ProjectionHead((24 if teacher_student else 16) * fs, head_dim, head_dim)
-        self.teacher: VoCoBackbone | None = None
+        self.teacher: PooledSwinEncoder | None = None
         self.teacher_head: ProjectionHead | None = None
         if teacher_student:
             self.teacher = copy.deepcopy(self.backbone).requires_grad_(False)
             self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
-            if attention == "monai":
-                for m in self.teacher.modules():
-                    if hasattr(m, "use_flash_attention"):
-                        m.use_flash_attention = True   # MONAI's SDPA path: only used without autograd
-        # torch.compile'd forwards of backbone / head / teacher / teacher_head (compile_encoders); absent: eager
-        self._compiled: dict[str, Any] = {}
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
         return tuple(int(s) for s in params["resize"])
 
-    def compile_encoders(self, **kwargs: Any) -> None:
-        """torch.compile the backbones and heads (static shapes), each on its own: crops and losses stay eager,
-        and ``compile_agreement`` can compare a compiled backbone with the eager one (no head's batch norm
-        between them to amplify rounding). The backbones go channels-last first (``use_channels_last``):
-        call this before the optimizer holds state, or align it (``protocol.align_optimizer_state``)."""
-        self.use_channels_last()
-        keep_sdpa_out_of_compile(self)
-        # static shapes (inductor.compile's default): the stages call the same block code with four shapes,
-        # each its own entry in Dynamo's cache, where automatic dynamic shapes would recompile symbolically
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # bound methods in a plain dict: a compiled module stored as an attribute would join the state dict
-        self._compiled = {name: inductor.compile(getattr(self, name).forward, **kwargs)
-                          for name in ("backbone", "head", "teacher", "teacher_head") if getattr(self, name) is not None}
-
-    def use_channels_last(self) -> None:
-        """The student's and the teacher's backbones channels-last (``VoCoBackbone.use_channels_last``)."""
-        for net in (self.backbone, self.teacher):
-            if net is not None:
-                net.use_channels_last()
-
-    def _encode(self, backbone: str, head: str, x: torch.Tensor) -> torch.Tensor:
-        """head(backbone(x)), each through its compiled form where ``compile_encoders`` made one."""
-        run_backbone = self._compiled.get(backbone) or getattr(self, backbone)
-        run_head = self._compiled.get(head) or getattr(self, head)
-        return run_head(run_backbone(x))
-
-    def compile_agreement(self, volumes: torch.Tensor) -> dict[str, float]:
-        """After ``compile_encoders``: how far the compiled backbones' features are from the eager ones (student,
-        and teacher without autograd as in training) on one batch of views of ``volumes``, under the caller's
-        autocast and random state. Keys ``student`` / ``teacher``: max |compiled - eager| / max |eager| (NaN
-        where the compiled features are not finite). Under autocast also, against the same eager backbone
-        computed in full fp32 (``fast_swin.full_precision``): ``<key>_vs_fp32`` for the compiled features and
-        ``<key>_eager_vs_fp32`` for the eager ones, i.e. the rounding that low precision alone costs
-        (``protocol.compiled_feature_problems`` judges them). {} when nothing is compiled."""
-        if not self._compiled:
-            return {}
-        views, _ = self.make_views(_plain_float(volumes))
-        low_precision = torch.is_autocast_enabled(views.device.type)
-        out: dict[str, float] = {}
-        for name in ("backbone", "teacher"):
-            if name not in self._compiled:
-                continue
-            net = getattr(self, name)
-            with torch.set_grad_enabled(name == "backbone"):
-                eager = net(views).detach()           # no graphs kept while the fp32 reference runs
-                compiled = self._compiled[name](views).detach()
-            key = "student" if name == "backbone" else "teacher"
-            out[key] = max_relative_difference(compiled, eager)
-            if low_precision:
-                with torch.no_grad(), full_precision(net):
-                    reference = net(views.float())
-                out[f"{key}_vs_fp32"] = max_relative_difference(compiled, reference)
-                out[f"{key}_eager_vs_fp32"] = max_relative_difference(eager, reference)
-        return out
+    def encoder_inputs(self, volumes: torch.Tensor) -> torch.Tensor:
+        """The backbones' input of one step: every view of ``volumes`` (``make_views``), for the runtime's check of
+        compiled encoders against eager."""
+        return self.make_views(plain_float(volumes))[0]
 
     def make_views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All crops of a batch: (views [B*k + B*n*n, C, s, s, s], labels [B, k, n*n]).
@@ -797,18 +466,18 @@ class VoCo(PretrainMethod):
         return views, labels
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = _plain_float(volumes)
+        volumes = plain_float(volumes)
         b = volumes.shape[0]
         k, nn_ = self.sw_batch_size, self.n * self.n
         views, labels = self.make_views(volumes)
 
-        feats = self._encode("backbone", "head", views).float()
+        feats = self.head(self.backbone(views)).float()
         crops_s, bases_s = feats[: b * k].view(b, k, -1), feats[b * k:].view(b, nn_, -1)
         reg = regularization_loss(bases_s)
         crops_t = bases_t = None
         if self.teacher is not None:
             with torch.no_grad():
-                feats_t = self._encode("teacher", "teacher_head", views).float()
+                feats_t = self.teacher_head(self.teacher(views)).float()
             crops_t, bases_t = feats_t[: b * k].view(b, k, -1), feats_t[b * k:].view(b, nn_, -1)
         pred, logits, logs = prediction_term(crops_s, bases_s, labels, self.detach_bases, self.pred_loss,
                                              self.positive, crops_t, bases_t)
@@ -819,16 +488,16 @@ class VoCo(PretrainMethod):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """EMA teacher update param_t = m param_t + (1 - m) param_s, one foreach kernel group."""
+        """EMA teacher update param_t = m param_t + (1 - m) param_s (``momentum_update``)."""
         if self.teacher is None:
             return
         teacher = list(self.teacher.parameters()) + list(self.teacher_head.parameters())
         student = list(self.backbone.parameters()) + list(self.head.parameters())
-        torch._foreach_lerp_(teacher, student, 1.0 - self.ema_momentum)
+        momentum_update(teacher, student, self.ema_momentum)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """swinViT.* (paper), plus encoder1..4 and encoder10 (teacher-student), SwinUNETR's key layout."""
-        # contiguous: the file has one layout whether or not the run compiled (use_channels_last)
+        # contiguous: the file has one layout whether or not the run compiled (channels-last backbones)
         return {k: v.detach().cpu().contiguous().clone() for k, v in self.backbone.state_dict().items()}
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
@@ -837,3 +506,108 @@ class VoCo(PretrainMethod):
             out.update({f"teacher_head.{k}": v.detach().cpu().clone()
                         for k, v in self.teacher_head.state_dict().items()})
         return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The 2D form (ChestX-ray14 track, issue 23)
+# --------------------------------------------------------------------------------------------------
+# VoCo-2D: VoCo's position priors on a 2D grid of base crops (the VoCo supplement's Table 4 row, Sec. 3.2).
+#
+# VoCo publishes no 2D code; the supplement reports a ChestX-ray14 result and says the position priors hold in 2D
+# images too. sslbench's 2D form keeps every equation of the 3D method (above: it calls the same pure
+# functions) and changes only the geometry:
+#
+# * bases: the image (H x W) cut into an n x n grid (``base_crop_boxes`` over rows x columns);
+#   random crops: k per image, of the bases' size, integer centres ~ U[half, side - half) (``random_crop_boxes``)
+# * position labels: y_{k,j} = |crop_k intersect base_j| / |base_j|, areas in pixels (``position_labels``)
+# * every crop resized to ``crop_size`` x ``crop_size`` (bilinear, :func:`crop_images`), augmented on its own
+#   (flip of each axis p 0.2, rot90 p 0.2, intensity shift U(-0.1, 0.1) p 0.1: the 3D chain restricted to 2D)
+# * features: the ResNet-18 encoder's last map pooled -> VoCo's projection MLP 512 -> head_dim -> head_dim -> head_dim
+# * L = L_pred + lambda L_reg: L_pred the official pos + neg form with w = 1[y > 0] and sg(bases) (VoCo's paper
+#   variant, ``prediction_term``), L_reg = mean_{i<j} ReLU(cos(b_i, sg(b_j)))^2 (``regularization_loss``)
+#
+# Ledger (deviations from the 3D official code, none restorable by a key unless said): 2D geometry as above; the
+# backbone is PCRL's ResNet-18 U-Net encoder (Table 4's protocol), not SwinUNETR; no foreground crop (radiographs
+# fill the frame); only the paper variant (no teacher-student); ``params.pred_loss: eq3`` gives the paper's Eq. 3.
+
+def crop_images(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops of ``images`` [B, C, H, W] at ``boxes`` [B, m, 4] = (r0, c0, r1, c1) in pixels (half-open), each
+    resized to size x size by bilinear sampling of exactly that area: [B, m, C, size, size]."""
+    b, m = boxes.shape[:2]
+    hgt, wid = images.shape[-2:]
+    r0, c0, r1, c1 = boxes.reshape(-1, 4).to(images.dtype).unbind(-1)
+    cx, cy = (c0 + c1) / wid - 1, (r0 + r1) / hgt - 1          # box centres in normalised (column, row) coords
+    w, h = (c1 - c0) / wid, (r1 - r0) / hgt                      # half-sizes as fractions of the half-side
+    theta = aug2d.affine_theta(cx, cy, w, h, torch.zeros_like(cx), torch.zeros_like(cx, dtype=torch.bool))
+    src = images.repeat_interleave(m, dim=0)
+    grid = F.affine_grid(theta, [b * m, images.shape[1], size, size], align_corners=False)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(b, m, images.shape[1], size, size)
+
+
+def augment_crops_2d(x: torch.Tensor, p_flip: float = 0.2, p_rot90: float = 0.2, p_shift: float = 0.1,
+                     max_shift: float = 0.1) -> torch.Tensor:
+    """VoCo's per-crop chain in 2D on x [N, C, s, s]: flip each axis p_flip, rot90 (k 1..3) p_rot90, shift p_shift."""
+    n = x.shape[0]
+    u = torch.rand(n, 5, device=x.device)
+    rot_k = torch.randint(1, 4, (n,), device=x.device)
+    view = (n,) + (1,) * (x.dim() - 1)
+    for axis in range(2):
+        x = torch.where((u[:, axis] < p_flip).view(view), x.flip(2 + axis), x)
+    for kk in (1, 2, 3):
+        x = torch.where(((u[:, 2] < p_rot90) & (rot_k == kk)).view(view), x.rot90(kk, dims=(2, 3)), x)
+    shift = (u[:, 3] * 2 - 1) * max_shift * (u[:, 4] < p_shift)
+    return x + shift.view(view).to(x.dtype)
+
+
+class VoCo2D(PretrainMethod):
+    name = "voco"
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = self.params
+        self.n = int(p.get("n", 4))
+        self.k = int(p.get("sw_batch_size", 4))
+        self.crop_size = int(p.get("crop_size", 64))
+        self.lam = float(p.get("lambda", 1.0))
+        self.pred_loss = str(p.get("pred_loss", "official"))
+        self.augment = bool(p.get("augment", True))
+        self.encoder = build_encoder(model_cfg)
+        width = self.encoder.feature_info.channels()[-1]
+        dim = int(p.get("head_dim", 2048))
+        self.head = ProjectionHead(width, dim, dim)
+
+    @staticmethod
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        """Encoder input pixels per image and step (feasibility): (k + n^2) crops of crop_size^2."""
+        n, k, s = int(params.get("n", 4)), int(params.get("sw_batch_size", 4)), int(params.get("crop_size", 64))
+        return (k + n * n) * s * s
+
+    def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(views [B*k + B*n*n, C, s, s]: random crops of every image, then the bases; labels [B, k, n*n])."""
+        b, c, hgt, wid = images.shape
+        bases = base_crop_boxes((hgt, wid), self.n, device=images.device)
+        crops = random_crop_boxes(b, self.k, (hgt, wid), (hgt // self.n, wid // self.n), device=images.device)
+        labels = position_labels(crops, bases)
+        views = crop_images(images, torch.cat([crops, bases.expand(b, -1, -1)], dim=1), self.crop_size)
+        s = self.crop_size
+        views = torch.cat([views[:, :self.k].reshape(b * self.k, c, s, s),
+                           views[:, self.k:].reshape(b * self.n * self.n, c, s, s)])
+        return (augment_crops_2d(views) if self.augment else views), labels
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        b, nn_ = volumes.shape[0], self.n * self.n
+        views, labels = self.make_views(volumes.float())
+        feats = self.head(self.encoder(views)[-1].mean(dim=(2, 3))).float()
+        crops, bases = feats[: b * self.k].view(b, self.k, -1), feats[b * self.k:].view(b, nn_, -1)
+        reg = regularization_loss(bases)
+        pred, logits, logs = prediction_term(crops, bases, labels, True, self.pred_loss, "mask")
+        loss = pred + self.lam * reg
+        logs.update(pred=pred.detach(), reg=reg.detach(), logit_mean=logits.detach().mean())
+        return loss, logs
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"head.{k}": v for k, v in self.head.state_dict().items()}

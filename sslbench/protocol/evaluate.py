@@ -22,7 +22,7 @@ def _run_settings(record: RunRecord, run_cfg: dict, kind, precision: str | None,
             raise RecipeError(f"--precision: {precision!r}; expected bf16 or fp32")
         run_cfg = {**run_cfg, "precision": precision}
     if attention is not None:
-        from ..fast_swin import ATTENTIONS
+        from ..speed import ATTENTIONS
 
         if attention not in ATTENTIONS:
             raise RecipeError(f"--attention: {attention!r}; expected one of {', '.join(ATTENTIONS)}")

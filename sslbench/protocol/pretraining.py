@@ -16,8 +16,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .. import distributed, inductor
+from .. import distributed, speed
 from ..errors import RecipeError
+from ..speed import inductor
 from ..store.records import atomic_torch_save, atomic_write_json, load_state
 from . import track2d
 from .datasets import case_cache, load_cases
@@ -175,6 +176,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         _start_record(run)
         torch.manual_seed(run.seed)
         method = cls(params, cfg["model"]).to(run.device)
+        speed.apply(method)
         if run.stack is not None:
             method.prepare(run.stack, run.seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
         elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume

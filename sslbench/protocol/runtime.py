@@ -9,8 +9,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import distributed, inductor
+from .. import distributed, speed
 from ..errors import RecipeError, RunError
+from ..speed import inductor
 from ..tasks.base import autocast
 
 
@@ -60,14 +61,14 @@ def make_progress(console=None):
 
 def compiled(module: torch.nn.Module, run_cfg: Mapping[str, Any]) -> torch.nn.Module:
     """``run.compile``: ``torch.compile(module, dynamic=False)`` (the crops and windows have fixed shapes) under
-    sslbench's Inductor settings (sslbench/inductor.py), else ``module`` itself. The compiled wrapper shares the
+    sslbench's Inductor settings (sslbench/speed/inductor.py), else ``module`` itself. The compiled wrapper shares the
     module's parameters; checkpoints are always written from the module itself, so their keys carry no
     ``_orig_mod.`` prefix. The Swin attention's SDPA branch (head dims the fused kernel does not take, e.g. the
     tiny preset's 4) is kept out of the compiled graph, as in the methods' compiled pre-training: compiled, it
     gave NaN losses on an H100 (2026-11-27, tiny preset on phantom BTCV, eager finite)."""
     if not run_cfg.get("compile"):
         return module
-    from ..fast_swin import keep_sdpa_out_of_compile
+    from ..speed.fast_swin import keep_sdpa_out_of_compile
 
     keep_sdpa_out_of_compile(module)
     return inductor.compile(module, dynamic=False)
@@ -131,9 +132,9 @@ def check_compiled_method(method: torch.nn.Module, volumes: torch.Tensor, bf16: 
     (``compile_agreement``: VoCo) must give the eager encoders' features on one batch, as
     ``compiled_feature_problems`` judges them; otherwise a one-line RunError (a compiler fault must not train
     silently). Returns the relative differences ({} for methods without the check)."""
-    if not hasattr(method, "compile_agreement"):
+    if not getattr(method, "feature_encoders", None):
         return {}
-    diffs = seeded_probe(lambda: method.compile_agreement(volumes), bf16, device, seed)
+    diffs = seeded_probe(lambda: speed.compile_agreement(method, volumes), bf16, device, seed)
     problems = compiled_feature_problems(diffs)
     if problems:
         raise RunError(f"{where}: run.compile: on the first batch, {'; '.join(problems)}; run again with "
@@ -162,16 +163,13 @@ def compile_method(method: torch.nn.Module, run_cfg: Mapping[str, Any]) -> None:
     ``forward``; the benchmark (``sslbench bench pretrain --compile``) compiles the same way."""
     if not run_cfg.get("compile"):
         return
-    if hasattr(method, "compile_encoders"):
-        method.compile_encoders(dynamic=False)
-    else:
-        method.forward = inductor.compile(method.forward, dynamic=False)
+    speed.compile_method(method, dynamic=False)
 
 
 def use_run_attention(model: torch.nn.Module, run_cfg: Mapping[str, Any]) -> int:
     """``run.attention`` (fused | sdpa | monai) for the Swin window attention of a network to fine-tune or
-    evaluate (sslbench/fast_swin.py: the same function computed faster; parameters and keys unchanged)."""
-    from ..fast_swin import apply_attention
+    evaluate (sslbench/speed/fast_swin.py: the same function computed faster; parameters and keys unchanged)."""
+    from ..speed.fast_swin import apply_attention
 
     return apply_attention(model, str(run_cfg.get("attention", "fused")))
 

@@ -6,10 +6,10 @@ checkpoint with every random draw of step ``s`` seeded by (run seed, s), best ch
 split, phantom results flagged. This module supplies what is the kind's own:
 
 * Model: the pre-trained backbone's Swin encoder (MONAI SwinUNETR's ``swinViT``, the part every method's
-  checkpoint transfers, loaded by the shared key rules of :mod:`sslbench.backbones`) -> global average
+  checkpoint transfers, loaded by the shared key rules of :mod:`sslbench.models.backbones`) -> global average
   pool of its last stage -> ``Linear``. 3D for CC-CCII, ``spatial_dims=2`` for ChestX-ray14 with
   ``model.name=swinunetr``; ChestX-ray14's default is the 2D track's ``model.name=unet2d``: the ResNet-18 encoder
-  of PCRL's U-Net (:mod:`sslbench.unet2d`) -> pool -> ``Linear``, loaded from a 2D pre-training's ``encoder.*``.
+  of PCRL's U-Net (:mod:`sslbench.models.unet2d`) -> pool -> ``Linear``, loaded from a 2D pre-training's ``encoder.*``.
 * Losses: cross-entropy over the 3 CC-CCII classes; binary cross-entropy per finding for ChestX-ray14.
 * Augmentation (VoCo's CC-CCII code): random flips, a random shift of the crop, brightness and contrast,
   drawn per sample as tensors and applied to the whole batch at once on the device (one ``grid_sample``).
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones import build_model, load_backbone, LoadReport, read_checkpoint
+from ..models.backbones import build_model, load_backbone, LoadReport, read_checkpoint
 from ..data.loaded import labeled_subset
 from ..errors import CheckpointError, DataError, RecipeError
 from ..store.records import atomic_write_json, RunRecord
@@ -58,7 +58,7 @@ def build_classifier(model_cfg: Mapping[str, Any], n_outputs: int, spatial_dims:
     """SwinUNETR's ``swinViT`` (3D from the shared builder, or the same configuration in 2D) with a head; in 2D
     with ``model.name: unet2d`` the ResNet-18 encoder of PCRL's U-Net with a head (sslbench/unet2d.py)."""
     if spatial_dims == 2 and str(model_cfg.get("name")) == "unet2d":   # the 2D track: PCRL's ResNet-18 U-Net
-        from ..unet2d import UNet2DClassifier
+        from ..models.unet2d import UNet2DClassifier
 
         return UNet2DClassifier(model_cfg, n_outputs)
     if str(model_cfg.get("name", "swinunetr")) != "swinunetr":

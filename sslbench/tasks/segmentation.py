@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..backbones import build_model, load_backbone, read_checkpoint
 from ..data.loaded import check_cases, labeled_subset
 from ..metrics import score_names, scoring
+from ..models.backbones import build_model, load_backbone, read_checkpoint
 from ..protocol.datasets import case_cache, load_cases, read_splits
 from ..recipes import input_channels, output_channels
 from ..store.records import atomic_write_json, RunRecord

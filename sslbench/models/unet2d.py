@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 #: ``model.unet2d`` defaults: the encoder (a timm model name) and the decoder widths of smp's Unet.
 UNET2D_DEFAULTS: dict[str, Any] = {"encoder": "resnet18", "decoder_channels": [256, 128, 64, 32, 16]}

@@ -6,7 +6,7 @@ when autograd is off. ``use_sdpa_window_attention(module, kernel)`` switches eve
 ``module`` to a subclass computing the same function, in training too, with the same parameters, buffers
 and state-dict keys:
 
-* ``"fused"``: sslbench/window_attention.py's Triton kernels (CUDA + Triton, power-of-two head dim >= 16, no
+* ``"fused"``: sslbench/speed/window_attention.py's Triton kernels (CUDA + Triton, power-of-two head dim >= 16, no
   attention dropout in training); otherwise SDPA on CUDA and MONAI's own computation on a CPU;
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` with the bias + mask materialised.
 
@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ATTENTIONS
 from . import window_attention as _wa
-
-ATTENTIONS = ("fused", "sdpa", "monai")
 
 
 def _window_attention_class():
@@ -61,7 +60,7 @@ _window_sdpa_opaque = torch.compiler.disable(_window_sdpa, recursive=True)
 
 
 def _fused(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """qkv projection + sslbench.window_attention's fused kernel: [b, n, c] before the output projection."""
+    """qkv projection + sslbench.speed.window_attention's fused kernel: [b, n, c] before the output projection."""
     n = x.shape[1]
     h = attn.num_heads
     bias = attn.relative_position_bias_table[attn.relative_position_index[:n, :n].reshape(-1)]
@@ -78,7 +77,7 @@ class _SDPAWindowAttention(_window_attention_class()):
     """
 
     opaque_to_compile = False
-    #: "fused": sslbench.window_attention's Triton kernel where it can run (CUDA, head dim a power of
+    #: "fused": sslbench.speed.window_attention's Triton kernel where it can run (CUDA, head dim a power of
     #: two >= 16, no attention dropout in training), else SDPA; "sdpa": always SDPA
     kernel = "fused"
 
@@ -161,7 +160,7 @@ def keep_sdpa_out_of_compile(module: nn.Module) -> int:
 
 def use_sdpa_window_attention(module: nn.Module, kernel: str = "fused") -> int:
     """Switch every MONAI WindowAttention inside ``module`` to the fast form (``kernel``: "fused" = the
-    Triton kernel of sslbench.window_attention where it can run, else SDPA; "sdpa" = SDPA always) and its
+    Triton kernel of sslbench.speed.window_attention where it can run, else SDPA; "sdpa" = SDPA always) and its
     LayerNorms to ``_LowPrecisionLayerNorm`` (same parameters and keys); returns how many attention
     modules."""
     if kernel not in ("fused", "sdpa"):
@@ -175,6 +174,23 @@ def use_sdpa_window_attention(module: nn.Module, kernel: str = "fused") -> int:
             count += 1
         elif type(m) is nn.LayerNorm:
             m.__class__ = _LowPrecisionLayerNorm
+    return count
+
+
+def use_monai_sdpa(module: nn.Module, self_attention_only: bool = False) -> int:
+    """MONAI's own SDPA path (``use_flash_attention = True``, same function) in every attention block of ``module``
+    that has one; returns how many. ``self_attention_only``: MONAI's ViT blocks (SABlock, cross-attention), not
+    Swin's WindowAttention, whose MONAI path runs only without autograd (what a teacher may use); blocks that keep
+    their attention maps (``save_attn``) are left alone."""
+    window_attention = _window_attention_class()
+    count = 0
+    for m in module.modules():
+        if not hasattr(m, "use_flash_attention") or getattr(m, "save_attn", False):
+            continue
+        if self_attention_only and isinstance(m, window_attention):
+            continue
+        m.use_flash_attention = True
+        count += 1
     return count
 
 

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..speed import ATTENTIONS  # noqa: F401 - the window-attention forms a Swin backbone computes with
 
 #: Key prefixes of SwinUNETR's encoder: the part that self-supervised pre-training transfers.
 ENCODER_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
@@ -22,7 +23,7 @@ DECODER_PREFIXES = ("decoder5.", "decoder4.", "decoder3.", "decoder2.", "decoder
 
 #: model.name -> (encoder prefixes, decoder prefixes). The task-specific output layer is never transferred.
 #: * swinunetr: MONAI SwinUNETR (the shared backbone of every table).
-#: * unet3d: the original 3D U-Net of Models Genesis, TransVW and PCRL (:mod:`sslbench.unet3d`, the official
+#: * unet3d: the original 3D U-Net of Models Genesis, TransVW and PCRL (:mod:`sslbench.models.unet3d`, the official
 #:   parameter names, so their released weights load), offered as a recipe option (``--set model.name=unet3d``).
 #: * basicunet: MONAI BasicUNet at Models Genesis' widths (32-64-128-256-512, 4 poolings, LeakyReLU, batch norm):
 #:   a modern 3D U-Net of the same size (``--set model.name=basicunet``); until 2026-12 sslbench's ``unet3d``.
@@ -34,7 +35,7 @@ TRANSFER_PREFIXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                   ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")),
     "unetr": (("vit.",), ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "decoder5.", "decoder4.",
                           "decoder3.", "decoder2.")),
-    # the 2D track: PCRL's ResNet-18 U-Net (sslbench/unet2d.py; timm encoder, smp-style decoder)
+    # the 2D track: PCRL's ResNet-18 U-Net (sslbench/models/unet2d.py; timm encoder, smp-style decoder)
     "unet2d": (("encoder.",), ("decoder.",)),
 }
 MODEL_NAMES = tuple(TRANSFER_PREFIXES)
@@ -65,7 +66,7 @@ def unet3d_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_unet3d(model_cfg: Mapping[str, Any], in_channels: int = 1, out_channels: int = 1) -> nn.Module:
-    """Models Genesis' 3D U-Net (:class:`sslbench.unet3d.UNet3D`) configured by ``model.unet3d``."""
+    """Models Genesis' 3D U-Net (:class:`sslbench.models.unet3d.UNet3D`) configured by ``model.unet3d``."""
     from .unet3d import UNet3D
 
     return UNet3D(in_channels=in_channels, out_channels=out_channels, **unet3d_config(model_cfg))
@@ -212,6 +213,12 @@ def is_transferable(key: str, include_decoder: bool = False, model_name: str = "
     enc, dec = TRANSFER_PREFIXES.get(model_name, (ENCODER_PREFIXES, DECODER_PREFIXES))
     prefixes = enc + (dec if include_decoder else ())
     return key.startswith(prefixes)
+
+
+def transferable_state(net: nn.Module, model_name: str) -> dict[str, torch.Tensor]:
+    """Encoder + decoder tensors of ``net`` (its output layer excluded), fine-tuning key layout."""
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
+            if is_transferable(k, include_decoder=True, model_name=model_name)}
 
 
 def normalize_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
