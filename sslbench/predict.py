@@ -314,8 +314,9 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
     ``_skipped``).
     """
     from .backbones import build_model
-    from .protocol import (file_digest, input_channels, locate_data, make_progress, output_channels, select_device,
-                           use_bf16, use_run_attention)
+    from .data.locate import locate_data
+    from .protocol import (file_digest, input_channels, make_progress, output_channels, select_device, use_bf16,
+                           use_run_attention)
     from .data import layouts
     from .records import RunRecord, load_state
 
@@ -413,7 +414,8 @@ def evaluate_original(run_dir: str | Path, root: str | Path | None = None, check
     """
     from .data import layouts
     from .metrics import score_names, scoring
-    from .protocol import locate_data, summarize
+    from .data.locate import locate_data
+    from .protocol import summarize
     from .records import RunRecord, atomic_write_json
 
     manifest = predict_run(run_dir, root=root, split="val", checkpoint=checkpoint, console=console)

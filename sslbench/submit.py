@@ -172,7 +172,7 @@ def submit_run(run_dir: str | Path, leaderboard: str, root: str | Path | None = 
                predictions: str | Path | None = None, out: str | Path | None = None) -> dict:
     """``sslbench submit``: the predictions of ``run_dir`` (default ``<run>/predictions/<split>``) packed."""
     from .data import layouts
-    from .protocol import locate_data
+    from .data.locate import locate_data
     from .records import RunRecord
 
     record = RunRecord(run_dir)

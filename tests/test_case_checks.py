@@ -111,7 +111,7 @@ def test_load_error_causes_inside_the_pipeline(btcv, tmp_path):
     from sslbench.data.check import load_error
     from sslbench.data.transforms import preprocess_transforms
     from sslbench.errors import DataError
-    from sslbench.protocol import load_cases
+    from sslbench.data.cases import load_cases
 
     t = recipes.load_task("phantom-btcv")
     image, label = btcv / "imagesTr" / "img0001.nii.gz", btcv / "labelsTr" / "label0001.nii.gz"

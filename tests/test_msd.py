@@ -14,6 +14,7 @@ import torch
 from sslbench import protocol, recipes
 from sslbench.cli import main
 from sslbench.data import check, layouts, msd, phantom
+from sslbench.data.cases import load_cases
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError
 
@@ -131,7 +132,7 @@ def test_4d_image_where_3d_expected_is_one_clear_problem(liver, tmp_path):
     assert len(report.problems) == 1
     assert report.problems[0].startswith(f"{image.resolve()}:") and "2 channel(s); expected 1" in report.problems[0]
     items = layouts.read_datalist(task, root)["train"][:1]
-    cases = protocol.load_cases(items, preprocess_transforms(task), "x")
+    cases = load_cases(items, preprocess_transforms(task), "x")
     with pytest.raises(DataError, match=r"2 image channel\(s\) after loading; expected 1"):
         protocol.check_cases(cases, task, items, "msd03.yaml")
 
@@ -166,7 +167,7 @@ def test_labels_outside_the_class_list(liver, tmp_path):
     items = layouts.read_datalist(task, root)["train"][:1]
     # a run refuses the case as it loads (LoadChecked), naming the label file, before any training
     with pytest.raises(DataError) as err:
-        protocol.load_cases(items, preprocess_transforms(task), "x")
+        load_cases(items, preprocess_transforms(task), "x")
     assert str(err.value) == (f"{label}: label values 7 are not classes of task 'phantom-msd03'; expected integers "
                               f"0..2 (data.classes)")
 

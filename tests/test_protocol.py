@@ -265,7 +265,7 @@ def test_load_cases_keeps_the_order_of_items_across_threads_and_fails_on_the_fir
     import time
 
     from sslbench.errors import DataError
-    from sslbench.protocol import load_cases
+    from sslbench.data.cases import load_cases
 
     monkeypatch.chdir(tmp_path)
     for n in range(5):

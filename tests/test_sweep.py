@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from sslbench import protocol, recipes, report, sweep
+from sslbench.data.locate import locate_data
 
 # One validation (at step 2): a validation after step 1 makes the next CPU steps much slower. One torch
 # thread per process: on 2 shared cores, 2-thread workers slow down 3x as soon as anything else runs.
@@ -44,7 +45,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def mmwhs_data(phantom_home):
     """Synthesise the phantom once, before any worker subprocess could race to write it."""
-    root, phantom = protocol.locate_data(recipes.load_task("phantom-mmwhs"), None, log=lambda s: None)
+    root, phantom = locate_data(recipes.load_task("phantom-mmwhs"), None, log=lambda s: None)
     assert phantom
     return root
 
