@@ -370,9 +370,9 @@ def _cmd_data(args, console) -> int:
     from rich.table import Table
 
     if args.data_command == "synth":
-        from .data import phantom
+        from .data import phantoms
 
-        root = phantom.synth(args.like, Path(args.out), cases=args.cases, seed=args.seed)
+        root = phantoms.synth(args.like, Path(args.out), cases=args.cases, seed=args.seed)
         console.print(f"wrote {args.cases} phantom cases like '{args.like}' to {root} "
                       f"(procedurally generated anatomy, NOT patient data)")
         return 0

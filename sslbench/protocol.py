@@ -1014,7 +1014,7 @@ def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force
     check_case_headers(items, task)
     if force:
         from .data.check import LoadChecked
-        from .data.ct_layouts import DicomSeriesReader, SimpleITKReader
+        from .data.layouts.ct import DicomSeriesReader, SimpleITKReader
 
         keys = ["image", "label"] if items and items[0].get("label") else ["image"]
         cache, _ = case_cache(cfg["run"], task, with_label="label" in keys)

@@ -73,7 +73,7 @@ for _rule in RULES.values():
 def msd_folder(task: Mapping[str, Any]) -> str:
     """The Decathlon's folder name of an MSD task (``msd04`` / ``phantom-msd04`` -> ``Task04_Hippocampus``,
     ``msd-spleen`` -> ``Task09_Spleen``); one line when the task is no MSD task."""
-    from .data.msd import TASKS
+    from .data.phantoms.msd import TASKS
 
     name = str(task.get("extends") or task.get("name") or "")
     name = name[len("phantom-"):] if name.startswith("phantom-") else name

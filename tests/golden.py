@@ -63,9 +63,9 @@ RUN_FOLDER = re.compile(r"[0-9a-f]{12}-s\d+")
 
 
 def synth(name: str, home: Path) -> Path:
-    from sslbench.data import phantom
+    from sslbench.data import phantoms
 
-    return phantom.synth(name, home / f"golden-{name}", **SYNTH[name])
+    return phantoms.synth(name, home / f"golden-{name}", **SYNTH[name])
 
 
 def command(name: str, out: Path, home: Path) -> list[str]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sslbench.cli import main
-from sslbench.data import phantom
+from sslbench.data import phantoms
 
 FAST = ["--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32,32]", "--set",
         "task.finetune.num_samples=1", "--set", "task.finetune.val_every=2", "--set", "task.evaluate.overlap=0.0",
@@ -22,7 +22,7 @@ FAST = ["--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    return phantom.synth("btcv", tmp_path_factory.mktemp("pristine") / "btcv", cases=3, seed=2)
+    return phantoms.synth("btcv", tmp_path_factory.mktemp("pristine") / "btcv", cases=3, seed=2)
 
 
 @pytest.fixture

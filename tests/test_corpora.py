@@ -1,5 +1,5 @@
 """Pre-training corpora (TCIA COVID-19, LUNA16, the combined VoCo corpus) and the volume formats they come in:
-MetaImage .mhd/.raw (sslbench/data/ct_layouts.py SimpleITKReader) and DICOM series folders."""
+MetaImage .mhd/.raw (sslbench/data/layouts/ct.py SimpleITKReader) and DICOM series folders."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import SimpleITK as sitk
 
 from sslbench import recipes
 from sslbench.cli import main
-from sslbench.data import check, corpus, ct_layouts, layouts, phantom, sources
-from sslbench.data.phantom_ct import write_mhd
+from sslbench.data import check, corpus, layouts, phantoms, sources
+from sslbench.data.layouts import ct as ct_layouts
+from sslbench.data.phantoms.ct import write_mhd
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError, RecipeError
 
@@ -110,7 +111,7 @@ def test_mhd_round_trip_matches_the_nifti_of_the_same_grid(tmp_path):
 
 @pytest.fixture(scope="module")
 def luna(tmp_path_factory) -> Path:
-    return phantom.synth("luna16", tmp_path_factory.mktemp("luna") / "luna16", cases=2, seed=0)
+    return phantoms.synth("luna16", tmp_path_factory.mktemp("luna") / "luna16", cases=2, seed=0)
 
 
 def test_luna16_phantom_is_a_chest_ct_with_nodules(luna):
@@ -130,9 +131,9 @@ def test_luna16_phantom_is_a_chest_ct_with_nodules(luna):
 
 
 def test_covid_lesions_are_ground_glass_or_consolidation_inside_non_contrast_lungs():
-    from sslbench.data import phantom_ct
+    from sslbench.data.phantoms import ct as phantom_ct
 
-    case = phantom._BODIES["chest"](phantom._case_rng(0, "chest", 3001))
+    case = phantoms.base._BODIES["chest"](phantoms.base._case_rng(0, "chest", 3001))
     rng = np.random.default_rng(1)
     image, lungs = phantom_ct.non_contrast_chest(case.image, case.label, rng)
     assert case.image[case.label > 0].mean() > 150 and image[case.label > 0].mean() < 80   # bolus removed

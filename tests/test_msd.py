@@ -13,7 +13,8 @@ import torch
 
 from sslbench import protocol, recipes
 from sslbench.cli import main
-from sslbench.data import check, layouts, msd, phantom
+from sslbench.data import check, layouts, phantoms
+from sslbench.data.phantoms import msd
 from sslbench.data.cases import load_cases
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError
@@ -37,7 +38,7 @@ def _phantom_task(name: str) -> dict:
 def test_synth_check_and_tiny_run(like, tmp_path, capsys, phantom_home):
     name = TASKS[like]
     assert main(["data", "synth", "--like", like, "--out", str(tmp_path / "data"), "--cases", "2"]) == 0
-    root = next(p.parent for p in (tmp_path / "data").rglob(phantom.MARKER))
+    root = next(p.parent for p in (tmp_path / "data").rglob(phantoms.MARKER))
     # The real task folder, file names and dataset.json keys.
     meta = json.loads((root / "dataset.json").read_text())
     real = recipes.load_task(name)
@@ -93,7 +94,7 @@ def test_recipes_carry_the_paper_settings():
 
 @pytest.fixture(scope="module")
 def liver(tmp_path_factory) -> Path:
-    return phantom.synth("msd03", tmp_path_factory.mktemp("msd03"), cases=2, seed=3)
+    return phantoms.synth("msd03", tmp_path_factory.mktemp("msd03"), cases=2, seed=3)
 
 
 def _copy(src: Path, dst: Path) -> tuple[Path, dict]:
@@ -103,7 +104,7 @@ def _copy(src: Path, dst: Path) -> tuple[Path, dict]:
 
 
 def test_multichannel_4d_image_loads_channel_first(tmp_path):
-    root = phantom.synth("msd05", tmp_path, cases=2, seed=0)
+    root = phantoms.synth("msd05", tmp_path, cases=2, seed=0)
     task = _phantom_task("msd05")
     item = layouts.read_datalist(task, root)["train"][0]
     raw = nib.load(item["image"]).get_fdata()                       # X, Y, Z, 2 (channel last on disk)

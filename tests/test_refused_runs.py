@@ -11,7 +11,7 @@ import torch
 
 from sslbench import locks
 from sslbench.cli import main
-from sslbench.data import phantom
+from sslbench.data import phantoms
 
 
 def _resnet_like(path):
@@ -22,7 +22,7 @@ def _resnet_like(path):
 def test_a_checkpoint_matching_no_tensor_is_refused_with_one_line(phantom_home, tmp_path, capsys):
     ckpt = _resnet_like(tmp_path / "resnet.pt")
     # classification: the checkpoint is matched before the run folder is created
-    cc = phantom.synth("ccccii", tmp_path / "cc", cases=6, seed=0)
+    cc = phantoms.synth("ccccii", tmp_path / "cc", cases=6, seed=0)
     out = tmp_path / "runs"
     assert main(["finetune", "--task", "phantom-ccccii", "--root", str(cc), "--init", str(ckpt), "--out", str(out),
                  "--set", "task.preprocess.size=[32,32,32]", "--set", "task.finetune.max_steps=1"]) == 2

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sslbench import protocol, recipes, report, sweep
+from sslbench import recipes, report, sweep
 from sslbench.data.locate import locate_data
 
 # One validation (at step 2): a validation after step 1 makes the next CPU steps much slower. One torch

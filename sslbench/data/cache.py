@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .ct_layouts import SERIES_SEP
+from .layouts.ct import SERIES_SEP
 
 FORMAT = 1
 MODES = ("read", "write", "none")
@@ -76,15 +76,16 @@ def preprocessing_key(task: Mapping[str, Any], with_label: bool) -> str:
 
 
 def _preprocessing_code_digest() -> str:
-    """SHA-256 of the code that preprocessing may run: every module of sslbench/data except the phantom writers,
-    the checker, this cache and the streaming loader, which reads the cache (a changed transform, reader or
-    layout is a new cache key)."""
+    """SHA-256 of the code that preprocessing may run: every module of sslbench/data and of its layouts/ readers
+    except the phantom writers (phantoms/), the checker, this cache and the streaming loader, which reads the
+    cache (a changed transform, reader or layout is a new cache key)."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(here.glob("*.py")):
-        if path.name.startswith(("phantom", "check", "cache", "stream")):
+    for path in sorted(here.rglob("*.py")):
+        rel = path.relative_to(here)
+        if rel.parts[0] == "phantoms" or path.name.startswith(("check", "cache", "stream")):
             continue
-        h.update(path.name.encode())
+        h.update(rel.as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 

@@ -4,7 +4,7 @@ A task recipe names its root (``--root``, ``$SSLBENCH_ROOT_<NAME>`` or ``data.ro
 the task's phantom twin, synthesised on first use under ``<data home>/phantoms`` (data home: ``$SSLBENCH_DATA``
 or ``./data``). A combined corpus (``data.sources``) is located source by source
 (:mod:`sslbench.data.sources` says where each root comes from). A root holding the phantom marker
-(:data:`sslbench.data.phantoms.marker.MARKER`) is a phantom: every result on it is labelled so.
+(:data:`sslbench.data.marker.MARKER`) is a phantom: every result on it is labelled so.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from sslbench.data.marker import MARKER
 from sslbench.data.sources import env_name, source_roots
 from sslbench.errors import DataError
 
@@ -35,9 +36,6 @@ class PhantomNotWritten(Exception):
 
 def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, bool]:
     """The dataset root for a task, synthesising the phantom twin when the recipe says ``root: auto``."""
-    from sslbench.data import phantom as phantoms   # the generators (scipy, nibabel) only when data is located
-    from sslbench.data.phantom import MARKER
-
     data = task.get("data") or {}
     if data.get("sources"):   # a combined corpus: every source located (phantoms synthesised), their common folder
         return locate_sources(task, None if root is None else str(root), log)
@@ -48,6 +46,8 @@ def locate_data(task: Mapping[str, Any], root: str | Path | None, log: Callable[
                         f"{task['title']} in its distributed layout: {', '.join(data.get('layouts', []))}; see the "
                         f"README's 'Real datasets'); for a demo use --task phantom-{task['name']}")
     if root == "auto":
+        from sslbench.data import phantoms   # the generators (scipy, nibabel) only when a phantom is written
+
 
         like = data.get("phantom_like")
         if not like:
