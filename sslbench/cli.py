@@ -370,25 +370,25 @@ def _cmd_data(args, console) -> int:
     from rich.table import Table
 
     if args.data_command == "synth":
-        from .data import phantom
+        from .data import phantoms
 
-        root = phantom.synth(args.like, Path(args.out), cases=args.cases, seed=args.seed)
+        root = phantoms.synth(args.like, Path(args.out), cases=args.cases, seed=args.seed)
         console.print(f"wrote {args.cases} phantom cases like '{args.like}' to {root} "
                       f"(procedurally generated anatomy, NOT patient data)")
         return 0
     if args.data_command == "check":
-        from . import protocol, recipes
         from .data import check as check_mod
+        from .data.locate import locate_data
 
         # the recipe as a run resolves it under its default preset (phantom twins: tiny, their few cases)
         task = getattr(args, "resolved", None) or _resolved_task(args.task)
         if (task.get("data") or {}).get("sources"):   # a combined corpus (voco-corpus): check each source
-            from .data.corpus import source_roots
+            from .data.sources import source_roots
 
             return max(_cmd_data(argparse.Namespace(data_command="check", task=src["name"], root=src_root,
                                                     resolved=src), console)
                        for src, src_root in source_roots(task, args.root))
-        root, _ = protocol.locate_data(task, args.root, log=console.print)
+        root, _ = locate_data(task, args.root, log=console.print)
         report = check_mod.check_dataset(task, root)
         rows = check_mod.summarize(report)
         if rows:
@@ -411,7 +411,7 @@ def _cmd_data(args, console) -> int:
         return 0
     if args.data_command == "cache":
         from . import protocol, recipes
-        from .data import cache as cache_mod
+        from .data import cases
 
         # The task section exactly as a run resolves it (preset, --set), so the cache key matches the run's.
         if recipes.load_task(args.task)["kind"] == "corpus":
@@ -420,7 +420,7 @@ def _cmd_data(args, console) -> int:
             task = recipes.resolve("scratch", args.task, preset=args.preset, overrides=args.overrides)["task"]
         progress = protocol.make_progress(console)
         with progress:
-            info = cache_mod.build(task, args.root, cache_root=args.cache, progress=progress)
+            info = cases.build(task, args.root, cache_root=args.cache, progress=progress)
         phantom = " [PHANTOM]" if info["phantom"] else ""
         console.print(f"{info['task']}{phantom}: {info['cases']} cases cached in {info['folder']} "
                       f"({info['written']} written, {info['reused']} already there, {info['bytes'] / 2**20:.1f} MiB); "

@@ -315,7 +315,8 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
     ``_skipped``).
     """
     from .models.backbones import build_model
-    from .protocol import file_digest, locate_data, make_progress, select_device, use_bf16, use_run_attention
+    from .data.locate import locate_data
+    from .protocol import file_digest, make_progress, select_device, use_bf16, use_run_attention
     from .recipes import input_channels, output_channels
     from .data import layouts
     from .store.records import RunRecord, load_state
@@ -414,7 +415,7 @@ def evaluate_original(run_dir: str | Path, root: str | Path | None = None, check
     """
     from .data import layouts
     from .metrics import score_names, scoring
-    from .protocol import locate_data
+    from .data.locate import locate_data
     from .tasks.segmentation import summarize
     from .store.records import RunRecord, atomic_write_json
 

@@ -73,7 +73,7 @@ for _rule in RULES.values():
 def msd_folder(task: Mapping[str, Any]) -> str:
     """The Decathlon's folder name of an MSD task (``msd04`` / ``phantom-msd04`` -> ``Task04_Hippocampus``,
     ``msd-spleen`` -> ``Task09_Spleen``); one line when the task is no MSD task."""
-    from .data.msd import TASKS
+    from .data.phantoms.msd import TASKS
 
     name = str(task.get("extends") or task.get("name") or "")
     name = name[len("phantom-"):] if name.startswith("phantom-") else name
@@ -172,7 +172,7 @@ def submit_run(run_dir: str | Path, leaderboard: str, root: str | Path | None = 
                predictions: str | Path | None = None, out: str | Path | None = None) -> dict:
     """``sslbench submit``: the predictions of ``run_dir`` (default ``<run>/predictions/<split>``) packed."""
     from .data import layouts
-    from .protocol import locate_data
+    from .data.locate import locate_data
     from .store.records import RunRecord
 
     record = RunRecord(run_dir)

@@ -947,7 +947,7 @@ def follow(dist: "distributed.Dist") -> int:
 def check_data(sw: Sweep, console) -> None:
     """Find (phantoms: synthesise, once, under a lock) the task's and the corpus's data before any trial, so
     that a missing --root is one line now rather than after a pre-training."""
-    from . import protocol
+    from .data.locate import locate_data
 
     cfg = sw.resolve()
     say = (lambda text: console.print(esc(text)))
@@ -957,7 +957,7 @@ def check_data(sw: Sweep, console) -> None:
         lock = RunLock(Path(sw.out) / "sweeps" / "locks" / f"data-{_safe_name(cfg[section]['name'])}.lock",
                        f"the synthesis of {cfg[section]['name']}").acquire(wait=True, say=say)
         try:
-            protocol.locate_data(cfg[section], root, log=say)
+            locate_data(cfg[section], root, log=say)
         finally:
             lock.release()
 

@@ -13,7 +13,8 @@ import torch
 from sslbench import metrics, protocol, recipes
 from sslbench.cli import main
 from sslbench.tasks import segmentation
-from sslbench.data import brats, check, layouts, phantom
+from sslbench.data import check, layouts, phantoms
+from sslbench.data.layouts import brats
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError
 
@@ -32,7 +33,7 @@ def task(name: str = "phantom-brats21", **data) -> dict:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return phantom.synth("brats21", tmp_path_factory.mktemp("brats"), cases=5, seed=0)
+    return phantoms.synth("brats21", tmp_path_factory.mktemp("brats"), cases=5, seed=0)
 
 
 def test_synth_check_and_tiny_run(tmp_path, capsys, phantom_home):

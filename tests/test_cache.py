@@ -11,7 +11,7 @@ from sslbench import recipes
 from sslbench.cli import main
 from sslbench.data.cache import CaseCache, preprocessing_key
 from sslbench.data.transforms import preprocess_transforms
-from sslbench.protocol import locate_data, read_splits
+from sslbench.data.locate import locate_data, read_splits
 
 
 def _task(*overrides):

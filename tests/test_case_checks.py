@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sslbench.cli import main
-from sslbench.data import phantom
+from sslbench.data import phantoms
 
 FAST = ["--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32,32]", "--set",
         "task.finetune.num_samples=1", "--set", "task.finetune.val_every=2", "--set", "task.evaluate.overlap=0.0",
@@ -22,7 +22,7 @@ FAST = ["--set", "task.finetune.max_steps=2", "--set", "task.finetune.roi=[64,32
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    return phantom.synth("btcv", tmp_path_factory.mktemp("pristine") / "btcv", cases=3, seed=2)
+    return phantoms.synth("btcv", tmp_path_factory.mktemp("pristine") / "btcv", cases=3, seed=2)
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_load_error_causes_inside_the_pipeline(btcv, tmp_path):
     from sslbench.data.check import load_error
     from sslbench.data.transforms import preprocess_transforms
     from sslbench.errors import DataError
-    from sslbench.protocol import load_cases
+    from sslbench.data.cases import load_cases
 
     t = recipes.load_task("phantom-btcv")
     image, label = btcv / "imagesTr" / "img0001.nii.gz", btcv / "labelsTr" / "label0001.nii.gz"

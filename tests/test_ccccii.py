@@ -11,7 +11,8 @@ from sslbench import recipes
 from sslbench.tasks import classification as classify
 from sslbench.cli import main
 from sslbench.data import classification as cls_data
-from sslbench.data import layouts, phantom
+from sslbench.data.phantoms import classification as cls_phantoms
+from sslbench.data import layouts, phantoms
 from sslbench.errors import DataError
 
 TASK = recipes.load_task("ccccii")
@@ -142,7 +143,7 @@ def test_batched_augmentation_flips_exactly_and_shifts_intensities():
 
 def test_phantom_classes_differ_in_the_lungs_as_designed():
     rng = lambda n: np.random.default_rng(n)  # noqa: E731
-    normal, cp, ncp = (cls_data.ct_chest_scan(rng(1), c) for c in ("Normal", "CP", "NCP"))
+    normal, cp, ncp = (cls_phantoms.ct_chest_scan(rng(1), c) for c in ("Normal", "CP", "NCP"))
     # lung-window CT: dark lungs, so the fraction of dark voxels inside the body drops with opacities
     dark = lambda v: float((v < 40).mean())  # noqa: E731
     assert dark(cp) < dark(normal) and dark(ncp) < dark(normal)
@@ -151,7 +152,7 @@ def test_phantom_classes_differ_in_the_lungs_as_designed():
 
 def test_synth_check_and_tiny_run(phantom_home, tmp_path, capsys):
     out = tmp_path / "cc"
-    root = phantom.synth("ccccii", out, cases=6, seed=0)
+    root = phantoms.synth("ccccii", out, cases=6, seed=0)
     assert (root / "csv" / "CC_CCII_fold0_valid.csv").is_file() and (root / "unzip_filenames.csv").is_file()
     scans = list(root.glob("*/*/*"))
     assert {p.parts[-3] for p in scans} == {"NCP", "CP", "Normal"} and len(scans) >= 8   # some patients: 2 scans

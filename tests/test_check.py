@@ -12,7 +12,7 @@ import pytest
 
 from sslbench import recipes
 
-from sslbench.data import check, phantom
+from sslbench.data import check, phantoms
 
 
 
@@ -26,9 +26,9 @@ def task(name: str, **data) -> dict:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("pristine")
-    return {"btcv": phantom.synth("btcv", base / "btcv", cases=4, seed=1),
-            "mmwhs": phantom.synth("mmwhs", base / "mmwhs", cases=3, seed=1),
-            "msd-spleen": phantom.synth("msd-spleen", base / "msd", cases=4, seed=1)}
+    return {"btcv": phantoms.synth("btcv", base / "btcv", cases=4, seed=1),
+            "mmwhs": phantoms.synth("mmwhs", base / "mmwhs", cases=3, seed=1),
+            "msd-spleen": phantoms.synth("msd-spleen", base / "msd", cases=4, seed=1)}
 
 
 @pytest.fixture
@@ -224,7 +224,7 @@ def test_msd_junk_files_are_skipped(pristine, tmp_path):
 
 
 def test_rawdata_missing_val_ids_is_a_note(tmp_path):
-    root = phantom.synth("btcv-raw", tmp_path, cases=2, seed=0, test_cases=0)
+    root = phantoms.synth("btcv-raw", tmp_path, cases=2, seed=0, test_cases=0)
     report = check.check_dataset(task("btcv"), root)
     assert report.problems == [] and report.phantom
     assert len(report.notes) == 1 and "0036" in report.notes[0]

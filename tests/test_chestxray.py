@@ -11,7 +11,9 @@ from sslbench import recipes
 from sslbench.tasks import classification as classify
 from sslbench.cli import main
 from sslbench.data import classification as cls_data
-from sslbench.data import layouts, phantom
+from sslbench.data.layouts import classification as cls_layouts
+from sslbench.data.phantoms import classification as cls_phantoms
+from sslbench.data import layouts, phantoms
 from sslbench.errors import DataError
 
 TASK = recipes.load_task("chestxray14")
@@ -38,11 +40,11 @@ def _tree(root: Path, entries, test_patients=(), rgba=()) -> Path:
 
 
 def test_findings_are_parsed_into_14_labels():
-    assert cls_data.parse_findings("No Finding", "x") == [0] * 14
-    v = cls_data.parse_findings("Effusion|Pleural_Thickening", "x")
+    assert cls_layouts.parse_findings("No Finding", "x") == [0] * 14
+    v = cls_layouts.parse_findings("Effusion|Pleural_Thickening", "x")
     assert [TASK["classes"][k] for k, b in enumerate(v) if b] == ["Effusion", "Pleural_Thickening"]
     with pytest.raises(DataError, match=r"Data_Entry_2017.csv line 5 \(a.png\): unknown finding 'Efusion'"):
-        cls_data.parse_findings("Efusion", "Data_Entry_2017.csv line 5 (a.png)")
+        cls_layouts.parse_findings("Efusion", "Data_Entry_2017.csv line 5 (a.png)")
 
 
 def test_reader_splits_pretrain_finetune_and_test_by_patient(tmp_path):
@@ -96,17 +98,17 @@ def test_multilabel_auc_per_finding_and_mean_over_defined_ones():
 
 def test_phantom_findings_are_drawn_where_they_occur():
     rng = lambda: np.random.default_rng(3)  # noqa: E731
-    clear = cls_data.chest_radiograph(rng(), []).astype(float)
-    big_heart = cls_data.chest_radiograph(rng(), ["Cardiomegaly"]).astype(float)
+    clear = cls_phantoms.chest_radiograph(rng(), []).astype(float)
+    big_heart = cls_phantoms.chest_radiograph(rng(), ["Cardiomegaly"]).astype(float)
     diff = np.abs(big_heart - clear) > 30
     rows, cols = np.nonzero(diff)
     assert diff.sum() > 50 and rows.mean() > 64                        # lower half of the image (heart level)
-    emph = cls_data.chest_radiograph(rng(), ["Emphysema"]).astype(float)
+    emph = cls_phantoms.chest_radiograph(rng(), ["Emphysema"]).astype(float)
     assert emph[30:90, 20:50].mean() < clear[30:90, 20:50].mean() - 10   # hyperlucent lung
 
 
 def test_synth_check_tiny_run_and_3d_checkpoint_refused(phantom_home, tmp_path, capsys):
-    root = phantom.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
+    root = phantoms.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
     assert (root / "Data_Entry_2017.csv").is_file() and list(root.glob("images_00*/images/*.png"))
     assert main(["data", "check", "--task", "chestxray14", "--root", str(root)]) == 0
     assert "no problems" in capsys.readouterr().out
@@ -153,7 +155,7 @@ def test_killed_run_resumes_to_the_same_metrics(phantom_home, tmp_path):
     import subprocess
     import sys
 
-    root = phantom.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
+    root = phantoms.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
     fast = ["--set", "task.preprocess.size=[32,32]", "--set", "task.finetune.max_steps=4",
             "--set", "task.finetune.checkpoint_every=2", "--set", "task.finetune.val_every=4",
             "--set", "task.finetune.log_every=1", "--set", "task.finetune.batch_size=4"]
@@ -184,7 +186,7 @@ def test_a_tiny_model_learns_the_phantom_findings(phantom_home, tmp_path):
     Measured on the 2-core CPU with the 2D Swin (model.name=swinunetr, the task's network before the 2D track):
     mean AUC 0.66 over the 14 findings, Edema 0.99, Emphysema 1.00.
     """
-    root = phantom.synth("chestxray14", tmp_path / "cx", cases=400, seed=0)
+    root = phantoms.synth("chestxray14", tmp_path / "cx", cases=400, seed=0)
     assert main(["run", "--method", "scratch", "--task", "phantom-chestxray14", "--root", str(root),
                  "--set", "model.name=swinunetr",
                  "--out", str(tmp_path / "runs"), "--set", "task.finetune.max_steps=150",

@@ -19,7 +19,7 @@ from PIL import Image
 from sslbench import recipes
 from sslbench.store import lock as locks
 from sslbench.cli import main
-from sslbench.data import layouts, phantom
+from sslbench.data import layouts, phantoms
 from sslbench.data.classification_check import image_problem, label_problem
 
 CC = ["--task", "phantom-ccccii", "--set", "task.preprocess.size=[32,32,32]", "--set", "task.finetune.max_steps=2",
@@ -31,7 +31,7 @@ CX = ["--task", "phantom-chestxray14", "--set", "task.preprocess.size=[32,32]", 
 
 @pytest.fixture(scope="module")
 def pristine_cc(tmp_path_factory) -> Path:
-    return phantom.synth("ccccii", tmp_path_factory.mktemp("pristine-cc") / "cc", cases=6, seed=0)
+    return phantoms.synth("ccccii", tmp_path_factory.mktemp("pristine-cc") / "cc", cases=6, seed=0)
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_ccccii_fold_target_outside_the_classes_is_refused(phantom_home, cc, tmp
 
 
 def test_chestxray_missing_and_corrupt_radiographs_are_refused_before_any_run_folder(phantom_home, tmp_path, capsys):
-    root = phantom.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
+    root = phantoms.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
     splits = layouts.read_datalist(recipes.load_task("phantom-chestxray14"), root)
     out = tmp_path / "runs"
     image = Path(splits["val"][0]["image"])

@@ -1,5 +1,5 @@
 """Pre-training corpora (TCIA COVID-19, LUNA16, the combined VoCo corpus) and the volume formats they come in:
-MetaImage .mhd/.raw (sslbench/data/ct_layouts.py SimpleITKReader) and DICOM series folders."""
+MetaImage .mhd/.raw (sslbench/data/layouts/ct.py SimpleITKReader) and DICOM series folders."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import SimpleITK as sitk
 
 from sslbench import recipes
 from sslbench.cli import main
-from sslbench.data import check, corpus, ct_layouts, layouts, phantom
-from sslbench.data.phantom_ct import write_mhd
+from sslbench.data import check, corpus, layouts, phantoms, sources
+from sslbench.data.layouts import ct as ct_layouts
+from sslbench.data.phantoms.ct import write_mhd
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError, RecipeError
 
@@ -110,7 +111,7 @@ def test_mhd_round_trip_matches_the_nifti_of_the_same_grid(tmp_path):
 
 @pytest.fixture(scope="module")
 def luna(tmp_path_factory) -> Path:
-    return phantom.synth("luna16", tmp_path_factory.mktemp("luna") / "luna16", cases=2, seed=0)
+    return phantoms.synth("luna16", tmp_path_factory.mktemp("luna") / "luna16", cases=2, seed=0)
 
 
 def test_luna16_phantom_is_a_chest_ct_with_nodules(luna):
@@ -130,9 +131,9 @@ def test_luna16_phantom_is_a_chest_ct_with_nodules(luna):
 
 
 def test_covid_lesions_are_ground_glass_or_consolidation_inside_non_contrast_lungs():
-    from sslbench.data import phantom_ct
+    from sslbench.data.phantoms import ct as phantom_ct
 
-    case = phantom._BODIES["chest"](phantom._case_rng(0, "chest", 3001))
+    case = phantoms.base._BODIES["chest"](phantoms.base._case_rng(0, "chest", 3001))
     rng = np.random.default_rng(1)
     image, lungs = phantom_ct.non_contrast_chest(case.image, case.label, rng)
     assert case.image[case.label > 0].mean() > 150 and image[case.label > 0].mean() < 80   # bolus removed
@@ -152,7 +153,7 @@ def test_missing_raw_is_one_line_naming_both_files(luna, tmp_path):
     assert len(report.problems) == 1
     line = report.problems[0]
     assert "\n" not in line and str(raw.with_suffix(".mhd")) in line and raw.name in line and "missing" in line
-    from sslbench.protocol import load_cases
+    from sslbench.data.cases import load_cases
 
     with pytest.raises(DataError, match=r"\.raw is missing") as err:             # the pre-training path
         load_cases([{"id": "x", "image": str(raw.with_suffix(".mhd"))}],
@@ -168,16 +169,16 @@ def test_combined_corpus_recipes_and_source_roots(monkeypatch, tmp_path):
     assert [s["task"] for s in full["data"]["sources"]] == ["btcv", "tcia-covid19", "luna16"]
     assert [s["task"] for s in recipes.load_task("voco-corpus-btcv")["data"]["sources"]] == ["btcv", "tcia-covid19"]
     names = ["btcv", "tcia-covid19", "luna16"]
-    assert corpus.parse_roots("btcv=/a, luna16=/c", names) == {"btcv": "/a", "luna16": "/c"}
+    assert sources.parse_roots("btcv=/a, luna16=/c", names) == {"btcv": "/a", "luna16": "/c"}
     with pytest.raises(RecipeError, match="'brats21' is not a source"):
-        corpus.parse_roots("brats21=/x", names)
+        sources.parse_roots("brats21=/x", names)
     with pytest.raises(RecipeError, match="NAME=PATH"):
         corpus.corpus_items(full, "/data/one-folder")
     with pytest.raises(DataError, match=r"no root for source 'btcv'.*SSLBENCH_ROOT_BTCV"):
         corpus.corpus_items(full, None)
     nested = {**full, "data": {"sources": [{"task": "phantom-voco-corpus"}]}}
     with pytest.raises(RecipeError, match="'phantom-voco-corpus' is a combined corpus"):
-        corpus.source_roots(nested, None)
+        sources.source_roots(nested, None)
     # Roots from --corpus-root and the environment, each read with its own layout.
     for k in range(3):
         touch(tmp_path / "luna" / "subset0" / f"1.2.{k}.mhd")
@@ -200,7 +201,7 @@ def test_pretrain_voco_on_the_phantom_combined_corpus(phantom_home, tmp_path, ca
     assert main(["data", "check", "--task", "phantom-voco-corpus"]) == 0          # each source in turn
     out = capsys.readouterr().out
     assert out.count("no problems") == 3
-    from sslbench.protocol import locate_data                                  # what a sweep asks first
+    from sslbench.data.locate import locate_data                                  # what a sweep asks first
 
     tiny = recipes.resolve("voco", None, preset="tiny", corpus="phantom-voco-corpus")["corpus"]
     assert tiny["data"]["phantom_total"] is None                               # tiny: each twin's own cases
@@ -221,7 +222,7 @@ def test_pretrain_voco_on_the_phantom_combined_corpus(phantom_home, tmp_path, ca
 
 
 def test_phantom_corpora_sizes_by_preset_and_total_split_over_sources():
-    from sslbench.data.corpus import phantom_shares, source_roots
+    from sslbench.data.sources import phantom_shares, source_roots
 
     paper = recipes.resolve("voco", None, preset="paper", corpus="phantom-voco-corpus")["corpus"]
     assert phantom_shares(paper) == {"phantom-btcv": 80, "phantom-tcia-covid19": 80, "phantom-luna16": 80}

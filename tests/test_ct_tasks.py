@@ -1,4 +1,4 @@
-"""LiTS, FLARE23 and AMOS22 (sslbench/data/ct_layouts.py, phantom_ct.py): real-layout readers on hand-built
+"""LiTS, FLARE23 and AMOS22 (sslbench/data/layouts/ct.py, phantoms/ct.py): real-layout readers on hand-built
 trees, phantom twins -> data check -> a tiny scratch run through the CLI, and the edge cases of their files."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from sslbench import recipes
 from sslbench.cli import main
-from sslbench.data import check, layouts, phantom
+from sslbench.data import check, layouts, phantoms
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError
 
@@ -132,7 +132,7 @@ def test_no_known_layout_is_one_line_naming_the_markers(tmp_path):
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("ct-phantoms")
-    return {like: phantom.synth(like, base / like, cases=3, seed=0) for like in ("lits", "flare23", "amos22")}
+    return {like: phantoms.synth(like, base / like, cases=3, seed=0) for like in ("lits", "flare23", "amos22")}
 
 
 def test_lits_phantom_has_hypodense_tumours_inside_the_liver(trees):

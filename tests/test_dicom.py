@@ -1,4 +1,4 @@
-"""DICOM folders (sslbench/data/ct_layouts.py): split by SeriesInstanceUID, each series validated (localizer,
+"""DICOM folders (sslbench/data/layouts/ct.py): split by SeriesInstanceUID, each series validated (localizer,
 single slice, mixed orientations, non-uniform slice spacing skipped with a named reason), read at its spacing."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from sslbench import recipes
-from sslbench.data import check, ct_layouts, layouts
+from sslbench.data import check, layouts
+from sslbench.data.layouts import ct as ct_layouts
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sslbench.data import phantom
+from sslbench.data import phantoms
 
 DRIVER = r'''
 import json, subprocess, sys
@@ -52,7 +52,7 @@ def test_a_real_full_disk_fails_the_run_with_one_line_and_a_retry_starts_clean(p
     why = _namespace_tmpfs(tmp_path / "probe")
     if why:
         pytest.skip(why)
-    root = phantom.synth("ccccii", tmp_path / "cc", cases=6, seed=0)
+    root = phantoms.synth("ccccii", tmp_path / "cc", cases=6, seed=0)
     out, result = tmp_path / "full", tmp_path / "result.json"
     out.mkdir()
     (tmp_path / "driver.py").write_text(DRIVER)

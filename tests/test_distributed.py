@@ -236,7 +236,7 @@ def test_a_killed_two_process_run_resumes_on_both_ranks_to_one_record_of_all_cas
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     from sslbench import recipes
-    from sslbench.protocol import locate_data, read_splits
+    from sslbench.data.locate import locate_data, read_splits
 
     task = recipes.resolve("scratch", "phantom-btcv")["task"]
     root, _ = locate_data(task, None, log=lambda *_: None)

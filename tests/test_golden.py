@@ -46,6 +46,8 @@ def test_the_comparison_sees_a_changed_number_and_a_changed_field():
     assert golden.differences(record, json.loads(json.dumps(record))) == []
     assert golden.differences(record, {**record, "cases": [{"mean": 0.5 + 1e-6}]}) == []   # float noise
     assert golden.differences(record, {**record, "cases": [{"mean": 0.52}]}) == ["/cases[0]/mean: expected 0.5, found 0.52"]
+    assert golden.differences(record, {**record, "history": [{"step": 2, "loss": 1.26}]}) == [
+        "/history[0]/loss: expected 1.25, found 1.26"]
     assert golden.differences(record, {**record, "protocol": "abd"}) == ["/protocol: expected 'abc', found 'abd'"]
     assert golden.differences(record, {**record, "extra": 1}) == ["/extra: unexpected"]
     assert golden.reduce({"finished": "x", "source": "/t/a/pretrain/voco/c/0123456789ab-s0/b.pt"}, ("/t/a",)) == {

@@ -1,4 +1,4 @@
-"""Reading real on-disk layouts (sslbench/data/layouts.py) from hand-made trees of empty files."""
+"""Reading real on-disk layouts (sslbench/data/layouts/) from hand-made trees of empty files."""
 
 from __future__ import annotations
 

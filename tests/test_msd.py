@@ -13,7 +13,9 @@ import torch
 
 from sslbench import protocol, recipes
 from sslbench.cli import main
-from sslbench.data import check, layouts, msd, phantom
+from sslbench.data import check, layouts, phantoms
+from sslbench.data.phantoms import msd
+from sslbench.data.cases import load_cases
 from sslbench.data.transforms import preprocess_transforms
 from sslbench.errors import DataError
 
@@ -36,7 +38,7 @@ def _phantom_task(name: str) -> dict:
 def test_synth_check_and_tiny_run(like, tmp_path, capsys, phantom_home):
     name = TASKS[like]
     assert main(["data", "synth", "--like", like, "--out", str(tmp_path / "data"), "--cases", "2"]) == 0
-    root = next(p.parent for p in (tmp_path / "data").rglob(phantom.MARKER))
+    root = next(p.parent for p in (tmp_path / "data").rglob(phantoms.MARKER))
     # The real task folder, file names and dataset.json keys.
     meta = json.loads((root / "dataset.json").read_text())
     real = recipes.load_task(name)
@@ -92,7 +94,7 @@ def test_recipes_carry_the_paper_settings():
 
 @pytest.fixture(scope="module")
 def liver(tmp_path_factory) -> Path:
-    return phantom.synth("msd03", tmp_path_factory.mktemp("msd03"), cases=2, seed=3)
+    return phantoms.synth("msd03", tmp_path_factory.mktemp("msd03"), cases=2, seed=3)
 
 
 def _copy(src: Path, dst: Path) -> tuple[Path, dict]:
@@ -102,7 +104,7 @@ def _copy(src: Path, dst: Path) -> tuple[Path, dict]:
 
 
 def test_multichannel_4d_image_loads_channel_first(tmp_path):
-    root = phantom.synth("msd05", tmp_path, cases=2, seed=0)
+    root = phantoms.synth("msd05", tmp_path, cases=2, seed=0)
     task = _phantom_task("msd05")
     item = layouts.read_datalist(task, root)["train"][0]
     raw = nib.load(item["image"]).get_fdata()                       # X, Y, Z, 2 (channel last on disk)
@@ -131,7 +133,7 @@ def test_4d_image_where_3d_expected_is_one_clear_problem(liver, tmp_path):
     assert len(report.problems) == 1
     assert report.problems[0].startswith(f"{image.resolve()}:") and "2 channel(s); expected 1" in report.problems[0]
     items = layouts.read_datalist(task, root)["train"][:1]
-    cases = protocol.load_cases(items, preprocess_transforms(task), "x")
+    cases = load_cases(items, preprocess_transforms(task), "x")
     with pytest.raises(DataError, match=r"2 image channel\(s\) after loading; expected 1"):
         protocol.check_cases(cases, task, items, "msd03.yaml")
 
@@ -166,7 +168,7 @@ def test_labels_outside_the_class_list(liver, tmp_path):
     items = layouts.read_datalist(task, root)["train"][:1]
     # a run refuses the case as it loads (LoadChecked), naming the label file, before any training
     with pytest.raises(DataError) as err:
-        protocol.load_cases(items, preprocess_transforms(task), "x")
+        load_cases(items, preprocess_transforms(task), "x")
     assert str(err.value) == (f"{label}: label values 7 are not classes of task 'phantom-msd03'; expected integers "
                               f"0..2 (data.classes)")
 

@@ -1,4 +1,4 @@
-"""Procedural phantoms (sslbench/data/phantom.py): real layouts, plausible anatomy, determinism."""
+"""Procedural phantoms (sslbench/data/phantoms/): real layouts, plausible anatomy, determinism."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from sslbench import recipes
 
-from sslbench.data import check, layouts, phantom
+from sslbench.data import check, layouts, phantoms
 from sslbench.errors import DataError
 
 MMWHS_RAW = {0, 205, 420, 500, 550, 600, 820, 850}
@@ -38,7 +38,7 @@ def task(name: str, **data) -> dict:
 def trees(tmp_path_factory) -> dict[str, Path]:
     """One phantom tree per like (seed 0), shared by the tests of this module."""
     base = tmp_path_factory.mktemp("phantoms")
-    return {like: phantom.synth(like, base / like, cases=spec[2], seed=0) for like, spec in CASES.items()}
+    return {like: phantoms.synth(like, base / like, cases=spec[2], seed=0) for like, spec in CASES.items()}
 
 
 def load_ras(item: dict) -> dict:
@@ -64,10 +64,10 @@ def test_round_trip(trees, like):
     t = task(name, **over)
     if like == "msd-spleen":
         assert root.name == "Task09_Spleen"
-    marker = json.loads((root / phantom.MARKER).read_text())
+    marker = json.loads((root / phantoms.MARKER).read_text())
     assert marker == {"like": like, "cases": cases, "seed": 0, "generator": "sslbench.data.phantom", "version": 1,
                       "note": "procedurally generated phantom, not real patient data", "test_cases": n_test}
-    assert not (root / phantom.PARTIAL_MARKER).exists()
+    assert not (root / phantoms.PARTIAL_MARKER).exists()
 
     splits = layouts.read_datalist(t, root)
     assert (len(splits["train"]), len(splits["val"]), len(splits.get("test", []))) == (n_train, n_val, n_test)
@@ -161,9 +161,9 @@ def test_mmwhs_heart(trees):
 
 
 def test_same_seed_same_bytes_other_seed_other_volumes(tmp_path):
-    a = phantom.synth("mmwhs", tmp_path / "a", cases=2, seed=3)
-    b = phantom.synth("mmwhs", tmp_path / "b", cases=2, seed=3)
-    c = phantom.synth("mmwhs", tmp_path / "c", cases=2, seed=4)
+    a = phantoms.synth("mmwhs", tmp_path / "a", cases=2, seed=3)
+    b = phantoms.synth("mmwhs", tmp_path / "b", cases=2, seed=3)
+    c = phantoms.synth("mmwhs", tmp_path / "c", cases=2, seed=4)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
@@ -175,27 +175,27 @@ def test_same_seed_same_bytes_other_seed_other_volumes(tmp_path):
 
 def test_unknown_like_lists_the_valid_ones(tmp_path):
     with pytest.raises(DataError) as err:
-        phantom.synth("brats", tmp_path)
-    assert all(like in str(err.value) for like in phantom.LIKES)
-    assert {"btcv", "btcv-raw", "msd-spleen", "mmwhs"} <= set(phantom.LIKES)
-    assert len(set(phantom.LIKES)) == len(phantom.LIKES)
+        phantoms.synth("brats", tmp_path)
+    assert all(like in str(err.value) for like in phantoms.LIKES)
+    assert {"btcv", "btcv-raw", "msd-spleen", "mmwhs"} <= set(phantoms.LIKES)
+    assert len(set(phantoms.LIKES)) == len(phantoms.LIKES)
 
 
 def test_resynth_replaces_a_phantom_but_never_real_data(tmp_path):
-    root = phantom.synth("btcv-raw", tmp_path / "p", cases=3, seed=0, test_cases=0)
+    root = phantoms.synth("btcv-raw", tmp_path / "p", cases=3, seed=0, test_cases=0)
     assert len(list((root / "RawData" / "Training" / "img").iterdir())) == 3
-    phantom.synth("btcv-raw", root, cases=2, seed=1, test_cases=0)       # fewer cases: stale ones removed
+    phantoms.synth("btcv-raw", root, cases=2, seed=1, test_cases=0)       # fewer cases: stale ones removed
     assert sorted(p.name for p in (root / "RawData" / "Training" / "img").iterdir()) == ["img0001.nii.gz",
                                                                                            "img0035.nii.gz"]
     real = tmp_path / "real"
     (real / "imagesTr").mkdir(parents=True)
     with pytest.raises(DataError, match="refusing to overwrite"):
-        phantom.synth("btcv", real, cases=1)
+        phantoms.synth("btcv", real, cases=1)
 
 
 def test_interrupted_synth_is_flagged_and_recoverable(tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = phantom._Job.write_case
+    original = phantoms._Job.write_case
 
     def failing(self, *args, **kwargs):
         calls["n"] += 1
@@ -203,23 +203,23 @@ def test_interrupted_synth_is_flagged_and_recoverable(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(phantom._Job, "write_case", failing)
+    monkeypatch.setattr(phantoms._Job, "write_case", failing)
     with pytest.raises(KeyboardInterrupt):
-        phantom.synth("mmwhs", tmp_path, cases=3)
+        phantoms.synth("mmwhs", tmp_path, cases=3)
     root = tmp_path
-    assert not (root / phantom.MARKER).exists() and (root / phantom.PARTIAL_MARKER).exists()
+    assert not (root / phantoms.MARKER).exists() and (root / phantoms.PARTIAL_MARKER).exists()
     assert not [p for p in root.rglob("*partial-*")]                  # no half-written file left behind
     report = check.check_dataset(task("mmwhs", val_last=1), root)
-    assert report.phantom and any(phantom.PARTIAL_MARKER in p for p in report.problems)
-    monkeypatch.setattr(phantom._Job, "write_case", original)
-    phantom.synth("mmwhs", tmp_path, cases=3)
-    assert (root / phantom.MARKER).exists() and not (root / phantom.PARTIAL_MARKER).exists()
+    assert report.phantom and any(phantoms.PARTIAL_MARKER in p for p in report.problems)
+    monkeypatch.setattr(phantoms._Job, "write_case", original)
+    phantoms.synth("mmwhs", tmp_path, cases=3)
+    assert (root / phantoms.MARKER).exists() and not (root / phantoms.PARTIAL_MARKER).exists()
     assert check.check_dataset(task("mmwhs", val_last=1), root).problems == []
 
 
 def test_generation_is_fast():
-    for body, fn in (("abdomen", phantom.abdomen), ("chest", phantom.chest)):
+    for body, fn in (("abdomen", phantoms.base.abdomen), ("chest", phantoms.base.chest)):
         start = time.perf_counter()
         for n in range(3):
-            fn(phantom._case_rng(0, body, 100 + n))
+            fn(phantoms.base._case_rng(0, body, 100 + n))
         assert (time.perf_counter() - start) / 3 < 2.0

@@ -34,9 +34,9 @@ def _files(path: Path) -> list[Path]:
 
 def _real_tree(like: str, out: Path, cases: int) -> Path:
     """A tree in the real layout that is not marked as a phantom (what a user's copy looks like to sslbench)."""
-    from sslbench.data import phantom
+    from sslbench.data import phantoms
 
-    root = phantom.synth(like, out, cases=cases, seed=0)
+    root = phantoms.synth(like, out, cases=cases, seed=0)
     for marker in Path(root).rglob("sslbench_phantom.json"):
         marker.unlink()
     return Path(root)

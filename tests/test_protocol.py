@@ -249,13 +249,13 @@ def test_a_phantom_pre_training_makes_the_fine_tuning_phantom_and_hands_its_deco
     `run` does."""
     import torch
 
-    from sslbench.data import phantom
+    from sslbench.data import phantoms
 
     assert main(["pretrain", "--method", "mg", "--preset", "tiny", "--out", str(tmp_path / "runs"),
                  "--set", "method.pretrain.steps=1"]) == 0
     backbone = next((tmp_path / "runs" / "pretrain" / "mg").rglob("backbone.pt"))
-    real = phantom.synth("btcv", tmp_path / "btcv", cases=3, test_cases=1)
-    (real / phantom.MARKER).unlink()                               # stands in for a user's real copy
+    real = phantoms.synth("btcv", tmp_path / "btcv", cases=3, test_cases=1)
+    (real / phantoms.MARKER).unlink()                               # stands in for a user's real copy
     common = ["--task", "btcv", "--root", str(real), "--preset", "tiny", *FAST, "--set", "task.finetune.max_steps=1",
               "--set", "task.finetune.val_every=0"]
     assert main(["finetune", "--method", "mg", "--init", str(backbone), "--out", str(tmp_path / "a"), *common]) == 0
@@ -271,7 +271,7 @@ def test_load_cases_keeps_the_order_of_items_across_threads_and_fails_on_the_fir
     import time
 
     from sslbench.errors import DataError
-    from sslbench.protocol import load_cases
+    from sslbench.data.cases import load_cases
 
     monkeypatch.chdir(tmp_path)
     for n in range(5):

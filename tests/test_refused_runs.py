@@ -10,7 +10,7 @@ import torch
 
 from sslbench.store import lock as locks
 from sslbench.cli import main
-from sslbench.data import phantom
+from sslbench.data import phantoms
 
 
 def _resnet_like(path):
@@ -21,7 +21,7 @@ def _resnet_like(path):
 def test_a_checkpoint_matching_no_tensor_is_refused_with_one_line(phantom_home, tmp_path, capsys):
     ckpt = _resnet_like(tmp_path / "resnet.pt")
     # classification: the checkpoint is matched before the run folder is created
-    cc = phantom.synth("ccccii", tmp_path / "cc", cases=6, seed=0)
+    cc = phantoms.synth("ccccii", tmp_path / "cc", cases=6, seed=0)
     out = tmp_path / "runs"
     assert main(["finetune", "--task", "phantom-ccccii", "--root", str(cc), "--init", str(ckpt), "--out", str(out),
                  "--set", "task.preprocess.size=[32,32,32]", "--set", "task.finetune.max_steps=1"]) == 2
@@ -69,6 +69,8 @@ def test_voxel_checks_run_once_per_case_and_are_cached_with_it(phantom_home, tmp
     import pytest
 
     from sslbench import protocol, recipes
+    from sslbench.data.cases import load_cases
+    from sslbench.data.locate import locate_data, read_splits
     from sslbench.data import check
     from sslbench.data.cache import CaseCache, preprocessing_key
     from sslbench.data.transforms import preprocess_transforms
@@ -77,8 +79,8 @@ def test_voxel_checks_run_once_per_case_and_are_cached_with_it(phantom_home, tmp
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     cfg = recipes.resolve("scratch", "phantom-btcv", preset="tiny", overrides=[])
     task = cfg["task"]
-    root, _ = protocol.locate_data(task, None, log=lambda *_: None)
-    splits = protocol.read_splits(task, root)
+    root, _ = locate_data(task, None, log=lambda *_: None)
+    splits = read_splits(task, root)
     items = [*splits["train"], *splits["val"]]
     key = preprocessing_key(task, True)
     monkeypatch.setattr(check, "VOXEL_CHECKS", check.VOXEL_CHECKS + 1)
@@ -90,7 +92,7 @@ def test_voxel_checks_run_once_per_case_and_are_cached_with_it(phantom_home, tmp
     monkeypatch.setattr(check.LoadChecked, "__call__", lambda self, d: checked.append(d["image"]) or real_call(self, d))
     protocol.check_run_cases(cfg, "finetune", items, force=True)
     assert sorted(checked) == sorted(it["image"] for it in items)  # nothing cached: every case checked once
-    protocol.load_cases(items[:1], preprocess_transforms(task), "cache", cache=CaseCache(task), write=True)
+    load_cases(items[:1], preprocess_transforms(task), "cache", cache=CaseCache(task), write=True)
     checked.clear()
     protocol.check_run_cases(cfg, "finetune", items, force=True)
     assert sorted(checked) == sorted(it["image"] for it in items[1:])   # the cached case is not read again
@@ -102,7 +104,7 @@ def test_voxel_checks_run_once_per_case_and_are_cached_with_it(phantom_home, tmp
     nib.save(nib.Nifti1Image(data, img.affine), bad)
     item = {**items[1], "id": "nan", "image": str(bad)}
     with pytest.raises(DataError, match=r"contains 1 NaN or infinite voxel"):
-        protocol.load_cases([item], preprocess_transforms(task), "cache", cache=CaseCache(task), write=True)
+        load_cases([item], preprocess_transforms(task), "cache", cache=CaseCache(task), write=True)
     assert CaseCache(task).get(item) is None                       # a refused case is never cached
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sslbench.cli import main
-from sslbench.data import phantom
+from sslbench.data import phantoms
 
 FAST = ["--task", "phantom-btcv", "--set", "task.finetune.max_steps=4", "--set", "task.finetune.roi=[64,32,32]",
         "--set", "task.finetune.num_samples=1", "--set", "task.finetune.batch_size=1",
@@ -27,7 +27,7 @@ STREAM = ["--set", "task.finetune.loader=stream"]
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A 4-case BTCV phantom: training 0001-0003, validation 0035."""
-    return phantom.synth("btcv", tmp_path_factory.mktemp("stream-ft") / "btcv", cases=4, seed=3)
+    return phantoms.synth("btcv", tmp_path_factory.mktemp("stream-ft") / "btcv", cases=4, seed=3)
 
 
 @pytest.fixture()

@@ -101,7 +101,7 @@ def test_run_supervised_task_end_to_end(phantom_home, tmp_path):
     task = recipes.load_task("phantom-mmwhs")
     assert metrics["labelled"] and metrics["phantom"]
     from sslbench.data import layouts
-    from sslbench.protocol import locate_data
+    from sslbench.data.locate import locate_data
 
     path, _ = locate_data(task, None)
     assert metrics["volumes"] == len(layouts.read_datalist(task, path)["train"])     # the training split only

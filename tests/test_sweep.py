@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sslbench import protocol, recipes, sweep
+from sslbench import recipes, sweep
+from sslbench.data.locate import locate_data
 from sslbench.report.published import load_published
 from sslbench.report.runs import collect_runs
 from sslbench.report.tables import build_tables
@@ -47,7 +48,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def mmwhs_data(phantom_home):
     """Synthesise the phantom once, before any worker subprocess could race to write it."""
-    root, phantom = protocol.locate_data(recipes.load_task("phantom-mmwhs"), None, log=lambda s: None)
+    root, phantom = locate_data(recipes.load_task("phantom-mmwhs"), None, log=lambda s: None)
     assert phantom
     return root
 

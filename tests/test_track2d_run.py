@@ -7,7 +7,7 @@ from sslbench.report.published import load_published
 from sslbench.report.runs import collect_runs
 from sslbench.report.tables import build_tables
 from sslbench.cli import main
-from sslbench.data import layouts, phantom
+from sslbench.data import layouts, phantoms
 from sslbench import recipes
 from sslbench.methods import REGISTRY_2D
 
@@ -16,7 +16,7 @@ TABLE4_ORDER = ["scratch", "mg", "transvw", "c2l", "simsiam", "pcrlv1", "pcrlv2"
 
 @pytest.mark.slow
 def test_every_2d_method_pretrains_finetunes_and_fills_table4(phantom_home, tmp_path, capsys):
-    root = phantom.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
+    root = phantoms.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
     runs = tmp_path / "runs"
     fast = ["--set", "task.preprocess.size=[32,32]", "--set", "task.finetune.max_steps=2",
             "--set", "task.finetune.val_every=2", "--set", "task.finetune.checkpoint_every=2",
@@ -69,7 +69,7 @@ def test_killed_2d_pretraining_resumes_to_the_same_losses(phantom_home, tmp_path
     import subprocess
     import sys
 
-    root = phantom.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
+    root = phantoms.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
     args = ["--set", "task.preprocess.size=[32,32]", "--set", "task.finetune.max_steps=2",
             "--set", "task.finetune.val_every=2", "--set", "task.finetune.batch_size=4",
             "--set", "method.pretrain.steps=4", "--set", "method.pretrain.checkpoint_every=2",

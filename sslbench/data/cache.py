@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .ct_layouts import SERIES_SEP
+from .layouts.ct import SERIES_SEP
 
 FORMAT = 1
 MODES = ("read", "write", "none")
@@ -76,15 +76,16 @@ def preprocessing_key(task: Mapping[str, Any], with_label: bool) -> str:
 
 
 def _preprocessing_code_digest() -> str:
-    """SHA-256 of the code that preprocessing may run: every module of sslbench/data except the phantom writers,
-    the checker, this cache and the streaming loader, which reads the cache (a changed transform, reader or
-    layout is a new cache key)."""
+    """SHA-256 of the code that preprocessing may run: every module of sslbench/data and of its layouts/ readers
+    except the phantom writers (phantoms/), the checker, this cache and the streaming loader, which reads the
+    cache (a changed transform, reader or layout is a new cache key)."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(here.glob("*.py")):
-        if path.name.startswith(("phantom", "check", "cache", "stream")):
+    for path in sorted(here.rglob("*.py")):
+        rel = path.relative_to(here)
+        if rel.parts[0] == "phantoms" or path.name.startswith(("check", "cache", "stream")):
             continue
-        h.update(path.name.encode())
+        h.update(rel.as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -172,31 +173,3 @@ class CaseCache:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("*.npy")) if self.folder.is_dir() else 0
-
-
-def build(task: Mapping[str, Any], root: str | Path | None, cache_root: str | Path | None = None,
-          progress=None) -> dict[str, Any]:
-    """Preprocess every case of a task (or corpus) into the cache; returns counts, the folder and its size.
-
-    Cases already cached under the current key are skipped, so building twice costs nothing.
-    """
-    from .. import protocol
-    from . import layouts
-    from .transforms import preprocess_transforms
-
-    with_label = task.get("kind") != "corpus"
-    root_path, phantom = protocol.locate_data(task, root, log=lambda *_: None)
-    splits = layouts.read_datalist(task, root_path)
-    if with_label:   # what fine-tuning and evaluation read: the labelled splits
-        items = [it for name in ("train", "val") for it in splits.get(name, [])]
-    else:            # a corpus: every image it lists (as pre-training reads it)
-        items = [{"id": it["id"], "image": it["image"]}
-                 for name in ("train", "val", "test") for it in splits.get(name, [])]
-    cache = CaseCache(task, with_label=with_label, root=cache_root)
-    todo = [it for it in items if cache.get(it) is None]
-    if todo:
-        protocol.load_cases(todo, preprocess_transforms(task, with_label=with_label), "cache", progress,
-                            cache=cache, write=True)
-    return {"task": task["name"], "root": str(root_path), "phantom": phantom, "folder": str(cache.folder),
-            "key": cache.key, "cases": len(items), "written": len(todo), "reused": len(items) - len(todo),
-            "bytes": cache.size_bytes()}

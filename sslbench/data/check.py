@@ -5,7 +5,9 @@ every listed file, one case at a time, and reports each defect as one line namin
 and key) and what was expected, instead of raising: a missing or truncated file, label values outside the
 task's classes (after ``data.label_map``), non-integral label values, an image/label pair that disagrees in
 spatial shape or affine, an empty split, a case in two splits. :func:`summarize` aggregates the per-case
-rows into one row per split for the CLI's table.
+rows into one row per split for the CLI's table. Classification tasks (CC-CCII slice folders, ChestX-ray14
+PNGs) get the same report from their own image checks (every slice readable, equal slice sizes, complete
+slice numbering, patient-disjoint splits).
 
 Every run applies the same checks to the cases it reads (issue 19): :func:`check_case_headers` (headers only:
 files exist and are complete, image / label grids agree; also used here) before its run folder is claimed, and
@@ -24,8 +26,9 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from sslbench.data import ct_layouts, layouts
-from sslbench.data.phantom import MARKER, PARTIAL_MARKER
+from sslbench.data import layouts
+from sslbench.data.layouts import ct as ct_layouts
+from sslbench.data.marker import MARKER, PARTIAL_MARKER
 from sslbench.errors import DataError
 
 #: Tolerance between an image's and its label's affine entries (float32 header rounding, not a voxel shift).
@@ -423,7 +426,7 @@ def _read(path: str, what: str, where: str, problems: list[str]) -> tuple[Any, n
 
 
 def _read_converted(path: str) -> tuple[Any, np.ndarray]:
-    """A MetaImage or DICOM series read into memory as a nibabel image (see sslbench.data.ct_layouts)."""
+    """A MetaImage or DICOM series read into memory as a nibabel image (see sslbench.data.layouts.ct)."""
     img = ct_layouts.read_volume(path)
     return img, np.asanyarray(img.dataobj)
 
@@ -553,9 +556,7 @@ def check_dataset(task: Mapping[str, Any], root: Path) -> CheckReport:
     and label share the spatial shape and the affine.
     """
     if task.get("kind") in ("classification", "classification2d"):   # CC-CCII slice folders, ChestX-ray14 PNGs
-        from sslbench.data import classification
-
-        return classification.check_dataset(task, root)
+        return _check_classification(task, root)
     root = Path(root).expanduser()
     report = CheckReport(root=root, task=str(task.get("name", "?")), classes=list(task.get("classes") or []))
     report.phantom, unfinished = _phantom_state(root)
@@ -600,6 +601,96 @@ def check_dataset(task: Mapping[str, Any], root: Path) -> CheckReport:
     for split, items in dl.splits.items():
         for it in items:
             report.rows.append(_check_case(task, split, it, label_map, report.problems))
+    return report
+
+
+def _check_classification(task: Mapping[str, Any], root: Path) -> CheckReport:
+    """Validate a CC-CCII or ChestX-ray14 tree: layout, splits, every image readable, slice completeness.
+
+    Returns :class:`CheckReport` rows compatible with the summary table of :func:`summarize`: ``shape`` is
+    the stored size (slices x height x width, or height x width), ``classes`` counts the case per class
+    (CC-CCII) or per finding (ChestX-ray14), ``intensity`` the 8-bit grey range.
+    """
+    from PIL import Image
+
+    from sslbench.data.layouts.classification import _ccccii_scans, _check_n_slice
+
+    root = Path(root).expanduser()
+    classes = list(task.get("classes") or [])
+    report = CheckReport(root=root, task=str(task.get("name", "?")), classes=classes)
+    report.phantom, unfinished = _phantom_state(root)
+    try:
+        name, base = layouts.find_layout(task, root)
+    except DataError as exc:
+        report.problems.append(str(exc))
+        return report
+    report.layout = name
+    if unfinished:
+        report.problems.append(f"{base}: the phantom synth that wrote this folder did not finish; run it again")
+    if name == "ccccii":
+        scans, problems = _ccccii_scans(base)
+        report.problems.extend(problems)
+        try:
+            p2, notes = _check_n_slice(base, scans)
+            report.problems.extend(p2)
+            report.notes.extend(notes)
+        except DataError as exc:
+            report.problems.append(str(exc))
+        if problems:
+            return report
+    try:
+        dl = layouts.READERS[name].read(task, layouts.absolute_root(root), base)
+    except DataError as exc:
+        report.problems.append(str(exc))
+        return report
+    for split in ("train", "val"):
+        if not dl.splits.get(split):
+            report.problems.append(f"{dl.source}: the '{split}' split ({dl.origin.get(split, '?')}) is empty; "
+                                   f"expected at least one case")
+    report.problems.extend(layouts.overlaps(dl.splits))
+    by_patient: dict[str, set[str]] = {}
+    for split, items in dl.splits.items():
+        for it in items:
+            by_patient.setdefault(f"{it.get('label') if name == 'ccccii' else ''}:{it['patient']}", set()).add(split)
+    mixed = [k.split(":", 1)[1] for k, v in by_patient.items() if len(v) > 1]
+    official_folds = name == "ccccii" and Path(dl.source).suffix == ".csv"
+    if mixed:
+        line = (f"{dl.source}: patient {mixed[0]} has scans in several splits"
+                f"{f' (and {len(mixed) - 1} more patients)' if len(mixed) > 1 else ''}")
+        # the official CC-CCII fold CSVs are per scan; sslbench's own splits are patient-disjoint
+        (report.notes if official_folds else report.problems).append(
+            line + ("" if official_folds else "; expected patient-disjoint splits"))
+    for split, items in dl.splits.items():
+        for it in items:
+            files = it.get("slices") or [it["image"]]
+            row: dict[str, Any] = {"split": split, "id": it["id"], "image": it["image"], "label": None,
+                                   "shape": None, "channels": 1, "spacing": None, "intensity": None,
+                                   "labels": None, "classes": None, "ok": True}
+            n_before = len(report.problems)
+            lo, hi, shape = 255, 0, None
+            for f in files:
+                try:
+                    with Image.open(f) as im:
+                        arr = np.asarray(im.convert("L"))
+                except (OSError, ValueError) as exc:
+                    report.problems.append(f"{f}: cannot be read as an image ({_one_line(exc)}); "
+                                           f"expected an 8-bit PNG/JPG")
+                    break
+                if shape is not None and arr.shape != shape:
+                    report.problems.append(f"{f}: {arr.shape[0]}x{arr.shape[1]} pixels in a scan of "
+                                           f"{shape[0]}x{shape[1]}; expected equal slice sizes")
+                    break
+                shape = arr.shape
+                lo, hi = min(lo, int(arr.min())), max(hi, int(arr.max()))
+            if shape is not None:
+                row["shape"] = ((len(files),) + tuple(shape)) if name == "ccccii" else tuple(shape)
+                row["intensity"] = (float(lo), float(hi))
+            # check.summarize counts classes by index and leaves index 0 out (background): shift by one
+            labels = [int(it["label"])] if name == "ccccii" else [k for k, v in enumerate(it["label"]) if v]
+            row["classes"] = {k + 1: 1 for k in labels}
+            row["ok"] = len(report.problems) == n_before
+            report.rows.append(row)
+    report.classes = ["No Finding" if name == "chestxray14" else "-"] + classes
     return report
 
 

@@ -1,127 +1,28 @@
 """Pre-training corpora: the images of one dataset, or the union of several (``data.sources``).
 
 The VoCo supplement (Sec. 1 and Table 1) pre-trains on BTCV + TCIA COVID-19 (~0.8k CT scans) for the BTCV task and
-adds LUNA16 (1.6k) for the others. A combined corpus recipe lists its sources as task recipes::
-
-    data:
-      sources: [{task: btcv}, {task: tcia-covid19}, {task: luna16}]
-
-Each source is read with its own layout and its own root; the corpus recipe's ``preprocess`` applies to all of
-them. A source's root comes from, in order: ``--corpus-root NAME=PATH[,NAME=PATH...]``, the source entry's
-``root`` key, the environment variable ``SSLBENCH_ROOT_<NAME>`` (upper case, ``-`` as ``_``: e.g.
-``SSLBENCH_ROOT_TCIA_COVID19``), and the source task's own ``data.root`` (phantom twins: ``auto``).
+adds LUNA16 (1.6k) for the others. A combined corpus recipe lists its sources as task recipes (where each
+source's root comes from: :mod:`sslbench.data.sources`); each source is read with its own layout and its own
+root, and the corpus recipe's ``preprocess`` applies to all of them.
 A source contributes its train and validation images (Table 1 counts both); a corpus of one dataset keeps
 every image it lists (train, validation and test).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sslbench.errors import DataError, RecipeError
-
-
-def env_name(source: str) -> str:
-    """The environment variable that may hold a source's root: ``SSLBENCH_ROOT_<NAME>``."""
-    return "SSLBENCH_ROOT_" + source.upper().replace("-", "_")
-
-
-def parse_roots(text: str | None, names: list[str]) -> dict[str, str]:
-    """``--corpus-root`` of a combined corpus: ``NAME=PATH`` pairs separated by commas, NAME a source."""
-    if not text:
-        return {}
-    out: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, path = part.partition("=")
-        if not sep or not path.strip():
-            raise RecipeError(f"--corpus-root {text}: expected NAME=PATH pairs separated by commas for a corpus of "
-                              f"several sources ({', '.join(names)}), got {part!r}")
-        if name.strip() not in names:
-            raise RecipeError(f"--corpus-root: '{name.strip()}' is not a source of this corpus; expected one of "
-                              f"{', '.join(names)}")
-        out[name.strip()] = path.strip()
-    return out
-
-
-def _source_names(corpus: Mapping[str, Any]) -> list[str]:
-    sources = (corpus.get("data") or {}).get("sources") or []
-    return [str(s["task"]) for s in sources]
-
-
-def phantom_shares(corpus: Mapping[str, Any]) -> dict[str, int]:
-    """{phantom source: its number of volumes} under the corpus's ``data.phantom_total`` ({} when unset).
-
-    The total is split as evenly as the sources allow, the first sources taking the remainder; only sources
-    synthesised on first use (``data.root: auto``, the phantom twins) are counted; a real source keeps its files.
-    """
-    from sslbench import recipes
-
-    total = (corpus.get("data") or {}).get("phantom_total")
-    if total is None:
-        return {}
-    names = [n for n in _source_names(corpus) if (recipes.load_task(n).get("data") or {}).get("root") == "auto"]
-    if not names:
-        return {}
-    if int(total) < 2 * len(names):
-        raise RecipeError(f"{corpus.get('_file', corpus['name'])}: key 'data.phantom_total': {total} volumes for "
-                          f"{len(names)} phantom sources; expected at least {2 * len(names)} (2 per source)")
-    base, extra = divmod(int(total), len(names))
-    return {n: base + (1 if i < extra else 0) for i, n in enumerate(names)}
-
-
-def source_roots(corpus: Mapping[str, Any], root: str | None) -> list[tuple[dict, str]]:
-    """[(source task recipe, its root)] of a combined corpus, roots resolved as the module docstring says."""
-    from sslbench import recipes
-
-    names = _source_names(corpus)
-    given = parse_roots(root, names) if root and "=" in root else {}
-    if root and not given:
-        raise RecipeError(f"--corpus-root {root}: corpus '{corpus['name']}' has several sources; expected "
-                          f"NAME=PATH pairs for {', '.join(names)}")
-    out = []
-    shares = phantom_shares(corpus)
-    for entry in corpus["data"]["sources"]:
-        name = str(entry["task"])
-        task = recipes.load_task(name)
-        if name in shares:
-            task = {**task, "data": {**task["data"], "phantom_cases": shares[name]}}
-        if task["status"] != "available" or (task.get("data") or {}).get("sources"):
-            raise RecipeError(f"{corpus.get('_file', corpus['name'])}: source '{name}' is "
-                              f"{task['status'] if task['status'] != 'available' else 'a combined corpus'}; expected "
-                              f"an available task or single-dataset corpus")
-        src_root = given.get(name) or entry.get("root") or os.environ.get(env_name(name)) or task["data"].get("root")
-        if src_root in (None, ""):
-            raise DataError(f"corpus '{corpus['name']}': no root for source '{name}'; expected {name}=PATH in "
-                            f"--corpus-root (data check: --root), a 'root' in its data.sources entry, or "
-                            f"${env_name(name)}")
-        out.append((task, str(src_root)))
-    return out
-
-
-def locate_sources(corpus: Mapping[str, Any], root: str | None,
-                   log: Callable[[str], None] = print) -> tuple[Path, bool]:
-    """Locate every source of a combined corpus (synthesising phantom sources); (their common folder, any phantom).
-
-    What :func:`sslbench.protocol.locate_data` answers for a combined corpus (e.g. before a sweep's trials).
-    """
-    from sslbench import protocol
-
-    found = [protocol.locate_data(task, src_root, log=log) for task, src_root in source_roots(corpus, root)]
-    return Path(os.path.commonpath([str(p) for p, _ in found])), any(ph for _, ph in found)
+from sslbench.data import layouts
+from sslbench.data.locate import locate_data
+from sslbench.data.sources import source_names, source_roots
+from sslbench.errors import DataError
 
 
 def labelled_items(task: Mapping[str, Any], root: str | None,
                    log: Callable[[str], None] = print) -> tuple[str, bool, list[dict]]:
     """(where, phantom, [{"id", "image", "label"}, ...]) of a segmentation task's TRAINING split, for a method
     that pre-trains on label maps. Validation and test cases are never read (they score the fine-tuning)."""
-    from sslbench import protocol
-    from sslbench.data import layouts
-
-    path, phantom = protocol.locate_data(task, root, log=log)
+    path, phantom = locate_data(task, root, log=log)
     train = layouts.read_datalist(task, path).get("train", [])
     unlabelled = [str(it.get("id")) for it in train if not it.get("label")]
     if unlabelled:
@@ -140,11 +41,8 @@ def corpus_items(corpus: Mapping[str, Any], root: str | None,
 
     A corpus without ``data.sources`` is read from ``root`` (or its ``data.root``) with its own layouts.
     """
-    from sslbench import protocol
-    from sslbench.data import layouts
-
-    if not _source_names(corpus):
-        path, phantom = protocol.locate_data(corpus, root, log=log)
+    if not source_names(corpus):
+        path, phantom = locate_data(corpus, root, log=log)
         splits = layouts.read_datalist(corpus, path, log=log)
         items = [{"id": it["id"], "image": it["image"]} for split in ("train", "val", "test")
                  for it in splits.get(split, [])]
@@ -154,7 +52,7 @@ def corpus_items(corpus: Mapping[str, Any], root: str | None,
     where, any_phantom, items = [], False, []
     for task, src_root in source_roots(corpus, root):
         name = task["name"]
-        path, phantom = protocol.locate_data(task, src_root, log=log)
+        path, phantom = locate_data(task, src_root, log=log)
         splits = layouts.read_datalist(task, path, log=log)
         found = [{"id": f"{name}/{it['id']}", "image": it["image"]} for split in ("train", "val")
                  for it in splits.get(split, [])]

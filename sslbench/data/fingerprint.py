@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from sslbench.data.marker import MARKER
 from sslbench.errors import DataError, RecipeError
 
-MARKER = "sslbench_phantom.json"
 ENV = "SSLBENCH_DATA_FINGERPRINT"
 MODES = ("stat", "content")
 

@@ -14,7 +14,7 @@ import numpy as np
 from monai import transforms as mt
 
 from sslbench.data.check import LoadChecked
-from sslbench.data.ct_layouts import DicomSeriesReader, SimpleITKReader
+from sslbench.data.layouts.ct import DicomSeriesReader, SimpleITKReader
 
 
 def preprocess_transforms(task: Mapping[str, Any], with_label: bool = True) -> mt.Compose:

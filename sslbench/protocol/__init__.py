@@ -12,8 +12,8 @@ from __future__ import annotations
 from .evaluate import reevaluate  # noqa: F401
 from .run import run_protocol  # noqa: F401
 from ..data.loaded import check_cases, labeled_subset  # noqa: F401
-from .datasets import (PHANTOM_MARKER, PhantomNotWritten, case_cache, data_home, load_cases,  # noqa: F401
-                       locate_data, read_splits)
+from ..data.cases import case_cache, load_cases  # noqa: F401
+from ..data.locate import PhantomNotWritten, data_home, locate_data, read_splits  # noqa: F401
 from .finetuning import _finetune, finetune  # noqa: F401
 from .loop import DataWait, Loop, Validation, stop_if_not_finite  # noqa: F401
 from .optim import make_optimizer, make_schedule, param_groups, pretrain_optimizer, pretrain_schedule  # noqa: F401

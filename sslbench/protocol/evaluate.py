@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import distributed, tasks
+from ..data.locate import locate_data
 from ..errors import RecipeError, RunError
-from ..store.records import RunRecord, atomic_write_json, load_state
-from .datasets import locate_data
-from .runtime import Runtime, make_progress, select_device, use_bf16
+from ..store.records import atomic_write_json, load_state, RunRecord
+from .runtime import make_progress, Runtime, select_device, use_bf16
 
 
 def _run_settings(record: RunRecord, run_cfg: dict, kind, precision: str | None, attention: str | None) -> dict:

@@ -60,7 +60,7 @@ BYTES_PER_PARAM = 16
 FORWARD_SHARE = 1 / 3            # a forward pass (validation) against a training step (forward + backward)
 PREPROCESS_SECONDS = 1.7e-7      # one core: load + resample + window, per voxel of the source image
 PHANTOM_SECONDS = 0.2            # one core: synthesise and write one phantom case
-#: a phantom case as the generator writes it (sslbench/data/phantom.py: 96 x 96 x 40..56 voxels of about
+#: a phantom case as the generator writes it (sslbench/data/phantoms/base.py: 96 x 96 x 40..56 voxels of about
 #: 3.0-3.9 mm in-plane and 3.5-6 mm between slices): (shape, spacing), used before the phantoms are written
 PHANTOM_GRID = ((96, 96, 48), (3.4, 3.4, 4.5))
 HEADER_SAMPLE = 50               # NIfTI headers read per stage at most (the rest extrapolated from them)

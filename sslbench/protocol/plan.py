@@ -9,12 +9,12 @@ from typing import Any, Callable, Mapping
 
 from .. import distributed, recipes, tasks
 from ..data.loaded import labeled_subset
+from ..data.locate import locate_data, PhantomNotWritten, PLAN_ONLY as _PLAN_ONLY
 from ..errors import DataError, RecipeError
 from ..store.records import RunRecord
 from ..store.run_key import protocol_hash, run_dir, run_key
 from ..tasks.classification import refuse_3d_init_of_2d
 from . import track2d
-from .datasets import _PLAN_ONLY, locate_data, PhantomNotWritten
 
 
 @dataclass

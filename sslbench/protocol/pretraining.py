@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .. import distributed, speed
+from ..data.cases import case_cache, load_cases
 from ..errors import RecipeError
 from ..speed import inductor
 from ..store.records import atomic_torch_save, atomic_write_json, load_state
 from . import track2d
-from .datasets import case_cache, load_cases
 from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
 from .runs import _claim_run, _rank_report, Outcome, run_scope

@@ -16,10 +16,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import distributed
+from ..data.cases import case_cache
 from ..errors import DataError, RecipeError, RunError
 from ..store import lock as locks
 from ..store.records import atomic_write_json, load_state, prepare_run_folder, RunRecord
-from .datasets import case_cache
 from .plan import plan_run
 from .runtime import _device_setup
 
@@ -160,7 +160,7 @@ def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force
     check_case_headers(items, task)
     if force:
         from ..data.check import LoadChecked
-        from ..data.ct_layouts import DicomSeriesReader, SimpleITKReader
+        from ..data.layouts.ct import DicomSeriesReader, SimpleITKReader
 
         keys = ["image", "label"] if items and items[0].get("label") else ["image"]
         cache, _ = case_cache(cfg["run"], task, with_label="label" in keys)

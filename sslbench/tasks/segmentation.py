@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..data.cases import case_cache, load_cases
 from ..data.loaded import check_cases, labeled_subset
+from ..data.locate import read_splits
 from ..metrics import score_names, scoring
 from ..models.backbones import build_model, load_backbone, read_checkpoint
-from ..protocol.datasets import case_cache, load_cases, read_splits
 from ..recipes import input_channels, output_channels
 from ..store.records import atomic_write_json, RunRecord
 from .base import autocast, Steps, TaskKind, Validation

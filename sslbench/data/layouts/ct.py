@@ -1,7 +1,7 @@
 """On-disk layouts of the CT datasets LiTS, FLARE23 and AMOS22 and of the pre-training corpora TCIA COVID-19 and
 LUNA16, plus the volume formats they come in besides NIfTI (MetaImage .mhd/.raw, DICOM series folders).
 
-Layouts (registered in :data:`sslbench.data.layouts.LAYOUTS`; facts from ../shared/reference/datasets.md and the
+Layouts (in :data:`sslbench.data.layouts.READERS`; facts from ../shared/reference/datasets.md and the
 VoCo supplement's Table 1):
 
 * ``lits``: the LiTS challenge release, ``volume-N.nii`` + ``segmentation-N.nii`` (uncompressed), directly under
@@ -43,7 +43,8 @@ import nibabel as nib
 import numpy as np
 from monai.data import NibabelReader
 
-from sslbench.data import layouts as L
+from sslbench.data.layouts import base as L
+from sslbench.data.layouts import msd
 from sslbench.errors import DataError
 
 #: AMOS numbering: ids 1..500 are CT scans, larger ids MRI (AMOS paper, dataset description).
@@ -434,14 +435,14 @@ def _read_lits(task: Mapping[str, Any], root: Path, base: Path) -> L.Datalist:
 
 
 def _locate_lits_msd(task: Mapping[str, Any], root: Path) -> Path | None:
-    base = L._locate_msd(task, root)
+    base = msd._locate_msd(task, root)
     if base is None or not L._list_images(base / "imagesTr", r"liver_\d+\.nii(\.gz)?"):
         return None                                   # another MSD task (its images are not liver_N)
     return base
 
 
 def _read_lits_msd(task: Mapping[str, Any], root: Path, base: Path) -> L.Datalist:
-    path = base / L._msd_name(task)
+    path = base / msd._msd_name(task)
     obj = L._load_json(path)
     key = (task.get("data") or {}).get("train_split") or "training"
     if key not in obj:
@@ -634,13 +635,9 @@ def _read_luna(task: Mapping[str, Any], root: Path, base: Path) -> L.Datalist:
                {"train": "the .mhd scans of subset0..9 without the validation cases", "val": how})
 
 
-#: Layouts this module adds to :data:`sslbench.data.layouts.LAYOUTS` (on import): name -> (markers, locate, read).
-LAYOUTS = {
-    "lits": ("ROOT/volume-N.nii or ROOT/<batch folder>/volume-N.nii", _locate_lits, _read_lits),
-    "lits-msd": ("ROOT/dataset.json + imagesTr/liver_N.nii.gz (MSD Task03_Liver)", _locate_lits_msd, _read_lits_msd),
-    "flare23": ("ROOT/imagesTr/<case>_0000.nii.gz + ROOT/labelsTr/<case>.nii.gz", _locate_flare, _read_flare),
-    "amos22": ("ROOT/dataset.json or ROOT/imagesTr/amos_NNNN.nii.gz", _locate_amos, _read_amos),
-    "tcia-covid19": ("ROOT/**/volume-covid19-A-NNNN*.nii.gz or DICOM series folders", _locate_tcia, _read_tcia),
-    "luna16": ("ROOT/subset0..9/<seriesuid>.mhd", _locate_luna, _read_luna),
-}
-L.LAYOUTS.update({name: L._Layout(*spec) for name, spec in LAYOUTS.items()})
+LITS = L.Reader("ROOT/volume-N.nii or ROOT/<batch folder>/volume-N.nii", _locate_lits, _read_lits)
+LITS_MSD = L.Reader("ROOT/dataset.json + imagesTr/liver_N.nii.gz (MSD Task03_Liver)", _locate_lits_msd, _read_lits_msd)
+FLARE23 = L.Reader("ROOT/imagesTr/<case>_0000.nii.gz + ROOT/labelsTr/<case>.nii.gz", _locate_flare, _read_flare)
+AMOS22 = L.Reader("ROOT/dataset.json or ROOT/imagesTr/amos_NNNN.nii.gz", _locate_amos, _read_amos)
+TCIA_COVID19 = L.Reader("ROOT/**/volume-covid19-A-NNNN*.nii.gz or DICOM series folders", _locate_tcia, _read_tcia)
+LUNA16 = L.Reader("ROOT/subset0..9/<seriesuid>.mhd", _locate_luna, _read_luna)

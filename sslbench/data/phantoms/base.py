@@ -1,12 +1,5 @@
-"""Procedural phantom datasets written in the exact on-disk layouts of real benchmarks.
-
-No dataset ships with sslbench, and no installable package ships a CT volume with organ labels, so the demo
-and the tests run on *phantoms*: CT volumes whose anatomy is built from smooth, randomly deformed shapes
-(ellipsoids and tubes perturbed by low-frequency noise) at plausible positions, with organ-specific HU and
-texture, written as NIfTI files in the same folder layout, file names and datalist JSON as the real
-dataset. The readers in :mod:`sslbench.data.layouts` therefore cannot tell a phantom from the real thing,
-which is the point: the whole pipeline is exercised. To keep results honest, every phantom root holds a
-marker file :data:`MARKER` that the rest of sslbench uses to label every result as a phantom result.
+"""What every phantom shares: the voxel grid and shape primitives, the two CT bodies, the per-case random
+streams, deterministic file writing, and the :class:`_Like` entry of :data:`sslbench.data.phantoms.PHANTOMS`.
 
 Two bodies exist:
 
@@ -25,8 +18,8 @@ value is computed from its world position, images and labels are consistent with
 ``Orientationd("RAS")`` the anatomy is the same way round in every case, even where the slice axis is
 stored flipped.
 
-Adding a layout (BraTS, LiTS, ...) means adding a body generator if needed and a writer, and registering
-both in :data:`_LIKES`; :data:`LIKES` lists what is registered.
+Other bodies (the BraTS head, the MSD hippocampus crop and pelvis) are built from these primitives in their
+dataset's module; every body has its code in :data:`_BODY_CODES`.
 """
 
 from __future__ import annotations
@@ -34,8 +27,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,15 +35,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from sslbench.errors import DataError
-
-#: Name of the marker file written at the root of every phantom tree (its presence means "complete").
-MARKER = "sslbench_phantom.json"
-#: Marker written while a synth is in progress; replaced by :data:`MARKER` when the tree is complete.
-PARTIAL_MARKER = ".sslbench_phantom.partial.json"
-GENERATOR = "sslbench.data.phantom"
-VERSION = 1
-NOTE = "procedurally generated phantom, not real patient data"
 
 #: BTCV label values of the abdominal phantom (index = value).
 BTCV_ORGANS = ("background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver",
@@ -700,8 +682,9 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-#: A code per body for the case random streams (task modules add theirs when they register).
-_BODY_CODES: dict[str, int] = {"abdomen": 1, "chest": 2}
+#: A code per body for the case random streams (bodies of other modules included: brats head, MSD hippocampus
+#: crop and pelvis); a new body takes a new code, so the streams of the others stay as they are.
+_BODY_CODES: dict[str, int] = {"abdomen": 1, "chest": 2, "head": 3, "hippocampus": 4, "pelvis": 5}
 
 
 def _case_rng(seed: int, body: str, number: int) -> np.random.Generator:
@@ -715,12 +698,13 @@ def _case_rng(seed: int, body: str, number: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class _Like:
-    """A registered phantom layout: its body generator, writer, and the paths it owns under the root."""
+    """A phantom layout: its body generator, writer, and the paths it owns under the root."""
 
     body: str
     write: Callable[["_Job"], None]
     owned: tuple[str, ...]
     subdir: str = ""
+    test: bool = False   # writes unlabelled test images by default (the real layout has a test folder / list)
 
 
 @dataclass
@@ -748,220 +732,3 @@ class _Job:
 
 
 _BODIES: dict[str, Callable[[np.random.Generator], PhantomCase]] = {"abdomen": abdomen, "chest": chest}
-
-# BTCV numbering: 30 labelled cases 0001-0010, 0021-0040; the MONAI split puts 0035-0040 in validation;
-# test images are 0061-0080.
-_BTCV_TRAIN = list(range(1, 11)) + list(range(21, 35))
-_BTCV_VAL = list(range(35, 41))
-
-
-def _btcv_numbers(cases: int, test_cases: int) -> tuple[list[int], list[int], list[int]]:
-    """Case numbers following the real BTCV numbering: (training, validation, test).
-
-    The miniature keeps about a fifth of its cases (at most the real 6) in validation, taken from the real
-    validation ids, so that the ``val_ids`` of the btcv recipe select the same split in the RawData layout.
-    """
-    n_val = 0 if cases < 2 else min(len(_BTCV_VAL), max(1, round(cases / 5)))
-    n_train = cases - n_val
-    extra = [n for n in range(41, 10_000) if not 61 <= n <= 80]
-    train = (_BTCV_TRAIN + extra)[:n_train]
-    # the real test ids 0061-0080 first; a larger miniature continues after its last training number (disjoint)
-    after = max(train + _BTCV_VAL + [80]) + 1
-    test = (list(range(61, 81)) + list(range(after, after + test_cases)))[:test_cases]
-    return train, _BTCV_VAL[:n_val], test
-
-
-_BTCV_LABEL_NAMES = {"0": "background", "1": "spleen", "2": "rkid", "3": "lkid", "4": "gall", "5": "eso",
-                     "6": "liver", "7": "sto", "8": "aorta", "9": "IVC", "10": "veins", "11": "pancreas",
-                     "12": "rad", "13": "lad"}
-
-
-def _write_btcv(job: _Job) -> None:
-    """MONAI layout: imagesTr/img0001.nii.gz, labelsTr/label0001.nii.gz, imagesTs/, dataset_0.json."""
-    train, val, test = _btcv_numbers(job.cases, job.test_cases)
-    r = job.root
-    for n in train + val:
-        job.write_case(n, r / "imagesTr" / f"img{n:04d}.nii.gz", r / "labelsTr" / f"label{n:04d}.nii.gz")
-    for n in test:
-        job.write_case(n, r / "imagesTs" / f"img{n:04d}.nii.gz", None)
-
-    def pair(n: int) -> dict:
-        return {"image": f"imagesTr/img{n:04d}.nii.gz", "label": f"labelsTr/label{n:04d}.nii.gz"}
-
-    datalist = {
-        "description": "btcv yucheng",
-        "labels": _BTCV_LABEL_NAMES,
-        "licence": "yt",
-        "modality": {"0": "CT"},
-        "name": "btcv",
-        "numTest": len(test),
-        "numTraining": len(train) + len(val),
-        "reference": "Vanderbilt University",
-        "release": "1.0 06/08/2015",
-        "tensorImageSize": "3D",
-        "test": [f"imagesTs/img{n:04d}.nii.gz" for n in test],
-        "training": [pair(n) for n in train],
-        "validation": [pair(n) for n in val],
-    }
-    _write_atomic(r / "dataset_0.json", _json_bytes(datalist))
-
-
-def _write_btcv_raw(job: _Job) -> None:
-    """As distributed: RawData/Training/{img,label}/img0001.nii.gz|label0001.nii.gz, RawData/Testing/img/."""
-    train, val, test = _btcv_numbers(job.cases, job.test_cases)
-    raw = job.root / "RawData"
-    for n in train + val:
-        job.write_case(n, raw / "Training" / "img" / f"img{n:04d}.nii.gz",
-                       raw / "Training" / "label" / f"label{n:04d}.nii.gz")
-    for n in test:
-        job.write_case(n, raw / "Testing" / "img" / f"img{n:04d}.nii.gz", None)
-
-
-def _write_msd_spleen(job: _Job) -> None:
-    """Task09_Spleen/{dataset.json, imagesTr/spleen_N.nii.gz, labelsTr/spleen_N.nii.gz, imagesTs/}.
-
-    Case numbers are a sparse, sorted draw (as in the real task, where numbers have gaps) and the training
-    list is in directory-listing order, not numeric order, like the real dataset.json.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence([int(job.seed), 9]))
-    total = job.cases + job.test_cases
-    numbers = np.sort(rng.choice(np.arange(1, int(total * 1.55) + 3), size=total, replace=False))
-    is_test = np.zeros(total, bool)
-    is_test[rng.choice(total, size=job.test_cases, replace=False)] = True
-    train = [int(n) for n in numbers[~is_test]]
-    test = [int(n) for n in numbers[is_test]]
-    order = [train[i] for i in rng.permutation(len(train))]
-    r = job.root
-    (r / "imagesTs").mkdir(parents=True, exist_ok=True)
-    for n in train:
-        job.write_case(n, r / "imagesTr" / f"spleen_{n}.nii.gz", r / "labelsTr" / f"spleen_{n}.nii.gz",
-                       relabel=lambda lab: (lab == 1).astype(np.uint8))
-    for n in test:
-        job.write_case(n, r / "imagesTs" / f"spleen_{n}.nii.gz", None)
-    datalist = {
-        "name": "Spleen",
-        "description": "Spleen Segmentation",
-        "reference": "Memorial Sloan Kettering Cancer Center",
-        "licence": "CC-BY-SA 4.0",
-        "release": "1.0 06/08/2018",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "spleen"},
-        "numTraining": len(train),
-        "numTest": len(test),
-        "training": [{"image": f"./imagesTr/spleen_{n}.nii.gz", "label": f"./labelsTr/spleen_{n}.nii.gz"}
-                     for n in order],
-        "test": [f"./imagesTs/spleen_{n}.nii.gz" for n in test],
-    }
-    _write_atomic(r / "dataset.json", _json_bytes(datalist))
-
-
-def _write_mmwhs(job: _Job) -> None:
-    """ct_train/ct_train_1001_image.nii.gz + ct_train_1001_label.nii.gz (raw label values 205..850)."""
-    folder = job.root / "ct_train"
-    for i in range(job.cases):
-        n = 1001 + i
-        job.write_case(n, folder / f"ct_train_{n}_image.nii.gz", folder / f"ct_train_{n}_label.nii.gz")
-
-
-_LIKES: dict[str, _Like] = {
-    "btcv": _Like("abdomen", _write_btcv, ("imagesTr", "labelsTr", "imagesTs", "dataset_0.json")),
-    "btcv-raw": _Like("abdomen", _write_btcv_raw, ("RawData",)),
-    "msd-spleen": _Like("abdomen", _write_msd_spleen, ("imagesTr", "labelsTr", "imagesTs", "dataset.json"),
-                        subdir="Task09_Spleen"),
-    "mmwhs": _Like("chest", _write_mmwhs, ("ct_train",)),
-}
-#: Likes that write unlabelled test images by default (the real layout has a test folder / list).
-_HAS_TEST = {"btcv", "btcv-raw", "msd-spleen"}
-# Task modules with their own phantoms register them here (they import this module only inside functions).
-from sslbench.data import brats as _brats, msd as _msd  # noqa: E402
-
-_msd.register(sys.modules[__name__])
-_brats.register(sys.modules[__name__])
-from sslbench.data import classification as _classification  # noqa: E402
-
-_classification.register_phantoms(sys.modules[__name__])
-from sslbench.data import phantom_ct as _phantom_ct  # noqa: E402  (LiTS, FLARE23, AMOS22, TCIA COVID-19, LUNA16)
-
-_phantom_ct.register(sys.modules[__name__])
-#: The layouts :func:`synth` can write.
-LIKES = tuple(_LIKES)
-
-
-def read_marker(root: Path) -> dict | None:
-    """The phantom marker at ``root`` (a complete phantom), or None where there is none or it is unreadable."""
-    path = Path(root) / MARKER
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _prepare_root(root: Path, like: _Like) -> None:
-    """Clear a previous phantom at ``root``; refuse to write over anything that is not a phantom."""
-    previous = None
-    for name in (MARKER, PARTIAL_MARKER):
-        try:
-            previous = json.loads((root / name).read_text())
-            break
-        except (OSError, ValueError):
-            continue
-    owned = set(like.owned)
-    if isinstance(previous, dict) and previous.get("like") in _LIKES:
-        owned |= set(_LIKES[previous["like"]].owned)
-    if previous is None:
-        clash = [name for name in sorted(owned) if (root / name).exists()]
-        if clash:
-            raise DataError(f"{root / clash[0]}: already exists and {root} has no {MARKER}; expected an empty "
-                            f"folder or a previous sslbench phantom (refusing to overwrite a real dataset)")
-        return
-    for name in owned:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    (root / MARKER).unlink(missing_ok=True)
-    for leftover in root.glob(".*.partial-*"):  # temp files of a synth killed mid-write
-        leftover.unlink()
-
-
-def synth(like: str, out: Path, cases: int = 8, seed: int = 0, *, test_cases: int | None = None) -> Path:
-    """Write a miniature phantom tree in the exact on-disk layout of a real dataset.
-
-    Args:
-        like: one of :data:`LIKES` (``btcv``: MONAI layout with dataset_0.json; ``btcv-raw``: RawData as
-            distributed; ``msd-spleen``: Task09_Spleen; ``mmwhs``: ct_train files with raw label values).
-        out: folder to write into (created if needed). A previous phantom there is replaced; a folder
-            holding a real dataset of that layout (no marker) is refused with a DataError.
-        cases: number of labelled cases (>= 1). ``btcv``/``btcv-raw`` keep about a fifth of them (at most 6,
-            numbered 0035-0040 as in the real split) for validation, so they need at least 2 cases.
-        seed: random seed; the same (like, cases, seed) gives byte-identical files.
-        test_cases: unlabelled test images for layouts that have them (default ``max(1, cases // 4)``;
-            ``mmwhs`` has none).
-
-    Returns:
-        The root a user passes as ``--root`` (``out``; for ``msd-spleen`` the ``out/Task09_Spleen`` folder),
-        holding :data:`MARKER`. The marker is written last: its presence means the tree is complete.
-    """
-    if like not in _LIKES:
-        raise DataError(f"phantom like '{like}': unknown; expected one of {', '.join(LIKES)}")
-    if int(cases) < 1:
-        raise DataError(f"phantom cases: expected at least 1, got {cases}")
-    spec = _LIKES[like]
-    if test_cases is None:
-        test_cases = max(1, int(cases) // 4) if like in _HAS_TEST else 0
-    if like not in _HAS_TEST:
-        test_cases = 0
-    root = Path(out) / spec.subdir if spec.subdir else Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    _prepare_root(root, spec)
-    marker = {"like": like, "cases": int(cases), "seed": int(seed), "generator": GENERATOR, "version": VERSION,
-              "note": NOTE, "test_cases": int(test_cases)}
-    _write_atomic(root / PARTIAL_MARKER, _json_bytes(marker))
-    spec.write(_Job(like=like, root=root, cases=int(cases), test_cases=int(test_cases), seed=int(seed),
-                    body=spec.body))
-    _write_atomic(root / MARKER, _json_bytes(marker))
-    (root / PARTIAL_MARKER).unlink(missing_ok=True)
-    return root

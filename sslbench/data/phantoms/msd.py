@@ -1,16 +1,16 @@
 """Medical Segmentation Decathlon Tasks 01-10: their dataset.json facts and phantom twins of each task.
 
 Every MSD task is distributed as ``TaskXX_Name/{dataset.json, imagesTr/, labelsTr/, imagesTs/}`` (read by the
-``msd`` layout of :mod:`sslbench.data.layouts`; macOS ``._*`` files skipped). Tasks 01 (BrainTumour: FLAIR,
+``msd`` layout, :mod:`sslbench.data.layouts.msd`; macOS ``._*`` files skipped). Tasks 01 (BrainTumour: FLAIR,
 T1w, t1gd, T2w) and 05 (Prostate: T2, ADC) store their modalities as a channel-last 4-D NIfTI; sslbench loads
 them channel-first (``EnsureChannelFirstd``) as the model's input channels. Task09 (Spleen) is the existing
-``msd-spleen`` phantom of :mod:`sslbench.data.phantom`.
+``msd-spleen`` phantom (:data:`SPLEEN`).
 
 Phantom twins (``sslbench data synth --like msd01`` ... ``msd10``) write the same tree, file names and
 dataset.json keys (name, description, tensorImageSize, modality, labels, numTraining, numTest, training,
 test) as the real task, with anatomy built from sslbench's procedural bodies:
 
-* 01 BrainTumour: the BraTS brain phantom (:func:`sslbench.data.brats.head`) as a 4-D image, labels 1 edema,
+* 01 BrainTumour: the BraTS brain phantom (:func:`sslbench.data.phantoms.brats.head`) as a 4-D image, labels 1 edema,
   2 non-enhancing tumour, 3 enhancing tumour (the MSD relabelling of BraTS 2, 1, 4).
 * 02 Heart: the cardiac CT phantom re-contrasted as a bright-blood (bSSFP-like) MRI; label 1 left atrium.
 * 03 Liver, 07 Pancreas, 08 HepaticVessel, 10 Colon: the abdominal CT phantom with hypodense tumours painted
@@ -26,10 +26,12 @@ test) as the real task, with anatomy built from sslbench's procedural bodies:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
+
+from sslbench.data.phantoms import base as ph
+from sslbench.data.phantoms import brats
 
 F32 = np.float32
 
@@ -94,7 +96,7 @@ def _lesion(rng: np.random.Generator, hu: np.ndarray, label: np.ndarray, inside:
     label[sl][mask] = value
 
 
-def _centred_grid(ph: ModuleType, rng: np.random.Generator, n: tuple[int, int, int],
+def _centred_grid(rng: np.random.Generator, n: tuple[int, int, int],
                   spacing: tuple[float, float, float]) -> Any:
     """A scanner-like grid (affine ``diag(-sx, -sy, sz)``, random table offset) centred on the anatomy."""
     s = np.array(spacing, float)
@@ -111,8 +113,6 @@ def _centred_grid(ph: ModuleType, rng: np.random.Generator, n: tuple[int, int, i
 # Case generators: (image: 3-D, or 4-D channel-last; label uint8; affine)
 # ----------------------------------------------------------------------------------------------------------
 def _brain_tumour(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from sslbench.data import brats
-
     images, lab, affine = brats.head(rng)
     msd = np.zeros_like(lab)
     msd[lab == brats.ED], msd[lab == brats.NCR], msd[lab == brats.ET] = 1, 2, 3
@@ -121,8 +121,6 @@ def _brain_tumour(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
 
 def _heart_mri(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cardiac CT phantom re-contrasted as bright-blood MRI: blood bright, myocardium / lung dark, fat bright."""
-    from sslbench.data import phantom as ph
-
     c = ph.chest(rng)
     hu = c.image.astype(F32)
     # HU -> MRI signal (piecewise linear): air/lung, fat, muscle/myocardium, enhanced blood, bone.
@@ -141,8 +139,6 @@ def _abdomen_task(organ: int | None, lesion_in: int | None, lesion_delta: float,
     """
 
     def make(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from sslbench.data import phantom as ph
-
         c = ph.abdomen(rng)
         hu = c.image.astype(np.int16)
         lab = np.zeros(c.label.shape, np.uint8)
@@ -166,8 +162,6 @@ def _abdomen_task(organ: int | None, lesion_in: int | None, lesion_delta: float,
 def _lung_nodule(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from scipy import ndimage
 
-    from sslbench.data import phantom as ph
-
     c = ph.chest(rng)
     hu = c.image.astype(np.int16)
     lab = np.zeros(c.label.shape, np.uint8)
@@ -185,10 +179,8 @@ def _lung_nodule(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _hippocampus(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A T1 crop (~36 x 50 x 35 voxels at 1 mm) around a hippocampus: head (label 1) and body/tail (label 2)."""
-    from sslbench.data import phantom as ph
-
     n = (int(rng.integers(33, 40)), int(rng.integers(46, 54)), int(rng.integers(32, 38)))
-    g = _centred_grid(ph, rng, n, (1.0, 1.0, 1.0))
+    g = _centred_grid(rng, n, (1.0, 1.0, 1.0))
     texture = ph._noise(rng, g, 3.0)
     t1 = np.where(texture > 0.3, 92.0, 64.0).astype(F32)          # white / grey matter background
     # The hippocampus: a curved tube running antero-posteriorly, thick head in front, thin tail behind.
@@ -214,10 +206,8 @@ def _hippocampus(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _prostate(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A pelvis T2 + ADC (4-D, channel-last): prostate TZ (label 2) and posterior PZ (label 1)."""
-    from sslbench.data import phantom as ph
-
     n = (80, 80, int(rng.integers(16, 22)))
-    g = _centred_grid(ph, rng, n, (1.6, 1.6, 3.6))
+    g = _centred_grid(rng, n, (1.6, 1.6, 3.6))
     tissue = np.zeros(n, np.uint8)      # 0 air, 1 fat, 2 muscle, 3 urine, 4 rectum wall, 5 gas, 6 TZ, 7 PZ
 
     def put(region: Any, value: int) -> None:
@@ -290,8 +280,6 @@ def _file(task: MsdTask, number: int) -> str:
 def _writer(task: MsdTask) -> Callable[[Any], None]:
     def write(job: Any) -> None:
         """TaskXX_Name/{dataset.json, imagesTr/, labelsTr/, imagesTs/} with the task's file names and keys."""
-        from sslbench.data import phantom as ph
-
         rng = np.random.default_rng(np.random.SeedSequence([int(job.seed), 100 + task.number]))
         total = job.cases + job.test_cases
         numbers = np.sort(rng.choice(np.arange(1, int(total * 1.5) + 3), size=total, replace=False))
@@ -327,13 +315,49 @@ def _writer(task: MsdTask) -> Callable[[Any], None]:
     return write
 
 
-def register(ph: ModuleType) -> None:
-    """Register the MSD bodies and the ``msd01`` ... ``msd10`` phantom layouts with :mod:`sslbench.data.phantom`."""
-    ph._BODY_CODES.setdefault("hippocampus", 4)
-    ph._BODY_CODES.setdefault("pelvis", 5)
-    ph._BODY_CODES.setdefault("head", 3)
-    for t in TASKS.values():
-        like = f"msd{t.number:02d}"
-        ph._LIKES[like] = ph._Like(t.body, _writer(t), ("imagesTr", "labelsTr", "imagesTs", "dataset.json"),
-                                   subdir=t.folder)
-        ph._HAS_TEST.add(like)
+def _write_msd_spleen(job: ph._Job) -> None:
+    """Task09_Spleen/{dataset.json, imagesTr/spleen_N.nii.gz, labelsTr/spleen_N.nii.gz, imagesTs/}.
+
+    Case numbers are a sparse, sorted draw (as in the real task, where numbers have gaps) and the training
+    list is in directory-listing order, not numeric order, like the real dataset.json.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(job.seed), 9]))
+    total = job.cases + job.test_cases
+    numbers = np.sort(rng.choice(np.arange(1, int(total * 1.55) + 3), size=total, replace=False))
+    is_test = np.zeros(total, bool)
+    is_test[rng.choice(total, size=job.test_cases, replace=False)] = True
+    train = [int(n) for n in numbers[~is_test]]
+    test = [int(n) for n in numbers[is_test]]
+    order = [train[i] for i in rng.permutation(len(train))]
+    r = job.root
+    (r / "imagesTs").mkdir(parents=True, exist_ok=True)
+    for n in train:
+        job.write_case(n, r / "imagesTr" / f"spleen_{n}.nii.gz", r / "labelsTr" / f"spleen_{n}.nii.gz",
+                       relabel=lambda lab: (lab == 1).astype(np.uint8))
+    for n in test:
+        job.write_case(n, r / "imagesTs" / f"spleen_{n}.nii.gz", None)
+    datalist = {
+        "name": "Spleen",
+        "description": "Spleen Segmentation",
+        "reference": "Memorial Sloan Kettering Cancer Center",
+        "licence": "CC-BY-SA 4.0",
+        "release": "1.0 06/08/2018",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "spleen"},
+        "numTraining": len(train),
+        "numTest": len(test),
+        "training": [{"image": f"./imagesTr/spleen_{n}.nii.gz", "label": f"./labelsTr/spleen_{n}.nii.gz"}
+                     for n in order],
+        "test": [f"./imagesTs/spleen_{n}.nii.gz" for n in test],
+    }
+    ph._write_atomic(r / "dataset.json", ph._json_bytes(datalist))
+
+
+#: The phantom twins ``msd01`` ... ``msd10`` (Task09 is also written by the older ``msd-spleen``).
+TASK_PHANTOMS: dict[str, ph._Like] = {
+    f"msd{t.number:02d}": ph._Like(t.body, _writer(t), ("imagesTr", "labelsTr", "imagesTs", "dataset.json"),
+                                   subdir=t.folder, test=True)
+    for t in TASKS.values()}
+SPLEEN = ph._Like("abdomen", _write_msd_spleen, ("imagesTr", "labelsTr", "imagesTs", "dataset.json"),
+                  subdir="Task09_Spleen", test=True)

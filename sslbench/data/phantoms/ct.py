@@ -1,8 +1,8 @@
 """Phantom twins of LiTS, FLARE23, AMOS22 and of the pre-training corpora TCIA COVID-19 and LUNA16.
 
-They reuse the procedural bodies of :mod:`sslbench.data.phantom` (the contrast-enhanced abdomen with the 13
+They reuse the procedural bodies of :mod:`sslbench.data.phantoms.base` (the contrast-enhanced abdomen with the 13
 BTCV organs, the chest) and add what each dataset shows, then write the dataset's exact on-disk layout
-(see :mod:`sslbench.data.ct_layouts`):
+(see :mod:`sslbench.data.layouts.ct`):
 
 * ``lits``: liver (label 1) with 1-3 hypodense tumours (label 2) as LiTS labels them; uncompressed
   ``volume-N.nii`` / ``segmentation-N.nii`` in two ``Training Batch`` folders, N from 0.
@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from sslbench.data.phantoms import base as ph
 
 #: BTCV label value (abdomen phantom) -> FLARE22/23 label value (0: not a FLARE class).
 BTCV_TO_FLARE = {1: 3, 2: 2, 3: 13, 4: 9, 5: 10, 6: 1, 7: 11, 8: 5, 9: 6, 10: 0, 11: 4, 12: 7, 13: 8}
@@ -165,8 +166,6 @@ def _remap(label: np.ndarray, table: dict[int, int]) -> np.ndarray:
 # Writers
 # ----------------------------------------------------------------------------------------------------------
 def _nii(data: np.ndarray, affine: np.ndarray, gz: bool = True) -> bytes:
-    from sslbench.data import phantom as ph
-
     if gz:
         return ph.nifti_bytes(data, affine)
     img = nib.Nifti1Image(data, affine)
@@ -178,8 +177,6 @@ def _nii(data: np.ndarray, affine: np.ndarray, gz: bool = True) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
-    from sslbench.data import phantom as ph
-
     ph._write_atomic(path, data)
 
 
@@ -247,8 +244,6 @@ def _write_amos22(job: Any) -> None:
 
 
 def _chest(job: Any, number: int, salt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.random.Generator]:
-    from sslbench.data import phantom as ph
-
     c = ph._BODIES["chest"](ph._case_rng(job.seed, "chest", number))
     rng = _rng(job.seed, salt, number)
     image, lungs = non_contrast_chest(c.image, c.label, rng)
@@ -313,13 +308,10 @@ def _write_luna16(job: Any) -> None:
     _write(job.root / "annotations.csv", ("\n".join(rows) + "\n").encode())
 
 
-def register(ph: ModuleType) -> None:
-    """Register the phantom layouts of this module with :mod:`sslbench.data.phantom`."""
-    ph._LIKES["lits"] = ph._Like("abdomen", _write_lits, ("Training Batch 1", "Training Batch 2"))
-    ph._LIKES["flare23"] = ph._Like("abdomen", _write_flare23, ("imagesTr", "labelsTr"))
-    ph._LIKES["amos22"] = ph._Like("abdomen", _write_amos22,
-                                   ("imagesTr", "labelsTr", "imagesVa", "labelsVa", "imagesTs", "dataset.json"))
-    ph._LIKES["tcia-covid19"] = ph._Like("chest", _write_tcia, ("Train",))
-    ph._LIKES["luna16"] = ph._Like("chest", _write_luna16,
-                                   tuple(f"subset{k}" for k in range(10)) + ("seg-lungs-LUNA16", "annotations.csv"))
-    ph._HAS_TEST.add("amos22")
+LITS = ph._Like("abdomen", _write_lits, ("Training Batch 1", "Training Batch 2"))
+FLARE23 = ph._Like("abdomen", _write_flare23, ("imagesTr", "labelsTr"))
+AMOS22 = ph._Like("abdomen", _write_amos22, ("imagesTr", "labelsTr", "imagesVa", "labelsVa", "imagesTs", "dataset.json"),
+                  test=True)
+TCIA_COVID19 = ph._Like("chest", _write_tcia, ("Train",))
+LUNA16 = ph._Like("chest", _write_luna16,
+                  tuple(f"subset{k}" for k in range(10)) + ("seg-lungs-LUNA16", "annotations.csv"))
