@@ -57,8 +57,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..models.backbones import ATTENTIONS, ENCODER_PREFIXES, build_model, vit_config
 from ..errors import RecipeError
+from ..models.backbones import ATTENTIONS, ENCODER_PREFIXES, build_model, vit_config
 from .base import PretrainMethod
 from .parts.tensors import plain_float
 from .parts.views import augment_crops

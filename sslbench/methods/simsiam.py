@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.backbones import (ATTENTIONS, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
-                         build_swinunetr)
 from ..errors import RecipeError
+from ..models.backbones import (ATTENTIONS, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
+                                build_swinunetr)
 from . import dist
 from .base import PretrainMethod
 from ..models.unet2d import build_encoder

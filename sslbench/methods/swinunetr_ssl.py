@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.backbones import ATTENTIONS, build_swinunetr
 from ..errors import RecipeError
+from ..models.backbones import ATTENTIONS, build_swinunetr
 from . import dist
 from .base import PretrainMethod
 from .parts.pooled_swin import PooledSwinEncoder
