@@ -1,7 +1,8 @@
 """The layers of issue 21 point one way: the import graph of sslbench, read from its source (tests/graphkit.py).
 
-Only the rules that hold today are encoded; a layer made one-way later is one more entry in :data:`LAYERS` or
-:data:`CYCLE_FREE` (the end state: ``CYCLE_FREE = ("sslbench",)``, every module on no cycle).
+The layers, top to bottom: cli (cli, sweep, bench, predict, submit, demo) -> protocol -> {tasks | methods} ->
+data / models / speed -> store, recipes, metrics, distributed, errors; report reads records through store. No
+module of sslbench lies on an import cycle.
 """
 import sys
 from pathlib import Path
@@ -14,10 +15,27 @@ import graphkit as g  # noqa: E402
 PACKAGE = Path(__file__).resolve().parent.parent / "sslbench"
 
 #: Modules (by prefix) that lie on no import cycle, among themselves or with any other sslbench module.
-CYCLE_FREE = ("sslbench.data",)
+CYCLE_FREE = ("sslbench",)
 
 #: Each layer imports, of sslbench, only what it lists (arrows point down).
+BASE = ("sslbench.errors", "sslbench.recipes", "sslbench.metrics", "sslbench.distributed")
 LAYERS = [
+    g.Layer("protocol", "sslbench.protocol",
+            may_import=("sslbench.protocol", "sslbench.tasks", "sslbench.methods", "sslbench.data", "sslbench.models",
+                        "sslbench.speed", "sslbench.store", *BASE), exactly=("sslbench",)),
+    # a task kind knows no method and not the protocol above it (its runtime arrives as an object)
+    g.Layer("tasks", "sslbench.tasks",
+            may_import=("sslbench.tasks", "sslbench.data", "sslbench.models", "sslbench.store", *BASE),
+            exactly=("sslbench",)),
+    # a method knows no task, no protocol and no speed trick (the runtime applies those)
+    g.Layer("methods", "sslbench.methods",
+            may_import=("sslbench.methods", "sslbench.models", "sslbench.errors", "sslbench.distributed"),
+            exactly=("sslbench",)),
+    g.Layer("models", "sslbench.models", may_import=("sslbench.models", "sslbench.speed.names", "sslbench.errors")),
+    g.Layer("speed", "sslbench.speed", may_import=("sslbench.speed", "sslbench.errors"), exactly=("sslbench",)),
+    g.Layer("store", "sslbench.store", may_import=("sslbench.store", *BASE), exactly=("sslbench",)),
+    g.Layer("report", "sslbench.report", may_import=("sslbench.report", "sslbench.store", *BASE),
+            exactly=("sslbench",)),
     g.Layer("data", "sslbench.data",
             may_import=("sslbench.data", "sslbench.errors", "sslbench.recipes", "sslbench.config", "sslbench.models",
                         "sslbench.store", "sslbench.records", "sslbench.locks"),
@@ -88,3 +106,35 @@ def test_a_layer_rule_sees_a_planted_arrow_up(tmp_path):
                               "pkg/low/x.py": "import pkg\n\ndef f():\n    from pkg import top\n"})
     rule = g.Layer("low", "pkg.low", may_import=("pkg.low",), exactly=("pkg",))
     assert rule.violations(g.import_edges(pkg)) == ["pkg.low.x -> pkg.top"]
+
+
+def _functions(folder: Path):
+    import ast
+
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path, node
+
+
+def test_no_function_of_the_protocol_package_is_over_60_lines():
+    long = [f"{p.relative_to(PACKAGE.parent)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p, n in _functions(PACKAGE / "protocol") if n.end_lineno - n.lineno + 1 > 60]
+    assert not long, "\n".join(long)
+
+
+def test_one_training_loop_steps_the_optimiser_for_every_stage():
+    """Pre-training and both fine-tuning kinds step through protocol/loop.py's Loop: no other module of the
+    protocol or the task kinds calls an optimiser's step() (a second loop would be a second copy of it)."""
+    import ast
+
+    steppers = set()
+    for folder in (PACKAGE / "protocol", PACKAGE / "tasks"):
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step"
+                        and isinstance(node.func.value, (ast.Attribute, ast.Name))
+                        and getattr(node.func.value, "attr", getattr(node.func.value, "id", "")) in
+                        ("optimizer", "opt", "schedule", "sched")):
+                    steppers.add(path.name)
+    assert steppers == {"loop.py"}, steppers

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..speed import ATTENTIONS  # noqa: F401 - the window-attention forms a Swin backbone computes with
+from ..speed.names import ATTENTIONS  # noqa: F401 - the window-attention forms a Swin backbone computes with
 
 #: Key prefixes of SwinUNETR's encoder: the part that self-supervised pre-training transfers.
 ENCODER_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")

@@ -194,23 +194,7 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
                 say(f"    estimate: {e.line()}" + "".join(f"; {n}" for n in e.notes))
                 continue
             items, phantom, where = seen[e.stage]
-            view = cfg
-            if e.stage == "pretrain":
-                view = cfg if "task" not in cfg else recipes.split_config(cfg, "corpus")
-                pt = cfg["method"]["pretrain"]
-                say(f"  pretrain: method {cfg['method']['name']} on corpus {cfg['corpus']['name']}"
-                    f"{' (PHANTOM)' if phantom or cfg['corpus'].get('phantom') else ''}: {pt['steps']} steps, batch "
-                    f"{pt['batch_size']}, lr {pt['lr']}, {'?' if items is None else len(items)} volumes")
-            else:
-                # hashed as open_finetune hashes it: with its init (None: from scratch)
-                view = finetune_view(cfg) if "corpus" in cfg else {
-                    **fcfg, "init": {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None}
-                ft, task = cfg["task"]["finetune"], cfg["task"]
-                say(f"  finetune: {run.get('label', cfg['method']['name'])} on task {task['name']}"
-                    f"{' (PHANTOM)' if phantom or task.get('phantom') else ''}: "
-                    + (f"{ft['max_steps']} steps" if ft.get("max_steps") else f"{ft['epochs']} epochs")
-                    + f", roi {ft.get('roi')}, batch {ft.get('batch_size')} x {ft.get('num_samples', 1)} crops, "
-                      f"lr {ft.get('lr')}")
+            view = _describe_stage(cfg, fcfg, e.stage, items, phantom, init, say)
             if items is None or (e.stage == "finetune" and "pretrain" in seen and pre_key is None):
                 say("    run folder: decided once the phantom data is written (run key = protocol + data"
                     " fingerprint)")
@@ -229,8 +213,30 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
     if found and run.get("feasibility", "check") != "off":
         say(f"would be refused: {'; '.join(found)}; way out: {feasibility.way_out(run, machine)}")
     else:
-        say("feasible on this machine (estimates: sslbench/feasibility.py)")
+        say("feasible on this machine (estimates: sslbench/protocol/feasibility.py)")
     return 0
+
+
+def _describe_stage(cfg: Mapping[str, Any], fcfg: Mapping[str, Any], stage: str, items, phantom: bool,
+                    init: Mapping[str, Any] | None, say: Callable[[str], None]) -> Mapping[str, Any]:
+    """``--dry-run``'s line of one stage (its recipe's key settings); returns the config the stage is hashed
+    with."""
+    run = cfg["run"]
+    if stage == "pretrain":
+        pt = cfg["method"]["pretrain"]
+        say(f"  pretrain: method {cfg['method']['name']} on corpus {cfg['corpus']['name']}"
+            f"{' (PHANTOM)' if phantom or cfg['corpus'].get('phantom') else ''}: {pt['steps']} steps, batch "
+            f"{pt['batch_size']}, lr {pt['lr']}, {'?' if items is None else len(items)} volumes")
+        return cfg if "task" not in cfg else recipes.split_config(cfg, "corpus")
+    ft, task = cfg["task"]["finetune"], cfg["task"]
+    say(f"  finetune: {run.get('label', cfg['method']['name'])} on task {task['name']}"
+        f"{' (PHANTOM)' if phantom or task.get('phantom') else ''}: "
+        + (f"{ft['max_steps']} steps" if ft.get("max_steps") else f"{ft['epochs']} epochs")
+        + f", roi {ft.get('roi')}, batch {ft.get('batch_size')} x {ft.get('num_samples', 1)} crops, "
+          f"lr {ft.get('lr')}")
+    # hashed as open_finetune hashes it: with its init (None: from scratch)
+    return finetune_view(cfg) if "corpus" in cfg else {
+        **fcfg, "init": {k: v for k, v in (init or {}).items() if k in ("source", "hash", "method")} or None}
 
 
 def finetune_view(cfg: Mapping[str, Any]) -> dict:

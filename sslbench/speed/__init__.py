@@ -17,9 +17,7 @@ from typing import Any
 
 from torch import nn
 
-#: the forms of Swin window attention (``run.attention``, ``method.params.attention``): sslbench's fused Triton
-#: kernels, SDPA, or MONAI's modules as they are (``fast_swin``)
-ATTENTIONS = ("fused", "sdpa", "monai")
+from .names import ATTENTIONS  # noqa: F401,E402 (the forms of Swin window attention a run may name)
 
 
 def apply(method: nn.Module) -> dict[str, int]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ATTENTIONS
+from .names import ATTENTIONS
 from . import window_attention as _wa
 
 
