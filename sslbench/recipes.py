@@ -263,7 +263,7 @@ DEFAULTS_SCHEMA = Spec(fields={
         "cache": Spec(choices=("read", "write", "none")),
         "attention": Spec(choices=("fused", "sdpa", "monai")), "compile": BOOL,
         "loader_workers": INT, "loader_memory_mb": NUM,
-        "feasibility": Spec(choices=("check", "warn", "off")), "feasibility_hours": NUM,   # sslbench/feasibility.py
+        "feasibility": Spec(choices=("check", "warn", "off")), "feasibility_hours": NUM,   # sslbench/protocol/feasibility.py
     }),
     "model": Spec(fields={
         "name": Spec(choices=("swinunetr", "unet3d", "basicunet", "unetr", "unet2d")), "feature_size": INT,

@@ -239,7 +239,7 @@ class StepCrops(Dataset):
     """Fine-tuning's step batches (``task.finetune.loader: stream``): item ``step`` is that step's ``(image,
     label)`` crops [B x num_samples, C, *roi], cut from cached cases (image .npy, label .npy) mapped in the worker.
 
-    The draw is the memory loader's (``protocol._finetune``'s ``make_batch``): the cases of step ``s`` are
+    The draw is the memory loader's (``Segmentation._make_batch``, sslbench/tasks/segmentation.py): the cases of step ``s`` are
     :func:`step_indices` over this shard, and the random transforms (RandCropByPosNegLabeld and its flips,
     rotations, intensity shift) are re-seeded with ``step_seed(seed, s, 1000 * rank)`` and applied to the
     cases in their drawn order; so one process cuts exactly the memory loader's crops, and any step can be built

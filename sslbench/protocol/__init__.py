@@ -1,10 +1,14 @@
 """The one protocol: pretrain(method, corpus) -> checkpoint -> finetune(task) -> evaluate(task) -> record.
 
 Written once for every method and task: a method only supplies a loss on a batch of corpus volumes
-(sslbench/methods/), a task only supplies a recipe (benchmarks/) and, where its layout is new, a reader
-(sslbench/data/layouts.py). Training is counted in steps; every random draw of step ``s`` is seeded by
-(run seed, s), so a run killed at any moment and continued with ``--resume`` from its last checkpoint
-ends with the same metrics as an uninterrupted run (on the CPU, where kernels are deterministic).
+(sslbench/methods/), a task only supplies a recipe (benchmarks/), a reader where its layout is new
+(sslbench/data/layouts/) and, for a new kind of task, a task kind (sslbench/tasks/). Training is counted in
+steps and runs through one loop (loop.py); every random draw of step ``s`` is seeded by (run seed, s), so a run
+killed at any moment and continued from its last checkpoint ends with the same metrics as an uninterrupted run
+(on the CPU, where kernels are deterministic).
+
+Modules: run (the whole protocol), pretraining, finetuning, evaluate, loop, runtime, optim, runs, plan,
+feasibility, track2d. This package's namespace is its public surface (the commands call these names).
 """
 from __future__ import annotations
 

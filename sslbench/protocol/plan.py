@@ -267,7 +267,7 @@ def check_finetune_loader(cfg: Mapping[str, Any]) -> None:
 
 def refuse_pretraining_for_2d(cfg: Mapping[str, Any]) -> None:
     """Called before a pre-training starts for a 2D task: the corpus must be 2D images (the task's pretrain split)
-    and the method needs a 2D form on the 2D U-Net (sslbench/track2d.py); one line otherwise, nothing written."""
+    and the method needs a 2D form on the 2D U-Net (sslbench/protocol/track2d.py); one line otherwise, nothing written."""
     task = cfg.get("task") or {}
     if task.get("kind") != "classification2d" or cfg["method"].get("pretrain") is None:
         return

@@ -136,7 +136,7 @@ def method_class(cfg: Mapping[str, Any]) -> tuple[type, dict, bool, bool]:
     method_cfg, corpus = cfg["method"], cfg["corpus"]
     if method_cfg.get("pretrain") is None:
         raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
-    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/track2d.py): images of a classification2d task
+    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/protocol/track2d.py): images of a classification2d task
     if two_d:
         track2d.check(cfg)
     cls = track2d.method_class(cfg) if two_d else get_method_class(method_cfg["name"])
