@@ -637,9 +637,16 @@ def _main_finetune_infer(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sslbench bench", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    return run(ap.parse_args(raw), raw)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The sub-commands and options of `sslbench bench` (its own parser, or the sub-command of sslbench's)."""
     from .speed import window_attention
 
-    ap = argparse.ArgumentParser(prog="sslbench bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("pretrain", help="time pre-training steps of a method")
     p.add_argument("--method", default="voco")
@@ -708,15 +715,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             q.add_argument("--overlap", type=float, default=0.5)
             q.add_argument("--sw-batch-size", type=int, default=4)
             q.add_argument("--repeats", type=int, default=3)
-    raw = list(argv) if argv is not None else sys.argv[1:]
-    args = ap.parse_args(raw)
+
+
+def run(args: argparse.Namespace, raw: Sequence[str]) -> int:
+    """The benchmark of parsed options (``raw``: the command's own arguments, for the torchrun re-launch)."""
     if args.what in ("finetune", "infer"):
         return _main_finetune_infer(args)
     if args.gpus and int(__import__("os").environ.get("WORLD_SIZE", "1")) <= 1:
         from .distributed import launch
 
-        return launch(args.gpus, ["bench", *raw])
+        return launch(args.gpus, ["bench", *list(raw)])
     from . import distributed
+    from .speed import window_attention
 
     inductor = parse_inductor_options(args.inductor)
     window_attention.set_backward_modes(dq=args.dq_mode, delta=args.delta_mode, dbias=args.dbias_mode)

@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "  sslbench list tasks\n  sslbench <command> --help")
     sub = p.add_subparsers(dest="command", metavar="command")
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, formatter_class=fmt,
-                              epilog="example:\n  " + EXAMPLES[name])
+    def add(name: str, help_: str, description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=description or help_, formatter_class=fmt,
+                              epilog=epilog or "example:\n  " + EXAMPLES[name])
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--preset", choices=("paper", "tiny"), help="settings profile (default: the task's; phantoms: tiny)")
@@ -120,12 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--predictions", help="predictions folder (default: RUN_DIR/predictions/SPLIT)")
     sp.add_argument("--out", help="the zip to write (default: RUN_DIR/submissions/LEADERBOARD-SPLIT.zip)")
 
-    sp = add("sweep", "Optuna sweeps over recipe keys (the lambda ablation first).")
-    sp.add_argument("key", nargs="?", default="lambda")
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    from . import sweep
+    from .report import command as report_command
 
-    sp = add("report", "Render leaderboard tables from run records beside the published numbers.")
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sweep.add_arguments(add("sweep", "Optuna sweeps over recipe keys (the lambda ablation first).",
+                            sweep.DESCRIPTION, sweep.EPILOG))
+    report_command.add_arguments(add("report", "Render leaderboard tables from run records beside the published "
+                                               "numbers.", report_command.DESCRIPTION, report_command.EPILOG))
 
     sp = add("data", "Write phantom datasets in real layouts, or check a dataset on disk.")
     dsub = sp.add_subparsers(dest="data_command", metavar="action")
@@ -155,10 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("list", "List method or task recipes with their source paper and status.")
     sp.add_argument("what", choices=("methods", "tasks"))
 
-    sp = add("bench", "Performance benchmarks (GPU): pre-training throughput of a method, fine-tuning steps, "
-                      "sliding-window inference.")
-    sp.add_argument("rest", nargs=argparse.REMAINDER,
-                    help="pretrain --method voco --variant paper | finetune --attention fused monai | infer")
+    from . import bench
+
+    bench.add_arguments(add("bench", "Performance benchmarks (GPU): pre-training throughput of a method, "
+                                     "fine-tuning steps, sliding-window inference."))
     return p
 
 
@@ -451,36 +452,23 @@ def _not_yet(name: str, issue: str) -> int:
 def _cmd_report(args, console) -> int:
     from .report import command
 
-    return int(command.main(args.rest) or 0)
+    return int(command.run(args) or 0)
 
 
-def _cmd_bench(args, console) -> int:
-    try:
-        from . import bench
-    except ImportError:
-        return _not_yet("bench", "the benchmark module is not installed")
-    return int(bench.main(args.rest) or 0)
-
-
-def _forward_report(argv: list[str]) -> int:
-    from .report import command
-
-    return command.main(argv)
-
-
-def _forward_bench(argv: list[str]) -> int:
+def _cmd_bench(args, console, raw: Sequence[str] = ()) -> int:
     from . import bench
 
-    return bench.main(argv)
+    return int(bench.run(args, raw) or 0)
 
 
-def _forward_sweep(argv: list[str]) -> int:
+def _cmd_sweep(args, console, raw: Sequence[str] = ()) -> int:
     from . import sweep
 
-    return sweep.main(argv)
+    return int(sweep.run(args, raw) or 0)
 
 
-_FORWARDED = {"report": _forward_report, "bench": _forward_bench, "sweep": _forward_sweep}
+#: commands that re-launch themselves under torchrun with their own arguments (``--gpus``)
+_OWN_LAUNCH = {"sweep": _cmd_sweep, "bench": _cmd_bench}
 
 
 def _quiet_third_party() -> None:
@@ -497,22 +485,26 @@ def _quiet_third_party() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    if raw[:1] and raw[0] in _FORWARDED and not (len(raw) > 1 and raw[1] in ("-h", "--help") and raw[0] == "bench"):
-        # These commands own their argument parsers (options go straight through).
-        _quiet_third_party()
-        try:
-            return int(_FORWARDED[raw[0]](raw[1:]) or 0)
-        except SSLBenchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     parser = _parser()
-    args = parser.parse_args(raw)
+    if raw[:1] and raw[0] in ("sweep", "report"):
+        try:   # a usage error of these is an exit status (2), as when they run on their own
+            args = parser.parse_args(raw)
+        except SystemExit as exc:
+            return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    else:
+        args = parser.parse_args(raw)
     if args.command is None:
         parser.print_help()
         return 0
     _quiet_third_party()
     if getattr(args, "no_feasibility_check", False):
         args.overrides = [*args.overrides, "run.feasibility=warn"]
+    if args.command in _OWN_LAUNCH:
+        try:
+            return _OWN_LAUNCH[args.command](args, None, raw[1:])
+        except SSLBenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if getattr(args, "gpus", None) is not None and not getattr(args, "dry_run", False):
         import os
 

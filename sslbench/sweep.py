@@ -1086,13 +1086,20 @@ def print_summary(w: Worker, console, plan: dict[str, Any] | None) -> None:
 # ==================================================================================================
 # Command line
 # ==================================================================================================
+DESCRIPTION = ("Optuna sweep over one recipe key: every trial pre-trains (if the method does), fine-tunes and "
+               "evaluates with --set KEY=VALUE and is scored by its validation Dice (maximised). Each trial is a "
+               "normal run record under --out.")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sslbench sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Optuna sweep over one recipe key: every trial pre-trains (if the method does), fine-tunes "
-                    "and evaluates with --set KEY=VALUE and is scored by its validation Dice (maximised). "
-                    "Each trial is a normal run record under --out.",
-        epilog=EPILOG)
+    p = argparse.ArgumentParser(prog="sslbench sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=DESCRIPTION, epilog=EPILOG)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `sslbench sweep` (on its own parser, or as the sub-command of sslbench's one parser)."""
     p.add_argument("key", help="alias (lambda = method.params.lambda) or any dotted key of the resolved recipe, "
                                "e.g. task.finetune.lr")
     p.add_argument("--method", default="voco", help="method recipe (default: voco)")
@@ -1128,7 +1135,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="each trial runs on N local processes under torchrun (DDP); rank 0 drives the study "
                         "and broadcasts every trial's parameters and pruning decision")
-    return p
 
 
 def _console():
@@ -1148,11 +1154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(raw)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    return run(args, raw)
+
+
+def run(args: argparse.Namespace, raw: Sequence[str]) -> int:
+    """The sweep of parsed options (``raw``: the command's own arguments, for the torchrun re-launch)."""
     if args.gpus is not None and distributed.env_world_size() <= 1:
         if args.gpus < 1:
             print(f"error: --gpus: expected a positive number of processes, got {args.gpus}", file=sys.stderr)
             return 2
-        return distributed.launch(args.gpus, ["sweep", *raw])
+        return distributed.launch(args.gpus, ["sweep", *list(raw)])
     device = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run.device=")), "auto")
     dist = distributed.setup(device)
     if not dist.is_main:

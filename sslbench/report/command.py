@@ -75,13 +75,22 @@ def print_tables(tables: Sequence[Table], runs_df, fmt: str, source: str) -> Non
     sys.stdout.flush()
 
 
+DESCRIPTION = ("Render the leaderboard tables (published numbers of the VoCo supplement) with the measured values of "
+               "the run records beside them.")
+EPILOG = ("examples:\n  sslbench report\n  sslbench report --runs runs --format latex\n"
+          "  sslbench report --format md --out leaderboards/rendered\n"
+          "  sslbench report --online runs/leaderboards/online.yaml")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslbench report", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Render the leaderboard tables (published numbers of the VoCo "
-                                            "supplement) with the measured values of the run records beside them.",
-                                epilog="examples:\n  sslbench report\n  sslbench report --runs runs --format latex\n"
-                                       "  sslbench report --format md --out leaderboards/rendered\n"
-                                       "  sslbench report --online runs/leaderboards/online.yaml")
+                                description=DESCRIPTION, epilog=EPILOG)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `sslbench report` (on its own parser, or as the sub-command of sslbench's one parser)."""
     p.add_argument("--runs", default="runs", help="folder of run records (default: runs)")
     p.add_argument("--format", choices=FORMATS + ("rich",), default=None,
                    help="md | latex | html | csv (default: a coloured terminal table on a terminal, else md)")
@@ -90,7 +99,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--published", help=f"leaderboard YAML (default: leaderboards/{DEFAULT_LEADERBOARD})")
     p.add_argument("--online", help="what the leaderboards answered, for Table 6 (default: "
                                     "RUNS/leaderboards/online.yaml when it exists; format: sslbench/report/online.py)")
-    return p
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -123,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The report of parsed options; 2 with one line on a user error."""
     try:
         _report(args)
         return 0
