@@ -10,13 +10,14 @@ from ..store.records import atomic_write_json, load_state, RunRecord
 from .runtime import make_progress, Runtime, select_device, use_bf16
 
 
-def _run_settings(record: RunRecord, run_cfg: dict, kind, precision: str | None, attention: str | None) -> dict:
+def _run_settings(record: RunRecord, run_cfg: dict, kind_cls, task_kind: str, precision: str | None,
+                  attention: str | None) -> dict:
     """The run's ``run`` settings with this evaluation's --precision / --attention overrides (checked)."""
     if precision is None and attention is None:
         return run_cfg
-    if not kind.overrides_runtime:
+    if not kind_cls.overrides_runtime:
         raise RecipeError(f"{record.path}: --precision/--attention overrides apply to segmentation runs; "
-                          f"this is a {kind.task['kind']} run")
+                          f"this is a {task_kind} run")
     if precision is not None:
         if precision not in ("bf16", "fp32"):
             raise RecipeError(f"--precision: {precision!r}; expected bf16 or fp32")
@@ -43,7 +44,7 @@ def reevaluate(run_dir: str | Path, checkpoint: str | None = None, root: str | P
     cfg = record.read_recipe()
     task = cfg["task"]
     kind_cls = tasks.kind_of(task)
-    run_cfg = _run_settings(record, dict(cfg["run"]), kind_cls(cfg, None, print), precision, attention)
+    run_cfg = _run_settings(record, dict(cfg["run"]), kind_cls, task["kind"], precision, attention)
     device = select_device(run_cfg)
     rt = Runtime(device, use_bf16(run_cfg, device), distributed.SINGLE, run_cfg)
     kind = kind_cls({**cfg, "run": run_cfg}, rt, print)

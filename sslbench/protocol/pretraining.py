@@ -20,11 +20,11 @@ from .. import distributed, speed
 from ..data.cases import case_cache, load_cases
 from ..errors import RecipeError
 from ..speed import inductor
-from ..store.records import atomic_torch_save, atomic_write_json, load_state
+from ..store.records import atomic_torch_save, atomic_write_json
 from . import track2d
 from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
-from .runs import _claim_run, _rank_report, Outcome, run_scope
+from .runs import _claim_run, _rank_report, Outcome, resume_last, run_scope
 from .runtime import (_device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method,
                       make_progress, runtime_settings)
 
@@ -241,16 +241,8 @@ def _start_record(run: PretrainRun) -> None:
 
 def _resume(run: PretrainRun, method, opt, sched, total: int) -> tuple[int, list]:
     """(start step, history): from checkpoints/last.pt when resuming, else a fresh start."""
-    last = run.record.ckpt_dir / "last.pt"
-    if run.action != "resume" or not last.is_file():
-        return 0, []
-    state = load_state(last)
-    method.load_state_dict(state["method"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    start = int(state["step"])
-    run.say(f"resuming {run.record.path} from step {start}/{total}")
-    return start, list(state.get("history", []))
+    state = resume_last(run.record, run.action, run.say, "method", method, opt, sched, total)
+    return (0, []) if state is None else (int(state["step"]), list(state.get("history", [])))
 
 
 def _compile(run: PretrainRun, method, opt) -> None:

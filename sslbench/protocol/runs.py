@@ -251,19 +251,27 @@ def open_finetune(cfg: dict, init: dict | None, root: str | Path | None, resume:
                        phantom or bool(task.get("phantom")) or bool((init or {}).get("phantom")))
 
 
-def resume_finetune(run: FinetuneRun, model, opt, sched, total: int, best: float) -> tuple[int, float, int, list]:
-    """(start step, best score, its step, history): from checkpoints/last.pt when resuming, else a fresh start."""
-    last = run.record.ckpt_dir / "last.pt"
-    if run.action != "resume" or not last.is_file():
-        return 0, best, -1, []
+def resume_last(record, action: str, say, key: str, module, opt, sched, total: int) -> dict | None:
+    """A resumed run's checkpoints/last.pt loaded into ``module`` (its state under ``key``), the optimiser and the
+    schedule; None for a new run (or one killed before its first checkpoint)."""
+    last = record.ckpt_dir / "last.pt"
+    if action != "resume" or not last.is_file():
+        return None
     state = load_state(last)
-    model.load_state_dict(state["model"])
+    module.load_state_dict(state[key])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    start = int(state["step"])
-    run.say(f"resuming {run.record.path} from step {start}/{total}")
-    run.record.log(f"resumed from step {start}")
-    return start, float(state["best"]), int(state["best_step"]), list(state.get("history", []))
+    say(f"resuming {record.path} from step {int(state['step'])}/{total}")
+    return state
+
+
+def resume_finetune(run: FinetuneRun, model, opt, sched, total: int, best: float) -> tuple[int, float, int, list]:
+    """(start step, best score, its step, history): from checkpoints/last.pt when resuming, else a fresh start."""
+    state = resume_last(run.record, run.action, run.say, "model", model, opt, sched, total)
+    if state is None:
+        return 0, best, -1, []
+    run.record.log(f"resumed from step {int(state['step'])}")
+    return int(state["step"]), float(state["best"]), int(state["best_step"]), list(state.get("history", []))
 
 
 class _SilentRecord(RunRecord):

@@ -127,3 +127,41 @@ class TaskKind:
 
     def write_results(self, record, result: Any, protocol: str, phantom: bool, root: Path, extra: Mapping) -> None:
         raise NotImplementedError
+
+
+def write_finetune_record(record, cfg: Mapping[str, Any], rows: list[dict], fields: Mapping[str, Any],
+                          protocol: str, phantom: bool, root: Path, extra: Mapping[str, Any]) -> dict:
+    """metrics.json of a finished fine-tuning (what every kind records: the run's identity and provenance, then
+    the kind's ``fields`` - its metric, summary -, the per-case ``rows`` and the flow's ``extra``) and cases.csv,
+    both atomically; the status becomes finished. Returns the metrics."""
+    import time
+
+    import pandas as pd
+
+    from ..store.records import atomic_write_json
+
+    task = cfg["task"]
+    metrics = {
+        "kind": "finetune",
+        "task": task["name"],
+        "task_title": task["title"],
+        "method": cfg["run"].get("label", cfg["method"]["name"]),
+        "method_recipe": cfg["method"]["name"],
+        "variant": (cfg["method"].get("params") or {}).get("variant"),
+        "preset": cfg["run"]["preset"],
+        "seed": cfg["run"]["seed"],
+        "protocol": protocol,
+        **record.identity(),
+        "phantom": phantom,
+        "data_root": str(root),
+        **fields,
+        "cases": rows,
+        **extra,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = record.path / ".cases.csv.tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(record.path / "cases.csv")
+    atomic_write_json(record.path / "metrics.json", metrics)
+    record.set_status(state="finished", finished=metrics["finished"])
+    return metrics

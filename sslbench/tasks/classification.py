@@ -20,7 +20,6 @@ split, phantom results flagged. This module supplies what is the kind's own:
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,8 +30,8 @@ from torch import nn
 from ..models.backbones import build_model, load_backbone, LoadReport, read_checkpoint
 from ..data.loaded import labeled_subset
 from ..errors import CheckpointError, DataError, RecipeError
-from ..store.records import atomic_write_json, RunRecord
-from .base import autocast, Steps, TaskKind, Validation
+from ..store.records import RunRecord
+from .base import autocast, Steps, TaskKind, Validation, write_finetune_record
 
 
 KINDS = ("classification", "classification2d")
@@ -366,33 +365,8 @@ def _write_split(record: RunRecord, splits: Mapping[str, list[dict]]) -> None:
 def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], summary: Mapping[str, Any],
                   protocol: str, phantom: bool, root: Path, extra: Mapping[str, Any]) -> None:
     """metrics.json (summary + per-case rows) and cases.csv, atomically; the status becomes finished."""
-    import pandas as pd
-
-    task = cfg["task"]
-    metrics = {
-        "kind": "finetune",
-        "task_kind": task["kind"],
-        "task": task["name"],
-        "task_title": task["title"],
-        "method": cfg["run"].get("label", cfg["method"]["name"]),
-        "method_recipe": cfg["method"]["name"],
-        "variant": (cfg["method"].get("params") or {}).get("variant"),
-        "preset": cfg["run"]["preset"],
-        "seed": cfg["run"]["seed"],
-        "protocol": protocol,
-        **record.identity(),
-        "phantom": phantom,
-        "data_root": str(root),
-        **summary,
-        "cases": rows,
-        **extra,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    tmp = record.path / ".cases.csv.tmp"
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    tmp.replace(record.path / "cases.csv")
-    atomic_write_json(record.path / "metrics.json", metrics)
-    record.set_status(state="finished", finished=metrics["finished"])
+    write_finetune_record(record, cfg, rows, {"task_kind": cfg["task"]["kind"], **summary}, protocol, phantom,
+                          root, extra)
     head = summary["metric"]
     record.log(f"finished: {head} {_fmt(summary[f'mean_{head}'])} over {summary['n_cases']} cases"
                f"{' (PHANTOM data)' if phantom else ''}")

@@ -12,7 +12,6 @@ import copy
 import math
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,8 +25,8 @@ from ..data.locate import read_splits
 from ..metrics import score_names, scoring
 from ..models.backbones import build_model, load_backbone, read_checkpoint
 from ..recipes import input_channels, output_channels
-from ..store.records import atomic_write_json, RunRecord
-from .base import autocast, Steps, TaskKind, Validation
+from ..store.records import RunRecord
+from .base import autocast, Steps, TaskKind, Validation, write_finetune_record
 
 
 def plain(x: Any) -> torch.Tensor:
@@ -163,38 +162,18 @@ def _evaluate_sharded(model, cases: list[dict], task: Mapping[str, Any], device:
 
 def write_results(record: RunRecord, cfg: Mapping[str, Any], rows: list[dict], summary: dict, protocol: str,
                   phantom: bool, root: Path, extra: Mapping[str, Any]) -> None:
-    import pandas as pd
-
+    """A segmentation run's metrics.json and cases.csv (:func:`sslbench.tasks.base.write_finetune_record`), its
+    scores in TensorBoard and the last line of its log."""
     task = cfg["task"]
-    metrics = {
-        "kind": "finetune",
-        "task": task["name"],
-        "task_title": task["title"],
-        "method": cfg["run"].get("label", cfg["method"]["name"]),
-        "method_recipe": cfg["method"]["name"],
-        "variant": (cfg["method"].get("params") or {}).get("variant"),
-        "preset": cfg["run"]["preset"],
-        "seed": cfg["run"]["seed"],
-        "protocol": protocol,
-        **record.identity(),
-        "phantom": phantom,
-        "data_root": str(root),
-        "metric": "dice",
-        "metrics": list(task["evaluate"].get("metrics") or ["dice"]),
-        "nsd_tolerance_mm": task["evaluate"].get("nsd_tolerance"),
-        "scored": "regions" if task.get("regions") else "classes",
-        "scoring": scoring(task),   # the empty-set rules, NSD and HD95 settings the scores follow
-        **summary,
-        "cases": rows,
-        **extra,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    pd.DataFrame(rows).to_csv(record.path / ".cases.csv.tmp", index=False)
-    os.replace(record.path / ".cases.csv.tmp", record.path / "cases.csv")
-    atomic_write_json(record.path / "metrics.json", metrics)
+    fields = {"metric": "dice", "metrics": list(task["evaluate"].get("metrics") or ["dice"]),
+              "nsd_tolerance_mm": task["evaluate"].get("nsd_tolerance"),
+              "scored": "regions" if task.get("regions") else "classes",
+              "scoring": scoring(task),   # the empty-set rules, NSD and HD95 settings the scores follow
+              **summary}
+    # the scores in TensorBoard before the record is finished (finishing closes this process's event file)
     record.scalars(int(extra.get("steps") or 0), {"eval/mean_dice": summary.get("mean_dice"),
                                                   **{"eval/dice/" + k.replace(" ", "_"): v for k, v in (summary.get("per_class") or {}).items()}})
-    record.set_status(state="finished", finished=metrics["finished"])
+    write_finetune_record(record, cfg, rows, fields, protocol, phantom, root, extra)
     record.log(f"finished: mean dice {summary['mean_dice']:.4f} over {summary['n_cases']} cases"
                f"{' (PHANTOM data)' if phantom else ''}")
 
