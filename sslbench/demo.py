@@ -110,9 +110,19 @@ def _pretraining(metrics: dict) -> dict | None:
     return read_json(f) if f is not None and f.is_file() else None
 
 
+def went_to(metrics: dict, name: str) -> str:
+    """Where a structure's true voxels went in a run (its metrics.json ``confusion``): ": its voxels labelled
+    <class> (<share>%)", or "" when the record has no confusion counts or the class kept most of its voxels."""
+    from .metrics import confused_with
+
+    found = confused_with(metrics["confusion"], name) if metrics.get("confusion") else None
+    return "" if found is None else f": its voxels labelled {found[0]} ({100 * found[1]:.0f}%)"
+
+
 def comparison_rows(metrics: dict[str, dict]) -> list[list[str]]:
     """[structure, Dice (%) per method ..., delta of the last method to the first, note] per structure, then the
-    mean. A structure at 0.00 Dice is never left without a word: "not learnt in N steps (method)"."""
+    mean. A structure at 0.00 Dice is never left without a word: "not learnt in N steps (method: its voxels
+    labelled <the class that took most of them> (<share>%))"."""
     methods = list(metrics)
     first, last = metrics[methods[0]], metrics[methods[-1]]
 
@@ -126,7 +136,9 @@ def comparison_rows(metrics: dict[str, dict]) -> list[list[str]]:
         delta = "n/a" if None in (a, b) or a != a or b != b else f"{100 * (b - a):+.2f}"
         missed = [m for m, v in zip(methods, values) if v is not None and v == v and round(100 * v, 2) == 0.0]
         steps = sorted({str(metrics[m].get("steps")) for m in missed})
-        note = f"not learnt in {'/'.join(steps)} steps ({', '.join(missed)})" if missed else ""
+        where = [went_to(metrics[m], name) for m in missed]
+        note = (f"not learnt in {'/'.join(steps)} steps ({', '.join(f'{m}{w}' for m, w in zip(missed, where))})"
+                if missed else "")
         rows.append([name, *[pct(v) for v in values], delta, note])
     means = [metrics[m].get("mean_dice") for m in methods]
     a, b = first.get("mean_dice"), last.get("mean_dice")

@@ -98,6 +98,40 @@ def predict_masks(logits: torch.Tensor, task: Mapping[str, Any]) -> torch.Tensor
     return labels_to_onehot(pred, logits.shape[1])[:, 1:]
 
 
+def confusion_counts(pred: torch.Tensor, truth: torch.Tensor, n_classes: int) -> list[list[int]]:
+    """Voxel counts ``C[t][p]``: voxels of true class ``t`` predicted as class ``p`` (integer label maps of one
+    shape, classes ``0..n_classes-1``, background included). Row ``t`` sums to the voxels of class ``t``; the
+    diagonal holds the true positives (Dice of class ``c`` = 2 C[c][c] / (row c + column c))."""
+    t = truth.reshape(-1).long()
+    p = pred.reshape(-1).long().to(t.device)
+    counts = torch.bincount(t * n_classes + p, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes).tolist()
+
+
+def summed_confusion(matrices: Sequence[Sequence[Sequence[int]]]) -> list[list[int]]:
+    """The element-wise sum of per-case confusion counts (:func:`confusion_counts`)."""
+    total = [list(map(int, row)) for row in matrices[0]]
+    for m in matrices[1:]:
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                total[i][j] += int(v)
+    return total
+
+
+def confused_with(confusion: Mapping[str, Any], name: str) -> tuple[str, float] | None:
+    """The class that received the largest share of class ``name``'s true voxels, when that is not ``name``
+    itself: (that class, its share of the row), else None (``confusion``: metrics.json's ``confusion`` block)."""
+    labels = list(confusion["labels"])
+    if name not in labels:
+        return None
+    row = confusion["counts"][labels.index(name)]
+    total = sum(row)
+    if total == 0:
+        return None
+    j = max(range(len(row)), key=lambda k: row[k])
+    return None if labels[j] == name else (labels[j], row[j] / total)
+
+
 def truth_masks(label: torch.Tensor, task: Mapping[str, Any]) -> torch.Tensor:
     """Binary masks ``[B, K, ...]`` of the scored channels of an integer label map ``[B, 1, ...]``."""
     ids = region_class_ids(task)

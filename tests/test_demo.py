@@ -24,6 +24,13 @@ def test_rows_put_methods_side_by_side_with_the_delta_and_say_why_a_structure_is
     assert rows[2] == ["pulmonary artery", "n/a", "0.00", "n/a", "not learnt in 300 steps (voco)"]
     assert rows[3] == ["myo", "0.00", "0.00", "+0.00", "not learnt in 300 steps (scratch, voco)"]
     assert rows[4] == ["mean (per case, then over cases)", "25.00", "30.00", "+5.00", ""]
+    # with the record's confusion counts the note says where the structure's voxels went
+    scratch["confusion"] = {"labels": ["background", "left atrium", "whole aorta", "pulmonary artery", "myo"],
+                            "counts": [[90, 0, 0, 0, 0], [2, 6, 0, 0, 0], [0, 8, 2, 0, 0], [0, 0, 0, 0, 0],
+                                       [3, 0, 0, 0, 1]]}
+    rows = demo.comparison_rows({"scratch": scratch, "voco": voco})
+    assert rows[1][-1] == "not learnt in 300 steps (scratch: its voxels labelled left atrium (80%))"
+    assert rows[3][-1] == "not learnt in 300 steps (scratch: its voxels labelled background (75%), voco)"
 
 
 def test_run_without_arguments_runs_voco_and_scratch_alike_and_prints_the_phantom_table(tmp_path, monkeypatch, capsys):

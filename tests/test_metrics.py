@@ -217,6 +217,32 @@ def test_summarize_keeps_dice_keys_and_adds_nsd():
     assert "mean_nsd" not in summarize([{k: v for k, v in r.items() if not k.startswith("nsd")} for r in rows], ["x", "y"])
 
 
+def test_confusion_counts_where_each_true_class_went():
+    # a 1 x 6 label map: truth 0 0 1 1 2 2, prediction 0 1 1 2 2 2
+    truth = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    pred = torch.tensor([[0, 1, 1, 2, 2, 2]])
+    c = metrics.confusion_counts(pred, truth, 3)
+    assert c == [[1, 1, 0], [0, 1, 1], [0, 0, 2]]          # rows: truth, columns: prediction
+    # Dice of class 1 from the counts: 2 * 1 / (row 2 + column 2) = 0.5, as dice_per_channel says
+    d = metrics.dice_per_channel(metrics.labels_to_onehot(pred[:, None], 3)[:, 1:],
+                                 metrics.labels_to_onehot(truth[:, None], 3)[:, 1:])
+    assert float(d[0, 0]) == pytest.approx(2 * c[1][1] / (sum(c[1]) + sum(r[1] for r in c)))
+    assert metrics.summed_confusion([c, c]) == [[2, 2, 0], [0, 2, 2], [0, 0, 4]]
+    block = {"labels": ["background", "LA", "aorta"], "counts": [[5, 0, 0], [0, 1, 3], [0, 0, 4]]}
+    assert metrics.confused_with(block, "LA") == ("aorta", 0.75)     # 3 of LA's 4 voxels went to the aorta
+    assert metrics.confused_with(block, "aorta") is None             # it kept its voxels
+    assert metrics.confused_with({**block, "counts": [[5, 0, 0], [0, 0, 0], [0, 0, 4]]}, "LA") is None  # absent
+
+
+def test_summarize_sums_the_cases_confusion_and_keeps_it_out_of_the_rows():
+    rows = [{"case": "a", "x": 0.5, "mean": 0.5, "confusion": [[3, 1], [1, 1]]},
+            {"case": "b", "x": 1.0, "mean": 1.0, "confusion": [[2, 0], [0, 4]]}]
+    s = summarize(rows, ["x"])
+    assert s["confusion"] == {"labels": ["background", "x"], "counts": [[5, 1], [1, 5]]}
+    assert s["per_class"] == {"x": pytest.approx(0.75)} and "confusion" in rows[0]   # the input is left alone
+    assert "confusion" not in summarize([{k: v for k, v in r.items() if k != "confusion"} for r in rows], ["x"])
+
+
 MODEL = {"name": "swinunetr", "feature_size": 12, "use_v2": True}
 
 

@@ -8,8 +8,8 @@
 #   voco-*     bench pretrain VoCo paper eager: synthetic volumes, then --from-disk (the streamed cache), then
 #              teacher-student compiled --from-disk, then the loader alone with one worker (volumes/s per core)
 #   ssl-*, mg-* bench pretrain SwinUNETR-SSL and Models Genesis: synthetic, then --from-disk
-#   ft-*       sslbench finetune scratch on phantom BTCV (paper preset, 150 steps): memory loader, then stream
-#   memory     benchmarks/stream_memory.py on the host's CPUs: 500 vs 2,000 small volumes, stream and memory loader
+#   ft-*       sslbench finetune scratch on phantom BTCV (paper preset, 100 steps): memory loader, then stream
+#   memory     (MEMORY=1 only) benchmarks/stream_memory.py on the host's CPUs: 500 vs 2,000 small volumes
 set -u
 cs=/tmp/cs
 if [ ! -e $cs/STARTED ]; then
@@ -38,12 +38,12 @@ bench voco-ts-compiled-disk --method voco --variant teacher-student --compile "$
 stage voco-disk-1worker python3 -m sslbench bench pretrain --method voco --variant paper --steps 10 --warmup 2 \
   "${disk[@]}" --loader-workers 1 --json $cs/json/voco-disk-1worker.json
 ft=(finetune --method scratch --task phantom-btcv --preset paper --seed 0 --out $cs/ft --no-feasibility-check
-    --set task.finetune.max_steps=150 --set task.finetune.val_every=150 --set task.finetune.checkpoint_every=150
+    --set task.finetune.max_steps=100 --set task.finetune.val_every=100 --set task.finetune.checkpoint_every=100
     --set task.finetune.log_every=25)
 stage ft-memory python3 -m sslbench "${ft[@]}"
 stage ft-stream python3 -m sslbench "${ft[@]}" --set task.finetune.loader=stream
-stage memory python3 benchmarks/stream_memory.py --counts 500 2000 --control 500 2000 --repeats 2 \
-  --work /tmp/smem --json $cs/json/stream-memory.json
+[ -n "${MEMORY:-}" ] && stage memory python3 benchmarks/stream_memory.py --counts 500 2000 --control 500 2000 \
+  --repeats 2 --work /tmp/smem --json $cs/json/stream-memory.json
 touch $cs/DONE
 EOS
   ( setsid nohup bash $cs/stages.sh > $cs/stages.log 2>&1 < /dev/null & )

@@ -47,7 +47,7 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
     """
     from monai.inferers import sliding_window_inference
 
-    from ..metrics import case_scores, predict_masks, truth_masks
+    from ..metrics import case_scores, confusion_counts, predict_masks, truth_masks
 
     ev, roi = task["evaluate"], tuple(task["finetune"]["roi"])
     model.eval()
@@ -63,6 +63,8 @@ def evaluate_segmentation(model: torch.nn.Module, cases: list[dict], task: Mappi
                                               mode=ev.get("mode", "gaussian"))
         pred, truth = predict_masks(logits, task), truth_masks(label, task)
         row: dict[str, Any] = {"case": case["id"], **case_scores(pred, truth, task)}
+        if not task.get("regions"):   # which class each true class's voxels went to (summed in the summary)
+            row["confusion"] = confusion_counts(logits.argmax(1), label[:, 0], logits.shape[1])
         rows.append(row)
         if job is not None:
             progress.update(job, advance=1, info=f"dice {row['mean']:.3f}")
@@ -78,10 +80,15 @@ def summarize(rows: list[dict], names: list[str]) -> dict[str, Any]:
     ``names`` are the scored channels (:func:`sslbench.metrics.score_names`). Where the rows hold NSD (HD95)
     columns the same keys appear for them: ``mean_nsd``, ``std_nsd``, ``per_class_nsd`` (``mean_hd95``, ...).
     A case whose mean is NaN (every channel left out) is left out of the mean over cases (metrics.json: NaN as null).
+    Rows carrying ``confusion`` counts (label tasks) give ``confusion``: {labels: background + names, counts:
+    voxels of true class (row) predicted as class (column), summed over the cases}.
     """
     import pandas as pd
 
-    df = pd.DataFrame(rows).set_index("case")
+    from ..metrics import summed_confusion
+
+    matrices = [r["confusion"] for r in rows if "confusion" in r]
+    df = pd.DataFrame(without_confusion(rows)).set_index("case")
 
     def clean(v: float) -> float | None:
         return None if math.isnan(v) else float(v)
@@ -97,7 +104,15 @@ def summarize(rows: list[dict], names: list[str]) -> dict[str, Any]:
             out[f"mean_{metric}"] = clean(float(df[f"{metric}:mean"].mean()))
             out[f"std_{metric}"] = clean(float(df[f"{metric}:mean"].std(ddof=0)))
             out[f"per_class_{metric}"] = {c: clean(df[f"{metric}:{c}"].mean(skipna=True)) for c in names}
+    if matrices:   # rows: true class, columns: predicted class, voxels summed over the cases
+        out["confusion"] = {"labels": ["background", *names], "counts": summed_confusion(matrices)}
     return out
+
+
+def without_confusion(rows: list[dict]) -> list[dict]:
+    """The per-case rows as metrics.json / cases.csv keep them: scores only (each case's confusion counts are
+    summed into the summary's ``confusion``)."""
+    return [{k: v for k, v in r.items() if k != "confusion"} for r in rows]
 
 
 def make_loss(task: Mapping[str, Any]) -> torch.nn.Module:
@@ -292,12 +307,14 @@ class Segmentation(TaskKind):
                                  self.rt.dist, progress)
 
     def evaluation(self, result: list[dict]) -> dict:
-        return {"scoring": scoring(self.task), **summarize(result, score_names(self.task)), "cases": result}
+        return {"scoring": scoring(self.task), **summarize(result, score_names(self.task)),
+                "cases": without_confusion(result)}
 
     def record_fields(self) -> dict:
         return {"loader": self.ft.get("loader", "memory")}
 
     def write_results(self, record, result: list[dict], protocol: str, phantom: bool, root: Path,
                       extra: Mapping) -> None:
-        write_results(record, self.cfg, result, summarize(result, score_names(self.task)), protocol=protocol,
+        write_results(record, self.cfg, without_confusion(result), summarize(result, score_names(self.task)),
+                      protocol=protocol,
                       phantom=phantom, root=root, extra=extra)
