@@ -5,6 +5,9 @@
 * PCRL v2: Zhou, Lu, Chen, Yang, Yu. "A Unified Visual Information Preservation Framework for Self-supervised
   Pre-training in Medical Image Analysis", TPAMI 2023 (code: github.com/RL4M/PCRLv2, ``src/train_3d.py``).
 
+The 2D forms of both (``PCRLv1_2D``, ``PCRLv2_2D``: the ChestX-ray14 track, from each repository's own 2D code) are
+at the end of this file.
+
 Both run on a fine-tuning network built by ``sslbench.models.backbones.build_model`` (``model.name`` swinunetr, the
 default, unet3d = the official 3D U-Net, or basicunet) and call its own submodules, so the weights handed over are in the fine-tuning layout.
 
