@@ -23,6 +23,8 @@ REGISTRY: dict[str, str] = {
 REGISTRY_2D: dict[str, str] = {
     "c2l": "sslbench.methods.c2l:C2L",
     "mg": "sslbench.methods.genesis:ModelsGenesis2D",
+    "pcrlv1": "sslbench.methods.pcrl:PCRLv1_2D",
+    "pcrlv2": "sslbench.methods.pcrl:PCRLv2_2D",
     "voco": "sslbench.methods.voco:VoCo2D",
     "simsiam": "sslbench.methods.simsiam:SimSiam2D",
 }

@@ -5,6 +5,9 @@
 * PCRL v2: Zhou, Lu, Chen, Yang, Yu. "A Unified Visual Information Preservation Framework for Self-supervised
   Pre-training in Medical Image Analysis", TPAMI 2023 (code: github.com/RL4M/PCRLv2, ``src/train_3d.py``).
 
+The 2D forms of both (``PCRLv1_2D``, ``PCRLv2_2D``: the ChestX-ray14 track, from each repository's own 2D code) are
+at the end of this file.
+
 Both run on a fine-tuning network built by ``sslbench.models.backbones.build_model`` (``model.name`` swinunetr, the
 default, unet3d = the official 3D U-Net, or basicunet) and call its own submodules, so the weights handed over are in the fine-tuning layout.
 
@@ -104,7 +107,9 @@ from torch import nn
 from ..errors import RecipeError
 from ..models.backbones import (ATTENTIONS, SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module,
                                 build_model, decoder_output, encoder_features, output_layer_name, upsampling_widths)
+from ..models.unet2d import ConvBNReLU, UNet2D, build_encoder, unet2d_config
 from .base import PretrainMethod
+from .parts import aug2d
 from .parts.ema import momentum_update
 from .parts.perturbations import local_pixel_shuffle, nonlinear_intensity, paint
 from .parts.tensors import plain_float
@@ -223,26 +228,28 @@ def crop_and_resize_3d(volumes: torch.Tensor, boxes: torch.Tensor, out_size: Seq
 # --------------------------------------------------------------------------------------------------
 
 def random_spatial_codes(n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                         p_flip: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PCRL v1's transformation T per sample: (flips [n, 3] bool, rot90 k [n] in 0..3, one-hot code [n, 7]).
+                         p_flip: float = 0.5, axes: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCRL v1's transformation T per sample: (flips [n, axes] bool, rot90 k [n] in 0..3, code [n, axes + 4]).
 
     As the official ``spatial_aug``: each axis flipped with p = 0.5, then rot90 by k ~ U{0..3} in the x-y plane;
-    code = [flip_x, flip_y, flip_z, onehot(k)].
+    code = [flip_x, flip_y, flip_z, onehot(k)] (7-d). ``axes=2``: the official 2D ``PCRLChestPretask.aug``, flips of
+    rows and columns, rot90 in the image plane, code = [flip_rows, flip_cols, onehot(k)] (6-d).
     """
-    flips = torch.rand((n, 3), generator=generator, device=device) < p_flip
+    flips = torch.rand((n, axes), generator=generator, device=device) < p_flip
     k = torch.randint(0, 4, (n,), generator=generator, device=device)
     return flips, k, transform_code(flips, k)
 
 
 def transform_code(flips: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The 7-d code of PCRL v1's attention: [flip_x, flip_y, flip_z, onehot(k, 4)] for flips [n, 3], k [n]."""
+    """The code of PCRL v1's attention: [flips, onehot(k, 4)] for flips [n, A], k [n] (7-d in 3D, 6-d in 2D)."""
     return torch.cat([flips.float(), F.one_hot(k.long(), 4).float()], dim=1)
 
 
 def flip_axes(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Flip each sample of x [n, C, X, Y, Z] along the spatial axes where flips [n, 3] is true."""
+    """Flip each sample of x [n, C, *spatial] along the spatial axes where flips [n, A] is true (A = 3 in 3D,
+    2 for images [n, C, H, W])."""
     view = (x.shape[0],) + (1,) * (x.dim() - 1)
-    for axis in range(3):
+    for axis in range(flips.shape[1]):
         x = torch.where(flips[:, axis].view(view), x.flip(2 + axis), x)
     return x
 
@@ -269,7 +276,8 @@ def _flip_axes(value: Any, method: str) -> list[int]:
 
 
 def apply_spatial(x: torch.Tensor, flips: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Apply per-sample flips [n, 3] then rot90 by k [n] in the (X, Y) plane to x [n, C, X, Y, Z] (X == Y)."""
+    """Apply per-sample flips [n, A] then rot90 by k [n] in the (X, Y) plane to x [n, C, X, Y, Z] (X == Y); the
+    same on images x [n, C, H, W] with flips [n, 2] (rot90 in the (H, W) plane, H == W)."""
     if x.shape[2] != x.shape[3]:
         raise ValueError(f"rot90 in the x-y plane needs X == Y, got a view of {tuple(x.shape[2:])}")
     x = flip_axes(x, flips)
@@ -284,18 +292,21 @@ class TransformGate(nn.Module):
     """Transformation-conditioned attention (PCRL v1, Sec. 3.3): g(a) = sigmoid(W2 ReLU(W1 a + b1) + b2).
 
     ``a`` [n, 7] is the one-hot code of the applied flips / rot90; the result [n, C, 1, 1, 1] multiplies the
-    bottleneck channels (the official ``aug_fc1`` 7 -> 256, ``aug_fc2`` 256 -> 512 for C = 512).
+    bottleneck channels (the official ``aug_fc1`` 7 -> 256, ``aug_fc2`` 256 -> 512 for C = 512). In 2D
+    (``code_dim=6``, ``spatial_dims=2``): the official ``pcrl_model.py`` ``aug_fc1`` 6 -> 256, ``aug_fc2`` 256 -> 512,
+    the result [n, C, 1, 1].
     """
 
-    def __init__(self, channels: int, hidden: int | None = None, code_dim: int = 7):
+    def __init__(self, channels: int, hidden: int | None = None, code_dim: int = 7, spatial_dims: int = 3):
         super().__init__()
         hidden = hidden or max(channels // 2, 1)
+        self.spatial_dims = spatial_dims
         self.fc1 = nn.Linear(code_dim, hidden)
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.fc2(F.relu(self.fc1(code))))
-        return g.view(*g.shape, 1, 1, 1)
+        return g.view(*g.shape, *(1,) * self.spatial_dims)
 
 
 def mixup_weight(shape: Sequence[int] = (), generator: torch.Generator | None = None,
@@ -463,6 +474,48 @@ def symmetric_cosine_loss(pre_a: torch.Tensor, pro_a: torch.Tensor, pre_b: torch
     return -0.5 * (ab + ba)
 
 
+def pcrlv2_objective(pros_g: Sequence[torch.Tensor], preds_g: Sequence[torch.Tensor], pros_l: Sequence[torch.Tensor],
+                     preds_l: Sequence[torch.Tensor], out: torch.Tensor, masks: Sequence[torch.Tensor],
+                     gt1: torch.Tensor, num_local: int, beta: float
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PCRL v2's loss (the 3D and 2D forms alike): L = MSE(out, gt1) + L_cos(s) + beta MSE(mask_s, gt1) + L_local.
+
+    Per decoder scale: ``pros_g`` / ``preds_g`` [2B, C_s] (global view 1 of every image, then view 2), ``pros_l`` /
+    ``preds_l`` [num_local * B, C_s] (local view j of every image, then j + 1); ``out`` and ``masks`` (one per scale)
+    restore global view 1, whose target is ``gt1``. s is one random scale (the official ``cos_loss`` index) for
+    the global pair and its deep supervision; each of the 2 x num_local (global, local) pairs draws its own scale.
+    Returns (loss, logs).
+    """
+    b = gt1.shape[0]
+    dev = gt1.device
+    n_s = len(pros_g)
+    # global pair: L_cos at every scale [S], one random scale s kept (as the official random index)
+    per_scale = torch.stack([symmetric_cosine_loss(pre[:b], pro[:b], pre[b:], pro[b:])
+                             for pre, pro in zip(preds_g, pros_g)])
+    s = torch.randint(0, n_s, (), device=dev)
+    cos_global = per_scale[s]
+    # local pairs: [S, 2, L] (each global view against each local view), a random scale per pair
+    local_terms = []
+    for pre_g, pro_g, pre_l, pro_l in zip(preds_g, pros_g, preds_l, pros_l):
+        pg = pre_g.view(2, 1, b, -1)
+        qg = pro_g.view(2, 1, b, -1)
+        pl = pre_l.view(1, num_local, b, -1)
+        ql = pro_l.view(1, num_local, b, -1)
+        local_terms.append(symmetric_cosine_loss(pg.expand(2, num_local, b, -1), qg.expand(2, num_local, b, -1),
+                                                 pl.expand(2, num_local, b, -1), ql.expand(2, num_local, b, -1)))
+    local_all = torch.stack(local_terms)                                             # [S, 2, L]
+    pick = torch.randint(0, n_s, (1, 2, num_local), device=dev)
+    cos_local = local_all.gather(0, pick).mean()
+
+    rec = F.mse_loss(out, gt1)
+    ds_all = torch.stack([F.mse_loss(m, gt1) for m in masks])                       # [S]
+    ds = beta * ds_all[s]
+    loss = rec + cos_global + ds + cos_local
+    logs = {"loss": loss.detach(), "rec": rec.detach(), "cos_global": cos_global.detach(),
+            "cos_local": cos_local.detach(), "deep_supervision": ds.detach(), "beta": torch.tensor(beta, device=dev)}
+    return loss, logs
+
+
 # --------------------------------------------------------------------------------------------------
 # The fine-tuning network's encoder and decoder, called through its own submodules
 # --------------------------------------------------------------------------------------------------
@@ -546,7 +599,8 @@ def _choice(params: Mapping[str, Any], key: str, default: str, options: Sequence
     return value
 
 
-def _scale_range(params: Mapping[str, Any], key: str, default: Sequence[float], method: str) -> tuple[float, float]:
+def _scale_range(params: Mapping[str, Any], key: str, default: Sequence[float], method: str,
+                 what: str = "crop side / volume side") -> tuple[float, float]:
     value = params.get(key, default)
     try:
         lo, hi = (float(v) for v in value)
@@ -554,7 +608,7 @@ def _scale_range(params: Mapping[str, Any], key: str, default: Sequence[float], 
         lo, hi = -1.0, -1.0
     if not 0 < lo <= hi <= 1:
         raise RecipeError(f"method.params.{key}: {value!r} for method {method}; expected [low, high] with "
-                          f"0 < low <= high <= 1 (crop side / volume side)")
+                          f"0 < low <= high <= 1 ({what})")
     return lo, hi
 
 
@@ -584,7 +638,8 @@ def _bounds(params: Mapping[str, Any], key: str, default: Sequence[float], metho
 # --------------------------------------------------------------------------------------------------
 
 class ProjectionHead(nn.Module):
-    """GAP(bottleneck) -> Linear(C, D) -> ReLU -> Linear(D, D) (the official ``fc1``, ``fc2``; D = 128)."""
+    """GAP(bottleneck) -> Linear(C, D) -> ReLU -> Linear(D, D) (the official ``fc1``, ``fc2``; D = 128), pooled
+    over every spatial axis (3D volumes or 2D maps)."""
 
     def __init__(self, channels: int, dim: int = 128):
         super().__init__()
@@ -592,10 +647,54 @@ class ProjectionHead(nn.Module):
         self.fc2 = nn.Linear(dim, dim)
 
     def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(bottleneck.mean(dim=(2, 3, 4)))))
+        return self.fc2(F.relu(self.fc1(bottleneck.mean(dim=tuple(range(2, bottleneck.dim()))))))
 
 
-class PCRLv1(PretrainMethod):
+class _PCRLv1Contrast(PretrainMethod):
+    """What PCRL v1's 3D and 2D forms share: the NCE / InfoNCE contrast against the memory queue, the momentum
+    update and the heads' state. A subclass builds ``encoder``, ``head`` (projection), ``gate``, ``out_layer``,
+    ``queue``, the ``nce_z`` buffer and the frozen copies ``key_encoder``, ``key_head``, and sets ``contrast``,
+    ``temperature``, ``nce_n_data``, ``momentum``."""
+
+    def _contrast_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Mean NCE over the rows of q, k [n, D] against the queue as it is before this call; then k enqueued.
+
+        In fp32 (autocast off): cosines / T = 0.2 inside exp need more than bf16's 8 mantissa bits.
+        """
+        with torch.autocast(q.device.type, enabled=False):
+            return self._contrast_loss_fp32(q.float(), k.float())
+
+    def _contrast_loss_fp32(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(q, dim=1)
+        k = F.normalize(k, dim=1)
+        # a copy: the enqueue below writes the buffer that the backward of q @ queue^T still needs
+        logits = contrast_logits(q, k, self.queue.keys.detach().clone())
+        if self.contrast == "infonce":
+            loss = info_nce_loss(logits, self.temperature)
+        else:
+            with torch.no_grad():
+                first = torch.exp(logits / self.temperature).mean() * self.nce_n_data
+                self.nce_z.copy_(torch.where(self.nce_z < 0, first, self.nce_z))
+            # a copy: a later call of this step rewrites the buffer that this loss's backward needs
+            loss = nce_loss(logits, self.temperature, self.nce_z.clone(), self.nce_n_data)
+        self.queue.enqueue(k)
+        return loss
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Momentum update of the key encoder and key head: param_k <- m param_k + (1 - m) param_q."""
+        momentum_update(list(self.key_encoder.parameters()) + list(self.key_head.parameters()),
+                        list(self.encoder.parameters()) + list(self.head.parameters()), self.momentum)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for prefix, module in (("head", self.head), ("gate", self.gate), ("out_layer", self.out_layer),
+                               ("key_head", self.key_head)):
+            out.update({f"{prefix}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()})
+        return out
+
+
+class PCRLv1(_PCRLv1Contrast):
     """PCRL v1 on volumes [B, 1, *volume_size] in [0, 1] (see the module docstring for the equations).
 
     params: volume_size, view_size, crop_scale, min_iou, queue_size (K), dim (128), temperature (T),
@@ -661,30 +760,6 @@ class PCRLv1(PretrainMethod):
         return {"c": clean, "x": corrupt, "t": apply_spatial(source, flips, k), "code": code,
                 "box1": box1, "box2": box2}
 
-    # ----------------------------------------------------------------------------------------- losses
-    def _contrast_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Mean NCE over the rows of q, k [n, D] against the queue as it was before this step; then k enqueued.
-
-        In fp32 (autocast off): cosines / T = 0.2 inside exp need more than bf16's 8 mantissa bits.
-        """
-        with torch.autocast(q.device.type, enabled=False):
-            return self._contrast_loss_fp32(q.float(), k.float())
-
-    def _contrast_loss_fp32(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(q, dim=1)
-        k = F.normalize(k, dim=1)
-        # a copy: the enqueue below writes the buffer that the backward of q @ queue^T still needs
-        logits = contrast_logits(q, k, self.queue.keys.detach().clone())
-        if self.contrast == "infonce":
-            loss = info_nce_loss(logits, self.temperature)
-        else:
-            with torch.no_grad():
-                first = torch.exp(logits / self.temperature).mean() * self.nce_n_data
-                self.nce_z.copy_(torch.where(self.nce_z < 0, first, self.nce_z))
-            loss = nce_loss(logits, self.temperature, self.nce_z, self.nce_n_data)
-        self.queue.enqueue(k)
-        return loss
-
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = plain_float(volumes)
         b = volumes.shape[0]
@@ -730,23 +805,10 @@ class PCRLv1(PretrainMethod):
                 "lambda": lam.detach(), "pos_cos": F.cosine_similarity(q, k, dim=1).mean().detach()}
         return loss, logs
 
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """Momentum update of the key encoder and key head: param_k <- m param_k + (1 - m) param_q."""
-        momentum_update(list(self.key_encoder.parameters()) + list(self.key_head.parameters()),
-                        list(self.encoder.parameters()) + list(self.head.parameters()), self.momentum)
-
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder + skip-connected decoder, in the fine-tuning network's key layout."""
         state = {**self.encoder.state_dict(), **self.decoder.state_dict()}
         return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for prefix, module in (("head", self.head), ("gate", self.gate), ("out_layer", self.out_layer),
-                               ("key_head", self.key_head)):
-            out.update({f"{prefix}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()})
-        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -908,42 +970,11 @@ class PCRLv2(PretrainMethod):
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = plain_float(volumes)
         b = volumes.shape[0]
-        dev = volumes.device
         v = self.make_views(volumes)
-        n_s = self.decoder.num_scales
         pros_g, preds_g, out, masks = self.decoder(self.encoder.bottleneck(v["x"]), restore_rows=b)
         pros_l, preds_l, _, _ = self.decoder(self.encoder.bottleneck(v["local"]))
-        gt1 = v["gt"][:b].float()
-
-        # global pair: L_cos at every scale [S], one random scale s kept (as the official random index)
-        per_scale = torch.stack([symmetric_cosine_loss(pre[:b], pro[:b], pre[b:], pro[b:])
-                                 for pre, pro in zip(preds_g, pros_g)])
-        s = torch.randint(0, n_s, (), device=dev)
-        cos_global = per_scale[s]
-        # local pairs: [S, 2, L] (each global view against each local view), a random scale per pair
-        local_terms = []
-        for pre_g, pro_g, pre_l, pro_l in zip(preds_g, pros_g, preds_l, pros_l):
-            pg = pre_g.view(2, 1, b, -1)
-            qg = pro_g.view(2, 1, b, -1)
-            pl = pre_l.view(1, self.num_local, b, -1)
-            ql = pro_l.view(1, self.num_local, b, -1)
-            local_terms.append(symmetric_cosine_loss(pg.expand(2, self.num_local, b, -1),
-                                                     qg.expand(2, self.num_local, b, -1),
-                                                     pl.expand(2, self.num_local, b, -1),
-                                                     ql.expand(2, self.num_local, b, -1)))
-        local_all = torch.stack(local_terms)                                         # [S, 2, L]
-        pick = torch.randint(0, n_s, (1, 2, self.num_local), device=dev)
-        cos_local = local_all.gather(0, pick).mean()
-
-        rec = F.mse_loss(out, gt1)
-        ds_all = torch.stack([F.mse_loss(m, gt1) for m in masks])                   # [S]
-        beta = pcrlv2_beta(step, self.schedule_steps)
-        ds = beta * ds_all[s]
-        loss = rec + cos_global + ds + cos_local
-        logs = {"loss": loss.detach(), "rec": rec.detach(), "cos_global": cos_global.detach(),
-                "cos_local": cos_local.detach(), "deep_supervision": ds.detach(),
-                "beta": torch.tensor(beta, device=dev)}
-        return loss, logs
+        return pcrlv2_objective(pros_g, preds_g, pros_l, preds_l, out, masks, v["gt"][:b].float(), self.num_local,
+                                pcrlv2_beta(step, self.schedule_steps))
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder only (swinViT + encoder10 on swinunetr; the whole encoder on unet3d / basicunet)."""
@@ -952,3 +983,330 @@ class PCRLv2(PretrainMethod):
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}
 
+
+# --------------------------------------------------------------------------------------------------
+# The 2D forms (the ChestX-ray14 track, issue 23)
+# --------------------------------------------------------------------------------------------------
+# Both official repositories hold their 2D (NIH ChestX-ray14) code beside the 3D one, read for these classes:
+# PCRL v1: Luchixiang/PCRL ``pytorch/pcrl.py`` (``train_pcrl_2d``, ``train_rep_C2L``), ``pytorch/models/pcrl_model.py``
+# (``PCRLModel``, ``ShuffleUnetDecoder``), ``pytorch/datasets/reverse_pcrl_pretask.py`` (``PCRLChestPretask``),
+# ``pytorch/data.py`` (``pcrl_chest_pretask``), ``pytorch/memory_c2l.py``, ``pytorch/utils.py``, README (the 2D command);
+# PCRL v2: RL4M/PCRLv2 ``src/train_2d.py``, ``src/models/pcrlv2_model.py``, ``src/data.py`` (``pcrlv2_chest_pretask``),
+# ``src/datasets/chestDataset.py`` (``Pcrlv2ChestPretask``), ``src/utils.py``, ``src/bash_scripts/run2d.sh``.
+# Both train smp's ``Unet('resnet18')``, i.e. PCRL's ResNet-18 U-Net of sslbench/models/unet2d.py.
+
+#: ImageNet's mean and std averaged over the three channels. The official loaders replicate grey to RGB and
+#: normalise with ImageNet's per-channel statistics; for one grey channel this is their channel average.
+GREY_MEAN, GREY_STD = 0.449, 0.226
+NORMALIZATIONS_2D = ("imagenet", "none")
+
+
+def grey_normalize(x: torch.Tensor) -> torch.Tensor:
+    """(x - 0.449) / 0.226: the official ``transforms.Normalize(ImageNet mean, std)`` on a grey image in [0, 1]."""
+    return (x - GREY_MEAN) / GREY_STD
+
+
+def _chest_views(params: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The official chest loaders' view settings (torchvision): RandomRotation(10), RandomHorizontalFlip,
+    RandomGrayscale(0.2) (nothing to grey), RandomApply(GaussianBlur([0.1, 2]), p 0.5), ColorJitter(0.4, ...)
+    (brightness and contrast: saturation and hue do nothing to grey), Cutout(3 holes of 32 px at 224, global
+    views only), ImageNet normalisation (``normalize``)."""
+    cfg = {"degrees": float(params.get("rotate_degrees", 10)), "p_flip": float(params.get("p_flip", 0.5)),
+           "jitter": float(params.get("jitter", 0.4)), "p_blur": float(params.get("p_blur", 0.5)),
+           "blur_sigma": _bounds(params, "blur_sigma", (0.1, 2.0), method, symmetric=False),
+           "holes": int(params.get("cutout_holes", 3)), "length": float(params.get("cutout_length", 32 / 224)),
+           "fill": float(params.get("cutout_fill", GREY_MEAN)),
+           "normalize": _choice(params, "normalize", "imagenet", NORMALIZATIONS_2D, method) == "imagenet"}
+    for key, value in (("p_flip", cfg["p_flip"]), ("p_blur", cfg["p_blur"])):
+        if not 0.0 <= value <= 1.0:
+            raise RecipeError(f"method.params.{key}: {value} for method {method}; expected a probability in [0, 1]")
+    if not 0.0 <= cfg["jitter"] < 1.0:
+        raise RecipeError(f"method.params.jitter: {cfg['jitter']} for method {method}; expected a strength in [0, 1)")
+    return cfg
+
+
+def chest_intensity(x: torch.Tensor, cfg: Mapping[str, Any], image_side: int, cutout: bool) -> torch.Tensor:
+    """The official chest loaders' intensity chain on views [n, 1, h, w] in [0, 1], in their order: Gaussian blur
+    (sigma in pixels of a 224 image, scaled to ``image_side``), colour jitter, then Cutout where ``cutout``."""
+    x = aug2d.random_blur(x, cfg["p_blur"], cfg["blur_sigma"], image_side)
+    x = aug2d.random_jitter(x, cfg["jitter"])
+    return aug2d.cutout(x, cfg["holes"], cfg["length"], cfg["fill"]) if cutout else x
+
+
+class PCRLv1_2D(_PCRLv1Contrast):
+    """PCRL v1 on radiographs [B, 1, S, S] in [0, 1] (the official ``train_pcrl_2d``), on the ResNet-18 U-Net.
+
+    Views (``PCRLChestPretask``): two RandomResizedCrops (area ``crop_scale`` (0.2, 1)) per image give the clean crops
+    c1, c2 (targets of the mixed branches, ImageNet-normalised); the network inputs x1, x2 are the crops rotated
+    (+-10 degrees), flipped, blurred, jittered and cut out (``chest_intensity``); the plain and hybrid targets
+    are T(x) (``target: corrupted``; ``clean``: T(c)), T = flips of rows and columns (p 0.5 each) + rot90 by
+    k ~ U{0..3}, coded as the 6-d [flip_rows, flip_cols, onehot(k)] that gates the bottleneck (``TransformGate``,
+    the official ``aug_fc1`` 6 -> 256 -> ``aug_fc2`` 512). Then the 3D form's equations (module docstring):
+    L = 1/3 [NCE(q, k) + NCE(q~, k(x~2)) + NCE(q~, k~)] + 1/4 [four MSE reconstructions], the reconstructions
+    being the U-Net head's raw output (smp's segmentation head has no activation, its targets are normalised).
+
+    As the official 2D code (no departure from the 3D form's batching here): the query encoder runs on x1 and on
+    x~1 in two calls, the key encoder on x2 and x~2, the decoder once per branch (BatchNorm over B each); the
+    three comparisons run one after the other, each against the queue as the previous one left it
+    (``MemoryC2L`` enqueues in every call), and the NCE constant Z comes from the first (q, k) call.
+
+    params: crop_scale, rotate_degrees, p_flip, jitter, p_blur, blur_sigma, cutout_holes, cutout_length,
+    cutout_fill, normalize (imagenet | none), target (corrupted | clean), queue_size (16384), dim (128),
+    temperature (0.2), momentum (0.999), contrast (nce | infonce), nce_n_data. Hands over the U-Net's encoder and
+    decoder (``encoder.*``, ``decoder.*``; the ChestX-ray14 classifier loads the encoder).
+
+    Ledger (deviations from the official 2D code; restoring keys where one exists):
+
+    * Inputs: one grey channel; the official replicates it to 3 channels (``convert('RGB')``) and restores 3
+      channels. ``normalize: imagenet`` (default) applies the channel-averaged ImageNet normalisation (0.449,
+      0.226) to inputs and targets, so the reconstruction loss has the official scale; ``none`` keeps [0, 1].
+      No key for 3 channels.
+    * Optimiser: the shared AdamW warmup-cosine; official SGD lr 1e-3, momentum 0.9, weight decay 1e-4, cosine
+      over 240 epochs, batch 64 (README): ``--set method.pretrain.optimizer=sgd --set method.pretrain.lr=1e-3
+      --set method.pretrain.momentum=0.9 --set method.pretrain.weight_decay=1e-4 --set
+      method.pretrain.warmup_steps=0 --set method.pretrain.batch_size=64``.
+    * NCE noise: ``nce_n_data`` = 1000 (the official: batches per epoch, ``len(train_loader)``, about 1050 on
+      60% of ChestX-ray14 at batch 64; it enters through P_n and Z): ``--set method.params.nce_n_data=N``.
+    * ShuffleBN is left out: on one process a permutation does not change the key encoder's batch statistics.
+    * The momentum copy holds the encoder and projection head only; the official EMA model is a whole
+      ``PCRLModel`` whose decoder and gate are never used. No effect on the loss; no key.
+    * Views are cut from the preprocessed image (``preprocess.size``), not the original 1024 px PNG; rotation
+      resamples bilinearly (torchvision's RandomRotation: nearest); ColorJitter applies brightness then contrast
+      (torchvision: a random order of its four factors); the blur is a Gaussian truncated at 3 sigma (PIL's
+      GaussianBlur: an extended box blur); RandomResizedCrop clips its box instead of falling back to a centre
+      crop (sslbench/methods/parts/aug2d.py). No keys.
+    * Precision: the protocol's bf16 autocast on CUDA with the contrast in fp32; the official apex O1.
+    """
+
+    name = "pcrlv1"
+    transfers_decoder = True
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = self.params
+        self.contrast = _choice(p, "contrast", "nce", CONTRASTS, self.name)
+        self.target = _choice(p, "target", "corrupted", TARGETS, self.name)
+        self.crop_scale = _scale_range(p, "crop_scale", (0.2, 1.0), self.name, "crop area / image area")
+        self.views = _chest_views(p, self.name)
+        self.temperature = float(p.get("temperature", 0.2))
+        self.momentum = float(p.get("momentum", 0.999))
+        self.nce_n_data = int(p.get("nce_n_data", 1000))
+        dim = int(p.get("dim", 128))
+
+        net = UNet2D(self.model_cfg, in_channels=1, out_channels=1)
+        self.encoder, self.decoder, self.out_layer = net.encoder, net.decoder, net.head
+        channels = net.widths[-1]
+        self.head = ProjectionHead(channels, dim)
+        self.gate = TransformGate(channels, hidden=256, code_dim=6, spatial_dims=2)
+        self.queue = MemoryQueue(int(p.get("queue_size", 16384)), dim)
+        self.register_buffer("nce_z", torch.full((), -1.0))
+        self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.key_head = copy.deepcopy(self.head).requires_grad_(False)
+
+    @staticmethod
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        """Encoder input pixels per image and step (feasibility): x1, x~1 (query), x2, x~2 (key)."""
+        return 4 * size[0] * size[1]
+
+    def make_views(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Clean crops c [2B] (view 1 of every image, then view 2), inputs x, targets t = T(x) (or T(c)), codes."""
+        n = 2 * images.shape[0]
+        v = self.views
+        clean, moved = aug2d.random_crop_then_rotation(torch.cat([images, images]), self.crop_scale, v["degrees"],
+                                                       v["p_flip"])
+        x = chest_intensity(moved, v, images.shape[-1], cutout=True)
+        flips, k, code = random_spatial_codes(n, device=images.device, axes=2)
+        t = apply_spatial(clean if self.target == "clean" else x, flips, k)
+        if v["normalize"]:
+            clean, x, t = grey_normalize(clean), grey_normalize(x), grey_normalize(t)
+        return {"c": clean, "x": x, "t": t, "code": code}
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = plain_float(volumes)
+        b, dev = images.shape[0], images.device
+        if images.shape[2] != images.shape[3]:
+            raise ValueError(f"pcrlv1: images {list(images.shape[2:])} must be square (the rot90 of T)")
+        with torch.autocast(dev.type, enabled=False):     # views in fp32 under the protocol's bf16
+            v = self.make_views(images)
+        x1, x2, c1, c2, t1, t2 = (t for key in ("x", "c", "t") for t in (v[key][:b], v[key][b:]))
+        lam, alpha1, alpha2 = mixup_weight((3,), device=dev).unbind(0)
+        perm = torch.randperm(b, device=dev)
+        mx1, mx2, mc1, mc2 = (mixup(t, perm, lam) for t in (x1, x2, c1, c2))
+
+        fq, fmq = self.encoder(x1), self.encoder(mx1)
+        with torch.no_grad():
+            fk, fmk = self.key_encoder(x2), self.key_encoder(mx2)
+            k, mk = self.key_head(fk[-1]).float(), self.key_head(fmk[-1]).float()
+        q, mq = self.head(fq[-1]).float(), self.head(fmq[-1]).float()
+        contrast = (self._contrast_loss(q, k) + self._contrast_loss(mq, mk)
+                    + self._contrast_loss(mq, mixup(k, perm, lam))) / 3
+
+        gates = self.gate(v["code"]).to(fq[-1].dtype)
+        a1, a2 = alpha1.to(fq[-1].dtype), alpha2.to(fq[-1].dtype)
+        gated = fq[-1] * gates[:b]
+        branches = [[*fq[:-1], gated],                                                  # plain (gated)
+                    fmq,                                                                # mixed
+                    [a1 * fq_ + (1 - a1) * fk_ for fq_, fk_ in zip(fq[:-1], fk[:-1])]
+                    + [a1 * gated + (1 - a1) * fk[-1] * gates[b:]],                     # hybrid (gated)
+                    [a2 * fq_ + (1 - a2) * fk_ for fq_, fk_ in zip(fmq, fmk)]]          # mixed hybrid
+        targets = [t1, mc1, alpha1 * t1 + (1 - alpha1) * t2, alpha2 * mc1 + (1 - alpha2) * mc2]
+        rec = sum(F.mse_loss(self.out_layer(self.decoder(f)).float(), t.float())
+                  for f, t in zip(branches, targets)) / 4
+        loss = contrast + rec
+        logs = {"loss": loss.detach(), "contrast": contrast.detach(), "rec": rec.detach(), "lambda": lam.detach(),
+                "pos_cos": F.cosine_similarity(q, k, dim=1).mean().detach()}
+        return loss, logs
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The U-Net's encoder and decoder in its key layout (``encoder.*``, ``decoder.*``)."""
+        state = {**{f"encoder.{k}": v for k, v in self.encoder.state_dict().items()},
+                 **{f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}}
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+class SkiplessDecoder2D(nn.Module):
+    """PCRL v2's 2D decoder (the official ``PCRLv2Decoder`` / ``DecoderBlock`` of ``src/models/pcrlv2_model.py``).
+
+    Five stages over the encoder's last map, WITHOUT skip connections, widths ``decoder_channels`` (256 .. 16):
+    x_s = two conv3x3-BN-ReLU(nearest x2 upsampling of x_{s+1}); pro_s = BatchNorm1d(GAP(x_s)); pre_s =
+    Linear(C, 2C) -> BN -> ReLU -> Linear(2C, C); the deep-supervision map conv3x3(C, C) -> BN -> ReLU ->
+    conv1x1(C, 1), bilinearly upsampled to the input size (official: 3 output channels); ``out`` = the U-Net's
+    3x3 segmentation head on the last stage (raw: smp's head has no activation).
+    """
+
+    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int]):
+        super().__init__()
+        ins = [int(encoder_channels[-1])] + [int(c) for c in decoder_channels[:-1]]
+        self.blocks = nn.ModuleList()
+        self.pro_norms = nn.ModuleList()
+        self.predictors = nn.ModuleList()
+        self.ds_heads = nn.ModuleList()
+        for cin, cout in zip(ins, (int(c) for c in decoder_channels)):
+            self.blocks.append(nn.Sequential(ConvBNReLU(cin, cout), ConvBNReLU(cout, cout)))
+            self.pro_norms.append(nn.BatchNorm1d(cout))
+            self.predictors.append(nn.Sequential(nn.Linear(cout, 2 * cout), nn.BatchNorm1d(2 * cout),
+                                                 nn.ReLU(inplace=True), nn.Linear(2 * cout, cout)))
+            self.ds_heads.append(nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout),
+                                               nn.ReLU(inplace=True), nn.Conv2d(cout, 1, 1)))
+        self.out = nn.Conv2d(int(decoder_channels[-1]), 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, restore: bool = False
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+        """(pros, preds, out, masks): per-scale projections / predictions [n, C_s]; with ``restore`` also the
+        restoration ``out`` and the deep-supervision masks (input size)."""
+        pros, preds, maps = [], [], []
+        for block, norm, predictor in zip(self.blocks, self.pro_norms, self.predictors):
+            x = block(F.interpolate(x, scale_factor=2, mode="nearest"))
+            pro = norm(x.mean(dim=(2, 3)).float())
+            pros.append(pro)
+            preds.append(predictor(pro))
+            maps.append(x)
+        if not restore:
+            return pros, preds, None, []
+        size = maps[-1].shape[2:]
+        masks = [F.interpolate(head(m).float(), size=size, mode="bilinear") for head, m in zip(self.ds_heads, maps)]
+        return pros, preds, self.out(maps[-1]).float(), masks
+
+
+class PCRLv2_2D(PretrainMethod):
+    """PCRL v2 on radiographs [B, 1, H, W] in [0, 1] (the official ``train_pcrlv2``), on the ResNet-18 U-Net encoder.
+
+    Views (``Pcrlv2ChestPretask``): two global views per image, RandomResizedCrop (area ``global_scale`` (0.3, 1))
+    at the image size, rotated (+-10 degrees) and flipped: gt = that view (ImageNet-normalised); the input adds
+    blur, jitter and Cutout (``chest_intensity``). ``num_local`` (6) local views: RandomResizedCrop (area
+    ``local_scale`` (0.05, 0.3)) at ``local_size`` x the image side (96 of 224), rotated, flipped, blurred and
+    jittered (no Cutout). The encoder and the skip-less decoder (``SkiplessDecoder2D``) run once on global view 1,
+    once on global view 2 and once on all local views (BatchNorm over B, B, num_local x B, as the official calls);
+    L = MSE(out(v1), gt1) + L_cos(s) + beta MSE(mask_s(v1), gt1) + L_local (``pcrlv2_objective``), beta =
+    1/2 (1 + cos(pi t / T)), T = ``schedule_steps``.
+
+    params: global_scale, local_scale, local_size (fraction of the image side), num_local, rotate_degrees, p_flip,
+    jitter, p_blur, blur_sigma, cutout_holes, cutout_length, cutout_fill, normalize (imagenet | none),
+    schedule_steps. Hands over the encoder only (``encoder.*``; the official saves ``model.encoder``).
+
+    Ledger (deviations from the official 2D code; restoring keys where one exists):
+
+    * Inputs: one grey channel; the official replicates it to 3 channels and restores 3 channels (restoration
+      and deep-supervision heads). ``normalize: imagenet`` (default) normalises inputs and targets with the
+      channel-averaged ImageNet statistics (0.449, 0.226), so the MSE terms have the official scale; ``none`` keeps
+      [0, 1]. No key for 3 channels.
+    * Encoder initialisation: the official ``smp.Unet('resnet18')`` loads ImageNet weights (smp's default); here
+      random, as every Table 4 row: ``--set model.pretrained_2d=imagenet``.
+    * Optimiser: the shared AdamW warmup-cosine; official SGD lr 1e-2, momentum 0.9, weight decay 1e-4, cosine over
+      240 epochs, batch 64 (``run2d.sh``): ``--set method.pretrain.optimizer=sgd --set method.pretrain.lr=1e-2 --set
+      method.pretrain.momentum=0.9 --set method.pretrain.weight_decay=1e-4 --set method.pretrain.warmup_steps=0
+      --set method.pretrain.batch_size=64``; beta's T is ``schedule_steps`` steps (official: 240 epochs).
+    * Local views: ``local_size`` x the image side (96 px at 224, at least 32 px), cut from the preprocessed image
+      (official: 96 px cut from the original 1024 px PNG); the deep-supervision masks are computed for global
+      view 1 only (the official computes them in every call and uses view 1's: the same loss; only those heads'
+      BatchNorm running statistics, never handed over, differ). No keys.
+    * The view notes of ``PCRLv1_2D`` (bilinear rotation, jitter order, truncated Gaussian blur, clipped crop box)
+      and its precision note apply. No keys.
+    """
+
+    name = "pcrlv2"
+    transfers_decoder = False
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = self.params
+        self.global_scale = _scale_range(p, "global_scale", (0.3, 1.0), self.name, "crop area / image area")
+        self.local_scale = _scale_range(p, "local_scale", (0.05, 0.3), self.name, "crop area / image area")
+        self.local_size = float(p.get("local_size", 96 / 224))
+        if not 0 < self.local_size <= 1:
+            raise RecipeError(f"method.params.local_size: {self.local_size} for method pcrlv2; expected a fraction "
+                              f"of the image side in (0, 1] (96 / 224 = 0.428571 as the official)")
+        self.num_local = int(p.get("num_local", 6))
+        if self.num_local < 1:
+            raise RecipeError(f"method.params.num_local: {self.num_local} for method pcrlv2; expected >= 1")
+        self.schedule_steps = int(p.get("schedule_steps", 20000))
+        self.views = _chest_views(p, self.name)
+        self.encoder = build_encoder(self.model_cfg)
+        self.decoder = SkiplessDecoder2D(self.encoder.feature_info.channels(),
+                                         unet2d_config(self.model_cfg)["decoder_channels"])
+
+    @staticmethod
+    def local_side(params: Mapping[str, Any], side: int) -> int:
+        """Pixels of a local view's side for images of ``side`` pixels (at least 32: one pixel at 1/32 scale)."""
+        return max(32, round(float(params.get("local_size", 96 / 224)) * side))
+
+    @staticmethod
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        """Encoder input pixels per image and step (feasibility): two global views and the local views."""
+        side = PCRLv2_2D.local_side(params, size[-1])
+        return 2 * size[0] * size[1] + int(params.get("num_local", 6)) * side * side
+
+    def make_views(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """gt [2B] (global view 1 of every image, then view 2), their inputs x, and the local views
+        [num_local * B] (local j of every image, then local j + 1)."""
+        v, side = self.views, images.shape[-1]
+        _, gt = aug2d.random_crop_then_rotation(torch.cat([images, images]), self.global_scale, v["degrees"],
+                                                v["p_flip"])
+        x = chest_intensity(gt, v, side, cutout=True)
+        ls = self.local_side(self.params, side)
+        _, loc = aug2d.random_crop_then_rotation(images.repeat(self.num_local, 1, 1, 1), self.local_scale,
+                                                 v["degrees"], v["p_flip"], size=(ls, ls))
+        loc = chest_intensity(loc, v, side, cutout=False)
+        if v["normalize"]:
+            gt, x, loc = grey_normalize(gt), grey_normalize(x), grey_normalize(loc)
+        return {"gt": gt, "x": x, "local": loc}
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = plain_float(volumes)
+        b = images.shape[0]
+        with torch.autocast(images.device.type, enabled=False):   # views in fp32 under the protocol's bf16
+            v = self.make_views(images)
+        pros1, preds1, out, masks = self.decoder(self.encoder(v["x"][:b])[-1], restore=True)
+        pros2, preds2, _, _ = self.decoder(self.encoder(v["x"][b:])[-1])
+        pros_l, preds_l, _, _ = self.decoder(self.encoder(v["local"])[-1])
+        pros_g = [torch.cat(pair) for pair in zip(pros1, pros2)]
+        preds_g = [torch.cat(pair) for pair in zip(preds1, preds2)]
+        return pcrlv2_objective(pros_g, preds_g, pros_l, preds_l, out, masks, v["gt"][:b].float(), self.num_local,
+                                pcrlv2_beta(step, self.schedule_steps))
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The ResNet-18 encoder (``encoder.*``)."""
+        return {f"encoder.{k}": v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}

@@ -61,6 +61,7 @@ from . import dist
 from .base import PretrainMethod
 from ..models.unet2d import build_encoder
 from .parts import aug2d
+from .parts.blur import blur_2d, gaussian_blur  # noqa: F401  (blur_2d: SimSiam2D; both: the tests' names)
 from .parts.pooled_swin import PooledSwinEncoder
 from .parts.tensors import plain_float
 
@@ -131,26 +132,6 @@ def resample_views(volumes: torch.Tensor, theta: torch.Tensor, out_size: int) ->
     grid = grid.view(b, v * s, s, s, 3)
     out = F.grid_sample(volumes, grid.to(volumes.dtype), mode="bilinear", padding_mode="border", align_corners=False)
     return out.view(b, c, v, s, s, s).transpose(1, 2)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Blur each view of x [N, C, X, Y, Z] with its own isotropic Gaussian sigma[N] (voxels), truncated at
-    ``radius``; sigma <= 0 leaves the view unchanged. Separable: one grouped conv per axis, replicate padding."""
-    n, c = x.shape[:2]
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    safe = sigma.clamp_min(1e-3).to(torch.float32).unsqueeze(-1)
-    kernel = torch.exp(-0.5 * (offsets / safe) ** 2)
-    kernel = kernel / kernel.sum(dim=-1, keepdim=True)
-    delta = (offsets == 0).to(torch.float32).expand_as(kernel)
-    kernel = torch.where((sigma > 0).unsqueeze(-1), kernel, delta).repeat_interleave(c, dim=0)   # [N*C, K]
-    out = x.reshape(1, n * c, *x.shape[2:])
-    for axis in range(3):
-        shape = [n * c, 1, 1, 1, 1]
-        shape[2 + axis] = 2 * radius + 1
-        pad = [0] * 6
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(shape).to(out.dtype), groups=n * c)
-    return out.view_as(x)
 
 
 def augment_intensity(x: torch.Tensor, p_intensity: float = 0.8, scale: float = 0.1, shift: float = 0.1,
@@ -350,12 +331,6 @@ class SimSiam(PretrainMethod):
 # (official SGD lr 0.05 x batch / 256, momentum 0.9, wd 1e-4, fixed predictor lr:
 # ``--set method.pretrain.optimizer=sgd --set method.pretrain.fixed_lr=[predictor]`` + lr); blur radius
 # truncated at 3 sigma (torchvision's kernel is 10% of the image side).
-
-def blur_2d(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Per-image isotropic Gaussian blur of x [N, C, H, W] (the 3D ``gaussian_blur`` on a depth of 1, where its
-    replicate-padded third axis leaves the image unchanged)."""
-    return gaussian_blur(x.unsqueeze(-1), sigma, radius).squeeze(-1)
-
 
 class SimSiam2D(PretrainMethod):
     name = "simsiam"

@@ -8,6 +8,9 @@ from the global torch generator, which the protocol seeds per step, and applied 
 * :func:`jitter`: ``ColorJitter(brightness, contrast)`` on grey images (saturation and hue do nothing to grey):
   ``x * b`` then ``(x - mean(x)) * c + mean(x)``, clipped to [0, 1], as torchvision's adjust_brightness /
   adjust_contrast (the contrast blend uses the image's mean grey value).
+* :func:`random_crop_then_rotation`: the same crop, rotation and flip as two resamplings (the crop, then its
+  rotated / flipped copy with zero fill), for the loaders that keep the un-rotated crop as a target (PCRL v1).
+* :func:`random_blur`: SimCLR's ``GaussianBlur`` with probability p, sigma in pixels of a 224 image.
 * :func:`cutout`: ``n_holes`` squares of side ``length`` (a fraction of the image side; centres anywhere, clipped
   at the border, as DeVries & Taylor's Cutout) set to ``fill``.
 """
@@ -17,6 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .blur import blur_2d
 
 
 def affine_theta(cx: torch.Tensor, cy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, angle: torch.Tensor,
@@ -48,15 +53,37 @@ def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float] = 
     return cx, cy, w, h
 
 
+def resample(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Every sample of ``[B, C, H, W]`` read through its affine map ``theta`` [B, 2, 3] (bilinear, zero outside the
+    image) at ``size`` (default: the input's)."""
+    out = list(x.shape[:2]) + list(size if size is not None else x.shape[2:])
+    grid = F.affine_grid(theta.to(x.dtype), out, align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def random_geometry(x: torch.Tensor, scale: tuple[float, float], degrees: float, p_flip: float) -> torch.Tensor:
-    """Random resized crop (to the input's size) + rotation + horizontal flip of every sample of ``[B, C, H, W]``."""
+    """Random resized crop (to the input's size) + rotation + horizontal flip of every sample of ``[B, C, H, W]``,
+    in one resampling."""
     n = x.shape[0]
     cx, cy, w, h = crop_boxes(n, scale, device=x.device)
     angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(degrees)
     flip = torch.rand(n, device=x.device) < p_flip
-    theta = affine_theta(cx, cy, w, h, angle, flip).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return resample(x, affine_theta(cx, cy, w, h, angle, flip))
+
+
+def random_crop_then_rotation(x: torch.Tensor, scale: tuple[float, float], degrees: float, p_flip: float,
+                              size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``RandomResizedCrop(size, scale)`` and then, on the crop, ``RandomRotation(degrees)`` (zero fill where the
+    rotated crop leaves itself) + ``RandomHorizontalFlip(p_flip)``, as two resamplings the way torchvision applies
+    them one after the other. Returns (crops, their rotated / flipped copies), each ``[B, C, *size]``."""
+    n = x.shape[0]
+    cx, cy, w, h = crop_boxes(n, scale, device=x.device)
+    still = torch.zeros(n, device=x.device)
+    crops = resample(x, affine_theta(cx, cy, w, h, still, still > 0), size)
+    angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(degrees)
+    flip = torch.rand(n, device=x.device) < p_flip
+    ones = torch.ones(n, device=x.device)
+    return crops, resample(crops, affine_theta(still, still, ones, ones, angle, flip))
 
 
 def jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
@@ -98,3 +125,19 @@ def cutout(x: torch.Tensor, holes: int, length_fraction: float, fill: float) -> 
                            torch.randint(0, wid, (n, holes), device=x.device)], dim=-1)
     keep = cutout_mask(n, (hgt, wid), centres, length).to(x.dtype)
     return x * keep + fill * (1 - keep)
+
+
+def random_blur(x: torch.Tensor, p: float, sigma: tuple[float, float], image_side: int | None = None,
+                reference_side: int = 224) -> torch.Tensor:
+    """SimCLR's ``GaussianBlur`` (sigma ~ U[sigma] pixels) applied with probability ``p`` per sample of
+    ``[B, C, H, W]``, radius 3 sigma (``blur.blur_2d``). Sigma is given for views cut from a ``reference_side``
+    image and scales with ``image_side`` / reference_side (``image_side``: the side of the image the views come
+    from, default x's own side)."""
+    n = x.shape[0]
+    lo, hi = (float(s) for s in sigma)
+    if p <= 0 or hi <= 0:
+        return x
+    scale = float(image_side if image_side is not None else x.shape[-1]) / float(reference_side)
+    on = torch.rand(n, device=x.device) < p
+    drawn = (lo + (hi - lo) * torch.rand(n, device=x.device)) * scale
+    return blur_2d(x, torch.where(on, drawn, torch.zeros_like(drawn)), radius=max(1, math.ceil(3 * hi * scale)))
