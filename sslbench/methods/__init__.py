@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
 REGISTRY_2D: dict[str, str] = {
     "c2l": "sslbench.methods.c2l:C2L",
     "mg": "sslbench.methods.genesis:ModelsGenesis2D",
+    "transvw": "sslbench.methods.transvw:TransVW2D",
     "voco": "sslbench.methods.voco:VoCo2D",
     "simsiam": "sslbench.methods.simsiam:SimSiam2D",
 }
