@@ -83,7 +83,8 @@ def test_prepare_sizes_the_buffers_and_checks_the_images():
 def test_crop_2d_exact_box_and_corner_aligned_resize():
     img = torch.arange(36.0).view(1, 1, 6, 6)
     exact = T.crop_2d(img, torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), (2, 3))
-    assert exact[0, 0].flatten().tolist() == pytest.approx([8.0, 9.0, 10.0, 14.0, 15.0, 16.0], abs=1e-5)   # rows 1-2, cols 2-4
+    # rows 1-2, columns 2-4
+    assert exact[0, 0].flatten().tolist() == pytest.approx([8.0, 9.0, 10.0, 14.0, 15.0, 16.0], abs=1e-5)
     half = T.crop_2d(img, torch.tensor([[0, 0]]), torch.tensor([[5, 5]]), (2, 2))
     assert half[0, 0].flatten().tolist() == pytest.approx([0.0, 4.0, 24.0, 28.0], abs=1e-5)   # the 5 x 5 box corners
 
