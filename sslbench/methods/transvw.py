@@ -614,51 +614,7 @@ class TransVW(PretrainMethod):
 # --------------------------------------------------------------------------------------------------
 # The 2D form (ChestX-ray14 track, issue 23)
 # --------------------------------------------------------------------------------------------------
-# TransVW in 2D (the Table 4 row "TransVW"): the same three steps on the 2D track's image stack [N, 1, H, W]
-# (whole radiographs at the task's ``preprocess.size``), with PCRL's ResNet-18 U-Net (sslbench/models/unet2d.py).
-#
-# 1. Self-discovery (``prepare``): every pre-training image gets a feature (``image_embedding``, the image
-#    average-pooled to ``embed_grid``); C references drawn without replacement, each with its K nearest images
-#    (the reference first) and one crop corner drawn on the image grid, at least ``min_distance`` px from the
-#    earlier classes' (``discover_visual_words``, the 3D form's rule). Visual word c = the patch at class c's
-#    coordinate of each of its K images: an anatomical pattern at a fixed position of similar radiographs.
-# 2. Self-classification + self-restoration (``forward``): a batch image gets one class it is a member of
-#    (``assign_visual_words``); its instance is the patch at that class's coordinate (exact with probability
-#    1 / ``multires_patches``, else a square of side 50..79 px of 64 shifted by -10..9 px per axis, resized to the
-#    crop); the instance is elastically deformed and then perturbed by ONE of TransVW's four perturbations
-#    (``one_of_four``); the U-Net restores the undeformed instance (sigmoid, MSE) and a classification head on the
-#    encoder's last map (conv 3x3 -> BN -> ReLU -> GAP -> FC) names the class:
-#
-#        L = lambda_rec * MSE(sigmoid(f(x~)), x) + lambda_cls * CE(head(f_enc(x~)), c).
-#
-# Ledger (2D form; the 3D form's rows above apply where they are not repeated here):
-# * No official 2D code: fhaghighi/TransVW holds 3D code only (self_discovery/pattern_generator_3D.py,
-#   feature_extractor.py, train_autoencoder.py, pytorch/ and keras/ train.py, data_loader.py, config.py; files
-#   listed), and so does fhaghighi/SemanticGenesis. The paper (IEEE TMI 2021) reports 2D results on ChestX-ray14;
-#   the stored copies of its text available here stop at the abstract, so no 2D setting of the paper is taken
-#   from it. Every rule below is the 3D official rule per axis (derived, not transcribed). No key.
-# * Instance size: 64 x 64 px (``crop``), the official instance's in-plane size (``input_rows`` x ``input_cols``
-#   = 64 x 64 of the 64 x 64 x 32 cube), so the multi-resolution ranges keep the official pixel numbers
-#   (side 50..79, shift -10..9). On a 224 px radiograph a word covers ~29% of the side. Any two multiples of 32
-#   (the U-Net's depth): ``--set method.params.crop=[96,96]``.
-# * Multi-resolution side: ONE side for both axes (the official ``randPatchSize`` squares); a window that leaves
-#   the image is clamped into it (the official draws again until it fits). No key.
-# * Coordinates: uniform over the image, >= ``min_distance`` px apart. The official 3D draw also keeps 100 px
-#   from the x-y borders and rejects windows by a CT lung-air test (HU -150 over 3 slices); neither has a
-#   radiograph meaning. No key.
-# * Self-discovery feature: the image average-pooled to ``embed_grid`` = 16 x 16 (256-d, a coarse layout of the
-#   chest) instead of the global-average-pooled bottleneck of an auto-encoder (512-d in 3D). No key.
-# * Perturbations: TransVW's own (``perturbations: transvw``) on the 2D instance: local shuffling of 5 blocks of
-#   side 1..dim//10 per axis, one in-painted box of side dim//6..dim//3, one out-painting window of side
-#   dim - (3 dim//7 .. 4 dim//7), the Bezier intensity map; the 3D functions run per axis unchanged (3D results
-#   bit-identical). The elastic deformation displaces both image axes (the official's x-y plane), alpha 991,
-#   sigma 8 px. ``perturbations: genesis`` gives Models Genesis' forms, as in 3D.
-# * Classification head: conv 3x3 to ``head_width`` = 1024 channels (the official ``ClassificationHead``'s
-#   1024) -> BatchNorm -> ReLU -> GAP -> FC on the encoder's 1/32 map (2 x 2 at 64 px), the head as the
-#   official YNet's on its 512-channel bottleneck. Logits + cross-entropy (the official Softmax then log + CE is
-#   the same function).
-# * Batch 64 instances (the official ``train.py``'s argparse default, which overrides config.py's 12); AdamW +
-#   warmup-cosine, the shared protocol (official Adam 1e-3, StepLR, early stopping), as in 3D.
+# The ledger of the 2D form is TransVW2D's docstring.
 
 #: the 2D form's defaults (methods/transvw.yaml ``two_d`` params)
 TRANSVW_2D_DEFAULTS: dict[str, Any] = {
@@ -735,7 +691,53 @@ class ClassificationHead2D(nn.Module):
 
 
 class TransVW2D(PretrainMethod):
-    """TransVW pre-training on the 2D track's images [B, 1, H, W] in [0, 1] (see the 2D notes above).
+    """TransVW pre-training on the 2D track's images [B, 1, H, W] in [0, 1].
+
+    TransVW in 2D (the Table 4 row "TransVW"): the same three steps on the 2D track's image stack [N, 1, H, W]
+    (whole radiographs at the task's ``preprocess.size``), with PCRL's ResNet-18 U-Net (sslbench/models/unet2d.py).
+
+    1. Self-discovery (``prepare``): every pre-training image gets a feature (``image_embedding``, the image
+       average-pooled to ``embed_grid``); C references drawn without replacement, each with its K nearest images
+       (the reference first) and one crop corner drawn on the image grid, at least ``min_distance`` px from the
+       earlier classes' (``discover_visual_words``, the 3D form's rule). Visual word c = the patch at class c's
+       coordinate of each of its K images: an anatomical pattern at a fixed position of similar radiographs.
+    2. Self-classification + self-restoration (``forward``): a batch image gets one class it is a member of
+       (``assign_visual_words``); its instance is the patch at that class's coordinate (exact with probability
+       1 / ``multires_patches``, else a square of side 50..79 px of 64 shifted by -10..9 px per axis, resized to the
+       crop); the instance is elastically deformed and then perturbed by ONE of TransVW's four perturbations
+       (``one_of_four``); the U-Net restores the undeformed instance (sigmoid, MSE) and a classification head on the
+       encoder's last map (conv 3x3 -> BN -> ReLU -> GAP -> FC) names the class:
+
+           L = lambda_rec * MSE(sigmoid(f(x~)), x) + lambda_cls * CE(head(f_enc(x~)), c).
+
+    Ledger (2D form; the module docstring's 3D rows apply where they are not repeated here):
+    * No official 2D code: fhaghighi/TransVW holds 3D code only (self_discovery/pattern_generator_3D.py,
+      feature_extractor.py, train_autoencoder.py, pytorch/ and keras/ train.py, data_loader.py, config.py; files
+      listed), and so does fhaghighi/SemanticGenesis. The paper (IEEE TMI 2021) reports 2D results on ChestX-ray14;
+      the stored copies of its text available here stop at the abstract, so no 2D setting of the paper is taken
+      from it. Every rule below is the 3D official rule per axis (derived, not transcribed). No key.
+    * Instance size: 64 x 64 px (``crop``), the official instance's in-plane size (``input_rows`` x ``input_cols``
+      = 64 x 64 of the 64 x 64 x 32 cube), so the multi-resolution ranges keep the official pixel numbers
+      (side 50..79, shift -10..9). On a 224 px radiograph a word covers ~29% of the side. Any two multiples of 32
+      (the U-Net's depth): ``--set method.params.crop=[96,96]``.
+    * Multi-resolution side: ONE side for both axes (the official ``randPatchSize`` squares); a window that leaves
+      the image is clamped into it (the official draws again until it fits). No key.
+    * Coordinates: uniform over the image, >= ``min_distance`` px apart. The official 3D draw also keeps 100 px
+      from the x-y borders and rejects windows by a CT lung-air test (HU -150 over 3 slices); neither has a
+      radiograph meaning. No key.
+    * Self-discovery feature: the image average-pooled to ``embed_grid`` = 16 x 16 (256-d, a coarse layout of the
+      chest) instead of the global-average-pooled bottleneck of an auto-encoder (512-d in 3D). No key.
+    * Perturbations: TransVW's own (``perturbations: transvw``) on the 2D instance: local shuffling of 5 blocks of
+      side 1..dim//10 per axis, one in-painted box of side dim//6..dim//3, one out-painting window of side
+      dim - (3 dim//7 .. 4 dim//7), the Bezier intensity map; the 3D functions run per axis unchanged (3D results
+      bit-identical). The elastic deformation displaces both image axes (the official's x-y plane), alpha 991,
+      sigma 8 px. ``perturbations: genesis`` gives Models Genesis' forms, as in 3D.
+    * Classification head: conv 3x3 to ``head_width`` = 1024 channels (the official ``ClassificationHead``'s
+      1024) -> BatchNorm -> ReLU -> GAP -> FC on the encoder's 1/32 map (2 x 2 at 64 px), the head as the
+      official YNet's on its 512-channel bottleneck. Logits + cross-entropy (the official Softmax then log + CE is
+      the same function).
+    * Batch 64 instances (the official ``train.py``'s argparse default, which overrides config.py's 12); AdamW +
+      warmup-cosine, the shared protocol (official Adam 1e-3, StepLR, early stopping), as in 3D.
 
     Buffers (in checkpoints): ``vw_coords`` [C, 2] crop corners (row, column), ``vw_members`` [C, K] image indices,
     ``vw_refs`` [C, D] reference features, ``vw_radius`` [C]. ``prepare`` must run before training and before a
