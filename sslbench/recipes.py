@@ -644,6 +644,8 @@ _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bi
                                                             ("schedule", "warmup_cosine"), ("step_every", 0),
                                                             ("step_gamma", 0.5), ("fixed_lr", []))},
                   "method.pretrain.loader": "memory", "method.pretrain.native_crops": False,
+                  # issue 23: C2L's criterion key; softmax is what C2L runs computed before it
+                  "method.params.criterion": "softmax",
                   # issue 22: fine-tuning's loader at its default computes what runs before the key computed
                   **{f"{section}.finetune.loader": "memory" for section in ("task", "corpus")},
                   # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided

@@ -8,6 +8,7 @@ from sslbench.methods.parts import aug2d
 from sslbench.methods.c2l import (C2L, draw_lambda, enqueue, info_nce, mixup, momentum_update, queue_logits)
 from sslbench.models.unet2d import UNet2DClassifier
 from sslbench.models.backbones import load_backbone
+from sslbench.errors import RecipeError
 
 
 def test_queue_infonce_on_hand_computed_logits():
@@ -86,3 +87,58 @@ def test_c2l_tiny_batch_step_queue_and_transfer():
     clf = UNet2DClassifier({"name": "unet2d"}, 14)
     rep = load_backbone(clf, m.backbone_state_dict(), "c2l", model_name="unet2d")
     assert not rep.missing and not rep.unexpected
+
+
+# ----------------------------------------------------------------------------- the official default's NCE criterion
+
+def test_nce_normaliser_and_loss_on_hand_computed_scores():
+    from sslbench.methods.c2l import NCE_EPS, nce_loss, nce_normaliser
+
+    logits = torch.tensor([[math.log(4.0), math.log(2.0), 0.0]])     # exp: 4, 2, 1 (positive first, K = 2)
+    assert nce_normaliser(logits, 3) == 7                              # mean 7/3 * n_data 3
+    assert nce_normaliser(logits, 4) == 9                              # 28/3 = 9.33, truncated (int64 buffer)
+    # Z = 7, n_data = 3: P = 4/7, 2/7, 1/7; K P_n = 2/3
+    # -[log (4/7)/(4/7 + 2/3) + log (2/3)/(2/7 + 2/3) + log (2/3)/(1/7 + 2/3)] = -log(6/13 * 7/10 * 14/17)
+    expected = -math.log(6 / 13 * 7 / 10 * 14 / 17)
+    assert float(nce_loss(logits, 7, 3, eps=0.0)) == pytest.approx(expected, abs=1e-6)
+    assert float(nce_loss(logits, 7, 3, eps=0.0)) == pytest.approx(1.3240, abs=1e-4)
+    assert float(nce_loss(logits, 7, 3)) == pytest.approx(expected, abs=1e-5) and NCE_EPS == 1e-7
+    # the batch mean: two copies of the sample give the same loss, one positive score raised lowers it
+    assert float(nce_loss(logits.repeat(2, 1), 7, 3)) == pytest.approx(float(nce_loss(logits, 7, 3)), abs=1e-6)
+    better = logits.clone()
+    better[0, 0] = math.log(40.0)
+    assert float(nce_loss(better, 7, 3)) < float(nce_loss(logits, 7, 3))
+
+
+def test_c2l_nce_criterion_fixes_z_once_and_checkpoints_it():
+    torch.manual_seed(0)
+    m = C2L({"queue": 16, "dim": 8, "criterion": "nce"}, {"name": "unet2d"})
+    x = torch.rand(4, 1, 32, 32)
+    with pytest.raises(RuntimeError, match="before prepare"):
+        m(x, 0)
+    m.prepare(torch.rand(10, 1, 32, 32), seed=0)
+    assert int(m.nce_data) == 10 and int(m.nce_z) == -1
+    loss, logs = m(x, 0)
+    z = int(m.nce_z)
+    assert z >= 1 and logs["nce_z"] == z and torch.isfinite(loss)
+    loss.backward()
+    assert m.encoder.conv1.weight.grad is not None
+    m(x, 1)
+    assert int(m.nce_z) == z                                           # fixed on the first comparison, then kept
+    assert {"nce_z", "nce_data"} <= set(m.state_dict())
+    soft = C2L({"queue": 16, "dim": 8}, {"name": "unet2d"})
+    assert soft.criterion == "softmax" and "nce_z" not in soft.state_dict()   # softmax checkpoints keep their keys
+    with pytest.raises(RecipeError, match="method.params.criterion"):
+        C2L({"criterion": "nce-softmax"}, {"name": "unet2d"})
+
+
+def test_c2l_criterion_key_keeps_earlier_hashes():
+    from sslbench import recipes
+
+    cfg = recipes.resolve("c2l", corpus="phantom-chestxray14")
+    assert cfg["method"]["params"]["criterion"] == "softmax"
+    old = recipes.split_config(cfg, "corpus")
+    del old["method"]["params"]["criterion"]                           # a run recorded before the key
+    assert recipes.protocol_hash(recipes.split_config(cfg, "corpus")) == recipes.protocol_hash(old)
+    nce = recipes.resolve("c2l", corpus="phantom-chestxray14", overrides=["method.params.criterion=nce"])
+    assert recipes.protocol_hash(recipes.split_config(nce, "corpus")) != recipes.protocol_hash(old)

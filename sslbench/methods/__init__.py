@@ -25,6 +25,7 @@ REGISTRY_2D: dict[str, str] = {
     "mg": "sslbench.methods.genesis:ModelsGenesis2D",
     "pcrlv1": "sslbench.methods.pcrl:PCRLv1_2D",
     "pcrlv2": "sslbench.methods.pcrl:PCRLv2_2D",
+    "transvw": "sslbench.methods.transvw:TransVW2D",
     "voco": "sslbench.methods.voco:VoCo2D",
     "simsiam": "sslbench.methods.simsiam:SimSiam2D",
 }

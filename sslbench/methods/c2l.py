@@ -18,8 +18,24 @@ keys the first pushed). Views: RandomResizedCrop(224, scale (0.2, 1)), RandomRot
 
 Ledger of deviations (restoring keys where one exists):
 
-* Loss form: the softmax InfoNCE above (the official script's ``--softmax``, ``NCESoftmaxLoss``); the script's
-  default without the flag is CMC's NCE criterion with a normalisation constant Z. No key.
+* Loss form: ``criterion: softmax`` (the default) is the softmax InfoNCE above (the official script's ``--softmax``,
+  ``NCESoftmaxLoss``). ``criterion: nce`` is the script's argparse default without that flag: CMC's NCE criterion
+  (``NCECriterion(n_data)``) on ``MemoryC2L``'s non-softmax output, the scores exp(q.k / t) / Z, with Z fixed on the
+  first comparison of the first step to mean(exp(logits / t)) * n_data (n_data = the pre-training images), truncated
+  to an integer as the official's int64 ``params`` buffer stores it (at least 1 here), and kept (a checkpointed
+  buffer), and the loss (:func:`nce_loss`) with the uniform noise prior P_n = 1 / n_data over the
+  K queued negatives:
+
+      L = -(1/B) sum_i [ log P_i0 / (P_i0 + K P_n + eps) + sum_j log K P_n / (P_ij + K P_n + eps) ],  eps = 1e-7.
+
+  Why the softmax stays the default: the official default cannot run as published. The C2L copy of
+  ``NCE/NCECriterion.py`` uses ``eps`` without defining it (CMC's file, HobbitLong/CMC ``NCE/NCECriterion.py``,
+  defines ``eps = 1e-7``; C2L's ``from focalloss import *`` brings no ``eps``), so without ``--softmax`` the first
+  loss raises NameError: the runs behind the paper used ``--softmax`` (or a patched file). The README's command
+  names neither ``--softmax`` nor ``--c2l`` (without which the script trains InsDis, not C2L), so it does not
+  settle the flags either. ``criterion: nce`` builds CMC's working form (its eps; under torchrun every rank fixes
+  its own Z on its first batch); ``softmax`` is elided from the protocol hash, so runs recorded before the key
+  keep their hash.
 * Optimiser: the shared AdamW warmup-cosine; official SGD lr 0.03, momentum 0.9, weight decay 1e-4, steps at
   epochs 60, 80, 100 (x 0.1) of 120, batch 128: ``--set method.pretrain.optimizer=sgd`` with
   ``method.pretrain.lr=0.03``, ``schedule=step``, ``step_every`` / ``step_gamma=0.1`` (evenly spaced steps only).
@@ -42,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import RecipeError
 from ..models.unet2d import build_encoder
 from .base import PretrainMethod
 from .parts import aug2d
@@ -61,6 +78,31 @@ def queue_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float
 def info_nce(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy towards column 0 (NCESoftmaxLoss): -mean log softmax(logits)[:, 0]."""
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
+#: ``criterion`` values: the official ``--softmax`` (NCESoftmaxLoss) | the official default (CMC's NCECriterion)
+CRITERIA = ("softmax", "nce")
+#: CMC's ``eps`` of ``NCECriterion`` (C2L's copy of the file uses it undefined)
+NCE_EPS = 1e-7
+
+
+def nce_normaliser(logits: torch.Tensor, n_data: int) -> int:
+    """MemoryC2L's constant Z, set once from the first output: mean(exp(logits)) * n_data (logits already over t),
+    truncated to an integer as the official int64 ``params`` buffer holds it (at least 1: never a division by 0)."""
+    return max(int(float(torch.exp(logits.detach().double()).mean()) * float(n_data)), 1)
+
+
+def nce_loss(logits: torch.Tensor, z: torch.Tensor | float, n_data: int, eps: float = NCE_EPS) -> torch.Tensor:
+    """CMC's NCE criterion on scores P = exp(logits) / Z, ``[B, 1 + K]`` with the positive in column 0.
+
+    With the noise prior P_n = 1 / n_data and m = K: -(1/B) (sum_i log P_i0 / (P_i0 + m P_n + eps)
+    + sum_ij log m P_n / (P_ij + m P_n + eps)).
+    """
+    p = torch.exp(logits.float()) / torch.as_tensor(z, dtype=torch.float32, device=logits.device)
+    noise = (p.shape[1] - 1) / float(n_data)
+    log_d1 = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
+    log_d0 = torch.log(noise / (p[:, 1:] + noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / p.shape[0]
 
 
 def mixup(x: torch.Tensor, lam: float, index: torch.Tensor) -> torch.Tensor:
@@ -102,6 +144,19 @@ class C2L(PretrainMethod):
         stdv = 1.0 / math.sqrt(self.dim / 3)
         self.register_buffer("queue", torch.rand(k, self.dim).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.criterion = str(p.get("criterion", "softmax"))
+        if self.criterion not in CRITERIA:
+            raise RecipeError(f"method.params.criterion: {self.criterion!r} for method c2l; expected one of "
+                              f"{', '.join(CRITERIA)}")
+        if self.criterion == "nce":   # only then: softmax checkpoints keep their keys
+            self.register_buffer("nce_z", torch.tensor(-1, dtype=torch.long))         # MemoryC2L's params[0]
+            self.register_buffer("nce_data", torch.zeros((), dtype=torch.long))       # n_data
+
+    @torch.no_grad()
+    def prepare(self, corpus: torch.Tensor, seed: int) -> None:
+        """The NCE criterion's n_data: the number of pre-training images (the official ``len(train_dataset)``)."""
+        if self.criterion == "nce":
+            self.nce_data.fill_(int(corpus.shape[0]))
 
     @staticmethod
     def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
@@ -123,10 +178,24 @@ class C2L(PretrainMethod):
     def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """One comparison against the queue, then its keys enqueued (MemoryC2L.forward)."""
         k = k.detach()
-        loss = info_nce(queue_logits(q.float(), k.float(), self.queue.clone(), self.t))
+        if self.criterion == "nce":
+            loss = self.nce(q, k)
+        else:
+            loss = info_nce(queue_logits(q.float(), k.float(), self.queue.clone(), self.t))
         with torch.no_grad():
             enqueue(self.queue, self.queue_ptr, k.float())
         return loss
+
+    def nce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The official default's loss of one comparison: scores exp(logits) / Z, Z set on the first call."""
+        n = int(self.nce_data)
+        if n < 1:
+            raise RuntimeError("C2L with criterion nce before prepare(): n_data (the pre-training images) is unknown")
+        with torch.autocast(q.device.type, enabled=False):   # exp of logits up to 1 / t: fp32
+            logits = queue_logits(q.float(), k.float(), self.queue.clone(), self.t)
+            if int(self.nce_z) < 0:
+                self.nce_z.fill_(nce_normaliser(logits, n))
+            return nce_loss(logits, float(self.nce_z), n)
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x1, x2 = self.views(volumes), self.views(volumes)
@@ -145,7 +214,10 @@ class C2L(PretrainMethod):
         l2 = self.contrast(mq, mk)
         l3 = self.contrast(mq, mixed_keys)
         loss = (l1 + l2 + l3) / 3
-        return loss, {"nce": l1.detach(), "nce_mixed": l2.detach(), "nce_mixed_keys": l3.detach(), "lambda": lam}
+        logs = {"nce": l1.detach(), "nce_mixed": l2.detach(), "nce_mixed_keys": l3.detach(), "lambda": lam}
+        if self.criterion == "nce":
+            logs["nce_z"] = float(int(self.nce_z))
+        return loss, logs
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

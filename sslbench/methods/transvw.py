@@ -87,6 +87,10 @@ which key, if any, gives the official behaviour):
 All of ``forward`` is batched on the volumes' device (membership by one ``cdist``, classes by a masked
 random argmax, one ``grid_sample`` for the crops, one for the elastic deformation, and gathers / scatters /
 masks for the perturbations: no loop over samples or blocks).
+
+The 2D form (``TransVW2D``, the ChestX-ray14 track of issue 23: visual words as patches at fixed coordinates of
+similar radiographs, the same perturbations per axis, PCRL's ResNet-18 U-Net) is at the end of this file, with its
+ledger.
 """
 from __future__ import annotations
 
@@ -99,6 +103,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..models.backbones import bottleneck_module, build_model, transferable_state
+from ..models.unet2d import UNet2D
 from .base import PretrainMethod
 from .parts.perturbations import MIN_PAINT_SIZE, local_pixel_shuffle, nonlinear_intensity, paint, randint_inclusive
 from .parts.tensors import plain_float
@@ -165,17 +170,48 @@ def draw_coordinates(n: int, size: Sequence[int], crop: Sequence[int], min_dista
     """n crop corners uniform in [0, size - crop], each >= min_distance from the earlier ones when possible.
 
     The official ``get_random_coordinate`` rule (200 tries, then the class is drawn again; here the last
-    try is kept so that prepare always ends). Tensor[n, 3] int64 on the CPU.
+    try is kept so that prepare always ends). Tensor[n, D] int64 on the CPU (D = len(size): 3, or 2 for images).
     """
     hi = torch.tensor([int(s) - int(c) for s, c in zip(size, crop)])
     coords: list[torch.Tensor] = []
     for _ in range(n):
         for _ in range(COORDINATE_TRIES):
-            cand = randint_inclusive(0, hi, (3,), generator, torch.device("cpu"))
+            cand = randint_inclusive(0, hi, (len(hi),), generator, torch.device("cpu"))
             if not coords or torch.cdist(cand[None].float(), torch.stack(coords).float()).min() >= min_distance:
                 break
         coords.append(cand)
     return torch.stack(coords)
+
+
+def discover_visual_words(feats: torch.Tensor, num_classes: int, instances: int, size: Sequence[int],
+                          crop: Sequence[int], min_distance: float,
+                          seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-discovery from every corpus item's feature [N, D] (corpus order; deterministic in seed).
+
+    Returns (refs [C] reference indices, drawn without replacement and repeated only when N < C; members [C, K]
+    their K = min(instances, N) nearest items; radius [C]; coords [C, len(size)] one crop corner per class).
+    """
+    n = feats.shape[0]
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    reps = -(-num_classes // n)
+    refs = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:num_classes]
+    members, radius = nearest_members(feats, refs, min(instances, n))
+    coords = draw_coordinates(num_classes, size, crop, min_distance, g)
+    return refs, members, radius, coords
+
+
+def assign_visual_words(feats: torch.Tensor, refs: torch.Tensor,
+                        radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each item's feature [B, D]: (a class it is a member of, drawn at random from the global generator;
+    whether it is a member of any) against the class references [C, D] and radii [C].
+
+    Membership: feature distance to the class reference <= the radius (+ a 1e-4 relative margin for
+    recomputation rounding). An item of no class gets a random class and False.
+    """
+    dist = torch.cdist(feats, refs.float())                                          # [B, C]
+    member = dist <= radius * (1 + 1e-4) + 1e-6
+    score = torch.rand(dist.shape, device=dist.device) + member.float()              # members score above 1
+    return score.argmax(dim=1), member.any(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,74 +220,88 @@ def draw_coordinates(n: int, size: Sequence[int], crop: Sequence[int], min_dista
 
 def elastic_deform(x: torch.Tensor, alpha: float = 991.0, sigma: float = 8.0,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Elastic deformation in the x-y plane of every sample of x [B, C, X, Y, Z] (TransVW ``elastic_transform``).
+    """Elastic deformation in the x-y plane of every sample of x [B, C, X, Y, Z] or [B, C, H, W] (TransVW
+    ``elastic_transform``).
 
-    Displacements along x and y: uniform noise in [-1, 1] per voxel, Gaussian-smoothed with ``sigma``
-    voxels (MONAI ``GaussianFilter``, zero padding as scipy's ``mode="constant"``), times ``alpha``;
-    z is not displaced; linear interpolation with reflected borders. One noise draw and one
-    ``grid_sample`` for the whole batch (MONAI's ``Rand3DElastic`` deforms one array per call on the CPU).
+    Displacements along the first two spatial axes (x and y; both axes of an image): uniform noise in [-1, 1] per
+    voxel, Gaussian-smoothed with ``sigma`` voxels (MONAI ``GaussianFilter``, zero padding as scipy's
+    ``mode="constant"``), times ``alpha``; a third axis (z) is not displaced; linear interpolation with reflected
+    borders. One noise draw and one ``grid_sample`` for the whole batch (MONAI's ``Rand3DElastic`` deforms one
+    array per call on the CPU).
     """
     from monai.networks.layers import GaussianFilter
 
     b, _, *shape = x.shape
+    dims = [int(s) for s in shape]
+    if len(dims) not in (2, 3):
+        raise ValueError(f"elastic_deform: expected [B, C, X, Y, Z] or [B, C, H, W], got {tuple(x.shape)}")
     dev = generator.device if generator is not None else x.device
-    noise = (torch.rand((b, 2, *shape), generator=generator, device=dev) * 2 - 1).to(x.device, torch.float32)
-    disp = GaussianFilter(3, float(sigma)).to(x.device)(noise) * float(alpha)               # [B, 2, X, Y, Z]
-    nx, ny, nz = (int(s) for s in shape)
-    px = torch.arange(nx, device=x.device, dtype=torch.float32).view(1, nx, 1, 1) + disp[:, 0]
-    py = torch.arange(ny, device=x.device, dtype=torch.float32).view(1, 1, ny, 1) + disp[:, 1]
-    pz = torch.arange(nz, device=x.device, dtype=torch.float32).view(1, 1, 1, nz).expand(b, nx, ny, nz)
+    noise = (torch.rand((b, 2, *dims), generator=generator, device=dev) * 2 - 1).to(x.device, torch.float32)
+    disp = GaussianFilter(len(dims), float(sigma)).to(x.device)(noise) * float(alpha)     # [B, 2, *shape]
+    positions = []
+    for axis, n in enumerate(dims):
+        view = [1] * (len(dims) + 1)
+        view[axis + 1] = n
+        p = torch.arange(n, device=x.device, dtype=torch.float32).view(view)
+        positions.append(p + disp[:, axis] if axis < 2 else p.expand(b, *dims))
 
     def norm(p: torch.Tensor, n: int) -> torch.Tensor:
         return p * (2.0 / max(n - 1, 1)) - 1.0
 
-    grid = torch.stack([norm(pz, nz), norm(py, ny), norm(px, nx)], dim=-1).to(x.dtype)
+    # grid_sample's last dimension lists the coordinates fastest axis first (z, y, x)
+    grid = torch.stack([norm(p, n) for p, n in zip(positions[::-1], dims[::-1])], dim=-1).to(x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
 
 
 def shuffle_boxes(batch: int, shape: Sequence[int], num_blocks: int = SHUFFLE_BLOCKS,
                   generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks of TransVW's local pixel shuffling: (corners, sides), int64 [batch, num_blocks, 3].
+    """The blocks of TransVW's local pixel shuffling: (corners, sides), int64 [batch, num_blocks, D] (D = 3 for
+    volumes, 2 for images).
 
     Official ``local_pixel_shuffling``: per block and axis, side U{1 .. dim//10} (here at least 1 voxel when
     dim < 10), then corner U{0 .. dim - side}; all bounds inclusive.
     """
+    d = len(shape)
     dims = torch.tensor([int(n) for n in shape], device=device)
     top = torch.tensor([max(int(n) // 10, 1) for n in shape], device=device)
-    sides = randint_inclusive(1, top, (batch, num_blocks, 3), generator, torch.device(device))
-    corners = randint_inclusive(0, dims - sides, (batch, num_blocks, 3), generator, torch.device(device))
+    sides = randint_inclusive(1, top, (batch, num_blocks, d), generator, torch.device(device))
+    corners = randint_inclusive(0, dims - sides, (batch, num_blocks, d), generator, torch.device(device))
     return corners, sides
 
 
 def shuffle_within_boxes(x: torch.Tensor, corners: torch.Tensor, sides: torch.Tensor,
                          generator: torch.Generator | None = None,
                          max_side: Sequence[int] | None = None) -> torch.Tensor:
-    """Permute, at random, the voxels of each box of each sample among themselves: x [B, C, X, Y, Z].
+    """Permute, at random, the voxels of each box of each sample among themselves: x [B, C, X, Y, Z] (or
+    [B, C, H, W] with boxes of 2 axes).
 
-    corners / sides [B, k, 3] (half-open boxes [corner, corner + side)); ``max_side`` (3 ints), an upper
+    corners / sides [B, k, D] (half-open boxes [corner, corner + side)); ``max_side`` (D ints), an upper
     bound of the sides, saves reading them back from the device. As the official loop, every box
     permutes the values of the INPUT x inside it, and where boxes overlap the later box (higher k) is what
     remains. Every channel gets the same permutation. One scatter resolves the overlaps (the last box
     covering a voxel wins) and one gather moves the values; no loop over samples or boxes.
     """
     b, c, *shape = x.shape
-    nx, ny, nz = (int(n) for n in shape)
-    n = nx * ny * nz
+    dims = [int(n) for n in shape]
+    d = len(dims)
+    n = math.prod(dims)
     dev = x.device
     corners, sides = corners.to(dev, torch.int64), sides.to(dev, torch.int64)
     k = corners.shape[1]
     if k == 0 or b == 0:
         return x.clone()
     if max_side is None:
-        max_side = sides.reshape(-1, 3).amax(0).clamp_min(1).tolist()
-    mx, my, mz = (max(int(v), 1) for v in max_side)
-    local = torch.stack(torch.meshgrid(torch.arange(mx, device=dev), torch.arange(my, device=dev),
-                                       torch.arange(mz, device=dev), indexing="ij"), -1).reshape(-1, 3)
+        max_side = sides.reshape(-1, d).amax(0).clamp_min(1).tolist()
+    reach = [max(int(v), 1) for v in max_side]
+    local = torch.stack(torch.meshgrid(*[torch.arange(r, device=dev) for r in reach], indexing="ij"),
+                        -1).reshape(-1, d)
     m = local.shape[0]
     valid = (local < sides[:, :, None, :]).all(-1)                                    # [B, k, M]
     pos = corners[:, :, None, :] + local
-    flat = (pos[..., 0] * ny + pos[..., 1]) * nz + pos[..., 2]                       # [B, k, M]
+    flat = pos[..., 0]
+    for axis in range(1, d):
+        flat = flat * dims[axis] + pos[..., axis]                                     # [B, k, M] raster index
     keys = torch.rand((b, k, m), generator=generator, device=_rng_device(x, generator)).to(dev)
     random_order = torch.where(valid, keys, 2.0).argsort(-1)                          # a box's voxels first, shuffled
     ar = torch.arange(m, device=dev)
@@ -283,22 +333,26 @@ def transvw_local_shuffle(x: torch.Tensor, generator: torch.Generator | None = N
 def painting_box(batch: int, shape: Sequence[int], low: Sequence[int], high: Sequence[int],
                  generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """One box per sample, side U{low .. high} per axis, corner U{3 .. dim - side - 3}: (corners, sides) [B, 3]."""
+    """One box per sample, side U{low .. high} per axis, corner U{3 .. dim - side - 3}: (corners, sides) [B, D]."""
     dev = torch.device(device)
     sides = torch.stack([randint_inclusive(lo, hi, (batch,), generator, dev) for lo, hi in zip(low, high)], -1)
     dims = torch.tensor([int(n) for n in shape], device=dev)
-    corners = randint_inclusive(3, dims - sides - 3, (batch, 3), generator, dev)
+    corners = randint_inclusive(3, dims - sides - 3, (batch, len(shape)), generator, dev)
     return corners, sides
 
 
 def box_mask(corners: torch.Tensor, sides: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """bool [B, 1, X, Y, Z]: True inside each sample's box [corner, corner + side) (corners / sides [B, 3])."""
-    axes = []
+    """bool [B, 1, *shape]: True inside each sample's box [corner, corner + side) (corners / sides [B, D])."""
+    d = len(shape)
+    inside = None
     for a, n in enumerate(shape):
         ar = torch.arange(int(n), device=corners.device)
-        axes.append((ar >= corners[:, a, None]) & (ar < corners[:, a, None] + sides[:, a, None]))   # [B, n]
-    ix, iy, iz = axes
-    return (ix[:, :, None, None] & iy[:, None, :, None] & iz[:, None, None, :])[:, None]
+        along = (ar >= corners[:, a, None]) & (ar < corners[:, a, None] + sides[:, a, None])   # [B, n]
+        view = [along.shape[0]] + [1] * d
+        view[a + 1] = int(n)
+        along = along.view(view)
+        inside = along if inside is None else inside & along
+    return inside[:, None]
 
 
 def _check_paint_size(shape: Sequence[int], name: str) -> list[int]:
@@ -485,12 +539,8 @@ class TransVW(PretrainMethod):
     def discover(self, feats: torch.Tensor, seed: int) -> None:
         """Self-discovery from every corpus volume's feature [N, D] (corpus order; deterministic in seed): class
         references, their K nearest members and radius, one coordinate per class."""
-        n = feats.shape[0]
-        g = torch.Generator(device="cpu").manual_seed(int(seed))
-        reps = -(-self.num_classes // n)
-        refs = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[: self.num_classes]
-        members, radius = nearest_members(feats, refs, min(self.instances, n))
-        coords = draw_coordinates(self.num_classes, self.resize, self.crop, self.min_distance, g)
+        refs, members, radius, coords = discover_visual_words(feats, self.num_classes, self.instances, self.resize,
+                                                              self.crop, self.min_distance, seed)
         dev = self.vw_coords.device
         self.vw_coords = coords.to(dev)
         self.vw_members = members.to(dev)
@@ -503,11 +553,7 @@ class TransVW(PretrainMethod):
         Membership: feature distance to the class reference <= ``vw_radius`` (+ a 1e-4 relative margin
         for recomputation rounding). A volume of no class gets a random class and False.
         """
-        feats = volume_embedding(volumes, self.embed_grid)
-        dist = torch.cdist(feats, self.vw_refs.float())                                    # [B, C]
-        member = dist <= self.vw_radius * (1 + 1e-4) + 1e-6
-        score = torch.rand(dist.shape, device=dist.device) + member.float()              # members score above 1
-        return score.argmax(dim=1), member.any(dim=1)
+        return assign_visual_words(volume_embedding(volumes, self.embed_grid), self.vw_refs, self.vw_radius)
 
     def instances_of(self, volumes: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Crops of each volume at its class's coordinate, multi-resolution jittered: [B, 1, *crop]."""
@@ -561,5 +607,245 @@ class TransVW(PretrainMethod):
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The classification head, and the visual words (coordinates, members) for the record."""
         out = {f"head.{k}": v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        out.update({k: getattr(self, k).detach().cpu().clone() for k in ("vw_coords", "vw_members")})
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The 2D form (ChestX-ray14 track, issue 23)
+# --------------------------------------------------------------------------------------------------
+# The ledger of the 2D form is TransVW2D's docstring.
+
+#: the 2D form's defaults (methods/transvw.yaml ``two_d`` params)
+TRANSVW_2D_DEFAULTS: dict[str, Any] = {
+    "crop": [64, 64], "num_classes": 44, "instances": 200, "min_distance": 5, "embed_grid": [16, 16],
+    "multires_patches": 3, "multires_size": [0.78125, 1.234375], "multires_shift": 0.15625, "elastic": True,
+    "elastic_alpha": 991.0, "elastic_sigma": 8.0, "lambda_rec": 1.0, "lambda_cls": 0.01, "perturbations": "transvw",
+    "head_width": 1024,
+}
+
+
+def _size2(value: Any, key: str) -> tuple[int, int]:
+    """A 2D size param given as one int or two: (rows, columns); RecipeError naming ``method.params.<key>``."""
+    vals = [value] * 2 if isinstance(value, (int, float)) else list(value)
+    if len(vals) != 2 or any(int(v) != v or int(v) < 1 for v in vals):
+        raise RecipeError(f"method.params.{key}: {value!r} for method transvw (2D); expected a positive int or 2 of "
+                          f"them")
+    return int(vals[0]), int(vals[1])
+
+
+def image_embedding(images: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Training-free image feature: [N, 1, H, W] average-pooled to ``grid`` and flattened, [N, prod(grid)] fp32."""
+    return F.adaptive_avg_pool2d(images.float(), tuple(int(g) for g in grid)).flatten(1)
+
+
+def crop_2d(images: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """One box per image, resized (bilinear) to out_size: [B, C, *out_size] from images [B, C, H, W].
+
+    starts / sizes [B, 2] in pixels (box [start, start + size) per axis); output pixel o of an axis reads pixel
+    start + o * (size - 1) / (out - 1) (``align_corners=True``, as the 3D ``crop_3d``): a box of the output's size
+    is an exact crop. ONE grid_sample.
+    """
+    b, _, *shape = images.shape
+    starts = starts.to(device=images.device, dtype=torch.float32)
+    sizes = sizes.to(device=images.device, dtype=torch.float32)
+    coords = []
+    for axis, (n_in, n_out) in enumerate(zip(shape, out_size)):
+        t = torch.linspace(0.0, 1.0, int(n_out), device=images.device)
+        pos = starts[:, axis, None] + t * (sizes[:, axis, None] - 1)
+        coords.append(pos * (2.0 / max(int(n_in) - 1, 1)) - 1.0)              # [B, n_out]
+    oh, ow = (int(s) for s in out_size)
+    gy = coords[0].view(b, oh, 1).expand(b, oh, ow)
+    gx = coords[1].view(b, 1, ow).expand(b, oh, ow)
+    grid = torch.stack([gx, gy], dim=-1).to(images.dtype)                    # grid_sample: (column, row)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def multires_windows(corner: torch.Tensor, crop: Sequence[int], image: Sequence[int], jitter: torch.Tensor,
+                     side_range: tuple[int, int], reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, sizes) [B, 2] of each instance's window: the exact crop at ``corner`` [B, 2] where not ``jitter``,
+    else a square of side U{side_range} shifted by U{-reach .. reach - 1} per axis (official randint(-d, d)), both
+    clamped into the image."""
+    b, dev = corner.shape[0], corner.device
+    exact = torch.tensor([float(c) for c in crop], device=dev).expand(b, 2)
+    side = randint_inclusive(side_range[0], side_range[1], (b, 1), None, dev).float().expand(b, 2)
+    side = torch.minimum(side, torch.tensor([float(s) for s in image], device=dev))
+    shift = randint_inclusive(-reach, max(reach - 1, -reach), (b, 2), None, dev).float()
+    sizes = torch.where(jitter[:, None], side, exact)
+    starts = torch.where(jitter[:, None], corner.float() + shift, corner.float())
+    limit = torch.tensor([float(s) for s in image], device=dev) - sizes
+    return torch.minimum(starts.clamp_min(0.0), limit), sizes
+
+
+class ClassificationHead2D(nn.Module):
+    """Visual-word classifier on the encoder's last map: conv 3x3 (to ``width``) -> BatchNorm -> ReLU -> GAP -> FC."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 1024):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, kernel_size=3, padding=1)
+        self.norm = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
+
+
+class TransVW2D(PretrainMethod):
+    """TransVW pre-training on the 2D track's images [B, 1, H, W] in [0, 1].
+
+    TransVW in 2D (the Table 4 row "TransVW"): the same three steps on the 2D track's image stack [N, 1, H, W]
+    (whole radiographs at the task's ``preprocess.size``), with PCRL's ResNet-18 U-Net (sslbench/models/unet2d.py).
+
+    1. Self-discovery (``prepare``): every pre-training image gets a feature (``image_embedding``, the image
+       average-pooled to ``embed_grid``); C references drawn without replacement, each with its K nearest images
+       (the reference first) and one crop corner drawn on the image grid, at least ``min_distance`` px from the
+       earlier classes' (``discover_visual_words``, the 3D form's rule). Visual word c = the patch at class c's
+       coordinate of each of its K images: an anatomical pattern at a fixed position of similar radiographs.
+    2. Self-classification + self-restoration (``forward``): a batch image gets one class it is a member of
+       (``assign_visual_words``); its instance is the patch at that class's coordinate (exact with probability
+       1 / ``multires_patches``, else a square of side 50..79 px of 64 shifted by -10..9 px per axis, resized to the
+       crop); the instance is elastically deformed and then perturbed by ONE of TransVW's four perturbations
+       (``one_of_four``); the U-Net restores the undeformed instance (sigmoid, MSE) and a classification head on the
+       encoder's last map (conv 3x3 -> BN -> ReLU -> GAP -> FC) names the class:
+
+           L = lambda_rec * MSE(sigmoid(f(x~)), x) + lambda_cls * CE(head(f_enc(x~)), c).
+
+    Ledger (2D form; the module docstring's 3D rows apply where they are not repeated here):
+    * No official 2D code: fhaghighi/TransVW holds 3D code only (self_discovery/pattern_generator_3D.py,
+      feature_extractor.py, train_autoencoder.py, pytorch/ and keras/ train.py, data_loader.py, config.py; files
+      listed), and so does fhaghighi/SemanticGenesis. The paper (IEEE TMI 2021) reports 2D results on ChestX-ray14;
+      the stored copies of its text available here stop at the abstract, so no 2D setting of the paper is taken
+      from it. Every rule below is the 3D official rule per axis (derived, not transcribed). No key.
+    * Instance size: 64 x 64 px (``crop``), the official instance's in-plane size (``input_rows`` x ``input_cols``
+      = 64 x 64 of the 64 x 64 x 32 cube), so the multi-resolution ranges keep the official pixel numbers
+      (side 50..79, shift -10..9). On a 224 px radiograph a word covers ~29% of the side. Any two multiples of 32
+      (the U-Net's depth): ``--set method.params.crop=[96,96]``.
+    * Multi-resolution side: ONE side for both axes (the official ``randPatchSize`` squares); a window that leaves
+      the image is clamped into it (the official draws again until it fits). No key.
+    * Coordinates: uniform over the image, >= ``min_distance`` px apart. The official 3D draw also keeps 100 px
+      from the x-y borders and rejects windows by a CT lung-air test (HU -150 over 3 slices); neither has a
+      radiograph meaning. No key.
+    * Self-discovery feature: the image average-pooled to ``embed_grid`` = 16 x 16 (256-d, a coarse layout of the
+      chest) instead of the global-average-pooled bottleneck of an auto-encoder (512-d in 3D). No key.
+    * Perturbations: TransVW's own (``perturbations: transvw``) on the 2D instance: local shuffling of 5 blocks of
+      side 1..dim//10 per axis, one in-painted box of side dim//6..dim//3, one out-painting window of side
+      dim - (3 dim//7 .. 4 dim//7), the Bezier intensity map; the 3D functions run per axis unchanged (3D results
+      bit-identical). The elastic deformation displaces both image axes (the official's x-y plane), alpha 991,
+      sigma 8 px. ``perturbations: genesis`` gives Models Genesis' forms, as in 3D.
+    * Classification head: conv 3x3 to ``head_width`` = 1024 channels (the official ``ClassificationHead``'s
+      1024) -> BatchNorm -> ReLU -> GAP -> FC on the encoder's 1/32 map (2 x 2 at 64 px), the head as the
+      official YNet's on its 512-channel bottleneck. Logits + cross-entropy (the official Softmax then log + CE is
+      the same function).
+    * Batch 64 instances (the official ``train.py``'s argparse default, which overrides config.py's 12); AdamW +
+      warmup-cosine, the shared protocol (official Adam 1e-3, StepLR, early stopping), as in 3D.
+
+    Buffers (in checkpoints): ``vw_coords`` [C, 2] crop corners (row, column), ``vw_members`` [C, K] image indices,
+    ``vw_refs`` [C, D] reference features, ``vw_radius`` [C]. ``prepare`` must run before training and before a
+    checkpoint is loaded (it sizes the buffers).
+    """
+
+    name = "transvw"
+    transfers_decoder = True
+
+    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+        super().__init__(params, model_cfg)
+        p = {**TRANSVW_2D_DEFAULTS, **self.params}
+        self.crop = _size2(p["crop"], "crop")
+        if any(c % 32 for c in self.crop):
+            raise RecipeError(f"method.params.crop: {list(self.crop)} for method transvw (2D); expected two multiples "
+                              f"of 32 (the 2D U-Net halves the instance 5 times)")
+        self.embed_grid = _size2(p["embed_grid"], "embed_grid")
+        for key in ("num_classes", "instances", "multires_patches", "head_width"):
+            if int(p[key]) < 1:
+                raise RecipeError(f"method.params.{key}: {p[key]} for method transvw (2D); expected >= 1")
+        self.num_classes, self.instances = int(p["num_classes"]), int(p["instances"])
+        self.min_distance = float(p["min_distance"])
+        self.multires_rate = 1.0 - 1.0 / int(p["multires_patches"])
+        lo, hi = (float(s) for s in p["multires_size"])
+        if not 0 < lo <= hi:
+            raise RecipeError(f"method.params.multires_size: {p['multires_size']} for method transvw (2D); expected "
+                              f"[low, high] fractions of the crop with 0 < low <= high")
+        self.side_range = (round(self.crop[0] * lo), round(self.crop[0] * hi))
+        self.reach = max(round(self.crop[0] * float(p["multires_shift"])), 0)
+        self.elastic = bool(p["elastic"])
+        self.elastic_alpha, self.elastic_sigma = float(p["elastic_alpha"]), float(p["elastic_sigma"])
+        self.lambda_rec, self.lambda_cls = float(p["lambda_rec"]), float(p["lambda_cls"])
+        self.perturbations = str(p["perturbations"])
+        if self.perturbations not in PERTURBATIONS:
+            raise RecipeError(f"method.params.perturbations: unknown value {p['perturbations']!r} for method transvw "
+                              f"(2D); expected one of {', '.join(PERTURBATIONS)}")
+        self.net = UNet2D(model_cfg, in_channels=1, out_channels=1)
+        self.head = ClassificationHead2D(self.net.widths[-1], self.num_classes, int(p["head_width"]))
+        self.image_size: tuple[int, int] | None = None
+        self.register_buffer("vw_coords", torch.zeros(0, 2, dtype=torch.int64))
+        self.register_buffer("vw_members", torch.zeros(0, 0, dtype=torch.int64))
+        self.register_buffer("vw_refs", torch.zeros(0, math.prod(self.embed_grid)))
+        self.register_buffer("vw_radius", torch.zeros(0))
+
+    @staticmethod
+    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+        """Encoder input pixels per image and step (feasibility): one instance of the crop's size."""
+        crop = _size2(params.get("crop", TRANSVW_2D_DEFAULTS["crop"]), "crop")
+        return crop[0] * crop[1]
+
+    def _check_images(self, images: torch.Tensor) -> tuple[int, int]:
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if images.dim() != 4 or any(s < c for s, c in zip(size, self.crop)):
+            raise RecipeError(f"method.params.crop: {list(self.crop)} for method transvw (2D), but the images are "
+                              f"{list(images.shape[1:])}; expected [1, H, W] images at least the crop's size "
+                              f"(task.preprocess.size)")
+        return size
+
+    @torch.no_grad()
+    def prepare(self, corpus: torch.Tensor, seed: int) -> None:
+        """Self-discovery of the visual words on every pre-training image [N, 1, H, W] (deterministic in seed)."""
+        images = plain_float(corpus)
+        self.image_size = self._check_images(images)
+        feats = torch.cat([image_embedding(chunk, self.embed_grid).cpu() for chunk in images.split(256)])
+        refs, members, radius, coords = discover_visual_words(feats, self.num_classes, self.instances,
+                                                              self.image_size, self.crop, self.min_distance, seed)
+        dev = self.vw_coords.device
+        self.vw_coords, self.vw_members = coords.to(dev), members.to(dev)
+        self.vw_refs, self.vw_radius = feats[refs].to(dev), radius.to(dev)
+
+    def instances_of(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Each image's patch at its class's coordinate, multi-resolution jittered: [B, 1, *crop]."""
+        jitter = torch.rand(images.shape[0], device=images.device) < self.multires_rate
+        starts, sizes = multires_windows(self.vw_coords[classes], self.crop, images.shape[-2:], jitter,
+                                         self.side_range, self.reach)
+        return crop_2d(images, starts, sizes, self.crop)
+
+    def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.vw_coords.shape[0] != self.num_classes:
+            raise RuntimeError("TransVW2D.forward before prepare(): the visual words are not discovered yet")
+        images = plain_float(volumes)
+        if self._check_images(images) != self.image_size:
+            raise ValueError(f"transvw (2D): images {list(images.shape[-2:])} are not of the visual words' grid "
+                             f"{list(self.image_size or ())}")
+        with torch.autocast(images.device.type, enabled=False):   # views in fp32 under the protocol's bf16
+            classes, has_class = assign_visual_words(image_embedding(images, self.embed_grid), self.vw_refs,
+                                                     self.vw_radius)
+            target = self.instances_of(images, classes)
+            x = elastic_deform(target, self.elastic_alpha, self.elastic_sigma) if self.elastic else target
+            x, _ = one_of_four(x, perturbations=self.perturbations)
+        feats = self.net.encoder(x)
+        restored = torch.sigmoid(self.net.head(self.net.decoder(feats)).float())
+        logits = self.head(feats[-1])
+        mse = F.mse_loss(restored, target)
+        ce = masked_cross_entropy(logits, classes, has_class)
+        loss = self.lambda_rec * mse + self.lambda_cls * ce
+        hit = (logits.detach().argmax(dim=1) == classes).float() * has_class
+        acc = hit.sum() / has_class.float().sum().clamp_min(1.0)
+        return loss, {"mse": mse.detach(), "ce": ce.detach(), "acc": acc.detach(),
+                      "vw_fraction": has_class.float().mean().detach()}
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The U-Net's encoder and decoder (``encoder.*``, ``decoder.*``; the restoration conv is not transferred)."""
+        return {k: v for k, v in self.net.state_dict().items() if k.startswith(("encoder.", "decoder."))}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The classification head and restoration conv, and the visual words (coordinates, members)."""
+        out = {f"head.{k}": v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        out.update({f"restore.{k}": v.detach().cpu().clone() for k, v in self.net.head.state_dict().items()})
         out.update({k: getattr(self, k).detach().cpu().clone() for k in ("vw_coords", "vw_members")})
         return out
