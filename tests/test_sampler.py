@@ -90,3 +90,158 @@ def test_sample_key_is_distinct_from_the_permutation_stream():
     a = np.random.default_rng(sample_key(7, 0)).integers(0, 10 ** 9, size=4).tolist()
     b = np.random.default_rng([7, 0, 1]).integers(0, 10 ** 9, size=4).tolist()
     assert sample_key(7, 0) == [7, 0, 2] and a != b
+
+
+def test_the_streams_step_sampler_yields_volume_and_global_sample_and_resumes():
+    from sslbench.data.stream import StepSampler
+
+    whole = list(StepSampler(N, B, SEED, 0, 3, rank=1, sampler="epoch", world_size=W))
+    assert whole == [[(4, 2), (1, 3)], [(1, 6), (0, 7)], [(2, 10), (4, 11)]]   # (P_{g//5}[g%5], g), g = 4s + 2 + i
+    assert list(StepSampler(N, B, SEED, 2, 3, rank=1, sampler="epoch", world_size=W)) == whole[2:]
+    # the default is today's draw, untouched by world_size
+    assert list(StepSampler(10, 3, 7, 0, 2, rank=1, world_size=4)) == [step_indices(10, 3, 7, s, 1) for s in (0, 1)]
+
+
+def test_native_crops_under_epoch_are_keyed_by_the_global_sample_not_the_rank(tmp_path):
+    import torch
+
+    from sslbench.data.stream import CachedVolumes, native_box
+
+    volume = np.arange(1 * 9 * 8 * 7, dtype=np.float32).reshape(1, 9, 8, 7)
+    np.save(tmp_path / "v.image.npy", volume)
+    ranks = [CachedVolumes([(tmp_path / "v.image.npy", None)], (4, 4, 4), native=True, seed=SEED, rank=r)
+             for r in (0, 1)]
+    box = native_box(torch.from_numpy(volume), (4, 4, 4), sample_key(SEED, 6))
+    assert torch.equal(ranks[0][(0, 6)], box) and torch.equal(ranks[1][(0, 6)], box)
+    assert not torch.equal(ranks[0][(0, 6)], ranks[0][(0, 7)]) or not torch.equal(ranks[0][(0, 7)], ranks[0][(0, 8)])
+    # the step keys (index, step, slot) still seed by the rank, as before the key
+    assert not all(torch.equal(ranks[0][(0, s, 0)], ranks[1][(0, s, 0)]) for s in range(4))
+
+
+# ---------------------------------------------------------------------------------------------- protocol, 2 processes
+# Supervised is the method whose step is deterministic given its volumes once its one crop is the whole volume
+# (crop = resize) and it never flips (flip_prob 0): SwinUNETR has no batch statistics, DiceCE of B samples is the
+# mean of its per-sample Dice and voxel CE, so 2 ranks x 2 averaged by DDP are 1 process x 4 up to summation order.
+# SGD (not AdamW, whose m / sqrt(v) turns rounding noise in a near-zero gradient into a full-size step) keeps the
+# weight change proportional to the gradients.
+SUPERVISED = ["--method", "supervised", "--corpus", "phantom-btcv", "--preset", "tiny",
+              "--set", "method.params.resize=[64,64,64]", "--set", "method.params.crop=[64,64,64]",
+              "--set", "method.params.flip_prob=0", "--set", "model.feature_size=12",
+              "--set", "corpus.preprocess.spacing=[6,6,6]", "--set", "method.pretrain.steps=3",
+              "--set", "method.pretrain.log_every=1", "--set", "method.pretrain.sampler=epoch",
+              "--set", "method.pretrain.optimizer=sgd", "--set", "method.pretrain.lr=0.01",
+              "--set", "run.loader_workers=1", "--set", "run.num_threads=1"]
+STEPS = 3    # 3 steps x global batch 4 = 12 samples over 5 volumes: epochs 0 (g 0-4) and 1 (g 5-9) whole, 2 begun
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """A 5-volume labelled corpus (BTCV phantom, training 0001-0005) and the 1-process batch-4 memory-loader run
+    on it: (corpus root, cache folder, its reads by global sample, its history, its weight change)."""
+    import torch
+
+    from sslbench.cli import main
+    from sslbench.data import phantoms
+    from sslbench.data.stream import READ_LOG
+
+    home = tmp_path_factory.mktemp("sampler")
+    root = phantoms.synth("btcv", home / "btcv", cases=6, seed=3)
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSLBENCH_CACHE", str(home / "cache"))
+        mp.setenv(READ_LOG, str(home / "reads-one"))
+        assert main(["pretrain", *SUPERVISED, "--set", "method.pretrain.batch_size=4", "--corpus-root", str(root),
+                     "--out", str(home / "one")]) == 0
+    torch.set_num_threads(threads)
+    (row,) = _reads(home / "reads-one", 1)
+    return root, home / "cache", {r["sample"]: (r["volume"], r["sha1"]) for r in row}, \
+        _metrics(home / "one")["history"], _moved(home / "one")
+
+
+def _reads(folder, world):
+    import json
+
+    return [[json.loads(line) for line in (folder / f"reads.rank{r}.jsonl").read_text().splitlines()]
+            for r in range(world)]
+
+
+def _metrics(out):
+    import json
+
+    return json.loads(next(out.rglob("metrics.json")).read_text())
+
+
+def _moved(out):
+    """backbone.pt minus the backbone the protocol starts from (torch.manual_seed(run.seed) before the method)."""
+    import torch
+
+    from sslbench import recipes
+    from sslbench.protocol.pretraining import method_class
+
+    overrides = [a for a in SUPERVISED[SUPERVISED.index("--set"):] if a != "--set"]
+    cfg = recipes.split_config(recipes.resolve("supervised", None, preset="tiny", overrides=overrides,
+                                               corpus="phantom-btcv"), "corpus")
+    cls, params, _, _ = method_class(cfg)
+    torch.manual_seed(0)
+    start = cls(params, cfg["model"]).backbone_state_dict()
+    end = torch.load(next(out.rglob("backbone.pt")), weights_only=True)
+    assert end.keys() == start.keys()
+    return {k: end[k].float() - start[k].float() for k in end}
+
+
+def _two_processes(one_process, tmp_path, loader):
+    import os
+    import subprocess
+    import sys
+
+    from sslbench.data.stream import READ_LOG
+
+    root, cache, _, _, _ = one_process
+    env = dict(os.environ, OMP_NUM_THREADS="1", SSLBENCH_CACHE=str(cache), **{READ_LOG: str(tmp_path / "reads")})
+    cmd = [sys.executable, "-m", "sslbench", "pretrain", *SUPERVISED, "--gpus", "2", "--set", "run.device=cpu",
+           "--set", "method.pretrain.batch_size=2", "--set", f"method.pretrain.loader={loader}",
+           "--corpus-root", str(root), "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _metrics(tmp_path / "two")["world_size"] == 2
+    return _reads(tmp_path / "reads", 2)
+
+
+def _equals_one_process(one_process, tmp_path, reads):
+    root, _, ref_reads, ref_history, ref_moved = one_process
+    # each rank read exactly its global samples g = 4s + 2r + i, once each (the stream's workers nothing else)
+    for r, rows in enumerate(reads):
+        assert sorted(row["sample"] for row in rows) == [4 * s + 2 * r + i for s in range(STEPS) for i in range(B)]
+    by_g = {row["sample"]: (row["volume"], row["sha1"]) for rows in reads for row in rows}
+    # across the ranks every volume once per epoch, and per global sample the volume and bytes of one process x 4
+    assert sorted(by_g[g][0] for g in range(0, 5)) == sorted(by_g[g][0] for g in range(5, 10)) == list(range(5))
+    assert by_g == ref_reads
+    # the gradient: the same losses and the same weight change as one process on the concatenated batch
+    history = _metrics(tmp_path / "two")["history"]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h, ref in zip(history, ref_history):
+        assert h["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    moved = _moved(tmp_path / "two")
+    scale = max(float(v.abs().max()) for v in ref_moved.values())
+    assert scale > 1e-3                                          # the weights did move (3 SGD steps, lr 0.01)
+    # rounding (DDP sums two half-batch gradients) grows to ~4e-4 of the largest change in 3 steps (measured);
+    # one other sample in the batch changes it by the order of the change itself
+    assert max(float((moved[k] - ref_moved[k]).abs().max()) for k in moved) < 1e-2 * scale
+
+
+def test_two_processes_stream_read_the_one_process_rows_once_per_epoch(one_process, tmp_path):
+    """`pretrain --gpus 2` (gloo) with the stream and sampler epoch: every volume once per epoch across the two
+    ranks, each rank the rows 2r, 2r+1 of the 1-process batch-4 run's steps (same volume, same bytes), and for
+    supervised (deterministic given its volumes) the same losses and weights to rounding."""
+    reads = _two_processes(one_process, tmp_path, "stream")
+    assert {row["loader"] for rows in reads for row in rows} == {"stream"}
+    log = (next((tmp_path / "two").rglob("metrics.json")).parent / "log.txt").read_text()
+    assert "sampler epoch: rank 0 of 2 reads the volumes of its global samples from all 5 volumes" in log
+    _equals_one_process(one_process, tmp_path, reads)
+
+
+def test_two_processes_memory_loader_read_the_one_process_rows_once_per_epoch(one_process, tmp_path):
+    """The same with the memory loader (each rank holds the corpus; it gathers the rows of its global samples)."""
+    reads = _two_processes(one_process, tmp_path, "memory")
+    assert {row["loader"] for rows in reads for row in rows} == {"memory"}
+    _equals_one_process(one_process, tmp_path, reads)
