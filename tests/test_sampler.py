@@ -135,17 +135,23 @@ STEPS = 3    # 3 steps x global batch 4 = 12 samples over 5 volumes: epochs 0 (g
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """A 5-volume labelled corpus (BTCV phantom, training 0001-0005) and the 1-process batch-4 memory-loader run
-    on it: (corpus root, cache folder, its reads by global sample, its history, its weight change)."""
+def btcv(tmp_path_factory):
+    """A 5-volume labelled corpus: a BTCV phantom, training 0001-0005 (0035 is its validation case)."""
+    from sslbench.data import phantoms
+
+    return phantoms.synth("btcv", tmp_path_factory.mktemp("sampler-btcv") / "btcv", cases=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_process(btcv, tmp_path_factory):
+    """The 1-process batch-4 memory-loader run on ``btcv``: (corpus root, cache folder, its reads by global sample,
+    its history, its weight change)."""
     import torch
 
     from sslbench.cli import main
-    from sslbench.data import phantoms
     from sslbench.data.stream import READ_LOG
 
-    home = tmp_path_factory.mktemp("sampler")
-    root = phantoms.synth("btcv", home / "btcv", cases=6, seed=3)
+    home, root = tmp_path_factory.mktemp("sampler"), btcv
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSLBENCH_CACHE", str(home / "cache"))
@@ -245,3 +251,40 @@ def test_two_processes_memory_loader_read_the_one_process_rows_once_per_epoch(on
     reads = _two_processes(one_process, tmp_path, "memory")
     assert {row["loader"] for rows in reads for row in rows} == {"memory"}
     _equals_one_process(one_process, tmp_path, reads)
+
+
+def test_a_rank_fills_its_shard_and_what_it_reads_from_a_node_local_cache(btcv, tmp_path, monkeypatch):
+    """sampler epoch on rank 1 of 2 with an empty cache of its own (a node-local cache, the other rank elsewhere):
+    it caches its shard (volumes 1, 3), then the volumes its global samples read that are still missing, and
+    nothing else; its stream holds the whole corpus and embeds only its shard (whole_volumes)."""
+    import torch
+
+    from sslbench import recipes
+    from sslbench.data.cache import CaseCache
+    from sslbench.data.corpus import labelled_items
+    from sslbench.protocol.pretraining import pretrain_stream
+
+    class Rank1:                      # rank 1 of 2 without a process group: the barrier meets nobody
+        rank, world_size, is_main, enabled = 1, 2, False, True
+
+        def barrier(self):
+            pass
+
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    overrides = [a for a in SUPERVISED[SUPERVISED.index("--set"):] if a != "--set"] + [
+        "method.pretrain.loader=stream", "method.pretrain.batch_size=1", "method.pretrain.steps=2"]
+    cfg = recipes.split_config(recipes.resolve("supervised", None, preset="tiny", overrides=overrides,
+                                               corpus="phantom-btcv"), "corpus")
+    _, _, items = labelled_items(cfg["corpus"], str(btcv), log=lambda *_: None)
+    assert len(items) == N
+    said = []
+    stream = pretrain_stream(cfg, None, items, (16, 16, 16), True, Rank1(), torch.device("cpu"), log=said.append)
+    # rank 1, B 1, W 2: g = 2s + 1 -> g 1, 3 -> P_0[1], P_0[3] = volumes 3, 1 (seed 0)
+    reads = {epoch_indices(N, 1, 0, s, 1, 2)[0] for s in range(2)}
+    assert reads == {epoch_permutation(N, 0, 0)[1], epoch_permutation(N, 0, 0)[3]}
+    cache = CaseCache(cfg["corpus"], with_label=True)
+    cached = {i for i, it in enumerate(items) if cache.files(it)[0].is_file()}
+    assert cached == {1, 3} | reads
+    assert said[0].startswith("caching 2 of 2 corpus volumes")
+    assert len(said) == (2 if reads - {1, 3} else 1)
+    assert len(stream) == N and stream.own == [1, 3] and stream.sampler == "epoch"

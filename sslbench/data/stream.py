@@ -252,7 +252,10 @@ class Stream:
         self.batch_size, self.seed, self.rank, self.pin_memory = int(batch_size), int(seed), int(rank), pin_memory
         channels = 2 if with_label else 1
         batch_bytes = self.batch_size * channels * int(np.prod(self.dataset.size)) * 4
-        volume_bytes = max(sum(os.path.getsize(p) for p in pair if p) for pair in self.dataset.files)
+        # the largest source volume in the cache (under sampler epoch a node-local cache holds only what this rank
+        # reads; a file missing when read is the worker's one-line DataError)
+        volume_bytes = max([sum(os.path.getsize(p) for p in pair if p) for pair in self.dataset.files
+                            if all(os.path.exists(p) for p in pair if p)] or [0])
         self.plan = plan_workers(batch_bytes, volume_bytes, budget_mb, workers)
 
     def __len__(self) -> int:

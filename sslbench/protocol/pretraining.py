@@ -69,32 +69,49 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
     rank fills only its own shard), so nothing of the corpus is kept in memory (``cls`` None: no check of the
     method's corpus-level set-up, as ``bench pretrain --from-disk`` times the loader); :class:`sslbench.data.stream.Stream`
     then reads step batches from the cache files in ``run.loader_workers`` processes within ``run.loader_memory_mb``.
-    With ``method.pretrain.sampler: epoch`` a rank reads any volume its global samples name: it still fills only
-    its shard, then waits for the other ranks' shards (a barrier) and streams from the whole corpus's cache files.
+    With ``method.pretrain.sampler: epoch`` a rank reads any volume its global samples name (no fixed shard): it
+    fills its shard, waits for the other ranks' (a barrier: on a shared cache everything is then in), and fills
+    what it reads that is still missing (a node-local cache: the other nodes' shards); then it streams from the
+    whole corpus's cache files.
     """
     from ..data.cache import CaseCache
     from ..data.stream import Stream, shard
-    from ..data.transforms import preprocess_transforms
 
-    run_cfg, corpus, pt = cfg["run"], cfg["corpus"], cfg["method"]["pretrain"]
+    run_cfg, pt = cfg["run"], cfg["method"]["pretrain"]
     check_loader(cfg, cls)
-    cache = CaseCache(corpus, with_label=with_label)
+    cache = CaseCache(cfg["corpus"], with_label=with_label)
     mine = shard(items, dist.rank, dist.world_size)
-    files = [cache.files(it) for it in mine]
-    todo = [it for it, (image, label) in zip(mine, files)
-            if not image.is_file() or (label is not None and not label.is_file())]
-    if todo:
-        log(f"caching {len(todo)} of {len(mine)} corpus volumes in {cache.folder}")
-        load_cases(todo, preprocess_transforms(corpus, with_label=with_label), "cache corpus", progress,
-                   cache=cache, write=True, keep=False)
+    files = _fill_cache(cfg, cache, mine, with_label, progress, log, "corpus volumes")
     sampler, own = pt.get("sampler", "step"), None
-    if sampler == "epoch":   # no fixed shard: every rank reads from the whole cache once every shard is in it
+    if sampler == "epoch":
+        from ..data.sampler import draw
+
         dist.barrier()
+        reads = sorted({i for s in range(int(pt["steps"])) for i in draw(
+            "epoch", len(items), int(pt["batch_size"]), int(run_cfg["seed"]), s, dist.rank, dist.world_size)})
+        _fill_cache(cfg, cache, [items[i] for i in reads], with_label, progress, log,
+                    "volumes of other ranks' shards read by this rank (a node-local cache)")
         files, own = [cache.files(it) for it in items], shard(range(len(items)), dist.rank, dist.world_size)
     return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
                   budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
                   pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)), sampler=sampler,
                   world_size=dist.world_size, own=own)
+
+
+def _fill_cache(cfg: Mapping[str, Any], cache, items: list[dict], with_label: bool, progress,
+                log: Callable[[str], None], what: str) -> list:
+    """The cache files of ``items``, preprocessing those missing into the cache first (threads, progress bar).
+    Writes are atomic, so two ranks that fill one volume of a shared folder waste work but never tear a file."""
+    from ..data.transforms import preprocess_transforms
+
+    files = [cache.files(it) for it in items]
+    todo = [it for it, (image, label) in zip(items, files)
+            if not image.is_file() or (label is not None and not label.is_file())]
+    if todo:
+        log(f"caching {len(todo)} of {len(items)} {what} in {cache.folder}")
+        load_cases(todo, preprocess_transforms(cfg["corpus"], with_label=with_label), "cache corpus", progress,
+                   cache=cache, write=True, keep=False)
+    return files
 
 
 @torch.no_grad()
