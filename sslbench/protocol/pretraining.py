@@ -90,7 +90,7 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
         reads = sorted({i for s in range(int(pt["steps"])) for i in draw(
             "epoch", len(items), int(pt["batch_size"]), int(run_cfg["seed"]), s, dist.rank, dist.world_size)})
         _fill_cache(cfg, cache, [items[i] for i in reads], with_label, progress, log,
-                    "volumes of other ranks' shards read by this rank (a node-local cache)")
+                    "volumes this rank reads (other shards missing from a node-local cache)")
         files, own = [cache.files(it) for it in items], shard(range(len(items)), dist.rank, dist.world_size)
     return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
                   budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
