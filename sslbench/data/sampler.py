@@ -21,6 +21,11 @@ drops trailing zero words, so ``[seed, e]`` would be ``[seed]`` at e = 0). Hence
 * any step, on any rank, is computed alone from (seed, g): a run resumed at step s reads what the uninterrupted
   run read from there on.
 
+Unlike torch's ``DistributedSampler`` (torch/utils/data/distributed.py: a permutation per epoch seeded by
+seed + epoch, padded to a multiple of W, rank r taking every W-th index) nothing is padded or dropped (a step may
+straddle two epochs), and rank r takes B consecutive samples of each global step, which is what makes a W-rank
+step the 1-process step of batch W*B.
+
 What a sample reads besides its volume (a native crop's box, :func:`sample_key`) is keyed by (seed, g) too, so the
 bytes of a global sample do not depend on the number of ranks. The methods' own random views (drawn on the device
 per rank and step) are not: see the README's "At scale" section for what a W-rank run equals.
