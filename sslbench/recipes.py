@@ -183,6 +183,9 @@ METHOD_SCHEMA = Spec(fields={
         "loader": Spec(choices=("memory", "stream")),
         # stream only: random input_size boxes at the preprocessing spacing instead of whole resized volumes
         "native_crops": BOOL,
+        # which volume each sample reads (sslbench/data/sampler.py): step (per-step draw with replacement, the
+        # default) | epoch (keyed by the global sample index: every volume once per epoch across the ranks)
+        "sampler": Spec(choices=("step", "epoch")),
     }),
     "params": Spec(free=True),
     # the method's 2D form (the 2D track, issue 23): pretrain keys over the 3D ones, its own params and presets;
@@ -297,7 +300,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 500, "log_every": 10,
                                      "amsgrad": False, "no_decay_bias_norm": False, "betas": [0.9, 0.999],
                                      "optimizer": "adamw", "momentum": 0.9, "schedule": "warmup_cosine",
                                      "step_every": 0, "step_gamma": 0.5, "fixed_lr": [],
-                                     "loader": "memory", "native_crops": False}
+                                     "loader": "memory", "native_crops": False, "sampler": "step"}
 
 
 def deep_merge(base: Mapping, top: Mapping) -> dict:
@@ -646,6 +649,8 @@ _HASHED_UNLESS = {"method.pretrain.amsgrad": False, "method.pretrain.no_decay_bi
                   "method.pretrain.loader": "memory", "method.pretrain.native_crops": False,
                   # issue 23: C2L's criterion key; softmax is what C2L runs computed before it
                   "method.params.criterion": "softmax",
+                  # issue 25: the step draw is what every run before the key drew
+                  "method.pretrain.sampler": "step",
                   # issue 22: fine-tuning's loader at its default computes what runs before the key computed
                   **{f"{section}.finetune.loader": "memory" for section in ("task", "corpus")},
                   # issue 19: the empty-set rules at their defaults score as runs before the keys did (a one-sided

@@ -135,3 +135,21 @@ def test_recipes_resolve_from_an_installed_wheel(tmp_path):
     assert res.returncode == 0, res.stderr
     n_methods, n_tasks, n_boards, liver = res.stdout.split()
     assert int(n_methods) >= 9 and int(n_tasks) >= 20 and int(n_boards) >= 1 and liver == "liver"
+
+
+def test_pretrain_sampler_is_hashed_only_when_it_is_epoch():
+    """method.pretrain.sampler at its default (step, the draw of every run before the key) leaves the protocol hash
+    as it was; epoch is another protocol; a bad value is one line naming the key."""
+    def cfg(*overrides):
+        return recipes.split_config(recipes.resolve("voco", None, overrides=list(overrides)), "corpus")
+
+    base = cfg()
+    assert base["method"]["pretrain"]["sampler"] == "step"
+    without = {**base, "method": {**base["method"], "pretrain": {
+        k: v for k, v in base["method"]["pretrain"].items() if k != "sampler"}}}
+    assert recipes.protocol_hash(base) == recipes.protocol_hash(without) == \
+        recipes.protocol_hash(cfg("method.pretrain.sampler=step"))
+    assert recipes.protocol_hash(cfg("method.pretrain.sampler=epoch")) != recipes.protocol_hash(base)
+    with pytest.raises(RecipeError) as err:
+        cfg("method.pretrain.sampler=epochs")
+    assert "method.pretrain.sampler" in str(err.value) and "'step', 'epoch'" in str(err.value)

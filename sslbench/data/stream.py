@@ -9,11 +9,14 @@ GPU under CUDA): memory grows with the corpus. ``loader: stream`` keeps nothing 
 * a torch ``DataLoader`` with worker processes reads each step's volumes from the cache files (pages mapped,
   nothing decompressed), resizes them to the method's ``input_size`` exactly as the memory loader does and
   collates them into pinned batches (on CUDA); the method still cuts its views on the device;
-* the volumes of step ``s`` are drawn by :class:`StepSampler` from ``rng([seed, s])`` (rank r > 0:
-  ``[seed, s, r]``), the memory loader's draw, so one process streams exactly the batches the memory loader
-  gathers, and a resumed run streams the batches of the steps it has left;
-* under torchrun each rank reads only its shard of the corpus (:func:`shard`: every ``world_size``-th volume
-  from its rank), as torch's ``DistributedSampler`` shards a dataset;
+* the volumes of step ``s`` are drawn by :class:`StepSampler` with the memory loader's draw
+  (:func:`sslbench.data.sampler.draw`: ``method.pretrain.sampler``), so one process streams exactly the batches
+  the memory loader gathers, and a resumed run streams the batches of the steps it has left;
+* under torchrun with ``sampler: step`` (the default) each rank draws from its shard of the corpus (:func:`shard`:
+  every ``world_size``-th volume from its rank, as torch's ``DistributedSampler`` shards a dataset) with
+  ``rng([seed, s])`` (rank r > 0: ``[seed, s, r]``); with ``sampler: epoch`` there is no fixed shard: each rank's
+  workers read exactly the volumes of its global samples (every volume once per epoch across the ranks, rank r
+  the rows r*B..(r+1)*B-1 of a 1-process batch W*B), and a native crop is keyed by the global sample;
 * ``method.pretrain.native_crops: true`` delivers a random ``input_size`` box of each volume at the
   preprocessing spacing (:func:`native_crop`, seeded by seed, step, rank and batch slot) instead of the whole
   volume resized to ``input_size``: the voxel size the pretext task sees is then the fine-tuning's (the
@@ -30,6 +33,8 @@ This module reads the cache and the recipe values it is given; it never imports 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -40,7 +45,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslbench.errors import DataError
 
+from .sampler import draw, global_samples, sample_key, step_indices  # noqa: F401  (step_indices: its old home)
+
 LOADERS = ("memory", "stream")
+
+#: test hook: a folder where every pre-training read appends one JSON line per sample (reads.rank<r>.jsonl: loader,
+#: rank, global sample or step and slot, volume, file, sha1 of the delivered bytes); unset in real runs
+READ_LOG = "SSLBENCH_READ_LOG"
+
+
+def note_read(loader: str, rank: int, volume: int, data: torch.Tensor, name: str = "", **where) -> None:
+    """Append one line for one sample read to ``$SSLBENCH_READ_LOG/reads.rank<rank>.jsonl`` (no-op when unset).
+    Lines are short single writes in append mode, so the loader's worker processes may share the file."""
+    folder = os.environ.get(READ_LOG)
+    if not folder:
+        return
+    digest = hashlib.sha1(data.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    line = json.dumps({"loader": loader, "rank": int(rank), **where, "volume": int(volume), "file": name,
+                       "sha1": digest}) + "\n"
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"reads.rank{int(rank)}.jsonl"), "a") as f:
+        f.write(line)
 
 
 def shard(items: Sequence, rank: int, world_size: int) -> list:
@@ -52,27 +77,25 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     return list(items[rank::world_size])
 
 
-def step_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0) -> list[int]:
-    """The corpus indices of step ``step``: the memory loader's draw (``rng([seed, step])``, rank r > 0
-    ``rng([seed, step, r])``), uniform with replacement over ``n`` volumes."""
-    rng = np.random.default_rng([seed, step] if rank == 0 else [seed, step, rank])
-    return rng.integers(0, n, size=batch_size).tolist()
-
-
 class StepSampler(Sampler):
     """Yields the index list of every step in ``[start, stop)``: deterministic in (seed, step, rank), so a run
-    resumed at step ``start`` draws what the uninterrupted run drew from there on. With ``keys`` each entry is
-    ``(index, step, slot)``, what a native crop is seeded by."""
+    resumed at step ``start`` draws what the uninterrupted run drew from there on. ``sampler`` is
+    ``method.pretrain.sampler`` (:func:`sslbench.data.sampler.draw`; ``epoch`` needs ``world_size``). With
+    ``keys`` each entry is ``(index, step, slot)``, what a native crop is seeded by; under ``epoch`` every entry is
+    ``(index, g)``, g the global sample index (what its native crop is seeded by, and what the read log names)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
-                 keys: bool = False):
+                 keys: bool = False, sampler: str = "step", world_size: int = 1):
         self.n, self.batch_size, self.seed, self.start, self.stop, self.rank = n, batch_size, seed, start, stop, rank
-        self.keys = keys
+        self.keys, self.sampler, self.world_size = keys, sampler, world_size
 
     def __iter__(self) -> Iterator[list]:
         for step in range(self.start, self.stop):
-            idx = step_indices(self.n, self.batch_size, self.seed, step, self.rank)
-            yield [(i, step, j) for j, i in enumerate(idx)] if self.keys else idx
+            idx = draw(self.sampler, self.n, self.batch_size, self.seed, step, self.rank, self.world_size)
+            if self.sampler == "epoch":
+                yield list(zip(idx, global_samples(step, self.batch_size, self.rank, self.world_size)))
+            else:
+                yield [(i, step, j) for j, i in enumerate(idx)] if self.keys else idx
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -86,7 +109,13 @@ def native_crop(volume: torch.Tensor, size: Sequence[int], seed: int, step: int,
     """A ``size`` box of ``volume`` [C, X, Y, Z] at its stored (preprocessing) spacing: along each axis a uniform
     offset in [0, extent - size] from ``rng([seed, step, rank, slot])``; an axis shorter than ``size`` is kept whole
     and padded with 0 (air, after the [0, 1] scaling) at its end."""
-    rng = np.random.default_rng([int(seed), int(step), int(rank), int(slot)])
+    return native_box(volume, size, [int(seed), int(step), int(rank), int(slot)])
+
+
+def native_box(volume: torch.Tensor, size: Sequence[int], key: Sequence[int]) -> torch.Tensor:
+    """:func:`native_crop`'s box with its offsets drawn from ``rng(key)`` (``sampler: epoch``: the global sample's
+    :func:`sslbench.data.sampler.sample_key`)."""
+    rng = np.random.default_rng(list(key))
     out = torch.zeros((volume.shape[0], *size), dtype=torch.float32)
     src, dst = [slice(None)], [slice(None)]
     for extent, want in zip(volume.shape[1:], size):
@@ -102,7 +131,7 @@ class CachedVolumes(Dataset):
     """Volumes read from case-cache files [(image .npy, label .npy or None)], each resized to ``size``
     (image: trilinear, label ids: nearest, stacked as channel 1), as the memory loader resizes them; with
     ``native`` a random ``size`` box at the stored spacing instead (:func:`native_crop`; items are then
-    ``(index, step, slot)``)."""
+    ``(index, step, slot)``, or ``(index, g)`` under ``sampler: epoch``: the box keyed by the global sample g)."""
 
     def __init__(self, files: Sequence[tuple[str, str | None]], size: Sequence[int], with_label: bool = False,
                  native: bool = False, seed: int = 0, rank: int = 0):
@@ -124,7 +153,20 @@ class CachedVolumes(Dataset):
         return self._resize
 
     def __getitem__(self, key) -> torch.Tensor:
-        i, step, slot = key if isinstance(key, tuple) else (key, 0, 0)
+        out = self._read(key).contiguous()
+        if os.environ.get(READ_LOG):
+            where = ({"sample": int(key[1])} if len(key) == 2 else {"step": int(key[1]), "slot": int(key[2])}) \
+                if isinstance(key, tuple) else {}
+            i = key[0] if isinstance(key, tuple) else key
+            note_read("stream", self.rank, i, out, os.path.basename(self.files[i][0]), **where)
+        return out
+
+    def _read(self, key) -> torch.Tensor:
+        sample = None
+        if isinstance(key, tuple) and len(key) == 2:     # sampler epoch: (index, global sample)
+            (i, sample), step, slot = key, 0, 0
+        else:
+            i, step, slot = key if isinstance(key, tuple) else (key, 0, 0)
         image_path, label_path = self.files[i]
         trilinear, nearest = self._resizers()
         try:
@@ -133,6 +175,8 @@ class CachedVolumes(Dataset):
                 if self.with_label:
                     label = torch.from_numpy(np.load(label_path, mmap_mode="c"))
                     image = torch.cat([torch.as_tensor(image).float(), torch.as_tensor(label).float()])
+                if sample is not None:
+                    return native_box(image, self.size, sample_key(self.seed, sample))
                 return native_crop(image, self.size, self.seed, step, self.rank, slot)
             out = _plain(torch.as_tensor(trilinear(torch.as_tensor(image).float())).float())
             if self.with_label:
@@ -140,7 +184,7 @@ class CachedVolumes(Dataset):
                 out = torch.cat([out, _plain(torch.as_tensor(nearest(torch.as_tensor(label).float())).float())])
         except (OSError, ValueError) as exc:
             raise DataError(f"{image_path}: cannot be read from the case cache ({exc})") from None
-        return out.contiguous()
+        return out
 
 
 @dataclass
@@ -190,26 +234,36 @@ def plan_workers(batch_bytes: int, volume_bytes: int, budget_mb: float, workers:
 
 
 class Stream:
-    """A corpus shard streamed from the case cache: ``batches(start, stop)`` yields step batches [B, C, *size]."""
+    """A corpus streamed from the case cache: ``batches(start, stop)`` yields step batches [B, C, *size].
+
+    ``files`` are the volumes this rank draws from: its shard under ``sampler: step``, the whole corpus under
+    ``sampler: epoch`` (which reads, per step, only the volumes of this rank's global samples; ``own`` then names
+    the files of this rank's shard, which :meth:`whole_volumes` reads)."""
 
     def __init__(self, files: Sequence[tuple[str, str | None]], size: Sequence[int], batch_size: int, seed: int,
                  rank: int = 0, with_label: bool = False, budget_mb: float = 1024, workers: int = 0,
-                 pin_memory: bool = False, native: bool = False):
+                 pin_memory: bool = False, native: bool = False, sampler: str = "step", world_size: int = 1,
+                 own: Sequence[int] | None = None):
         if not files:
             raise DataError("method.pretrain.loader=stream: the corpus shard of this process is empty")
         self.dataset = CachedVolumes(files, size, with_label, native=native, seed=seed, rank=rank)
-        self.native = native
+        self.native, self.sampler, self.world_size = native, sampler, int(world_size)
+        self.own = list(range(len(files))) if own is None else [int(i) for i in own]
         self.batch_size, self.seed, self.rank, self.pin_memory = int(batch_size), int(seed), int(rank), pin_memory
         channels = 2 if with_label else 1
         batch_bytes = self.batch_size * channels * int(np.prod(self.dataset.size)) * 4
-        volume_bytes = max(sum(os.path.getsize(p) for p in pair if p) for pair in self.dataset.files)
+        # the largest source volume in the cache (under sampler epoch a node-local cache holds only what this rank
+        # reads; a file missing when read is the worker's one-line DataError)
+        volume_bytes = max([sum(os.path.getsize(p) for p in pair if p) for pair in self.dataset.files
+                            if all(os.path.exists(p) for p in pair if p)] or [0])
         self.plan = plan_workers(batch_bytes, volume_bytes, budget_mb, workers)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def loader(self, start: int, stop: int) -> DataLoader:
-        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start, stop, self.rank, keys=self.native)
+        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start, stop, self.rank, keys=self.native,
+                              sampler=self.sampler, world_size=self.world_size)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.plan.workers,
                           prefetch_factor=self.plan.prefetch, pin_memory=self.pin_memory,
                           persistent_workers=False)
@@ -219,18 +273,23 @@ class Stream:
         yield from _one_line_errors(self.loader(start, stop))
 
     def whole_volumes(self) -> Iterator[torch.Tensor]:
-        """The shard's volumes in order, whole and resized to ``size`` as the memory loader stacks them (never native
-        crops), in chunks of ``batch_size`` [k, C, *size] read by the workers: a corpus-level set-up's one pass
-        (TransVW's self-discovery features) within the same memory plan as the step batches."""
+        """The shard's volumes in order (:attr:`own`), whole and resized to ``size`` as the memory loader stacks them
+        (never native crops), in chunks of ``batch_size`` [k, C, *size] read by the workers: a corpus-level set-up's
+        one pass (TransVW's self-discovery features) within the same memory plan as the step batches."""
         ds = CachedVolumes(self.dataset.files, self.dataset.size, self.dataset.with_label)
-        chunks = [list(range(i, min(i + self.batch_size, len(ds)))) for i in range(0, len(ds), self.batch_size)]
+        own, b = self.own, self.batch_size
+        chunks = [own[i:i + b] for i in range(0, len(own), b)]
         yield from DataLoader(ds, batch_sampler=chunks, num_workers=self.plan.workers,
                               prefetch_factor=self.plan.prefetch, persistent_workers=False)
 
     def first_batch(self) -> torch.Tensor:
         """Step 0's batch, read in this process (the compiled-step check)."""
-        idx = step_indices(len(self.dataset), self.batch_size, self.seed, 0, self.rank)
-        return torch.stack([self.dataset[(i, 0, j)] for j, i in enumerate(idx)])
+        idx = draw(self.sampler, len(self.dataset), self.batch_size, self.seed, 0, self.rank, self.world_size)
+        if self.sampler == "epoch":
+            keys = list(zip(idx, global_samples(0, self.batch_size, self.rank, self.world_size)))
+        else:
+            keys = [(i, 0, j) for j, i in enumerate(idx)]
+        return torch.stack([self.dataset._read(k) for k in keys])
 
 
 

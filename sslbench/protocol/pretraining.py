@@ -3,17 +3,18 @@ backbone in SwinUNETR's key layout, or the 2D U-Net's) and heads.pt, and the rec
 
 The corpus is held on the device (memory loader: every volume resized to the method's input size) or streamed
 from the case cache by worker processes (``method.pretrain.loader: stream``). Under torchrun DDP averages the
-gradients and each rank draws its own batch (rank 0 draws what a single process would), so the global batch is
-world_size x batch_size.
+gradients and each rank draws its own batch, so the global batch is world_size x batch_size: with
+``method.pretrain.sampler: step`` (the default) rank 0 draws what a single process would; with ``epoch`` rank r
+reads the rows r*B..(r+1)*B-1 of a single process of batch W*B (sslbench/data/sampler.py), both loaders alike.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from .. import distributed, speed
@@ -68,25 +69,49 @@ def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_l
     rank fills only its own shard), so nothing of the corpus is kept in memory (``cls`` None: no check of the
     method's corpus-level set-up, as ``bench pretrain --from-disk`` times the loader); :class:`sslbench.data.stream.Stream`
     then reads step batches from the cache files in ``run.loader_workers`` processes within ``run.loader_memory_mb``.
+    With ``method.pretrain.sampler: epoch`` a rank reads any volume its global samples name (no fixed shard): it
+    fills its shard, waits for the other ranks' (a barrier: on a shared cache everything is then in), and fills
+    what it reads that is still missing (a node-local cache: the other nodes' shards); then it streams from the
+    whole corpus's cache files.
     """
     from ..data.cache import CaseCache
     from ..data.stream import Stream, shard
-    from ..data.transforms import preprocess_transforms
 
-    run_cfg, corpus, pt = cfg["run"], cfg["corpus"], cfg["method"]["pretrain"]
+    run_cfg, pt = cfg["run"], cfg["method"]["pretrain"]
     check_loader(cfg, cls)
-    cache = CaseCache(corpus, with_label=with_label)
+    cache = CaseCache(cfg["corpus"], with_label=with_label)
     mine = shard(items, dist.rank, dist.world_size)
-    files = [cache.files(it) for it in mine]
-    todo = [it for it, (image, label) in zip(mine, files)
-            if not image.is_file() or (label is not None and not label.is_file())]
-    if todo:
-        log(f"caching {len(todo)} of {len(mine)} corpus volumes in {cache.folder}")
-        load_cases(todo, preprocess_transforms(corpus, with_label=with_label), "cache corpus", progress,
-                   cache=cache, write=True, keep=False)
+    files = _fill_cache(cfg, cache, mine, with_label, progress, log, "corpus volumes")
+    sampler, own = pt.get("sampler", "step"), None
+    if sampler == "epoch":
+        from ..data.sampler import draw
+
+        dist.barrier()
+        reads = sorted({i for s in range(int(pt["steps"])) for i in draw(
+            "epoch", len(items), int(pt["batch_size"]), int(run_cfg["seed"]), s, dist.rank, dist.world_size)})
+        _fill_cache(cfg, cache, [items[i] for i in reads], with_label, progress, log,
+                    "volumes this rank reads (other shards missing from a node-local cache)")
+        files, own = [cache.files(it) for it in items], shard(range(len(items)), dist.rank, dist.world_size)
     return Stream(files, size, int(pt["batch_size"]), int(run_cfg["seed"]), rank=dist.rank, with_label=with_label,
                   budget_mb=float(run_cfg.get("loader_memory_mb", 2048)), workers=int(run_cfg.get("loader_workers", 0)),
-                  pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)))
+                  pin_memory=device.type == "cuda", native=bool(pt.get("native_crops", False)), sampler=sampler,
+                  world_size=dist.world_size, own=own)
+
+
+def _fill_cache(cfg: Mapping[str, Any], cache, items: list[dict], with_label: bool, progress,
+                log: Callable[[str], None], what: str) -> list:
+    """The cache files of ``items``, preprocessing those missing into the cache first (threads, progress bar).
+    Writes are atomic, so two ranks that fill one volume of a shared folder waste work but never tear a file."""
+    from ..data.transforms import preprocess_transforms
+
+    files = [cache.files(it) for it in items]
+    todo = [it for it, (image, label) in zip(items, files)
+            if not image.is_file() or (label is not None and not label.is_file())]
+    if todo:
+        log(f"caching {len(todo)} of {len(items)} {what} in {cache.folder}")
+        load_cases(todo, preprocess_transforms(cfg["corpus"], with_label=with_label), "cache corpus", progress,
+                   cache=cache, write=True, keep=False)
+    return files
 
 
 @torch.no_grad()
@@ -234,7 +259,10 @@ def _start_record(run: PretrainRun) -> None:
                          runtime=runtime_settings(run.cfg["run"], run.device, run.bf16))
         record.set_status(state="running", stage="pretrain", step=0, protocol=plan.protocol,
                           world_size=dist.world_size, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    if run.stream is not None:
+    if run.stream is not None and run.stream.sampler == "epoch":
+        record.log(run.stream.plan.describe() + f"; sampler epoch: rank 0 of {dist.world_size} reads the volumes of "
+                   f"its global samples from all {len(plan.items)} volumes (each once per epoch across the ranks)")
+    elif run.stream is not None:
         record.log(run.stream.plan.describe() + f"; rank 0 of {dist.world_size} reads its shard of "
                    f"{len(run.stream)} of {len(plan.items)} volumes")
 
@@ -276,11 +304,9 @@ def _train(run: PretrainRun, method, progress) -> Loop:
     stack, wait = run.stack, DataWait()
 
     def batch(step: int) -> torch.Tensor:
-        if batches is not None:   # the StepSampler draws what the memory loader's rng draws below
+        if batches is not None:   # the StepSampler draws what the memory loader draws below
             return next(batches).to(device, non_blocking=True)
-        rng = np.random.default_rng([seed, step] if dist.rank == 0 else [seed, step, dist.rank])
-        idx = torch.as_tensor(rng.integers(0, stack.shape[0], size=pt["batch_size"]), device=stack.device)
-        return stack.index_select(0, idx).to(device, non_blocking=True)
+        return memory_batch(stack, pt, seed, step, dist).to(device, non_blocking=True)
 
     def loss_of(volumes_b: torch.Tensor, step: int):
         torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))
@@ -303,6 +329,23 @@ def _train(run: PretrainRun, method, progress) -> Loop:
     loop.run(start)
     loop.seconds = time.perf_counter() - t0
     return loop
+
+
+def memory_batch(stack: torch.Tensor, pt: Mapping[str, Any], seed: int, step: int, dist) -> torch.Tensor:
+    """The memory loader's batch of ``step``: the rows of ``stack`` that ``method.pretrain.sampler`` draws
+    (:func:`sslbench.data.sampler.draw` over the whole corpus; the read log's lines under ``SSLBENCH_READ_LOG``)."""
+    from ..data.sampler import draw, global_samples
+    from ..data.stream import READ_LOG, note_read
+
+    sampler, b = pt.get("sampler", "step"), int(pt["batch_size"])
+    picks = draw(sampler, stack.shape[0], b, seed, step, dist.rank, dist.world_size)
+    out = stack.index_select(0, torch.as_tensor(picks, device=stack.device))
+    if os.environ.get(READ_LOG):
+        where = ([{"sample": g} for g in global_samples(step, b, dist.rank, dist.world_size)] if sampler == "epoch"
+                 else [{"step": step, "slot": j} for j in range(b)])
+        for i, row, w in zip(picks, out, where):
+            note_read("memory", dist.rank, i, row, **w)
+    return out
 
 
 def _write_results(run: PretrainRun, method, loop: Loop) -> dict:
