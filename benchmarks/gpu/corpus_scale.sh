@@ -25,22 +25,22 @@ export PYTHONPATH=/tmp/site:/tmp/repo SSLBENCH_DATA=/tmp/sbdata SSLBENCH_CACHE=/
 stage() { local name=$1; shift; local t=$(date +%s)
   "$@" > $cs/logs/$name.log 2>&1; local rc=$?
   echo "stage $name rc=$rc seconds=$(( $(date +%s) - t )) at $(date -u +%H:%M:%S)" >> $cs/summary.txt; }
-bench() { local name=$1; shift; stage $name python3 -m sslbench bench pretrain --steps 30 --warmup 5 --json $cs/json/$name.json "$@"; }
+bench() { local name=$1; shift; stage $name python3 -m sslbench bench pretrain --steps 20 --warmup 3 --json $cs/json/$name.json "$@"; }
 disk=(--from-disk --corpus phantom-corpus --corpus-cases 500)
 stage cache python3 -m sslbench data cache --task phantom-corpus --preset paper --set corpus.data.phantom_cases=500
 bench voco-disk --method voco --variant paper "${disk[@]}"
-bench voco-synthetic --method voco --variant paper
 bench ssl-disk --method swinunetr-ssl "${disk[@]}"
 bench mg-disk --method mg "${disk[@]}"
-bench voco-ts-compiled-disk --method voco --variant teacher-student --compile "${disk[@]}"
 ft=(finetune --method scratch --task phantom-btcv --preset paper --seed 0 --out $cs/ft --no-feasibility-check
     --set task.finetune.max_steps=100 --set task.finetune.val_every=100 --set task.finetune.checkpoint_every=100
     --set task.finetune.log_every=25)
 stage ft-stream python3 -m sslbench "${ft[@]}" --set task.finetune.loader=stream
-stage voco-disk-1worker python3 -m sslbench bench pretrain --method voco --variant paper --steps 10 --warmup 2 \
-  "${disk[@]}" --loader-workers 1 --json $cs/json/voco-disk-1worker.json
+bench voco-synthetic --method voco --variant paper
 bench ssl-synthetic --method swinunetr-ssl
 bench mg-synthetic --method mg
+bench voco-ts-compiled-disk --method voco --variant teacher-student --compile "${disk[@]}"
+stage voco-disk-1worker python3 -m sslbench bench pretrain --method voco --variant paper --steps 10 --warmup 2 \
+  "${disk[@]}" --loader-workers 1 --json $cs/json/voco-disk-1worker.json
 stage ft-memory python3 -m sslbench "${ft[@]}"
 [ -n "${MEMORY:-}" ] && stage memory python3 benchmarks/stream_memory.py --counts 500 2000 --control 500 2000 \
   --repeats 2 --work /tmp/smem --json $cs/json/stream-memory.json
