@@ -21,13 +21,14 @@ from .loop import DataWait, Loop
 from .optim import make_optimizer, make_schedule
 from .plan import check_finetune_loader
 from .runs import FinetuneRun, Outcome, open_finetune, resume_finetune, run_scope
-from .runtime import Runtime, make_progress
+from .runtime import Runtime, make_progress, run_settings
 
 
 def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
              force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> Outcome:
-    """:func:`_finetune` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error)."""
-    with run_scope() as scope:
+    """:func:`_finetune` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error) and
+    the run's torch switches (:func:`sslbench.protocol.runtime.run_settings`, restored afterwards)."""
+    with run_scope() as scope, run_settings(cfg["run"]):
         return _finetune(cfg, root=root, init=init, resume=resume, force=force, console=console,
                          on_validation=scope.callback(on_validation))
 

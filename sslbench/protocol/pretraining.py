@@ -27,13 +27,14 @@ from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
 from .runs import _claim_run, _rank_report, Outcome, resume_last, run_scope
 from .runtime import (_device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method,
-                      make_progress, runtime_settings)
+                      make_progress, run_settings, runtime_settings)
 
 
 def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
              console=None) -> Outcome:
-    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error)."""
-    with run_scope():
+    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error) and
+    the run's torch switches (:func:`sslbench.protocol.runtime.run_settings`, restored afterwards)."""
+    with run_scope(), run_settings(cfg["run"]):
         return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
 
 

@@ -3,9 +3,10 @@ modules (checked against eager), the window-attention kernel, and :class:`Runtim
 receive instead of importing the protocol."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -175,14 +176,38 @@ def use_run_attention(model: torch.nn.Module, run_cfg: Mapping[str, Any]) -> int
 
 
 def _device_setup(run_cfg: Mapping[str, Any], dist: "distributed.Dist") -> tuple[torch.device, bool]:
-    """This rank's device and bf16 choice; allocator and thread settings of the run."""
+    """This rank's device and bf16 choice (the allocator policy of :func:`keep_freed_memory` with it); torch's
+    process-wide switches of the stage are :func:`run_settings`' (entered by the stage's entry point)."""
     device = distributed.device_for(dist, select_device(run_cfg))
     keep_freed_memory()
-    if device.type == "cuda":   # fixed crop geometry: let cuDNN pick the fastest convolution once per shape
-        torch.backends.cudnn.benchmark = True
-    if run_cfg.get("num_threads"):
-        torch.set_num_threads(int(run_cfg["num_threads"]))
     return device, use_bf16(run_cfg, device)
+
+
+@contextlib.contextmanager
+def run_settings(run_cfg: Mapping[str, Any]) -> Iterator[dict]:
+    """The torch switches a stage runs under, set on entry and restored on exit (so that nothing of one run leaks
+    into the next one of the same process: a sweep's trials, the demo's two rows, in-process tests):
+
+    - ``torch.backends.cudnn.benchmark`` on CUDA (fixed crop geometry: cuDNN picks the fastest convolution once
+      per shape); left as it is on the CPU;
+    - ``run.num_threads`` (when set): torch's intra-op thread count.
+
+    Yields the values in force (what env.json's ``runtime`` records). Not scoped, on purpose: the glibc allocator
+    policy (:func:`keep_freed_memory`, a process property) and sslbench's Inductor settings (sslbench/speed/
+    inductor.py: set once per process before any compile, a correctness fix that a compile outside a scope must
+    not miss); the fused attention's backward forms are the benchmark's knobs (``sslbench bench``), never set by
+    a run."""
+    before = {"cudnn_benchmark": torch.backends.cudnn.benchmark, "threads": torch.get_num_threads()}
+    try:
+        if select_device(run_cfg).type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if run_cfg.get("num_threads"):
+            torch.set_num_threads(int(run_cfg["num_threads"]))
+        yield {"cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "threads": torch.get_num_threads()}
+    finally:
+        torch.backends.cudnn.benchmark = before["cudnn_benchmark"]
+        if torch.get_num_threads() != before["threads"]:
+            torch.set_num_threads(before["threads"])
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""Issue 21: a run's torch switches (cuDNN autotuning, thread count) are scoped to the run and restored after it,
+so nothing of one run leaks into the next in the same process (sweep trials, the demo's two rows, tests)."""
+import pytest
+import torch
+
+from sslbench.cli import main
+from sslbench.protocol.runtime import run_settings
+
+
+def test_run_settings_set_the_run_threads_and_restore_them_even_on_an_error():
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    with run_settings({"device": "cpu", "num_threads": want}) as now:
+        assert torch.get_num_threads() == want and now["threads"] == want
+        assert now["cudnn_benchmark"] is torch.backends.cudnn.benchmark
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with run_settings({"device": "cpu", "num_threads": want}):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_cudnn_autotuning_is_left_alone_on_the_cpu_and_restored():
+    flag = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with run_settings({"device": "cpu"}):
+            assert torch.backends.cudnn.benchmark is False      # a CPU run does not switch it on
+        torch.backends.cudnn.benchmark = True
+        with run_settings({"device": "cpu"}):
+            torch.backends.cudnn.benchmark = False              # whatever happens inside ...
+        assert torch.backends.cudnn.benchmark is True           # ... the value before the run comes back
+    finally:
+        torch.backends.cudnn.benchmark = flag
+
+
+def test_an_in_process_pretraining_leaves_the_thread_count_as_it_found_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SSLBENCH_DATA", str(tmp_path / "data"))
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    code = main(["pretrain", "--method", "simsiam", "--preset", "tiny", "--corpus", "phantom-corpus",
+                 "--set", "method.pretrain.steps=1", "--set", "run.device=cpu", "--set", f"run.num_threads={want}",
+                 "--set", "corpus.data.phantom_cases=2", "--out", str(tmp_path / "runs")])
+    assert code == 0
+    log = next((tmp_path / "runs").rglob("env.json")).read_text()
+    assert f'"threads": {want}' in log                        # the run ran with its own count ...
+    assert torch.get_num_threads() == before                  # ... and handed the process back unchanged
