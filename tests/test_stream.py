@@ -229,7 +229,8 @@ def test_stream_peak_host_memory_does_not_grow_with_the_corpus(tmp_path):
     workers) at 50 and 200 volumes of 96^3 x 4 bytes resized (200 of them: 690 MB, which the memory loader holds).
 
     Measured 2026-12-03 on the 2-core dev machine: stream 2508 MB at 50 and 2715 MB at 200 volumes (+1.4 MB per
-    volume: NOT yet flat, issue 22 stays open on it), the memory loader 3305 MB at 200. What this asserts is what
+    volume at that noise), the memory loader 3305 MB at 200; issue 22's 500 vs 2,000 figures (flat) come from
+    benchmarks/stream_memory.py (BENCHMARKS.md). What this asserts is what
     holds: the stream never holds the corpus (its peak at 200 stays 400 MB under the memory loader's) and grows
     less than half as fast as the resized corpus; the workers' peak stays flat. 50 vs 200 rather than the issue's
     500 vs 2,000: writing and caching 2,000 volumes takes minutes on a shared 2-core CI machine."""
