@@ -3,12 +3,12 @@
 # pre-training on the task's 60% pretrain split, fine-tuning on the rest, mean AUC on test_list.txt), then
 # the report and the pre-training throughput of each method (images/s = steps x batch / pre-training seconds).
 #   bash benchmarks/table4.sh OUT_DIR
-# Environment (defaults): METHODS ("scratch mg c2l simsiam voco"), SEEDS ("0 1 2"), PRESET (paper: 224 px),
+# Environment (defaults): METHODS ("scratch mg transvw c2l simsiam pcrlv1 pcrlv2 voco": Table 4's rows), SEEDS ("0 1 2"), PRESET (paper: 224 px),
 # PRETRAIN_STEPS (2000), PRETRAIN_BATCH (64: the issue's throughput setting), FINETUNE_STEPS (1000), JOBS (3
 # processes share the GPU), EXTRA (more --set arguments for every run). Every run is PHANTOM data.
 set -uo pipefail
 out=$1
-methods=(${METHODS:-scratch mg c2l simsiam voco})
+methods=(${METHODS:-scratch mg transvw c2l simsiam pcrlv1 pcrlv2 voco})
 seeds=(${SEEDS:-0 1 2})
 preset=${PRESET:-paper}
 pre=${PRETRAIN_STEPS:-2000}
