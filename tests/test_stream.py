@@ -87,12 +87,25 @@ def test_native_crop_cuts_a_seeded_box_at_the_stored_spacing_and_pads_short_axes
     volume = torch.arange(6 * 3 * 2, dtype=torch.float32).reshape(1, 6, 3, 2) + 1   # no zero voxel
     out = native_crop(volume, (4, 3, 4), seed=1, step=2, rank=0, slot=1)
     assert out.shape == (1, 4, 3, 4)
-    # x: offset in 0..2 drawn from rng([1, 2, 0, 1]); y: whole (3 = 3); z: 2 voxels kept, 2 padded with 0
-    off = int(np.random.default_rng([1, 2, 0, 1]).integers(0, 3))
+    # x: offset in 0..2 drawn from rng([1, 2, 0, 1, 3]); y: whole (3 = 3); z: 2 voxels kept, 2 padded with 0
+    off = int(np.random.default_rng([1, 2, 0, 1, 3]).integers(0, 3))
     assert torch.equal(out[:, :, :, :2], volume[:, off:off + 4]) and not out[:, :, :, 2:].any()
     assert torch.equal(native_crop(volume, (4, 3, 4), 1, 2, 0, 1), out)          # deterministic in its key
     others = {int(native_crop(volume, (4, 3, 4), 1, s, 0, 0)[0, 0, 0, 0]) for s in range(12)}
     assert others == {1, 7, 13}                       # x offsets 0, 1, 2 (6 voxels per x slab) all drawn
+
+
+def test_a_native_crop_never_reuses_the_random_number_that_picked_its_volume():
+    """Slot 0's crop key must not seed the step's volume draw (numpy ignores trailing zero seed words: [s, t, 0, 0]
+    seeds like [s, t]): with 3 volumes and 3 crop offsets the two draws would then be equal at every step."""
+    volume = torch.arange(5 * 2 * 2, dtype=torch.float32).reshape(1, 5, 2, 2) + 1
+    same = 0
+    for step in range(40):
+        for rank in (0, 1):
+            picked = step_indices(3, 1, 11, step, rank=rank)[0]
+            offset = int(native_crop(volume, (3, 2, 2), 11, step, rank, 0)[0, 0, 0, 0] - 1) // 4   # 4 voxels per x slab
+            same += picked == offset
+    assert same < 40          # independent draws agree about 1 time in 3 (80 pairs); the shared stream: 80 of 80
 
 
 # ---------------------------------------------------------------------------------------------- protocol

@@ -105,11 +105,19 @@ def _plain(x) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
+#: the last SeedSequence word of a native crop's key under ``sampler: step``. Without it the key of slot 0,
+#: ``[seed, step, rank, 0]``, seeds exactly the step's own volume draw (``[seed, step]`` on rank 0, ``[seed,
+#: step, r]`` on rank r: numpy's SeedSequence ignores trailing zero words), so that sample's crop offset came from
+#: the very random number that picked its volume (2026-12-07: fixed; no recorded run used native crops before).
+_CROP = 3
+
+
 def native_crop(volume: torch.Tensor, size: Sequence[int], seed: int, step: int, rank: int, slot: int) -> torch.Tensor:
     """A ``size`` box of ``volume`` [C, X, Y, Z] at its stored (preprocessing) spacing: along each axis a uniform
-    offset in [0, extent - size] from ``rng([seed, step, rank, slot])``; an axis shorter than ``size`` is kept whole
-    and padded with 0 (air, after the [0, 1] scaling) at its end."""
-    return native_box(volume, size, [int(seed), int(step), int(rank), int(slot)])
+    offset in [0, extent - size] from ``rng([seed, step, rank, slot, 3])`` (its own stream, never the step's
+    volume draw); an axis shorter than ``size`` is kept whole and padded with 0 (air, after the [0, 1] scaling)
+    at its end."""
+    return native_box(volume, size, [int(seed), int(step), int(rank), int(slot), _CROP])
 
 
 def native_box(volume: torch.Tensor, size: Sequence[int], key: Sequence[int]) -> torch.Tensor:
