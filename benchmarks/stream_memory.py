@@ -41,21 +41,23 @@ RUN = ["pretrain", "--method", "simsiam", "--corpus", "phantom-corpus", "--prese
        "--set", "run.device=cpu", "--set", "method.params.resize=[64,64,64]", "--no-feasibility-check"]
 
 
-def write_corpus(root: Path, n: int, side: int = 20, seed: int = 0) -> Path:
-    """``n`` volumes of ``side``^3 voxels at 2 mm: HU 60 inside a random ellipsoid, -1000 outside, noise sd 20."""
+def write_corpus(root: Path, n: int, side: int = 24, seed: int = 0) -> Path:
+    """``n`` small CT-like volumes of ``side``^3 voxels at 2 mm (HU 60 inside a random ellipsoid, -1000 outside,
+    noise sd 20) in the MONAI dataset_0.json layout that phantom-corpus reads (``--corpus-root``); fast to write
+    and to preprocess. Also the corpus of tests/test_stream.py."""
     import nibabel as nib
 
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, side)] * 3, indexing="ij"))
-    names = []
+    entries = []
     for i in range(n):
         r = (g ** 2 / rng.uniform(0.3, 0.8, size=(3, 1, 1, 1)) ** 2).sum(0)
         hu = np.where(r < 1, 60.0, -1000.0) + rng.normal(0, 20, size=r.shape)
-        name = f"imagesTr/img{i:05d}.nii.gz"
+        name = f"imagesTr/img{i:04d}.nii.gz"
         nib.save(nib.Nifti1Image(hu.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(root / name))
-        names.append({"image": name})
-    (root / "dataset_0.json").write_text(json.dumps({"training": names[1:], "validation": names[:1]}))
+        entries.append({"image": name})
+    (root / "dataset_0.json").write_text(json.dumps({"training": entries[1:], "validation": entries[:1]}))
     return root
 
 
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         env.update(SSLBENCH_CACHE=str(work / "cache"), SSLBENCH_DATA=str(work / "data"), OMP_NUM_THREADS="1",
                    CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(repo)])))
         t0 = time.time()
-        corpus = write_corpus(work / "corpus", n, seed=n)
+        corpus = write_corpus(work / "corpus", n, side=20, seed=n)
         written_s = time.time() - t0
         base = [*RUN, "--corpus-root", str(corpus)]
         stream = ["--set", "method.pretrain.loader=stream"]

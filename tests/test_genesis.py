@@ -186,13 +186,13 @@ def test_genesis_views_order_and_target():
 
 # ------------------------------------------------------------------------------------------ crops, recipe
 
-def test_crop_3d_exact_and_resized():
+def test_crop_boxes_exact_and_resized():
     v = raster(2, (20, 16, 12)).float()
     starts = torch.tensor([[3, 2, 1], [0, 4, 5]])
-    out = VW.crop_3d(v, starts, torch.tensor([[8, 8, 6], [8, 8, 6]]), (8, 8, 6))
+    out = VW.crop_boxes(v, starts, torch.tensor([[8, 8, 6], [8, 8, 6]]), (8, 8, 6))
     torch.testing.assert_close(out[0], v[0, :, 3:11, 2:10, 1:7], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], v[1, :, 0:8, 4:12, 5:11], atol=1e-5, rtol=0)
-    half = VW.crop_3d(v[:1], torch.zeros(1, 3), torch.tensor([[17, 16, 12]]), (9, 16, 12))   # x: every 2nd voxel
+    half = VW.crop_boxes(v[:1], torch.zeros(1, 3), torch.tensor([[17, 16, 12]]), (9, 16, 12))   # x: every 2nd voxel
     torch.testing.assert_close(half[0], v[0, :, 0:17:2], atol=1e-5, rtol=0)
 
 

@@ -5,8 +5,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -14,25 +14,10 @@ import torch
 from sslbench.cli import main
 from sslbench.data.stream import CachedVolumes, StepSampler, native_crop, plan_workers, shard, step_indices
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from stream_memory import write_corpus  # noqa: E402  (the benchmark's corpus writer: one copy)
+
 MB = 2 ** 20
-
-
-def write_corpus(root, n, side=24, seed=0):
-    """``n`` small CT-like volumes (HU: a bright ellipsoid in air, noise) in the MONAI dataset_0.json layout
-    that phantom-corpus reads (``--corpus-root``); fast to write and to preprocess."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "imagesTr").mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, side)] * 3, indexing="ij"))
-    entries = []
-    for i in range(n):
-        r = (g ** 2 / rng.uniform(0.3, 0.8, size=(3, 1, 1, 1)) ** 2).sum(0)
-        hu = np.where(r < 1, 60.0, -1000.0) + rng.normal(0, 20, size=r.shape)
-        name = f"imagesTr/img{i:04d}.nii.gz"
-        nib.save(nib.Nifti1Image(hu.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(root / name))
-        entries.append({"image": name})
-    (root / "dataset_0.json").write_text(json.dumps({"training": entries[1:], "validation": entries[:1]}))
-    return root
 
 
 # ---------------------------------------------------------------------------------------------- units

@@ -14,6 +14,7 @@ from sslbench.data import phantoms
 from sslbench.errors import RecipeError
 from sslbench.methods import get_method_class
 from sslbench.methods import transvw as T
+from sslbench.methods.parts import views as VW
 from sslbench.models.backbones import load_backbone
 from sslbench.models.unet2d import UNet2DClassifier
 
@@ -80,12 +81,12 @@ def test_prepare_sizes_the_buffers_and_checks_the_images():
 
 # ------------------------------------------------------------------------------------------ instances
 
-def test_crop_2d_exact_box_and_corner_aligned_resize():
+def test_crop_boxes_in_2d_exact_box_and_corner_aligned_resize():
     img = torch.arange(36.0).view(1, 1, 6, 6)
-    exact = T.crop_2d(img, torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), (2, 3))
+    exact = VW.crop_boxes(img, torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), (2, 3))
     # rows 1-2, columns 2-4
     assert exact[0, 0].flatten().tolist() == pytest.approx([8.0, 9.0, 10.0, 14.0, 15.0, 16.0], abs=1e-5)
-    half = T.crop_2d(img, torch.tensor([[0, 0]]), torch.tensor([[5, 5]]), (2, 2))
+    half = VW.crop_boxes(img, torch.tensor([[0, 0]]), torch.tensor([[5, 5]]), (2, 2))
     assert half[0, 0].flatten().tolist() == pytest.approx([0.0, 4.0, 24.0, 28.0], abs=1e-5)   # the 5 x 5 box corners
 
 

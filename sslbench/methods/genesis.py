@@ -35,7 +35,7 @@ from ..models.unet2d import UNet2D
 from .base import PretrainMethod
 from .parts.perturbations import GENESIS_DEFAULTS, MIN_PAINT_SIZE, genesis_views
 from .parts.tensors import plain_float
-from .parts.views import check_crop, crop_3d, random_crop_starts, size3
+from .parts.views import check_crop, crop_boxes, random_crop_starts, size3
 
 #: corpus volume size when params.resize is not given
 DEFAULT_RESIZE = [192, 192, 128]
@@ -82,7 +82,7 @@ class ModelsGenesis(PretrainMethod):
             raise ValueError(f"mg: volumes {list(volumes.shape[2:])} are smaller than the crop {list(self.crop)}")
         with torch.autocast(volumes.device.type, enabled=False):   # views in fp32 under the protocol's bf16
             starts = random_crop_starts(b, volumes.shape[2:], self.crop, device=volumes.device)
-            cubes = crop_3d(volumes, starts, torch.tensor(self.crop).expand(b, 3), self.crop)
+            cubes = crop_boxes(volumes, starts, torch.tensor(self.crop).expand(b, 3), self.crop)
             inp, target = genesis_views(cubes, self.params)
         restored = torch.sigmoid(self.net(inp).float())
         loss = F.mse_loss(restored, target)

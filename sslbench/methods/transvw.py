@@ -107,7 +107,7 @@ from ..models.unet2d import UNet2D
 from .base import PretrainMethod
 from .parts.perturbations import MIN_PAINT_SIZE, local_pixel_shuffle, nonlinear_intensity, paint, randint_inclusive
 from .parts.tensors import plain_float
-from .parts.views import check_crop, crop_3d
+from .parts.views import check_crop, crop_boxes
 
 #: official ``train.py`` / ``config.py`` defaults
 TRANSVW_DEFAULTS: dict[str, Any] = {
@@ -198,6 +198,15 @@ def discover_visual_words(feats: torch.Tensor, num_classes: int, instances: int,
     members, radius = nearest_members(feats, refs, min(instances, n))
     coords = draw_coordinates(num_classes, size, crop, min_distance, g)
     return refs, members, radius, coords
+
+
+def store_visual_words(module: nn.Module, feats: torch.Tensor, refs: torch.Tensor, members: torch.Tensor,
+                       radius: torch.Tensor, coords: torch.Tensor) -> None:
+    """Put :func:`discover_visual_words`' result into the module's checkpoint buffers (``vw_coords``,
+    ``vw_members``, ``vw_refs``: the reference features, ``vw_radius``) on the module's device."""
+    dev = module.vw_coords.device
+    module.vw_coords, module.vw_members = coords.to(dev), members.to(dev)
+    module.vw_refs, module.vw_radius = feats[refs].to(dev), radius.to(dev)
 
 
 def assign_visual_words(feats: torch.Tensor, refs: torch.Tensor,
@@ -433,6 +442,22 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: tor
 # Heads
 # --------------------------------------------------------------------------------------------------
 
+def transvw_objective(restored: torch.Tensor, target: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor,
+                      has_class: torch.Tensor, lambda_rec: float, lambda_cls: float
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TransVW's joint objective (the module docstring's L; official weights 1 and 0.01 in ``pytorch/train.py``),
+    L = lambda_rec MSE(restored, target) + lambda_cls CE(logits, visual word), the CE over the samples that belong
+    to a visual word (``has_class``); with the logged terms, the word accuracy and the fraction of samples in a
+    word. Shared by the 3D and the 2D form."""
+    mse = F.mse_loss(restored, target)
+    ce = masked_cross_entropy(logits, classes, has_class)
+    loss = lambda_rec * mse + lambda_cls * ce
+    hit = (logits.detach().argmax(dim=1) == classes).float() * has_class
+    acc = hit.sum() / has_class.float().sum().clamp_min(1.0)
+    return loss, {"mse": mse.detach(), "ce": ce.detach(), "acc": acc.detach(),
+                  "vw_fraction": has_class.float().mean().detach()}
+
+
 class ClassificationHead(nn.Module):
     """Visual-word classifier on the encoder's bottleneck: conv 3^3 -> BatchNorm -> ReLU -> GAP -> FC."""
 
@@ -541,11 +566,7 @@ class TransVW(PretrainMethod):
         references, their K nearest members and radius, one coordinate per class."""
         refs, members, radius, coords = discover_visual_words(feats, self.num_classes, self.instances, self.resize,
                                                               self.crop, self.min_distance, seed)
-        dev = self.vw_coords.device
-        self.vw_coords = coords.to(dev)
-        self.vw_members = members.to(dev)
-        self.vw_refs = feats[refs].to(dev)
-        self.vw_radius = radius.to(dev)
+        store_visual_words(self, feats, refs, members, radius, coords)
 
     def visual_word_labels(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each volume: (a class it is a member of, drawn at random; whether it is a member of any).
@@ -575,7 +596,7 @@ class TransVW(PretrainMethod):
         starts[:, :2] = torch.where(jitter[:, None], corner[:, :2] + shift, corner[:, :2])
         limit = torch.tensor(self.resize, device=dev, dtype=torch.float32) - sizes
         starts = torch.minimum(starts.clamp_min(0.0), limit)
-        return crop_3d(volumes, starts, sizes, self.crop)
+        return crop_boxes(volumes, starts, sizes, self.crop)
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.vw_coords.shape[0] != self.num_classes:
@@ -592,13 +613,7 @@ class TransVW(PretrainMethod):
         restored = torch.sigmoid(self.net(x).float())
         logits = self.head(self._bottleneck)
         self._bottleneck = None
-        mse = F.mse_loss(restored, target)
-        ce = masked_cross_entropy(logits, classes, has_class)
-        loss = self.lambda_rec * mse + self.lambda_cls * ce
-        hit = (logits.detach().argmax(dim=1) == classes).float() * has_class
-        acc = hit.sum() / has_class.float().sum().clamp_min(1.0)
-        return loss, {"mse": mse.detach(), "ce": ce.detach(), "acc": acc.detach(),
-                      "vw_fraction": has_class.float().mean().detach()}
+        return transvw_objective(restored, target, logits, classes, has_class, self.lambda_rec, self.lambda_cls)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder and decoder of the restoration network, fine-tuning key layout."""
@@ -637,28 +652,6 @@ def _size2(value: Any, key: str) -> tuple[int, int]:
 def image_embedding(images: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Training-free image feature: [N, 1, H, W] average-pooled to ``grid`` and flattened, [N, prod(grid)] fp32."""
     return F.adaptive_avg_pool2d(images.float(), tuple(int(g) for g in grid)).flatten(1)
-
-
-def crop_2d(images: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-    """One box per image, resized (bilinear) to out_size: [B, C, *out_size] from images [B, C, H, W].
-
-    starts / sizes [B, 2] in pixels (box [start, start + size) per axis); output pixel o of an axis reads pixel
-    start + o * (size - 1) / (out - 1) (``align_corners=True``, as the 3D ``crop_3d``): a box of the output's size
-    is an exact crop. ONE grid_sample.
-    """
-    b, _, *shape = images.shape
-    starts = starts.to(device=images.device, dtype=torch.float32)
-    sizes = sizes.to(device=images.device, dtype=torch.float32)
-    coords = []
-    for axis, (n_in, n_out) in enumerate(zip(shape, out_size)):
-        t = torch.linspace(0.0, 1.0, int(n_out), device=images.device)
-        pos = starts[:, axis, None] + t * (sizes[:, axis, None] - 1)
-        coords.append(pos * (2.0 / max(int(n_in) - 1, 1)) - 1.0)              # [B, n_out]
-    oh, ow = (int(s) for s in out_size)
-    gy = coords[0].view(b, oh, 1).expand(b, oh, ow)
-    gx = coords[1].view(b, 1, ow).expand(b, oh, ow)
-    grid = torch.stack([gx, gy], dim=-1).to(images.dtype)                    # grid_sample: (column, row)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def multires_windows(corner: torch.Tensor, crop: Sequence[int], image: Sequence[int], jitter: torch.Tensor,
@@ -804,16 +797,14 @@ class TransVW2D(PretrainMethod):
         feats = torch.cat([image_embedding(chunk, self.embed_grid).cpu() for chunk in images.split(256)])
         refs, members, radius, coords = discover_visual_words(feats, self.num_classes, self.instances,
                                                               self.image_size, self.crop, self.min_distance, seed)
-        dev = self.vw_coords.device
-        self.vw_coords, self.vw_members = coords.to(dev), members.to(dev)
-        self.vw_refs, self.vw_radius = feats[refs].to(dev), radius.to(dev)
+        store_visual_words(self, feats, refs, members, radius, coords)
 
     def instances_of(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Each image's patch at its class's coordinate, multi-resolution jittered: [B, 1, *crop]."""
         jitter = torch.rand(images.shape[0], device=images.device) < self.multires_rate
         starts, sizes = multires_windows(self.vw_coords[classes], self.crop, images.shape[-2:], jitter,
                                          self.side_range, self.reach)
-        return crop_2d(images, starts, sizes, self.crop)
+        return crop_boxes(images, starts, sizes, self.crop)
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.vw_coords.shape[0] != self.num_classes:
@@ -831,13 +822,7 @@ class TransVW2D(PretrainMethod):
         feats = self.net.encoder(x)
         restored = torch.sigmoid(self.net.head(self.net.decoder(feats)).float())
         logits = self.head(feats[-1])
-        mse = F.mse_loss(restored, target)
-        ce = masked_cross_entropy(logits, classes, has_class)
-        loss = self.lambda_rec * mse + self.lambda_cls * ce
-        hit = (logits.detach().argmax(dim=1) == classes).float() * has_class
-        acc = hit.sum() / has_class.float().sum().clamp_min(1.0)
-        return loss, {"mse": mse.detach(), "ce": ce.detach(), "acc": acc.detach(),
-                      "vw_fraction": has_class.float().mean().detach()}
+        return transvw_objective(restored, target, logits, classes, has_class, self.lambda_rec, self.lambda_cls)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The U-Net's encoder and decoder (``encoder.*``, ``decoder.*``; the restoration conv is not transferred)."""

@@ -27,29 +27,28 @@ def size3(value: Any, key: str, method: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in vals)  # type: ignore[return-value]
 
 
-def crop_3d(volumes: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor,
-            out_size: Sequence[int]) -> torch.Tensor:
-    """Cut one box per volume and resize it (trilinear) to out_size: Tensor[B, C, *out_size].
+def crop_boxes(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """Cut one box per sample and resize it (bilinear / trilinear) to out_size: Tensor[B, C, *out_size].
 
-    volumes [B, C, X, Y, Z]; starts / sizes [B, 3] in voxels (box [start, start + size) per axis). Output
-    voxel o of an axis reads voxel start + o * (size - 1) / (out - 1) (``align_corners=True``, as MONAI's
-    Resize after a SpatialCrop); a box of the output's size is therefore an exact crop. ONE grid_sample.
+    x [B, C, *spatial] with 2 or 3 spatial axes; starts / sizes [B, axes] in pixels / voxels (box [start, start +
+    size) per axis). Output voxel o of an axis reads voxel start + o * (size - 1) / (out - 1) (``align_corners=True``,
+    as MONAI's Resize after a SpatialCrop); a box of the output's size is therefore an exact crop. ONE grid_sample.
     """
-    b, _, *shape = volumes.shape
-    starts = starts.to(device=volumes.device, dtype=torch.float32)
-    sizes = sizes.to(device=volumes.device, dtype=torch.float32)
-    coords = []
-    for axis, (n_in, n_out) in enumerate(zip(shape, out_size)):
-        t = torch.linspace(0.0, 1.0, int(n_out), device=volumes.device)
+    b, _, *shape = x.shape
+    starts = starts.to(device=x.device, dtype=torch.float32)
+    sizes = sizes.to(device=x.device, dtype=torch.float32)
+    outs = [int(n) for n in out_size]
+    grids = []
+    for axis, (n_in, n_out) in enumerate(zip(shape, outs)):
+        t = torch.linspace(0.0, 1.0, n_out, device=x.device)
         pos = starts[:, axis, None] + t * (sizes[:, axis, None] - 1)
-        coords.append(pos * (2.0 / max(int(n_in) - 1, 1)) - 1.0)              # [B, n_out]
-    ox, oy, oz = (int(s) for s in out_size)
-    gx = coords[0].view(b, ox, 1, 1).expand(b, ox, oy, oz)
-    gy = coords[1].view(b, 1, oy, 1).expand(b, ox, oy, oz)
-    gz = coords[2].view(b, 1, 1, oz).expand(b, ox, oy, oz)
-    # grid_sample's last grid axis is (W, H, D) = (z, y, x) of a [B, C, X, Y, Z] input
-    grid = torch.stack([gz, gy, gx], dim=-1).to(volumes.dtype)
-    return F.grid_sample(volumes, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        coord = pos * (2.0 / max(int(n_in) - 1, 1)) - 1.0                    # [B, n_out]
+        view = [b] + [1] * len(outs)
+        view[1 + axis] = n_out
+        grids.append(coord.view(view).expand(b, *outs))
+    # grid_sample's last grid axis lists the spatial axes last-first: (z, y, x) of [B, C, X, Y, Z], (col, row) in 2D
+    grid = torch.stack(grids[::-1], dim=-1).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def random_crop_starts(batch: int, size: Sequence[int], crop: Sequence[int],
