@@ -239,3 +239,34 @@ def test_real_task_pretrained_on_phantoms_is_phantom_in_terminal_record_and_repo
     runs_df = runs[0] if isinstance(runs, tuple) else runs
     row = runs_df[runs_df["task"] == "btcv"].iloc[0]
     assert bool(row["phantom"]) is True                    # the report's phantom column, never the real BTCV one
+
+
+@pytest.mark.parametrize("args, line", [
+    (["pretrain", "--method", "transvw", "--set", "method.params.perturbations=foo"],
+     "error: method.params.perturbations: unknown value 'foo' for method transvw; expected one of transvw, genesis"),
+    (["run", "--method", "c2l", "--task", "phantom-chestxray14", "--set", "method.params.criterion=foo"],
+     "error: method.params.criterion: 'foo' for method c2l; expected one of softmax, nce"),
+])
+def test_a_method_param_its_constructor_refuses_is_one_line_before_any_data_is_written(clean_env, tmp_path, capsys,
+                                                                                      args, line):
+    """A value only the method's own constructor can judge is refused in the pre-flight (the method built once on
+    the CPU), before phantoms are written or a run folder claimed; --dry-run says the same."""
+    out = tmp_path / "runs"
+    assert main([*args, "--preset", "tiny", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == line
+    assert _files(out) == [] and _files(clean_env) == []
+    assert main([*args, "--preset", "tiny", "--out", str(out), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_the_parameter_check_leaves_the_runs_random_draws_alone():
+    import torch
+
+    from sslbench.protocol.plan import check_method_params
+
+    cfg = recipes.resolve("simsiam", None, preset="tiny")
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    check_method_params(cfg)                        # builds SimSiam (random initial weights) on the CPU
+    assert torch.equal(torch.rand(4), expected)

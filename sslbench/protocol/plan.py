@@ -144,13 +144,79 @@ def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list
     return ests, seen
 
 
+def check_loader(cfg: Mapping[str, Any], cls) -> None:
+    """One-line errors for ``method.pretrain.loader`` / ``native_crops`` settings that cannot run (before any run
+    folder exists); ``cls`` None skips the check of the method's corpus-level set-up."""
+    from ..methods.base import PretrainMethod
+
+    pt = cfg["method"].get("pretrain") or {}
+    where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
+    if pt.get("loader", "memory") != "stream":
+        if pt.get("native_crops"):
+            raise RecipeError(f"{where}: key 'pretrain.native_crops': true needs pretrain.loader stream (the memory "
+                              f"loader keeps whole resized volumes); expected --set method.pretrain.loader=stream")
+        return
+    if cls is not None and cls.prepare is not PretrainMethod.prepare and not getattr(cls, "streams_prepare", False):
+        raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
+                          f"on the whole corpus in memory (prepare); expected loader memory")
+    if cls is not None and getattr(cls, "streams_prepare", False) and pt.get("native_crops"):
+        raise RecipeError(f"{where}: key 'pretrain.native_crops': true, but method '{cfg['method']['name']}' discovers "
+                          f"its set-up on whole resized volumes and trains on that grid; expected native_crops false")
+    if str(cfg["run"].get("cache", "read")) == "none":
+        raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
+                          "expected read or write")
+
+
+def method_class(cfg: Mapping[str, Any]) -> tuple[type, dict, bool, bool]:
+    """(method class, its parameters, whether it pre-trains on label maps, whether it is the 2D track), with one
+    line for a method or corpus that cannot pre-train."""
+    from ..methods import get_method_class
+
+    method_cfg, corpus = cfg["method"], cfg["corpus"]
+    if method_cfg.get("pretrain") is None:
+        raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
+    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/protocol/track2d.py): images of a classification2d task
+    if two_d:
+        track2d.check(cfg)
+    cls = track2d.method_class(cfg) if two_d else get_method_class(method_cfg["name"])
+    if cls is None or method_cfg["status"] != "available":
+        raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
+    # a method that pre-trains on label maps (the supervised controls) reads a segmentation task as its corpus
+    needs_labels = bool(getattr(cls, "needs_labels", False))
+    if needs_labels and (corpus.get("kind") != "segmentation" or len(corpus.get("classes") or []) < 2):
+        where = (cfg.get("recipe_files") or {}).get("corpus") or corpus["name"]
+        raise RecipeError(f"{where}: method '{method_cfg['name']}' pre-trains on label "
+                          f"maps; corpus '{corpus['name']}' is a {corpus.get('kind')} recipe without classes; expected "
+                          f"a segmentation task (e.g. --corpus phantom-btcv)")
+    params = dict(method_cfg.get("params") or {})
+    if needs_labels:   # the method knows no task: its class count is the labelled corpus's
+        params["num_classes"] = len(corpus["classes"])
+    check_loader(cfg, cls)
+    return cls, params, needs_labels, two_d
+
+
+def check_method_params(cfg: Mapping[str, Any]) -> None:
+    """The pre-training method's own checks of its params (its constructor's one-line RecipeErrors: an unknown
+    ``method.params.perturbations``, a crop the backbone cannot take, ...) before any work: the method is built
+    once on the CPU and dropped, under a forked random state, so that the run draws what it would have drawn
+    without this check. Nothing for a run without pre-training."""
+    import torch
+
+    if "corpus" not in cfg or cfg["method"].get("pretrain") is None:
+        return
+    cls, params, _, _ = method_class(cfg)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        cls(params, cfg["model"])
+
+
 def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[str], None] = print,
               gpus: int | None = None) -> list:
     """Check everything before any work starts (issue 20), writing nothing: the fine-tuning task's root (a real
     task without --root or $SSLBENCH_ROOT_<NAME>: one line naming the dataset, its layout and the phantom
     twin), then the corpus's roots (one line naming the corpus), the optional readers its files need
     (SimpleITK for .mhd, pydicom for DICOM), and the feasibility of the plan (memory and time estimates,
-    refused with the way out unless ``run.feasibility`` says otherwise). ``cfg``: a resolved recipe or one
+    refused with the way out unless ``run.feasibility`` says otherwise); the pre-training method's own parameter
+    checks (its constructor, run once on the CPU). ``cfg``: a resolved recipe or one
     stage's view of it. Returns the stage estimates."""
     from . import feasibility
 
@@ -159,6 +225,7 @@ def preflight(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable
         check_finetune_loader(fcfg)   # refused before any pre-training runs for a loader the task cannot use
         tasks.kind_of(fcfg["task"]).check(fcfg)   # and for a fine-tuning the task's kind cannot run
         _listed(fcfg, "finetune", root)
+    check_method_params(cfg)   # the method's own parameter checks, before any data is written
     machine = feasibility.machine(cfg["run"], gpus)
     ests, seen = _estimates(cfg, root, corpus_root, machine)
     missing = feasibility.missing_readers([it for items, phantom, _ in seen.values() if items and not phantom
@@ -173,12 +240,13 @@ def dry_run(cfg: Mapping[str, Any], root=None, corpus_root=None, say: Callable[[
             init: Mapping[str, Any] | None = None, gpus: int | None = None) -> int:
     """``--dry-run``: the plan (stages, the recipes' key settings, corpus, phantom or not, run folders and
     keys) and its estimates, printed; nothing is written (a phantom tree not written yet leaves its run keys
-    open). Root and reader errors raise as in a run; an infeasible plan is printed, not raised."""
+    open). Root, reader and method-parameter errors raise as in a run; an infeasible plan is printed, not raised."""
     from . import feasibility
 
     fcfg = recipes.split_config(cfg, "task") if "task" in cfg and "corpus" in cfg else cfg
     if "task" in cfg:
         _listed(fcfg, "finetune", root)
+    check_method_params(cfg)
     machine = feasibility.machine(cfg["run"], gpus)
     corpus_root = track2d.corpus_root(cfg, root, corpus_root)   # 2D: the task's pretrain split, from its --root
     ests, seen = _estimates(cfg, root, corpus_root, machine)

@@ -25,6 +25,7 @@ from ..store.records import atomic_torch_save, atomic_write_json
 from . import track2d
 from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
+from .plan import check_loader, method_class
 from .runs import _claim_run, _rank_report, Outcome, resume_last, run_scope
 from .runtime import (_device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method,
                       make_progress, run_settings, runtime_settings)
@@ -36,29 +37,6 @@ def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, fo
     the run's torch switches (:func:`sslbench.protocol.runtime.run_settings`, restored afterwards)."""
     with run_scope(), run_settings(cfg["run"]):
         return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
-
-
-def check_loader(cfg: Mapping[str, Any], cls) -> None:
-    """One-line errors for ``method.pretrain.loader`` / ``native_crops`` settings that cannot run (before any run
-    folder exists); ``cls`` None skips the check of the method's corpus-level set-up."""
-    from ..methods.base import PretrainMethod
-
-    pt = cfg["method"].get("pretrain") or {}
-    where = (cfg.get("recipe_files") or {}).get("method") or cfg["method"]["name"]
-    if pt.get("loader", "memory") != "stream":
-        if pt.get("native_crops"):
-            raise RecipeError(f"{where}: key 'pretrain.native_crops': true needs pretrain.loader stream (the memory "
-                              f"loader keeps whole resized volumes); expected --set method.pretrain.loader=stream")
-        return
-    if cls is not None and cls.prepare is not PretrainMethod.prepare and not getattr(cls, "streams_prepare", False):
-        raise RecipeError(f"{where}: key 'pretrain.loader': stream, but method '{cfg['method']['name']}' sets itself up "
-                          f"on the whole corpus in memory (prepare); expected loader memory")
-    if cls is not None and getattr(cls, "streams_prepare", False) and pt.get("native_crops"):
-        raise RecipeError(f"{where}: key 'pretrain.native_crops': true, but method '{cfg['method']['name']}' discovers "
-                          f"its set-up on whole resized volumes and trains on that grid; expected native_crops false")
-    if str(cfg["run"].get("cache", "read")) == "none":
-        raise RecipeError("run.cache: none, but method.pretrain.loader=stream reads the corpus from the case cache; "
-                          "expected read or write")
 
 
 def pretrain_stream(cfg: Mapping[str, Any], cls, items: list[dict], size, with_label: bool,
@@ -152,34 +130,6 @@ class PretrainRun:
     @property
     def seed(self) -> int:
         return int(self.cfg["run"]["seed"])
-
-
-def method_class(cfg: Mapping[str, Any]) -> tuple[type, dict, bool, bool]:
-    """(method class, its parameters, whether it pre-trains on label maps, whether it is the 2D track), with one
-    line for a method or corpus that cannot pre-train."""
-    from ..methods import get_method_class
-
-    method_cfg, corpus = cfg["method"], cfg["corpus"]
-    if method_cfg.get("pretrain") is None:
-        raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
-    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/protocol/track2d.py): images of a classification2d task
-    if two_d:
-        track2d.check(cfg)
-    cls = track2d.method_class(cfg) if two_d else get_method_class(method_cfg["name"])
-    if cls is None or method_cfg["status"] != "available":
-        raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
-    # a method that pre-trains on label maps (the supervised controls) reads a segmentation task as its corpus
-    needs_labels = bool(getattr(cls, "needs_labels", False))
-    if needs_labels and (corpus.get("kind") != "segmentation" or len(corpus.get("classes") or []) < 2):
-        where = (cfg.get("recipe_files") or {}).get("corpus") or corpus["name"]
-        raise RecipeError(f"{where}: method '{method_cfg['name']}' pre-trains on label "
-                          f"maps; corpus '{corpus['name']}' is a {corpus.get('kind')} recipe without classes; expected "
-                          f"a segmentation task (e.g. --corpus phantom-btcv)")
-    params = dict(method_cfg.get("params") or {})
-    if needs_labels:   # the method knows no task: its class count is the labelled corpus's
-        params["num_classes"] = len(corpus["classes"])
-    check_loader(cfg, cls)
-    return cls, params, needs_labels, two_d
 
 
 def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
