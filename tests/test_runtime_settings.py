@@ -46,3 +46,24 @@ def test_an_in_process_pretraining_leaves_the_thread_count_as_it_found_it(tmp_pa
     log = next((tmp_path / "runs").rglob("env.json")).read_text()
     assert f'"threads": {want}' in log                        # the run ran with its own count ...
     assert torch.get_num_threads() == before                  # ... and handed the process back unchanged
+
+
+def _rss_mb() -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator (Linux)")
+def test_the_end_of_a_run_hands_the_freed_memory_back():
+    """keep_freed_memory (a run's device set-up) keeps freed buffers in the heap; the run's scope ending gives
+    them back, so a process running many runs does not keep each one's high-water mark."""
+    import numpy as np
+
+    from sslbench.protocol.runtime import keep_freed_memory
+
+    with run_settings({"device": "cpu"}):
+        keep_freed_memory()
+        block = np.ones(300 * 2 ** 20 // 8)          # 300 MiB: on the heap under the run's 1 GiB mmap threshold
+        held = _rss_mb()
+        del block
+        assert _rss_mb() > held - 100                # freed, but kept by the process inside the run
+    assert _rss_mb() < held - 200                    # handed back when the run ended

@@ -38,6 +38,26 @@ def keep_freed_memory() -> None:
         pass
 
 
+def release_freed_memory() -> None:
+    """Undo :func:`keep_freed_memory` when a run ends: glibc's default thresholds again (128 KiB) and the freed
+    memory handed back to the kernel (``malloc_trim``), so that a process running several runs (a sweep's
+    in-process trials, the demo, a test worker) does not keep every run's high-water mark. No effect off glibc."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def select_device(run_cfg: Mapping[str, Any]) -> torch.device:
     want = run_cfg.get("device", "auto")
     if want == "auto":
@@ -192,8 +212,8 @@ def run_settings(run_cfg: Mapping[str, Any]) -> Iterator[dict]:
       per shape); left as it is on the CPU;
     - ``run.num_threads`` (when set): torch's intra-op thread count.
 
-    Yields the values in force (what env.json's ``runtime`` records). Not scoped, on purpose: the glibc allocator
-    policy (:func:`keep_freed_memory`, a process property) and sslbench's Inductor settings (sslbench/speed/
+    On exit it also undoes the run's glibc allocator policy (:func:`release_freed_memory`). Yields the values in
+    force (what env.json's ``runtime`` records). Not scoped, on purpose: sslbench's Inductor settings (sslbench/speed/
     inductor.py: set once per process before any compile, a correctness fix that a compile outside a scope must
     not miss); the fused attention's backward forms are the benchmark's knobs (``sslbench bench``), never set by
     a run."""
@@ -205,6 +225,7 @@ def run_settings(run_cfg: Mapping[str, Any]) -> Iterator[dict]:
             torch.set_num_threads(int(run_cfg["num_threads"]))
         yield {"cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "threads": torch.get_num_threads()}
     finally:
+        release_freed_memory()   # the allocator policy the run's device set-up chose (keep_freed_memory)
         torch.backends.cudnn.benchmark = before["cudnn_benchmark"]
         if torch.get_num_threads() != before["threads"]:
             torch.set_num_threads(before["threads"])
