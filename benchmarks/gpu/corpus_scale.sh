@@ -31,14 +31,14 @@ stage cache python3 -m sslbench data cache --task phantom-corpus --preset paper 
 bench voco-disk --method voco --variant paper "${disk[@]}"
 bench ssl-disk --method swinunetr-ssl "${disk[@]}"
 bench mg-disk --method mg "${disk[@]}"
+bench voco-ts-compiled-disk --method voco --variant teacher-student --compile "${disk[@]}"
+bench voco-synthetic --method voco --variant paper
 ft=(finetune --method scratch --task phantom-btcv --preset paper --seed 0 --out $cs/ft --no-feasibility-check
     --set task.finetune.max_steps=100 --set task.finetune.val_every=100 --set task.finetune.checkpoint_every=100
     --set task.finetune.log_every=25)
 stage ft-stream python3 -m sslbench "${ft[@]}" --set task.finetune.loader=stream
-bench voco-synthetic --method voco --variant paper
 bench ssl-synthetic --method swinunetr-ssl
 bench mg-synthetic --method mg
-bench voco-ts-compiled-disk --method voco --variant teacher-student --compile "${disk[@]}"
 stage voco-disk-1worker python3 -m sslbench bench pretrain --method voco --variant paper --steps 10 --warmup 2 \
   "${disk[@]}" --loader-workers 1 --json $cs/json/voco-disk-1worker.json
 stage ft-memory python3 -m sslbench "${ft[@]}"
