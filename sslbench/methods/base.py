@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .params import build
+
 
 class PretrainMethod(nn.Module):
     """Base class of a pre-training method (one file per method under sslbench/methods/).
@@ -37,10 +39,21 @@ class PretrainMethod(nn.Module):
     #: report key -> attribute of the compiled encoders whose features are checked against eager (``encoder_inputs``)
     feature_encoders: Mapping[str, str] = {}
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    #: the method's params: a frozen dataclass of sslbench.methods.params (its recipe's ``params``, typed and
+    #: checked); None for a method still reading the plain mapping ``self.params``
+    Params: type | None = None
+
+    def __init__(self, params: Mapping[str, Any] | Any, model_cfg: Mapping[str, Any]):
         super().__init__()
-        self.params = dict(params)
+        #: the typed params (``self.p.<field>``), built from the recipe's mapping with one-line errors
+        self.p = self.typed(params)
+        self.params = self.p.as_dict() if self.p is not None else dict(params)
         self.model_cfg = dict(model_cfg)
+
+    @classmethod
+    def typed(cls, params: Mapping[str, Any] | Any):
+        """``params`` (the recipe's mapping, or the dataclass already) as the method's ``Params``."""
+        return None if cls.Params is None else build(cls.Params, params, cls.name)
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
