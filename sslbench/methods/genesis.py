@@ -41,7 +41,8 @@ from .parts.views import check_crop, crop_boxes, random_crop_starts
 
 @dataclass(frozen=True)
 class GenesisRates(MethodParams):
-    """The probabilities of the four transformations (official pytorch/config.py; parts.perturbations.GENESIS_DEFAULTS)."""
+    """The probabilities of the four transformations (official pytorch/config.py; = GENESIS_DEFAULTS of
+    parts.perturbations)."""
 
     flip_rate: float = field(default=0.4, metadata=probability())
     """flip input and target while u < flip_rate, at most 3 times (official flip_rate 0.4, utils.data_augmentation)."""

@@ -45,7 +45,7 @@ class _Unknown(Exception):
 
 
 def refuse(key: str, value: Any, expected: str) -> None:
-    """Refuse ``value`` of the recipe key ``key`` (inside :meth:`MethodParams.check`): :func:`build` makes it one line."""
+    """Refuse ``value`` of the recipe key ``key`` (in :meth:`MethodParams.check`); :func:`build` makes it one line."""
     raise _Refused(key, value, expected)
 
 

@@ -206,9 +206,9 @@ def check_method_params(cfg: Mapping[str, Any]) -> None:
     if "corpus" not in cfg or cfg["method"].get("pretrain") is None:
         return
     cls, params, _, two_d = method_class(cfg)
-    if cls.Params is not None:   # the typed params (sslbench.methods.params): one line naming the recipe file
-        where = Path((cfg.get("recipe_files") or {}).get("method") or f"methods/{cfg['method']['name']}.yaml")
-        cls.Params.build(params, cls.name, f"{where.parent.name}/{where.name}{' (two_d)' if two_d else ''}")
+    # the typed params (sslbench/methods/params.py): one line naming the recipe file
+    where = Path((cfg.get("recipe_files") or {}).get("method") or f"methods/{cfg['method']['name']}.yaml")
+    cls.Params.build(params, cls.name, f"{where.parent.name}/{where.name}{' (2D form)' if two_d else ''}")
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         cls(params, cfg["model"])
 
