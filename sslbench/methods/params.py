@@ -18,7 +18,6 @@ holds the checks across fields (:func:`refuse`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from typing import Any, Callable, Literal, Mapping
@@ -220,6 +219,3 @@ def positive(expected: str = "a positive value") -> dict:
 def probability() -> dict:
     return rule(lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
 
-
-def in_unit(expected: str = "a number in [0, 1)") -> dict:
-    return rule(lambda v: 0.0 <= v < 1.0 and not math.isnan(v), expected)

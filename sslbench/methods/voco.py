@@ -139,7 +139,7 @@ class VoCoParams(MethodParams):
                                                      "a positive multiple of 32 (SwinUNETR downsamples 5 times)"))
     """every crop resized to crop_size^3 (official roi_small 64)."""
     lambda_: float = field(default=1.0, metadata={"key": "lambda"})
-    """L = L_pred + lambda L_reg (paper Eq. 5; 1 in the paper and the official code)."""
+    """L = L_pred + lambda L_reg, the paper's total loss (lambda 1 in the paper and the official code)."""
     pred_loss: Literal["official", "eq3"] = "official"
     """official: pos + neg of the official ce_loss | eq3: the paper's Eq. 3 as printed."""
     detach_bases: bool | None = None
@@ -176,7 +176,7 @@ class VoCo2DParams(MethodParams):
                                                      "a positive multiple of 32 (the ResNet-18 downsamples 5 times)"))
     """every crop resized to crop_size x crop_size (the 3D official roi_small 64)."""
     lambda_: float = field(default=1.0, metadata={"key": "lambda"})
-    """L = L_pred + lambda L_reg (paper Eq. 5)."""
+    """L = L_pred + lambda L_reg, the paper's total loss."""
     pred_loss: Literal["official", "eq3"] = "official"
     """official: the paper variant's pos + neg (w = 1[y > 0]) | eq3: the paper's Eq. 3 as printed."""
     augment: bool = True
