@@ -2,6 +2,14 @@
 
 Every message names the file or key at fault and what was expected.
 """
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options`` to ``word``, else ''."""
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 class SSLBenchError(Exception):

@@ -12,7 +12,6 @@ dotted overrides declared inside each recipe under ``presets: {name: {key: value
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean  # noqa: F401 (did_you_mean: recipes.did_you_mean for its users)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_DIR = PACKAGE_DIR.parent
@@ -63,11 +62,6 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of keys to values at the top level")
     return data
-
-
-def did_you_mean(word: str, options: Iterable[str]) -> str:
-    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -243,14 +243,20 @@ def test_real_task_pretrained_on_phantoms_is_phantom_in_terminal_record_and_repo
 
 @pytest.mark.parametrize("args, line", [
     (["pretrain", "--method", "transvw", "--set", "method.params.perturbations=foo"],
-     "error: method.params.perturbations: unknown value 'foo' for method transvw; expected one of transvw, genesis"),
+     "error: methods/transvw.yaml: method.params.perturbations: 'foo' for method transvw; expected one of transvw, "
+     "genesis"),
     (["run", "--method", "c2l", "--task", "phantom-chestxray14", "--set", "method.params.criterion=foo"],
-     "error: method.params.criterion: 'foo' for method c2l; expected one of softmax, nce"),
+     "error: methods/c2l.yaml (2D form): method.params.criterion: 'foo' for method c2l; expected one of softmax, nce"),
+    # a check only the constructor can make (the crop against the backbone the model section names)
+    (["pretrain", "--method", "simsiam", "--set", "method.params.features=all"],
+     "error: method.params.crop_size: 32 for method simsiam; expected a multiple of 32, >= 64 for "
+     "model.name=swinunetr, features=all"),
 ])
 def test_a_method_param_its_constructor_refuses_is_one_line_before_any_data_is_written(clean_env, tmp_path, capsys,
                                                                                       args, line):
-    """A value only the method's own constructor can judge is refused in the pre-flight (the method built once on
-    the CPU), before phantoms are written or a run folder claimed; --dry-run says the same."""
+    """A value the method's typed params refuse (the recipe file named), or one only its constructor can judge (the
+    method built once on the CPU), is refused in the pre-flight before phantoms are written or a run folder
+    claimed; --dry-run says the same."""
     out = tmp_path / "runs"
     assert main([*args, "--preset", "tiny", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == line

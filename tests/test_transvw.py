@@ -285,8 +285,9 @@ def test_one_of_four_forms_are_the_named_functions():
 
 
 def test_perturbations_key_default_genesis_and_bad_value(monkeypatch):
-    assert T.TRANSVW_DEFAULTS["perturbations"] == "transvw" and make().perturbations == "transvw"
-    with pytest.raises(RecipeError, match=r"method\.params\.perturbations: unknown value 'mg'"):
+    assert T.TransVWParams().perturbations == "transvw" and make().perturbations == "transvw"
+    with pytest.raises(RecipeError, match=r"method\.params\.perturbations: 'mg' for method transvw; expected one of "
+                                          r"transvw, genesis"):
         make(perturbations="mg")
     seen = []
     real = T.one_of_four

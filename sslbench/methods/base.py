@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .params import NoParams, build
+
 
 class PretrainMethod(nn.Module):
     """Base class of a pre-training method (one file per method under sslbench/methods/).
@@ -25,7 +27,7 @@ class PretrainMethod(nn.Module):
     find_unused_parameters: bool = False
     #: set True for a method that trains on label maps (the supervised controls): the protocol reads a segmentation
     #: task's training split as the corpus, passes volumes [B, 2, ...] (image, label ids) and sets
-    #: ``params["num_classes"]`` from that task's classes. The method still never reads a task.
+    #: ``method.params.num_classes`` from that task's classes. The method still never reads a task.
     needs_labels: bool = False
 
     # What the runtime's speed layer (sslbench/speed, applied when a run asks) may act on; a method names its
@@ -37,10 +39,20 @@ class PretrainMethod(nn.Module):
     #: report key -> attribute of the compiled encoders whose features are checked against eager (``encoder_inputs``)
     feature_encoders: Mapping[str, str] = {}
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    #: the method's params: a frozen dataclass (sslbench/methods/params.py) declaring its recipe's ``params``, one
+    #: typed field per key with the paper default (the recipe's; a test keeps the two equal)
+    Params: type = NoParams
+
+    def __init__(self, params: Mapping[str, Any] | Any, model_cfg: Mapping[str, Any]):
         super().__init__()
-        self.params = dict(params)
+        #: the typed params (``self.p.<field>``), built from the recipe's mapping with one-line errors
+        self.p = self.typed(params)
         self.model_cfg = dict(model_cfg)
+
+    @classmethod
+    def typed(cls, params: Mapping[str, Any] | Any):
+        """``params`` (the recipe's mapping, or the dataclass already) as the method's ``Params``."""
+        return build(cls.Params, params, cls.name)
 
     @staticmethod
     def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:

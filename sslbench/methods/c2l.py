@@ -52,15 +52,16 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import RecipeError
 from ..models.unet2d import build_encoder
 from .base import PretrainMethod
+from .params import MethodParams, positive, probability, rule
 from .parts import aug2d
 from .parts.ema import momentum_update
 
@@ -80,8 +81,6 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
-#: ``criterion`` values: the official ``--softmax`` (NCESoftmaxLoss) | the official default (CMC's NCECriterion)
-CRITERIA = ("softmax", "nce")
 #: CMC's ``eps`` of ``NCECriterion`` (C2L's copy of the file uses it undefined)
 NCE_EPS = 1e-7
 
@@ -124,15 +123,48 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     ptr.fill_((int(ptr) + n) % size)
 
 
+@dataclass(frozen=True)
+class C2LParams(MethodParams):
+    """C2L's ``method.params`` (methods/c2l.yaml holds the defaults; equal to these, tests check). Official:
+    funnyzhou/C2L_MICCAI2020 train_C2L_res18.py (parse_option, train_moco), NCE/NCEAverage.py MemoryC2L."""
+
+    dim: int = field(default=128, metadata=positive("a positive integer"))
+    """the embedding: fc 512 -> 128 (official MemoryMoCo(128, ...))."""
+    queue: int = field(default=16384, metadata=positive("a positive integer"))
+    """K keys in the queue (official --nce_k 16384)."""
+    temperature: float = field(default=0.07, metadata=positive("a positive number"))
+    """t of the contrast (official --nce_t 0.07)."""
+    momentum: float = field(default=0.999, metadata=rule(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"))
+    """key encoder EMA, theta_k <- m theta_k + (1 - m) theta_q (official --alpha 0.999, moment_update)."""
+    mixup_alpha: float = field(default=1.0, metadata=positive("a positive number"))
+    """lambda ~ Beta(alpha, alpha), then max(lambda, 1 - lambda) (official mixup_data alpha 1.0)."""
+    criterion: Literal["softmax", "nce"] = "softmax"
+    """softmax: InfoNCE (the official --softmax, NCESoftmaxLoss) | nce: NCECriterion(n_data) (module ledger)."""
+    crop_scale: tuple[float, float] = field(default=(0.2, 1.0), metadata=rule(
+        lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1 (crop area / image area)"))
+    """RandomResizedCrop(224, scale=(--crop 0.2, 1.))."""
+    rotate_degrees: float = 10.0
+    """RandomRotation(10)."""
+    p_flip: float = field(default=0.5, metadata=probability())
+    """RandomHorizontalFlip."""
+    jitter: float = field(default=0.4, metadata=rule(lambda v: 0.0 <= v < 1.0, "a strength in [0, 1)"))
+    """ColorJitter(0.4, 0.4, 0.4, 0.4): brightness / contrast (saturation and hue do nothing on grey)."""
+    cutout_holes: int = 3
+    """Cutout(n_holes=3, length=32)."""
+    cutout_length: float = 0.142857
+    """the holes' side as a fraction of the image side (32 px of 224)."""
+    cutout_fill: float = 0.449
+    """0 after ImageNet normalisation = the mean colour (the mean of the channel means)."""
+
+
 class C2L(PretrainMethod):
     name = "c2l"
+    Params = C2LParams
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "C2LParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
-        self.dim = int(p.get("dim", 128))
-        self.t = float(p.get("temperature", 0.07))
-        self.m = float(p.get("momentum", 0.999))
+        p = self.p
+        self.dim, self.t, self.m = p.dim, p.temperature, p.momentum
         self.encoder = build_encoder(model_cfg)
         width = self.encoder.feature_info.channels()[-1]
         self.fc = nn.Linear(width, self.dim)
@@ -140,14 +172,11 @@ class C2L(PretrainMethod):
         self.key_fc = copy.deepcopy(self.fc)
         for prm in list(self.key_encoder.parameters()) + list(self.key_fc.parameters()):
             prm.requires_grad_(False)
-        k = int(p.get("queue", 16384))
+        k = p.queue
         stdv = 1.0 / math.sqrt(self.dim / 3)
         self.register_buffer("queue", torch.rand(k, self.dim).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.criterion = str(p.get("criterion", "softmax"))
-        if self.criterion not in CRITERIA:
-            raise RecipeError(f"method.params.criterion: {self.criterion!r} for method c2l; expected one of "
-                              f"{', '.join(CRITERIA)}")
+        self.criterion = p.criterion
         if self.criterion == "nce":   # only then: softmax checkpoints keep their keys
             self.register_buffer("nce_z", torch.tensor(-1, dtype=torch.long))         # MemoryC2L's params[0]
             self.register_buffer("nce_data", torch.zeros((), dtype=torch.long))       # n_data
@@ -168,12 +197,10 @@ class C2L(PretrainMethod):
         return fc(enc(x)[-1].mean(dim=(2, 3)))
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        v = aug2d.random_geometry(x, tuple(p.get("crop_scale", (0.2, 1.0))), float(p.get("rotate_degrees", 10)),
-                                  float(p.get("p_flip", 0.5)))
-        v = aug2d.random_jitter(v, float(p.get("jitter", 0.4)))
-        return aug2d.cutout(v, int(p.get("cutout_holes", 3)), float(p.get("cutout_length", 32 / 224)),
-                            float(p.get("cutout_fill", 0.449)))
+        p = self.p
+        v = aug2d.random_geometry(x, p.crop_scale, p.rotate_degrees, p.p_flip)
+        v = aug2d.random_jitter(v, p.jitter)
+        return aug2d.cutout(v, p.cutout_holes, p.cutout_length, p.cutout_fill)
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """One comparison against the queue, then its keys enqueued (MemoryC2L.forward)."""
@@ -203,7 +230,7 @@ class C2L(PretrainMethod):
         q = F.normalize(self.embed(x1), dim=1)
         with torch.no_grad():
             feat_k = self.embed(x2, key=True)
-        lam = draw_lambda(float(self.params.get("mixup_alpha", 1.0)))
+        lam = draw_lambda(self.p.mixup_alpha)
         index = torch.randperm(volumes.shape[0], device=volumes.device)
         mq = F.normalize(self.embed(mixup(x1, lam, index)), dim=1)
         with torch.no_grad():

@@ -24,21 +24,57 @@ Every transformation is batched on the device (nothing loops over samples). The 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import RecipeError
 from ..models.backbones import build_model, transferable_state
 from ..models.unet2d import UNet2D
 from .base import PretrainMethod
+from .params import Attention, MethodParams, positive, probability
 from .parts.perturbations import GENESIS_DEFAULTS, MIN_PAINT_SIZE, genesis_views
 from .parts.tensors import plain_float
-from .parts.views import check_crop, crop_boxes, random_crop_starts, size3
+from .parts.views import check_crop, crop_boxes, random_crop_starts
 
-#: corpus volume size when params.resize is not given
-DEFAULT_RESIZE = [192, 192, 128]
+
+@dataclass(frozen=True)
+class GenesisRates(MethodParams):
+    """The probabilities of the four transformations (official pytorch/config.py; = GENESIS_DEFAULTS of
+    parts.perturbations)."""
+
+    flip_rate: float = field(default=0.4, metadata=probability())
+    """flip input and target while u < flip_rate, at most 3 times (official flip_rate 0.4, utils.data_augmentation)."""
+    local_rate: float = field(default=0.5, metadata=probability())
+    """local pixel shuffling (official local_rate 0.5, utils.local_pixel_shuffling)."""
+    nonlinear_rate: float = field(default=0.9, metadata=probability())
+    """Bezier intensity map, inverted half the time (official nonlinear_rate 0.9, utils.nonlinear_transformation)."""
+    paint_rate: float = field(default=0.9, metadata=probability())
+    """painting (official paint_rate 0.9) ..."""
+    inpaint_rate: float = field(default=0.2, metadata=probability())
+    """... in-painting with this share, out-painting otherwise (official inpaint_rate = 1 - outpaint_rate 0.8)."""
+
+    def rates(self) -> dict[str, float]:
+        """The five rates as ``genesis_views`` reads them."""
+        return {k: getattr(self, k) for k in GENESIS_DEFAULTS}
+
+
+@dataclass(frozen=True)
+class ModelsGenesisParams(GenesisRates):
+    """Models Genesis' ``method.params`` (methods/mg.yaml holds the defaults; equal to these, tests check)."""
+
+    resize: tuple[int, int, int] = field(default=(192, 192, 128), metadata=positive("a list of 3 positive integers"))
+    """corpus volume size before cropping (sslbench's; the official pre-extracts cubes from LUNA16 at native size)."""
+    crop: tuple[int, int, int] = field(default=(64, 64, 64), metadata=positive("a list of 3 positive integers"))
+    """sub-volume size (official input_rows x cols x deps 64 x 64 x 32; 64^3 on SwinUNETR, methods/mg.yaml says why)."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+
+
+@dataclass(frozen=True)
+class ModelsGenesis2DParams(GenesisRates):
+    """The 2D form's ``method.params`` (methods/mg.yaml ``two_d.params``): the five rates on whole radiographs."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,32 +84,26 @@ DEFAULT_RESIZE = [192, 192, 128]
 class ModelsGenesis(PretrainMethod):
     """Models Genesis pre-training on corpus volumes [B, 1, *resize] in [0, 1].
 
-    params: resize (corpus volume size), crop (sub-volume size), the five rates of GENESIS_DEFAULTS,
-    attention (fused | sdpa | monai). Each step takes one random crop per volume (integer corner, exact voxels),
-    makes (input, target) with ``genesis_views`` and restores the target with the full network.
+    params: :class:`ModelsGenesisParams` (resize, crop, the five rates, attention). Each step takes one random crop
+    per volume (integer corner, exact voxels), makes (input, target) with ``genesis_views`` and restores the target
+    with the full network.
     """
 
     name = "mg"
+    Params = ModelsGenesisParams
     transfers_decoder = True
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "ModelsGenesisParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
-        self.resize = size3(p.get("resize", DEFAULT_RESIZE), "resize", self.name)
-        self.crop = size3(p.get("crop", [64, 64, 64]), "crop", self.name)
+        self.resize, self.crop = self.p.resize, self.p.crop
         self.model_name = str(self.model_cfg.get("name", "swinunetr"))
-        check_crop(self.name, self.model_name, self.crop, self.resize)
-        for key in GENESIS_DEFAULTS:
-            rate = float(p.get(key, GENESIS_DEFAULTS[key]))
-            if not 0.0 <= rate <= 1.0:
-                raise RecipeError(f"method.params.{key}: {rate} for method {self.name}; "
-                                  f"expected a probability in [0, 1]")
+        check_crop(self.name, self.model_name, self.crop, self.resize)   # the crop against the backbone
         # the fine-tuning network itself (1 input, 1 output channel), so its keys are the fine-tuning layout
         self.net = build_model(self.model_cfg, in_channels=1, out_channels=1)
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return size3(params.get("resize", DEFAULT_RESIZE), "resize", "mg")
+    @classmethod
+    def input_size(cls, params: "ModelsGenesisParams | Mapping[str, Any]") -> tuple[int, int, int] | None:
+        return cls.typed(params).resize
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = plain_float(volumes)
@@ -83,7 +113,7 @@ class ModelsGenesis(PretrainMethod):
         with torch.autocast(volumes.device.type, enabled=False):   # views in fp32 under the protocol's bf16
             starts = random_crop_starts(b, volumes.shape[2:], self.crop, device=volumes.device)
             cubes = crop_boxes(volumes, starts, torch.tensor(self.crop).expand(b, 3), self.crop)
-            inp, target = genesis_views(cubes, self.params)
+            inp, target = genesis_views(cubes, self.p.rates())
         restored = torch.sigmoid(self.net(inp).float())
         loss = F.mse_loss(restored, target)
         return loss, {"mse": loss.detach()}
@@ -112,14 +142,11 @@ class ModelsGenesis(PretrainMethod):
 
 class ModelsGenesis2D(PretrainMethod):
     name = "mg"
+    Params = ModelsGenesis2DParams
     transfers_decoder = True
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "ModelsGenesis2DParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        for key in GENESIS_DEFAULTS:
-            rate = float(self.params.get(key, GENESIS_DEFAULTS[key]))
-            if not 0.0 <= rate <= 1.0:
-                raise RecipeError(f"method.params.{key}: {rate} for method mg; expected a probability in [0, 1]")
         self.net = UNet2D(model_cfg, in_channels=1, out_channels=1)
 
     @staticmethod
@@ -131,7 +158,7 @@ class ModelsGenesis2D(PretrainMethod):
         if min(x.shape[2:]) < MIN_PAINT_SIZE:
             raise ValueError(f"mg: images {list(x.shape[2:])} are smaller than {MIN_PAINT_SIZE} px (painting boxes)")
         with torch.autocast(x.device.type, enabled=False):   # views in fp32 under the protocol's bf16
-            inp, target = genesis_views(x, self.params)
+            inp, target = genesis_views(x, self.p.rates())
         restored = torch.sigmoid(self.net(inp).float())
         loss = F.mse_loss(restored, target)
         return loss, {"mse": loss.detach()}

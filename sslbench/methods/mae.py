@@ -52,14 +52,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import RecipeError
-from ..models.backbones import ATTENTIONS, ENCODER_PREFIXES, build_model, vit_config
+from ..models.backbones import ENCODER_PREFIXES, build_model, vit_config
 from .base import PretrainMethod
+from .params import Attention, MethodParams, positive, probability, refuse, rule
 from .parts.tensors import plain_float
 from .parts.views import augment_crops
 
@@ -187,12 +189,6 @@ class MAEDecoder(nn.Module):
         from monai.networks.blocks import TransformerBlock
         from monai.networks.layers import trunc_normal_
 
-        if decoder_hidden_size % 6:
-            raise RecipeError(f"method.params.decoder.hidden_size: {decoder_hidden_size} for method mae; expected a "
-                              f"multiple of 6 (3D sin-cos position embedding)")
-        if decoder_hidden_size % num_heads:
-            raise RecipeError(f"method.params.decoder.num_heads: {num_heads} does not divide decoder.hidden_size "
-                              f"{decoder_hidden_size}")
         self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
         trunc_normal_(self.mask_token, mean=0.0, std=0.02, a=-2.0, b=2.0)
@@ -217,7 +213,7 @@ class MAEDecoder(nn.Module):
 class MAEViT(nn.Module):
     """UNETR's ``vit`` as MAE's encoder (visible patches only) + ``MAEDecoder``."""
 
-    def __init__(self, model_cfg: Mapping[str, Any], crop: Sequence[int], decoder: Mapping[str, Any]):
+    def __init__(self, model_cfg: Mapping[str, Any], crop: Sequence[int], decoder: "MAEDecoderParams"):
         super().__init__()
         v = vit_config(model_cfg)
         self.patch = v["patch_size"]
@@ -228,9 +224,8 @@ class MAEViT(nn.Module):
         with torch.no_grad():   # MAE's fixed sin-cos table (MONAI's 3D form), in place of the random init
             pos.copy_(_sincos_table(self.grid, v["hidden_size"]))
         pos.requires_grad_(False)
-        self.decoder = MAEDecoder(v["hidden_size"], self.grid, self.patch ** 3,
-                                  int(decoder.get("hidden_size", 384)), int(decoder.get("num_layers", 8)),
-                                  int(decoder.get("num_heads", 12)), int(decoder.get("mlp_dim", 1536)))
+        self.decoder = MAEDecoder(v["hidden_size"], self.grid, self.patch ** 3, decoder.hidden_size,
+                                  decoder.num_layers, decoder.num_heads, decoder.mlp_dim)
 
     def encode(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Embed every patch (+ position), keep the visible ones, run the ViT blocks and its final norm."""
@@ -293,57 +288,89 @@ class SimMIMSwin(nn.Module):
 # The method
 # --------------------------------------------------------------------------------------------------
 
-def _size3(value: Any, key: str) -> tuple[int, int, int]:
-    vals = [value] * 3 if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else None
-    if vals is None or len(vals) != 3 or not all(isinstance(v, int) and v > 0 for v in vals):
-        raise RecipeError(f"method.params.{key}: expected a positive integer or a list of 3, got {value!r}")
-    return tuple(vals)  # type: ignore[return-value]
+_RATIO = rule(lambda v: 0.0 < v < 1.0, "a value in (0, 1)")
+_POSITIVE = positive("a positive integer")
+
+
+@dataclass(frozen=True)
+class MAEDecoderParams(MethodParams):
+    """MAE's light decoder (``params.decoder``; official models_mae.py decoder_embed_dim 512, depth 8, heads 16)."""
+
+    hidden_size: int = field(default=384, metadata=rule(lambda v: v > 0 and v % 6 == 0,
+                                                        "a positive multiple of 6 (3D sin-cos position embedding)"))
+    """decoder width (512 is not divisible by 6, which the 3D sin-cos table needs: 384)."""
+    num_layers: int = field(default=8, metadata=_POSITIVE)
+    """transformer blocks (official decoder_depth 8)."""
+    num_heads: int = field(default=12, metadata=_POSITIVE)
+    """attention heads (official 16 at width 512; 12 divides 384)."""
+    mlp_dim: int = field(default=1536, metadata=_POSITIVE)
+    """MLP width (official mlp_ratio 4)."""
+
+    def check(self) -> None:
+        if self.hidden_size % self.num_heads:
+            refuse("num_heads", self.num_heads, f"a divisor of decoder.hidden_size {self.hidden_size}")
+
+
+@dataclass(frozen=True)
+class MAEParams(MethodParams):
+    """MAE's ``method.params`` (methods/mae.yaml holds the defaults; equal to these, tests check). Official:
+    facebookresearch/mae main_pretrain.py, models_mae.py; the SimMIM form microsoft/SimMIM data/data_simmim.py."""
+
+    resize: tuple[int, int, int] = field(default=(192, 192, 128), metadata=positive("a list of 3 positive integers"))
+    """every corpus volume resized to this; one random crop of ``crop`` per volume a step."""
+    crop: tuple[int, int, int] = field(default=(96, 96, 96), metadata=positive("a list of 3 positive integers"))
+    """= the fine-tuning ROI (UNETR's position embedding is per patch; official input_size 224)."""
+    flip_prob: float = field(default=0.5, metadata=probability())
+    """flip along each axis (the official augmentation: RandomResizedCrop + RandomHorizontalFlip)."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+    mae_mask_ratio: float = field(default=0.75, metadata=_RATIO)
+    """unetr: share of 16^3 patches removed (official --mask_ratio 0.75, random_masking)."""
+    norm_pix_loss: bool = True
+    """unetr: per-patch normalised targets (official --norm_pix_loss, the README's pre-training recipe)."""
+    decoder: MAEDecoderParams = MAEDecoderParams()
+    """unetr: the light decoder (hidden_size, num_layers, num_heads, mlp_dim)."""
+    simmim_mask_ratio: float = field(default=0.6, metadata=_RATIO)
+    """swinunetr: share of mask blocks masked (official SimMIM MASK_RATIO 0.6)."""
+    simmim_mask_patch: int = field(default=16, metadata=rule(lambda v: v > 0 and v % 2 == 0,
+                                                             "a positive multiple of SwinUNETR's patch size 2"))
+    """swinunetr: mask blocks of this many voxels per side (official MASK_PATCH_SIZE 32 px at 192)."""
+
+    def check(self) -> None:
+        if any(c > r for c, r in zip(self.crop, self.resize)):
+            refuse("crop", list(self.crop), f"at most method.params.resize {list(self.resize)} (it exceeds it)")
 
 
 class MAE(PretrainMethod):
     """Masked volume modelling on volumes [B, 1, *resize] in [0, 1]: MAE (unetr) or SimMIM-style (swinunetr).
 
-    params: resize, crop, flip_prob, mae_mask_ratio (0.75), norm_pix_loss (true), decoder {hidden_size,
-    num_layers, num_heads, mlp_dim}, simmim_mask_ratio (0.6), simmim_mask_patch (16), attention (fused | sdpa | monai).
+    params: :class:`MAEParams` (typed, checked; a line per field on the official code it follows).
     """
 
     name = "mae"
+    Params = MAEParams
     transfers_decoder = False
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "MAEParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
+        p = self.p
         model_name = str(self.model_cfg.get("name", "swinunetr"))
         if model_name not in FORMS:
             raise RecipeError(f"model.name: {model_name!r} for method mae; expected one of {', '.join(FORMS)} "
                               f"(MAE on UNETR's ViT, SimMIM-style masked tokens on SwinUNETR)")
         self.form = FORMS[model_name]
-        attention = str(p.get("attention", "fused"))
-        if attention not in ATTENTIONS:
-            raise RecipeError(f"method.params.attention: unknown value {attention!r} for method mae; "
-                              f"expected one of {', '.join(ATTENTIONS)}")
-        self.crop = _size3(p.get("crop", 96), "crop")
-        resize = _size3(p.get("resize", self.crop), "resize")
-        if any(c > r for c, r in zip(self.crop, resize)):
-            raise RecipeError(f"method.params.crop: {list(self.crop)} exceeds method.params.resize {list(resize)}")
-        self.flip_prob = float(p.get("flip_prob", 0.5))
+        self.crop, self.flip_prob = p.crop, p.flip_prob
 
         if self.form == "mae":
             self.patch = vit_config(self.model_cfg)["patch_size"]
-            ratio_key, divisor = "mae_mask_ratio", self.patch
-            ratio = float(p.get(ratio_key, 0.75))
+            ratio_key, divisor, ratio = "mae_mask_ratio", self.patch, p.mae_mask_ratio
         else:
-            self.patch = int(p.get("simmim_mask_patch", 16))
+            self.patch = p.simmim_mask_patch
             ratio_key, divisor = "simmim_mask_ratio", math.lcm(SWIN_DIVISOR, self.patch)
-            ratio = float(p.get(ratio_key, 0.6))
-            if self.patch % 2:
-                raise RecipeError(f"method.params.simmim_mask_patch: {self.patch}; expected a multiple of "
-                                  f"SwinUNETR's patch size 2")
-        if any(s % divisor for s in self.crop):
+            ratio = p.simmim_mask_ratio
+        if any(s % divisor for s in self.crop):   # against the backbone's patches
             raise RecipeError(f"method.params.crop: {list(self.crop)} for method mae ({self.form} on {model_name}); "
                               f"expected every side divisible by {divisor}")
-        if not 0.0 < ratio < 1.0:
-            raise RecipeError(f"method.params.{ratio_key}: expected a value in (0, 1), got {ratio}")
         self.grid = tuple(s // self.patch for s in self.crop)
         n_tokens = math.prod(self.grid)
         # MAE keeps int(N (1 - ratio)) patches; SimMIM masks ceil(ratio N) blocks
@@ -354,14 +381,14 @@ class MAE(PretrainMethod):
                               f"crop {list(self.crop)}; expected at least one masked and one visible")
 
         if self.form == "mae":
-            self.norm_pix_loss = bool(p.get("norm_pix_loss", True))
-            self.model = MAEViT(self.model_cfg, self.crop, dict(p.get("decoder") or {}))
+            self.norm_pix_loss = p.norm_pix_loss
+            self.model = MAEViT(self.model_cfg, self.crop, p.decoder)
         else:
             self.model = SimMIMSwin(self.model_cfg)
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return _size3(params.get("resize", params.get("crop", 96)), "resize")
+    @classmethod
+    def input_size(cls, params: "MAEParams | Mapping[str, Any]") -> tuple[int, int, int] | None:
+        return cls.typed(params).resize
 
     def views(self, volumes: torch.Tensor) -> torch.Tensor:
         """One random crop per volume, flipped along each axis with probability ``flip_prob``."""

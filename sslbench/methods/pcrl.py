@@ -97,7 +97,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -105,10 +106,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RecipeError
-from ..models.backbones import (ATTENTIONS, SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module,
+from ..models.backbones import (SIZE_DIVISOR, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module,
                                 build_model, decoder_output, encoder_features, output_layer_name, upsampling_widths)
 from ..models.unet2d import ConvBNReLU, UNet2D, build_encoder, unet2d_config
 from .base import PretrainMethod
+from .params import Attention, MethodParams, positive, probability, rule
 from .parts import aug2d
 from .parts.ema import momentum_update
 from .parts.perturbations import local_pixel_shuffle, nonlinear_intensity, paint
@@ -116,10 +118,6 @@ from .parts.tensors import plain_float
 from .parts.views import axis_coords
 
 FAMILIES = ("swinunetr", "unet3d", "basicunet")
-CONTRASTS = ("nce", "infonce")
-TARGETS = ("corrupted", "clean")
-AUGMENTS = ("official", "genesis")
-NORMALIZATIONS = ("zscore", "none")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,15 +262,6 @@ def random_axis_flips(n: int, axes: Sequence[int], device: torch.device | str = 
     keep = torch.zeros(3, dtype=torch.bool, device=device)
     keep[list(axes)] = True
     return flips & keep
-
-
-def _flip_axes(value: Any, method: str) -> list[int]:
-    axes = list(value) if isinstance(value, (list, tuple)) else None
-    if not axes or any(not isinstance(a, int) or isinstance(a, bool) or a not in (0, 1, 2) for a in axes) \
-            or len(set(axes)) != len(axes):
-        raise RecipeError(f"method.params.flip_axes: {value!r} for method {method}; expected a list of distinct "
-                          f"spatial axes from 0, 1, 2 (e.g. [0], torchio's default, or [0, 1, 2])")
-    return axes
 
 
 def apply_spatial(x: torch.Tensor, flips: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -591,46 +580,107 @@ def _check_size(size: Sequence[int], family: str, key: str, method: str) -> tupl
     return size
 
 
-def _choice(params: Mapping[str, Any], key: str, default: str, options: Sequence[str], method: str) -> str:
-    value = str(params.get(key, default))
-    if value not in options:
-        raise RecipeError(f"method.params.{key}: unknown value {value!r} for method {method}; expected one of "
-                          f"{', '.join(options)}")
-    return value
+def _as_range(value: float | tuple[float, float], symmetric: bool) -> tuple[float, float]:
+    """A torchio-style range: d -> (-d, d) if ``symmetric`` else (0, d); [low, high] as given."""
+    if isinstance(value, tuple):
+        return value
+    return (-value, value) if symmetric else (0.0, value)
 
 
-def _scale_range(params: Mapping[str, Any], key: str, default: Sequence[float], method: str,
-                 what: str = "crop side / volume side") -> tuple[float, float]:
-    value = params.get(key, default)
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        lo, hi = -1.0, -1.0
-    if not 0 < lo <= hi <= 1:
-        raise RecipeError(f"method.params.{key}: {value!r} for method {method}; expected [low, high] with "
-                          f"0 < low <= high <= 1 ({what})")
-    return lo, hi
+def _range_ok(symmetric: bool) -> Callable[[Any], bool]:
+    def ok(value: Any) -> bool:
+        lo, hi = _as_range(value, symmetric)
+        return math.isfinite(lo) and math.isfinite(hi) and lo <= hi and (symmetric or lo >= 0)
+    return ok
 
 
-def _bounds(params: Mapping[str, Any], key: str, default: Sequence[float], method: str,
-            symmetric: bool) -> tuple[float, float]:
-    """A torchio-style range: d -> (-d, d) if ``symmetric`` else (0, d); [low, high] as given. Non-symmetric
-    ranges (a std) must lie in [0, inf)."""
-    value = params.get(key, default)
-    try:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            lo, hi = (-float(value), float(value)) if symmetric else (0.0, float(value))
-        elif isinstance(value, str):
-            raise TypeError(value)
-        else:
-            lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        lo, hi = math.nan, math.nan
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi and (symmetric or lo >= 0)):
-        what = ("d >= 0 (U(-d, d)) or [low, high] with low <= high" if symmetric
-                else "d >= 0 (U(0, d)) or [low, high] with 0 <= low <= high")
-        raise RecipeError(f"method.params.{key}: {value!r} for method {method}; expected {what}")
-    return lo, hi
+#: rules of the params dataclasses below
+_SCALE = rule(lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1 (crop side / volume side)")
+_AREA = rule(lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1 (crop area / image area)")
+_STD = rule(_range_ok(False), "d >= 0 (U(0, d)) or [low, high] with 0 <= low <= high")
+_SYMMETRIC = rule(_range_ok(True), "d >= 0 (U(-d, d)) or [low, high] with low <= high")
+_SIZE3 = positive("a list of 3 positive integers")
+_COUNT = positive("an integer >= 1")
+_AXES = rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and all(a in (0, 1, 2) for a in v),
+             "a list of distinct spatial axes from 0, 1, 2 (e.g. [0], torchio's default, or [0, 1, 2])")
+
+
+@dataclass(frozen=True)
+class PCRLv1Params(MethodParams):
+    """PCRL v1's ``method.params`` (methods/pcrlv1.yaml holds the defaults; equal to these, tests check). Official:
+    Luchixiang/PCRL pytorch/main.py, pcrl_3d.py, datasets/luna_pcrl_pretask.py, memory_c2l.py."""
+
+    volume_size: tuple[int, int, int] = field(default=(192, 192, 128), metadata=_SIZE3)
+    """every corpus volume resized to this; the two views are crops of it (sslbench's; the official reads LUNA16)."""
+    view_size: tuple[int, int, int] = field(default=(96, 96, 64), metadata=_SIZE3)
+    """each crop resized to this (official 64 x 64 x 32 on its U-Net; SwinUNETR needs multiples of 32, X == Y)."""
+    crop_scale: tuple[float, float] = field(default=(0.3, 0.6), metadata=_SCALE)
+    """crop side / volume side, uniform per crop (official 32..112 voxels of LUNA16)."""
+    min_iou: float = 0.25
+    """the two crops of a volume overlap with IoU > min_iou (sslbench's; no official counterpart)."""
+    queue_size: int = field(default=16384, metadata=_COUNT)
+    """K keys in the memory queue (official MemoryC2L nce_k 16384)."""
+    dim: int = field(default=128, metadata=_COUNT)
+    """projection / key dimension (official fc2 128)."""
+    temperature: float = 0.2
+    """T of the contrast (official --moco_t 0.2)."""
+    momentum: float = field(default=0.999, metadata=rule(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"))
+    """key encoder EMA: param_k = m param_k + (1 - m) param_q (official moment_update 0.999)."""
+    contrast: Literal["nce", "infonce"] = "nce"
+    """nce: the official NCE estimator (CMC's NCECriterion) | infonce: MoCo's softmax form."""
+    nce_n_data: int = field(default=1000, metadata=_COUNT)
+    """nce only: noise distribution P_n = 1 / nce_n_data (official: batches per epoch)."""
+    target: Literal["corrupted", "clean"] = "corrupted"
+    """corrupted: reconstruct T(Genesis-corrupted input), the official loader | clean: T(clean crop)."""
+    local_rate: float = field(default=0.5, metadata=probability())
+    """Models Genesis local pixel shuffling (official config local_rate 0.5)."""
+    paint_rate: float = field(default=0.9, metadata=probability())
+    """in/out-painting (official config paint_rate 0.9)."""
+    inpaint_rate: float = field(default=0.2, metadata=probability())
+    """in-painting share of painting (official 1 - outpaint_rate 0.8)."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+
+
+@dataclass(frozen=True)
+class PCRLv2Params(MethodParams):
+    """PCRL v2's ``method.params`` (methods/pcrlv2.yaml holds the defaults; equal to these, tests check). Official:
+    RL4M/PCRLv2 src/main.py, src/data.py, src/models/pcrlv2_model_3d.py."""
+
+    volume_size: tuple[int, int, int] = field(default=(192, 192, 128), metadata=_SIZE3)
+    """every corpus volume resized to this; global and local views are crops of it."""
+    global_size: tuple[int, int, int] = field(default=(96, 96, 64), metadata=_SIZE3)
+    """two global views, resized (official 64 x 64 x 32 on its U-Net)."""
+    local_size: tuple[int, int, int] = field(default=(64, 64, 32), metadata=_SIZE3)
+    """local views, resized (official 16^3; SwinUNETR needs multiples of 32, >= 2 voxels at 1/32 scale)."""
+    num_local: int = field(default=6, metadata=_COUNT)
+    """local views per volume (official local_num 6)."""
+    global_scale: tuple[float, float] = field(default=(0.4, 0.8), metadata=_SCALE)
+    """global crop side / volume side (official 64..112 voxels of LUNA16)."""
+    local_scale: tuple[float, float] = field(default=(0.1, 0.3), metadata=_SCALE)
+    """local crop side / volume side (official 8..32 voxels), origin in the union box."""
+    min_iou: float = 0.3
+    """the two global crops overlap with IoU > min_iou."""
+    schedule_steps: int = field(default=100000, metadata=_COUNT)
+    """T of beta = 1/2 (1 + cos(pi step / T)) (official: the epochs; keep equal to pretrain.steps)."""
+    augment: Literal["official", "genesis"] = "official"
+    """official: torchio's noise -> gamma -> (global) shuffle -> z-norm, as src/data.py | genesis: earlier sslbench."""
+    noise_std: float | tuple[float, float] = field(default=(0.0, 0.25), metadata=_STD)
+    """Gaussian noise std ~ U(low, high) per view (torchio RandomNoise default std (0, 0.25))."""
+    log_gamma: float | tuple[float, float] = field(default=(-0.3, 0.3), metadata=_SYMMETRIC)
+    """official only: gamma = exp(U(low, high)) per view (torchio RandomGamma default (-0.3, 0.3))."""
+    normalize: Literal["zscore", "none"] = "zscore"
+    """zscore: z-normalise each input view (torchio ZNormalization, the official) | none: earlier sslbench."""
+    nonlinear_rate: float = field(default=0.9, metadata=probability())
+    """genesis only: the Models Genesis Bezier intensity map's probability."""
+    local_rate: float = field(default=0.5, metadata=probability())
+    """Models Genesis local pixel shuffling on global views (stands in for torchio RandomSwap((8, 4, 4)))."""
+    ds_head: Literal["official", "conv1x1"] = "official"
+    """deep-supervision heads: official = 3x3 conv -> BatchNorm3d(1) -> sigmoid (LUConv of pcrlv2_model_3d.py)."""
+    flip_axes: tuple[int, ...] = field(default=(0,), metadata=_AXES)
+    """spatial flips, each listed axis with p 0.5: [0] = torchio RandomFlip() (the official)."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -706,28 +756,22 @@ class PCRLv1(_PCRLv1Contrast):
     """
 
     name = "pcrlv1"
+    Params = PCRLv1Params
     transfers_decoder = True
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "PCRLv1Params | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
+        p = self.p
         self.family = _family(self.model_cfg, self.name)
-        self.contrast = _choice(p, "contrast", "nce", CONTRASTS, self.name)
-        self.target = _choice(p, "target", "corrupted", TARGETS, self.name)
-        _choice(p, "attention", "fused", ATTENTIONS, self.name)   # the runtime applies it (sslbench/speed)
-        self.view_size = _check_size(p.get("view_size", (96, 96, 64)), self.family, "view_size", self.name)
+        self.contrast, self.target = p.contrast, p.target
+        self.view_size = _check_size(p.view_size, self.family, "view_size", self.name)   # against the backbone
         if self.view_size[0] != self.view_size[1]:
             raise RecipeError(f"method.params.view_size: {list(self.view_size)} for method pcrlv1; expected X == Y "
                               f"(the transformation rotates by 90 degrees in the x-y plane)")
-        self.crop_scale = _scale_range(p, "crop_scale", (0.3, 0.6), self.name)
-        self.min_iou = float(p.get("min_iou", 0.25))
-        self.temperature = float(p.get("temperature", 0.2))
-        self.momentum = float(p.get("momentum", 0.999))
-        self.nce_n_data = int(p.get("nce_n_data", 1000))
-        self.local_rate = float(p.get("local_rate", 0.5))
-        self.paint_rate = float(p.get("paint_rate", 0.9))
-        self.inpaint_rate = float(p.get("inpaint_rate", 0.2))
-        dim = int(p.get("dim", 128))
+        self.crop_scale, self.min_iou = p.crop_scale, p.min_iou
+        self.temperature, self.momentum, self.nce_n_data = p.temperature, p.momentum, p.nce_n_data
+        self.local_rate, self.paint_rate, self.inpaint_rate = p.local_rate, p.paint_rate, p.inpaint_rate
+        dim = p.dim
 
         net = build_model(self.model_cfg, in_channels=1, out_channels=1)
         self.encoder = UNetEncoder(net, self.family)
@@ -736,15 +780,15 @@ class PCRLv1(_PCRLv1Contrast):
         channels = self.encoder.bottleneck_channels
         self.head = ProjectionHead(channels, dim)
         self.gate = TransformGate(channels)
-        self.queue = MemoryQueue(int(p.get("queue_size", 16384)), dim)
+        self.queue = MemoryQueue(p.queue_size, dim)
         # Z of the NCE estimator: set from the first batch (official MemoryC2L), -1 until then
         self.register_buffer("nce_z", torch.full((), -1.0))
         self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return tuple(int(s) for s in params["volume_size"])
+    @classmethod
+    def input_size(cls, params: Any) -> tuple[int, int, int] | None:
+        return cls.typed(params).volume_size
 
     # ------------------------------------------------------------------------------------------ views
     def make_views(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -898,30 +942,23 @@ class PCRLv2(PretrainMethod):
     """
 
     name = "pcrlv2"
+    Params = PCRLv2Params
     transfers_decoder = False
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "PCRLv2Params | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
+        p = self.p
         self.family = _family(self.model_cfg, self.name)
-        _choice(p, "attention", "fused", ATTENTIONS, self.name)   # the runtime applies it (sslbench/speed)
-        self.global_size = _check_size(p.get("global_size", (96, 96, 64)), self.family, "global_size", self.name)
-        self.local_size = _check_size(p.get("local_size", (64, 64, 32)), self.family, "local_size", self.name)
-        self.num_local = int(p.get("num_local", 6))
-        if self.num_local < 1:
-            raise RecipeError(f"method.params.num_local: {self.num_local} for method pcrlv2; expected >= 1")
-        self.global_scale = _scale_range(p, "global_scale", (0.4, 0.8), self.name)
-        self.local_scale = _scale_range(p, "local_scale", (0.1, 0.3), self.name)
-        self.min_iou = float(p.get("min_iou", 0.3))
-        self.schedule_steps = int(p.get("schedule_steps", 100000))
-        self.augment = _choice(p, "augment", "official", AUGMENTS, self.name)
-        self.normalize = _choice(p, "normalize", "zscore", NORMALIZATIONS, self.name) == "zscore"
-        self.noise_std = _bounds(p, "noise_std", (0.0, 0.25), self.name, symmetric=False)
-        self.log_gamma = _bounds(p, "log_gamma", (-0.3, 0.3), self.name, symmetric=True)
-        self.nonlinear_rate = float(p.get("nonlinear_rate", 0.9))
-        self.local_rate = float(p.get("local_rate", 0.5))
-        ds_head = _choice(p, "ds_head", "official", DS_HEADS, self.name)
-        self.flip_axes = _flip_axes(p.get("flip_axes", [0]), self.name)
+        # the view sizes against the backbone
+        self.global_size = _check_size(p.global_size, self.family, "global_size", self.name)
+        self.local_size = _check_size(p.local_size, self.family, "local_size", self.name)
+        self.num_local, self.global_scale, self.local_scale = p.num_local, p.global_scale, p.local_scale
+        self.min_iou, self.schedule_steps, self.augment = p.min_iou, p.schedule_steps, p.augment
+        self.normalize = p.normalize == "zscore"
+        self.noise_std, self.log_gamma = _as_range(p.noise_std, False), _as_range(p.log_gamma, True)
+        self.nonlinear_rate, self.local_rate = p.nonlinear_rate, p.local_rate
+        ds_head = p.ds_head
+        self.flip_axes = list(p.flip_axes)
 
         net = build_model(self.model_cfg, in_channels=1, out_channels=1)
         # only the bottleneck path is trained (see the class docstring)
@@ -929,9 +966,9 @@ class PCRLv2(PretrainMethod):
         norm = "instance" if self.family == "swinunetr" else "batch"
         self.decoder = SkiplessDecoder(upsampling_widths(self.model_cfg, self.family), norm, ds_head)
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return tuple(int(s) for s in params["volume_size"])
+    @classmethod
+    def input_size(cls, params: Any) -> tuple[int, int, int] | None:
+        return cls.typed(params).volume_size
 
     def make_views(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
         """gt = flipped global crops [2B] (view 1 of every volume, then view 2) in [0, 1], their augmented
@@ -998,7 +1035,6 @@ class PCRLv2(PretrainMethod):
 #: ImageNet's mean and std averaged over the three channels. The official loaders replicate grey to RGB and
 #: normalise with ImageNet's per-channel statistics; for one grey channel this is their channel average.
 GREY_MEAN, GREY_STD = 0.449, 0.226
-NORMALIZATIONS_2D = ("imagenet", "none")
 
 
 def grey_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -1006,23 +1042,74 @@ def grey_normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - GREY_MEAN) / GREY_STD
 
 
-def _chest_views(params: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """The official chest loaders' view settings (torchvision): RandomRotation(10), RandomHorizontalFlip,
-    RandomGrayscale(0.2) (nothing to grey), RandomApply(GaussianBlur([0.1, 2]), p 0.5), ColorJitter(0.4, ...)
-    (brightness and contrast: saturation and hue do nothing to grey), Cutout(3 holes of 32 px at 224, global
-    views only), ImageNet normalisation (``normalize``)."""
-    cfg = {"degrees": float(params.get("rotate_degrees", 10)), "p_flip": float(params.get("p_flip", 0.5)),
-           "jitter": float(params.get("jitter", 0.4)), "p_blur": float(params.get("p_blur", 0.5)),
-           "blur_sigma": _bounds(params, "blur_sigma", (0.1, 2.0), method, symmetric=False),
-           "holes": int(params.get("cutout_holes", 3)), "length": float(params.get("cutout_length", 32 / 224)),
-           "fill": float(params.get("cutout_fill", GREY_MEAN)),
-           "normalize": _choice(params, "normalize", "imagenet", NORMALIZATIONS_2D, method) == "imagenet"}
-    for key, value in (("p_flip", cfg["p_flip"]), ("p_blur", cfg["p_blur"])):
-        if not 0.0 <= value <= 1.0:
-            raise RecipeError(f"method.params.{key}: {value} for method {method}; expected a probability in [0, 1]")
-    if not 0.0 <= cfg["jitter"] < 1.0:
-        raise RecipeError(f"method.params.jitter: {cfg['jitter']} for method {method}; expected a strength in [0, 1)")
-    return cfg
+@dataclass(frozen=True)
+class ChestViews(MethodParams):
+    """The official chest loaders' view settings (torchvision; Luchixiang/PCRL data.py pcrl_chest_pretask, RL4M/PCRLv2
+    src/data.py pcrlv2_chest_pretask), shared by the 2D forms' params."""
+
+    rotate_degrees: float = 10.0
+    """RandomRotation(10), degrees either way."""
+    p_flip: float = field(default=0.5, metadata=probability())
+    """RandomHorizontalFlip."""
+    jitter: float = field(default=0.4, metadata=rule(lambda v: 0.0 <= v < 1.0, "a strength in [0, 1)"))
+    """ColorJitter(0.4, 0.4, 0.4, 0.4): brightness / contrast (saturation and hue do nothing on grey)."""
+    p_blur: float = field(default=0.5, metadata=probability())
+    """RandomApply([GaussianBlur([0.1, 2.0])], p=0.5)."""
+    blur_sigma: float | tuple[float, float] = field(default=(0.1, 2.0), metadata=_STD)
+    """GaussianBlur sigma range, pixels at 224 (scaled with the image side)."""
+    cutout_holes: int = 3
+    """Cutout(n_holes=3, length=32), global inputs only."""
+    cutout_length: float = 0.142857
+    """the holes' side as a fraction of the image side (32 px of 224)."""
+    cutout_fill: float = GREY_MEAN
+    """0 after ImageNet normalisation = the mean colour (the mean of the channel means)."""
+    normalize: Literal["imagenet", "none"] = "imagenet"
+    """imagenet: (x - 0.449) / 0.226 on inputs and targets (the official Normalize) | none: [0, 1]."""
+
+    def views(self) -> dict[str, Any]:
+        """The settings as ``chest_intensity`` and the view geometry read them."""
+        return {"degrees": self.rotate_degrees, "p_flip": self.p_flip, "jitter": self.jitter, "p_blur": self.p_blur,
+                "blur_sigma": _as_range(self.blur_sigma, False), "holes": self.cutout_holes,
+                "length": self.cutout_length, "fill": self.cutout_fill, "normalize": self.normalize == "imagenet"}
+
+
+@dataclass(frozen=True)
+class PCRLv1_2DParams(ChestViews):
+    """PCRLv1_2D's ``method.params`` (methods/pcrlv1.yaml ``two_d.params``; official pytorch/pcrl.py train_pcrl_2d)."""
+
+    crop_scale: tuple[float, float] = field(default=(0.2, 1.0), metadata=_AREA)
+    """RandomResizedCrop(224, scale=(0.2, 1)): crop area / image area."""
+    target: Literal["corrupted", "clean"] = "corrupted"
+    """corrupted: plain / hybrid branches restore T(input), the official | clean: T(crop)."""
+    queue_size: int = field(default=16384, metadata=_COUNT)
+    """nce_k (official MemoryC2L 16384)."""
+    dim: int = field(default=128, metadata=_COUNT)
+    """low_dim (official 128)."""
+    temperature: float = 0.2
+    """--moco_t (official 0.2)."""
+    momentum: float = field(default=0.999, metadata=rule(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"))
+    """moment_update(model, model_ema, 0.999)."""
+    contrast: Literal["nce", "infonce"] = "nce"
+    """NCECriterion (official) | infonce."""
+    nce_n_data: int = field(default=1000, metadata=_COUNT)
+    """official: len(train_loader), batches per epoch."""
+
+
+@dataclass(frozen=True)
+class PCRLv2_2DParams(ChestViews):
+    """PCRLv2_2D's ``method.params`` (methods/pcrlv2.yaml ``two_d.params``; official src/train_2d.py, run2d.sh)."""
+
+    global_scale: tuple[float, float] = field(default=(0.3, 1.0), metadata=_AREA)
+    """RandomResizedCrop(224, scale=(0.3, 1)): crop area / image area."""
+    local_scale: tuple[float, float] = field(default=(0.05, 0.3), metadata=_AREA)
+    """RandomResizedCrop(96, scale=(0.05, 0.3))."""
+    local_size: float = field(default=0.428571, metadata=rule(
+        lambda v: 0 < v <= 1, "a fraction of the image side in (0, 1] (96 / 224 = 0.428571 as the official)"))
+    """local view side / image side (96 of 224; at least 32 px)."""
+    num_local: int = field(default=6, metadata=_COUNT)
+    """num_local_view (official 6)."""
+    schedule_steps: int = field(default=20000, metadata=_COUNT)
+    """T of beta = 1/2 (1 + cos(pi step / T)) (official: 240 epochs; keep equal to pretrain.steps)."""
 
 
 def chest_intensity(x: torch.Tensor, cfg: Mapping[str, Any], image_side: int, cutout: bool) -> torch.Tensor:
@@ -1079,26 +1166,22 @@ class PCRLv1_2D(_PCRLv1Contrast):
     """
 
     name = "pcrlv1"
+    Params = PCRLv1_2DParams
     transfers_decoder = True
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "PCRLv1_2DParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
-        self.contrast = _choice(p, "contrast", "nce", CONTRASTS, self.name)
-        self.target = _choice(p, "target", "corrupted", TARGETS, self.name)
-        self.crop_scale = _scale_range(p, "crop_scale", (0.2, 1.0), self.name, "crop area / image area")
-        self.views = _chest_views(p, self.name)
-        self.temperature = float(p.get("temperature", 0.2))
-        self.momentum = float(p.get("momentum", 0.999))
-        self.nce_n_data = int(p.get("nce_n_data", 1000))
-        dim = int(p.get("dim", 128))
+        p = self.p
+        self.contrast, self.target, self.crop_scale, self.views = p.contrast, p.target, p.crop_scale, p.views()
+        self.temperature, self.momentum, self.nce_n_data = p.temperature, p.momentum, p.nce_n_data
+        dim = p.dim
 
         net = UNet2D(self.model_cfg, in_channels=1, out_channels=1)
         self.encoder, self.decoder, self.out_layer = net.encoder, net.decoder, net.head
         channels = net.widths[-1]
         self.head = ProjectionHead(channels, dim)
         self.gate = TransformGate(channels, hidden=256, code_dim=6, spatial_dims=2)
-        self.queue = MemoryQueue(int(p.get("queue_size", 16384)), dim)
+        self.queue = MemoryQueue(p.queue_size, dim)
         self.register_buffer("nce_z", torch.full((), -1.0))
         self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
@@ -1245,36 +1328,29 @@ class PCRLv2_2D(PretrainMethod):
     """
 
     name = "pcrlv2"
+    Params = PCRLv2_2DParams
     transfers_decoder = False
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "PCRLv2_2DParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
-        self.global_scale = _scale_range(p, "global_scale", (0.3, 1.0), self.name, "crop area / image area")
-        self.local_scale = _scale_range(p, "local_scale", (0.05, 0.3), self.name, "crop area / image area")
-        self.local_size = float(p.get("local_size", 96 / 224))
-        if not 0 < self.local_size <= 1:
-            raise RecipeError(f"method.params.local_size: {self.local_size} for method pcrlv2; expected a fraction "
-                              f"of the image side in (0, 1] (96 / 224 = 0.428571 as the official)")
-        self.num_local = int(p.get("num_local", 6))
-        if self.num_local < 1:
-            raise RecipeError(f"method.params.num_local: {self.num_local} for method pcrlv2; expected >= 1")
-        self.schedule_steps = int(p.get("schedule_steps", 20000))
-        self.views = _chest_views(p, self.name)
+        p = self.p
+        self.global_scale, self.local_scale, self.local_size = p.global_scale, p.local_scale, p.local_size
+        self.num_local, self.schedule_steps, self.views = p.num_local, p.schedule_steps, p.views()
         self.encoder = build_encoder(self.model_cfg)
         self.decoder = SkiplessDecoder2D(self.encoder.feature_info.channels(),
                                          unet2d_config(self.model_cfg)["decoder_channels"])
 
-    @staticmethod
-    def local_side(params: Mapping[str, Any], side: int) -> int:
+    @classmethod
+    def local_side(cls, params: "PCRLv2_2DParams | Mapping[str, Any]", side: int) -> int:
         """Pixels of a local view's side for images of ``side`` pixels (at least 32: one pixel at 1/32 scale)."""
-        return max(32, round(float(params.get("local_size", 96 / 224)) * side))
+        return max(32, round(cls.typed(params).local_size * side))
 
-    @staticmethod
-    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+    @classmethod
+    def pixels_per_image(cls, params: "PCRLv2_2DParams | Mapping[str, Any]", size: tuple[int, int]) -> float:
         """Encoder input pixels per image and step (feasibility): two global views and the local views."""
-        side = PCRLv2_2D.local_side(params, size[-1])
-        return 2 * size[0] * size[1] + int(params.get("num_local", 6)) * side * side
+        p = cls.typed(params)
+        side = cls.local_side(p, size[-1])
+        return 2 * size[0] * size[1] + p.num_local * side * side
 
     def make_views(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """gt [2B] (global view 1 of every image, then view 2), their inputs x, and the local views
@@ -1283,7 +1359,7 @@ class PCRLv2_2D(PretrainMethod):
         _, gt = aug2d.random_crop_then_rotation(torch.cat([images, images]), self.global_scale, v["degrees"],
                                                 v["p_flip"])
         x = chest_intensity(gt, v, side, cutout=True)
-        ls = self.local_side(self.params, side)
+        ls = self.local_side(self.p, side)
         _, loc = aug2d.random_crop_then_rotation(images.repeat(self.num_local, 1, 1, 1), self.local_scale,
                                                  v["degrees"], v["p_flip"], size=(ls, ls))
         loc = chest_intensity(loc, v, side, cutout=False)

@@ -48,18 +48,20 @@ the method before wrapping it in DistributedDataParallel on CUDA).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RecipeError
-from ..models.backbones import (ATTENTIONS, TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
+from ..models.backbones import (TRANSFER_PREFIXES, bottleneck_features, bottleneck_module, build_model,
                                 build_swinunetr)
 from . import dist
 from .base import PretrainMethod
 from ..models.unet2d import build_encoder
+from .params import Attention, MethodParams, positive, probability, rule
 from .parts import aug2d
 from .parts.blur import blur_2d, gaussian_blur  # noqa: F401  (blur_2d: SimSiam2D; both: the tests' names)
 from .parts.pooled_swin import PooledSwinEncoder
@@ -67,6 +69,71 @@ from .parts.tensors import plain_float
 
 FEATURES = ("all", "last")
 MODELS = ("swinunetr", "unet3d", "basicunet")
+_SCALE = rule(lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1")
+_SIGMA = rule(lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low <= high")
+
+
+@dataclass(frozen=True)
+class SimSiamParams(MethodParams):
+    """SimSiam's ``method.params`` (methods/simsiam.yaml holds the defaults; equal to these, tests check). The
+    official values are facebookresearch/simsiam main_simsiam.py's (argparse, ``augmentation``)."""
+
+    resize: tuple[int, int, int] = field(default=(128, 128, 96), metadata=positive("a list of 3 positive integers"))
+    """every corpus volume resized to this before batching (sslbench's; the official reads ImageNet images)."""
+    crop_size: int = field(default=64, metadata=positive("a positive integer"))
+    """views are crop_size^3, a trilinear resample of a random box (the official RandomResizedCrop(224))."""
+    sw_batch_size: int = field(default=4, metadata=positive("a positive integer"))
+    """view pairs per volume (the official: one pair per image, TwoCropsTransform)."""
+    features: Literal["all", "last"] = "all"
+    """all: pooled encoder1..4 + encoder10 of SwinUNETR | last: the last Swin stage pooled (module docstring)."""
+    proj_dim: int = field(default=2048, metadata=positive("a positive integer"))
+    """projector width (official --dim 2048; paper Sec. 3 projection MLP)."""
+    pred_dim: int = field(default=512, metadata=positive("a positive integer"))
+    """predictor hidden width (official --pred-dim 512)."""
+    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata=_SCALE)
+    """kept side fraction per axis (official RandomResizedCrop scale=(0.2, 1.) of the area; ledger)."""
+    p_flip: float = field(default=0.5, metadata=probability())
+    """flip per axis (official RandomHorizontalFlip)."""
+    p_rot90: float = field(default=0.5, metadata=probability())
+    """k ~ U{1, 2, 3} quarter turns in the x-y plane (no official counterpart; 3D stand-in)."""
+    p_intensity: float = field(default=0.8, metadata=probability())
+    """colour-jitter stand-in x -> a x + b (official RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8))."""
+    intensity_scale: float = 0.1
+    """a ~ U[1 - scale, 1 + scale]."""
+    intensity_shift: float = 0.1
+    """b ~ U[-shift, shift]."""
+    p_blur: float = field(default=0.5, metadata=probability())
+    """Gaussian blur (official RandomApply(GaussianBlur([.1, 2.]), p=0.5))."""
+    blur_sigma: tuple[float, float] = field(default=(0.1, 2.0), metadata=_SIGMA)
+    """blur sigma range, here in voxels (official [.1, 2.] in pixels)."""
+    p_noise: float = field(default=0.2, metadata=probability())
+    """additive Gaussian noise (no official counterpart; a 3D stand-in for RandomGrayscale's p 0.2)."""
+    noise_std: float = 0.05
+    """the noise's standard deviation."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+
+
+@dataclass(frozen=True)
+class SimSiam2DParams(MethodParams):
+    """SimSiam2D's ``method.params`` (methods/simsiam.yaml ``two_d.params``): the official 2D augmentation."""
+
+    proj_dim: int = field(default=2048, metadata=positive("a positive integer"))
+    """projector width (official --dim 2048)."""
+    pred_dim: int = field(default=512, metadata=positive("a positive integer"))
+    """predictor hidden width (official --pred-dim 512)."""
+    crop_scale: tuple[float, float] = field(default=(0.2, 1.0), metadata=_SCALE)
+    """crop area / image area (official RandomResizedCrop(224, scale=(0.2, 1.)))."""
+    p_flip: float = field(default=0.5, metadata=probability())
+    """official RandomHorizontalFlip."""
+    jitter: float = 0.4
+    """ColorJitter brightness / contrast (official 0.4; saturation and hue do nothing on grey)."""
+    p_jitter: float = field(default=0.8, metadata=probability())
+    """official RandomApply([ColorJitter], p=0.8)."""
+    blur_sigma: tuple[float, float] = field(default=(0.1, 2.0), metadata=_SIGMA)
+    """blur sigma range in pixels at 224 (official GaussianBlur([.1, 2.]))."""
+    p_blur: float = field(default=0.5, metadata=probability())
+    """official RandomApply([GaussianBlur], p=0.5)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,48 +269,31 @@ class UNetEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 class SimSiam(PretrainMethod):
-    """SimSiam pre-training on volumes [B, 1, X, Y, Z] in [0, 1], already resized to ``params["resize"]``.
+    """SimSiam pre-training on volumes [B, 1, X, Y, Z] in [0, 1], already resized to ``params.resize``.
 
-    params: resize, crop_size (views are crop_size^3), sw_batch_size (view pairs per volume), features
-    (all | last), proj_dim (2048), pred_dim (512), crop_scale, p_flip, p_rot90, p_intensity,
-    intensity_scale, intensity_shift, p_blur, blur_sigma, p_noise, noise_std, attention (fused | sdpa | monai).
+    params: :class:`SimSiamParams` (typed, checked; a line per field on the official code it follows).
     """
 
     name = "simsiam"
+    Params = SimSiamParams
     transfers_decoder = False
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "SimSiamParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
+        p = self.p
         self.model_name = str(self.model_cfg.get("name", "swinunetr"))
         if self.model_name not in MODELS:
             raise RecipeError(f"model.name: {self.model_name!r} for method simsiam; "
                               f"expected one of {', '.join(MODELS)}")
-        self.features = str(p.get("features", "all"))
-        if self.features not in FEATURES:
-            raise RecipeError(f"method.params.features: unknown value {self.features!r} for method simsiam; "
-                              f"expected one of {', '.join(FEATURES)}")
-        attention = str(p.get("attention", "fused"))
-        if attention not in ATTENTIONS:
-            raise RecipeError(f"method.params.attention: unknown value {attention!r} for method simsiam; "
-                              f"expected one of {', '.join(ATTENTIONS)}")
-        self.crop_size = int(p.get("crop_size", 64))
-        min_crop = 64 if self.model_name == "swinunetr" and self.features == "all" else 32
+        self.features, self.crop_size, self.sw_batch_size = p.features, p.crop_size, p.sw_batch_size
+        min_crop = 64 if self.model_name == "swinunetr" and self.features == "all" else 32   # against the backbone
         if self.crop_size % 32 or self.crop_size < min_crop:
             raise RecipeError(f"method.params.crop_size: {self.crop_size} for method simsiam; expected a multiple of "
                               f"32, >= {min_crop} for model.name={self.model_name}, features={self.features}")
-        self.sw_batch_size = int(p.get("sw_batch_size", 2))
-        self.crop_scale = tuple(float(s) for s in p.get("crop_scale", (0.5, 1.0)))
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise RecipeError(f"method.params.crop_scale: {list(self.crop_scale)} for method simsiam; expected "
-                              f"[low, high] with 0 < low <= high <= 1")
-        self.p_flip = float(p.get("p_flip", 0.5))
-        self.p_rot90 = float(p.get("p_rot90", 0.5))
-        self.intensity = dict(p_intensity=float(p.get("p_intensity", 0.8)), scale=float(p.get("intensity_scale", 0.1)),
-                              shift=float(p.get("intensity_shift", 0.1)), p_blur=float(p.get("p_blur", 0.5)),
-                              blur_sigma=tuple(float(s) for s in p.get("blur_sigma", (0.1, 2.0))),
-                              p_noise=float(p.get("p_noise", 0.2)), noise_std=float(p.get("noise_std", 0.05)))
-        proj_dim, pred_dim = int(p.get("proj_dim", 2048)), int(p.get("pred_dim", 512))
+        self.crop_scale, self.p_flip, self.p_rot90 = p.crop_scale, p.p_flip, p.p_rot90
+        self.intensity = dict(p_intensity=p.p_intensity, scale=p.intensity_scale, shift=p.intensity_shift,
+                              p_blur=p.p_blur, blur_sigma=p.blur_sigma, p_noise=p.p_noise, noise_std=p.noise_std)
+        proj_dim, pred_dim = p.proj_dim, p.pred_dim
 
         fs = int(self.model_cfg["feature_size"])
         if self.model_name == "swinunetr":
@@ -262,9 +312,9 @@ class SimSiam(PretrainMethod):
         self.projector = Projector(feat_dim, proj_dim, proj_dim)
         self.predictor = Predictor(proj_dim, pred_dim)
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return tuple(int(s) for s in params["resize"])
+    @classmethod
+    def input_size(cls, params: "SimSiamParams | Mapping[str, Any]") -> tuple[int, int, int] | None:
+        return cls.typed(params).resize
 
     def make_views(self, volumes: torch.Tensor) -> torch.Tensor:
         """Two augmented views of ``sw_batch_size`` pairs per volume: Tensor[2, B * sw, C, s, s, s].
@@ -334,13 +384,13 @@ class SimSiam(PretrainMethod):
 
 class SimSiam2D(PretrainMethod):
     name = "simsiam"
+    Params = SimSiam2DParams
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "SimSiam2DParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
         self.encoder = build_encoder(model_cfg)
         width = self.encoder.feature_info.channels()[-1]
-        proj, pred = int(p.get("proj_dim", 2048)), int(p.get("pred_dim", 512))
+        proj, pred = self.p.proj_dim, self.p.pred_dim
         self.projector = Projector(width, proj, proj)
         self.predictor = Predictor(proj, pred)
 
@@ -349,13 +399,13 @@ class SimSiam2D(PretrainMethod):
         return 2 * size[0] * size[1]
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        v = aug2d.random_geometry(x, tuple(p.get("crop_scale", (0.2, 1.0))), 0.0, float(p.get("p_flip", 0.5)))
-        v = aug2d.random_jitter(v, float(p.get("jitter", 0.4)), float(p.get("p_jitter", 0.8)))
-        lo, hi = (float(s) for s in p.get("blur_sigma", (0.1, 2.0)))
+        p = self.p
+        v = aug2d.random_geometry(x, p.crop_scale, 0.0, p.p_flip)
+        v = aug2d.random_jitter(v, p.jitter, p.p_jitter)
+        lo, hi = p.blur_sigma
         scale = x.shape[-1] / 224.0                             # sigma in pixels of a 224 image
         n = x.shape[0]
-        on = torch.rand(n, device=x.device) < float(p.get("p_blur", 0.5))
+        on = torch.rand(n, device=x.device) < p.p_blur
         sigma = torch.where(on, (lo + (hi - lo) * torch.rand(n, device=x.device)) * scale, torch.zeros(n, device=x.device))
         return blur_2d(v, sigma, radius=max(1, math.ceil(3 * hi * scale)))
 

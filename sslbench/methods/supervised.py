@@ -26,6 +26,7 @@ task. The output layer is never handed over (its classes are the corpus's, not t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -34,10 +35,28 @@ from torch import nn
 from ..errors import RecipeError
 from ..models.backbones import SIZE_DIVISOR, build_model, transferable_state
 from .base import PretrainMethod
+from .params import Attention, MethodParams, positive, probability, rule
 from .parts.tensors import plain_float
-from .parts.views import random_crop_starts, size3
+from .parts.views import random_crop_starts
 
-DEFAULT_RESIZE = (128, 128, 96)
+
+@dataclass(frozen=True)
+class SupervisedParams(MethodParams):
+    """The supervised controls' ``method.params`` (methods/supervised.yaml and supervised-task.yaml hold the defaults;
+    equal to these, tests check). sslbench's own control: no paper, no official code; the fine-tuning protocol's."""
+
+    resize: tuple[int, int, int] = field(default=(128, 128, 96), metadata=positive("a list of 3 positive integers"))
+    """corpus volumes (and their label maps) resized to this before batching."""
+    crop: tuple[int, int, int] = field(default=(96, 96, 96), metadata=positive("a list of 3 positive integers"))
+    """the training crop (= the fine-tuning roi)."""
+    flip_prob: float = field(default=0.5, metadata=probability())
+    """flip image and label along each axis (the fine-tuning protocol's RandFlipd)."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+    num_classes: int | None = field(default=None, metadata={
+        **rule(lambda v: v >= 2, "the labelled corpus's class count (>= 2, background included), set by the "
+                                 "protocol"), "set_by": "protocol"})
+    """never in a recipe: the protocol sets it from the labelled corpus's classes (the method knows no task)."""
 
 
 def random_flips(x: torch.Tensor, y: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,34 +83,31 @@ def labelled_crops(volumes: torch.Tensor, crop: tuple[int, int, int]) -> tuple[t
 class Supervised(PretrainMethod):
     """Segmentation pre-training on a labelled corpus (module docstring).
 
-    params: resize (corpus volume size), crop (training crop), flip_prob (0.5), num_classes (set by the
-    protocol from the labelled corpus), attention (fused | sdpa | monai).
+    params: :class:`SupervisedParams` (resize, crop, flip_prob, attention; num_classes set by the protocol from the
+    labelled corpus).
     """
 
     name = "supervised"
+    Params = SupervisedParams
     transfers_decoder = True
     #: the protocol loads the corpus's label maps and passes [B, 2, ...] (image, label ids)
     needs_labels = True
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "SupervisedParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
-        self.resize = size3(p.get("resize", DEFAULT_RESIZE), "resize", self.name)
-        self.crop = size3(p.get("crop", [64, 64, 64]), "crop", self.name)
+        p = self.p
+        self.resize, self.crop, self.flip_prob = p.resize, p.crop, p.flip_prob
         self.model_name = str(self.model_cfg.get("name", "swinunetr"))
         if self.model_name not in SIZE_DIVISOR or self.model_name == "unetr":
             raise RecipeError(f"model.name: {self.model_name!r} for method {self.name}; expected one of "
                               f"swinunetr, unet3d, basicunet")
-        step = SIZE_DIVISOR[self.model_name]
+        step = SIZE_DIVISOR[self.model_name]   # the crop against the backbone
         if any(c % step or c > r for c, r in zip(self.crop, self.resize)):
             raise RecipeError(f"method.params.crop: {list(self.crop)} for method {self.name} on {self.model_name}; "
                               f"expected multiples of {step}, at most method.params.resize {list(self.resize)}")
-        self.flip_prob = float(p.get("flip_prob", 0.5))
-        if not 0.0 <= self.flip_prob <= 1.0:
-            raise RecipeError(f"method.params.flip_prob: {self.flip_prob} for method {self.name}; expected [0, 1]")
-        classes = p.get("num_classes")
-        if not isinstance(classes, int) or classes < 2:
-            raise RecipeError(f"method.params.num_classes: {classes!r} for method {self.name}; expected the labelled "
+        classes = p.num_classes
+        if classes is None:
+            raise RecipeError(f"method.params.num_classes: None for method {self.name}; expected the labelled "
                               f"corpus's class count (>= 2, background included), set by the protocol")
         self.num_classes = classes
         self.net = build_model(self.model_cfg, in_channels=1, out_channels=classes)
@@ -99,9 +115,9 @@ class Supervised(PretrainMethod):
 
         self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return size3(params.get("resize", DEFAULT_RESIZE), "resize", "supervised")
+    @classmethod
+    def input_size(cls, params: "SupervisedParams | Mapping[str, Any]") -> tuple[int, int, int] | None:
+        return cls.typed(params).resize
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         volumes = plain_float(volumes)

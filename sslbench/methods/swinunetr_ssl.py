@@ -56,16 +56,18 @@ behaviour):
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RecipeError
-from ..models.backbones import ATTENTIONS, build_swinunetr
+from ..models.backbones import build_swinunetr
 from . import dist
 from .base import PretrainMethod
+from .params import Attention, MethodParams, positive, refuse, rule
 from .parts.pooled_swin import PooledSwinEncoder
 from .parts.tensors import plain_float
 
@@ -74,9 +76,6 @@ from .parts.tensors import plain_float
 MAX_DROP = 0.3
 MAX_BLOCK = 0.25
 TOLERANCE = 0.05
-#: ``paste_partners`` values: within each view (official ``aug_rand`` on x1, then on x2) | over the whole
-#: batch of both views (sslbench's earlier form)
-PASTE_PARTNERS = ("view", "batch")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,50 +258,77 @@ class ReconstructionHead(nn.Sequential):
         super().__init__(*layers)
 
 
+@dataclass(frozen=True)
+class SwinUNETRSSLParams(MethodParams):
+    """SwinUNETR SSL's ``method.params`` (methods/swinunetr-ssl.yaml holds the defaults; equal to these, tests
+    check). Official: Project-MONAI/research-contributions SwinUNETR/Pretrain main.py, losses/loss.py, utils/ops.py."""
+
+    resize: tuple[int, int, int] = field(default=(160, 160, 128), metadata=positive("a list of 3 positive integers"))
+    """every corpus volume resized to this before batching (official: random crops of the resampled volume)."""
+    crop_size: int | tuple[int, int, int] = field(default=(96, 96, 96), metadata=positive(
+        "a positive integer or a list of 3"))
+    """random crops, no resize: [X, Y, Z] or an int (official --roi_x/y/z 96); Y == Z (rotations turn Y-Z)."""
+    sw_batch_size: int = field(default=2, metadata=positive("a positive integer"))
+    """crops per volume (official --sw_batch_size 2)."""
+    temperature: float = 0.5
+    """NT-Xent temperature (official losses/loss.py Contrast temperature 0.5)."""
+    contrastive_dim: int = field(default=512, metadata=positive("a positive integer"))
+    """contrastive head output (official ssl_head.py contrastive_head 512)."""
+    rotation_weight: float = 1.0
+    """L = a1 CE(rotation) + a2 NT-Xent + a3 L1(reconstruction): a1 (official alpha1 1.0)."""
+    contrastive_weight: float = 1.0
+    """a2 (official alpha2 1.0)."""
+    reconstruction_weight: float = 1.0
+    """a3 (official alpha3 1.0)."""
+    max_drop: float = MAX_DROP
+    """cutout: target U(0, max_drop) of the crop per pass (official patch_rand_drop max_drop 0.3)."""
+    max_block: float = MAX_BLOCK
+    """box sides < max_block x crop side (official max_block_sz 0.25)."""
+    tolerance: float = TOLERANCE
+    """box sides >= tolerance x crop side (official tolr 0.05)."""
+    paste_partners: Literal["view", "batch"] = "view"
+    """view: a crop pastes from a crop of its own view (official aug_rand on x1, x2) | batch: earlier sslbench."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+
+    def crop(self) -> tuple[int, int, int]:
+        """``crop_size`` as three sides (an int means a cube)."""
+        c = self.crop_size
+        return (c, c, c) if isinstance(c, int) else c
+
+    def check(self) -> None:
+        crop = self.crop()
+        if any(c % 32 for c in crop) or math.prod(c // 32 for c in crop) < 2:
+            refuse("crop_size", list(crop), "multiples of 32 with >= 2 voxels at 1/32 scale (e.g. [64, 32, 32] or 96)")
+        if crop[1] != crop[2]:
+            refuse("crop_size", list(crop), "equal Y and Z sides (crops are rotated in the Y-Z plane)")
+        if any(c > s for c, s in zip(crop, self.resize)):
+            refuse("crop_size", list(crop), f"sides within the volume (it exceeds method.params.resize "
+                                            f"{list(self.resize)})")
+
+
 class SwinUNETRSSL(PretrainMethod):
     """SwinUNETR self-supervised pre-training on volumes [B, 1, X, Y, Z] in [0, 1] resized to ``resize``.
 
-    params: resize, crop_size (int or [X, Y, Z], Y == Z, each a multiple of 32, >= 2 tokens at 1/32
-    scale), sw_batch_size, temperature (0.5), contrastive_dim (512), rotation_weight,
-    contrastive_weight, reconstruction_weight (1.0 each), max_drop (0.3), max_block (0.25),
-    tolerance (0.05), paste_partners (view | batch), attention (fused | sdpa | monai). model.name must be
-    swinunetr.
+    params: :class:`SwinUNETRSSLParams` (typed, checked; a line per field on the official code it follows).
+    model.name must be swinunetr.
     """
 
     name = "swinunetr-ssl"
+    Params = SwinUNETRSSLParams
     transfers_decoder = False
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "SwinUNETRSSLParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
+        p = self.p
         model_name = str(self.model_cfg.get("name", "swinunetr"))
         if model_name != "swinunetr":
             raise RecipeError(f"model.name: {model_name!r} for method swinunetr-ssl; expected swinunetr "
                               f"(its heads sit on the last Swin stage)")
-        self.crop = self.crop_size(p)
-        if any(c % 32 for c in self.crop) or math.prod(c // 32 for c in self.crop) < 2:
-            raise RecipeError(f"method.params.crop_size: {list(self.crop)} for method swinunetr-ssl; expected "
-                              f"multiples of 32 with >= 2 voxels at 1/32 scale (e.g. [64, 32, 32] or 96)")
-        if self.crop[1] != self.crop[2]:
-            raise RecipeError(f"method.params.crop_size: {list(self.crop)} for method swinunetr-ssl; expected equal "
-                              f"Y and Z sides (crops are rotated in the Y-Z plane)")
-        size = self.input_size(p)
-        if any(c > s for c, s in zip(self.crop, size)):
-            raise RecipeError(f"method.params.crop_size: {list(self.crop)} exceeds method.params.resize {list(size)}")
-        attention = str(p.get("attention", "fused"))
-        if attention not in ATTENTIONS:
-            raise RecipeError(f"method.params.attention: unknown value {attention!r} for method swinunetr-ssl; "
-                              f"expected one of {', '.join(ATTENTIONS)}")
-        self.paste_partners = str(p.get("paste_partners", "view"))
-        if self.paste_partners not in PASTE_PARTNERS:
-            raise RecipeError(f"method.params.paste_partners: unknown value {self.paste_partners!r} for method "
-                              f"swinunetr-ssl; expected one of {', '.join(PASTE_PARTNERS)}")
-        self.sw_batch_size = int(p.get("sw_batch_size", 2))
-        self.temperature = float(p.get("temperature", 0.5))
-        self.weights = (float(p.get("rotation_weight", 1.0)), float(p.get("contrastive_weight", 1.0)),
-                        float(p.get("reconstruction_weight", 1.0)))
-        self.cutout_args = (float(p.get("max_drop", MAX_DROP)), float(p.get("max_block", MAX_BLOCK)),
-                            float(p.get("tolerance", TOLERANCE)))
+        self.crop, self.paste_partners, self.sw_batch_size, self.temperature = (p.crop(), p.paste_partners,
+                                                                                p.sw_batch_size, p.temperature)
+        self.weights = (p.rotation_weight, p.contrastive_weight, p.reconstruction_weight)
+        self.cutout_args = (p.max_drop, p.max_block, p.tolerance)
         dim = 16 * int(self.model_cfg["feature_size"])
 
         # swinViT + encoder1..4, encoder10 under SwinUNETR's names; only swinViT is trained (see module doc)
@@ -311,18 +337,12 @@ class SwinUNETRSSL(PretrainMethod):
             if name != "swinViT":
                 module.requires_grad_(False)
         self.rotation_head = nn.Linear(dim, 4)
-        self.contrastive_head = nn.Linear(dim, int(p.get("contrastive_dim", 512)))
+        self.contrastive_head = nn.Linear(dim, p.contrastive_dim)
         self.reconstruction_head = ReconstructionHead(dim, 1)
 
-    @staticmethod
-    def crop_size(params: Mapping[str, Any]) -> tuple[int, int, int]:
-        """``params["crop_size"]`` as three sides (an int means a cube)."""
-        c = params.get("crop_size", 96)
-        return (int(c),) * 3 if isinstance(c, (int, float)) else tuple(int(s) for s in c)
-
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return tuple(int(s) for s in params["resize"])
+    @classmethod
+    def input_size(cls, params: "SwinUNETRSSLParams | Mapping[str, Any]") -> tuple[int, int, int] | None:
+        return cls.typed(params).resize
 
     def make_views(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
         """Two rotated + cut-out views of ``sw_batch_size`` random crops per volume (crops volume-major).

@@ -95,7 +95,8 @@ ledger.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,32 +106,99 @@ from ..errors import RecipeError
 from ..models.backbones import bottleneck_module, build_model, transferable_state
 from ..models.unet2d import UNet2D
 from .base import PretrainMethod
+from .params import Attention, MethodParams, positive, rule
 from .parts.perturbations import MIN_PAINT_SIZE, local_pixel_shuffle, nonlinear_intensity, paint, randint_inclusive
 from .parts.tensors import plain_float
 from .parts.views import check_crop, crop_boxes
 
-#: official ``train.py`` / ``config.py`` defaults
-TRANSVW_DEFAULTS: dict[str, Any] = {
-    "resize": [192, 192, 128], "crop": [64, 64, 64], "num_classes": 44, "instances": 200,
-    "min_distance": 5, "embed_grid": [8, 8, 8], "multires_patches": 3,
-    "multires_size": [0.78125, 1.234375], "multires_shift": 0.15625, "elastic": True,
-    "elastic_alpha": 991.0, "elastic_sigma": 8.0, "lambda_rec": 1.0, "lambda_cls": 0.01, "attention": "fused",
-    "perturbations": "transvw",
-}
 #: ``perturbations`` values: TransVW's own forms (official ``utils/purturbation.py``) | Models Genesis' forms
 PERTURBATIONS = ("transvw", "genesis")
+_MULTIRES_SIZE = rule(lambda v: 0 < v[0] <= v[1], "[low, high] fractions of the crop with 0 < low <= high")
+
+
+@dataclass(frozen=True)
+class TransVWParams(MethodParams):
+    """TransVW's ``method.params`` (methods/transvw.yaml holds the defaults; equal to these, tests check). The official
+    values are fhaghighi/TransVW pytorch/config.py and train.py's, self_discovery/pattern_generator_3D.py's."""
+
+    resize: tuple[int, int, int] = field(default=(192, 192, 128), metadata=positive("a list of 3 positive integers"))
+    """corpus volume size (the visual words' coordinates live on this grid; sslbench's, the official crops LUNA16)."""
+    crop: tuple[int, int, int] = field(default=(64, 64, 64), metadata=positive("a list of 3 positive integers"))
+    """instance size (official input_rows x cols x deps 64 x 64 x 32; 64^3 on SwinUNETR, methods/mg.yaml says why)."""
+    num_classes: int = field(default=44, metadata=positive("an integer >= 1"))
+    """visual-word classes C (official cls_classes 44)."""
+    instances: int = field(default=200, metadata=positive("an integer >= 1"))
+    """nearest volumes per class K, the reference included (official nb_instances 200)."""
+    min_distance: float = 5.0
+    """voxels between class coordinates (official distance_threshold)."""
+    embed_grid: tuple[int, int, int] = field(default=(8, 8, 8), metadata=positive("a list of 3 positive integers"))
+    """self-discovery feature: the volume average-pooled to this grid (512-d; official: an auto-encoder's 512-d
+    bottleneck, ledger)."""
+    multires_patches: int = field(default=3, metadata=positive("an integer >= 1"))
+    """1 exact + (n - 1) jittered crops per instance (official nb_multires_patch 3)."""
+    multires_size: tuple[float, float] = field(default=(0.78125, 1.234375), metadata=_MULTIRES_SIZE)
+    """jittered x-y side as fractions of the crop (official 50..79 voxels of 64)."""
+    multires_shift: float = 0.15625
+    """jittered x-y shift up to this fraction of the crop (official -10..9 voxels of 64)."""
+    elastic: bool = True
+    """elastic deformation before the perturbation (official data_augmentation, elastic_transform)."""
+    elastic_alpha: float = 991.0
+    """elastic_transform's alpha (official 991)."""
+    elastic_sigma: float = 8.0
+    """elastic_transform's sigma in voxels (official 8)."""
+    lambda_rec: float = 1.0
+    """L = lambda_rec MSE + lambda_cls CE: the restoration weight (official train.py 1)."""
+    lambda_cls: float = 0.01
+    """the self-classification weight (official train.py 0.01)."""
+    perturbations: Literal["transvw", "genesis"] = "transvw"
+    """transvw: TransVW's own (utils/purturbation.py) | genesis: Models Genesis' forms (earlier sslbench)."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+
+
+@dataclass(frozen=True)
+class TransVW2DParams(MethodParams):
+    """TransVW2D's ``method.params`` (methods/transvw.yaml ``two_d.params``): the 3D official rules per axis (no
+    official 2D code; TransVW2D's ledger)."""
+
+    crop: tuple[int, int] = field(default=(64, 64), metadata=rule(
+        lambda v: all(c > 0 and c % 32 == 0 for c in v),
+        "two multiples of 32 (the 2D U-Net halves the instance 5 times)"))
+    """instance size (the official instance's in-plane 64 x 64)."""
+    num_classes: int = field(default=44, metadata=positive("an integer >= 1"))
+    """visual-word classes (official cls_classes 44)."""
+    instances: int = field(default=200, metadata=positive("an integer >= 1"))
+    """nearest images per class, the reference included (official nb_instances 200)."""
+    min_distance: float = 5.0
+    """pixels between class coordinates (official distance_threshold)."""
+    embed_grid: tuple[int, int] = field(default=(16, 16), metadata=positive("a list of 2 positive integers"))
+    """self-discovery feature: the image average-pooled to this grid (256-d)."""
+    multires_patches: int = field(default=3, metadata=positive("an integer >= 1"))
+    """1 exact + (n - 1) jittered instances (official nb_multires_patch 3)."""
+    multires_size: tuple[float, float] = field(default=(0.78125, 1.234375), metadata=_MULTIRES_SIZE)
+    """jittered square side as fractions of the crop (official 50..79 of 64)."""
+    multires_shift: float = 0.15625
+    """jittered shift up to this fraction of the crop (official -10..9 of 64)."""
+    elastic: bool = True
+    """elastic deformation before the perturbation (official elastic_transform)."""
+    elastic_alpha: float = 991.0
+    """elastic_transform's alpha (official 991)."""
+    elastic_sigma: float = 8.0
+    """elastic_transform's sigma in pixels (official 8)."""
+    lambda_rec: float = 1.0
+    """the restoration weight (official train.py 1)."""
+    lambda_cls: float = 0.01
+    """the self-classification weight (official train.py 0.01)."""
+    perturbations: Literal["transvw", "genesis"] = "transvw"
+    """transvw: TransVW's own, per axis | genesis: Models Genesis' forms."""
+    head_width: int = field(default=1024, metadata=positive("an integer >= 1"))
+    """the classification head's conv width (the official 3D head's 1024)."""
+
+
 #: official TransVW ``local_pixel_shuffling``: blocks per sample (Models Genesis: 10,000)
 SHUFFLE_BLOCKS = 5
 #: tries per class to find a coordinate min_distance away from the earlier ones (official: 200)
 COORDINATE_TRIES = 200
-
-
-def _size3(value: Any, key: str) -> tuple[int, int, int]:
-    """A size param given as one int or three: (x, y, z); RecipeError naming ``method.params.<key>`` otherwise."""
-    vals = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(vals) != 3 or any(int(v) != v or int(v) < 1 for v in vals):
-        raise RecipeError(f"method.params.{key}: {value!r} for method transvw; expected a positive int or 3 of them")
-    return tuple(int(v) for v in vals)  # type: ignore[return-value]
 
 
 def _per_sample(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -492,37 +560,20 @@ class TransVW(PretrainMethod):
     """
 
     name = "transvw"
+    Params = TransVWParams
     transfers_decoder = True
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "TransVWParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = {**TRANSVW_DEFAULTS, **self.params}
-        self.resize = _size3(p["resize"], "resize")
-        self.crop = _size3(p["crop"], "crop")
-        self.embed_grid = _size3(p["embed_grid"], "embed_grid")
+        p = self.p
+        self.resize, self.crop, self.embed_grid = p.resize, p.crop, p.embed_grid
         self.model_name = str(self.model_cfg.get("name", "swinunetr"))
-        check_crop(self.name, self.model_name, self.crop, self.resize)
-        self.num_classes = int(p["num_classes"])
-        self.instances = int(p["instances"])
-        for key, value in (("num_classes", self.num_classes), ("instances", self.instances),
-                           ("multires_patches", int(p["multires_patches"]))):
-            if value < 1:
-                raise RecipeError(f"method.params.{key}: {value} for method {self.name}; expected >= 1")
-        self.min_distance = float(p["min_distance"])
-        self.multires_rate = 1.0 - 1.0 / int(p["multires_patches"])
-        lo, hi = (float(s) for s in p["multires_size"])
-        if not 0 < lo <= hi:
-            raise RecipeError(f"method.params.multires_size: {p['multires_size']} for method {self.name}; "
-                              f"expected [low, high] fractions of the crop with 0 < low <= high")
-        self.multires_size = (lo, hi)
-        self.multires_shift = float(p["multires_shift"])
-        self.elastic = bool(p["elastic"])
-        self.elastic_alpha, self.elastic_sigma = float(p["elastic_alpha"]), float(p["elastic_sigma"])
-        self.lambda_rec, self.lambda_cls = float(p["lambda_rec"]), float(p["lambda_cls"])
-        self.perturbations = str(p["perturbations"])
-        if self.perturbations not in PERTURBATIONS:
-            raise RecipeError(f"method.params.perturbations: unknown value {p['perturbations']!r} for method "
-                              f"{self.name}; expected one of {', '.join(PERTURBATIONS)}")
+        check_crop(self.name, self.model_name, self.crop, self.resize)   # the crop against the backbone
+        self.num_classes, self.instances, self.min_distance = p.num_classes, p.instances, p.min_distance
+        self.multires_rate = 1.0 - 1.0 / p.multires_patches
+        self.multires_size, self.multires_shift = p.multires_size, p.multires_shift
+        self.elastic, self.elastic_alpha, self.elastic_sigma = p.elastic, p.elastic_alpha, p.elastic_sigma
+        self.lambda_rec, self.lambda_cls, self.perturbations = p.lambda_rec, p.lambda_cls, p.perturbations
 
         # the fine-tuning network itself (1 input, 1 output channel), so its keys are the fine-tuning layout
         self.net = build_model(self.model_cfg, in_channels=1, out_channels=1)
@@ -538,9 +589,9 @@ class TransVW(PretrainMethod):
     def _keep_bottleneck(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         self._bottleneck = output
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return _size3(params.get("resize", TRANSVW_DEFAULTS["resize"]), "resize")
+    @classmethod
+    def input_size(cls, params: "TransVWParams | Mapping[str, Any]") -> tuple[int, int, int] | None:
+        return cls.typed(params).resize
 
     #: self-discovery needs only each volume's embedding: the streaming loader computes them from the case cache
     streams_prepare = True
@@ -631,24 +682,6 @@ class TransVW(PretrainMethod):
 # --------------------------------------------------------------------------------------------------
 # The ledger of the 2D form is TransVW2D's docstring.
 
-#: the 2D form's defaults (methods/transvw.yaml ``two_d`` params)
-TRANSVW_2D_DEFAULTS: dict[str, Any] = {
-    "crop": [64, 64], "num_classes": 44, "instances": 200, "min_distance": 5, "embed_grid": [16, 16],
-    "multires_patches": 3, "multires_size": [0.78125, 1.234375], "multires_shift": 0.15625, "elastic": True,
-    "elastic_alpha": 991.0, "elastic_sigma": 8.0, "lambda_rec": 1.0, "lambda_cls": 0.01, "perturbations": "transvw",
-    "head_width": 1024,
-}
-
-
-def _size2(value: Any, key: str) -> tuple[int, int]:
-    """A 2D size param given as one int or two: (rows, columns); RecipeError naming ``method.params.<key>``."""
-    vals = [value] * 2 if isinstance(value, (int, float)) else list(value)
-    if len(vals) != 2 or any(int(v) != v or int(v) < 1 for v in vals):
-        raise RecipeError(f"method.params.{key}: {value!r} for method transvw (2D); expected a positive int or 2 of "
-                          f"them")
-    return int(vals[0]), int(vals[1])
-
-
 def image_embedding(images: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Training-free image feature: [N, 1, H, W] average-pooled to ``grid`` and flattened, [N, prod(grid)] fp32."""
     return F.adaptive_avg_pool2d(images.float(), tuple(int(g) for g in grid)).flatten(1)
@@ -738,47 +771,31 @@ class TransVW2D(PretrainMethod):
     """
 
     name = "transvw"
+    Params = TransVW2DParams
     transfers_decoder = True
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "TransVW2DParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = {**TRANSVW_2D_DEFAULTS, **self.params}
-        self.crop = _size2(p["crop"], "crop")
-        if any(c % 32 for c in self.crop):
-            raise RecipeError(f"method.params.crop: {list(self.crop)} for method transvw (2D); expected two multiples "
-                              f"of 32 (the 2D U-Net halves the instance 5 times)")
-        self.embed_grid = _size2(p["embed_grid"], "embed_grid")
-        for key in ("num_classes", "instances", "multires_patches", "head_width"):
-            if int(p[key]) < 1:
-                raise RecipeError(f"method.params.{key}: {p[key]} for method transvw (2D); expected >= 1")
-        self.num_classes, self.instances = int(p["num_classes"]), int(p["instances"])
-        self.min_distance = float(p["min_distance"])
-        self.multires_rate = 1.0 - 1.0 / int(p["multires_patches"])
-        lo, hi = (float(s) for s in p["multires_size"])
-        if not 0 < lo <= hi:
-            raise RecipeError(f"method.params.multires_size: {p['multires_size']} for method transvw (2D); expected "
-                              f"[low, high] fractions of the crop with 0 < low <= high")
-        self.side_range = (round(self.crop[0] * lo), round(self.crop[0] * hi))
-        self.reach = max(round(self.crop[0] * float(p["multires_shift"])), 0)
-        self.elastic = bool(p["elastic"])
-        self.elastic_alpha, self.elastic_sigma = float(p["elastic_alpha"]), float(p["elastic_sigma"])
-        self.lambda_rec, self.lambda_cls = float(p["lambda_rec"]), float(p["lambda_cls"])
-        self.perturbations = str(p["perturbations"])
-        if self.perturbations not in PERTURBATIONS:
-            raise RecipeError(f"method.params.perturbations: unknown value {p['perturbations']!r} for method transvw "
-                              f"(2D); expected one of {', '.join(PERTURBATIONS)}")
+        p = self.p
+        self.crop, self.embed_grid = p.crop, p.embed_grid
+        self.num_classes, self.instances, self.min_distance = p.num_classes, p.instances, p.min_distance
+        self.multires_rate = 1.0 - 1.0 / p.multires_patches
+        self.side_range = (round(self.crop[0] * p.multires_size[0]), round(self.crop[0] * p.multires_size[1]))
+        self.reach = max(round(self.crop[0] * p.multires_shift), 0)
+        self.elastic, self.elastic_alpha, self.elastic_sigma = p.elastic, p.elastic_alpha, p.elastic_sigma
+        self.lambda_rec, self.lambda_cls, self.perturbations = p.lambda_rec, p.lambda_cls, p.perturbations
         self.net = UNet2D(model_cfg, in_channels=1, out_channels=1)
-        self.head = ClassificationHead2D(self.net.widths[-1], self.num_classes, int(p["head_width"]))
+        self.head = ClassificationHead2D(self.net.widths[-1], self.num_classes, p.head_width)
         self.image_size: tuple[int, int] | None = None
         self.register_buffer("vw_coords", torch.zeros(0, 2, dtype=torch.int64))
         self.register_buffer("vw_members", torch.zeros(0, 0, dtype=torch.int64))
         self.register_buffer("vw_refs", torch.zeros(0, math.prod(self.embed_grid)))
         self.register_buffer("vw_radius", torch.zeros(0))
 
-    @staticmethod
-    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+    @classmethod
+    def pixels_per_image(cls, params: "TransVW2DParams | Mapping[str, Any]", size: tuple[int, int]) -> float:
         """Encoder input pixels per image and step (feasibility): one instance of the crop's size."""
-        crop = _size2(params.get("crop", TRANSVW_2D_DEFAULTS["crop"]), "crop")
+        crop = cls.typed(params).crop
         return crop[0] * crop[1]
 
     def _check_images(self, images: torch.Tensor) -> tuple[int, int]:

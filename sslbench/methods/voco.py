@@ -100,14 +100,15 @@ The 2D form (``VoCo2D``, the ChestX-ray14 track of issue 23) is at the end of th
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import RecipeError
-from ..models.backbones import ATTENTIONS, build_swinunetr
+from ..models.backbones import build_swinunetr
 from ..models.unet2d import build_encoder
 from .base import PretrainMethod
 from .parts import aug2d
@@ -115,12 +116,75 @@ from .parts.ema import momentum_update
 from .parts.pooled_swin import PooledSwinEncoder
 from .parts.tensors import plain_float
 from .parts.views import augment_crops, axis_coords, axis_positions, grid_coords
+from .params import Attention, MethodParams, positive, refuse, rule
 
-VARIANTS = ("paper", "teacher-student")
-#: ``params["pred_loss"]``: the official code's pos + neg split, or the paper's Eq. 3 as printed
-PRED_LOSSES = ("official", "eq3")
 #: the official loader's foreground threshold on intensities scaled to [0, 1] (``utils/data_utils.py``, ``threshold``)
 FOREGROUND_THRESHOLD = 0.3
+
+
+@dataclass(frozen=True)
+class VoCoParams(MethodParams):
+    """VoCo's ``method.params`` (methods/voco.yaml holds the paper defaults; equal to these, tests check)."""
+
+    variant: Literal["paper", "teacher-student"] = "paper"
+    """paper: one network, last Swin stage (the paper-era voco_headv1/v2 heads) | teacher-student: Luffy03/VoCo
+    models/voco_head.py (EMA teacher, encoder1..4 + encoder10 pooled)."""
+    n: int = field(default=4, metadata=positive("a positive integer"))
+    """n x n base crops over the x-y plane (paper Sec. 3.2; official get_crop_transform num=4)."""
+    sw_batch_size: int = field(default=4, metadata=positive("a positive integer"))
+    """random crops per volume (official args.sw_batch_size, get_vanilla_transform num)."""
+    resize: tuple[int, int, int] = field(default=(384, 384, 64), metadata=positive("a list of 3 positive integers"))
+    """volume size before cropping: the supplement's Table 2 depth 64; the official Resized is (384, 384, 96)."""
+    crop_size: int = field(default=64, metadata=rule(lambda v: v > 0 and v % 32 == 0,
+                                                     "a positive multiple of 32 (SwinUNETR downsamples 5 times)"))
+    """every crop resized to crop_size^3 (official roi_small 64)."""
+    lambda_: float = field(default=1.0, metadata={"key": "lambda"})
+    """L = L_pred + lambda L_reg, the paper's total loss (lambda 1 in the paper and the official code)."""
+    pred_loss: Literal["official", "eq3"] = "official"
+    """official: pos + neg of the official ce_loss | eq3: the paper's Eq. 3 as printed."""
+    detach_bases: bool | None = None
+    """L_pred's logits read sg(bases): null = the variant's official code (paper true: online_assign(feats,
+    bases.detach()); teacher-student false: voco_head.py VoCoHead.forward)."""
+    foreground_threshold: float | None = field(default=FOREGROUND_THRESHOLD, metadata=rule(
+        lambda v: 0.0 <= v < 1.0 and not math.isnan(v),
+        "a number in [0, 1) (intensities are scaled to [0, 1]) or null (no foreground crop)"))
+    """crop each volume to its x > threshold box (official utils/data_utils.py threshold: x > 0.3) | null: off."""
+    augment: bool = True
+    """per-crop flip / rot90 / intensity shift (official get_vanilla_transform with aug; Table 2)."""
+    attention: Attention = "fused"
+    """the Swin window-attention kernel the runtime applies (same function; not hashed)."""
+    head_dim: int = field(default=2048, metadata=positive("a positive integer"))
+    """projection MLP width (official projection_head hidden_dim = out_dim = 2048)."""
+    ema_momentum: float = field(default=0.9, metadata=rule(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"))
+    """teacher-student only: param_t = m param_t + (1 - m) param_s (official _EMA_update_encoder_teacher, 0.9)."""
+
+    def check(self) -> None:
+        if self.variant == "teacher-student" and self.crop_size < 64:
+            refuse("crop_size", self.crop_size, ">= 64 with variant teacher-student (encoder10 instance-normalises "
+                                                "the 1/32-scale map, a single voxel at 32)")
+
+
+@dataclass(frozen=True)
+class VoCo2DParams(MethodParams):
+    """VoCo2D's ``method.params`` (methods/voco.yaml ``two_d.params``; VoCo publishes no 2D code: sslbench's values)."""
+
+    n: int = field(default=4, metadata=positive("a positive integer"))
+    """n x n bases over the image (the 3D official num=4 per axis)."""
+    sw_batch_size: int = field(default=4, metadata=positive("a positive integer"))
+    """random crops per image (official args.sw_batch_size)."""
+    crop_size: int = field(default=64, metadata=rule(lambda v: v > 0 and v % 32 == 0,
+                                                     "a positive multiple of 32 (the ResNet-18 downsamples 5 times)"))
+    """every crop resized to crop_size x crop_size (the 3D official roi_small 64)."""
+    lambda_: float = field(default=1.0, metadata={"key": "lambda"})
+    """L = L_pred + lambda L_reg, the paper's total loss."""
+    pred_loss: Literal["official", "eq3"] = "official"
+    """official: the paper variant's pos + neg (w = 1[y > 0]) | eq3: the paper's Eq. 3 as printed."""
+    augment: bool = True
+    """per-crop flip / rot90 / intensity shift: the 3D official chain restricted to 2D."""
+    head_dim: int = field(default=2048, metadata=positive("a positive integer"))
+    """projection MLP width (official projection_head 2048)."""
+
+
 #: floor of 1 - |y - l| inside the paper's log: |y - l| reaches 1 when a crop fully inside base k gets
 #: logit 0 (or a disjoint base gets logit 1), where log(0) = -inf would poison the step.
 LOG_EPS = 1e-6
@@ -366,15 +430,14 @@ class ProjectionHead(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 class VoCo(PretrainMethod):
-    """VoCo pre-training on volumes [B, 1, X, Y, Z] in [0, 1], already resized to ``params["resize"]``.
+    """VoCo pre-training on volumes [B, 1, X, Y, Z] in [0, 1], already resized to ``params.resize``.
 
-    params: variant (paper | teacher-student), n, sw_batch_size, resize, crop_size, lambda; optional
-    augment (true), attention (fused | sdpa | monai), head_dim (2048), ema_momentum (0.9), detach_bases
-    (null: the variant's official choice, true | false), pred_loss (official | eq3), foreground_threshold
-    (0.3, null: off). The module docstring's ledger says which official code each setting follows.
+    params: :class:`VoCoParams` (typed, checked; one line per field on what it is and the official code it
+    follows); the module docstring's ledger says where the defaults depart from the official code.
     """
 
     name = "voco"
+    Params = VoCoParams
     transfers_decoder = False
     #: what the runtime's speed layer may act on (sslbench/speed): the EMA teacher, the parts compiled one by one
     #: (crops and losses stay eager), and the encoders whose compiled features are checked against eager
@@ -382,48 +445,17 @@ class VoCo(PretrainMethod):
     compile_parts = ("backbone", "head", "teacher", "teacher_head")
     feature_encoders = {"student": "backbone", "teacher": "teacher"}
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "VoCoParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
-        self.variant = str(p.get("variant", "paper"))
-        if self.variant not in VARIANTS:
-            raise RecipeError(f"method.params.variant: unknown value {self.variant!r} for method voco; "
-                              f"expected one of {', '.join(VARIANTS)}")
-        attention = str(p.get("attention", "fused"))
-        if attention not in ATTENTIONS:
-            raise RecipeError(f"method.params.attention: unknown value {attention!r} for method voco; "
-                              f"expected one of {', '.join(ATTENTIONS)}")
-        self.n = int(p.get("n", 4))
-        self.sw_batch_size = int(p.get("sw_batch_size", 4))
-        self.crop_size = int(p.get("crop_size", 64))
-        if self.crop_size % 32:
-            raise RecipeError(f"method.params.crop_size: {self.crop_size} for method voco; expected a multiple "
-                              f"of 32 (SwinUNETR downsamples 5 times)")
-        if self.variant == "teacher-student" and self.crop_size < 64:
-            raise RecipeError(f"method.params.crop_size: {self.crop_size} with variant teacher-student; expected "
-                              f">= 64 (encoder10 instance-normalises the 1/32-scale map, a single voxel at 32)")
-        self.lam = float(p.get("lambda", 1.0))
-        detach = p.get("detach_bases")
-        if detach is not None and not isinstance(detach, bool):
-            raise RecipeError(f"method.params.detach_bases: {detach!r} for method voco; expected true, false or "
-                              f"null (the variant's official choice: true for paper, false for teacher-student)")
+        p = self.p
+        self.variant, self.n, self.sw_batch_size, self.crop_size = p.variant, p.n, p.sw_batch_size, p.crop_size
+        self.lam, self.pred_loss, self.augment, self.ema_momentum = p.lambda_, p.pred_loss, p.augment, p.ema_momentum
         #: L_pred's logits read the student's bases behind a stop-gradient (module docstring, ledger)
-        self.detach_bases = (self.variant == "paper") if detach is None else detach
-        self.pred_loss = str(p.get("pred_loss", "official"))
-        if self.pred_loss not in PRED_LOSSES:
-            raise RecipeError(f"method.params.pred_loss: unknown value {self.pred_loss!r} for method voco; "
-                              f"expected one of {', '.join(PRED_LOSSES)}")
+        self.detach_bases = (self.variant == "paper") if p.detach_bases is None else p.detach_bases
         #: the official pos term's weights: 1[y > 0] in the paper-era head, y in the teacher-student one
         self.positive = "mask" if self.variant == "paper" else "label"
-        threshold = p.get("foreground_threshold", FOREGROUND_THRESHOLD)
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or not 0.0 <= float(threshold) < 1.0):
-            raise RecipeError(f"method.params.foreground_threshold: {threshold!r} for method voco; expected a "
-                              f"number in [0, 1) (intensities are scaled to [0, 1]) or null (no foreground crop)")
-        self.foreground_threshold = None if threshold is None else float(threshold)
-        self.augment = bool(p.get("augment", True))
-        self.ema_momentum = float(p.get("ema_momentum", 0.9))
-        head_dim = int(p.get("head_dim", 2048))
+        self.foreground_threshold = p.foreground_threshold
+        head_dim = p.head_dim
         fs = int(self.model_cfg["feature_size"])
 
         teacher_student = self.variant == "teacher-student"
@@ -436,9 +468,9 @@ class VoCo(PretrainMethod):
             self.teacher = copy.deepcopy(self.backbone).requires_grad_(False)
             self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
 
-    @staticmethod
-    def input_size(params: Mapping[str, Any]) -> tuple[int, int, int] | None:
-        return tuple(int(s) for s in params["resize"])
+    @classmethod
+    def input_size(cls, params: "VoCoParams | Mapping[str, Any]") -> tuple[int, int, int] | None:
+        return cls.typed(params).resize
 
     def encoder_inputs(self, volumes: torch.Tensor) -> torch.Tensor:
         """The backbones' input of one step: every view of ``volumes`` (``make_views``), for the runtime's check of
@@ -562,26 +594,22 @@ def augment_crops_2d(x: torch.Tensor, p_flip: float = 0.2, p_rot90: float = 0.2,
 
 class VoCo2D(PretrainMethod):
     name = "voco"
+    Params = VoCo2DParams
 
-    def __init__(self, params: Mapping[str, Any], model_cfg: Mapping[str, Any]):
+    def __init__(self, params: "VoCo2DParams | Mapping[str, Any]", model_cfg: Mapping[str, Any]):
         super().__init__(params, model_cfg)
-        p = self.params
-        self.n = int(p.get("n", 4))
-        self.k = int(p.get("sw_batch_size", 4))
-        self.crop_size = int(p.get("crop_size", 64))
-        self.lam = float(p.get("lambda", 1.0))
-        self.pred_loss = str(p.get("pred_loss", "official"))
-        self.augment = bool(p.get("augment", True))
+        p = self.p
+        self.n, self.k, self.crop_size, self.lam = p.n, p.sw_batch_size, p.crop_size, p.lambda_
+        self.pred_loss, self.augment = p.pred_loss, p.augment
         self.encoder = build_encoder(model_cfg)
         width = self.encoder.feature_info.channels()[-1]
-        dim = int(p.get("head_dim", 2048))
-        self.head = ProjectionHead(width, dim, dim)
+        self.head = ProjectionHead(width, p.head_dim, p.head_dim)
 
-    @staticmethod
-    def pixels_per_image(params: Mapping[str, Any], size: tuple[int, int]) -> float:
+    @classmethod
+    def pixels_per_image(cls, params: "VoCo2DParams | Mapping[str, Any]", size: tuple[int, int]) -> float:
         """Encoder input pixels per image and step (feasibility): (k + n^2) crops of crop_size^2."""
-        n, k, s = int(params.get("n", 4)), int(params.get("sw_batch_size", 4)), int(params.get("crop_size", 64))
-        return (k + n * n) * s * s
+        p = cls.typed(params)
+        return (p.sw_batch_size + p.n * p.n) * p.crop_size * p.crop_size
 
     def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(views [B*k + B*n*n, C, s, s]: random crops of every image, then the bases; labels [B, k, n*n])."""

@@ -196,15 +196,19 @@ def method_class(cfg: Mapping[str, Any]) -> tuple[type, dict, bool, bool]:
 
 
 def check_method_params(cfg: Mapping[str, Any]) -> None:
-    """The pre-training method's own checks of its params (its constructor's one-line RecipeErrors: an unknown
-    ``method.params.perturbations``, a crop the backbone cannot take, ...) before any work: the method is built
+    """The pre-training method's params checked against its typed ``Params`` (an unknown key, a wrong type, a value
+    not allowed: one line naming the recipe file), then its constructor's own checks (a crop the backbone cannot
+    take, ...), before any work: the method is built
     once on the CPU and dropped, under a forked random state, so that the run draws what it would have drawn
     without this check. Nothing for a run without pre-training."""
     import torch
 
     if "corpus" not in cfg or cfg["method"].get("pretrain") is None:
         return
-    cls, params, _, _ = method_class(cfg)
+    cls, params, _, two_d = method_class(cfg)
+    # the typed params (sslbench/methods/params.py): one line naming the recipe file
+    where = Path((cfg.get("recipe_files") or {}).get("method") or f"methods/{cfg['method']['name']}.yaml")
+    cls.Params.build(params, cls.name, f"{where.parent.name}/{where.name}{' (2D form)' if two_d else ''}")
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         cls(params, cfg["model"])
 

@@ -23,10 +23,10 @@ from .names import ATTENTIONS  # noqa: F401,E402 (the forms of Swin window atten
 def apply(method: nn.Module) -> dict[str, int]:
     """The speed settings a pre-training method runs with, applied to its modules (same function):
 
-    * ``method.params["attention"]`` (default ``fused``; ``fused`` | ``sdpa`` | ``monai``): every Swin
-      transformer's window attention is switched by ``fast_swin.apply_attention`` and every MONAI ViT self-attention
-      block runs its own SDPA path (MAE's encoder and decoder); with ``monai`` the method's ``teachers`` (trained by
-      EMA, never by autograd) use MONAI's own SDPA path, which runs only without autograd;
+    * ``method.p.attention``, the recipe's ``method.params.attention`` (default ``fused``; ``fused`` | ``sdpa`` |
+      ``monai``): every Swin transformer's window attention is switched by ``fast_swin.apply_attention`` and every
+      MONAI ViT self-attention block runs its own SDPA path (MAE's encoder and decoder); with ``monai`` the method's
+      ``teachers`` (trained by EMA, never by autograd) use MONAI's own SDPA path, which runs only without autograd;
     * the stems of pooled encoders (``pooled_stem.use_pooled_stems``).
 
     Returns how many modules each setting switched."""
@@ -35,7 +35,8 @@ def apply(method: nn.Module) -> dict[str, int]:
     from .fast_swin import apply_attention, use_monai_sdpa
     from .pooled_stem import use_pooled_stems
 
-    attention = str(dict(getattr(method, "params", None) or {}).get("attention", "fused"))
+    # the method's typed params (``method.p``, sslbench/methods/params.py), read by name: this layer imports no method
+    attention = str(getattr(getattr(method, "p", None), "attention", "fused"))
 
     swins = [m for m in method.modules() if isinstance(m, SwinTransformer)]
     if swins and attention not in ATTENTIONS:
