@@ -26,6 +26,19 @@ def test_a_golden_run_gives_the_golden_record(name, expected, tmp_path, phantom_
     found = golden.records(name, tmp_path, phantom_home)
     problems = golden.differences(expected[name], found, name)
     assert not problems, "\n".join(problems[:20])
+    _the_report_groups_by_the_recorded_protocol(tmp_path)
+
+
+def _the_report_groups_by_the_recorded_protocol(out: Path) -> None:
+    """One protocol hash per record: the report's protocol of each fine-tuning, recomputed from recipe.yaml (and
+    its pre-training's), is the ``protocol`` the run recorded, for every kind of golden run."""
+    from sslbench.report.runs import collect_runs
+
+    df = collect_runs(out)
+    recorded = {str(p.parent): json.loads(p.read_text())["protocol"] for p in (out / "finetune").rglob("metrics.json")}
+    assert recorded and set(df["path"]) == set(recorded)
+    for row in df.itertuples():
+        assert row.protocol == recorded[row.path], row.path
 
 
 def test_a_killed_golden_run_resumes_to_the_golden_record(expected, tmp_path, phantom_home):

@@ -2,6 +2,7 @@
 phantoms are always labelled; every output format renders; a malformed leaderboard gives one line."""
 from __future__ import annotations
 
+import json
 import io
 import math
 import re
@@ -185,7 +186,7 @@ def write_run(runs: Path, *, method: str = "voco", task: str = "mmwhs", seed: in
               pretrain_hash: str | None = None, scoring: bool = True, extra: dict | None = None, **kw) -> Path:
     init = {"source": "pretrain", "hash": pretrain_hash, "method": method} if pretrain_from else None
     cfg = _cfg(method, task, seed, init=init, **kw)
-    protocol = recipes.protocol_hash(cfg)           # as protocol.finetune: the recorded hash includes the seed
+    protocol = recipes.protocol_hash(cfg)           # as protocol.finetune records it (seed-free)
     rec = RunRecord(runs / "finetune" / task / method / f"{protocol}-s{seed}")
     rec.path.mkdir(parents=True)
     phantom = bool(kw.get("phantom"))
@@ -224,7 +225,7 @@ def test_collect_runs_aggregates_mean_and_std_over_seeds(tmp_path):
     df, tables = _tables(runs)
     assert len(df) == 4 and sorted(df["seed"]) == [0, 0, 1, 2]
     df = df[df["lambda"] == 1.0]
-    assert df["protocol"].nunique() == 1 and df["run_protocol"].nunique() == 1    # seeds share one protocol
+    assert df["protocol"].nunique() == 1                                   # seeds share one protocol
     assert {"task", "method", "variant", "seed", "preset", "protocol", "phantom", "mean_dice", "lambda",
             "path", "dice:left ventricle"} <= set(df.columns)
     assert set(df["lambda"]) == {1.0} and not df["phantom"].any()
@@ -251,9 +252,27 @@ def test_seeds_from_their_own_pretraining_share_a_protocol(tmp_path):
         pre, h = _pretrain(runs, "voco", seed, 0.5)
         write_run(runs, seed=seed, lam=0.5, dice=0.8 + seed / 100, pretrain_from=pre, pretrain_hash=h)
     df, tables = _tables(runs)
-    assert df["run_protocol"].nunique() == 1 and df["protocol"].nunique() == 1
+    assert df["protocol"].nunique() == 1
     (g,) = tables["table3"].cell("0.5", "mmwhs").groups
     assert g.n == 2 and g.lam == 0.5
+
+
+def test_runs_of_other_process_counts_are_other_protocols(tmp_path):
+    """N processes train with an N times larger global batch: a fine-tuning under torchrun, or one from a
+    pre-training under torchrun, never joins the single-process seeds (the report once recomputed the protocol
+    from recipe.yaml without the world size)."""
+    runs = tmp_path / "runs"
+    pre1, h1 = _pretrain(runs, "voco", 0, 1.0)
+    write_run(runs, seed=0, dice=0.80, pretrain_from=pre1, pretrain_hash=h1)
+    write_run(runs, seed=1, dice=0.81, pretrain_from=pre1, pretrain_hash=h1, extra={"world_size": 2})
+    pre2, h2 = _pretrain(runs, "voco", 2, 1.0)
+    m = json.loads((pre2 / "metrics.json").read_text())
+    atomic_write_json(pre2 / "metrics.json", {**m, "world_size": 2})
+    write_run(runs, seed=2, dice=0.82, pretrain_from=pre2, pretrain_hash=h2)
+    df, tables = _tables(runs)
+    assert df["protocol"].nunique() == 3
+    assert sorted(g.n for g in tables["table3"].cell("1.0", "mmwhs").groups) == [1, 1, 1]
+    assert len(set(df["series"])) == 3
 
 
 def test_different_protocols_are_never_averaged(tmp_path):

@@ -313,11 +313,12 @@ def _describe_stage(cfg: Mapping[str, Any], fcfg: Mapping[str, Any], stage: str,
 
 def finetune_view(cfg: Mapping[str, Any]) -> dict:
     """The fine-tuning config :func:`run_protocol` hashes for a resolved recipe: its ``init`` names the
-    pre-training's protocol (or None for a method without one)."""
+    pre-training's protocol hash, with the number of processes where there are several (or None for a method
+    without one)."""
     fcfg = recipes.split_config(cfg, "task")
     fcfg["init"] = None
     if cfg["method"].get("pretrain") is not None:
-        fcfg["init"] = {"source": "pretrain", "hash": recipes.protocol_hash(recipes.split_config(cfg, "corpus")),
+        fcfg["init"] = {"source": "pretrain", "hash": protocol_hash(recipes.split_config(cfg, "corpus")),
                         "method": cfg["method"]["name"]}
     return fcfg
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import recipes
+from ..store.run_key import protocol_hash
 from . import track2d
 from .finetuning import finetune
 from .plan import preflight, refuse_pretraining_for_2d
@@ -33,7 +34,7 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
         pcfg = recipes.split_config(cfg, "corpus")
         pre = pretrain(pcfg, root=corpus_root, resume=resume, force=False, console=console)
         init = {"path": str(pre.record.ckpt_dir / "backbone.pt"), "source": "pretrain",
-                "pretrain_run": str(pre.record.path), "hash": recipes.protocol_hash(pcfg), "run_key": pre.record.run_key,
+                "pretrain_run": str(pre.record.path), "hash": protocol_hash(pcfg), "run_key": pre.record.run_key,
                 "method": cfg["method"]["name"], "include_decoder": bool(pre.metrics.get("transfers_decoder", False)),
                 "phantom": bool(pre.metrics.get("phantom")), "corpus": cfg["corpus"]["name"]}
     return finetune(recipes.split_config(cfg, "task"), root=root, init=init, resume=resume, force=force,

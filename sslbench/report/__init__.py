@@ -18,10 +18,12 @@ Rules the tables keep:
   separately, inside the same cell, most runs first, each labelled ``[preset, λ, p:<hash>]`` whenever the
   cell holds more than one group (and the table gets a note saying so).
   The protocol of a run is the hash of its resolved recipe (``recipe.yaml``) without ``run.seed``, with
-  the pre-training's recipe (also without its seed) standing in for ``init.hash``. sslbench records the
-  same seed-free hash (``metrics.json: protocol``); recomputing it (sslbench.store.run_key.seed_free_protocols)
-  keeps records written by other versions comparable. Where ``recipe.yaml`` (or the pre-training's) cannot be
-  read, the recorded hash is used.
+  the pre-training's protocol hash (recomputed from its recipe, also without its seed) as ``init.hash`` and
+  the number of processes of each stage where there were several. A record carries this one hash
+  (``metrics.json: protocol``, the run key's protocol part); recomputing it
+  (sslbench.store.run_key.seed_free_protocols) gives exactly that for today's records and keeps records written
+  by older versions comparable. Where ``recipe.yaml`` (or the pre-training's) cannot be read, the recorded hash
+  is used.
 * **Comparable or not shown as comparable.** One function, ``runs.comparability``, decides where a run stands:
   beside the published number (with Δ) only when it follows the published protocol (real data in the
   fine-tuning and its pre-training, ``--preset paper`` for both, the task's and the method's full schedule,

@@ -19,7 +19,7 @@ from ..store.records import try_read_json, try_read_recipe
 
 #: Columns every frame from collect_runs has, even when no run was found.
 RUN_COLUMNS = ["task", "task_title", "base_task", "method", "method_recipe", "variant", "seed", "preset",
-               "protocol", "run_protocol", "series", "phantom", "metric", "mean_dice", "score", "lambda",
+               "protocol", "series", "phantom", "metric", "mean_dice", "score", "lambda",
                "n_cases", "finished", "env", "path", "labeled_cases", "finetune_protocol", "finetune_family",
                "pretrain_steps", "data", "data_fingerprint", "comparability", "deviations", "old_scoring",
                "pretrain_run", "pretrain_corpus"]
@@ -96,17 +96,29 @@ def run_environment(folder: Path, metrics: Mapping, runs_dir: Path) -> str:
 
 
 def _protocol_keys(cfg: Mapping, metrics: Mapping, runs_dir: Path) -> tuple[str, str] | None:
-    """(protocol, series) of a run (store.run_key.seed_free_protocols); ``series`` also leaves out λ.
+    """(protocol, series) of a run (store.run_key.seed_free_protocols: a record of today's own ``protocol``);
+    ``series`` also leaves out λ. The number of processes of the fine-tuning and of its pre-training (their
+    metrics.json ``world_size``) is part of the protocol where there were several.
 
     None when the pre-training a run started from cannot be read (its recorded hash includes its seed).
     """
     init = cfg.get("init")
-    pre = None
+    pre, pre_world = None, 1
     if isinstance(init, Mapping) and init.get("source") == "pretrain":
         pre = _pretrain_recipe(metrics, runs_dir)
         if pre is None:
             return None
-    return run_key.seed_free_protocols(cfg, pre)
+        folder = _pretrain_folder(metrics, runs_dir)
+        pre_metrics = try_read_json(folder / "metrics.json") if folder is not None else None
+        pre_world = _world_size(pre_metrics)
+    return run_key.seed_free_protocols(cfg, pre, world_size=_world_size(metrics), pretrain_world_size=pre_world)
+
+
+def _world_size(metrics: Any) -> int:
+    try:
+        return int(metrics.get("world_size") or 1) if isinstance(metrics, Mapping) else 1
+    except (TypeError, ValueError):
+        return 1
 
 
 def _finetune_keys(cfg: Mapping | None) -> dict[str, Any]:
@@ -319,7 +331,7 @@ def _run_row(folder: Path, status: Mapping, m: Mapping, runs_dir: Path) -> dict:
         "task": m["task"], "task_title": m.get("task_title") or m["task"], "base_task": _base_task(m["task"], cfg),
         "method": m["method"], "method_recipe": m.get("method_recipe") or m["method"], "variant": m.get("variant"),
         "seed": m.get("seed"), "preset": m.get("preset"),
-        "protocol": protocol, "run_protocol": recorded, "series": series, "phantom": phantom,
+        "protocol": protocol, "series": series, "phantom": phantom,
         "metric": metric, "mean_dice": _float(m.get("mean_dice")), "score": _float(m.get(f"mean_{metric}")),
         "lambda": _float(params.get("lambda")) if isinstance(params, Mapping) else math.nan,
         "n_cases": m.get("n_cases"), "finished": m.get("finished") or status.get("finished"),
@@ -362,8 +374,8 @@ def collect_runs(runs_dir: str | Path):
     ``comparability`` is the run's kind from ``comparability`` ("" = may stand beside a published number),
     ``deviations`` its reasons; ``old_scoring`` marks a segmentation record scored before the empty-set rules
     (no ``scoring`` block); ``pretrain_run`` / ``pretrain_corpus`` name the pre-training it started from.
-    ``protocol`` is the seed-free protocol (see the package docstring), ``run_protocol`` the recorded hash,
-    ``series`` the protocol without λ (what a λ curve joins), ``data`` / ``data_fingerprint`` the root and the
+    ``protocol`` is the run's protocol hash (recomputed from recipe.yaml: a record of today's own, see the
+    package docstring), ``series`` the protocol without λ (what a λ curve joins), ``data`` / ``data_fingerprint`` the root and the
     fingerprint of the data it read (metrics.json or data.json; None before runs recorded them), ``score`` the
     recorded mean of the run's metric (``mean_dice`` for Dice). Unreadable folders are skipped and listed in
     ``df.attrs['skipped']``.

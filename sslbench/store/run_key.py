@@ -11,10 +11,11 @@ functions, so a run folder found on disk and a run about to start agree on what 
   ``run_key``; it names the folder.
 * :func:`run_dir`: where that run lives below ``run.out``.
 
-Reading records back, the report groups runs by hashes of what they computed, recomputed from each folder's
-recipe.yaml (so records written by older versions, or with other data roots, stay comparable):
-:func:`seed_free_protocols` (protocol and λ-free series of a fine-tuning, its pre-training's recipe standing in
-for ``init.hash``) and :func:`finetune_protocols` (what the fine-tuning alone did, for label-efficiency curves).
+A record carries one protocol hash. Reading records back, the report recomputes it from each folder's recipe.yaml
+(:func:`seed_free_protocols`: for a record of today exactly the recorded ``protocol``, a test checks it on real
+runs; records of older versions, whose ``init.hash`` held the pre-training's seed, join today's protocol), with
+the λ-free series beside it, and :func:`finetune_protocols` (what the fine-tuning alone did, for
+label-efficiency curves).
 """
 from __future__ import annotations
 
@@ -63,19 +64,29 @@ def run_dir(cfg: Mapping[str, Any], stage: str, key: str) -> Path:
     return out / "finetune" / cfg["task"]["name"] / cfg["run"].get("label", cfg["method"]["name"]) / f"{key}-s{seed}"
 
 
-def seed_free_protocols(cfg: Mapping[str, Any], pretrain_cfg: Mapping[str, Any] | None = None) -> tuple[str, str]:
-    """(protocol, series) of a recorded fine-tuning: hashes of its recipe.yaml without ``run.seed`` and the
-    ``data`` section (where the data lives, not what ran); ``series`` also leaves out ``method.params.lambda``
-    (what a λ curve joins). ``pretrain_cfg``, the recipe.yaml of the pre-training it started from (hashed the
-    same way, without its seed), stands in for ``init.hash``."""
+def seed_free_protocols(cfg: Mapping[str, Any], pretrain_cfg: Mapping[str, Any] | None = None, *,
+                        world_size: int = 1, pretrain_world_size: int = 1) -> tuple[str, str]:
+    """(protocol, series) of a recorded fine-tuning, recomputed from its recipe.yaml: its seed-free protocol hash
+    and the same without ``method.params.lambda`` (what a λ curve joins).
+
+    For a record of today the protocol is the one it recorded (``metrics.json: protocol``, :func:`protocol_hash`):
+    the ``data`` section (where the data lives, not what ran) is left out, the number of processes is hashed when
+    there were several (``world_size`` of the fine-tuning, ``pretrain_world_size`` of its pre-training), and
+    ``init.hash`` is the protocol hash of the pre-training it started from, recomputed from ``pretrain_cfg``
+    (that pre-training's recipe.yaml) without its seed, so records of older versions, whose ``init.hash`` held
+    the seed, join the same protocol as today's."""
     c = {k: v for k, v in cfg.items() if k != "data"}
     pre = {k: v for k, v in pretrain_cfg.items() if k != "data"} if pretrain_cfg is not None else None
+    if world_size > 1:
+        c["world_size"] = world_size
+    if pre is not None and pretrain_world_size > 1:
+        pre["world_size"] = pretrain_world_size
     keys = []
     for extra in ((), ("method.params.lambda",)):
         exclude = ("run.seed",) + extra
         cc = copy.deepcopy(c)
         if pre is not None:
-            cc["init"] = dict(cc["init"], hash="pretrain:" + recipes.protocol_hash(pre, exclude=exclude))
+            cc["init"] = dict(cc["init"], hash=recipes.protocol_hash(pre, exclude=exclude))
         keys.append(recipes.protocol_hash(cc, exclude=exclude))
     return keys[0], keys[1]
 
