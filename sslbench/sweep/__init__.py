@@ -35,4 +35,4 @@ from .spec import ALIASES, DEFAULT_VALUES, Sweep, build_sweep, check_key, format
 from .storage import open_storage, public_url  # noqa: F401
 from .summary import print_summary  # noqa: F401
 from .worker import (ATTR_ERROR, ATTR_SPEC, ATTR_STALE, ATTR_SUPERSEDED, ATTR_WORKER, SweepStop,  # noqa: F401
-                     Worker, check_data, command, follow)
+                     Worker, check_data, command, follow, worker_gone)

@@ -52,6 +52,22 @@ ATTR_ERROR = "sslbench:error"
 ATTR_SPEC = "sslbench:sweep"
 
 
+def worker_gone(t, me: dict[str, Any]) -> str | None:
+    """Why the worker of RUNNING trial ``t`` is dead (``me``: this worker's host and pid), from the store lock: its
+    run folder's lock is free, and this machine sees that lock (the worker ran here, or the lock file still names
+    it: a shared file system). None while it may be alive: the lock is held, or it is not this machine's to see."""
+    folder = t.user_attrs.get("run_folder")
+    if not folder:
+        return None
+    lock = locks.folder_lock(folder)
+    if not lock.free():
+        return None
+    w, left = t.system_attrs.get(ATTR_WORKER) or {}, lock.left_by or {}
+    if w.get("host") != me["host"] and (left.get("pid"), left.get("host")) != (w.get("pid"), w.get("host")):
+        return None        # a worker of another machine whose --out is not this one's: its lock is not here
+    return f"its worker (pid {w.get('pid', '?')} on {w.get('host', '?')}) is gone (its run folder's lock is free)"
+
+
 class SweepStop(Exception):
     """Raised inside a trial to end the sweep (a one-line user error)."""
 
@@ -183,18 +199,7 @@ class Worker:
         return self.folders[key]
 
     def gone(self, t) -> str | None:
-        """Why the worker of RUNNING trial ``t`` is dead: its run folder's lock is free, and this machine sees that
-        lock (the worker ran here, or the lock file still names it); None while it may be alive."""
-        folder = t.user_attrs.get("run_folder")
-        if not folder:
-            return None
-        lock = locks.folder_lock(folder)
-        if not lock.free():
-            return None
-        w, left = t.system_attrs.get(ATTR_WORKER) or {}, lock.left_by or {}
-        if w.get("host") != self.me["host"] and (left.get("pid"), left.get("host")) != (w.get("pid"), w.get("host")):
-            return None        # a worker of another machine whose --out is not this one's: its lock is not here
-        return f"its worker (pid {w.get('pid', '?')} on {w.get('host', '?')}) is gone (its run folder's lock is free)"
+        return worker_gone(t, self.me)
 
     def in_use(self, g: int) -> str | None:
         """'<run dir> is in use by pid N on HOST since T' while a live process holds grid point ``g``'s folder."""
@@ -225,12 +230,14 @@ class Worker:
             return len(t.system_attrs.get("retry_history", [])) < self.sw.max_retries
         return False
 
-    def enqueue_retry(self, t) -> None:
+    def enqueue_retry(self, t, retry: bool = True) -> None:
+        """Queue ``t``'s point again: with Optuna's retry bookkeeping, or (``retry`` False: ``t`` was closed
+        without running) as a fresh start of the point."""
         from optuna.trial import TrialState, create_trial
 
         history = list(t.system_attrs.get("retry_history", [])) + [t.number]
         attrs: dict[str, Any] = {"failed_trial": t.system_attrs.get("failed_trial", t.number),
-                                 "retry_history": history}
+                                 "retry_history": history} if retry else {}
         if self.sw.sampler == "grid":
             attrs.update(grid_id=self.point(t), search_space=self.space)
         else:
@@ -285,7 +292,7 @@ class Worker:
             elif TrialState.WAITING in states or not ts:
                 work = True                               # a queued retry, or a point never asked for
             elif not real:                                # only closed trials (GridSampler counts them as visited)
-                self.enqueue_retry(max(ts, key=lambda t: t.number))
+                self.enqueue_retry(max(ts, key=lambda t: t.number), retry=False)
                 work = True
             elif self.retryable(last := max(real, key=lambda t: t.number)):
                 self.enqueue_retry(last)
