@@ -112,20 +112,15 @@ class RunLock:
         raise a one-line RunError naming the holder."""
         import fcntl
 
-        wait = _WAIT.get() if wait is None else wait
-        if self._reenter():
+        if self.try_acquire():
             return self
+        message = self.in_use()
+        if not (_WAIT.get() if wait is None else wait):
+            raise RunError(f"{message}; wait for it to end (or stop it) and run again")
+        if say is not None:
+            say(f"waiting: {message}")
         f = self._open()
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            message = self.in_use()
-            if not wait:
-                f.close()
-                raise RunError(f"{message}; wait for it to end (or stop it) and run again") from None
-            if say is not None:
-                say(f"waiting: {message}")
-            fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX)
         self._own(f)
         return self
 
