@@ -1,5 +1,7 @@
 """`sslbench sweep`: a λ grid fills Table 3; a killed sweep is finished by the next run without running a
-point twice; two workers split one journal; TPE reports intermediate Dice; bad keys give one line.
+point twice; two workers split one journal; TPE reports intermediate Dice; bad keys give one line. A worker
+decides by the point's run-folder lock: held by a live process, the point is left alone; left by a dead holder,
+it is resumed; a finished run is told from its metrics.json, not trained again.
 
 Everything runs on tiny phantom settings (2 fine-tuning steps, coarse spacing) so the file stays within a
 few minutes on 2 CPU cores.
@@ -158,6 +160,8 @@ def test_the_store_lock_tells_a_live_worker_from_a_dead_one(tmp_path):
     finally:
         _kill(holder)
     assert "is gone" in sweep.worker_gone(trial(alive), me)               # dead on this host: at once
+    assert "is gone" in sweep.worker_gone(trial(dict(alive, pid=os.getppid())), me)   # a live pid holding no
+    #                                                                   lock (a pid reused since) is no sign of life
     probe = locks.folder_lock(folder)
     assert probe.free() and probe.left_by["pid"] == holder.pid            # its name is still in the lock file
     far = {"host": "elsewhere", "pid": 4321}

@@ -431,6 +431,8 @@ class Worker:
             with locks.waiting():
                 command(dist, ("run", run_kwargs))   # the trial's parameters, from rank 0 to every rank
                 outcome = protocol.run_protocol(**run_kwargs, console=self.console, on_validation=on_validation)
+            if Path(outcome.record.path).resolve() != Path(trial.user_attrs["run_folder"]).resolve():
+                raise RuntimeError(f"the protocol ran {outcome.record.path}, not the folder this worker locked")
         except self.optuna.TrialPruned as exc:
             self.study.tell(trial, state=TrialState.PRUNED)
             self.say(f"trial #{trial.number}: {esc(exc)}")
