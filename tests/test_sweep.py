@@ -107,7 +107,7 @@ def test_unknown_key_is_one_line_with_did_you_mean(tmp_path, capsys):
 def _hold(path: Path, what: str) -> subprocess.Popen:
     """A live process holding the store lock at ``path`` (until killed), as a worker or `sslbench run` does."""
     code = ("import sys, time; from sslbench.store import lock as locks; "
-            "held = locks.RunLock(sys.argv[1], sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(600)")
+            "held = locks.RunLock(sys.argv[1], sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(300)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder

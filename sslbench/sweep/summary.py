@@ -8,7 +8,7 @@ from typing import Any
 
 from .spec import esc, show_value
 from .storage import public_url
-from .worker import ATTR_ERROR, ATTR_STALE, ATTR_WORKER, Worker
+from .worker import ATTR_ERROR, ATTR_STALE, ATTR_WORKER, Worker, worker_gone
 
 
 def _state_text(w: Worker, t, retried_by: dict[int, int]) -> tuple[str, str]:
@@ -30,7 +30,7 @@ def _state_text(w: Worker, t, retried_by: dict[int, int]) -> tuple[str, str]:
             note = (note + "; " if note else "") + f"at step {t.user_attrs['pruned_at']}"
     elif t.state == TrialState.RUNNING:
         wk = t.system_attrs.get(ATTR_WORKER) or {}
-        why = w.gone(t)          # its run folder's lock free: the worker died
+        why = worker_gone(t, w.me)          # its run folder's lock is free: the worker died
         state = "[red]worker gone[/red]" if why else "[cyan]running[/cyan]"
         where = f"pid {wk.get('pid')} on {wk.get('host')}" if wk else ""
         note = (note + "; " if note else "") + (why or where)

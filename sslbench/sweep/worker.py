@@ -198,9 +198,6 @@ class Worker:
             self.folders[key] = (Path(os.path.abspath(plan.path)), plan.protocol)
         return self.folders[key]
 
-    def gone(self, t) -> str | None:
-        return worker_gone(t, self.me)
-
     def in_use(self, g: int) -> str | None:
         """'<run dir> is in use by pid N on HOST since T' while a live process holds grid point ``g``'s folder."""
         lock = locks.folder_lock(self.folder_of(self.grid[g])[0])
@@ -213,7 +210,7 @@ class Worker:
             if w.get("host", self.me["host"]) == self.me["host"]:
                 self.close(t, ATTR_SUPERSEDED, "its worker stopped before it locked a run folder")
             return
-        why = self.gone(t)
+        why = worker_gone(t, self.me)
         if why and self.close(t, ATTR_STALE, {"reason": why, "at": time.time(), "by": self.me}):
             self.say(f"[yellow]trial #{t.number} ({esc(self.sw.display)} = {esc(show_value(self.value_of(t)))}) was "
                      f"left running: {esc(why)}; it will be run again from its run folder's last checkpoint[/yellow]")
