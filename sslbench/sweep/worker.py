@@ -10,7 +10,8 @@ A point is a run like any other: its folder is named by the run key the protocol
    different points); TPE samples a value;
 3. **locks the point's run folder** (without waiting):
    - held by a live process (another worker, an ``sslbench run``): the trial is closed without running
-     (``sslbench:superseded``) and the point is tried again on a later pass;
+     (``sslbench:superseded``) and the point is tried again on a later pass (the plan peeks at every open grid
+     point's lock first, so a held point is not asked for at all);
    - taken: the worker names itself and ``run_folder`` on the trial and keeps the lock until it has told the
      result. A finished record is told from its metrics.json, nothing trained; otherwise the protocol runs
      with ``resume=True`` (re-entering the held lock), so a folder left by a dead run continues from its last
