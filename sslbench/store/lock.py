@@ -5,7 +5,12 @@ finishes or fails. The lock file names its owner (pid, host, start time) for the
 gets: "<run dir> is in use by pid N on HOST since T", or, inside :func:`waiting` (sweeps), it waits. The kernel
 drops the lock of a process that dies, however it dies, so the stale lock of a dead owner is simply taken
 over. Lock files are left in place (truncated) when released: removing them would let two processes lock two
-different files of one name.
+different files of one name. So a lock taken while its file still names someone (:attr:`RunLock.left_by`) was
+last held by a process that died holding it: that is how a sweep tells a killed worker's point from a free one.
+
+A process that holds a lock and runs work which locks the same folder again (a sweep's trial: the protocol
+locks the run folder the sweep holds) lends it to that work with :func:`holding`: inside, acquiring the same
+lock file re-enters the held lock instead of waiting for itself.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from typing import Callable, Iterator
 from ..errors import RunError
 
 _WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("sslbench_lock_wait", default=False)
+#: the locks lent by :func:`holding` to the work inside it: real path of the lock file -> the held RunLock
+_LENT: contextvars.ContextVar[dict] = contextvars.ContextVar("sslbench_lock_lent", default={})
 
 
 @contextlib.contextmanager
@@ -31,6 +38,31 @@ def waiting(wait: bool = True) -> Iterator[None]:
         yield
     finally:
         _WAIT.reset(token)
+
+
+@contextlib.contextmanager
+def holding(lock: "RunLock") -> Iterator["RunLock"]:
+    """Lend ``lock`` (acquired by the caller) to the block: a RunLock of the same file acquired inside re-enters
+    it (its release does nothing); ``lock`` itself is released when the block ends."""
+    token = _LENT.set({**_LENT.get(), _key(lock.path): lock})
+    try:
+        yield lock
+    finally:
+        _LENT.reset(token)
+        lock.release()
+
+
+def _key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _named(text: str) -> dict | None:
+    """The owner a lock file names (pid, host, since, run), None for an empty (released) or unreadable one."""
+    try:
+        info = json.loads(text or "{}")
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and info.get("pid") else None
 
 
 def lock_path(out: str | Path, run_dir: str | Path) -> Path:
@@ -50,10 +82,12 @@ class RunLock:
         self.path = Path(path)
         self.what = str(what)
         self._file = None
+        self._lent = False          # re-entered a lock lent by :func:`holding`
+        self.left_by: dict | None = None
 
     @property
     def held(self) -> bool:
-        return self._file is not None
+        return self._file is not None or self._lent
 
     def owner(self) -> dict:
         """What the lock file says of its holder ({} while it is being written or when unreadable)."""
@@ -78,26 +112,72 @@ class RunLock:
         raise a one-line RunError naming the holder."""
         import fcntl
 
-        wait = _WAIT.get() if wait is None else wait
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        if self.try_acquire():
+            return self
+        message = self.in_use()
+        if not (_WAIT.get() if wait is None else wait):
+            raise RunError(f"{message}; wait for it to end (or stop it) and run again")
+        if say is not None:
+            say(f"waiting: {message}")
+        f = self._open()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        self._own(f)
+        return self
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no other process holds it (True), else leave it (False) without waiting."""
+        import fcntl
+
+        if self._reenter():
+            return True
+        f = self._open()
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            message = self.in_use()
-            if not wait:
-                f.close()
-                raise RunError(f"{message}; wait for it to end (or stop it) and run again") from None
-            if say is not None:
-                say(f"waiting: {message}")
-            fcntl.flock(f, fcntl.LOCK_EX)
+            f.close()
+            return False
+        self._own(f)
+        return True
+
+    def free(self) -> bool:
+        """Whether no process holds the lock now (this one included), the file left as it is; ``left_by`` then
+        names the holder that died holding it (None: released, or never taken)."""
+        import fcntl
+
+        self.left_by = None
+        if _key(self.path) in _LENT.get():
+            return False
+        try:
+            f = open(self.path)
+        except FileNotFoundError:
+            return True
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            self.left_by = _named(f.read())
+        return True
+
+    def _reenter(self) -> bool:
+        lent = _LENT.get().get(_key(self.path))
+        self._lent = lent is not None and lent.held
+        return self._lent
+
+    def _open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path, "a+")
+
+    def _own(self, f) -> None:
+        """Locked: note who the file still names (a holder that died holding it), then name this process."""
+        f.seek(0)
+        self.left_by = _named(f.read())
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                             "run": self.what}) + "\n")
         f.flush()
         self._file = f
-        return self
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -108,7 +188,7 @@ class RunLock:
     def release(self) -> None:
         import fcntl
 
-        f, self._file = self._file, None
+        f, self._file, self._lent = self._file, None, False
         if f is None:
             return
         try:
