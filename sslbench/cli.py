@@ -444,11 +444,6 @@ def _resolved_task(name: str) -> dict:
         return raw
 
 
-def _not_yet(name: str, issue: str) -> int:
-    print(f"sslbench {name}: not implemented yet ({issue}); see README.md for what works today", file=sys.stderr)
-    return 3
-
-
 def _cmd_report(args, console) -> int:
     from .report import command
 
