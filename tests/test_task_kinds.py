@@ -1,5 +1,5 @@
 """Task kinds are chosen from the table sslbench.tasks.KINDS and asked what differs (issue 21): no module of the
-protocol or the CLI compares a task's kind with a kind's name, and a kind registered in the table is the one the
+protocol or the CLI layer compares a task's kind with a kind's name, and a kind registered in the table is the one the
 protocol and the CLI ask."""
 import ast
 from pathlib import Path
@@ -33,8 +33,11 @@ def string_tests_of_kinds(source: str, names) -> list[tuple[int, str]]:
 
 
 def _modules():
-    yield from sorted((PACKAGE / "protocol").rglob("*.py"))
-    yield PACKAGE / "cli.py"
+    """The protocol package and the layer above it (cli, sweep, bench, predict, submit, demo)."""
+    for folder in ("protocol", "sweep"):
+        yield from sorted((PACKAGE / folder).rglob("*.py"))
+    for name in ("cli", "bench", "predict", "submit", "demo"):
+        yield PACKAGE / f"{name}.py"
 
 
 def test_no_protocol_or_cli_module_compares_the_task_kind_with_a_kind_name():
