@@ -164,38 +164,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------------
-def _results_table(metrics: dict, console) -> None:
-    from rich.table import Table
+def _results_table(record, metrics: dict, console) -> None:
+    """The terminal table of a finished fine-tuning, printed by its task kind (sslbench/tasks/)."""
+    from . import tasks
 
-    if metrics.get("metric") in ("accuracy", "auc"):   # classification tasks (CC-CCII, ChestX-ray14)
-        from .tasks.classification import print_results
-
-        return print_results(metrics, console)
-    phantom = " [PHANTOM data, not the real dataset]" if metrics.get("phantom") else ""
-    t = Table(title=f"{metrics['method']} on {metrics['task_title']}{phantom}: Dice (validation split, "
-                    f"{metrics['n_cases']} cases, checkpoint {metrics.get('checkpoint', '?')})")
-    t.add_column("class")
-    t.add_column("Dice (%)", justify="right")
-    # NSD (surface-area, metrics.json scoring.nsd) and HD95 where the task scores them; None = left out (n/a)
-    cols = [(f"NSD (%) @ {metrics.get('nsd_tolerance_mm')} mm", "nsd", 100.0),
-            ("HD95 (mm)", "hd95", 1.0)]
-    cols = [c for c in cols if metrics.get(f"per_class_{c[1]}") is not None]
-    for title, _, _ in cols:
-        t.add_column(title, justify="right")
-
-    def num(v: float | None, scale: float = 100.0) -> str:
-        return "n/a" if v is None or v != v else f"{scale * v:.2f}"
-
-    for name, value in metrics["per_class"].items():
-        t.add_row(name, num(value), *[num(metrics[f"per_class_{key}"].get(name), scale) for _, key, scale in cols])
-
-    def mean_std(mean: float | None, std: float | None, scale: float = 100.0) -> str:
-        return "[bold]n/a" if mean is None or mean != mean else f"[bold]{num(mean, scale)} ± {num(std or 0.0, scale)}"
-
-    mean = mean_std(metrics.get("mean_dice"), metrics.get("std_dice"))
-    extra = [mean_std(metrics.get(f"mean_{key}"), metrics.get(f"std_{key}"), scale) for _, key, scale in cols]
-    t.add_row("[bold]mean (per case, then over cases)", mean, *extra)
-    console.print(t)
+    tasks.kind_of(record.read_recipe()["task"]).print_results(metrics, console)
 
 
 def _cmd_list(args, console) -> int:
@@ -253,7 +226,7 @@ def _cmd_run(args, console) -> int:
                                 resume=args.resume, force=args.force, console=console)
     if "rank" in out.metrics:   # torchrun rank > 0: rank 0 prints and records
         return 0
-    _results_table(out.metrics, console)
+    _results_table(out.record, out.metrics, console)
     console.print(f"run record: {out.record.path}")
     return 0
 
@@ -303,7 +276,7 @@ def _cmd_finetune(args, console) -> int:
                             force=args.force, console=console)
     if "rank" in out.metrics:
         return 0
-    _results_table(out.metrics, console)
+    _results_table(out.record, out.metrics, console)
     console.print(f"run record: {out.record.path}")
     return 0
 
@@ -329,8 +302,11 @@ def _evaluate(args, console) -> int:
         res = protocol.reevaluate(args.run_dir, checkpoint=args.checkpoint, root=args.root, console=console,
                                   precision=args.precision, attention=args.attention)
     rec = json.loads((Path(args.run_dir) / "metrics.json").read_text()) if (Path(args.run_dir) / "metrics.json").is_file() else {}
-    _results_table({**rec, **res, "method": rec.get("method", "?"), "task_title": rec.get("task_title", "?"),
-                    "checkpoint": res["checkpoint"]}, console)
+    from .store.records import RunRecord
+
+    _results_table(RunRecord(args.run_dir), {**rec, **res, "method": rec.get("method", "?"),
+                                             "task_title": rec.get("task_title", "?"), "checkpoint": res["checkpoint"]},
+                   console)
     if "precision" in res:
         console.print(f"evaluated with {res['precision']}, attention {res['attention']} on {res['device']}")
     console.print(f"written: {res.get('written', Path(args.run_dir) / 'evaluation.json')}")
@@ -442,11 +418,6 @@ def _resolved_task(name: str) -> dict:
         return {**recipes.resolve("scratch", name)["task"], "_file": raw["_file"]}
     except RecipeError:          # not runnable (e.g. a planned task): its files can still be checked as written
         return raw
-
-
-def _not_yet(name: str, issue: str) -> int:
-    print(f"sslbench {name}: not implemented yet ({issue}); see README.md for what works today", file=sys.stderr)
-    return 3
 
 
 def _cmd_report(args, console) -> int:

@@ -179,10 +179,6 @@ def wrap(module: nn.Module, d: Dist, device: torch.device, sync_bn: bool = True)
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
 def cleanup() -> None:
     """Leave the job: on gloo, first wait (at most a minute) until every rank is here, so that no rank tears
     down its process group while a peer's last collective with it is in flight; then destroy the group."""

@@ -317,6 +317,7 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
     from .models.backbones import build_model
     from .data.locate import locate_data
     from .protocol import file_digest, make_progress, select_device, use_bf16, use_run_attention
+    from . import tasks
     from .recipes import input_channels, output_channels
     from .data import layouts
     from .store.records import RunRecord, load_state
@@ -326,7 +327,8 @@ def predict_run(run_dir: str | Path, root: str | Path | None = None, split: str 
         raise RunError(f"{record.path}: not a run folder (no recipe.yaml)")
     cfg = record.read_recipe()
     task = cfg["task"]
-    if task["kind"] != "segmentation":
+    kind = tasks.kind_of(task)
+    if not (kind.volumes and kind.label_maps):   # sliding windows over volumes, label maps written back
         raise RecipeError(f"{record.path}: predict writes segmentations; this is a {task['kind']} run")
     if split not in ("train", "val", "test"):
         raise RecipeError(f"--split: {split!r}; expected test, val or train")

@@ -190,7 +190,7 @@ def test_a_pretrained_swinunetr_checkpoint_initialises_the_encoder(tmp_path):
     path = tmp_path / "backbone.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in pretrained.state_dict().items()}}, path)
     model = classify.build_classifier(cfg, 3, 3)
-    report = classify._load_init(model, TASK, {"path": str(path)})
+    report = classify._load_init(model, {"path": str(path)})
     n_swin = sum(1 for k in model.state_dict() if k.startswith("swinViT."))
     assert len(report.matched) == n_swin and not report.missing
     assert any(k.startswith("encoder1.") for k in report.unexpected)       # CNN encoder blocks: not used here

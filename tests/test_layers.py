@@ -37,8 +37,7 @@ LAYERS = [
     g.Layer("report", "sslbench.report", may_import=("sslbench.report", "sslbench.store", *BASE),
             exactly=("sslbench",)),
     g.Layer("data", "sslbench.data",
-            may_import=("sslbench.data", "sslbench.errors", "sslbench.recipes", "sslbench.config", "sslbench.models",
-                        "sslbench.store", "sslbench.records", "sslbench.locks"),
+            may_import=("sslbench.data", "sslbench.errors", "sslbench.recipes", "sslbench.models", "sslbench.store"),
             exactly=("sslbench",)),   # the package itself: its __version__ (a cache key names it)
 ]
 

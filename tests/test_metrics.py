@@ -298,10 +298,10 @@ def test_summary_and_results_table_carry_hd95_and_units():
     assert s["mean_hd95"] == 4.0 and s["std_hd95"] == 0.0 and s["per_class_hd95"] == {"TC": 4.0}
     from rich.console import Console
 
-    from sslbench.cli import _results_table
+    from sslbench.tasks.segmentation import Segmentation
 
     console = Console(record=True, width=200)
-    _results_table({"method": "scratch", "task_title": "T", "n_cases": 2, "nsd_tolerance_mm": 2.0, **s}, console)
+    Segmentation.print_results({"method": "scratch", "task_title": "T", "n_cases": 2, "nsd_tolerance_mm": 2.0, **s}, console)
     text = console.export_text()
     assert "Dice (%)" in text and "NSD (%) @ 2.0 mm" in text and "HD95 (mm)" in text
     assert "75.00 ± 25.00" in text and "50.00 ± 25.00" in text and "4.00 ± 0.00" in text

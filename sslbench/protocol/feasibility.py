@@ -46,6 +46,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from .. import tasks
 from ..errors import RunError
 
 GIB = 1024 ** 3
@@ -243,12 +244,7 @@ def estimate_finetune(cfg: Mapping[str, Any], m: Machine, train_cases: int | Non
     task = cfg["task"]
     ft = task.get("finetune") or {}
     f = _feature_size(cfg["model"])
-    if task.get("kind") == "segmentation":
-        voxels = int(ft.get("batch_size", 1)) * int(ft.get("num_samples", 1)) * _cube(ft.get("roi") or 96)
-        family = "segmentation"
-    else:   # classification: the encoder on whole inputs, resized to preprocess.size (2D: pixels)
-        voxels = int(ft.get("batch_size", 1)) * _cube((task.get("preprocess") or {}).get("size") or 96)
-        family = "encoder"
+    voxels, family = tasks.kind_of(task).step_input(task)   # what one step feeds the model, and its family
     steps = finetune_steps(task, train_cases)
     act, seconds = _act_and_time(voxels, f, family, m)
     notes = [] if train_cases or ft.get("max_steps") else ["steps: epochs x 1 case until the data is listed"]
@@ -291,7 +287,7 @@ def estimate_validation(cfg: Mapping[str, Any], m: Machine, shapes: list, steps:
     f = _feature_size(cfg["model"])
     steps = finetune_steps(task, None) if steps is None else int(steps)
     passes = validation_passes(steps, ft.get("val_every"))
-    if task.get("kind") == "segmentation":
+    if tasks.kind_of(task).volumes:
         roi = [int(r) for r in (ft.get("roi") or [96, 96, 96])]
         windows = sum(sliding_windows(s, roi, float(ev.get("overlap", 0.5))) for s in shapes)
         voxels = windows * math.prod(roi)
@@ -301,7 +297,7 @@ def estimate_validation(cfg: Mapping[str, Any], m: Machine, shapes: list, steps:
         family = "segmentation"
         detail = (f"{passes} pass(es) x {len(shapes)} case(s), {windows} windows of {'x'.join(map(str, roi))} "
                   f"a pass")
-    else:   # classification: one forward of each case, resized to preprocess.size
+    else:   # e.g. classification: one forward of each case, resized to preprocess.size
         voxels = len(shapes) * _cube((task.get("preprocess") or {}).get("size") or 96)
         batch, classes, largest, family = voxels // max(1, len(shapes)), 0, 0, "encoder"
         detail = f"{passes} pass(es) x {len(shapes)} case(s)"

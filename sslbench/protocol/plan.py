@@ -13,7 +13,6 @@ from ..data.locate import locate_data, PhantomNotWritten, PLAN_ONLY as _PLAN_ONL
 from ..errors import DataError, RecipeError
 from ..store.records import RunRecord
 from ..store.run_key import protocol_hash, run_dir, run_key
-from ..tasks.classification import refuse_3d_init_of_2d
 from . import track2d
 
 
@@ -131,8 +130,8 @@ def _estimates(cfg: Mapping[str, Any], root, corpus_root, machine) -> tuple[list
             val_items, train = splits.get("val", []), len(train_items)
         est = feasibility.estimate_finetune(fcfg, machine, train)
         ests.append(est)
-        if task.get("kind") in ("classification", "classification2d"):
-            return ests, seen   # images and labels, not NIfTI volumes: no sliding window, no case cache to size
+        if not tasks.kind_of(task).volumes:
+            return ests, seen   # e.g. images and labels: no sliding window, no case cache to size
         # a phantom not written yet: its validation cases are data.val_last (else about a fifth) of its cases
         n = int(task["data"].get("phantom_cases") or 0)
         n_val = int(task["data"].get("val_last") or max(1, n // 5)) if items is None else 0
@@ -175,7 +174,7 @@ def method_class(cfg: Mapping[str, Any]) -> tuple[type, dict, bool, bool]:
     method_cfg, corpus = cfg["method"], cfg["corpus"]
     if method_cfg.get("pretrain") is None:
         raise RecipeError(f"method '{method_cfg['name']}' has no pre-training (its recipe's 'pretrain' is null)")
-    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/protocol/track2d.py): images of a classification2d task
+    two_d = track2d.is_2d(corpus)   # the 2D track (sslbench/protocol/track2d.py): images of a 2D task
     if two_d:
         track2d.check(cfg)
     cls = track2d.method_class(cfg) if two_d else get_method_class(method_cfg["name"])
@@ -183,7 +182,8 @@ def method_class(cfg: Mapping[str, Any]) -> tuple[type, dict, bool, bool]:
         raise RecipeError(f"method '{method_cfg['name']}' is {method_cfg['status']}: its pre-training is not implemented yet")
     # a method that pre-trains on label maps (the supervised controls) reads a segmentation task as its corpus
     needs_labels = bool(getattr(cls, "needs_labels", False))
-    if needs_labels and (corpus.get("kind") != "segmentation" or len(corpus.get("classes") or []) < 2):
+    kind = tasks.kind_if_any(corpus)
+    if needs_labels and (kind is None or not kind.label_maps or len(corpus.get("classes") or []) < 2):
         where = (cfg.get("recipe_files") or {}).get("corpus") or corpus["name"]
         raise RecipeError(f"{where}: method '{method_cfg['name']}' pre-trains on label "
                           f"maps; corpus '{corpus['name']}' is a {corpus.get('kind')} recipe without classes; expected "
@@ -329,7 +329,7 @@ def check_finetune_loader(cfg: Mapping[str, Any]) -> None:
     if (task.get("finetune") or {}).get("loader", "memory") != "stream":
         return
     where = (cfg.get("recipe_files") or {}).get("task") or task["name"]
-    if task["kind"] != "segmentation":
+    if "stream" not in tasks.kind_of(task).loaders:
         raise RecipeError(f"{where}: key 'finetune.loader': stream, but task '{task['name']}' is a {task['kind']} "
                           f"task (the stream cuts RandCropByPosNegLabel crops of segmentation cases); expected "
                           f"loader memory")
@@ -342,9 +342,10 @@ def refuse_pretraining_for_2d(cfg: Mapping[str, Any]) -> None:
     """Called before a pre-training starts for a 2D task: the corpus must be 2D images (the task's pretrain split)
     and the method needs a 2D form on the 2D U-Net (sslbench/protocol/track2d.py); one line otherwise, nothing written."""
     task = cfg.get("task") or {}
-    if task.get("kind") != "classification2d" or cfg["method"].get("pretrain") is None:
+    kind = tasks.kind_if_any(task)
+    if kind is None or not kind.two_d or cfg["method"].get("pretrain") is None:
         return
     if not track2d.is_2d(cfg.get("corpus")):
-        refuse_3d_init_of_2d(task, None, f"method '{cfg['method']['name']}'")
+        kind.refuse_init(task, None, f"method '{cfg['method']['name']}'")
     track2d.method_class(cfg)
     track2d.check(cfg)

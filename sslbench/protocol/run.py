@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .. import recipes
+from .. import recipes, tasks
 from ..store.run_key import protocol_hash
 from . import track2d
 from .finetuning import finetune
@@ -28,7 +28,7 @@ def run_protocol(method: str, task: str, *, preset: str | None = None, overrides
     # roots, readers and feasibility of both stages before any work starts (nothing written if refused)
     preflight(cfg, root, corpus_root, say=(console.print if console is not None else print))
     init = None
-    if cfg["task"]["kind"] == "classification2d":
+    if tasks.kind_of(cfg["task"]).two_d:
         refuse_pretraining_for_2d(cfg)   # a 3D corpus, or a method without a 2D form
     if cfg["method"].get("pretrain") is not None:
         pcfg = recipes.split_config(cfg, "corpus")

@@ -15,11 +15,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import distributed
-from ..data.cases import case_cache
+from .. import distributed, tasks
 from ..errors import DataError, RecipeError, RunError
 from ..store import lock as locks
 from ..store.records import atomic_write_json, load_state, prepare_run_folder, RunRecord
+from ..tasks.base import check_volumes
 from .plan import plan_run
 from .runtime import _device_setup
 
@@ -139,35 +139,15 @@ def check_run_cases(cfg: Mapping[str, Any], stage: str, items: list[dict], force
     """Check every case a run will read before its run folder is claimed, created or (``--force``) replaced.
 
     ``items`` are the cases :func:`plan_run` listed (a fine-tuning's train and val cases, a pre-training's
-    corpus volumes, with label maps for a labelled corpus). The header checks of ``sslbench data check``
-    (:func:`sslbench.data.check.check_case_headers`) refuse a missing, truncated or non-NIfTI file, a DICOM folder
-    without a usable series, an image and label whose shapes or affines differ, with one line naming the file.
-    Voxel checks (NaN / infinite intensities, label values outside the task's classes) run as each case is loaded
-    (:class:`sslbench.data.check.LoadChecked`), before the folder is created; with ``force`` (which deletes an old
-    folder when the run is claimed) they run here too, on every case not in the case cache (a cached case passed
-    them), so a refused ``--force`` keeps the old folder.
-    Classification tasks (PNG/JPG images) get the checks of :mod:`sslbench.data.classification_check` instead.
+    corpus volumes, with label maps for a labelled corpus). The task's kind checks them
+    (:meth:`sslbench.tasks.base.TaskKind.check_cases`: NIfTI / DICOM headers of volumes, and their voxels with
+    ``force``, :func:`sslbench.tasks.base.check_volumes`; PNG/JPG images for the classification kinds); a
+    corpus of no kind holds volumes. One line naming the file where a case is bad.
     """
-    from ..data.check import check_case_headers
-
-    task = cfg["task"] if stage == "finetune" else cfg["corpus"]
-    if task.get("kind") in ("classification", "classification2d"):
-        from ..data.classification_check import check_cases
-
-        # PNG/JPG slices and radiographs: headers, end markers, slice sizes, labels; every pixel with --force
-        check_cases(task, items, decode=force)
-        return
-    check_case_headers(items, task)
-    if force:
-        from ..data.check import LoadChecked
-        from ..data.layouts.ct import DicomSeriesReader, SimpleITKReader
-
-        keys = ["image", "label"] if items and items[0].get("label") else ["image"]
-        cache, _ = case_cache(cfg["run"], task, with_label="label" in keys)
-        load = LoadChecked(task, keys, readers=(SimpleITKReader(), DicomSeriesReader()))
-        for it in items:
-            if cache is None or cache.get(it) is None:
-                load({k: it[k] for k in keys})
+    recipe = cfg["task"] if stage == "finetune" else cfg["corpus"]
+    kind = tasks.kind_if_any(recipe)
+    check = kind.check_cases if kind is not None else check_volumes   # a corpus: volumes
+    check(cfg["run"], recipe, items, force)
 
 
 def _claim_run(cfg: Mapping[str, Any], stage: str, resume: bool, force: bool, console=None, root=None,

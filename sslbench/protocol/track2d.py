@@ -1,4 +1,4 @@
-"""The 2D track (issue 23): pre-training on a ``classification2d`` task's own images (NIH ChestX-ray14).
+"""The 2D track (issue 23): pre-training on a 2D task's own images (NIH ChestX-ray14).
 
 The VoCo supplement's Table 4 follows PCRL / PCRLv2's 2D protocol: every method pre-trains on 60% of ChestX-ray14
 (whole patients; the task's ``pretrain`` split, :func:`sslbench.data.classification.pretrain_patients`) and
@@ -15,12 +15,14 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import tasks
 from ..errors import RecipeError
 
 
 def is_2d(corpus: Mapping[str, Any] | None) -> bool:
-    """Whether a run's corpus is a 2D task (pre-training on its ``pretrain`` split)."""
-    return bool(corpus) and corpus.get("kind") == "classification2d"
+    """Whether a run's corpus is a 2D task (its kind's ``two_d``: pre-training on its ``pretrain`` split)."""
+    kind = tasks.kind_if_any(corpus)
+    return kind is not None and kind.two_d
 
 
 def method_class(cfg: Mapping[str, Any]):

@@ -69,6 +69,16 @@ class TaskKind:
 
     #: the ``finetune.loss`` values the kind trains with: {recipe value: what it means}
     losses: Mapping[str, str] = {}
+    #: whether the kind's images are 2D (the 2D track, sslbench/protocol/track2d.py: a method pre-trains in 2D on
+    #: the task's own ``pretrain`` split, and no 3D checkpoint initialises its encoder)
+    two_d: bool = False
+    #: whether the kind's cases carry label maps (a method that pre-trains on label maps may read it as its corpus)
+    label_maps: bool = False
+    #: whether the kind's cases are volumes pre-processed into the case cache and validated by sliding windows
+    #: (the plan then estimates the validations and the pre-processing, sslbench/protocol/plan.py)
+    volumes: bool = False
+    #: the ``finetune.loader`` values the kind can train with
+    loaders: tuple[str, ...] = ("memory",)
 
     @classmethod
     def check(cls, cfg: Mapping[str, Any]) -> None:
@@ -76,14 +86,42 @@ class TaskKind:
         loss (the key is part of the protocol hash, so it says what the run trained with)."""
         task = cfg["task"]
         loss = (task.get("finetune") or {}).get("loss")
-        if loss not in cls.expected_losses(task):
+        if loss not in cls.losses:
             where = (cfg.get("recipe_files") or {}).get("task") or task["name"]
             raise RecipeError(f"{where}: key 'finetune.loss': {loss!r}, but a {task['kind']} task trains with "
-                              + " or ".join(f"{k!r} ({v})" for k, v in cls.expected_losses(task).items()))
+                              + " or ".join(f"{k!r} ({v})" for k, v in cls.losses.items()))
 
     @classmethod
-    def expected_losses(cls, task: Mapping[str, Any]) -> Mapping[str, str]:
-        return cls.losses
+    def loss_name(cls, task: Mapping[str, Any]) -> str:
+        """The task's ``finetune.loss``, one of :attr:`losses`: what the kind's loss builder builds."""
+        loss = (task.get("finetune") or {}).get("loss")
+        if loss not in cls.losses:
+            raise RecipeError(f"task '{task['name']}': key 'finetune.loss': {loss!r}; expected "
+                              + " or ".join(repr(k) for k in cls.losses))
+        return loss
+
+    @classmethod
+    def check_cases(cls, run_cfg: Mapping[str, Any], task: Mapping[str, Any], items: list[dict], force: bool) -> None:
+        """Check every case a run will read before its run folder is claimed (sslbench/protocol/runs.py): a bad
+        file refused with one line naming it; ``force`` (an old folder is replaced) checks what loading checks."""
+        raise NotImplementedError
+
+    @classmethod
+    def step_input(cls, task: Mapping[str, Any]) -> tuple[int, str]:
+        """For the feasibility estimates (sslbench/protocol/feasibility.py): (voxels, or pixels in 2D, that one
+        fine-tuning step feeds the model; the model family they cost: ``segmentation`` for an encoder and decoder,
+        ``encoder`` for an encoder and a head)."""
+        raise NotImplementedError
+
+    @classmethod
+    def refuse_init(cls, task: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, source: str) -> None:
+        """Raise a one-line CheckpointError where a backbone (``state``; None: a pre-training that has not run
+        yet, by ``source``) cannot initialise the kind's model; nothing by default."""
+
+    @classmethod
+    def print_results(cls, metrics: Mapping[str, Any], console) -> None:
+        """The terminal table of a finished run's metrics (``sslbench run / finetune / evaluate``)."""
+        raise NotImplementedError
 
     def __init__(self, cfg: Mapping[str, Any], rt, say: Callable[..., None]):
         self.cfg, self.task, self.rt, self.say = cfg, cfg["task"], rt, say
@@ -127,6 +165,31 @@ class TaskKind:
 
     def write_results(self, record, result: Any, protocol: str, phantom: bool, root: Path, extra: Mapping) -> None:
         raise NotImplementedError
+
+
+def check_volumes(run_cfg: Mapping[str, Any], recipe: Mapping[str, Any], items: list[dict], force: bool) -> None:
+    """The checks of NIfTI / DICOM volumes before a run reads them (a segmentation task's cases, a corpus's volumes).
+
+    The header checks of ``sslbench data check`` (:func:`sslbench.data.check.check_case_headers`) refuse a missing,
+    truncated or non-NIfTI file, a DICOM folder without a usable series, an image and label whose shapes or affines
+    differ, with one line naming the file. Voxel checks (NaN / infinite intensities, label values outside the
+    task's classes) run as each case is loaded (:class:`sslbench.data.check.LoadChecked`); with ``force`` they run
+    here too, on every case not in the case cache (a cached case passed them), so a refused ``--force`` keeps the
+    old folder."""
+    from ..data.cases import case_cache
+    from ..data.check import check_case_headers
+
+    check_case_headers(items, recipe)
+    if force:
+        from ..data.check import LoadChecked
+        from ..data.layouts.ct import DicomSeriesReader, SimpleITKReader
+
+        keys = ["image", "label"] if items and items[0].get("label") else ["image"]
+        cache, _ = case_cache(run_cfg, recipe, with_label="label" in keys)
+        load = LoadChecked(recipe, keys, readers=(SimpleITKReader(), DicomSeriesReader()))
+        for it in items:
+            if cache is None or cache.get(it) is None:
+                load({k: it[k] for k in keys})
 
 
 def write_finetune_record(record, cfg: Mapping[str, Any], rows: list[dict], fields: Mapping[str, Any],

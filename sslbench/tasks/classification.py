@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,9 +32,6 @@ from ..data.loaded import labeled_subset
 from ..errors import CheckpointError, DataError, RecipeError
 from ..store.records import RunRecord
 from .base import autocast, Steps, TaskKind, Validation, write_finetune_record
-
-
-KINDS = ("classification", "classification2d")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,16 +72,6 @@ def build_classifier(model_cfg: Mapping[str, Any], n_outputs: int, spatial_dims:
                         attn_drop_rate=float(model_cfg.get("attn_drop_rate", 0.0)),
                         dropout_path_rate=float(model_cfg.get("dropout_path_rate", 0.0)))
     return EncoderClassifier(net.swinViT, 16 * int(model_cfg["feature_size"]), n_outputs)
-
-
-def refuse_3d_init_of_2d(task: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, source: str) -> None:
-    """A 3D checkpoint (5-D patch embedding) cannot initialise the 2D Swin of a ``classification2d`` task."""
-    if task["kind"] != "classification2d":
-        return
-    if state is None or any(v.dim() == 5 for v in state.values()):
-        raise CheckpointError(f"{source}: a 3D pre-trained backbone cannot initialise the 2D encoder of task "
-                              f"'{task['name']}' (pre-train it in 2D: sslbench run --method M --task {task['name']}); "
-                              f"or fine-tune it with --method scratch")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,12 +146,12 @@ def mean_defined(values: Mapping[str, float | None]) -> float | None:
 def summarize(probs: np.ndarray, truth: np.ndarray, task: Mapping[str, Any]) -> dict[str, Any]:
     """metrics.json summary: ``metric``, ``mean_<metric>``, ``per_class`` AUCs, counts.
 
-    CC-CCII: metric ``accuracy`` (``mean_accuracy``), with ``mean_auc`` the macro one-vs-rest AUC over the
+    Multi-label where ``truth`` is [N, K] (one 0/1 column per finding), multi-class where it is [N] (indices). CC-CCII: metric ``accuracy`` (``mean_accuracy``), with ``mean_auc`` the macro one-vs-rest AUC over the
     classes present in the truth and a confusion matrix. ChestX-ray14: metric ``auc`` (``mean_auc``, the
     mean over findings with both outcomes present). ``per_class`` holds the AUC of each class / finding.
     """
     names = list(task["classes"])
-    multilabel = task["kind"] == "classification2d"
+    multilabel = truth.ndim == 2
     aucs = per_class_auc(probs, truth, names, multilabel)
     out: dict[str, Any] = {"metric": "auc" if multilabel else "accuracy", "mean_auc": mean_defined(aucs),
                            "per_class": aucs, "n_cases": int(len(truth))}
@@ -190,8 +177,8 @@ def score_of(summary: Mapping[str, Any]) -> float:
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, task: Mapping[str, Any], device: torch.device,
-            bf16: bool) -> np.ndarray:
-    """Class probabilities [N, K] (softmax) or finding probabilities (sigmoid), in batches."""
+            bf16: bool, multilabel: bool) -> np.ndarray:
+    """Class probabilities [N, K] (softmax) or, ``multilabel``, finding probabilities (sigmoid), in batches."""
     model.eval()
     bs = int(task["evaluate"].get("batch_size", 4))
     out = []
@@ -199,18 +186,18 @@ def predict(model: nn.Module, images: torch.Tensor, task: Mapping[str, Any], dev
         x = images[i:i + bs].to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
         with autocast(bf16, device):
             logits = model(x).float()
-        out.append(torch.sigmoid(logits) if task["kind"] == "classification2d" else torch.softmax(logits, 1))
+        out.append(torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1))
     model.train()
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(task["classes"])))
 
 
-def case_rows(items: list[dict], probs: np.ndarray, task: Mapping[str, Any]) -> list[dict]:
+def case_rows(items: list[dict], probs: np.ndarray, task: Mapping[str, Any], multilabel: bool) -> list[dict]:
     """cases.csv rows: id, patient, truth, prediction and every class probability."""
     names = list(task["classes"])
     rows = []
     for it, p in zip(items, probs):
         row: dict[str, Any] = {"case": it["id"], "patient": it.get("patient")}
-        if task["kind"] == "classification2d":
+        if multilabel:
             row.update({f"truth:{n}": int(v) for n, v in zip(names, it["label"])})
         else:
             row["truth"] = names[int(it["label"])]
@@ -220,8 +207,9 @@ def case_rows(items: list[dict], probs: np.ndarray, task: Mapping[str, Any]) -> 
     return rows
 
 
-def truth_array(items: list[dict], task: Mapping[str, Any]) -> np.ndarray:
-    if task["kind"] == "classification2d":
+def truth_array(items: list[dict], task: Mapping[str, Any], multilabel: bool) -> np.ndarray:
+    """The labels as [N] class indices, or ``multilabel`` as [N, K] 0/1 findings."""
+    if multilabel:
         return np.asarray([it["label"] for it in items], dtype=np.int64).reshape(len(items), len(task["classes"]))
     return np.asarray([int(it["label"]) for it in items], dtype=np.int64)
 
@@ -229,33 +217,55 @@ def truth_array(items: list[dict], task: Mapping[str, Any]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning
 # --------------------------------------------------------------------------------------------------
-def _load_init(model: nn.Module, task: Mapping[str, Any], init: Mapping[str, Any] | None) -> LoadReport | None:
+def _load_init(model: nn.Module, init: Mapping[str, Any] | None,
+               refuse: Callable[[Mapping[str, torch.Tensor], str], None] | None = None) -> LoadReport | None:
+    """The encoder of ``model`` loaded from ``init``'s backbone (``refuse(state, path)`` first, where given)."""
     if not init or not init.get("path"):
         return None
     state = read_checkpoint(init["path"])
-    refuse_3d_init_of_2d(task, state, str(init["path"]))
+    if refuse is not None:
+        refuse(state, str(init["path"]))
     family = "unet2d" if hasattr(model, "encoder") and not hasattr(model, "swinViT") else "swinunetr"
     return load_backbone(model, state, str(init["path"]), include_decoder=False, model_name=family)
 
 
 class Classification(TaskKind):
-    """The classification kinds (``classification``: CC-CCII, 3D; ``classification2d``: ChestX-ray14): the
-    pre-trained encoder + a linear head (see the module docstring). Under torchrun every rank draws its own batch,
-    DDP averages gradients and every rank scores the whole validation split (cheap for classification)."""
+    """The 3D classification kind (``classification``: CC-CCII, one class per scan): the pre-trained encoder + a
+    linear head (see the module docstring). Under torchrun every rank draws its own batch, DDP averages gradients
+    and every rank scores the whole validation split (cheap for classification)."""
 
+    metric = "accuracy"
     initial_best = -math.inf
+    losses = {"ce": "cross-entropy over the classes"}
+    #: spatial dimensions of the images
+    dims = 3
+    #: one 0/1 label per finding (sigmoid outputs, AUC per finding), not one class per case (softmax)
+    multilabel = False
+    #: the loss module of each ``finetune.loss`` value in :attr:`losses`
+    loss_modules: Mapping[str, Callable[[], nn.Module]] = {"ce": nn.CrossEntropyLoss}
 
     @classmethod
-    def expected_losses(cls, task: Mapping[str, Any]) -> Mapping[str, str]:
-        if task["kind"] == "classification2d":
-            return {"bce": "binary cross-entropy per finding (multi-label)"}
-        return {"ce": "cross-entropy over the classes"}
+    def check_cases(cls, run_cfg: Mapping[str, Any], task: Mapping[str, Any], items: list[dict], force: bool) -> None:
+        """PNG/JPG slices and radiographs (sslbench/data/classification_check.py): headers, end markers, slice
+        sizes, labels; every pixel decoded with ``force``."""
+        from ..data.classification_check import check_cases
 
-    def __init__(self, cfg: Mapping[str, Any], rt, say):
-        super().__init__(cfg, rt, say)
-        self.two_d = self.task["kind"] == "classification2d"
-        self.dims = 2 if self.two_d else 3
-        self.metric = "auc" if self.two_d else "accuracy"
+        check_cases(task, items, decode=force)
+
+    @classmethod
+    def step_input(cls, task: Mapping[str, Any]) -> tuple[int, str]:
+        """The encoder on whole inputs resized to ``preprocess.size`` (2D: pixels), ``finetune.batch_size`` a step."""
+        size = (task.get("preprocess") or {}).get("size") or 96
+        each = int(size) ** 3 if isinstance(size, (int, float)) else int(math.prod(int(x) for x in size))
+        return int((task.get("finetune") or {}).get("batch_size", 1)) * each, "encoder"
+
+    @classmethod
+    def print_results(cls, metrics: Mapping[str, Any], console) -> None:
+        print_results(metrics, console)
+
+    def make_loss(self) -> nn.Module:
+        """The loss ``finetune.loss`` names (:attr:`loss_modules`)."""
+        return self.loss_modules[self.loss_name(self.task)]()
 
     def load(self, root: Path, progress) -> None:
         from ..data import classification as data_mod
@@ -275,15 +285,15 @@ class Classification(TaskKind):
         self.val_x = torch.from_numpy(data_mod.load_split(task, self.val_items, progress, "load val"))
         if device.type == "cuda":   # uint8 on the device: batches are gathered and augmented there
             self.train_x = self.train_x.to(device)
-        dtype = torch.float32 if self.two_d else torch.long
-        self.train_y = torch.as_tensor(truth_array(self.train_items, task), dtype=dtype).to(device)
-        self.val_truth = truth_array(self.val_items, task)
+        dtype = torch.float32 if self.multilabel else torch.long
+        self.train_y = torch.as_tensor(truth_array(self.train_items, task, self.multilabel), dtype=dtype).to(device)
+        self.val_truth = truth_array(self.val_items, task, self.multilabel)
 
     def build_model(self) -> nn.Module:
         return build_classifier(self.cfg["model"], len(self.task["classes"]), self.dims)
 
     def load_init(self, model: nn.Module, init: Mapping[str, Any] | None) -> LoadReport | None:
-        return _load_init(model, self.task, init)
+        return _load_init(model, init, lambda state, source: self.refuse_init(self.task, state, source))
 
     def on_new_record(self, record) -> None:
         splits = self.datalist.splits
@@ -297,7 +307,7 @@ class Classification(TaskKind):
         rt, task, ft, metric = self.rt, self.task, self.ft, self.metric
         seed, rank, device = int(self.cfg["run"]["seed"]), rt.dist.rank, rt.device
         train_model = rt.train_module(model)
-        loss_fn = nn.BCEWithLogitsLoss() if self.two_d else nn.CrossEntropyLoss()
+        loss_fn = self.make_loss()
 
         def batch(step: int):
             stream = [seed, step] if rank == 0 else [seed, step, rank]   # rank 0 = one process
@@ -314,7 +324,7 @@ class Classification(TaskKind):
             return loss_fn(logits.float(), xy[1]), {}
 
         def validate(done: int) -> Validation:
-            summary = summarize(predict(model, self.val_x, task, device, rt.bf16), self.val_truth, task)
+            summary = summarize(predict(model, self.val_x, task, device, rt.bf16, self.multilabel), self.val_truth, task)
             value, score = summary[f"mean_{metric}"], score_of(summary)
             return Validation(score, math.nan if value is None else float(value),
                               {"step": done, f"val_{metric}": value}, f"validation {metric} {_fmt(value)}",
@@ -328,13 +338,14 @@ class Classification(TaskKind):
 
         self.val_items = layouts.read_datalist(self.task, root)["val"]
         self.val_x = torch.from_numpy(data_mod.load_split(self.task, self.val_items, progress, "load val"))
-        self.val_truth = truth_array(self.val_items, self.task)
+        self.val_truth = truth_array(self.val_items, self.task, self.multilabel)
 
     def evaluate(self, model: nn.Module, progress) -> np.ndarray:
-        return predict(model, self.val_x, self.task, self.rt.device, self.rt.bf16)
+        return predict(model, self.val_x, self.task, self.rt.device, self.rt.bf16, self.multilabel)
 
     def evaluation(self, result: np.ndarray) -> dict:
-        return {**summarize(result, self.val_truth, self.task), "cases": case_rows(self.val_items, result, self.task)}
+        return {**summarize(result, self.val_truth, self.task),
+                "cases": case_rows(self.val_items, result, self.task, self.multilabel)}
 
     def record_fields(self) -> dict:
         origin = self.datalist.origin
@@ -342,9 +353,31 @@ class Classification(TaskKind):
 
     def write_results(self, record, result: np.ndarray, protocol: str, phantom: bool, root: Path,
                       extra: Mapping) -> None:
-        write_results(record, self.cfg, case_rows(self.val_items, result, self.task),
+        write_results(record, self.cfg, case_rows(self.val_items, result, self.task, self.multilabel),
                       summarize(result, self.val_truth, self.task), protocol=protocol, phantom=phantom, root=root,
                       extra=extra)
+
+
+class Classification2D(Classification):
+    """The 2D classification kind (``classification2d``: NIH ChestX-ray14): radiographs with one 0/1 label per
+    finding (sigmoid outputs, binary cross-entropy per finding, AUC per finding), the 2D track's own images to
+    pre-train on (sslbench/protocol/track2d.py); a 3D backbone cannot initialise its 2D encoder."""
+
+    metric = "auc"
+    losses = {"bce": "binary cross-entropy per finding (multi-label)"}
+    loss_modules = {"bce": nn.BCEWithLogitsLoss}
+    two_d = True
+    dims = 2
+    multilabel = True
+
+    @classmethod
+    def refuse_init(cls, task: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, source: str) -> None:
+        """A 3D checkpoint (5-D patch embedding), or a pre-training not run in 2D (``state`` None), cannot
+        initialise the 2D encoder."""
+        if state is None or any(v.dim() == 5 for v in state.values()):
+            raise CheckpointError(f"{source}: a 3D pre-trained backbone cannot initialise the 2D encoder of task "
+                                  f"'{task['name']}' (pre-train it in 2D: sslbench run --method M --task "
+                                  f"{task['name']}); or fine-tune it with --method scratch")
 
 
 def _fmt(value: float | None) -> str:

@@ -26,7 +26,7 @@ from ..metrics import score_names, scoring
 from ..models.backbones import build_model, load_backbone, read_checkpoint
 from ..recipes import input_channels, output_channels
 from ..store.records import RunRecord
-from .base import autocast, Steps, TaskKind, Validation, write_finetune_record
+from .base import autocast, check_volumes, Steps, TaskKind, Validation, write_finetune_record
 
 
 def plain(x: Any) -> torch.Tensor:
@@ -116,13 +116,15 @@ def without_confusion(rows: list[dict]) -> list[dict]:
 
 
 def make_loss(task: Mapping[str, Any]) -> torch.nn.Module:
-    """DiceCE with softmax over classes, or, for a regions task, Dice with a sigmoid per region channel.
+    """The loss ``finetune.loss`` names (``dicece``, :attr:`Segmentation.losses`): DiceCE with softmax over
+    classes, or, for a regions task, Dice with a sigmoid per region channel.
 
     The regions loss is the SwinUNETR BraTS recipe's (Hatamizadeh et al. 2022, Sec. 3: soft Dice on the
     TC / WT / ET sigmoid outputs), MONAI ``DiceLoss(sigmoid=True)``.
     """
     from monai.losses import DiceCELoss, DiceLoss
 
+    Segmentation.loss_name(task)   # "dicece": its only loss (a one-line RecipeError otherwise)
     if task.get("regions"):
         return DiceLoss(to_onehot_y=False, sigmoid=True)
     return DiceCELoss(to_onehot_y=True, softmax=True)
@@ -201,6 +203,26 @@ class Segmentation(TaskKind):
     measures_data_wait = True
     overrides_runtime = True
     initial_best = -1.0
+    label_maps = True
+    volumes = True
+    loaders = ("memory", "stream")
+
+    @classmethod
+    def check_cases(cls, run_cfg: Mapping[str, Any], task: Mapping[str, Any], items: list[dict], force: bool) -> None:
+        """NIfTI / DICOM volumes: :func:`sslbench.tasks.base.check_volumes`."""
+        check_volumes(run_cfg, task, items, force)
+
+    @classmethod
+    def step_input(cls, task: Mapping[str, Any]) -> tuple[int, str]:
+        """``finetune.batch_size`` cases x ``num_samples`` crops of ``roi`` a step, through encoder and decoder."""
+        ft = task.get("finetune") or {}
+        roi = ft.get("roi") or 96
+        each = int(roi) ** 3 if isinstance(roi, (int, float)) else int(math.prod(int(x) for x in roi))
+        return int(ft.get("batch_size", 1)) * int(ft.get("num_samples", 1)) * each, "segmentation"
+
+    @classmethod
+    def print_results(cls, metrics: Mapping[str, Any], console) -> None:
+        print_results(metrics, console)
 
     def load(self, root: Path, progress) -> None:
         from ..data.transforms import preprocess_transforms
@@ -318,3 +340,35 @@ class Segmentation(TaskKind):
         write_results(record, self.cfg, without_confusion(result), summarize(result, score_names(self.task)),
                       protocol=protocol,
                       phantom=phantom, root=root, extra=extra)
+
+
+def print_results(metrics: Mapping[str, Any], console) -> None:
+    """The terminal table of a segmentation run: Dice per class (NSD and HD95 where the task scores them), and
+    the mean per case then over cases with its std."""
+    from rich.table import Table
+
+    phantom = " [PHANTOM data, not the real dataset]" if metrics.get("phantom") else ""
+    t = Table(title=f"{metrics['method']} on {metrics['task_title']}{phantom}: Dice (validation split, "
+                    f"{metrics['n_cases']} cases, checkpoint {metrics.get('checkpoint', '?')})")
+    t.add_column("class")
+    t.add_column("Dice (%)", justify="right")
+    # NSD (surface-area, metrics.json scoring.nsd) and HD95 where the task scores them; None = left out (n/a)
+    cols = [(f"NSD (%) @ {metrics.get('nsd_tolerance_mm')} mm", "nsd", 100.0),
+            ("HD95 (mm)", "hd95", 1.0)]
+    cols = [c for c in cols if metrics.get(f"per_class_{c[1]}") is not None]
+    for title, _, _ in cols:
+        t.add_column(title, justify="right")
+
+    def num(v: float | None, scale: float = 100.0) -> str:
+        return "n/a" if v is None or v != v else f"{scale * v:.2f}"
+
+    for name, value in metrics["per_class"].items():
+        t.add_row(name, num(value), *[num(metrics[f"per_class_{key}"].get(name), scale) for _, key, scale in cols])
+
+    def mean_std(mean: float | None, std: float | None, scale: float = 100.0) -> str:
+        return "[bold]n/a" if mean is None or mean != mean else f"[bold]{num(mean, scale)} ± {num(std or 0.0, scale)}"
+
+    mean = mean_std(metrics.get("mean_dice"), metrics.get("std_dice"))
+    extra = [mean_std(metrics.get(f"mean_{key}"), metrics.get(f"std_{key}"), scale) for _, key, scale in cols]
+    t.add_row("[bold]mean (per case, then over cases)", mean, *extra)
+    console.print(t)
