@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import distributed, speed
+from .. import distributed
 from ..data.cases import case_cache, load_cases
 from ..errors import RecipeError
 from ..speed import inductor
@@ -27,15 +27,14 @@ from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
 from .plan import check_loader, method_class
 from .runs import _claim_run, _rank_report, Outcome, resume_last, run_scope
-from .runtime import (_device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method,
-                      make_progress, run_settings, runtime_settings)
+from .runtime import align_optimizer_state, check_compiled_method, make_progress, pretrain_attention, Runtime
 
 
 def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
              console=None) -> Outcome:
-    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error) and
-    the run's torch switches (:func:`sslbench.protocol.runtime.run_settings`, restored afterwards)."""
-    with run_scope(), run_settings(cfg["run"]):
+    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error); the
+    run's :class:`sslbench.protocol.runtime.Runtime` is applied inside (torch switches restored afterwards)."""
+    with run_scope():
         return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
 
 
@@ -110,7 +109,8 @@ def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", d
 
 @dataclass
 class PretrainRun:
-    """A pre-training being run: its method class and parameters, run folder, device and data."""
+    """A pre-training being run: its method class and parameters, run folder, runtime (device, precision, attention
+    kernel, compile) and data."""
 
     cfg: dict
     cls: type
@@ -122,10 +122,17 @@ class PretrainRun:
     record: Any
     action: str
     say: Callable[..., None]
-    device: torch.device = None
-    bf16: bool = False
+    rt: Runtime = None
     stream: Any = None
     stack: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    @property
+    def bf16(self) -> bool:
+        return self.rt.bf16
 
     @property
     def seed(self) -> int:
@@ -141,9 +148,16 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {plan.protocol}); reusing it")
         return Outcome(record, "skip", record.metrics or {})
-    run = PretrainRun(cfg, cls, params, needs_labels, two_d, dist, plan, record, action, say)
-    run.device, run.bf16 = _device_setup(cfg["run"], dist)
-    size = track2d.input_size(cfg["corpus"]) if two_d else cls.input_size(params)
+    run = PretrainRun(cfg, cls, params, needs_labels, two_d, dist, plan, record, action, say,
+                      Runtime.for_rank(cfg["run"], dist, attention=pretrain_attention(params)))
+    with run.rt.applied():
+        return _pretrain_with(run, console)
+
+
+def _pretrain_with(run: PretrainRun, console=None) -> Outcome:
+    """The claimed pre-training ``run`` under its runtime: corpus, method, loop, weights and record."""
+    cfg, cls, params, dist, record, action = run.cfg, run.cls, run.params, run.dist, run.record, run.action
+    size = track2d.input_size(cfg["corpus"]) if run.two_d else cls.input_size(params)
     if size is None:
         raise RecipeError(f"method '{cfg['method']['name']}': random-crop corpora are not supported yet (input_size is None)")
     progress = make_progress(console)
@@ -152,7 +166,7 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         _start_record(run)
         torch.manual_seed(run.seed)
         method = cls(params, cfg["model"]).to(run.device)
-        speed.apply(method)
+        run.rt.apply_speed(method)
         if run.stack is not None:
             method.prepare(run.stack, run.seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
         elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume
@@ -207,7 +221,7 @@ def _start_record(run: PretrainRun) -> None:
     if run.action == "new":
         record.write_recipe({**run.cfg, "data": {"root": str(plan.root), "phantom": plan.phantom}})
         record.write_env(str(run.device), world_size=dist.world_size,
-                         runtime=runtime_settings(run.cfg["run"], run.device, run.bf16))
+                         runtime=run.rt.settings())
         record.set_status(state="running", stage="pretrain", step=0, protocol=plan.protocol,
                           world_size=dist.world_size, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if run.stream is not None and run.stream.sampler == "epoch":
@@ -226,7 +240,7 @@ def _resume(run: PretrainRun, method, opt, sched, total: int) -> tuple[int, list
 
 def _compile(run: PretrainRun, method, opt) -> None:
     """``run.compile``: the method's encoders compiled and checked against eager on the first batch."""
-    compile_method(method, run.cfg["run"])
+    run.rt.compile_method(method)
     align_optimizer_state(opt)     # compiled VoCo's backbones went channels-last; a resumed state may not be
     if not run.cfg["run"].get("compile"):
         return
@@ -261,7 +275,7 @@ def _train(run: PretrainRun, method, progress) -> Loop:
 
     def loss_of(volumes_b: torch.Tensor, step: int):
         torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))
-        with autocast(run.bf16, device):
+        with run.rt.autocast():
             return step_fn(volumes_b, step)
 
     def save_last(done: int) -> None:
