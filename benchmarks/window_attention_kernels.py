@@ -9,10 +9,10 @@ median time of a forward (no grad) and of a forward + backward (gradients to qkv
 the ``sdpa`` form of sslbench/methods/voco.py computes it. ``--sweep`` first tries launch configurations of
 the three fused kernels on the stage-1 shape and keeps the fastest of each (to re-tune on another card;
 copy the winners into FWD_CONFIG / DQ_CONFIG / DKV_CONFIG). ``fused-atomic`` rows time the backward whose dK/dV
-kernel also accumulates dQ with atomics (``DQ_MODE = "atomic"``) instead of a dQ kernel of its own;
+kernel also accumulates dQ with atomics (``backward_forms(dq="atomic")``) instead of a dQ kernel of its own;
 ``fused-deltatorch`` rows the backward whose delta = rowsum(dO O) comes from torch ops
-(``DELTA_MODE = "torch"``) instead of its Triton kernel (the default); ``fused-dbias-atomic`` rows the backward that adds the bias
-gradient with atomics (``DBIAS_MODE = "atomic"``) instead of per-group slabs. Needs CUDA + Triton.
+(``backward_forms(delta="torch")``) instead of its Triton kernel (the default); ``fused-dbias-atomic`` rows the backward that adds the bias
+gradient with atomics (``backward_forms(dbias="atomic")``) instead of per-group slabs. Needs CUDA + Triton.
 """
 from __future__ import annotations
 

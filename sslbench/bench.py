@@ -234,6 +234,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS} (fp16 would need a GradScaler)")
     from . import distributed
+    from .protocol.runtime import plain_float
 
     dist = distributed.setup(device)
     dev = distributed.device_for(dist, torch.device(device))
@@ -257,7 +258,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if from_disk is not None:
         stream = disk_stream(from_disk, size, batch, seed, dist, dev)
         batches = stream.batches(0, 10 ** 9)
-        volumes = next(batches).to(dev)
+        volumes = plain_float(next(batches)).to(dev)   # as the protocol hands batches to a method
     else:
         volumes = phantom_volumes(batch, size, dev, seed=seed + dist.rank)
     current = {"volumes": volumes}
@@ -312,7 +313,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
                                                              dev, seed + 7919)
     for i in range(warmup):
         if batches is not None:
-            current["volumes"] = next(batches).to(dev, non_blocking=True)
+            current["volumes"] = plain_float(next(batches)).to(dev, non_blocking=True)
         step(1 + i)
     _sync(dev)
     warmup_s = time.perf_counter() - t_start
@@ -323,7 +324,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     for i in range(steps):
         t0 = time.perf_counter()
         if batches is not None:
-            current["volumes"] = next(batches).to(dev, non_blocking=True)
+            current["volumes"] = plain_float(next(batches)).to(dev, non_blocking=True)
             waits.append(time.perf_counter() - t0)
         losses.append(step(1 + warmup + i))
         _sync(dev)

@@ -69,12 +69,18 @@ def test_the_end_of_a_run_hands_the_freed_memory_back():
     assert _rss_mb() < held - 200                    # handed back when the run ended
 
 
-def test_a_pretraining_records_the_attention_kernel_its_method_ran(tmp_path, monkeypatch):
+def test_a_pretraining_records_the_attention_kernel_its_method_ran_and_hands_it_plain_floats(tmp_path, monkeypatch):
     """env.json's runtime.attention is the kernel the pre-training's Swin ran (method.params.attention, applied by
-    the runtime), not run.attention (the fine-tuned network's kernel, which pre-training does not run)."""
+    the runtime), not run.attention (the fine-tuned network's kernel, which pre-training does not run); and the
+    method's forward gets plain float tensors (the memory loader's corpus comes from MONAI MetaTensors)."""
     import json
 
+    from sslbench.methods.simsiam import SimSiam
     from sslbench.speed import fast_swin
+
+    seen = []
+    forward = SimSiam.forward
+    monkeypatch.setattr(SimSiam, "forward", lambda self, v, step: seen.append((type(v), v.dtype)) or forward(self, v, step))
 
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SSLBENCH_DATA", str(tmp_path / "data"))
@@ -88,6 +94,7 @@ def test_a_pretraining_records_the_attention_kernel_its_method_ran(tmp_path, mon
     env = json.loads(next((tmp_path / "runs").rglob("env.json")).read_text())
     assert ran and set(ran) == {"sdpa"}                       # what ran ...
     assert env["runtime"]["attention"] == "sdpa"              # ... is what the record says
+    assert seen and set(seen) == {(torch.Tensor, torch.float32)}   # no MetaTensor reaches the method
 
 
 def test_a_benchmark_hands_back_the_torch_switches_it_set_even_on_an_error():

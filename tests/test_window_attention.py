@@ -267,8 +267,8 @@ json.dump(rows, sys.stdout)
 @pytest.mark.skipif(W.triton is None, reason="Triton is not installed")
 def test_kernels_match_reference_in_triton_interpreter():
     """Forward, delta, dQ/dK/dV and the bias gradient of the Triton kernels (and of the backward that adds dQ
-    with atomics, DQ_MODE "atomic", the one whose delta comes from torch ops, DELTA_MODE "torch", and the
-    one that adds the bias gradient with atomics, DBIAS_MODE "atomic"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
+    with atomics, dq "atomic", the one whose delta comes from torch ops, delta "torch", and the
+    one that adds the bias gradient with atomics, dbias "atomic"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
     that is only partly filled, head dim 32 and a second launch configuration."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,

@@ -27,7 +27,8 @@ from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
 from .plan import check_loader, method_class
 from .runs import _claim_run, _rank_report, Outcome, resume_last, run_scope
-from .runtime import align_optimizer_state, check_compiled_method, make_progress, pretrain_attention, Runtime
+from .runtime import (align_optimizer_state, check_compiled_method, make_progress, plain_float, pretrain_attention,
+                      Runtime)
 
 
 def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
@@ -93,11 +94,11 @@ def _fill_cache(cfg: Mapping[str, Any], cache, items: list[dict], with_label: bo
 
 
 @torch.no_grad()
-def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", device: torch.device) -> torch.Tensor:
+def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", rt: Runtime) -> torch.Tensor:
     """Every corpus volume's ``method.volume_features`` [N, D] in corpus order, without holding the corpus: this rank
     reads its shard (volumes r, r + W, ...) from the case cache in chunks; the shards are gathered to every rank and
     interleaved back, so every rank discovers the same set-up the memory loader's ``prepare`` does."""
-    mine = torch.cat([method.volume_features(chunk.to(device)) for chunk in stream.whole_volumes()])
+    mine = torch.cat([method.volume_features(rt.batch(chunk)) for chunk in stream.whole_volumes()])
     if not dist.enabled:
         return mine
     parts = dist.gather_rows([mine])
@@ -170,7 +171,7 @@ def _pretrain_with(run: PretrainRun, console=None) -> Outcome:
         if run.stack is not None:
             method.prepare(run.stack, run.seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
         elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume
-            method.discover(stream_features(method, run.stream, dist, run.device), run.seed)
+            method.discover(stream_features(method, run.stream, dist, run.rt), run.seed)
         loop = _train(run, method, progress)
     _rank_report(dist, method.backbone_state_dict(), steps=loop.total, history=loop.history)
     if not dist.is_main:   # rank 0 writes the weights and the record; the others wait for them
@@ -209,6 +210,7 @@ def _load_corpus(run: PretrainRun, size, progress) -> None:
                                   for v in volumes])
             stack = torch.cat([stack, labels], dim=1)
         del volumes
+    stack = plain_float(stack)   # what the method receives: plain float tensors (as every batch, Runtime.batch)
     run.stack = stack.to(device) if device.type == "cuda" else stack   # GPU-resident: batches gathered there
 
 
@@ -248,7 +250,7 @@ def _compile(run: PretrainRun, method, opt) -> None:
     if dist.is_main:
         record.log("run.compile: Inductor settings " + ", ".join(f"{k}={v}" for k, v in inductor.current().items()))
     first = run.stack[: pt["batch_size"]] if run.stream is None else run.stream.first_batch()
-    diffs = check_compiled_method(method, first.to(run.device), run.bf16, run.device, run.seed, str(record.path))
+    diffs = check_compiled_method(method, run.rt.batch(first), run.bf16, run.device, run.seed, str(record.path))
     if diffs and dist.is_main:
         record.log("compiled encoders against eager on the first batch (max relative difference): "
                    + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
@@ -270,8 +272,8 @@ def _train(run: PretrainRun, method, progress) -> Loop:
 
     def batch(step: int) -> torch.Tensor:
         if batches is not None:   # the StepSampler draws what the memory loader draws below
-            return next(batches).to(device, non_blocking=True)
-        return memory_batch(stack, pt, seed, step, dist).to(device, non_blocking=True)
+            return run.rt.batch(next(batches))
+        return run.rt.batch(memory_batch(stack, pt, seed, step, dist))
 
     def loss_of(volumes_b: torch.Tensor, step: int):
         torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))

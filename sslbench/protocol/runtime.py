@@ -72,6 +72,15 @@ def use_bf16(run_cfg: Mapping[str, Any], device: torch.device) -> bool:
     return p == "bf16" or (p == "auto" and device.type == "cuda")
 
 
+def plain_float(volumes: torch.Tensor) -> torch.Tensor:
+    """A batch as a method receives it: a plain tensor (a MONAI MetaTensor's data: cheaper, and it compiles),
+    integer input as float32. Pre-training hands every method its corpus, batches and feature chunks through it
+    (:meth:`Runtime.batch`), so that no method converts its input."""
+    if hasattr(volumes, "as_tensor"):
+        volumes = volumes.as_tensor()
+    return volumes if volumes.is_floating_point() else volumes.float()
+
+
 def make_progress(console=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -277,6 +286,10 @@ class Runtime:
 
     def autocast(self):
         return autocast(self.bf16, self.device)
+
+    def batch(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``volumes`` as a method receives them: a plain float tensor (:func:`plain_float`) on this rank's device."""
+        return plain_float(volumes).to(self.device, non_blocking=True)
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         return compiled(module, self.run_cfg)
