@@ -38,7 +38,8 @@ _configured = False
 
 
 def configure() -> dict[str, Any]:
-    """Apply ``SETTINGS`` to torch._inductor.config, the first time only; returns the values now in force."""
+    """Apply ``SETTINGS`` to torch._inductor.config, the first time only (once per process: a correctness fix, not a
+    run's mode; see the module docstring); returns the values now in force."""
     global _configured
     import torch._inductor.config as config
 
