@@ -9,10 +9,10 @@ median time of a forward (no grad) and of a forward + backward (gradients to qkv
 the ``sdpa`` form of sslbench/methods/voco.py computes it. ``--sweep`` first tries launch configurations of
 the three fused kernels on the stage-1 shape and keeps the fastest of each (to re-tune on another card;
 copy the winners into FWD_CONFIG / DQ_CONFIG / DKV_CONFIG). ``fused-atomic`` rows time the backward whose dK/dV
-kernel also accumulates dQ with atomics (``DQ_MODE = "atomic"``) instead of a dQ kernel of its own;
+kernel also accumulates dQ with atomics (``backward_forms(dq="atomic")``) instead of a dQ kernel of its own;
 ``fused-deltatorch`` rows the backward whose delta = rowsum(dO O) comes from torch ops
-(``DELTA_MODE = "torch"``) instead of its Triton kernel (the default); ``fused-dbias-atomic`` rows the backward that adds the bias
-gradient with atomics (``DBIAS_MODE = "atomic"``) instead of per-group slabs. Needs CUDA + Triton.
+(``backward_forms(delta="torch")``) instead of its Triton kernel (the default); ``fused-dbias-atomic`` rows the backward that adds the bias
+gradient with atomics (``backward_forms(dbias="atomic")``) instead of per-group slabs. Needs CUDA + Triton.
 """
 from __future__ import annotations
 
@@ -61,7 +61,6 @@ def case(b: int, h: int, nw: int, n: int, kernel: str, seed: int = 0):
 
     def run(bias):
         if kernel.startswith("fused"):
-            W.set_backward_modes(**{**DEFAULT_MODES, **FUSED_FORMS[kernel]})
             return W.window_attention(qkv, bias, region, h, d ** -0.5)
         q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         if region is not None:
@@ -73,13 +72,16 @@ def case(b: int, h: int, nw: int, n: int, kernel: str, seed: int = 0):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype).contiguous(), scale=d ** -0.5)
         return out.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, c)
 
+    forms = {**DEFAULT_MODES, **FUSED_FORMS.get(kernel, {})}   # the fused backward's forms, for this row only
+
     def forward():
         with torch.no_grad():
             run(table)
 
     def forward_backward():
         qkv.grad, table.grad = None, None
-        run(table * 1.0).backward(grad)
+        with W.backward_forms(**forms):
+            run(table * 1.0).backward(grad)
 
     return forward, forward_backward
 
@@ -124,7 +126,6 @@ def main(argv=None) -> int:
     if args.sweep:
         result["configs"] = sweep()
     result["configs_used"] = {k: dict(getattr(W, k)) for k in ("FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG")}
-    modes = W.backward_modes()
     result["configs_used"]["DELTA_CONFIG"] = dict(W.DELTA_CONFIG)
     result["configs_used"]["backward_modes"] = {k: {**DEFAULT_MODES, **v} for k, v in FUSED_FORMS.items()}
     print(f"{'stage':8} {'kernel':18} {'fwd ms':>8} {'fwd+bwd ms':>11}")
@@ -134,7 +135,6 @@ def main(argv=None) -> int:
             row = {"fwd_ms": round(median_ms(f), 3), "fwd_bwd_ms": round(median_ms(fb), 3)}
             result[f"{stage} {kernel}"] = row
             print(f"{stage:8} {kernel:18} {row['fwd_ms']:8.2f} {row['fwd_bwd_ms']:11.2f}", flush=True)
-    W.set_backward_modes(**modes)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -185,6 +185,25 @@ def disk_stream(spec: Mapping[str, Any], size: Sequence[int], batch: int, seed: 
     return stream
 
 
+def restores_torch_switches(fn):
+    """``fn`` with torch's process-wide switches that a benchmark sets (cuDNN autotuning, TF32 matmuls and
+    convolutions) restored when it returns or raises: a benchmark run in-process (a test, a notebook) leaves the
+    process as it found it."""
+    import functools
+
+    @functools.wraps(fn)
+    def restoring(*args, **kwargs):
+        before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32) = before
+
+    return restoring
+
+
+@restores_torch_switches
 def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: int = 48, batch: int = 2,
                    sw: int = 2, n: int = 4, crop: int = 64, steps: int = 10, warmup: int = 3,
                    precision: str = "bf16", compile: bool = False, device: str = "cuda",
@@ -215,6 +234,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS} (fp16 would need a GradScaler)")
     from . import distributed
+    from .protocol.runtime import plain_float
 
     dist = distributed.setup(device)
     dev = distributed.device_for(dist, torch.device(device))
@@ -238,7 +258,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     if from_disk is not None:
         stream = disk_stream(from_disk, size, batch, seed, dist, dev)
         batches = stream.batches(0, 10 ** 9)
-        volumes = next(batches).to(dev)
+        volumes = plain_float(next(batches)).to(dev)   # as the protocol hands batches to a method
     else:
         volumes = phantom_volumes(batch, size, dev, seed=seed + dist.rank)
     current = {"volumes": volumes}
@@ -293,7 +313,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
                                                              dev, seed + 7919)
     for i in range(warmup):
         if batches is not None:
-            current["volumes"] = next(batches).to(dev, non_blocking=True)
+            current["volumes"] = plain_float(next(batches)).to(dev, non_blocking=True)
         step(1 + i)
     _sync(dev)
     warmup_s = time.perf_counter() - t_start
@@ -304,7 +324,7 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     for i in range(steps):
         t0 = time.perf_counter()
         if batches is not None:
-            current["volumes"] = next(batches).to(dev, non_blocking=True)
+            current["volumes"] = plain_float(next(batches)).to(dev, non_blocking=True)
             waits.append(time.perf_counter() - t0)
         losses.append(step(1 + warmup + i))
         _sync(dev)
@@ -462,6 +482,7 @@ def _swinunetr(feature_size: int, classes: int, attention: str, dev: torch.devic
     return net.to(dev)
 
 
+@restores_torch_switches
 def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classes: int = 14, steps: int = 10,
                    warmup: int = 3, precision: str = "bf16", attention: str = "fused", device: str = "cuda",
                    compile: bool = False, seed: int = 0) -> dict[str, Any]:
@@ -509,6 +530,7 @@ def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classe
             **_env_fields(dev)}
 
 
+@restores_torch_switches
 def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), roi: int = 96, classes: int = 14,
                 overlap: float = 0.5, sw_batch_size: int = 4, mode: str = "gaussian", repeats: int = 3,
                 precision: str = "bf16", attention: str = "fused", device: str = "cuda", compile: bool = False,
@@ -654,13 +676,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", nargs="+", default=["fused"], choices=["fused", "sdpa", "monai"])
     forms = window_attention.BACKWARD_CHOICES
     p.add_argument("--dq-mode", default=None, choices=forms["dq"],
-                   help="fused attention backward: dQ by its own kernel or by atomics (window_attention.DQ_MODE)")
+                   help="fused attention backward: dQ by its own kernel or by atomics (window_attention.backward_forms' dq)")
     p.add_argument("--delta-mode", default=None, choices=forms["delta"],
                    help="fused attention backward: rowsum(dO O) by its Triton kernel or by torch ops "
-                        "(window_attention.DELTA_MODE)")
+                        "(window_attention.backward_forms' delta)")
     p.add_argument("--dbias-mode", default=None, choices=forms["dbias"],
                    help="fused attention backward: the bias gradient as per-group slabs summed by torch or added "
-                        "with atomics (window_attention.DBIAS_MODE)")
+                        "with atomics (window_attention.backward_forms' dbias)")
     p.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISIONS))
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone + head")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
@@ -717,19 +739,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
             q.add_argument("--repeats", type=int, default=3)
 
 
-def run(args: argparse.Namespace, raw: Sequence[str]) -> int:
-    """The benchmark of parsed options (``raw``: the command's own arguments, for the torchrun re-launch)."""
-    if args.what in ("finetune", "infer"):
-        return _main_finetune_infer(args)
-    if args.gpus and int(__import__("os").environ.get("WORLD_SIZE", "1")) <= 1:
-        from .distributed import launch
-
-        return launch(args.gpus, ["bench", *list(raw)])
+def _pretrain_rows(args: argparse.Namespace, inductor: dict[str, Any]) -> list[dict[str, Any]]:
+    """One ``bench_pretrain`` row per variant x attention x precision (an error row where one fails)."""
     from . import distributed
-    from .speed import window_attention
 
-    inductor = parse_inductor_options(args.inductor)
-    window_attention.set_backward_modes(dq=args.dq_mode, delta=args.delta_mode, dbias=args.dbias_mode)
     rows: list[dict[str, Any]] = []
     for variant in args.variant:
         for attention in args.attention:
@@ -762,6 +775,24 @@ def run(args: argparse.Namespace, raw: Sequence[str]) -> int:
                     print(json.dumps(row), file=sys.stderr, flush=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+    return rows
+
+
+def run(args: argparse.Namespace, raw: Sequence[str]) -> int:
+    """The benchmark of parsed options (``raw``: the command's own arguments, for the torchrun re-launch)."""
+    if args.what in ("finetune", "infer"):
+        return _main_finetune_infer(args)
+    if args.gpus and int(__import__("os").environ.get("WORLD_SIZE", "1")) <= 1:
+        from .distributed import launch
+
+        return launch(args.gpus, ["bench", *list(raw)])
+    from . import distributed
+    from .speed import window_attention
+
+    inductor = parse_inductor_options(args.inductor)
+    # the fused attention's backward forms for these rows only (restored afterwards)
+    with window_attention.backward_forms(dq=args.dq_mode, delta=args.delta_mode, dbias=args.dbias_mode):
+        rows = _pretrain_rows(args, inductor)
     if not distributed.current().is_main:
         distributed.cleanup()
         return 1 if any("error" in r for r in rows) else 0

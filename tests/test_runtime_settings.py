@@ -67,3 +67,55 @@ def test_the_end_of_a_run_hands_the_freed_memory_back():
         del block
         assert _rss_mb() > held - 100                # freed, but kept by the process inside the run
     assert _rss_mb() < held - 200                    # handed back when the run ended
+
+
+def test_a_pretraining_records_the_attention_kernel_its_method_ran_and_hands_it_plain_floats(tmp_path, monkeypatch):
+    """env.json's runtime.attention is the kernel the pre-training's Swin ran (method.params.attention, applied by
+    the runtime), not run.attention (the fine-tuned network's kernel, which pre-training does not run); and the
+    method's forward gets plain float tensors (the memory loader's corpus comes from MONAI MetaTensors)."""
+    import json
+
+    from sslbench.methods.simsiam import SimSiam
+    from sslbench.speed import fast_swin
+
+    seen = []
+    forward = SimSiam.forward
+    monkeypatch.setattr(SimSiam, "forward", lambda self, v, step: seen.append((type(v), v.dtype)) or forward(self, v, step))
+
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SSLBENCH_DATA", str(tmp_path / "data"))
+    ran = []
+    real = fast_swin.apply_attention
+    monkeypatch.setattr(fast_swin, "apply_attention", lambda m, kind: ran.append(kind) or real(m, kind))
+    code = main(["pretrain", "--method", "simsiam", "--preset", "tiny", "--corpus", "phantom-corpus",
+                 "--set", "method.pretrain.steps=1", "--set", "run.device=cpu", "--set", "method.params.attention=sdpa",
+                 "--set", "run.attention=monai", "--set", "corpus.data.phantom_cases=2", "--out", str(tmp_path / "runs")])
+    assert code == 0
+    env = json.loads(next((tmp_path / "runs").rglob("env.json")).read_text())
+    assert ran and set(ran) == {"sdpa"}                       # what ran ...
+    assert env["runtime"]["attention"] == "sdpa"              # ... is what the record says
+    assert seen and set(seen) == {(torch.Tensor, torch.float32)}   # no MetaTensor reaches the method
+
+
+def test_a_benchmark_hands_back_the_torch_switches_it_set_even_on_an_error():
+    """bench's cuDNN autotuning and TF32 switches are the benchmark's own: restored when it returns or raises."""
+    from sslbench.bench import restores_torch_switches
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+    @restores_torch_switches
+    def a_benchmark(fail: bool):
+        torch.backends.cudnn.benchmark = not before[0]
+        torch.backends.cuda.matmul.allow_tf32 = not before[1]
+        torch.backends.cudnn.allow_tf32 = not before[2]
+        if fail:
+            raise RuntimeError("out of memory")
+        return "row"
+
+    assert a_benchmark(False) == "row"
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(RuntimeError):
+        a_benchmark(True)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == before

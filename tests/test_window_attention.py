@@ -38,19 +38,23 @@ def test_regions_reproduce_monai_shift_mask():
     assert rid[-1].unique().numel() == 8            # the last window straddles 2 x 2 x 2 regions
 
 
-def test_backward_modes_are_chosen_validated_and_restored(monkeypatch):
-    for name in ("DQ_MODE", "DELTA_MODE", "DBIAS_MODE"):
-        monkeypatch.setattr(W, name, getattr(W, name))     # restored afterwards
+def test_backward_forms_are_chosen_validated_and_restored_on_exit():
     defaults = {key: choices[0] for key, choices in W.BACKWARD_CHOICES.items()}
     assert W.backward_modes() == defaults == {"dq": "kernel", "delta": "kernel", "dbias": "slabs"}
-    previous = W.set_backward_modes(dq="atomic", dbias="atomic")
-    assert previous == defaults and W.backward_modes() == {"dq": "atomic", "delta": "kernel", "dbias": "atomic"}
-    assert W.DQ_MODE == "atomic" and W.DBIAS_MODE == "atomic"       # what the launch code reads
-    with pytest.raises(ValueError, match="delta mode: 'fast'; expected one of kernel, torch"):
-        W.set_backward_modes(dq="kernel", delta="fast")
-    assert W.backward_modes()["dq"] == "atomic"                      # a refused call changes nothing
-    W.set_backward_modes(**previous)
-    assert W.backward_modes() == defaults
+    with W.backward_forms(dq="atomic", dbias="atomic") as now:
+        assert now == W.backward_modes() == {"dq": "atomic", "delta": "kernel", "dbias": "atomic"}  # what launches read
+        with pytest.raises(ValueError, match="delta mode: 'fast'; expected one of kernel, torch"):
+            with W.backward_forms(dq="kernel", delta="fast"):
+                pass
+        assert W.backward_modes()["dq"] == "atomic"                  # a refused scope changes nothing
+        with W.backward_forms(delta="torch"):                        # nested: only the form it names changes
+            assert W.backward_modes() == {"dq": "atomic", "delta": "torch", "dbias": "atomic"}
+        assert W.backward_modes()["delta"] == "kernel"
+    assert W.backward_modes() == defaults                            # the scope's end restores the defaults
+    with pytest.raises(RuntimeError):
+        with W.backward_forms(dq="atomic"):
+            raise RuntimeError("a failing benchmark row")
+    assert W.backward_modes() == defaults                            # ... errors included
 
 
 def test_reference_matches_monai_window_attention():
@@ -119,11 +123,12 @@ def test_fused_off_cuda_takes_monai_in_training_and_sdpa_without_autograd(monkey
                                    ("atomic", "kernel", "atomic")])
 @pytest.mark.parametrize("n,heads,d,masked", [(343, 3, 16, False), (343, 3, 16, True), (343, 2, 32, True),
                                               (64, 4, 16, False), (100, 2, 16, True)])
-def test_fused_matches_reference_values_and_gradients(n, heads, d, masked, modes, monkeypatch):
-    monkeypatch.setattr(W, "DQ_MODE", W.DQ_MODE)           # restored afterwards
-    monkeypatch.setattr(W, "DELTA_MODE", W.DELTA_MODE)
-    monkeypatch.setattr(W, "DBIAS_MODE", W.DBIAS_MODE)
-    W.set_backward_modes(*modes)
+def test_fused_matches_reference_values_and_gradients(n, heads, d, masked, modes):
+    with W.backward_forms(*modes):
+        _fused_matches_reference(n, heads, d, masked)
+
+
+def _fused_matches_reference(n, heads, d, masked):
     torch.manual_seed(0)
     dev = "cuda"
     nw = 4
@@ -250,10 +255,9 @@ for b, n, h, d, nw, cfg in cases:
     for dq_mode, delta_mode, dbias_mode in (("kernel", "torch", "slabs"), ("atomic", "torch", "slabs"),
                                             ("kernel", "kernel", "slabs"), ("kernel", "torch", "atomic"),
                                             ("atomic", "kernel", "atomic")):
-        W.set_backward_modes(dq_mode, delta_mode, dbias_mode)
-        dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
+        with W.backward_forms(dq_mode, delta_mode, dbias_mode):
+            dqkv, dbias = W._launch_bwd(g, qkv, bias, region, out, lse, h, d ** -0.5)
         rows.append([rel(out, ref.detach()), rel(dqkv, q.grad), rel(dbias, bb.grad)])
-    W.set_backward_modes("kernel", "kernel", "slabs")
     for c, old in zip((W.FWD_CONFIG, W.DQ_CONFIG, W.DKV_CONFIG), saved):
         c.clear(); c.update(old)
 json.dump(rows, sys.stdout)
@@ -263,8 +267,8 @@ json.dump(rows, sys.stdout)
 @pytest.mark.skipif(W.triton is None, reason="Triton is not installed")
 def test_kernels_match_reference_in_triton_interpreter():
     """Forward, delta, dQ/dK/dV and the bias gradient of the Triton kernels (and of the backward that adds dQ
-    with atomics, DQ_MODE "atomic", the one whose delta comes from torch ops, DELTA_MODE "torch", and the
-    one that adds the bias gradient with atomics, DBIAS_MODE "atomic"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
+    with atomics, dq "atomic", the one whose delta comes from torch ops, delta "torch", and the
+    one that adds the bias gradient with atomics, dbias "atomic"), run by Triton's CPU interpreter in fp32: masked and unmasked windows, token counts that are not block multiples, a last window group
     that is only partly filled, head dim 32 and a second launch configuration."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,

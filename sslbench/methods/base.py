@@ -87,8 +87,10 @@ class PretrainMethod(nn.Module):
         raise NotImplementedError
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """One training step's loss on a batch of volumes [B, 1, X, Y, Z] scaled to [0, 1] (a MONAI MetaTensor
-        batch: ``parts.tensors.plain_float`` gives the plain float tensor)."""
+        """One training step's loss on a batch of volumes [B, 1, X, Y, Z] scaled to [0, 1] ([B, 2, ...] with the
+        label ids for ``needs_labels``; [B, 1, H, W] images in the 2D track): a plain float tensor on the training
+        device, never a MONAI MetaTensor (the protocol converts every batch, the corpus of :meth:`prepare` and the
+        chunks of :meth:`volume_features` too), so a method converts nothing it is handed."""
         raise NotImplementedError
 
     @torch.no_grad()

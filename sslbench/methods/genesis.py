@@ -35,7 +35,6 @@ from ..models.unet2d import UNet2D
 from .base import PretrainMethod
 from .params import Attention, MethodParams, positive, probability
 from .parts.perturbations import GENESIS_DEFAULTS, MIN_PAINT_SIZE, genesis_views
-from .parts.tensors import plain_float
 from .parts.views import check_crop, crop_boxes, random_crop_starts
 
 
@@ -106,7 +105,6 @@ class ModelsGenesis(PretrainMethod):
         return cls.typed(params).resize
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         b = volumes.shape[0]
         if any(int(s) < c for s, c in zip(volumes.shape[2:], self.crop)):
             raise ValueError(f"mg: volumes {list(volumes.shape[2:])} are smaller than the crop {list(self.crop)}")

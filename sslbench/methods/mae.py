@@ -62,7 +62,6 @@ from ..errors import RecipeError
 from ..models.backbones import ENCODER_PREFIXES, build_model, vit_config
 from .base import PretrainMethod
 from .params import Attention, MethodParams, positive, probability, refuse, rule
-from .parts.tensors import plain_float
 from .parts.views import augment_crops
 
 #: model.name -> form of masked modelling.
@@ -417,7 +416,6 @@ class MAE(PretrainMethod):
         return masked_l1(pred, crops, voxel_mask), mask
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         crops = self.views(volumes)
         loss, mask = self.mae_loss(crops) if self.form == "mae" else self.simmim_loss(crops)
         return loss, {"loss": loss.detach(), "mask_ratio": mask.float().mean().detach()}

@@ -114,7 +114,6 @@ from .params import Attention, MethodParams, positive, probability, rule
 from .parts import aug2d
 from .parts.ema import momentum_update
 from .parts.perturbations import local_pixel_shuffle, nonlinear_intensity, paint
-from .parts.tensors import plain_float
 from .parts.views import axis_coords
 
 FAMILIES = ("swinunetr", "unet3d", "basicunet")
@@ -805,7 +804,6 @@ class PCRLv1(_PCRLv1Contrast):
                 "box1": box1, "box2": box2}
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         b = volumes.shape[0]
         dev = volumes.device
         v = self.make_views(volumes)
@@ -1005,7 +1003,6 @@ class PCRLv2(PretrainMethod):
         return flip_axes(x, random_axis_flips(x.shape[0], self.flip_axes, x.device))
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         b = volumes.shape[0]
         v = self.make_views(volumes)
         pros_g, preds_g, out, masks = self.decoder(self.encoder.bottleneck(v["x"]), restore_rows=b)
@@ -1205,7 +1202,7 @@ class PCRLv1_2D(_PCRLv1Contrast):
         return {"c": clean, "x": x, "t": t, "code": code}
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = plain_float(volumes)
+        images = volumes
         b, dev = images.shape[0], images.device
         if images.shape[2] != images.shape[3]:
             raise ValueError(f"pcrlv1: images {list(images.shape[2:])} must be square (the rot90 of T)")
@@ -1368,7 +1365,7 @@ class PCRLv2_2D(PretrainMethod):
         return {"gt": gt, "x": x, "local": loc}
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = plain_float(volumes)
+        images = volumes
         b = images.shape[0]
         with torch.autocast(images.device.type, enabled=False):   # views in fp32 under the protocol's bf16
             v = self.make_views(images)

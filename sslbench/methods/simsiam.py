@@ -65,7 +65,6 @@ from .params import Attention, MethodParams, positive, probability, rule
 from .parts import aug2d
 from .parts.blur import blur_2d, gaussian_blur  # noqa: F401  (blur_2d: SimSiam2D; both: the tests' names)
 from .parts.pooled_swin import PooledSwinEncoder
-from .parts.tensors import plain_float
 
 FEATURES = ("all", "last")
 MODELS = ("swinunetr", "unet3d", "basicunet")
@@ -336,7 +335,6 @@ class SimSiam(PretrainMethod):
         return self.backbone(x)
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         if self.training and volumes.shape[0] * self.sw_batch_size * dist.world_size() < 2:   # SyncBN: global
             raise RecipeError(f"method.pretrain.batch_size x method.params.sw_batch_size: {volumes.shape[0]} x "
                               f"{self.sw_batch_size} view pairs for method simsiam; expected >= 2 (BatchNorm)")

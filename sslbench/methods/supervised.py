@@ -36,7 +36,6 @@ from ..errors import RecipeError
 from ..models.backbones import SIZE_DIVISOR, build_model, transferable_state
 from .base import PretrainMethod
 from .params import Attention, MethodParams, positive, probability, rule
-from .parts.tensors import plain_float
 from .parts.views import random_crop_starts
 
 
@@ -120,7 +119,6 @@ class Supervised(PretrainMethod):
         return cls.typed(params).resize
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         if volumes.shape[1] != 2:
             raise ValueError(f"supervised: expected labelled volumes [B, 2, X, Y, Z] (image, label), got "
                              f"{list(volumes.shape)}")

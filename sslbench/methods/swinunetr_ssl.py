@@ -69,7 +69,6 @@ from . import dist
 from .base import PretrainMethod
 from .params import Attention, MethodParams, positive, refuse, rule
 from .parts.pooled_swin import PooledSwinEncoder
-from .parts.tensors import plain_float
 
 #: official ``patch_rand_drop`` defaults: target fraction U(0, max_drop), box sides in
 #: [tolerance, max_block) of the crop side
@@ -359,7 +358,6 @@ class SwinUNETRSSL(PretrainMethod):
         return {"inputs": inputs, "targets": targets, "rotations": torch.cat([r1, r2])}
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         views = self.make_views(volumes)
         n = views["inputs"].shape[0] // 2
         hs4 = self.backbone.swinViT(views["inputs"].contiguous())[4]        # [2N, 16fs, h, w, d], layer-normed

@@ -108,7 +108,6 @@ from ..models.unet2d import UNet2D
 from .base import PretrainMethod
 from .params import Attention, MethodParams, positive, rule
 from .parts.perturbations import MIN_PAINT_SIZE, local_pixel_shuffle, nonlinear_intensity, paint, randint_inclusive
-from .parts.tensors import plain_float
 from .parts.views import check_crop, crop_boxes
 
 #: ``perturbations`` values: TransVW's own forms (official ``utils/purturbation.py``) | Models Genesis' forms
@@ -599,13 +598,11 @@ class TransVW(PretrainMethod):
     @torch.no_grad()
     def prepare(self, corpus: torch.Tensor, seed: int) -> None:
         """Self-discovery of the visual words on the whole corpus [N, 1, *resize] (deterministic in seed)."""
-        corpus = plain_float(corpus)
         self.discover(torch.cat([self.volume_features(chunk) for chunk in corpus.split(64)]), seed)
 
     @torch.no_grad()
     def volume_features(self, volumes: torch.Tensor) -> torch.Tensor:
         """Each volume's self-discovery feature (:func:`volume_embedding`), [B, D] on the CPU."""
-        volumes = plain_float(volumes)
         if tuple(volumes.shape[2:]) != self.resize:
             raise RecipeError(f"method.params.resize: {list(self.resize)} for method {self.name}, but the corpus "
                               f"volumes are {list(volumes.shape[2:])}")
@@ -652,7 +649,6 @@ class TransVW(PretrainMethod):
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.vw_coords.shape[0] != self.num_classes:
             raise RuntimeError("TransVW.forward before prepare(): the visual words are not discovered yet")
-        volumes = plain_float(volumes)
         if tuple(volumes.shape[2:]) != self.resize:
             raise ValueError(f"transvw: volumes {list(volumes.shape[2:])} are not of the visual words' grid "
                              f"method.params.resize {list(self.resize)}")
@@ -809,7 +805,7 @@ class TransVW2D(PretrainMethod):
     @torch.no_grad()
     def prepare(self, corpus: torch.Tensor, seed: int) -> None:
         """Self-discovery of the visual words on every pre-training image [N, 1, H, W] (deterministic in seed)."""
-        images = plain_float(corpus)
+        images = corpus
         self.image_size = self._check_images(images)
         feats = torch.cat([image_embedding(chunk, self.embed_grid).cpu() for chunk in images.split(256)])
         refs, members, radius, coords = discover_visual_words(feats, self.num_classes, self.instances,
@@ -826,7 +822,7 @@ class TransVW2D(PretrainMethod):
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.vw_coords.shape[0] != self.num_classes:
             raise RuntimeError("TransVW2D.forward before prepare(): the visual words are not discovered yet")
-        images = plain_float(volumes)
+        images = volumes
         if self._check_images(images) != self.image_size:
             raise ValueError(f"transvw (2D): images {list(images.shape[-2:])} are not of the visual words' grid "
                              f"{list(self.image_size or ())}")

@@ -114,7 +114,6 @@ from .base import PretrainMethod
 from .parts import aug2d
 from .parts.ema import momentum_update
 from .parts.pooled_swin import PooledSwinEncoder
-from .parts.tensors import plain_float
 from .parts.views import augment_crops, axis_coords, axis_positions, grid_coords
 from .params import Attention, MethodParams, positive, refuse, rule
 
@@ -475,7 +474,7 @@ class VoCo(PretrainMethod):
     def encoder_inputs(self, volumes: torch.Tensor) -> torch.Tensor:
         """The backbones' input of one step: every view of ``volumes`` (``make_views``), for the runtime's check of
         compiled encoders against eager."""
-        return self.make_views(plain_float(volumes))[0]
+        return self.make_views(volumes)[0]
 
     def make_views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All crops of a batch: (views [B*k + B*n*n, C, s, s, s], labels [B, k, n*n]).
@@ -498,7 +497,6 @@ class VoCo(PretrainMethod):
         return views, labels
 
     def forward(self, volumes: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        volumes = plain_float(volumes)
         b = volumes.shape[0]
         k, nn_ = self.sw_batch_size, self.n * self.n
         views, labels = self.make_views(volumes)

@@ -21,14 +21,14 @@ from .loop import DataWait, Loop
 from .optim import make_optimizer, make_schedule
 from .plan import check_finetune_loader
 from .runs import FinetuneRun, Outcome, open_finetune, resume_finetune, run_scope
-from .runtime import Runtime, make_progress, run_settings
+from .runtime import Runtime, make_progress
 
 
 def finetune(cfg: dict, root: str | Path | None = None, init: dict | None = None, resume: bool = False,
              force: bool = False, console=None, on_validation: Callable[[int, float], None] | None = None) -> Outcome:
-    """:func:`_finetune` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error) and
-    the run's torch switches (:func:`sslbench.protocol.runtime.run_settings`, restored afterwards)."""
-    with run_scope() as scope, run_settings(cfg["run"]):
+    """:func:`_finetune` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error); the
+    run's :class:`sslbench.protocol.runtime.Runtime` is applied inside (torch switches restored afterwards)."""
+    with run_scope() as scope:
         return _finetune(cfg, root=root, init=init, resume=resume, force=force, console=console,
                          on_validation=scope.callback(on_validation))
 
@@ -51,7 +51,14 @@ def _finetune(cfg: dict, root: str | Path | None = None, init: dict | None = Non
     run = open_finetune(cfg, init, root, resume, force, console)
     if isinstance(run, Outcome):
         return run
-    kind = kind_cls(run.cfg, Runtime(run.device, run.bf16, run.dist, run.cfg["run"]), run.say)
+    rt = Runtime(run.device, run.bf16, run.dist, run.cfg["run"])   # the device open_finetune chose
+    with rt.applied():
+        return _finetune_with(run, kind_cls(run.cfg, rt, run.say), init, console, on_validation)
+
+
+def _finetune_with(run: FinetuneRun, kind, init: dict | None, console, on_validation) -> Outcome:
+    """The claimed fine-tuning ``run`` by its task ``kind`` under its runtime (``kind.rt``): cases, model, loop,
+    checkpoint selection, evaluation and record."""
     progress = make_progress(console)
     with progress:
         kind.load(run.root, progress)

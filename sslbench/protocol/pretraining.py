@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import distributed, speed
+from .. import distributed
 from ..data.cases import case_cache, load_cases
 from ..errors import RecipeError
 from ..speed import inductor
@@ -27,15 +27,15 @@ from .loop import DataWait, Loop
 from .optim import pretrain_optimizer, pretrain_schedule
 from .plan import check_loader, method_class
 from .runs import _claim_run, _rank_report, Outcome, resume_last, run_scope
-from .runtime import (_device_setup, align_optimizer_state, autocast, check_compiled_method, compile_method,
-                      make_progress, run_settings, runtime_settings)
+from .runtime import (align_optimizer_state, check_compiled_method, make_progress, plain_float, pretrain_attention,
+                      Runtime)
 
 
 def pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, force: bool = False,
              console=None) -> Outcome:
-    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error) and
-    the run's torch switches (:func:`sslbench.protocol.runtime.run_settings`, restored afterwards)."""
-    with run_scope(), run_settings(cfg["run"]):
+    """:func:`_pretrain` inside a :func:`run_scope` (its folder locked while it runs; ``failed`` on an error); the
+    run's :class:`sslbench.protocol.runtime.Runtime` is applied inside (torch switches restored afterwards)."""
+    with run_scope():
         return _pretrain(cfg, root=root, resume=resume, force=force, console=console)
 
 
@@ -94,11 +94,11 @@ def _fill_cache(cfg: Mapping[str, Any], cache, items: list[dict], with_label: bo
 
 
 @torch.no_grad()
-def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", device: torch.device) -> torch.Tensor:
+def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", rt: Runtime) -> torch.Tensor:
     """Every corpus volume's ``method.volume_features`` [N, D] in corpus order, without holding the corpus: this rank
     reads its shard (volumes r, r + W, ...) from the case cache in chunks; the shards are gathered to every rank and
     interleaved back, so every rank discovers the same set-up the memory loader's ``prepare`` does."""
-    mine = torch.cat([method.volume_features(chunk.to(device)) for chunk in stream.whole_volumes()])
+    mine = torch.cat([method.volume_features(rt.batch(chunk)) for chunk in stream.whole_volumes()])
     if not dist.enabled:
         return mine
     parts = dist.gather_rows([mine])
@@ -110,7 +110,8 @@ def stream_features(method: torch.nn.Module, stream, dist: "distributed.Dist", d
 
 @dataclass
 class PretrainRun:
-    """A pre-training being run: its method class and parameters, run folder, device and data."""
+    """A pre-training being run: its method class and parameters, run folder, runtime (device, precision, attention
+    kernel, compile) and data."""
 
     cfg: dict
     cls: type
@@ -122,10 +123,17 @@ class PretrainRun:
     record: Any
     action: str
     say: Callable[..., None]
-    device: torch.device = None
-    bf16: bool = False
+    rt: Runtime = None
     stream: Any = None
     stack: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    @property
+    def bf16(self) -> bool:
+        return self.rt.bf16
 
     @property
     def seed(self) -> int:
@@ -141,9 +149,16 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
     if action == "skip":
         say(f"pre-training already finished: {record.path} (protocol {plan.protocol}); reusing it")
         return Outcome(record, "skip", record.metrics or {})
-    run = PretrainRun(cfg, cls, params, needs_labels, two_d, dist, plan, record, action, say)
-    run.device, run.bf16 = _device_setup(cfg["run"], dist)
-    size = track2d.input_size(cfg["corpus"]) if two_d else cls.input_size(params)
+    run = PretrainRun(cfg, cls, params, needs_labels, two_d, dist, plan, record, action, say,
+                      Runtime.for_rank(cfg["run"], dist, attention=pretrain_attention(params)))
+    with run.rt.applied():
+        return _pretrain_with(run, console)
+
+
+def _pretrain_with(run: PretrainRun, console=None) -> Outcome:
+    """The claimed pre-training ``run`` under its runtime: corpus, method, loop, weights and record."""
+    cfg, cls, params, dist, record, action = run.cfg, run.cls, run.params, run.dist, run.record, run.action
+    size = track2d.input_size(cfg["corpus"]) if run.two_d else cls.input_size(params)
     if size is None:
         raise RecipeError(f"method '{cfg['method']['name']}': random-crop corpora are not supported yet (input_size is None)")
     progress = make_progress(console)
@@ -152,11 +167,11 @@ def _pretrain(cfg: dict, root: str | Path | None = None, resume: bool = False, f
         _start_record(run)
         torch.manual_seed(run.seed)
         method = cls(params, cfg["model"]).to(run.device)
-        speed.apply(method)
+        run.rt.apply_speed(method)
         if run.stack is not None:
             method.prepare(run.stack, run.seed)   # corpus-level set-up (e.g. TransVW's visual words); deterministic
         elif getattr(cls, "streams_prepare", False):   # the same set-up from features streamed volume by volume
-            method.discover(stream_features(method, run.stream, dist, run.device), run.seed)
+            method.discover(stream_features(method, run.stream, dist, run.rt), run.seed)
         loop = _train(run, method, progress)
     _rank_report(dist, method.backbone_state_dict(), steps=loop.total, history=loop.history)
     if not dist.is_main:   # rank 0 writes the weights and the record; the others wait for them
@@ -195,6 +210,7 @@ def _load_corpus(run: PretrainRun, size, progress) -> None:
                                   for v in volumes])
             stack = torch.cat([stack, labels], dim=1)
         del volumes
+    stack = plain_float(stack)   # what the method receives: plain float tensors (as every batch, Runtime.batch)
     run.stack = stack.to(device) if device.type == "cuda" else stack   # GPU-resident: batches gathered there
 
 
@@ -207,7 +223,7 @@ def _start_record(run: PretrainRun) -> None:
     if run.action == "new":
         record.write_recipe({**run.cfg, "data": {"root": str(plan.root), "phantom": plan.phantom}})
         record.write_env(str(run.device), world_size=dist.world_size,
-                         runtime=runtime_settings(run.cfg["run"], run.device, run.bf16))
+                         runtime=run.rt.settings())
         record.set_status(state="running", stage="pretrain", step=0, protocol=plan.protocol,
                           world_size=dist.world_size, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if run.stream is not None and run.stream.sampler == "epoch":
@@ -226,7 +242,7 @@ def _resume(run: PretrainRun, method, opt, sched, total: int) -> tuple[int, list
 
 def _compile(run: PretrainRun, method, opt) -> None:
     """``run.compile``: the method's encoders compiled and checked against eager on the first batch."""
-    compile_method(method, run.cfg["run"])
+    run.rt.compile_method(method)
     align_optimizer_state(opt)     # compiled VoCo's backbones went channels-last; a resumed state may not be
     if not run.cfg["run"].get("compile"):
         return
@@ -234,7 +250,7 @@ def _compile(run: PretrainRun, method, opt) -> None:
     if dist.is_main:
         record.log("run.compile: Inductor settings " + ", ".join(f"{k}={v}" for k, v in inductor.current().items()))
     first = run.stack[: pt["batch_size"]] if run.stream is None else run.stream.first_batch()
-    diffs = check_compiled_method(method, first.to(run.device), run.bf16, run.device, run.seed, str(record.path))
+    diffs = check_compiled_method(method, run.rt.batch(first), run.bf16, run.device, run.seed, str(record.path))
     if diffs and dist.is_main:
         record.log("compiled encoders against eager on the first batch (max relative difference): "
                    + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
@@ -256,12 +272,12 @@ def _train(run: PretrainRun, method, progress) -> Loop:
 
     def batch(step: int) -> torch.Tensor:
         if batches is not None:   # the StepSampler draws what the memory loader draws below
-            return next(batches).to(device, non_blocking=True)
-        return memory_batch(stack, pt, seed, step, dist).to(device, non_blocking=True)
+            return run.rt.batch(next(batches))
+        return run.rt.batch(memory_batch(stack, pt, seed, step, dist))
 
     def loss_of(volumes_b: torch.Tensor, step: int):
         torch.manual_seed(step_seed(seed, step, 1 + 1000 * dist.rank))
-        with autocast(run.bf16, device):
+        with run.rt.autocast():
             return step_fn(volumes_b, step)
 
     def save_last(done: int) -> None:

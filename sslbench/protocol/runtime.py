@@ -72,6 +72,15 @@ def use_bf16(run_cfg: Mapping[str, Any], device: torch.device) -> bool:
     return p == "bf16" or (p == "auto" and device.type == "cuda")
 
 
+def plain_float(volumes: torch.Tensor) -> torch.Tensor:
+    """A batch as a method receives it: a plain tensor (a MONAI MetaTensor's data: cheaper, and it compiles),
+    integer input as float32. Pre-training hands every method its corpus, batches and feature chunks through it
+    (:meth:`Runtime.batch`), so that no method converts its input."""
+    if hasattr(volumes, "as_tensor"):
+        volumes = volumes.as_tensor()
+    return volumes if volumes.is_floating_point() else volumes.float()
+
+
 def make_progress(console=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -215,8 +224,8 @@ def run_settings(run_cfg: Mapping[str, Any]) -> Iterator[dict]:
     On exit it also undoes the run's glibc allocator policy (:func:`release_freed_memory`). Yields the values in
     force (what env.json's ``runtime`` records). Not scoped, on purpose: sslbench's Inductor settings (sslbench/speed/
     inductor.py: set once per process before any compile, a correctness fix that a compile outside a scope must
-    not miss); the fused attention's backward forms are the benchmark's knobs (``sslbench bench``), never set by
-    a run."""
+    not miss). The fused attention's backward forms are the benchmark's knobs, scoped by
+    ``speed.window_attention.backward_forms`` (``sslbench bench``), never set by a run."""
     before = {"cudnn_benchmark": torch.backends.cudnn.benchmark, "threads": torch.get_num_threads()}
     try:
         if select_device(run_cfg).type == "cuda":
@@ -233,18 +242,54 @@ def run_settings(run_cfg: Mapping[str, Any]) -> Iterator[dict]:
 
 @dataclass
 class Runtime:
-    """How this rank runs a stage: its device, bf16 autocast, ranks and the run's speed settings (``run.*``).
+    """How this rank runs a stage: its device, bf16 autocast, ranks, the window-attention kernel and the run's speed
+    settings (``run.*``: compile, cuDNN autotuning, threads).
 
-    The task kinds (sslbench/tasks/) receive one instead of importing the protocol: they autocast, compile and
-    wrap their models through it, so that the speed settings are applied by the runtime in one place."""
+    Both stages build one (:meth:`for_rank`) and run inside :meth:`applied`, the context that sets torch's
+    process-wide switches of the run and restores them afterwards (:func:`run_settings`); env.json's ``runtime``
+    is :meth:`settings`. The task kinds (sslbench/tasks/) receive one instead of importing the protocol: they
+    autocast, compile and wrap their models through it; pre-training applies the method's speed settings through
+    it (:meth:`apply_speed`), so that the speed settings are applied by the runtime in one place.
+
+    ``attention`` is the one kernel the stage's networks run and env.json records: fine-tuning and evaluation take
+    ``run.attention`` (the fine-tuned network's), pre-training takes ``method.params.attention``
+    (:func:`pretrain_attention`; the method's modules). The two keys are not aliases: one recipe's ``run``
+    section goes to both stages of ``sslbench run``, so that ``--set run.attention=monai`` checks the fine-tuned
+    network against MONAI's modules without switching what pre-trains it. Neither is part of the protocol hash.
+
+    Not scoped, on purpose: sslbench's Inductor settings (sslbench/speed/inductor.py: set once per process before
+    the first compile, a correctness fix that a compile outside any run must not miss)."""
 
     device: torch.device
     bf16: bool
     dist: "distributed.Dist"
     run_cfg: Mapping[str, Any]
+    attention: str = ""
+
+    def __post_init__(self):
+        if not self.attention:
+            self.attention = str(self.run_cfg.get("attention", "fused"))
+
+    @classmethod
+    def for_rank(cls, run_cfg: Mapping[str, Any], dist: "distributed.Dist", attention: str = "") -> "Runtime":
+        """This rank's runtime: its device (``run.device``, the rank's GPU under torchrun), ``run.precision``."""
+        device, bf16 = _device_setup(run_cfg, dist)
+        return cls(device, bf16, dist, run_cfg, attention)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator["Runtime"]:
+        """The run's torch switches (:func:`run_settings`: cuDNN autotuning on CUDA, ``run.num_threads``) and its
+        allocator policy (:func:`keep_freed_memory`) for the stage, restored on exit, errors included."""
+        with run_settings(self.run_cfg):
+            keep_freed_memory()
+            yield self
 
     def autocast(self):
         return autocast(self.bf16, self.device)
+
+    def batch(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``volumes`` as a method receives them: a plain float tensor (:func:`plain_float`) on this rank's device."""
+        return plain_float(volumes).to(self.device, non_blocking=True)
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         return compiled(module, self.run_cfg)
@@ -254,16 +299,32 @@ class Runtime:
         return compiled(distributed.wrap(module, self.dist, self.device), self.run_cfg)
 
     def use_attention(self, model: torch.nn.Module) -> int:
-        return use_run_attention(model, self.run_cfg)
+        """The stage's ``attention`` for the Swin window attention of a network to fine-tune or evaluate."""
+        from ..speed.fast_swin import apply_attention
+
+        return apply_attention(model, self.attention)
+
+    def apply_speed(self, method: torch.nn.Module) -> dict[str, int]:
+        """A pre-training method's speed settings (``speed.apply``) with the stage's ``attention``."""
+        return speed.apply(method, attention=self.attention)
+
+    def compile_method(self, method: torch.nn.Module) -> None:
+        compile_method(method, self.run_cfg)
 
     def settings(self) -> dict:
         """What env.json records of how the run ran (``runtime``): none of it is part of the protocol."""
-        return runtime_settings(self.run_cfg, self.device, self.bf16)
+        return runtime_settings(self.run_cfg, self.device, self.bf16, self.attention)
 
 
-def runtime_settings(run_cfg: Mapping[str, Any], device: torch.device, bf16: bool) -> dict:
-    """The speed settings a stage ran with (env.json's ``runtime``): precision, window-attention kernel,
-    torch.compile, cuDNN autotuning, threads."""
+def pretrain_attention(params: Mapping[str, Any]) -> str:
+    """The kernel a pre-training runs: ``method.params.attention`` (``fused`` for a method without the key, as
+    ``speed.apply`` reads it)."""
+    return str((params or {}).get("attention", "fused"))
+
+
+def runtime_settings(run_cfg: Mapping[str, Any], device: torch.device, bf16: bool, attention: str | None = None) -> dict:
+    """The speed settings a stage ran with (env.json's ``runtime``): precision, window-attention kernel (the
+    stage's: ``attention``, else ``run.attention``), torch.compile, cuDNN autotuning, threads."""
     return {"device": str(device), "precision": "bf16" if bf16 else "fp32",
-            "attention": str(run_cfg.get("attention", "fused")), "compile": bool(run_cfg.get("compile")),
+            "attention": str(attention or run_cfg.get("attention", "fused")), "compile": bool(run_cfg.get("compile")),
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "threads": torch.get_num_threads()}

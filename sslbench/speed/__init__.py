@@ -7,7 +7,7 @@ how (kernels, layouts, compiled graphs); parameter names and state-dict keys sta
 * ``compile``: ``run.compile`` for a pre-training method (its ``compile_parts``, channels-last, the compiled
   features checked against eager); ``inductor``: the Inductor settings every compile uses.
 
-The runtime calls ``apply(method)`` once a pre-training method is built; methods never import this package. A
+The runtime calls ``apply(method, attention)`` once a pre-training method is built; methods never import this package. A
 method only names its parts (``PretrainMethod.teachers``, ``compile_parts``, ``feature_encoders``,
 ``encoder_inputs``; a pooled encoder's ``pooled_stem``).
 """
@@ -20,10 +20,11 @@ from torch import nn
 from .names import ATTENTIONS  # noqa: F401,E402 (the forms of Swin window attention a run may name)
 
 
-def apply(method: nn.Module) -> dict[str, int]:
+def apply(method: nn.Module, attention: str | None = None) -> dict[str, int]:
     """The speed settings a pre-training method runs with, applied to its modules (same function):
 
-    * ``method.p.attention``, the recipe's ``method.params.attention`` (default ``fused``; ``fused`` | ``sdpa`` |
+    * ``attention``, the runtime's kernel of the stage (``Runtime.attention``: the recipe's
+      ``method.params.attention``); None reads ``method.p.attention`` (default ``fused``; ``fused`` | ``sdpa`` |
       ``monai``): every Swin transformer's window attention is switched by ``fast_swin.apply_attention`` and every
       MONAI ViT self-attention block runs its own SDPA path (MAE's encoder and decoder); with ``monai`` the method's
       ``teachers`` (trained by EMA, never by autograd) use MONAI's own SDPA path, which runs only without autograd;
@@ -36,7 +37,8 @@ def apply(method: nn.Module) -> dict[str, int]:
     from .pooled_stem import use_pooled_stems
 
     # the method's typed params (``method.p``, sslbench/methods/params.py), read by name: this layer imports no method
-    attention = str(getattr(getattr(method, "p", None), "attention", "fused"))
+    if attention is None:
+        attention = str(getattr(getattr(method, "p", None), "attention", "fused"))
 
     swins = [m for m in method.modules() if isinstance(m, SwinTransformer)]
     if swins and attention not in ATTENTIONS:

@@ -4,6 +4,12 @@ Every torch.compile in sslbench goes through ``compile()``, which first calls ``
 process, it sets ``SETTINGS`` in ``torch._inductor.config``. A later explicit change (``sslbench bench
 pretrain --inductor comprehensive_padding=true``, a ``torch._inductor.config.patch``) is left alone.
 
+The latch (``_configured``) is the one process-wide setting that the runtime's scope
+(``sslbench.protocol.runtime.Runtime.applied``) does not restore, on purpose: it is a correctness fix, applied
+once per process before the first compile, so that no compile (a run's, a benchmark's, one outside any run)
+can miss it; it is not a mode a run chooses, and undoing it at a run's end would expose the next compile of
+the process to the bug below.
+
 Why comprehensive padding is off: on torch 2.11.0+cu130 (the GPU machines' build), Inductor pads the
 strides of intermediate buffers to 128-byte multiples and can then index a buffer with a stale layout,
 reading padding or uninitialised memory: wrong, run-to-run different results, NaN in bf16 (pytorch/pytorch
@@ -32,7 +38,8 @@ _configured = False
 
 
 def configure() -> dict[str, Any]:
-    """Apply ``SETTINGS`` to torch._inductor.config, the first time only; returns the values now in force."""
+    """Apply ``SETTINGS`` to torch._inductor.config, the first time only (once per process: a correctness fix, not a
+    run's mode; see the module docstring); returns the values now in force."""
     global _configured
     import torch._inductor.config as config
 

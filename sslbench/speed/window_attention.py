@@ -16,14 +16,14 @@ read once per group, and the bias gradient of the group is summed in registers b
   p v; the output is written straight into the [windows, tokens, heads * d] layout the projection reads,
   and q, k, v are read from the qkv projection's output in place (no permute copies);
 * backward in two kernels (FlashAttention-2's recurrences, no atomics, deterministic), after delta =
-  rowsum(dO O) (torch ops, or a small kernel of its own: ``DELTA_MODE``): one per
+  rowsum(dO O) (torch ops, or a small kernel of its own: the ``delta`` form): one per
   (window group, head, key block) walks the query blocks for dV += P^T dO, dS = P (dP - rowsum(dO O)),
   dK += dS^T Q and the group's bias gradient sum_g dS (fp32); one per (window group, head, query block)
   walks the key blocks for dQ += dS K (S and P recomputed: cheap at head dim 16, and it keeps dQ in
   registers instead of a read-modify-write of a scratch buffer);
 * the mask enters as region ids (2 small integer vectors per window instead of an [n, n] matrix);
 * the bias read in fp32 (SDPA reads it rounded to bf16); the per-group bias gradients (one [h, n, n] fp32
-  slab per G windows) are summed over the groups at the end (or added with atomics: ``DBIAS_MODE``).
+  slab per G windows) are summed over the groups at the end (or added with atomics: the ``dbias`` form).
 
 Stage-1 shape of VoCo at the official geometry (4500 windows x 3 heads, 343 tokens, head dim 16, shift
 mask), one H100, 2026-11-27 03:55 UTC: forward 2.26 ms, forward + backward 11.6 ms; the previous one-window-per-
@@ -35,6 +35,9 @@ and optional region ids [nw, n] (windows of one image are consecutive, window w 
 returns [b, n, c]. Needs CUDA + Triton; ``available(x)`` says whether it can run on x.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -51,48 +54,55 @@ except ImportError:   # pragma: no cover - exercised on machines without Triton
 FWD_CONFIG = {"G": 4, "BM": 32, "BN": 16, "num_warps": 4, "num_stages": 2}
 DQ_CONFIG = {"G": 4, "BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}
 DKV_CONFIG = {"G": 8, "BM": 16, "BN": 32, "num_warps": 4, "num_stages": 2}
-#: how the backward computes dQ: "kernel" = its own kernel, which recomputes S and P (deterministic);
-#: "atomic" = the dK/dV kernel adds dS K for each key block into an fp32 buffer with atomics (S and P once;
-#: the summation order, hence the last bits of dQ, may vary run to run). Chosen by measurement:
-#: ``python benchmarks/window_attention_kernels.py`` times both.
-DQ_MODE = "kernel"
-#: how the backward computes delta = rowsum(dO * O) per (window, head, token): "torch" = fp32 copies of dO and
-#: O, a product, a sum and a transposing copy (~2 GB of memory traffic for a stage-1 call at VoCo's geometry);
-#: "kernel" = one Triton kernel reading dO and O once in their own dtype (~0.3 GB) and writing delta in the
-#: [windows * heads, tokens] layout the backward kernels read: the default, chosen by measurement (NVIDIA H100,
-#: 2026-11-27 16:32 UTC, ``benchmarks/window_attention_kernels.py`` at VoCo's geometry, fwd + bwd ms of one call
-#: per stage, torch / kernel: 11.91 / 10.78, 5.07 / 4.83, 3.26 / 2.96, 1.38 / 1.12; the compiled
-#: teacher-student step 12.96 -> 13.35 volumes/s, two runs on two H100 machines)
-DELTA_MODE = "kernel"
+# the backward forms (``backward_forms``). ``dq``, how the backward computes dQ: "kernel" = its own kernel, which recomputes S and P (deterministic);
+# "atomic" = the dK/dV kernel adds dS K for each key block into an fp32 buffer with atomics (S and P once;
+# the summation order, hence the last bits of dQ, may vary run to run). Chosen by measurement:
+# ``python benchmarks/window_attention_kernels.py`` times both.
+# ``delta``, how the backward computes delta = rowsum(dO * O) per (window, head, token): "torch" = fp32 copies of dO and
+# O, a product, a sum and a transposing copy (~2 GB of memory traffic for a stage-1 call at VoCo's geometry);
+# "kernel" = one Triton kernel reading dO and O once in their own dtype (~0.3 GB) and writing delta in the
+# [windows * heads, tokens] layout the backward kernels read: the default, chosen by measurement (NVIDIA H100,
+# 2026-11-27 16:32 UTC, ``benchmarks/window_attention_kernels.py`` at VoCo's geometry, fwd + bwd ms of one call
+# per stage, torch / kernel: 11.91 / 10.78, 5.07 / 4.83, 3.26 / 2.96, 1.38 / 1.12; the compiled
+# teacher-student step 12.96 -> 13.35 volumes/s, two runs on two H100 machines)
 DELTA_CONFIG = {"BLOCK": 128, "num_warps": 4}
-#: how the dK/dV kernel returns the bias gradient: "slabs" = each window group writes its sum_g dS to a slab of
-#: its own ([groups, h, n, n] fp32, ~0.8 GB for a stage-1 call at VoCo's geometry) and torch sums the slabs
-#: (deterministic); "atomic" = every group adds into one [h, n, n] fp32 buffer with atomics (no slabs; the
-#: summation order, hence the last bits, may vary run to run). "slabs" is the default by measurement (H100,
-#: 2026-11-27 16:32 UTC, fwd + bwd ms of one call per stage, slabs / atomic: 11.91 / 15.21, 5.07 / 6.88,
-#: 3.26 / 4.22, 1.38 / 1.29, both with delta by torch ops; BENCHMARKS.md).
-DBIAS_MODE = "slabs"
-#: the choices of each backward form (``set_backward_modes``), the first being the default
+# ``dbias``, how the dK/dV kernel returns the bias gradient: "slabs" = each window group writes its sum_g dS to a slab of
+# its own ([groups, h, n, n] fp32, ~0.8 GB for a stage-1 call at VoCo's geometry) and torch sums the slabs
+# (deterministic); "atomic" = every group adds into one [h, n, n] fp32 buffer with atomics (no slabs; the
+# summation order, hence the last bits, may vary run to run). "slabs" is the default by measurement (H100,
+# 2026-11-27 16:32 UTC, fwd + bwd ms of one call per stage, slabs / atomic: 11.91 / 15.21, 5.07 / 6.88,
+# 3.26 / 4.22, 1.38 / 1.29, both with delta by torch ops; BENCHMARKS.md).
+#: the choices of each backward form (``backward_forms``), the first being the default: dq "kernel", delta
+#: "kernel", dbias "slabs"
 BACKWARD_CHOICES = {"dq": ("kernel", "atomic"), "delta": ("kernel", "torch"), "dbias": ("slabs", "atomic")}
+#: the backward forms in force: the defaults, changed only inside ``backward_forms`` (the benchmarks' knob; no
+#: run sets them). Not a contextvar: autograd runs a CUDA backward on its own device thread, which does not see
+#: the caller's context variables; the scope restores this table on exit instead.
+_FORMS = {key: choices[0] for key, choices in BACKWARD_CHOICES.items()}
 #: the additive mask between tokens of different regions in MONAI's ``compute_mask``
 MASK_VALUE = -100.0
 
 
 def backward_modes() -> dict[str, str]:
-    """The backward forms in force: {"dq": DQ_MODE, "delta": DELTA_MODE, "dbias": DBIAS_MODE}."""
-    return {"dq": DQ_MODE, "delta": DELTA_MODE, "dbias": DBIAS_MODE}
+    """The backward forms in force: {"dq": ..., "delta": ..., "dbias": ...}."""
+    return dict(_FORMS)
 
 
-def set_backward_modes(dq: str | None = None, delta: str | None = None, dbias: str | None = None) -> dict[str, str]:
-    """Choose the backward forms (None keeps one as it is); returns the previous ones, so that
-    ``set_backward_modes(**previous)`` restores them. An unknown choice is a one-line ValueError."""
-    global DQ_MODE, DELTA_MODE, DBIAS_MODE
-    previous = backward_modes()
+@contextlib.contextmanager
+def backward_forms(dq: str | None = None, delta: str | None = None, dbias: str | None = None) -> Iterator[dict[str, str]]:
+    """The fused backward's forms (None keeps one as it is) for the ``with`` block, the previous ones restored on
+    exit, errors included; yields the forms in force. The forms are read when a backward launches, so a backward
+    must run inside the block. An unknown choice is a one-line ValueError (nothing changed)."""
     for key, value in (("dq", dq), ("delta", delta), ("dbias", dbias)):
         if value is not None and value not in BACKWARD_CHOICES[key]:
             raise ValueError(f"window attention {key} mode: {value!r}; expected one of {', '.join(BACKWARD_CHOICES[key])}")
-    DQ_MODE, DELTA_MODE, DBIAS_MODE = dq or DQ_MODE, delta or DELTA_MODE, dbias or DBIAS_MODE
-    return previous
+    previous = dict(_FORMS)
+    _FORMS.update({k: v for k, v in (("dq", dq), ("delta", delta), ("dbias", dbias)) if v is not None})
+    try:
+        yield dict(_FORMS)
+    finally:
+        _FORMS.clear()
+        _FORMS.update(previous)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -338,7 +348,8 @@ def _launch_bwd(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, regio
     bias_c = bias.float().contiguous()
     dout = dout.contiguous()
     # rowsum(dO * O) per (window, head, token): [b * h, n]
-    if DELTA_MODE == "torch":
+    forms = backward_modes()
+    if forms["delta"] == "torch":
         delta = (dout.float() * out.float()).view(b, n, h, d).sum(-1).transpose(1, 2).reshape(b * h, n).contiguous()
     else:
         delta = torch.empty(b * h, n, device=qkv.device, dtype=torch.float32)
@@ -348,7 +359,7 @@ def _launch_bwd(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, regio
     has_mask = region is not None
     rid = region.contiguous() if has_mask else lse
     nw = region.shape[0] if has_mask else 1
-    atomic = DQ_MODE == "atomic"
+    atomic = forms["dq"] == "atomic"
     if atomic:
         dq32 = torch.zeros(b, n, c3 // 3, device=qkv.device, dtype=torch.float32)
     else:
@@ -358,7 +369,7 @@ def _launch_bwd(dout: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, regio
             qkv, bias_c, rid, dout, lse, delta, dqkv, b, n, h, nw, scale, HAS_MASK=has_mask, D=d, **cfg)
     cfg = DKV_CONFIG
     groups = triton.cdiv(b, cfg["G"])
-    atomic_dbias = DBIAS_MODE == "atomic"
+    atomic_dbias = forms["dbias"] == "atomic"
     if atomic_dbias:
         dbias = torch.zeros(h, n, n, device=qkv.device, dtype=torch.float32)
     else:
@@ -444,5 +455,4 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor, region: torch.Tensor | None
 
 
 __all__ = ["available", "regions_from_mask", "window_attention", "reference", "FWD_CONFIG", "DQ_CONFIG", "DKV_CONFIG",
-           "DQ_MODE", "DELTA_MODE", "DELTA_CONFIG", "DBIAS_MODE", "BACKWARD_CHOICES", "backward_modes",
-           "set_backward_modes", "MASK_VALUE"]
+           "DELTA_CONFIG", "BACKWARD_CHOICES", "backward_modes", "backward_forms", "MASK_VALUE"]
