@@ -6,7 +6,7 @@ Every function draws its random choices as tensors on the device and transforms 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +17,6 @@ from .perturbations import MIN_PAINT_SIZE, randint_inclusive
 
 #: backbones a restoration method can train (the whole encoder-decoder is needed).
 RESTORATION_MODELS = ("swinunetr", "unet3d", "basicunet")
-
-
-def size3(value: Any, key: str, method: str) -> tuple[int, int, int]:
-    """A size given as one int or three: (x, y, z)."""
-    vals = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(vals) != 3 or any(int(v) != v or int(v) < 1 for v in vals):
-        raise RecipeError(f"method.params.{key}: {value!r} for method {method}; expected a positive int or 3 of them")
-    return tuple(int(v) for v in vals)  # type: ignore[return-value]
 
 
 def crop_boxes(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
