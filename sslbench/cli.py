@@ -164,11 +164,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------------
-def _results_table(record, metrics: dict, console) -> None:
-    """The terminal table of a finished fine-tuning, printed by its task kind (sslbench/tasks/)."""
-    from . import tasks
+def _results_table(record, metrics: dict, console, task: str | None = None) -> None:
+    """The terminal table of a finished fine-tuning, printed by its task kind (sslbench/tasks/): the kind of the
+    task its recipe.yaml ran, or (a record without one) of the task recipe named by ``task`` or its metrics."""
+    from . import recipes, tasks
 
-    tasks.kind_of(record.read_recipe()["task"]).print_results(metrics, console)
+    try:
+        cfg = record.read_recipe()["task"]
+    except FileNotFoundError:
+        cfg = recipes.load_task(str(task or metrics["task"]))
+    tasks.kind_of(cfg).print_results(metrics, console)
 
 
 def _cmd_list(args, console) -> int:
@@ -226,7 +231,7 @@ def _cmd_run(args, console) -> int:
                                 resume=args.resume, force=args.force, console=console)
     if "rank" in out.metrics:   # torchrun rank > 0: rank 0 prints and records
         return 0
-    _results_table(out.record, out.metrics, console)
+    _results_table(out.record, out.metrics, console, task=args.task)
     console.print(f"run record: {out.record.path}")
     return 0
 
@@ -276,7 +281,7 @@ def _cmd_finetune(args, console) -> int:
                             force=args.force, console=console)
     if "rank" in out.metrics:
         return 0
-    _results_table(out.record, out.metrics, console)
+    _results_table(out.record, out.metrics, console, task=args.task)
     console.print(f"run record: {out.record.path}")
     return 0
 
