@@ -137,6 +137,8 @@ def _bad(entries, i, **change):
     ({"metric": "nsd"}, "entries[0].metric", "a metric Table 6 shows for btcv"),
     ({"value": 0.851}, "entries[0].value", "looks like a fraction: write 85.1"),
     ({"value": 120}, "entries[0].value", "0-100"),
+    ({"value": float("nan")}, "entries[0].value", "0-100"),
+    ({"submission": " "}, "entries[0].submission", "expected a non-empty string or an integer, got ' '"),
     ({"value": "85"}, "entries[0].value", "0-100"),
     ({"date": "FUTURE"}, "entries[0].date", "a date not after today"),
     ({"date": "last week"}, "entries[0].date", "YYYY-MM-DD"),
