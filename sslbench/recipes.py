@@ -77,17 +77,33 @@ class Spec:
     fields: Mapping[str, "Spec"] | None = None   # for mappings with a fixed set of keys
     free: bool = False               # a mapping whose keys are free (method params, label maps)
     required: bool = False
+    values: "Spec | None" = None     # for free mappings: spec of each value
+    nonempty: bool = False           # strings: not blank; lists: at least one item
+    finite: bool = False             # numbers: no nan / inf
+    minimum: float | None = None     # numbers: lower bound (inclusive)
+    maximum: float | None = None     # numbers: upper bound (inclusive)
+    expect: str = ""                 # the wording of what is expected, when the generated one says too little
 
     def describe(self) -> str:
+        if self.expect:
+            return self.expect
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         elif self.fields is not None or self.free:
             text = "a mapping"
         elif self.items is not None:
-            text = f"a list of {self.length or ''}{' ' if self.length else ''}{self.items.describe()}".replace("  ", " ")
+            text = f"a {'non-empty ' if self.nonempty else ''}list of {self.length or ''}{' ' if self.length else ''}" \
+                   f"{self.items.describe()}".replace("  ", " ")
         else:
-            text = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a string",
-                                list: "a list", dict: "a mapping"}.get(t, t.__name__) for t in self.types)
+            names = {bool: "true/false", int: "an integer", float: "a finite number" if self.finite else "a number",
+                     str: "a non-empty string" if self.nonempty else "a string", list: "a list", dict: "a mapping"}
+            text = " or ".join(names.get(t, t.__name__) for t in self.types)
+            if self.minimum is not None and self.maximum is not None:
+                text += f" in {self.minimum:g}-{self.maximum:g}"
+            elif self.minimum is not None:
+                text += f" >= {self.minimum:g}"
+            elif self.maximum is not None:
+                text += f" <= {self.maximum:g}"
         return text + (" or null" if self.nullable else "")
 
 
@@ -130,17 +146,33 @@ def check(value: Any, spec: Spec, where: str, key: str) -> None:
     if spec.free:
         if not isinstance(value, Mapping):
             raise RecipeError(f"{where}: key '{key}': expected a mapping, got {type(value).__name__}")
+        if spec.values is not None:
+            for k, v in value.items():
+                check(v, spec.values, where, f"{key}.{k}" if key else str(k))
         return
     if spec.items is not None:
-        if not isinstance(value, list):
+        if not isinstance(value, list) or (spec.nonempty and not value):
             raise RecipeError(f"{where}: key '{key}': expected {spec.describe()}, got {value!r}")
         if spec.length is not None and len(value) != spec.length:
             raise RecipeError(f"{where}: key '{key}': expected {spec.length} values, got {len(value)}")
         for i, item in enumerate(value):
             check(item, spec.items, where, f"{key}[{i}]")
         return
-    if not _type_ok(value, spec.types):
+    if not _type_ok(value, spec.types) or not _bounds_ok(value, spec):
         raise RecipeError(f"{where}: key '{key}': expected {spec.describe()}, got {value!r}")
+
+
+def _bounds_ok(value: Any, spec: Spec) -> bool:
+    """The value rules of a typed spec beyond its type: non-blank strings, finite and bounded numbers."""
+    if isinstance(value, str):
+        return not spec.nonempty or bool(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    if spec.finite and not math.isfinite(value):
+        return False
+    if spec.minimum is not None and not value >= spec.minimum:
+        return False
+    return spec.maximum is None or value <= spec.maximum
 
 
 NUM = S(float)

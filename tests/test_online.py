@@ -133,10 +133,12 @@ def _bad(entries, i, **change):
 @pytest.mark.parametrize("change, key, says", [
     ({"leaderbord": "btcv"}, "entries[0].leaderbord", "unknown key"),
     ({"date": None}, "entries[0].date", "missing key"),
-    ({"leaderboard": "synapse"}, "entries[0].leaderboard", "one of amos22, btcv, flare23"),
+    ({"leaderboard": "synapse"}, "entries[0].leaderboard", "one of 'amos22', 'btcv', 'flare23'"),
     ({"metric": "nsd"}, "entries[0].metric", "a metric Table 6 shows for btcv"),
     ({"value": 0.851}, "entries[0].value", "looks like a fraction: write 85.1"),
     ({"value": 120}, "entries[0].value", "0-100"),
+    ({"value": float("nan")}, "entries[0].value", "0-100"),
+    ({"submission": " "}, "entries[0].submission", "expected a non-empty string or an integer, got ' '"),
     ({"value": "85"}, "entries[0].value", "0-100"),
     ({"date": "FUTURE"}, "entries[0].date", "a date not after today"),
     ({"date": "last week"}, "entries[0].date", "YYYY-MM-DD"),
@@ -167,7 +169,7 @@ def test_a_duplicate_answer_a_bad_top_level_and_a_missing_given_file(boards, tmp
         online.load_online(dup, published, df, runs, today=TODAY)
     top = tmp_path / "top.yaml"
     top.write_text("schema: 1\nanswers: []\n")
-    with pytest.raises(RecipeError, match=r"top\.yaml: unknown key 'answers'; expected schema, entries"):
+    with pytest.raises(RecipeError, match=r"top\.yaml: unknown key 'answers'; expected one of schema, entries"):
         online.load_online(top, published, df, runs, today=TODAY)
     with pytest.raises(RecipeError, match=r"nowhere\.yaml: online results file not found"):
         online.load_online(tmp_path / "nowhere.yaml", published, df, runs)

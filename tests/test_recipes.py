@@ -153,3 +153,31 @@ def test_pretrain_sampler_is_hashed_only_when_it_is_epoch():
     with pytest.raises(RecipeError) as err:
         cfg("method.pretrain.sampler=epochs")
     assert "method.pretrain.sampler" in str(err.value) and "'step', 'epoch'" in str(err.value)
+
+
+@pytest.mark.parametrize("spec, value, says", [
+    (recipes.S(str, nonempty=True), "  ", "expected a non-empty string, got '  '"),
+    (recipes.S(float, finite=True), float("inf"), "expected a finite number, got inf"),
+    (recipes.S(float, finite=True), "1.5", "expected a finite number, got '1.5'"),
+    (recipes.S(int, minimum=1), 0, "expected an integer >= 1, got 0"),
+    (recipes.S(float, minimum=0, maximum=100), 100.5, "expected a number in 0-100, got 100.5"),
+    (recipes.S(float, minimum=0), float("nan"), "expected a number >= 0, got nan"),
+    (recipes.Spec(items=recipes.STR, nonempty=True), [], "expected a non-empty list of a string, got []"),
+    (recipes.Spec(free=True, values=recipes.S(str, nonempty=True)), {"a": "x", "b": ""},
+     "key 'k.b': expected a non-empty string, got ''"),
+    (recipes.S(str, expect="a run key (quoted)"), 12, "expected a run key (quoted), got 12"),
+])
+def test_spec_value_rules_give_one_line_naming_the_key(spec, value, says):
+    with pytest.raises(RecipeError) as err:
+        recipes.check(value, spec, "f.yaml", "k")
+    assert str(err.value).startswith("f.yaml: key 'k") and says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_spec_value_rules_accept_what_fits_and_default_specs_stay_lenient():
+    for spec, value in [(recipes.S(str, nonempty=True), "x"), (recipes.S(float, finite=True), 3),
+                        (recipes.S(int, minimum=1), 1), (recipes.S(float, minimum=0, maximum=100), 100),
+                        (recipes.Spec(items=recipes.STR, nonempty=True), ["a"]),
+                        (recipes.Spec(free=True, values=recipes.INT), {"a": 1}),
+                        (recipes.NUM, float("nan")), (recipes.STR, ""), (recipes.Spec(items=recipes.STR), [])]:
+        recipes.check(value, spec, "f.yaml", "k")     # raises nothing
+    assert recipes.S(bool).describe() == "true/false" and recipes.S(int, minimum=0).describe() == "an integer >= 0"

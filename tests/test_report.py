@@ -442,6 +442,35 @@ def test_malformed_leaderboard_gives_one_line_naming_file_and_key(tmp_path, muta
     assert "\n" not in msg and str(bad) in msg and f"'{key}'" in msg, msg
 
 
+@pytest.mark.parametrize("mutation, key, says", [
+    (lambda d: _table(d, "table3")["rows"][0]["cells"]["btcv"].__setitem__("value", float("nan")),
+     "tables[1].rows[0].cells.btcv.value", "expected a finite number, got nan"),
+    (lambda d: _table(d, "table6")["rows"][0]["cells"]["flare23"].__setitem__("metric", "nsd"),
+     "tables[4].rows[0].cells.flare23.metric", "expected 'dice' (the metric of column 'flare23'), got 'nsd'"),
+    (lambda d: _table(d, "table4")["rows"][0]["cells"].__setitem__("chest", {}),
+     "tables[2].rows[0].cells.chest", "(did you mean 'chestxray14'?); expected one of chestxray14"),
+    (lambda d: _table(d, "table5")["rows"][1].__setitem__("id", _table(d, "table5")["rows"][0]["id"]),
+     "tables[3].rows[1].id", "expected an id not used by another row"),
+    (lambda d: _table(d, "table5")["columns"].append(dict(_table(d, "table5")["columns"][0])),
+     f"tables[3].columns[{len(yaml.safe_load(default_leaderboard().read_text())['tables'][3]['columns'])}].id",
+     "expected an id not used by another column"),
+    (lambda d: _table(d, "table5").__setitem__("marks_legend", {"*": " "}), "tables[3].marks_legend.*",
+     "expected a non-empty string, got ' '"),
+    (lambda d: _table(d, "table1").__setitem__("number", 0), "tables[0].number", "expected an integer >= 1, got 0"),
+    (lambda d: d["tables"][0].__setitem__("kind", "result"), "tables[0].kind", "did you mean 'results'?"),
+    (lambda d: d["tables"][0].pop("kind"), "tables[0].kind", "missing key"),
+    (lambda d: d.__setitem__("schema", 2), "schema", "expected one of 1, got 2"),
+])
+def test_leaderboard_errors_say_what_was_expected_and_found(tmp_path, mutation, key, says):
+    data = yaml.safe_load(default_leaderboard().read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_mutate(data, mutation), allow_unicode=True, sort_keys=False))
+    with pytest.raises(RecipeError) as info:
+        load_published(bad)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{bad}: ") and f"'{key}'" in msg and says in msg, msg
+
+
 def test_unparsable_leaderboard_and_cli_error(tmp_path, capsys):
     bad = tmp_path / "broken.yaml"
     bad.write_text("tables: [\n")

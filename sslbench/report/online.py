@@ -38,12 +38,11 @@ from typing import Any, Mapping
 
 from .. import recipes
 from ..errors import RecipeError
+from ..recipes import S, Spec, check
 from ..store.records import try_read_json
 
 #: where ``sslbench report`` looks for the answers when no ``--online`` is given (relative to ``--runs``)
 DEFAULT_ONLINE = Path("leaderboards") / "online.yaml"
-ENTRY_REQUIRED = ("leaderboard", "run", "metric", "value", "date")
-ENTRY_OPTIONAL = ("submission", "note")
 
 
 def default_online(runs_dir: str | Path) -> Path:
@@ -91,57 +90,35 @@ def _find_run(runs_df, name: str) -> list[str]:
     return paths
 
 
-def _entries(data: Any, where: str) -> list:
-    """The ``entries`` list of an online-results file, its top level checked."""
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{where}: expected a mapping with 'entries' at the top level")
-    for k in data:
-        if k not in ("schema", "entries"):
-            raise RecipeError(f"{where}: unknown key '{k}'; expected schema, entries")
-    if data.get("schema", 1) != 1:
-        _fail(where, "schema", "1", data.get("schema"))
-    if "entries" not in data:
-        raise RecipeError(f"{where}: missing key 'entries'")
-    entries = data["entries"]
-    if entries is None:
-        entries = []
-    if not isinstance(entries, list):
-        _fail(where, "entries", "a list of entries", entries)
-    return entries
+#: One entry's own keys, as a recipes.Spec schema (the recipes' validator words the errors); which leaderboard /
+#: metric pairs exist (the online table's columns), the date's meaning and the run it names are checked after it.
+ENTRY_SCHEMA = Spec(fields={
+    "leaderboard": S(str, nonempty=True, required=True),
+    "run": S(str, nonempty=True, required=True, expect="a run folder name or run key as a string (quoted)"),
+    "metric": S(str, nonempty=True, required=True),
+    "value": S(float, minimum=0, maximum=100, required=True, expect="a number in percent, 0-100"),
+    "date": S(str, _dt.date, required=True, expect="a date YYYY-MM-DD"),
+    "submission": S(str, int, nonempty=True), "note": S(str, int, nonempty=True),
+})
+ONLINE_SCHEMA = Spec(fields={"schema": Spec(choices=(1,)),
+                             "entries": Spec(items=Spec(free=True), nullable=True, required=True)})
 
 
-def _check_entry(e: Any, where: str, key: str, columns: Mapping[tuple[str, str], str],
+def _check_entry(e: Mapping, where: str, key: str, columns: Mapping[tuple[str, str], str],
                  today: _dt.date) -> tuple[float, _dt.date, str]:
     """(value, date, run) of one entry whose own keys are checked (its run is not looked up yet)."""
+    check(e, ENTRY_SCHEMA, where, key)
     boards = sorted({b for b, _ in columns})
     pairs = ", ".join(f"{b}/{m}" for b, m in columns)
-    if not isinstance(e, Mapping):
-        _fail(where, key, "a mapping", e)
-    for k in e:
-        if k not in ENTRY_REQUIRED + ENTRY_OPTIONAL:
-            raise RecipeError(f"{where}: unknown key '{key}.{k}'; expected one of "
-                              f"{', '.join(ENTRY_REQUIRED + ENTRY_OPTIONAL)}")
-    for k in ENTRY_REQUIRED:
-        if k not in e:
-            raise RecipeError(f"{where}: missing key '{key}.{k}'")
-    board, metric = e["leaderboard"], e["metric"]
-    if board not in boards:
-        _fail(where, f"{key}.leaderboard", f"one of {', '.join(boards)}", board)
+    board, metric, value = e["leaderboard"], e["metric"], e["value"]
+    check(board, Spec(choices=tuple(boards)), where, f"{key}.leaderboard")
     if (board, metric) not in columns:
         _fail(where, f"{key}.metric", f"a metric Table 6 shows for {board} (one of {pairs})", metric)
-    value = e["value"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        _fail(where, f"{key}.value", "a number in percent, 0-100", value)
     if 0 < value <= 1:
         _fail(where, f"{key}.value", f"percent as the leaderboard shows it ({value!r} looks like a fraction: "
                                      f"write {100 * value:g})", show=False)
     date = _date(e["date"], where, f"{key}.date", today)
-    if not isinstance(e["run"], str) or not e["run"].strip():
-        _fail(where, f"{key}.run", "a run folder name or run key as a string (quoted)", e["run"])
-    for k in ENTRY_OPTIONAL:
-        if k in e and (not isinstance(e[k], (str, int)) or isinstance(e[k], bool) or not str(e[k]).strip()):
-            _fail(where, f"{key}.{k}", "a non-empty string", e[k])
-    return float(value), date, str(e["run"]).strip()
+    return float(value), date, e["run"].strip()
 
 
 def _entry_run(where: str, key: str, run: str, board: str, date: _dt.date, runs_df, runs_dir: str | Path) -> str:
@@ -176,7 +153,8 @@ def validate_online(data: Any, where: str, spec: Mapping[str, Any], runs_df, run
     Each returned entry has its run folder resolved (``path``) and its date as ``datetime.date``.
     """
     today = today or _dt.date.today()
-    entries = _entries(data, where)
+    check(data, ONLINE_SCHEMA, where, "")
+    entries = data["entries"] or []
     columns = board_columns(spec)
     out: list[dict] = []
     seen: dict[tuple[str, str, str], int] = {}

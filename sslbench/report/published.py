@@ -4,12 +4,13 @@ Nothing here is measured; the report's tables (sslbench/report/tables.py) put th
 from __future__ import annotations
 
 import copy
-import math
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .. import recipes
 from ..errors import RecipeError
+from ..recipes import BOOL, S, Spec, check
 
 DEFAULT_LEADERBOARD = "voco_supplement.yaml"
 METRICS = ("dice", "auc", "nsd")
@@ -19,210 +20,131 @@ def default_leaderboard() -> Path:
     return recipes.recipe_dir("leaderboards") / DEFAULT_LEADERBOARD
 
 
-class _Checker:
-    """One-line errors: '<file>: key '<dotted key>': expected ..., got ...'."""
-
-    def __init__(self, where: str):
-        self.where = where
-
-    def fail(self, key: str, expected: str, got: Any = None, show_got: bool = True) -> None:
-        tail = f", got {got!r}" if show_got else ""
-        raise RecipeError(f"{self.where}: key '{key}': expected {expected}{tail}")
-
-    def mapping(self, value: Any, key: str, required: Iterable[str], optional: Iterable[str] = ()) -> dict:
-        if not isinstance(value, Mapping):
-            self.fail(key, "a mapping", value)
-        required, allowed = tuple(required), tuple(required) + tuple(optional)
-        for k in value:
-            if k not in allowed:
-                sub = f"{key}.{k}" if key else str(k)
-                raise RecipeError(f"{self.where}: unknown key '{sub}'{recipes.did_you_mean(k, allowed)}; "
-                                  f"expected one of {', '.join(allowed)}")
-        for k in required:
-            if k not in value:
-                raise RecipeError(f"{self.where}: missing key '{f'{key}.{k}' if key else k}'")
-        return dict(value)
-
-    def text(self, value: Any, key: str, nullable: bool = False) -> None:
-        if value is None and nullable:
-            return
-        if not isinstance(value, str) or not value.strip():
-            self.fail(key, "a non-empty string" + (" or null" if nullable else ""), value)
-
-    def number(self, value: Any, key: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.fail(key, "a number", value)
-
-    def integer(self, value: Any, key: str, minimum: int = 0) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, f"an integer >= {minimum}", value)
-
-    def boolean(self, value: Any, key: str) -> None:
-        if not isinstance(value, bool):
-            self.fail(key, "true or false", value)
-
-    def choice(self, value: Any, key: str, choices: Sequence[str]) -> None:
-        if value not in choices:
-            raise RecipeError(f"{self.where}: key '{key}': expected one of {', '.join(choices)}, got {value!r}"
-                              f"{recipes.did_you_mean(value, choices)}")
-
-    def list_(self, value: Any, key: str, nonempty: bool = True) -> list:
-        if not isinstance(value, list) or (nonempty and not value):
-            self.fail(key, "a non-empty list" if nonempty else "a list", value)
-        return value
-
-    def strings(self, value: Any, key: str, nonempty: bool = False) -> None:
-        self.list_(value, key, nonempty)
-        for i, item in enumerate(value):
-            self.text(item, f"{key}[{i}]")
+# --------------------------------------------------------------------------------------------------
+# The file's format, as recipes.Spec schemas (the recipes' own validator words the one-line errors); the rules
+# between fields (ids unique, a cell under a column that exists, a reference to a row that exists) follow them.
+# --------------------------------------------------------------------------------------------------
+def _req(spec: Spec) -> Spec:
+    return replace(spec, required=True)
 
 
-_TABLE_HEAD = ("id", "kind", "title", "caption")
-_DATASET_ROW = ("dataset", "stage", "modality", "task", "train", "valid", "sslbench_task", "source")
+TEXT = S(str, nonempty=True)
+NUMBER = S(float, finite=True)
+DIGITS = S(int, minimum=0)
+PARAMS = Spec(fields={"lambda": NUMBER})
+TEXTS = Spec(items=TEXT)
+METRIC = Spec(choices=METRICS, required=True)
+KINDS = ("datasets", "results", "comparison")
+_HEAD = {"id": _req(TEXT), "kind": Spec(choices=KINDS, required=True), "title": _req(TEXT), "caption": _req(TEXT)}
+
+CELL_SCHEMA = Spec(fields={"value": _req(NUMBER), "metric": METRIC, "marks": _req(TEXTS), "source": _req(TEXT),
+                           "digits": DIGITS, "note": TEXT})
+RESULTS_SCHEMA = Spec(fields={
+    **_HEAD, "number": S(int, minimum=1, required=True), "source": _req(TEXT), "row_header": _req(TEXT),
+    "evaluated_on": _req(TEXT), "measured": S(bool, required=True), "digits": _req(DIGITS),
+    "measured_note": TEXT, "marks_legend": Spec(free=True, values=TEXT), "params": PARAMS, "online": BOOL,
+    "columns": Spec(items=Spec(fields={"id": _req(TEXT), "header": _req(TEXT), "task": _req(TEXT), "metric": METRIC}),
+                    nonempty=True, required=True),
+    # each row's cells are checked against its table's columns (_cells_schema) once the columns are known
+    "rows": Spec(items=Spec(fields={"id": _req(TEXT), "label": _req(TEXT), "method": _req(TEXT),
+                                    "cells": Spec(free=True, required=True), "params": PARAMS, "class": TEXT,
+                                    "marks": TEXTS}), nonempty=True, required=True),
+})
+DATASETS_SCHEMA = Spec(fields={
+    **_HEAD, "number": S(int, minimum=1, required=True), "source": _req(TEXT),
+    "rows": Spec(items=Spec(fields={
+        **{k: _req(TEXT) for k in ("dataset", "stage", "modality", "task")},
+        "train": S(int, minimum=0, required=True), "valid": S(int, minimum=0, required=True),
+        "sslbench_task": S(str, nonempty=True, nullable=True, required=True), "source": _req(TEXT), "note": TEXT,
+    }), nonempty=True, required=True),
+})
+COMPARISON_SCHEMA = Spec(fields={
+    **_HEAD, "methods": Spec(items=TEXT, nonempty=True, required=True),
+    "method_params": Spec(free=True, values=PARAMS),
+    "tasks": Spec(items=Spec(fields={"task": _req(TEXT), "header": _req(TEXT), "metric": METRIC}), nonempty=True,
+                  required=True),
+    "published": Spec(items=Spec(fields={
+        "method": _req(TEXT), "task": _req(TEXT),
+        "ref": Spec(fields={"table": _req(TEXT), "row": S(str, int, required=True), "column": _req(TEXT)},
+                    required=True)}), required=True),
+})
+TABLE_SCHEMAS = {"results": RESULTS_SCHEMA, "datasets": DATASETS_SCHEMA, "comparison": COMPARISON_SCHEMA}
+LEADERBOARD_SCHEMA = Spec(fields={
+    "schema": Spec(choices=(1,), required=True), "paper": _req(TEXT),
+    "references": Spec(free=True, values=TEXT),
+    # each table is checked against the schema of its kind (TABLE_SCHEMAS)
+    "tables": Spec(items=Spec(free=True), nonempty=True, required=True),
+})
 
 
-def _check_params(c: _Checker, params: Any, key: str) -> None:
-    for k, v in c.mapping(params, key, (), ("lambda",)).items():
-        c.number(v, f"{key}.{k}")
+def _fail(where: str, key: str, expected: str, got: Any) -> None:
+    raise RecipeError(f"{where}: key '{key}': expected {expected}, got {got!r}")
 
 
-def _check_results(c: _Checker, t: dict, key: str) -> None:
-    c.mapping(t, key, _TABLE_HEAD + ("number", "source", "row_header", "evaluated_on", "measured", "digits",
-                                     "columns", "rows"), ("measured_note", "marks_legend", "params", "online"))
-    c.integer(t["number"], f"{key}.number", 1)
-    for k in ("source", "row_header", "evaluated_on"):
-        c.text(t[k], f"{key}.{k}")
-    c.boolean(t["measured"], f"{key}.measured")
-    if "online" in t:
-        c.boolean(t["online"], f"{key}.online")
-    c.integer(t["digits"], f"{key}.digits")
-    if "measured_note" in t:
-        c.text(t["measured_note"], f"{key}.measured_note")
-    if "params" in t:
-        _check_params(c, t["params"], f"{key}.params")
-    legend = t.get("marks_legend", {})
-    c.mapping(legend, f"{key}.marks_legend", (), tuple(legend) if isinstance(legend, Mapping) else ())
-    for mark, meaning in legend.items():
-        c.text(meaning, f"{key}.marks_legend.{mark}")
-    columns: dict[str, dict] = {}
-    for j, col in enumerate(c.list_(t["columns"], f"{key}.columns")):
-        ck = f"{key}.columns[{j}]"
-        c.mapping(col, ck, ("id", "header", "task", "metric"))
-        for k in ("id", "header", "task"):
-            c.text(col[k], f"{ck}.{k}")
-        c.choice(col["metric"], f"{ck}.metric", METRICS)
-        if col["id"] in columns:
-            c.fail(f"{ck}.id", "an id not used by another column", col["id"])
-        columns[col["id"]] = col
-    row_ids: set[str] = set()
-    for r, row in enumerate(c.list_(t["rows"], f"{key}.rows")):
-        rk = f"{key}.rows[{r}]"
-        c.mapping(row, rk, ("id", "label", "method", "cells"), ("params", "class", "marks"))
-        for k in ("id", "label", "method"):
-            c.text(row[k], f"{rk}.{k}")
-        if row["id"] in row_ids:
-            c.fail(f"{rk}.id", "an id not used by another row", row["id"])
-        row_ids.add(row["id"])
-        if "params" in row:
-            _check_params(c, row["params"], f"{rk}.params")
-        if "class" in row:
-            c.text(row["class"], f"{rk}.class")
-        if "marks" in row:
-            c.strings(row["marks"], f"{rk}.marks")
-        cells = c.mapping(row["cells"], f"{rk}.cells", (), tuple(columns))
-        for col_id, cell in cells.items():
-            ek = f"{rk}.cells.{col_id}"
-            c.mapping(cell, ek, ("value", "metric", "marks", "source"), ("digits", "note"))
-            c.number(cell["value"], f"{ek}.value")
-            c.choice(cell["metric"], f"{ek}.metric", METRICS)
+def _choice(value: Any, choices: Sequence, where: str, key: str) -> None:
+    check(value, Spec(choices=tuple(choices)), where, key)
+
+
+def _unique(ids: Sequence[Any], what: str, where: str, key: str) -> None:
+    """The ids of a table's items (``key[i].id``) are unique."""
+    seen: set = set()
+    for i, item_id in enumerate(ids):
+        if item_id in seen:
+            _fail(where, f"{key}[{i}].id", f"an id not used by another {what}", item_id)
+        seen.add(item_id)
+
+
+def _results_links(t: dict, where: str, key: str) -> None:
+    """Unique column and row ids; each row's cells under the table's columns, with their column's metric."""
+    _unique([c["id"] for c in t["columns"]], "column", where, f"{key}.columns")
+    _unique([r["id"] for r in t["rows"]], "row", where, f"{key}.rows")
+    columns = {c["id"]: c for c in t["columns"]}
+    cells_schema = Spec(fields={col_id: CELL_SCHEMA for col_id in columns})
+    for r, row in enumerate(t["rows"]):
+        check(row["cells"], cells_schema, where, f"{key}.rows[{r}].cells")
+        for col_id, cell in row["cells"].items():
             if cell["metric"] != columns[col_id]["metric"]:
-                c.fail(f"{ek}.metric", f"'{columns[col_id]['metric']}' (the metric of column '{col_id}')",
-                       cell["metric"])
-            c.strings(cell["marks"], f"{ek}.marks")
-            c.text(cell["source"], f"{ek}.source")
-            if "digits" in cell:
-                c.integer(cell["digits"], f"{ek}.digits")
-            if "note" in cell:
-                c.text(cell["note"], f"{ek}.note")
+                _fail(where, f"{key}.rows[{r}].cells.{col_id}.metric",
+                      f"'{columns[col_id]['metric']}' (the metric of column '{col_id}')", cell["metric"])
 
 
-def _check_datasets(c: _Checker, t: dict, key: str) -> None:
-    c.mapping(t, key, _TABLE_HEAD + ("number", "source", "rows"))
-    c.integer(t["number"], f"{key}.number", 1)
-    c.text(t["source"], f"{key}.source")
-    for r, row in enumerate(c.list_(t["rows"], f"{key}.rows")):
-        rk = f"{key}.rows[{r}]"
-        c.mapping(row, rk, _DATASET_ROW, ("note",))
-        for k in ("dataset", "stage", "modality", "task", "source"):
-            c.text(row[k], f"{rk}.{k}")
-        c.integer(row["train"], f"{rk}.train")
-        c.integer(row["valid"], f"{rk}.valid")
-        c.text(row["sslbench_task"], f"{rk}.sslbench_task", nullable=True)
-        if "note" in row:
-            c.text(row["note"], f"{rk}.note")
-
-
-def _check_comparison(c: _Checker, t: dict, key: str, tables: Mapping[str, dict]) -> None:
-    c.mapping(t, key, _TABLE_HEAD + ("methods", "tasks", "published"), ("method_params",))
-    c.strings(t["methods"], f"{key}.methods", nonempty=True)
-    mp = t.get("method_params", {})
-    for method, params in c.mapping(mp, f"{key}.method_params", (), tuple(mp) if isinstance(mp, Mapping) else ()).items():
-        _check_params(c, params, f"{key}.method_params.{method}")
-    tasks: dict[str, dict] = {}
-    for j, task in enumerate(c.list_(t["tasks"], f"{key}.tasks")):
-        tk = f"{key}.tasks[{j}]"
-        c.mapping(task, tk, ("task", "header", "metric"))
-        c.text(task["task"], f"{tk}.task")
-        c.text(task["header"], f"{tk}.header")
-        c.choice(task["metric"], f"{tk}.metric", METRICS)
-        tasks[task["task"]] = task
-    for j, ref in enumerate(c.list_(t["published"], f"{key}.published", nonempty=False)):
+def _comparison_links(t: dict, where: str, key: str, tables: Mapping[str, dict]) -> None:
+    """Each published reference names a method and a task of the comparison and a cell of a results table
+    that holds the task's metric."""
+    tasks = {task["task"]: task for task in t["tasks"]}
+    results = [i for i, s in tables.items() if s["kind"] == "results"]
+    for j, ref in enumerate(t["published"]):
         pk = f"{key}.published[{j}]"
-        c.mapping(ref, pk, ("method", "task", "ref"))
-        c.choice(ref["method"], f"{pk}.method", t["methods"])
-        c.choice(ref["task"], f"{pk}.task", list(tasks))
-        r = c.mapping(ref["ref"], f"{pk}.ref", ("table", "row", "column"))
-        results = [i for i, s in tables.items() if s.get("kind") == "results"]
-        c.choice(r["table"], f"{pk}.ref.table", results)
-        src = tables[r["table"]]
-        rows = {row["id"]: row for row in src["rows"]}
-        c.choice(str(r["row"]), f"{pk}.ref.row", list(rows))
+        _choice(ref["method"], t["methods"], where, f"{pk}.method")
+        _choice(ref["task"], list(tasks), where, f"{pk}.task")
+        r = ref["ref"]
+        _choice(r["table"], results, where, f"{pk}.ref.table")
+        rows = {row["id"]: row for row in tables[r["table"]]["rows"]}
+        _choice(str(r["row"]), list(rows), where, f"{pk}.ref.row")
         cells = rows[str(r["row"])]["cells"]
-        c.choice(r["column"], f"{pk}.ref.column", list(cells))
-        if cells[r["column"]]["metric"] != tasks[ref["task"]]["metric"]:
-            c.fail(f"{pk}.ref", f"a {tasks[ref['task']]['metric']} cell (the metric of task '{ref['task']}')",
-                   cells[r["column"]]["metric"])
+        _choice(r["column"], list(cells), where, f"{pk}.ref.column")
+        metric = tasks[ref["task"]]["metric"]
+        if cells[r["column"]]["metric"] != metric:
+            _fail(where, f"{pk}.ref", f"a {metric} cell (the metric of task '{ref['task']}')",
+                  cells[r["column"]]["metric"])
 
 
 def validate_published(data: Any, where: str) -> None:
     """Raise RecipeError (one line naming the file and the key) when the leaderboard data is malformed."""
-    c = _Checker(where)
-    c.mapping(data, "", ("schema", "paper", "tables"), ("references",))
-    if data["schema"] != 1:
-        c.fail("schema", "1", data["schema"])
-    c.text(data["paper"], "paper")
-    if "references" in data:
-        refs = c.mapping(data["references"], "references", (), tuple(map(str, data["references"] or {})))
-        for k, v in refs.items():
-            c.text(v, f"references.{k}")
+    check(data, LEADERBOARD_SCHEMA, where, "")
     seen: dict[str, dict] = {}
-    for i, t in enumerate(c.list_(data["tables"], "tables")):
+    for i, t in enumerate(data["tables"]):
         key = f"tables[{i}]"
-        if not isinstance(t, Mapping):
-            c.fail(key, "a mapping", t)
-        for k in _TABLE_HEAD:
-            if k not in t:
-                raise RecipeError(f"{where}: missing key '{key}.{k}'")
-            c.text(t[k], f"{key}.{k}")
-        c.choice(t["kind"], f"{key}.kind", ("datasets", "results", "comparison"))
+        if "kind" not in t:
+            raise RecipeError(f"{where}: missing key '{key}.kind' ({_HEAD['kind'].describe()})")
+        check(t["kind"], _HEAD["kind"], where, f"{key}.kind")
+        check(t, TABLE_SCHEMAS[t["kind"]], where, key)
         if t["id"] in seen:
-            c.fail(f"{key}.id", "an id not used by another table", t["id"])
+            _fail(where, f"{key}.id", "an id not used by another table", t["id"])
         if t["kind"] == "results":
-            _check_results(c, t, key)
-        elif t["kind"] == "datasets":
-            _check_datasets(c, t, key)
-        else:
-            _check_comparison(c, t, key, seen)
+            _results_links(t, where, key)
+        elif t["kind"] == "comparison":
+            _comparison_links(t, where, key, seen)
         seen[t["id"]] = t
 
 
