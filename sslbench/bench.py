@@ -406,6 +406,89 @@ def bench_pretrain(method: str = "voco", variant: str = "paper", feature_size: i
     }
 
 
+def chest_images(batch: int, size: Sequence[int], device: torch.device | str, seed: int = 0) -> torch.Tensor:
+    """``batch`` smooth grey images ``[B, 1, H, W]`` in [0, 1] (a blurred random field: what the 2D
+    track's stack holds, without a dataset), generated on ``device``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    low = torch.rand(batch, 1, max(size[0] // 16, 2), max(size[1] // 16, 2), generator=g)
+    img = torch.nn.functional.interpolate(low, size=tuple(size), mode="bilinear", align_corners=False)
+    return img.clamp_(0, 1).to(device)
+
+
+@restores_torch_switches
+def bench_pretrain2d(method: str = "c2l", batch: int = 64, size: Sequence[int] = (224, 224), steps: int = 20,
+                     warmup: int = 5, precision: str = "bf16", device: str = "cuda", seed: int = 0,
+                     task: str = "chestxray14") -> dict[str, Any]:
+    """Time real 2D pre-training steps of ``method`` (the ChestX-ray14 track, Table 4) and return the figures.
+
+    The method is built as ``sslbench run --method M --task chestxray14 --preset paper`` builds it (its recipe's
+    ``two_d`` form, PCRL's ResNet-18 U-Net, the protocol's optimizer), then every step takes ``batch`` images of
+    ``size`` through it (forward, backward, optimizer step, after_step), timed with device synchronisation.
+    images/s = batch / median step time; the data path is the protocol's GPU-resident image stack, so no
+    loader time is included (there is none in the protocol's 2D pre-training either)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    from . import recipes
+    from .protocol import track2d
+    from .protocol.optim import pretrain_optimizer
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cfg = recipes.resolve(method, task=task, preset="paper",
+                          overrides=[f"method.pretrain.batch_size={batch}",
+                                     f"corpus.preprocess.size=[{size[0]}, {size[1]}]"])
+    cls = track2d.method_class(cfg)
+    torch.manual_seed(seed)
+    model = cls(dict(cfg["method"].get("params") or {}), cfg["model"])
+    speed.apply(model)
+    model = model.to(dev).train()
+    model.prepare(chest_images(max(batch, 64), size, dev, seed=seed + 1), seed)   # e.g. TransVW's visual words
+    opt = pretrain_optimizer(model, cfg["method"]["pretrain"], dev)
+    images = chest_images(batch, size, dev, seed=seed)
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(i: int) -> torch.Tensor:
+        with autocast:
+            loss, _ = model(images, i)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_step(i)
+        return loss.detach()
+
+    t_start = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    _sync(dev)
+    warmup_s = time.perf_counter() - t_start
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times, losses = [], []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step(warmup + i))
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    if dev.type == "cuda":
+        card, peak_gib = torch.cuda.get_device_name(dev), torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    else:
+        card = platform.processor() or platform.machine() or "cpu"
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return {"method": method, "form": cls.__name__, "model": cfg["model"]["name"], "precision": precision,
+            "batch": batch, "size": list(size), "steps": steps, "warmup": warmup,
+            "step_s": step_s, "step_s_min": min(times), "step_s_max": max(times), "images_per_s": batch / step_s,
+            "peak_gib": peak_gib, "warmup_s": warmup_s,
+            "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+            **_validity(losses, None),
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "device": str(dev), "card": card, "torch": torch.__version__, "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
 #: largest relative difference between the compiled and the eager loss of the same step that still counts as
 #: the same computation (bf16: the projection head's BatchNorm amplifies rounding where a unit varies little)
 COMPILE_LOSS_TOLERANCE = 0.05
@@ -658,6 +741,30 @@ def _main_finetune_infer(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def _main_pretrain2d(args: argparse.Namespace) -> int:
+    """`sslbench bench pretrain2d`: one row per method (an error row where one fails), a table and JSON."""
+    rows = []
+    for method in args.method:
+        try:
+            row = bench_pretrain2d(method, batch=args.batch, size=args.size, steps=args.steps, warmup=args.warmup,
+                                   precision=args.precision, device=args.device)
+        except Exception as exc:  # keep the other methods' rows (an OOM must not end the table)
+            traceback.print_exc()
+            row = {"method": method, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    from tabulate import tabulate
+
+    cols = ("method", "form", "batch", "size", "step_s", "images_per_s", "peak_gib", "loss_first", "loss_last", "error")
+    print(tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, floatfmt=".4g"))
+    text = json.dumps(rows, indent=1)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 1 if any("error" in r or r.get("valid") is False for r in rows) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sslbench bench", description=__doc__.splitlines()[0])
     add_arguments(ap)
@@ -715,6 +822,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus-cases", type=int, default=None, help="--from-disk: phantom volumes (data.phantom_cases)")
     p.add_argument("--loader-workers", type=int, default=0, help="--from-disk: run.loader_workers (0: cores - 1)")
     p.add_argument("--loader-memory-mb", type=float, default=2048, help="--from-disk: run.loader_memory_mb")
+    q = sub.add_parser("pretrain2d", help="time 2D pre-training steps of methods (the ChestX-ray14 track, Table 4)")
+    q.add_argument("--method", nargs="+", default=["mg", "transvw", "c2l", "simsiam", "pcrlv1", "pcrlv2", "voco"],
+                   help="one or more methods with a 2D form (default: Table 4's pre-trained rows)")
+    q.add_argument("--batch", type=int, default=64, help="images per step (PCRL's 2D setting: 64)")
+    q.add_argument("--size", type=int, nargs=2, default=[224, 224], help="image size H W (PCRL's: 224 224)")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--warmup", type=int, default=5)
+    q.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q.add_argument("--json", type=Path, default=None, help="also write the results here")
     for what, help_text in (("finetune", "time fine-tuning steps of SwinUNETR (the protocol's step)"),
                             ("infer", "time sliding-window inference of one volume")):
         q = sub.add_parser(what, help=help_text)
@@ -782,6 +899,8 @@ def run(args: argparse.Namespace, raw: Sequence[str]) -> int:
     """The benchmark of parsed options (``raw``: the command's own arguments, for the torchrun re-launch)."""
     if args.what in ("finetune", "infer"):
         return _main_finetune_infer(args)
+    if args.what == "pretrain2d":
+        return _main_pretrain2d(args)
     if args.gpus and int(__import__("os").environ.get("WORLD_SIZE", "1")) <= 1:
         from .distributed import launch
 

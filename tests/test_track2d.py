@@ -74,3 +74,23 @@ def test_3d_protocol_hashes_are_unchanged():
         cfg = recipes.resolve(m, t, preset=preset)
         assert recipes.protocol_hash(recipes.split_config(cfg, "task")) == ft
         assert recipes.protocol_hash(recipes.split_config(cfg, "corpus")) == pt
+
+
+def test_bench_pretrain2d_times_the_protocols_2d_methods_and_keeps_failures_as_rows(tmp_path, capsys):
+    """`sslbench bench pretrain2d` builds each method's 2D form as the 2D track does and times real steps; a
+    method without a 2D form is an error row (rc 1), not the end of the table."""
+    import json
+
+    from sslbench import cli
+
+    out = tmp_path / "rows.json"
+    rc = cli.main(["bench", "pretrain2d", "--method", "c2l", "swinunetr-ssl", "--batch", "2", "--size", "64", "64",
+                   "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert rc == 1 and [r["method"] for r in rows] == ["c2l", "swinunetr-ssl"]
+    c2l, ssl = rows
+    assert c2l["form"] == "C2L" and c2l["model"] == "unet2d" and c2l["size"] == [64, 64] and c2l["batch"] == 2
+    assert c2l["images_per_s"] == pytest.approx(2 / c2l["step_s"]) and c2l["step_s_min"] <= c2l["step_s"]
+    assert c2l["loss_finite"] and c2l["valid"]
+    assert "no 2D form" in ssl["error"] and "c2l" in ssl["error"]
+    assert "images_per_s" in capsys.readouterr().out
