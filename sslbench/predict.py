@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, RecipeError, RunError
+from .store.records import new_file_mode
 
 MANIFEST = "manifest.json"
 
@@ -241,6 +242,7 @@ def save_prediction(labels: np.ndarray, item: Mapping[str, Any], image, path: Pa
     os.close(fd)
     try:
         out.to_filename(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -567,8 +567,11 @@ def resolve(method: str, task: str | None = None, preset: str | None = None, ove
             cfg[section] = {k: v for k, v in recipe.items() if k not in ("presets", "_file", "model")}
             files[section] = recipe["_file"]
             layers.append((section, recipe))
-    if t is not None and t.get("model"):   # the task's model keys (the 2D track's unet2d), under presets and --set
-        cfg["model"] = deep_merge(cfg["model"], t["model"])
+    # the task's model keys (the 2D track's unet2d), under presets and --set; a 2D pre-training alone (--corpus
+    # chestxray14, no --task) takes its corpus task's, so that it builds what `sslbench run` builds
+    model_keys = t.get("model") if t is not None else c.get("model") if two_d and c is not None else None
+    if model_keys:
+        cfg["model"] = deep_merge(cfg["model"], model_keys)
     cfg["run"]["preset"] = preset
     for section, recipe in layers:
         for key, value in (recipe.get("presets", {}).get(preset) or {}).items():

@@ -47,6 +47,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import DataError, RecipeError, RunError
+from .store.records import new_file_mode
 
 #: leaderboard -> packing rule: ``folder`` inside the archive (None: top level; "task": the MSD task folder),
 #: ``name`` of each file ("image": the image's file name; "label": without the ``_0000`` channel suffix),
@@ -161,6 +162,7 @@ def pack(items: list[dict], task: Mapping[str, Any], pred_dir: str | Path, leade
                                     f"image's; expected one file name per image")
                 zf.write(files[item["id"]], name)
                 names.append(name)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -35,3 +35,26 @@ def test_unserialisable_values_still_fail(tmp_path):
     with pytest.raises(TypeError, match="not JSON serialisable: object"):
         atomic_write_json(tmp_path / "x.json", {"a": object()})
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_records_and_checkpoints_get_the_mode_a_plain_open_would(tmp_path, umask, expected):
+    """metrics.json, recipe files and checkpoints follow the umask as log.txt does (mkstemp alone leaves 0600, so a
+    group sharing a results folder could read the logs but not the records)."""
+    import os
+
+    import torch
+
+    from sslbench.store.records import atomic_torch_save, atomic_write_json, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "metrics.json", {"dice": 0.5})
+        atomic_write_text(tmp_path / "recipe.yaml", "a: 1\n")
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "ckpt" / "last.pt")
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(old)
+    for name in ("metrics.json", "recipe.yaml", "ckpt/last.pt", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

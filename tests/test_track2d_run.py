@@ -91,3 +91,23 @@ def test_killed_2d_pretraining_resumes_to_the_same_losses(phantom_home, tmp_path
     a, b = read(tmp_path / "a"), read(tmp_path / "b")
     assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], abs=1e-4)
     assert a["run_key"] == b["run_key"]
+
+
+def test_a_2d_pretraining_alone_builds_the_unet2d_that_run_reuses(phantom_home, tmp_path, capsys):
+    """`sslbench pretrain --corpus phantom-chestxray14` (no --task) takes the corpus task's model (PCRL's ResNet-18
+    U-Net), so the pre-training it writes is the one `sslbench run --task phantom-chestxray14` then reuses."""
+    root = phantoms.synth("chestxray14", tmp_path / "cx", cases=24, seed=0)
+    runs = tmp_path / "runs"
+    pre = ["--set", "method.pretrain.steps=2", "--set", "method.pretrain.checkpoint_every=2",
+           "--set", "method.pretrain.batch_size=4"]
+    assert recipes.resolve("simsiam", corpus="phantom-chestxray14")["model"]["name"] == "unet2d"
+    assert main(["pretrain", "--method", "simsiam", "--corpus", "phantom-chestxray14", "--root", str(root),
+                 "--out", str(runs), *pre]) == 0
+    [alone] = list((runs / "pretrain" / "simsiam" / "phantom-chestxray14").iterdir())
+    capsys.readouterr()
+    assert main(["run", "--method", "simsiam", "--task", "phantom-chestxray14", "--root", str(root), "--out", str(runs),
+                 "--set", "task.finetune.max_steps=2", "--set", "task.finetune.val_every=2", *pre]) == 0
+    assert "pre-training already finished" in capsys.readouterr().out
+    assert list((runs / "pretrain" / "simsiam" / "phantom-chestxray14").iterdir()) == [alone]
+    ft = json.loads(next((runs / "finetune" / "phantom-chestxray14" / "simsiam").glob("*/metrics.json")).read_text())
+    assert ft["init"]["load"]["missing"] == 0

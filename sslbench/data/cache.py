@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..store.records import new_file_mode
 from .layouts.ct import SERIES_SEP
 
 FORMAT = 1
@@ -160,6 +161,7 @@ class CaseCache:
             try:
                 with os.fdopen(fd, "wb") as fh:
                     np.save(fh, np.ascontiguousarray(arr))
+                os.chmod(tmp, new_file_mode())
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -306,7 +306,10 @@ def memory_batch(stack: torch.Tensor, pt: Mapping[str, Any], seed: int, step: in
 
     sampler, b = pt.get("sampler", "step"), int(pt["batch_size"])
     picks = draw(sampler, stack.shape[0], b, seed, step, dist.rank, dist.world_size)
-    out = stack.index_select(0, torch.as_tensor(picks, device=stack.device))
+    index = torch.as_tensor(picks, dtype=torch.long)
+    if stack.is_cuda:   # from pinned memory, asynchronously: a pageable upload would first wait for the GPU to
+        index = index.pin_memory().to(stack.device, non_blocking=True)   # finish the last step (counted as data wait)
+    out = stack.index_select(0, index)
     if os.environ.get(READ_LOG):
         where = ([{"sample": g} for g in global_samples(step, b, dist.rank, dist.world_size)] if sampler == "epoch"
                  else [{"step": step, "slot": j} for j in range(b)])

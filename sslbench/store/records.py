@@ -76,16 +76,25 @@ def _writing(path: Path):
 PUBLIC_MODE = 0o644
 
 
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the process's umask (mkstemp's 0600 would
+    make run records unreadable to the rest of a group sharing a results folder, unlike log.txt beside them)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, then rename), with file ``mode`` when given."""
+    """Write ``data`` to ``path`` atomically (temporary file, then rename), with file ``mode`` when given, else
+    the mode a plain ``open`` would give it (the umask's)."""
     path = Path(path)
+    mode = new_file_mode() if mode is None else mode
     with _writing(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -145,6 +154,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

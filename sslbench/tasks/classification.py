@@ -312,9 +312,13 @@ class Classification(TaskKind):
         def batch(step: int):
             stream = [seed, step] if rank == 0 else [seed, step, rank]   # rank 0 = one process
             picks = np.random.default_rng(stream).integers(0, len(self.train_items), size=ft["batch_size"])
-            idx = torch.as_tensor(picks, device=self.train_x.device)
+            idx = torch.as_tensor(picks, dtype=torch.long)
+            if self.train_x.is_cuda:   # pinned and asynchronous: a pageable upload waits for the last step
+                idx = idx.pin_memory().to(self.train_x.device, non_blocking=True)
             gen = torch.Generator().manual_seed(step_seed(seed, step, 2 + 1000 * rank))
             params = draw_augmentation(len(picks), self.dims, ft, gen)
+            if device.type == "cuda":   # the same values, uploaded without waiting for the GPU
+                params = {k: v.pin_memory().to(device, non_blocking=True) for k, v in params.items()}
             x = self.train_x.index_select(0, idx).to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
             return apply_augmentation(x, params), self.train_y.index_select(0, idx.to(device))
 
