@@ -111,3 +111,4 @@ def test_a_2d_pretraining_alone_builds_the_unet2d_that_run_reuses(phantom_home, 
     assert list((runs / "pretrain" / "simsiam" / "phantom-chestxray14").iterdir()) == [alone]
     ft = json.loads(next((runs / "finetune" / "phantom-chestxray14" / "simsiam").glob("*/metrics.json")).read_text())
     assert ft["init"]["load"]["missing"] == 0
+    assert 0 <= ft["data_wait"] < 1          # the 2D fine-tuning records its data wait, as every loop does

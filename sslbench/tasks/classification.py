@@ -237,6 +237,8 @@ class Classification(TaskKind):
     metric = "accuracy"
     initial_best = -math.inf
     losses = {"ce": "cross-entropy over the classes"}
+    #: the batch is gathered from the device-resident images: its wait is the index and augmentation upload
+    measures_data_wait = True
     #: spatial dimensions of the images
     dims = 3
     #: one 0/1 label per finding (sigmoid outputs, AUC per finding), not one class per case (softmax)
