@@ -14,12 +14,18 @@ share the GPU; no fine-tuning starts unless FT_EST seconds remain before DEADLIN
 fine-tuning checkpoints only at its end, as the controls did). Started once per machine (it survives the
 device call that started it: ``le_ssl.sh`` runs it under setsid); later calls only wait and pack.
 
-    python3 benchmarks/gpu/le_ssl.py OUT_DIR      (environment: METHODS, SEEDS, MAXPROC, DEADLINE, FT_EST)
+TASKS and LABELS (default: phantom-mmwhs, 2) widen it to the issue's whole grid: every backbone serves every
+task x labelled-case count x seed, queued task by task (then labels, seed, method), so one session's pre-trainings
+feed as many fine-tunings as its time allows. ``scratch`` in METHODS fine-tunes without a backbone. The two
+controls keep their own script (``le_controls.sh``: supervised-task pre-trains on each task's own labels).
+
+    python3 benchmarks/gpu/le_ssl.py OUT_DIR
+    (environment: METHODS, SEEDS, TASKS, LABELS, MAXPROC, DEADLINE, FT_EST; PRETRAIN_STEPS, FINETUNE_STEPS, PRESET
+    only to try the script)
 """
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -27,7 +33,9 @@ from pathlib import Path
 
 METHODS = os.environ.get("METHODS", "mg pcrlv1 simsiam swinunetr-ssl mae pcrlv2 transvw voco").split()
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "0 1 2").split()]
-TASK, LABELS, BATCH = "phantom-mmwhs", 2, 2
+TASKS = os.environ.get("TASKS", "phantom-mmwhs").split()
+LABELS = [int(n) for n in os.environ.get("LABELS", "2").split()]
+BATCH = 2
 PRE = int(os.environ.get("PRETRAIN_STEPS", "500"))   # the protocol's values; smaller ones only to try the script
 FT = int(os.environ.get("FINETUNE_STEPS", "400"))
 PRESET = os.environ.get("PRESET", "paper")
@@ -73,10 +81,11 @@ def pretrain_cmd(m: str) -> list[str]:
               "--set", f"method.pretrain.checkpoint_every={PRE}", "--set", "method.pretrain.log_every=50", *EXTRA)
 
 
-def finetune_cmd(m: str, seed: int, init: Path) -> list[str]:
-    return sb("finetune", "--method", m, "--init", str(init), "--task", TASK, "--preset", PRESET,
+def finetune_cmd(m: str, seed: int, init: Path | None, task: str, labels: int) -> list[str]:
+    start = ["--init", str(init)] if init is not None else []
+    return sb("finetune", "--method", m, *start, "--task", task, "--preset", PRESET,
               "--seed", str(seed), "--out", str(out), "--resume",
-              "--set", f"task.finetune.labeled_cases={LABELS}", "--set", f"task.finetune.max_steps={FT}",
+              "--set", f"task.finetune.labeled_cases={labels}", "--set", f"task.finetune.max_steps={FT}",
               "--set", f"task.finetune.val_every={FT // 2}", "--set", f"task.finetune.checkpoint_every={FT}",
               "--set", "task.finetune.log_every=50", *task_sets("task"), *EXTRA)
 
@@ -100,8 +109,10 @@ def control() -> None:
 
 def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    for name, cmd in (("cache-corpus", sb("data", "cache", "--task", "phantom-corpus", "--preset", PRESET)),
-                      ("cache-mmwhs", sb("data", "cache", "--task", TASK, "--preset", PRESET, *task_sets("task")))):
+    caches = [("cache-corpus", sb("data", "cache", "--task", "phantom-corpus", "--preset", PRESET))] * any(
+        m != "scratch" for m in METHODS)
+    caches += [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task"))) for t in TASKS]
+    for name, cmd in caches:
         start = time.time()
         rc = subprocess.call(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
         say(f"{name} rc={rc} seconds={time.time() - start:.0f}")
@@ -111,13 +122,16 @@ def main() -> int:
     done: set[str] = set()
     failed: set[str] = set()
     for m in METHODS:
+        if m == "scratch":
+            done.add("pretrain-scratch")
+            continue
         if backbone(m):
             say(f"pretrain {m}: backbone there")
             done.add(f"pretrain-{m}")
             continue
         running[f"pretrain-{m}"] = (subprocess.Popen(pretrain_cmd(m), stdout=open(logs / f"pretrain-{m}.log", "a"),
                                                      stderr=subprocess.STDOUT, env=env), time.time())
-    queue = [(s, m) for s in SEEDS for m in METHODS]
+    queue = [(t, n, s, m) for t in TASKS for n in LABELS for s in SEEDS for m in METHODS]
     while running or queue:
         for name, (proc, start) in list(running.items()):
             if proc.poll() is not None:
@@ -126,25 +140,29 @@ def main() -> int:
                 if proc.returncode:
                     failed.add(name)
                 del running[name]
-        for s, m in list(queue):
+        for item in list(queue):
+            t, n, s, m = item
             if len(running) >= MAXPROC:
                 break
             control()
-            if f"pretrain-{m}" in done and (f"pretrain-{m}" in failed or not backbone(m)):
-                say(f"finetune {m} s{s}: no backbone (its pre-training failed)")
-                queue.remove((s, m))
+            what = f"{t} {n} labelled {m} s{s}"
+            if m != "scratch" and f"pretrain-{m}" in done and (f"pretrain-{m}" in failed or not backbone(m)):
+                say(f"finetune {what}: no backbone (its pre-training failed)")
+                queue.remove(item)
                 continue
             if f"pretrain-{m}" not in done:   # backbone.pt is written before the record is finished
                 continue
             if DEADLINE - time.time() < FT_EST:
-                say(f"finetune {m} s{s}: not started ({DEADLINE - time.time():.0f} s left < FT_EST {FT_EST:.0f})")
-                queue.remove((s, m))
+                say(f"finetune {what}: not started ({DEADLINE - time.time():.0f} s left < FT_EST {FT_EST:.0f})")
+                queue.remove(item)
                 continue
-            name = f"finetune-{m}-s{s}"
-            running[name] = (subprocess.Popen(finetune_cmd(m, s, backbone(m)),
+            # the first task and label count keep the names of the runs before TASKS / LABELS existed
+            name = f"finetune-{m}-s{s}" if (t, n) == (TASKS[0], LABELS[0]) else f"finetune-{t}-l{n}-{m}-s{s}"
+            init = None if m == "scratch" else backbone(m)
+            running[name] = (subprocess.Popen(finetune_cmd(m, s, init, t, n),
                                               stdout=open(logs / f"{name}.log", "a"),
                                               stderr=subprocess.STDOUT, env=env), time.time())
-            queue.remove((s, m))
+            queue.remove(item)
         control()
         if time.time() > DEADLINE:
             for name, (proc, _) in running.items():
