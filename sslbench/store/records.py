@@ -78,9 +78,16 @@ PUBLIC_MODE = 0o644
 
 def new_file_mode() -> int:
     """The mode ``open(path, "w")`` would give a new file: 0o666 less the process's umask (mkstemp's 0600 would
-    make run records unreadable to the rest of a group sharing a results folder, unlike log.txt beside them)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    make run records unreadable to the rest of a group sharing a results folder, unlike log.txt beside them).
+
+    The umask is read, not set: Linux reports it in /proc/self/status. Setting it to read it back would leave a
+    window in which another thread of the process (a loader, the TensorBoard writer) creates files unmasked."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):   # not Linux: the set-and-restore form
+        mask = os.umask(0o077)   # a strict mask in the window, never a looser one
+        os.umask(mask)
     return 0o666 & ~mask
 
 
