@@ -65,6 +65,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(run, warmup: int, repeats: int, dev: torch.device, reset_peak: bool = False):
+    """(times, results, warmup seconds) of ``run(i)``: ``warmup`` calls, then ``repeats`` calls each timed to the
+    device's completion (``reset_peak``: the peak-memory counter restarts after the warm-up)."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        run(i)
+    _sync(dev)
+    warmup_s = time.perf_counter() - t0
+    if reset_peak and dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times, results = [], []
+    for i in range(warmup, warmup + repeats):
+        t = time.perf_counter()
+        results.append(run(i))
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return times, results, warmup_s
+
+
 def top_generated_kernels(averages, limit: int = 12) -> list[tuple[str, float]]:
     """(name, device ms) of the Triton kernels that torch.compile generated (``triton_*``), most time first."""
     rows = []
@@ -426,22 +445,18 @@ def bench_pretrain2d(method: str = "c2l", batch: int = 64, size: Sequence[int] =
     ``size`` through it (forward, backward, optimizer step, after_step), timed with device synchronisation.
     images/s = batch / median step time; the data path is the protocol's GPU-resident image stack, so no
     loader time is included (there is none in the protocol's 2D pre-training either)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
     from . import recipes
     from .protocol import track2d
     from .protocol.optim import pretrain_optimizer
 
-    dev = torch.device(device)
+    dev = _bench_device(precision, device, seed)
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cfg = recipes.resolve(method, task=task, preset="paper",
                           overrides=[f"method.pretrain.batch_size={batch}",
                                      f"corpus.preprocess.size=[{size[0]}, {size[1]}]"])
     cls = track2d.method_class(cfg)
-    torch.manual_seed(seed)
     model = cls(dict(cfg["method"].get("params") or {}), cfg["model"])
     speed.apply(model)
     model = model.to(dev).train()
@@ -459,34 +474,15 @@ def bench_pretrain2d(method: str = "c2l", batch: int = 64, size: Sequence[int] =
         model.after_step(i)
         return loss.detach()
 
-    t_start = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    _sync(dev)
-    warmup_s = time.perf_counter() - t_start
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    times, losses = [], []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        losses.append(step(warmup + i))
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
+    times, losses, warmup_s = _timed(step, warmup, steps, dev, reset_peak=True)
     step_s = statistics.median(times)
-    if dev.type == "cuda":
-        card, peak_gib = torch.cuda.get_device_name(dev), torch.cuda.max_memory_allocated(dev) / 2 ** 30
-    else:
-        card = platform.processor() or platform.machine() or "cpu"
-        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return {"method": method, "form": cls.__name__, "model": cfg["model"]["name"], "precision": precision,
             "batch": batch, "size": list(size), "steps": steps, "warmup": warmup,
             "step_s": step_s, "step_s_min": min(times), "step_s_max": max(times), "images_per_s": batch / step_s,
-            "peak_gib": peak_gib, "warmup_s": warmup_s,
-            "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+            "warmup_s": warmup_s, "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
             **_validity(losses, None),
             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "device": str(dev), "card": card, "torch": torch.__version__, "python": platform.python_version(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            **_env_fields(dev)}
 
 
 #: largest relative difference between the compiled and the eager loss of the same step that still counts as
@@ -593,17 +589,8 @@ def bench_finetune(feature_size: int = 48, batch: int = 4, roi: int = 96, classe
         opt.step()
         return loss.detach()
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    _sync(dev)
-    warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss = step()
-        _sync(dev)
-        times.append(time.perf_counter() - t)
+    times, losses, warmup_s = _timed(lambda _: step(), warmup, steps, dev)
+    loss = losses[-1]
     step_s = statistics.median(times)
     return {"bench": "finetune", "model": "swinunetr", "feature_size": feature_size, "batch": batch, "roi": roi,
             "classes": classes, "precision": precision, "attention": attention,
@@ -643,16 +630,13 @@ def bench_infer(feature_size: int = 48, size: Sequence[int] = (256, 256, 160), r
         with autocast(low_precision, dev):
             return sliding_window_inference(image, (roi,) * 3, sw_batch_size, model, overlap=overlap, mode=mode)
 
-    t0 = time.perf_counter()
-    run()
-    _sync(dev)
-    warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = run()
-        _sync(dev)
-        times.append(time.perf_counter() - t)
+    last: dict[str, torch.Tensor] = {}   # one output held at a time, as a plain loop would
+
+    def timed_run(_: int) -> None:
+        last["out"] = run()
+
+    times, _, warmup_s = _timed(timed_run, 1, repeats, dev)
+    out = last.pop("out")
     row = {"bench": "infer", "model": "swinunetr", "feature_size": feature_size, "size": list(size), "roi": roi,
            "classes": classes, "overlap": overlap, "sw_batch_size": sw_batch_size, "mode": mode,
            "precision": precision, "attention": attention, "compile": bool(compile),

@@ -418,6 +418,16 @@ def _table(data, tid):
     return next(t for t in data["tables"] if t["id"] == tid)
 
 
+def _leaderboard_error(tmp_path, mutation) -> tuple[Path, str]:
+    """(the file, the error) of loading the default leaderboard after ``mutation``."""
+    data = yaml.safe_load(default_leaderboard().read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_mutate(data, mutation), allow_unicode=True, sort_keys=False))
+    with pytest.raises(RecipeError) as info:
+        load_published(bad)
+    return bad, str(info.value)
+
+
 @pytest.mark.parametrize("mutation, key", [
     (lambda d: _table(d, "table3")["rows"][0]["cells"]["btcv"].__setitem__("value", "83.5x"),
      "tables[1].rows[0].cells.btcv.value"),
@@ -433,12 +443,7 @@ def _table(data, tid):
     (lambda d: d.__setitem__("tables", {}), "tables"),
 ])
 def test_malformed_leaderboard_gives_one_line_naming_file_and_key(tmp_path, mutation, key):
-    data = yaml.safe_load(default_leaderboard().read_text())
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_mutate(data, mutation), allow_unicode=True, sort_keys=False))
-    with pytest.raises(RecipeError) as info:
-        load_published(bad)
-    msg = str(info.value)
+    bad, msg = _leaderboard_error(tmp_path, mutation)
     assert "\n" not in msg and str(bad) in msg and f"'{key}'" in msg, msg
 
 
@@ -462,12 +467,7 @@ def test_malformed_leaderboard_gives_one_line_naming_file_and_key(tmp_path, muta
     (lambda d: d.__setitem__("schema", 2), "schema", "expected one of 1, got 2"),
 ])
 def test_leaderboard_errors_say_what_was_expected_and_found(tmp_path, mutation, key, says):
-    data = yaml.safe_load(default_leaderboard().read_text())
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_mutate(data, mutation), allow_unicode=True, sort_keys=False))
-    with pytest.raises(RecipeError) as info:
-        load_published(bad)
-    msg = str(info.value)
+    bad, msg = _leaderboard_error(tmp_path, mutation)
     assert "\n" not in msg and msg.startswith(f"{bad}: ") and f"'{key}'" in msg and says in msg, msg
 
 

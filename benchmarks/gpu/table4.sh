@@ -46,4 +46,4 @@ cat $t4/card.txt $t4/throughput.txt 2>/dev/null
 cat $t4/run/summary.txt 2>/dev/null
 tail -2 $t4/smi.txt
 for f in $t4/run/logs/*.log; do [ -e "$f" ] && { echo "== $f"; tail -1 "$f" | cut -c1-160; }; done
-tar czf $OUT/t4.tgz --exclude='*.pt' -C /tmp t4
+tar czf $OUT/t4.tgz --exclude='*.pt' --exclude='t4/run/data' -C /tmp t4   # the phantom images: written again by synth

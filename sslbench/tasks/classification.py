@@ -237,7 +237,7 @@ class Classification(TaskKind):
     metric = "accuracy"
     initial_best = -math.inf
     losses = {"ce": "cross-entropy over the classes"}
-    #: the batch is gathered from the device-resident images: its wait is the index and augmentation upload
+    #: the batch is gathered from the images held in memory (on the GPU there): its wait is that gather
     measures_data_wait = True
     #: spatial dimensions of the images
     dims = 3
