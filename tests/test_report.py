@@ -561,6 +561,104 @@ def test_label_efficiency_table_pairs_by_seed_and_never_mixes_fine_tuning_protoc
     assert "PHANTOM" in (tmp_path / "out" / "label_efficiency_phantom.md").read_text()
 
 
+def _file_start(runs: Path, seed: int, dice: float, file_hash: str, pre: Path | None, run_key: str | None,
+                labeled: int = 2, cases: list | None = None, scoring: bool = True) -> Path:
+    """A phantom fine-tuning record as ``sslbench finetune --init FILE`` writes it: the file's hash in the recipe,
+    and (when the file is a recorded pre-training's backbone) that run's folder and run key in metrics.json."""
+    init = {"source": "file", "hash": file_hash, "method": "voco"}
+    cfg = _cfg("voco", "phantom-mmwhs", seed, init=init, phantom=True, labeled=labeled)
+    protocol = recipes.protocol_hash(cfg)
+    rec = RunRecord(runs / "finetune" / "phantom-mmwhs" / "voco" / f"{protocol}-s{seed}")
+    rec.path.mkdir(parents=True)
+    rec.write_recipe({**cfg, "data": {"root": "/data/x", "phantom": True}})
+    per_class = {c: dice for c in MMWHS_CLASSES[1:]}
+    cases = cases if cases is not None else [{"case": k, **per_class, "mean": dice} for k in ("a", "b")]
+    metrics = {"kind": "finetune", "task": "phantom-mmwhs", "method": "voco", "preset": "paper", "seed": seed,
+               "protocol": protocol, "phantom": True, "metric": "dice", "mean_dice": dice, "per_class": per_class,
+               "n_cases": len(cases), "cases": cases, "steps": 400, "finished": "2026-12-07T00:00:00",
+               "init": {**init, **({"pretrain_run": str(pre)} if pre else {}),
+                        **({"run_key": run_key} if run_key else {})}}
+    if scoring:
+        metrics["scoring"] = {"dice": {"both_empty": "nan", "one_empty": 0.0}}
+    atomic_write_json(rec.path / "metrics.json", metrics)
+    rec.set_status(state="finished", finished=metrics["finished"])
+    return rec.path
+
+
+def _executed_pretraining(runs: Path, sub: str, key: str) -> Path:
+    """One execution of VoCo's pre-training recipe (seed 0), in its own folder with its own run key."""
+    cfg = {"run": {"seed": 0, "preset": "paper", "out": "runs"}, "model": {"name": "swinunetr"},
+           "method": {"name": "voco", "params": {"lambda": 1.0}}, "corpus": {"name": "phantom-corpus"}}
+    rec = RunRecord(runs / sub / "pretrain" / "voco" / "phantom-corpus" / f"{key}-s0")
+    rec.path.mkdir(parents=True)
+    rec.write_recipe({**cfg, "data": {"root": "/somewhere", "phantom": True}})
+    atomic_write_json(rec.path / "metrics.json", {"kind": "pretrain", "method": "voco", "run_key": key,
+                                                  "protocol": recipes.protocol_hash(cfg), "steps": 500})
+    rec.set_status(state="finished")
+    return rec.path
+
+
+def test_init_files_of_one_recorded_pretraining_recipe_share_a_protocol(tmp_path):
+    # seeds 1-2 fine-tuned from a second execution of the pre-training seed 0 started from (another machine,
+    # another backbone file): one protocol, as `sslbench run` names it; a file outside any record stays apart
+    runs = tmp_path / "runs"
+    first = _executed_pretraining(runs, "a", "aaaaaaaaaaaa")
+    again = _executed_pretraining(runs, "b", "bbbbbbbbbbbb")
+    _file_start(runs, 0, 0.70, "hash-of-file-1", first, "aaaaaaaaaaaa")
+    _file_start(runs, 1, 0.74, "hash-of-file-2", again, "bbbbbbbbbbbb")
+    _file_start(runs, 2, 0.78, "hash-of-file-2", again, "bbbbbbbbbbbb")
+    _file_start(runs, 3, 0.50, "hash-of-file-3", None, None)                     # some file: its hash names it
+    _file_start(runs, 4, 0.60, "hash-of-file-2", again, "cccccccccccc")       # the folder holds another run now
+    _file_start(runs, 6, 0.72, "hash-of-file-4", first, None)                 # an older record: no run key
+    df = collect_runs(runs).set_index("seed")
+    assert df.loc[0, "protocol"] == df.loc[1, "protocol"] == df.loc[2, "protocol"] == df.loc[6, "protocol"]
+    assert df.loc[3, "protocol"] != df.loc[0, "protocol"] and df.loc[4, "protocol"] != df.loc[0, "protocol"]
+    assert df.loc[4, "protocol"] != df.loc[3, "protocol"]                     # two files, two hashes
+    assert list(df.loc[[0, 1, 2], "pretrain_steps"]) == [500, 500, 500]
+    # the joined protocol is exactly the one a `sslbench run` start from that recipe gets (init source pretrain)
+    pre_cfg = yaml.safe_load((first / "recipe.yaml").read_text())
+    write_run(runs, method="voco", task="phantom-mmwhs", seed=5, dice=0.7, phantom=True, labeled=2,
+              pretrain_from=first, pretrain_hash="recorded-with-its-seed")
+    df = collect_runs(runs).set_index("seed")
+    assert pre_cfg["method"]["name"] == "voco" and df.loc[5, "protocol"] == df.loc[0, "protocol"]
+    assert (df.loc[[0, 1, 2, 5, 6], "comparability"] == "phantom").all()
+
+
+def test_scoring_before_the_rules_joins_only_where_no_case_had_an_empty_truth(tmp_path):
+    from sslbench.report.efficiency import label_efficiency_tables
+    from sslbench.report.runs import scored_alike_by_the_rules
+
+    full = {"per_class": {"LV": 0.5, "RV": 0.7}, "n_cases": 2, "metric": "dice",
+            "cases": [{"case": "a", "LV": 0.4, "RV": 0.7, "mean": 0.55}, {"case": "b", "LV": 0.6, "RV": 0.7}]}
+    assert scored_alike_by_the_rules(full, "dice")
+    assert not scored_alike_by_the_rules(full, "nsd")                         # NSD is computed otherwise since
+    for broken in ({"cases": [{"case": "a", "LV": 0.4, "RV": float("nan")}, {"case": "b", "LV": 0.6, "RV": 0.7}]},
+                   {"cases": [{"case": "a", "LV": 0.4, "RV": None}, {"case": "b", "LV": 0.6, "RV": 0.7}]},
+                   {"cases": [{"case": "a", "LV": 0.4}, {"case": "b", "LV": 0.6, "RV": 0.7}]},    # RV not scored
+                   {"n_cases": 3}, {"cases": []}, {"per_class": {}}):
+        assert not scored_alike_by_the_rules({**full, **broken}, "dice"), broken
+    # in the label-efficiency table: scratch and voco scored before the rules; voco s2 had an empty truth
+    runs = tmp_path / "runs"
+    pre = _executed_pretraining(runs, "a", "aaaaaaaaaaaa")
+    per = {c: 0.7 for c in MMWHS_CLASSES[1:]}
+    for seed, v in enumerate((0.70, 0.72, 0.74)):
+        write_run(runs, method="scratch", task="phantom-mmwhs", seed=seed, dice=v, phantom=True, labeled=2,
+                  scoring=False, per_class=per)
+    for seed, v in enumerate((0.75, 0.78)):                                   # every case, every class: joins
+        _file_start(runs, seed, v, "f", pre, "aaaaaaaaaaaa", scoring=False)
+    empty = [{"case": "a", **per, "left atrium": None}, {"case": "b", **per}]
+    _file_start(runs, 2, 0.9, "f", pre, "aaaaaaaaaaaa", scoring=False, cases=empty)
+    df = collect_runs(runs)
+    assert sorted(df[df["method"] == "voco"]["old_scoring"]) == [False, False, True]
+    # write_run's scratch rows list no per-class case values: not provably alike, so their own era
+    assert df[df["method"] == "scratch"]["old_scoring"].all()
+    (t,) = label_efficiency_tables(df)
+    voco = t.rows[[r.id for r in t.rows].index("voco")].cells[0]
+    # the two joined records are never paired with the old-era scratch; the old one is, marked
+    assert voco.startswith("PHANTOM 76.5 [57.4, 95.6] n=2; PHANTOM 90.0 Δ +16.0 n=1 ‡scoring")
+    assert any("‡scoring" in n for n in t.notes)
+
+
 # --------------------------------------------------------------------------------------------------
 # Comparable or not (issue 20): one rule decides what stands beside a published number
 # --------------------------------------------------------------------------------------------------

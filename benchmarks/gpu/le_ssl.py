@@ -16,8 +16,10 @@ device call that started it: ``le_ssl.sh`` runs it under setsid); later calls on
 
 TASKS and LABELS (default: phantom-mmwhs, 2) widen it to the issue's whole grid: every backbone serves every
 task x labelled-case count x seed, queued task by task (then labels, seed, method), so one session's pre-trainings
-feed as many fine-tunings as its time allows. ``scratch`` in METHODS fine-tunes without a backbone. The two
-controls keep their own script (``le_controls.sh``: supervised-task pre-trains on each task's own labels).
+feed as many fine-tunings as its time allows. ``scratch`` in METHODS fine-tunes without a backbone; the two
+controls (``supervised``: on phantom BTCV's labels; ``supervised-task``: on each task's own training split, one
+pre-training per task) run with the same commands and hashes as ``label_efficiency.sh`` / ``le_controls.sh`` gave
+them, so one call can run a task's whole row set. A fine-tuning that runs out of GPU memory is queued again once.
 
     python3 benchmarks/gpu/le_ssl.py OUT_DIR
     (environment: METHODS, SEEDS, TASKS, LABELS, MAXPROC, DEADLINE, FT_EST; PRETRAIN_STEPS, FINETUNE_STEPS, PRESET
@@ -40,8 +42,24 @@ PRE = int(os.environ.get("PRETRAIN_STEPS", "500"))   # the protocol's values; sm
 FT = int(os.environ.get("FINETUNE_STEPS", "400"))
 PRESET = os.environ.get("PRESET", "paper")
 EXTRA = ["--set", "model.feature_size=24"]
-TASK_SETS = ["data.phantom_cases=20", "data.val_last=10"]
-MAXPROC = int(os.environ.get("MAXPROC", "12"))
+#: each fine-tuning task's tree: phantom MM-WHS as on 2026-12-03 (20 cases, the last 10 validate); phantom BTCV
+#: with the real BTCV's 30 labelled cases, whose datalist keeps its own 6 validation cases (0035-0040, the MONAI
+#: split: a datalist's validation list wins over data.val_last, so 20 cases would validate on 4)
+TASK_SETS = {"phantom-mmwhs": ["data.phantom_cases=20", "data.val_last=10"], "phantom-btcv": ["data.phantom_cases=30"]}
+
+
+def _default_maxproc() -> int:
+    """12 processes on a 141 GB H200 (up to 101 GB used, 2026-12-03); one per 10 GiB of the card otherwise: 12 on
+    an 80 GB H100 ran out of memory (2026-12-07, six pre-trainings and six fine-tunings at once)."""
+    try:
+        mib = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return 12
+    return max(1, min(12, mib // 10240))
+
+
+MAXPROC = int(os.environ.get("MAXPROC") or _default_maxproc())
 DEADLINE = time.time() + float(os.environ.get("DEADLINE", "1500"))
 FT_EST = float(os.environ.get("FT_EST", "480"))
 STREAM_WORKERS = os.environ.get("STREAM_WORKERS", "2")
@@ -63,31 +81,49 @@ def sb(*args: str) -> list[str]:
     return [sys.executable, "-m", "sslbench", *args]
 
 
-def task_sets(section: str) -> list[str]:
-    return [a for kv in TASK_SETS for a in ("--set", f"{section}.{kv}")]
+def task_sets(section: str, task: str) -> list[str]:
+    """TASK_SETS of ``task`` as --set arguments under ``section`` (task or corpus)."""
+    return [a for kv in TASK_SETS.get(task, []) for a in ("--set", f"{section}.{kv}")]
 
 
-def backbone(method: str) -> Path | None:
-    found = sorted(out.glob(f"pretrain/{method}/phantom-corpus/*/checkpoints/backbone.pt"))
+#: the two controls (BENCHMARKS.md, "the controls"): supervised pre-trains by segmentation on phantom BTCV's
+#: training split, supervised-task on each fine-tuning task's own (its recipe's corpus is the task)
+CONTROLS = ("supervised", "supervised-task")
+
+
+def corpus_of(method: str, task: str) -> str:
+    """The corpus a method pre-trains on for fine-tuning task ``task`` (its recipe's; the task for supervised-task)."""
+    from sslbench import recipes
+
+    corpus = recipes.load_method(method)["pretrain"]["corpus"]
+    return task if corpus == recipes.TASK_CORPUS else corpus
+
+
+def backbone(method: str, corpus: str) -> Path | None:
+    found = sorted(out.glob(f"pretrain/{method}/{corpus}/*/checkpoints/backbone.pt"))
     return found[0] if found else None
 
 
-def pretrain_cmd(m: str) -> list[str]:
+def pretrain_cmd(m: str, corpus: str) -> list[str]:
+    """The pre-training of method m on corpus, as label_efficiency.sh ran the controls and le_ssl.py the SSL rows
+    (the same hashes: the controls with the memory loader, on the task's 20-case tree for supervised-task)."""
     more = ["--set", f"method.params.schedule_steps={PRE}"] if m == "pcrlv2" else []
-    if m != "transvw":   # TransVW discovers its visual words on the whole corpus in memory (prepare)
+    if m == "supervised-task":
+        more += ["--corpus", corpus, *task_sets("corpus", corpus)]
+    elif m not in CONTROLS and m != "transvw":   # TransVW discovers its visual words on the corpus in memory
         more += ["--set", "method.pretrain.loader=stream", "--set", f"run.loader_workers={STREAM_WORKERS}"]
     return sb("pretrain", "--method", m, "--preset", PRESET, "--seed", "0", "--out", str(out), "--resume", *more,
               "--set", f"method.pretrain.steps={PRE}", "--set", f"method.pretrain.batch_size={BATCH}",
               "--set", f"method.pretrain.checkpoint_every={PRE}", "--set", "method.pretrain.log_every=50", *EXTRA)
 
 
-def finetune_cmd(m: str, seed: int, init: Path | None, task: str, labels: int) -> list[str]:
+def finetune_cmd(m: str, seed: int, init: Path | None, task: str, labels: int, again: bool = False) -> list[str]:
     start = ["--init", str(init)] if init is not None else []
     return sb("finetune", "--method", m, *start, "--task", task, "--preset", PRESET,
-              "--seed", str(seed), "--out", str(out), "--resume",
+              "--seed", str(seed), "--out", str(out), "--force" if again else "--resume",
               "--set", f"task.finetune.labeled_cases={labels}", "--set", f"task.finetune.max_steps={FT}",
               "--set", f"task.finetune.val_every={FT // 2}", "--set", f"task.finetune.checkpoint_every={FT}",
-              "--set", "task.finetune.log_every=50", *task_sets("task"), *EXTRA)
+              "--set", "task.finetune.log_every=50", *task_sets("task", task), *EXTRA)
 
 
 def control() -> None:
@@ -107,11 +143,21 @@ def control() -> None:
             MAXPROC = int(value)
 
 
+def out_of_memory(log: Path) -> bool:
+    """Whether a failed run's log ends in CUDA's out-of-memory error (the GPU was full, not the run wrong)."""
+    try:
+        return "CUDA out of memory" in log.read_text(errors="replace")[-20000:]
+    except OSError:
+        return False
+
+
 def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     caches = [("cache-corpus", sb("data", "cache", "--task", "phantom-corpus", "--preset", PRESET))] * any(
-        m != "scratch" for m in METHODS)
-    caches += [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task"))) for t in TASKS]
+        m != "scratch" and m not in CONTROLS for m in METHODS)
+    caches += [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task", t))) for t in TASKS]
+    if "supervised" in METHODS:   # supervised's corpus: phantom BTCV at its recipe's size (not TASK_SETS')
+        caches.append(("cache-phantom-btcv-corpus", sb("data", "cache", "--task", "phantom-btcv", "--preset", PRESET)))
     for name, cmd in caches:
         start = time.time()
         rc = subprocess.call(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
@@ -121,17 +167,21 @@ def main() -> int:
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     done: set[str] = set()
     failed: set[str] = set()
-    for m in METHODS:
-        if m == "scratch":
-            done.add("pretrain-scratch")
+    def pre_name(m: str, corpus: str) -> str:   # the SSL rows' pre-trainings keep their names of 2026-12-03
+        return f"pretrain-{m}" if m not in CONTROLS else f"pretrain-{m}-{corpus}"
+
+    pretrainings = list(dict.fromkeys((m, corpus_of(m, t)) for m in METHODS if m != "scratch" for t in TASKS))
+    for m, corpus in pretrainings:
+        name = pre_name(m, corpus)
+        if backbone(m, corpus):
+            say(f"pretrain {m} on {corpus}: backbone there")
+            done.add(name)
             continue
-        if backbone(m):
-            say(f"pretrain {m}: backbone there")
-            done.add(f"pretrain-{m}")
-            continue
-        running[f"pretrain-{m}"] = (subprocess.Popen(pretrain_cmd(m), stdout=open(logs / f"pretrain-{m}.log", "a"),
-                                                     stderr=subprocess.STDOUT, env=env), time.time())
+        running[name] = (subprocess.Popen(pretrain_cmd(m, corpus), stdout=open(logs / f"{name}.log", "a"),
+                                          stderr=subprocess.STDOUT, env=env), time.time())
     queue = [(t, n, s, m) for t in TASKS for n in LABELS for s in SEEDS for m in METHODS]
+    items: dict[str, tuple[str, int, int, str]] = {}   # fine-tuning run name -> its queue item
+    again: set[tuple[str, int, int, str]] = set()      # items started a second time (after running out of memory)
     while running or queue:
         for name, (proc, start) in list(running.items()):
             if proc.poll() is not None:
@@ -140,17 +190,24 @@ def main() -> int:
                 if proc.returncode:
                     failed.add(name)
                 del running[name]
+                item = items.get(name)
+                if proc.returncode and item is not None and item not in again and out_of_memory(logs / f"{name}.log"):
+                    say(f"{name}: CUDA ran out of memory; queued again (once, --force: its record failed)")
+                    again.add(item)
+                    queue.insert(0, item)
         for item in list(queue):
             t, n, s, m = item
             if len(running) >= MAXPROC:
                 break
             control()
             what = f"{t} {n} labelled {m} s{s}"
-            if m != "scratch" and f"pretrain-{m}" in done and (f"pretrain-{m}" in failed or not backbone(m)):
+            corpus = corpus_of(m, t) if m != "scratch" else None
+            pre = pre_name(m, corpus) if corpus else None
+            if pre and pre in done and (pre in failed or not backbone(m, corpus)):
                 say(f"finetune {what}: no backbone (its pre-training failed)")
                 queue.remove(item)
                 continue
-            if f"pretrain-{m}" not in done:   # backbone.pt is written before the record is finished
+            if pre and pre not in done:   # backbone.pt is written before the record is finished
                 continue
             if DEADLINE - time.time() < FT_EST:
                 say(f"finetune {what}: not started ({DEADLINE - time.time():.0f} s left < FT_EST {FT_EST:.0f})")
@@ -158,8 +215,9 @@ def main() -> int:
                 continue
             # the first task and label count keep the names of the runs before TASKS / LABELS existed
             name = f"finetune-{m}-s{s}" if (t, n) == (TASKS[0], LABELS[0]) else f"finetune-{t}-l{n}-{m}-s{s}"
-            init = None if m == "scratch" else backbone(m)
-            running[name] = (subprocess.Popen(finetune_cmd(m, s, init, t, n),
+            init = backbone(m, corpus) if corpus else None
+            items[name] = item
+            running[name] = (subprocess.Popen(finetune_cmd(m, s, init, t, n, again=item in again),
                                               stdout=open(logs / f"{name}.log", "a"),
                                               stderr=subprocess.STDOUT, env=env), time.time())
             queue.remove(item)

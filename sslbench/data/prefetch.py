@@ -5,6 +5,25 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 
+def pinned(make: Callable[[int], Any]) -> Callable[[int], Any]:
+    """``make`` whose batch (a tensor or a tuple / list of them) comes back in page-locked host memory.
+
+    Pinned in the thread that makes the batch, so a step's ``.to(device, non_blocking=True)`` is a true
+    asynchronous copy. From pageable memory the same call first waits for the GPU to finish the work queued before
+    it (the previous step): the host stalls, cannot queue the next step's kernels ahead, and the loop's data wait
+    (protocol/loop.py DataWait) counts GPU time as waiting for data. The caching host allocator keeps a pinned
+    buffer alive until the copy that reads it is done."""
+    def pin(x):
+        if isinstance(x, (tuple, list)):
+            return type(x)(pin(v) for v in x)
+        return x.pin_memory() if hasattr(x, "pin_memory") else x
+
+    def make_pinned(step: int):
+        return pin(make(step))
+
+    return make_pinned
+
+
 class Prefetcher:
     """Builds the batches of the next steps in background threads (each batch depends only on its step)."""
 

@@ -19,7 +19,8 @@ Rules the tables keep:
   cell holds more than one group (and the table gets a note saying so).
   The protocol of a run is the hash of its resolved recipe (``recipe.yaml``) without ``run.seed``, with
   the pre-training's protocol hash (recomputed from its recipe, also without its seed) as ``init.hash`` and
-  the number of processes of each stage where there were several. A record carries this one hash
+  the number of processes of each stage where there were several. A ``finetune --init FILE`` start from a
+  recorded pre-training's backbone is hashed the same way (runs._init_pretraining); other files by their hash. A record carries this one hash
   (``metrics.json: protocol``, the run key's protocol part); recomputing it
   (sslbench.store.run_key.seed_free_protocols) gives exactly that for today's records and keeps records written
   by older versions comparable. Where ``recipe.yaml`` (or the pre-training's) cannot be read, the recorded hash
@@ -33,7 +34,9 @@ Rules the tables keep:
   their record, their task's recipe, or their pre-training's record or recipe) fill the ``(phantom)`` column,
   their values prefixed ``PHANTOM`` in every format.
 * **Scoring eras are not mixed.** A segmentation record without metrics.json's ``scoring`` block was scored
-  before the empty-set rules of 2026-12-03: its group is kept apart and marked ``‡scoring``. HD95 (mm,
+  before the empty-set rules of 2026-12-03: its group is kept apart and marked ``‡scoring``, unless its
+  per-case rows show a Dice for every class in every case (runs.scored_alike_by_the_rules: no empty truth,
+  so the rules give it the same scores). HD95 (mm,
   ``mean_hd95``) gets its own column in the comparison table where runs record it (the supplement publishes
   no HD95).
 * Dice in records is a fraction; tables are in percent like the paper. Mean ± sample std over seeds

@@ -10,6 +10,10 @@ a table. A cell gives, over the seeds of one protocol group:
   same head initialisation for every method):  d_s = Dice_method(s) - Dice_scratch(s) over the seeds both ran,
   mean(d) +- t_{0.975, n-1} * sd(d) / sqrt(n). An interval that excludes 0 is marked with ``*``.
 
+Runs scored before the empty-set rules of 2026-12-03 that cannot be shown to score alike under them
+(report/runs.py ``scored_alike_by_the_rules``) are a group of their own, marked ``‡scoring``, paired only with
+scratch runs of the same era.
+
 ``sslbench report`` prints these tables after the leaderboard tables and, with ``--out``, writes
 ``label_efficiency.png`` (Dice against labelled cases, one panel per task, 95% intervals as error bars).
 """
@@ -19,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .cells import Row, Table
+from .cells import OLD_SCORING_MARK, OLD_SCORING_NOTE, Row, Table
 from .plots import save_png
 
 #: Row order: the reference and the two controls first, then the self-supervised methods, then anything else.
@@ -121,11 +125,20 @@ def label_efficiency_tables(runs_df) -> list:
                  f"protocols of one method are listed apart (p: hash)."]
         if phantom:
             notes.append("PHANTOM: procedural phantoms, never a result on the real datasets.")
+        if any(OLD_SCORING_MARK in c for r in rows for c in r.cells):
+            notes.append(f"{OLD_SCORING_MARK}: {OLD_SCORING_NOTE}.")
         out.append(Table(id="label_efficiency" + ("_phantom" if phantom else ""),
                          title=f"Label efficiency ({kind})", caption="", row_header="Method",
                          column_ids=[f"{t}:{lab}:{fp}" for t, lab, fp in cols], headers=headers, rows=rows,
                          notes=notes))
     return out
+
+
+def _old(df):
+    """The frame's ``old_scoring`` column as booleans (False where a frame has none)."""
+    if "old_scoring" not in df.columns:
+        return df["protocol"].map(lambda _: False).rename("old_scoring")
+    return df["old_scoring"].fillna(False).astype(bool)
 
 
 def _cell_text(part, method: str, task: str, lab: str, fp: str, phantom: bool) -> str:
@@ -135,10 +148,12 @@ def _cell_text(part, method: str, task: str, lab: str, fp: str, phantom: bool) -
         return "—"
     ref = part[(part["method"] == REFERENCE) & (part["base_task"] == task) & (part["labeled"] == lab)
                & (part["finetune_protocol"] == fp)]
-    ref_by_seed = {r.seed: 100.0 * float(r.score) for r in ref.itertuples()}
     texts = []
-    groups = list(sel.groupby("protocol", sort=True))
-    for protocol, g in sorted(groups, key=lambda kv: -len(kv[1])):
+    groups = list(sel.groupby(["protocol", _old(sel)], sort=True))
+    for (protocol, old), g in sorted(groups, key=lambda kv: (kv[0][1], -len(kv[1]))):
+        # scratch of the same scoring era only: a record scored before the empty-set rules is never paired
+        # with one scored under them (report/runs.py scored_alike_by_the_rules admits those that provably agree)
+        ref_by_seed = {r.seed: 100.0 * float(r.score) for r in ref[_old(ref) == old].itertuples()}
         by_seed = {r.seed: 100.0 * float(r.score) for r in g.itertuples()}
         mean, lo, hi = t_interval(list(by_seed.values()))
         s = ("PHANTOM " if phantom else "") + _fmt_interval(mean, lo, hi)
@@ -147,8 +162,8 @@ def _cell_text(part, method: str, task: str, lab: str, fp: str, phantom: bool) -
             if pairs:
                 star = "*" if not math.isnan(dlo) and (dlo > 0 or dhi < 0) else ""
                 s += f" Δ {_fmt_interval(d, dlo, dhi, signed=True)}{star}"
-        s += f" n={len(by_seed)}"
-        if len(groups) > 1:
+        s += f" n={len(by_seed)}" + (f" {OLD_SCORING_MARK}" if old else "")
+        if len({key[0] for key, _ in groups}) > 1:     # several protocols (not only two scoring eras of one)
             steps = g["pretrain_steps"].dropna() if "pretrain_steps" in g.columns else []
             s += f" (p:{str(protocol)[:6]}" + (f", {int(steps.iloc[0])} pre-training steps" if len(steps) else "") + ")"
         texts.append(s)
@@ -172,7 +187,7 @@ def label_efficiency_plot(runs_df, out_dir: str | Path) -> list[Path]:
         if len(part) == 0:
             continue
         panels = sorted({(str(r.base_task), str(r.finetune_family)) for r in part.itertuples()})
-        fig = Figure(figsize=(5.5 * len(panels), 4.2))
+        fig = Figure(figsize=(5.5 * len(panels), 5.4))
         FigureCanvasAgg(fig)
         for k, (task, family) in enumerate(panels):
             ax = fig.add_subplot(1, len(panels), k + 1)
@@ -182,7 +197,7 @@ def label_efficiency_plot(runs_df, out_dir: str | Path) -> list[Path]:
                 shift = 1.0 + 0.04 * (idx - (len(names) - 1) / 2)       # side by side at each label count (log x)
                 pts = []
                 for lab, g in sub[sub["method"] == method].groupby("labeled"):
-                    biggest = max(g.groupby("protocol"), key=lambda kv: len(kv[1]))[1]
+                    biggest = max(g.groupby(["protocol", _old(g)]), key=lambda kv: (len(kv[1]), not kv[0][1]))[1]
                     mean, lo, hi = t_interval([100.0 * float(v) for v in biggest["score"]])
                     pts.append((float(lab) * shift, mean, 0.0 if math.isnan(lo) else mean - lo))
                 pts.sort()
@@ -193,11 +208,13 @@ def label_efficiency_plot(runs_df, out_dir: str | Path) -> list[Path]:
             xs = sorted({float(v) for v in sub["labeled"]})
             ax.set_xticks(xs)
             ax.set_xticklabels([f"{x:g}" for x in xs])
+            ax.minorticks_off()          # the log axis' minor labels (1.6 x 10^0 ...) say nothing here
             ax.set_xlabel("labelled fine-tuning cases")
             ax.set_ylabel("Dice (%)")
             ax.set_title(("PHANTOM " if phantom else "") + task + (f" [ft:{family[:6]}]" if len(panels) > len(
                 {p[0] for p in panels}) else ""))
-            ax.legend(fontsize=7)
+            # below the panel, where it hides no interval
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
         fig.suptitle("Label efficiency" + (" (PHANTOM data)" if phantom else "") + ": mean Dice, 95% intervals")
         path = Path(out_dir) / ("label_efficiency" + ("_phantom" if phantom else "") + ".png")
         save_png(fig, path)

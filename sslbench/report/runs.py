@@ -108,10 +108,40 @@ def _protocol_keys(cfg: Mapping, metrics: Mapping, runs_dir: Path) -> tuple[str,
         pre = _pretrain_recipe(metrics, runs_dir)
         if pre is None:
             return None
+    elif isinstance(init, Mapping) and init.get("source") == "file":
+        pre = _init_pretraining(cfg, metrics, runs_dir)
+        if pre is not None:    # named as `sslbench run` names the same start: by the pre-training's protocol
+            cfg = {**cfg, "init": {**init, "source": "pretrain"}}
+    if pre is not None:
         folder = _pretrain_folder(metrics, runs_dir)
         pre_metrics = try_read_json(folder / "metrics.json") if folder is not None else None
         pre_world = _world_size(pre_metrics)
     return run_key.seed_free_protocols(cfg, pre, world_size=_world_size(metrics), pretrain_world_size=pre_world)
+
+
+def _init_pretraining(cfg: Mapping | None, metrics: Mapping, runs_dir: Path) -> dict | None:
+    """The recipe of the recorded pre-training a fine-tuning started from, or None.
+
+    ``sslbench run`` hands its own pre-training over (init source ``pretrain``). ``finetune --init FILE`` records
+    the file's hash, and, when the file is the backbone of a recorded pre-training, that run's folder and run key
+    (metrics.json ``init.pretrain_run`` / ``init.run_key``: protocol/runs.py checkpoint_provenance). Such a start
+    is the same as ``run``'s, so it is named the same way: by that pre-training's protocol (seed left out), and
+    two executions of one pre-training recipe join one protocol, as the seeds of ``run`` do. The folder must be
+    found beside the record and, where both recorded one (records before 2026-12-04 did not), hold the run key the
+    fine-tuning names; otherwise the file's hash stays its name."""
+    init = cfg.get("init") if isinstance(cfg, Mapping) else None
+    if not isinstance(init, Mapping) or init.get("source") not in ("pretrain", "file"):
+        return None
+    if init.get("source") == "pretrain":
+        return _pretrain_recipe(metrics, runs_dir)
+    m_init = metrics.get("init") if isinstance(metrics.get("init"), Mapping) else {}
+    folder = _pretrain_folder(metrics, runs_dir)
+    pre_metrics = try_read_json(folder / "metrics.json") if folder is not None else None
+    if not isinstance(pre_metrics, Mapping) or pre_metrics.get("kind", "pretrain") != "pretrain":
+        return None
+    if m_init.get("run_key") and pre_metrics.get("run_key") and pre_metrics.get("run_key") != m_init.get("run_key"):
+        return None          # the folder holds another run than the one the fine-tuning started from
+    return try_read_recipe(folder)
 
 
 def _world_size(metrics: Any) -> int:
@@ -297,12 +327,37 @@ def _finished_records(runs_dir: Path, skipped: list[str]) -> Iterator[tuple[Path
         yield folder, status, m
 
 
+def scored_alike_by_the_rules(m: Mapping, metric: str) -> bool:
+    """Whether a record scored before the empty-set rules of 2026-12-03 (no ``scoring`` block) provably has the
+    scores the rules would give it: a Dice record in which every case scored every class with a number.
+
+    Before the rules a class absent from a case's truth scored NaN (MONAI ``compute_dice(ignore_empty=True)``),
+    whatever the prediction; under them it scores 0 where the prediction holds it and NaN where it does not
+    (``task.evaluate.empty``). That is the only difference: a class present in the truth scored the same Dice
+    before and after, an empty prediction 0 in both. So a record whose per-case rows (metrics.json ``cases``)
+    hold a finite Dice for every class of ``per_class`` in every one of its ``n_cases`` cases had no empty truth,
+    and is scored as the rules score it. NSD (computed otherwise since) and HD95 (new) never qualify."""
+    if metric != "dice" or m.get("metric", "dice") != "dice":
+        return False
+    classes, cases = m.get("per_class"), m.get("cases")
+    if not isinstance(classes, Mapping) or not classes or not isinstance(cases, list) or not cases:
+        return False
+    if m.get("n_cases") != len(cases):
+        return False
+    for row in cases:
+        if not isinstance(row, Mapping):
+            return False
+        for cls in classes:
+            v = row.get(cls)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return False
+    return True
+
+
 def _pretraining(cfg: Mapping | None, m: Mapping, runs_dir: Path, phantom: bool) -> tuple[dict | None, bool]:
     """(the recipe of the pre-training a fine-tuning started from or None, whether any data it read was a
     phantom: ``phantom`` so far, or the pre-training's own recipe.yaml says so)."""
-    init = cfg.get("init") if isinstance(cfg, Mapping) else None
-    pre_cfg = (_pretrain_recipe(m, runs_dir)
-               if isinstance(init, Mapping) and init.get("source") == "pretrain" else None)
+    pre_cfg = _init_pretraining(cfg, m, runs_dir)
     if isinstance(pre_cfg, Mapping):            # what the pre-training read, from its own recipe.yaml too
         pre_data = pre_cfg.get("data") if isinstance(pre_cfg.get("data"), Mapping) else {}
         pre_corpus = pre_cfg.get("corpus") if isinstance(pre_cfg.get("corpus"), Mapping) else {}
@@ -340,7 +395,8 @@ def _run_row(folder: Path, status: Mapping, m: Mapping, runs_dir: Path) -> dict:
         "pretrain_steps": pre_steps,
         "data": m.get("data_root"), "data_fingerprint": m.get("data_fingerprint") or _recorded_fingerprint(folder),
         "comparability": kind, "deviations": "; ".join(deviations),
-        "old_scoring": metric in SEGMENTATION_METRICS and not isinstance(m.get("scoring"), Mapping),
+        "old_scoring": (metric in SEGMENTATION_METRICS and not isinstance(m.get("scoring"), Mapping)
+                        and not scored_alike_by_the_rules(m, metric)),
         "pretrain_run": m_init.get("pretrain_run"), "pretrain_corpus": corpus,
     }
     for cls, v in (m.get("per_class") or {}).items():

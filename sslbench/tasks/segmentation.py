@@ -287,7 +287,7 @@ class Segmentation(TaskKind):
         return make_batch
 
     def steps(self, model: torch.nn.Module, start: int, total: int) -> Steps:
-        from ..data.prefetch import Prefetcher
+        from ..data.prefetch import Prefetcher, pinned
         from ..metrics import targets
 
         rt, task = self.rt, self.task
@@ -295,7 +295,12 @@ class Segmentation(TaskKind):
         # the CropStream draws what the memory loader's make_batch draws, in worker processes
         batches = self.stream.batches(start, total) if self.stream is not None else None
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-        fetch = Prefetcher(self._make_batch(), start, total, depth=4, workers=workers) if batches is None else None
+        fetch = None
+        if batches is None:
+            make = self._make_batch()
+            if device.type == "cuda":     # an asynchronous upload (data/prefetch.py pinned), as the CropStream's
+                make = pinned(make)
+            fetch = Prefetcher(make, start, total, depth=4, workers=workers)
         train_model, self.eval_model, loss_fn = rt.train_module(model), rt.compiled(model), make_loss(task)
 
         def batch(step: int):
