@@ -615,13 +615,21 @@ def test_init_files_of_one_recorded_pretraining_recipe_share_a_protocol(tmp_path
     assert df.loc[3, "protocol"] != df.loc[0, "protocol"] and df.loc[4, "protocol"] != df.loc[0, "protocol"]
     assert df.loc[4, "protocol"] != df.loc[3, "protocol"]                     # two files, two hashes
     assert list(df.loc[[0, 1, 2], "pretrain_steps"]) == [500, 500, 500]
-    # the joined protocol is exactly the one a `sslbench run` start from that recipe gets (init source pretrain)
+    # the joined protocol is the one a start recorded with init source pretrain (as `sslbench run` records it)
+    # from that recipe gets, for the same fine-tuning recipe
     pre_cfg = yaml.safe_load((first / "recipe.yaml").read_text())
     write_run(runs, method="voco", task="phantom-mmwhs", seed=5, dice=0.7, phantom=True, labeled=2,
               pretrain_from=first, pretrain_hash="recorded-with-its-seed")
     df = collect_runs(runs).set_index("seed")
     assert pre_cfg["method"]["name"] == "voco" and df.loc[5, "protocol"] == df.loc[0, "protocol"]
     assert (df.loc[[0, 1, 2, 5, 6], "comparability"] == "phantom").all()
+    # another file of that run's folder (here: its last training checkpoint) is no backbone: its hash names it
+    other = _file_start(runs, 7, 0.7, "hash-of-last", first, "aaaaaaaaaaaa")
+    m = json.loads((other / "metrics.json").read_text())
+    m["init"]["path"] = str(first / "checkpoints" / "last.pt")
+    atomic_write_json(other / "metrics.json", m)
+    df = collect_runs(runs).set_index("seed")
+    assert df.loc[7, "protocol"] != df.loc[0, "protocol"]
 
 
 def test_scoring_before_the_rules_joins_only_where_no_case_had_an_empty_truth(tmp_path):
@@ -657,6 +665,27 @@ def test_scoring_before_the_rules_joins_only_where_no_case_had_an_empty_truth(tm
     # the two joined records are never paired with the old-era scratch; the old one is, marked
     assert voco.startswith("PHANTOM 76.5 [57.4, 95.6] n=2; PHANTOM 90.0 Δ +16.0 n=1 ‡scoring")
     assert any("‡scoring" in n for n in t.notes)
+    # a seed recorded twice (two results folders merged) counts once, at its records' mean, and says so
+    first_s0 = next(p.parent for p in (runs / "finetune").rglob("metrics.json")
+                    if json.loads(p.read_text())["method"] == "voco" and json.loads(p.read_text())["seed"] == 0)
+    twin = first_s0.with_name(first_s0.name + "-other-machine")
+    shutil.copytree(first_s0, twin)
+    m = json.loads((twin / "metrics.json").read_text())
+    m["mean_dice"] = 0.85
+    atomic_write_json(twin / "metrics.json", m)
+    (t,) = label_efficiency_tables(collect_runs(runs))
+    voco = t.rows[[r.id for r in t.rows].index("voco")].cells[0]
+    # seed 0: (75 + 85) / 2 = 80, seed 1: 78 -> 79.0 over n=2 seeds
+    assert voco.startswith("PHANTOM 79.0 [66.3, 91.7] n=2 (seed 0: several records, their mean); "), voco
+    shutil.rmtree(twin)
+    # its NSD (computed on boundary voxels before the rules, on surface areas since) never joins
+    nsd = _file_start(runs, 3, 0.8, "f", pre, "aaaaaaaaaaaa", scoring=False)
+    m = json.loads((nsd / "metrics.json").read_text())
+    m.update(metrics=["dice", "nsd"], mean_nsd=0.6, per_class_nsd={c: 0.6 for c in MMWHS_CLASSES[1:]})
+    atomic_write_json(nsd / "metrics.json", m)
+    df = collect_runs(runs)
+    rows = df[(df["method"] == "voco") & (df["seed"] == 3)].set_index("metric")["old_scoring"]
+    assert not rows["dice"] and rows["nsd"]
 
 
 # --------------------------------------------------------------------------------------------------

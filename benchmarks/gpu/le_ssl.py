@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""The eight SSL rows of the label-efficiency mini-protocol (issue 18, section 3) on one GPU machine.
+"""The label-efficiency mini-protocol (issue 18, section 3) on one GPU machine: the SSL rows, and (in METHODS)
+scratch and the two controls.
 
-The same settings as the controls (BENCHMARKS.md, "the controls, 5 seeds": ``benchmarks/gpu/le_controls.sh``):
+The settings of the controls' first run (BENCHMARKS.md, "the controls, 5 seeds": ``benchmarks/gpu/le_controls.sh``):
 phantom MM-WHS with 20 cases (10 training cases of which 2 labelled, 10 validation cases), 400 fine-tuning steps
 (validation at 200 and 400, best checkpoint), paper preset at SwinUNETR feature size 24; one pre-training per
-method, seed 0, 500 steps of batch 2 on the phantom corpus (paper preset: 200 volumes). Scratch and the controls
-are not re-run: their records (same fine-tuning protocol, same seeds) are in
+method, seed 0, 500 steps of batch 2 on the phantom corpus (paper preset: 200 volumes). On phantom MM-WHS at 2
+labelled cases, scratch and the controls need no new run: their records (same protocols, seeds 0-4) are in
 ``benchmarks/results/h200-2026-12-03-label-efficiency-controls/``.
 
 Unlike ``label_efficiency.sh`` it is a scheduler: every pre-training starts at once; each method's fine-tunings
@@ -55,7 +56,7 @@ def _default_maxproc() -> int:
         mib = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=30).stdout.split()[0])
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-        return 12
+        return 7             # the card's memory unknown: what an 80 GB H100 holds
     return max(1, min(12, mib // 10240))
 
 
@@ -104,7 +105,7 @@ def backbone(method: str, corpus: str) -> Path | None:
     return found[0] if found else None
 
 
-def pretrain_cmd(m: str, corpus: str) -> list[str]:
+def pretrain_cmd(m: str, corpus: str, again: bool = False) -> list[str]:
     """The pre-training of method m on corpus, as label_efficiency.sh ran the controls and le_ssl.py the SSL rows
     (the same hashes: the controls with the memory loader, on the task's 20-case tree for supervised-task)."""
     more = ["--set", f"method.params.schedule_steps={PRE}"] if m == "pcrlv2" else []
@@ -112,7 +113,8 @@ def pretrain_cmd(m: str, corpus: str) -> list[str]:
         more += ["--corpus", corpus, *task_sets("corpus", corpus)]
     elif m not in CONTROLS and m != "transvw":   # TransVW discovers its visual words on the corpus in memory
         more += ["--set", "method.pretrain.loader=stream", "--set", f"run.loader_workers={STREAM_WORKERS}"]
-    return sb("pretrain", "--method", m, "--preset", PRESET, "--seed", "0", "--out", str(out), "--resume", *more,
+    return sb("pretrain", "--method", m, "--preset", PRESET, "--seed", "0", "--out", str(out),
+              "--force" if again else "--resume", *more,
               "--set", f"method.pretrain.steps={PRE}", "--set", f"method.pretrain.batch_size={BATCH}",
               "--set", f"method.pretrain.checkpoint_every={PRE}", "--set", "method.pretrain.log_every=50", *EXTRA)
 
@@ -146,7 +148,8 @@ def control() -> None:
 def out_of_memory(log: Path) -> bool:
     """Whether a failed run's log ends in CUDA's out-of-memory error (the GPU was full, not the run wrong)."""
     try:
-        return "CUDA out of memory" in log.read_text(errors="replace")[-20000:]
+        tail = log.read_text(errors="replace")[-20000:]
+        return "CUDA out of memory" in tail or "CUDA error: out of memory" in tail
     except OSError:
         return False
 
@@ -171,6 +174,8 @@ def main() -> int:
         return f"pretrain-{m}" if m not in CONTROLS else f"pretrain-{m}-{corpus}"
 
     pretrainings = list(dict.fromkeys((m, corpus_of(m, t)) for m in METHODS if m != "scratch" for t in TASKS))
+    pre_runs = {pre_name(m, corpus): (m, corpus) for m, corpus in pretrainings}   # run name -> (method, corpus)
+    again_pre: set[tuple[str, str]] = set()
     for m, corpus in pretrainings:
         name = pre_name(m, corpus)
         if backbone(m, corpus):
@@ -195,6 +200,15 @@ def main() -> int:
                     say(f"{name}: CUDA ran out of memory; queued again (once, --force: its record failed)")
                     again.add(item)
                     queue.insert(0, item)
+                pre = pre_runs.get(name)
+                if proc.returncode and pre is not None and pre not in again_pre and out_of_memory(logs / f"{name}.log"):
+                    say(f"{name}: CUDA ran out of memory; started again (once, --force)")
+                    again_pre.add(pre)
+                    done.discard(name)
+                    failed.discard(name)
+                    running[name] = (subprocess.Popen(pretrain_cmd(*pre, again=True),
+                                                      stdout=open(logs / f"{name}.log", "a"),
+                                                      stderr=subprocess.STDOUT, env=env), time.time())
         for item in list(queue):
             t, n, s, m = item
             if len(running) >= MAXPROC:

@@ -20,7 +20,8 @@ Rules the tables keep:
   The protocol of a run is the hash of its resolved recipe (``recipe.yaml``) without ``run.seed``, with
   the pre-training's protocol hash (recomputed from its recipe, also without its seed) as ``init.hash`` and
   the number of processes of each stage where there were several. A ``finetune --init FILE`` start from a
-  recorded pre-training's backbone is hashed the same way (runs._init_pretraining); other files by their hash. A record carries this one hash
+  recorded pre-training's backbone.pt is hashed by that pre-training's protocol too (runs._init_pretraining), so
+  two executions of one pre-training recipe join; other files by their hash. A record carries this one hash
   (``metrics.json: protocol``, the run key's protocol part); recomputing it
   (sslbench.store.run_key.seed_free_protocols) gives exactly that for today's records and keeps records written
   by older versions comparable. Where ``recipe.yaml`` (or the pre-training's) cannot be read, the recorded hash

@@ -134,6 +134,16 @@ def label_efficiency_tables(runs_df) -> list:
     return out
 
 
+def _by_seed(df) -> tuple[dict, list]:
+    """({seed: Dice %}, seeds with several records): a seed recorded more than once (one protocol run twice, on two
+    machines) counts once, at the mean of its records, so n stays the number of seeds and pairs stay by seed."""
+    values: dict[Any, list[float]] = {}
+    for r in df.itertuples():
+        values.setdefault(r.seed, []).append(100.0 * float(r.score))
+    return ({k: sum(v) / len(v) for k, v in values.items()},
+            sorted((k for k, v in values.items() if len(v) > 1), key=str))
+
+
 def _old(df):
     """The frame's ``old_scoring`` column as booleans (False where a frame has none)."""
     if "old_scoring" not in df.columns:
@@ -153,8 +163,8 @@ def _cell_text(part, method: str, task: str, lab: str, fp: str, phantom: bool) -
     for (protocol, old), g in sorted(groups, key=lambda kv: (kv[0][1], -len(kv[1]))):
         # scratch of the same scoring era only: a record scored before the empty-set rules is never paired
         # with one scored under them (report/runs.py scored_alike_by_the_rules admits those that provably agree)
-        ref_by_seed = {r.seed: 100.0 * float(r.score) for r in ref[_old(ref) == old].itertuples()}
-        by_seed = {r.seed: 100.0 * float(r.score) for r in g.itertuples()}
+        ref_by_seed, _ = _by_seed(ref[_old(ref) == old])
+        by_seed, repeated = _by_seed(g)
         mean, lo, hi = t_interval(list(by_seed.values()))
         s = ("PHANTOM " if phantom else "") + _fmt_interval(mean, lo, hi)
         if method != REFERENCE and ref_by_seed:
@@ -163,6 +173,8 @@ def _cell_text(part, method: str, task: str, lab: str, fp: str, phantom: bool) -
                 star = "*" if not math.isnan(dlo) and (dlo > 0 or dhi < 0) else ""
                 s += f" Δ {_fmt_interval(d, dlo, dhi, signed=True)}{star}"
         s += f" n={len(by_seed)}" + (f" {OLD_SCORING_MARK}" if old else "")
+        if repeated:       # e.g. two results folders merged, each with a seed-0 fine-tuning of that protocol
+            s += f" (seed {', '.join(str(k) for k in repeated)}: several records, their mean)"
         if len({key[0] for key, _ in groups}) > 1:     # several protocols (not only two scoring eras of one)
             steps = g["pretrain_steps"].dropna() if "pretrain_steps" in g.columns else []
             s += f" (p:{str(protocol)[:6]}" + (f", {int(steps.iloc[0])} pre-training steps" if len(steps) else "") + ")"

@@ -125,10 +125,12 @@ def _init_pretraining(cfg: Mapping | None, metrics: Mapping, runs_dir: Path) -> 
     ``sslbench run`` hands its own pre-training over (init source ``pretrain``). ``finetune --init FILE`` records
     the file's hash, and, when the file is the backbone of a recorded pre-training, that run's folder and run key
     (metrics.json ``init.pretrain_run`` / ``init.run_key``: protocol/runs.py checkpoint_provenance). Such a start
-    is the same as ``run``'s, so it is named the same way: by that pre-training's protocol (seed left out), and
-    two executions of one pre-training recipe join one protocol, as the seeds of ``run`` do. The folder must be
-    found beside the record and, where both recorded one (records before 2026-12-04 did not), hold the run key the
-    fine-tuning names; otherwise the file's hash stays its name."""
+    is then named like ``run``'s starts: by that pre-training's protocol (seed left out), so fine-tunings from two
+    executions of one pre-training recipe join one protocol, as the seeds of ``run`` do. (``finetune`` and ``run``
+    records still differ in ``run.label``, which ``finetune --method`` sets: the two commands' runs stay apart.)
+    The file must be that run's ``checkpoints/backbone.pt``, its folder found beside the record and, where both
+    recorded one (records before 2026-12-04 did not), hold the run key the fine-tuning names; otherwise the file's
+    hash stays its name."""
     init = cfg.get("init") if isinstance(cfg, Mapping) else None
     if not isinstance(init, Mapping) or init.get("source") not in ("pretrain", "file"):
         return None
@@ -139,6 +141,8 @@ def _init_pretraining(cfg: Mapping | None, metrics: Mapping, runs_dir: Path) -> 
     pre_metrics = try_read_json(folder / "metrics.json") if folder is not None else None
     if not isinstance(pre_metrics, Mapping) or pre_metrics.get("kind", "pretrain") != "pretrain":
         return None
+    if m_init.get("path") and Path(str(m_init["path"])).name != "backbone.pt":
+        return None          # another file of that folder (a hand-placed or a training checkpoint): its hash
     if m_init.get("run_key") and pre_metrics.get("run_key") and pre_metrics.get("run_key") != m_init.get("run_key"):
         return None          # the folder holds another run than the one the fine-tuning started from
     return try_read_recipe(folder)
@@ -413,7 +417,9 @@ def _extra_rows(row: Mapping, m: Mapping) -> list[dict]:
         if extra not in (m.get("metrics") or ()) or m.get(f"mean_{extra}") is None:
             continue
         extra_row = {k: v for k, v in row.items() if not k.startswith("dice:")}
-        extra_row.update({"metric": extra, "score": _float(m.get(f"mean_{extra}"))})
+        extra_row.update({"metric": extra, "score": _float(m.get(f"mean_{extra}")),
+                          # NSD / HD95 of a record before the rules never join (scored_alike_by_the_rules)
+                          "old_scoring": not isinstance(m.get("scoring"), Mapping)})
         for cls, v in (m.get(f"per_class_{extra}") or {}).items():
             extra_row[f"dice:{cls}"] = _float(v)
         rows.append(extra_row)
