@@ -665,6 +665,10 @@ def test_scoring_before_the_rules_joins_only_where_no_case_had_an_empty_truth(tm
     # the two joined records are never paired with the old-era scratch; the old one is, marked
     assert voco.startswith("PHANTOM 76.5 [57.4, 95.6] n=2; PHANTOM 90.0 Δ +16.0 n=1 ‡scoring")
     assert any("‡scoring" in n for n in t.notes)
+    from sslbench.report.efficiency import label_efficiency_plot
+    pytest.importorskip("matplotlib")
+    (png,) = label_efficiency_plot(df, tmp_path / "plot")       # eras in one frame: the plot is drawn all the same
+    assert png.name == "label_efficiency_phantom.png" and png.stat().st_size > 0
     # a seed recorded twice (two results folders merged) counts once, at its records' mean, and says so
     first_s0 = next(p.parent for p in (runs / "finetune").rglob("metrics.json")
                     if json.loads(p.read_text())["method"] == "voco" and json.loads(p.read_text())["seed"] == 0)

@@ -207,15 +207,18 @@ def label_efficiency_plot(runs_df, out_dir: str | Path) -> list[Path]:
             names = sorted(set(sub["method"]), key=_method_key)
             for idx, method in enumerate(names):
                 shift = 1.0 + 0.04 * (idx - (len(names) - 1) / 2)       # side by side at each label count (log x)
-                pts = []
+                pts, old_era = [], False
                 for lab, g in sub[sub["method"] == method].groupby("labeled"):
-                    biggest = max(g.groupby(["protocol", _old(g)]), key=lambda kv: (len(kv[1]), not kv[0][1]))[1]
-                    mean, lo, hi = t_interval([100.0 * float(v) for v in biggest["score"]])
+                    # the records scored under the empty-set rules where there are any (then the largest
+                    # protocol group), as the table's first group; a point of the old era marks the line
+                    (_, old), chosen = max(g.groupby(["protocol", _old(g)]), key=lambda kv: (not kv[0][1], len(kv[1])))
+                    old_era = old_era or bool(old)
+                    mean, lo, hi = t_interval(list(_by_seed(chosen)[0].values()))
                     pts.append((float(lab) * shift, mean, 0.0 if math.isnan(lo) else mean - lo))
                 pts.sort()
                 style = "k--" if method == REFERENCE else "-"
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style,
-                            marker="o", capsize=3, label=method)
+                            marker="o", capsize=3, label=method + (f" {OLD_SCORING_MARK}" if old_era else ""))
             ax.set_xscale("log")
             xs = sorted({float(v) for v in sub["labeled"]})
             ax.set_xticks(xs)
