@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import threading
 
-from sslbench.data.prefetch import Prefetcher, pinned
+import torch
+
+from sslbench.data.prefetch import Prefetcher, pinned, upload
 
 
 class _Tensor:
@@ -35,3 +37,10 @@ def test_pinned_batches_are_pinned_in_the_worker_thread_and_keep_their_shape():
     finally:
         fetch.close()
     assert made == [0, 1, 2]
+
+
+def test_upload_off_cuda_is_a_plain_copy_to_the_device():
+    t = torch.arange(6).reshape(2, 3)
+    for device in ("cpu", torch.device("cpu")):
+        out = upload(t, device)
+        assert out.device.type == "cpu" and torch.equal(out, t)

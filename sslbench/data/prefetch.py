@@ -1,4 +1,5 @@
-"""Background preparation of the next steps' batches (threads; each batch depends only on its step)."""
+"""Background preparation of the next steps' batches (threads; each batch depends only on its step), and their
+upload to the GPU without waiting for it (:func:`pinned`, :func:`upload`)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,15 @@ def pinned(make: Callable[[int], Any]) -> Callable[[int], Any]:
         return pin(make(step))
 
     return make_pinned
+
+
+def upload(t, device):
+    """``t`` (a CPU tensor) on ``device``: on a CUDA device from page-locked memory without waiting, since a
+    pageable upload first waits for the GPU work queued before it (see :func:`pinned`); elsewhere ``t.to``."""
+    dev = getattr(device, "type", str(device).split(":")[0])
+    if dev == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class Prefetcher:

@@ -19,6 +19,7 @@ import torch
 
 from .. import distributed
 from ..data.cases import case_cache, load_cases
+from ..data.prefetch import upload
 from ..errors import RecipeError
 from ..speed import inductor
 from ..store.records import atomic_torch_save, atomic_write_json
@@ -306,9 +307,8 @@ def memory_batch(stack: torch.Tensor, pt: Mapping[str, Any], seed: int, step: in
 
     sampler, b = pt.get("sampler", "step"), int(pt["batch_size"])
     picks = draw(sampler, stack.shape[0], b, seed, step, dist.rank, dist.world_size)
-    index = torch.as_tensor(picks, dtype=torch.long)
-    if stack.is_cuda:   # from pinned memory, asynchronously: a pageable upload would first wait for the GPU to
-        index = index.pin_memory().to(stack.device, non_blocking=True)   # finish the last step (counted as data wait)
+    # without waiting for the last step's GPU work (a wait the loop would count as data wait)
+    index = upload(torch.as_tensor(picks, dtype=torch.long), stack.device)
     out = stack.index_select(0, index)
     if os.environ.get(READ_LOG):
         where = ([{"sample": g} for g in global_samples(step, b, dist.rank, dist.world_size)] if sampler == "epoch"

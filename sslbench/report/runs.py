@@ -95,23 +95,20 @@ def run_environment(folder: Path, metrics: Mapping, runs_dir: Path) -> str:
     return env
 
 
-def _protocol_keys(cfg: Mapping, metrics: Mapping, runs_dir: Path) -> tuple[str, str] | None:
+def _protocol_keys(cfg: Mapping, metrics: Mapping, runs_dir: Path, pre: Mapping | None) -> tuple[str, str] | None:
     """(protocol, series) of a run (store.run_key.seed_free_protocols: a record of today's own ``protocol``);
-    ``series`` also leaves out λ. The number of processes of the fine-tuning and of its pre-training (their
+    ``series`` also leaves out λ. ``pre``: the recipe of the pre-training it started from
+    (:func:`_init_pretraining`). The number of processes of the fine-tuning and of its pre-training (their
     metrics.json ``world_size``) is part of the protocol where there were several.
 
     None when the pre-training a run started from cannot be read (its recorded hash includes its seed).
     """
     init = cfg.get("init")
-    pre, pre_world = None, 1
-    if isinstance(init, Mapping) and init.get("source") == "pretrain":
-        pre = _pretrain_recipe(metrics, runs_dir)
-        if pre is None:
-            return None
-    elif isinstance(init, Mapping) and init.get("source") == "file":
-        pre = _init_pretraining(cfg, metrics, runs_dir)
-        if pre is not None:    # named as `sslbench run` names the same start: by the pre-training's protocol
-            cfg = {**cfg, "init": {**init, "source": "pretrain"}}
+    pre_world = 1
+    if isinstance(init, Mapping) and init.get("source") == "pretrain" and pre is None:
+        return None
+    if isinstance(init, Mapping) and init.get("source") == "file" and pre is not None:
+        cfg = {**cfg, "init": {**init, "source": "pretrain"}}   # named like a start from `sslbench run`
     if pre is not None:
         folder = _pretrain_folder(metrics, runs_dir)
         pre_metrics = try_read_json(folder / "metrics.json") if folder is not None else None
@@ -358,21 +355,21 @@ def scored_alike_by_the_rules(m: Mapping, metric: str) -> bool:
     return True
 
 
-def _pretraining(cfg: Mapping | None, m: Mapping, runs_dir: Path, phantom: bool) -> tuple[dict | None, bool]:
-    """(the recipe of the pre-training a fine-tuning started from or None, whether any data it read was a
-    phantom: ``phantom`` so far, or the pre-training's own recipe.yaml says so)."""
-    pre_cfg = _init_pretraining(cfg, m, runs_dir)
+def _pretraining_phantom(pre_cfg: Mapping | None, phantom: bool) -> bool:
+    """Whether any data a fine-tuning read was a phantom: ``phantom`` so far, or the recipe.yaml of the
+    pre-training it started from (``pre_cfg``) says so."""
     if isinstance(pre_cfg, Mapping):            # what the pre-training read, from its own recipe.yaml too
         pre_data = pre_cfg.get("data") if isinstance(pre_cfg.get("data"), Mapping) else {}
         pre_corpus = pre_cfg.get("corpus") if isinstance(pre_cfg.get("corpus"), Mapping) else {}
         phantom = phantom or bool(pre_data.get("phantom") or pre_corpus.get("phantom"))
-    return pre_cfg, phantom
+    return phantom
 
 
 def _run_row(folder: Path, status: Mapping, m: Mapping, runs_dir: Path) -> dict:
     """The Dice (or the run's own metric) row of one finished fine-tuning record (collect_runs' columns)."""
     cfg = try_read_recipe(folder)
-    keys = _protocol_keys(cfg, m, runs_dir) if cfg is not None else None
+    pre_cfg = _init_pretraining(cfg, m, runs_dir)        # read once: the protocol, PHANTOM and comparability use it
+    keys = _protocol_keys(cfg, m, runs_dir, pre_cfg) if cfg is not None else None
     recorded = str(m.get("protocol") or status.get("protocol") or folder.name)
     protocol, series = keys if keys is not None else (recorded, recorded)
     params = (((cfg or {}).get("method") or {}).get("params") or {}) if cfg else {}
@@ -381,7 +378,7 @@ def _run_row(folder: Path, status: Mapping, m: Mapping, runs_dir: Path) -> dict:
     pre_phantom, pre_steps = _pretrain_facts(m, runs_dir)
     phantom = (bool(m.get("phantom")) or bool(task_cfg.get("phantom") if isinstance(task_cfg, Mapping) else False)
                or pre_phantom)
-    pre_cfg, phantom = _pretraining(cfg, m, runs_dir, phantom)
+    phantom = _pretraining_phantom(pre_cfg, phantom)
     kind, deviations = comparability(cfg, m, phantom=phantom, pretrain_cfg=pre_cfg)
     m_init = m.get("init") if isinstance(m.get("init"), Mapping) else {}
     corpus = ((pre_cfg or {}).get("corpus") or {}).get("name") if isinstance((pre_cfg or {}).get("corpus"), Mapping) \

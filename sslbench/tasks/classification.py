@@ -29,6 +29,7 @@ from torch import nn
 
 from ..models.backbones import build_model, load_backbone, LoadReport, read_checkpoint
 from ..data.loaded import labeled_subset
+from ..data.prefetch import upload
 from ..errors import CheckpointError, DataError, RecipeError
 from ..store.records import RunRecord
 from .base import autocast, Steps, TaskKind, Validation, write_finetune_record
@@ -314,13 +315,10 @@ class Classification(TaskKind):
         def batch(step: int):
             stream = [seed, step] if rank == 0 else [seed, step, rank]   # rank 0 = one process
             picks = np.random.default_rng(stream).integers(0, len(self.train_items), size=ft["batch_size"])
-            idx = torch.as_tensor(picks, dtype=torch.long)
-            if self.train_x.is_cuda:   # pinned and asynchronous: a pageable upload waits for the last step
-                idx = idx.pin_memory().to(self.train_x.device, non_blocking=True)
+            # uploaded without waiting for the last step's GPU work (data/prefetch.py upload)
+            idx = upload(torch.as_tensor(picks, dtype=torch.long), self.train_x.device)
             gen = torch.Generator().manual_seed(step_seed(seed, step, 2 + 1000 * rank))
-            params = draw_augmentation(len(picks), self.dims, ft, gen)
-            if device.type == "cuda":   # the same values, uploaded without waiting for the GPU
-                params = {k: v.pin_memory().to(device, non_blocking=True) for k, v in params.items()}
+            params = {k: upload(v, device) for k, v in draw_augmentation(len(picks), self.dims, ft, gen).items()}
             x = self.train_x.index_select(0, idx).to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
             return apply_augmentation(x, params), self.train_y.index_select(0, idx.to(device))
 
