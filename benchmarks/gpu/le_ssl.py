@@ -15,7 +15,8 @@ share the GPU; no fine-tuning starts unless FT_EST seconds remain before DEADLIN
 fine-tuning checkpoints only at its end, as the controls did). Started once per machine (it survives the
 device call that started it: ``le_ssl.sh`` runs it under setsid); later calls only wait and pack.
 
-TASKS and LABELS (default: phantom-mmwhs, 2) widen it to the issue's whole grid: every backbone serves every
+TASKS and LABELS (default: phantom-mmwhs, 2), or CELLS ("phantom-mmwhs:6 phantom-btcv:2": chosen cells, in this
+order), widen it to the issue's whole grid: every backbone serves every
 task x labelled-case count x seed, queued task by task (then labels, seed, method), so one session's pre-trainings
 feed as many fine-tunings as its time allows. ``scratch`` in METHODS fine-tunes without a backbone; the two
 controls (``supervised``: on phantom BTCV's labels; ``supervised-task``: on each task's own training split, one
@@ -23,7 +24,7 @@ pre-training per task) run with the same commands and hashes as ``label_efficien
 them, so one call can run a task's whole row set. A fine-tuning that runs out of GPU memory is queued again once.
 
     python3 benchmarks/gpu/le_ssl.py OUT_DIR
-    (environment: METHODS, SEEDS, TASKS, LABELS, MAXPROC, DEADLINE, FT_EST; PRETRAIN_STEPS, FINETUNE_STEPS, PRESET
+    (environment: METHODS, SEEDS, TASKS, LABELS, CELLS, MAXPROC, DEADLINE, FT_EST; PRETRAIN_STEPS, FINETUNE_STEPS, PRESET
     only to try the script)
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,11 @@ METHODS = os.environ.get("METHODS", "mg pcrlv1 simsiam swinunetr-ssl mae pcrlv2 
 SEEDS = [int(s) for s in os.environ.get("SEEDS", "0 1 2").split()]
 TASKS = os.environ.get("TASKS", "phantom-mmwhs").split()
 LABELS = [int(n) for n in os.environ.get("LABELS", "2").split()]
+#: the (task, labelled cases) cells to fine-tune, in queue order: CELLS="phantom-mmwhs:6 phantom-btcv:2" picks cells
+#: of the grid (a session that must not redo a finished one); by default every TASKS x LABELS cell
+CELLS = [(c.split(":")[0], int(c.split(":")[1])) for c in os.environ.get("CELLS", "").split()] or [
+    (t, n) for t in TASKS for n in LABELS]
+TASKS = list(dict.fromkeys(t for t, _ in CELLS))
 BATCH = 2
 PRE = int(os.environ.get("PRETRAIN_STEPS", "500"))   # the protocol's values; smaller ones only to try the script
 FT = int(os.environ.get("FINETUNE_STEPS", "400"))
@@ -161,12 +168,21 @@ def main() -> int:
     caches += [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task", t))) for t in TASKS]
     if "supervised" in METHODS:   # supervised's corpus: phantom BTCV at its recipe's size (not TASK_SETS')
         caches.append(("cache-phantom-btcv-corpus", sb("data", "cache", "--task", "phantom-btcv", "--preset", PRESET)))
-    for name, cmd in caches:
+    def cache(name: str, cmd: list[str]) -> int:
         start = time.time()
         rc = subprocess.call(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
         say(f"{name} rc={rc} seconds={time.time() - start:.0f}")
-        if rc:
-            return rc
+        return rc
+
+    # the fine-tuning tasks' trees first (scratch and supervised-task need nothing else); the pre-training corpora
+    # then build in a thread while the GPU already fine-tunes scratch (on 2026-12-07 it sat idle 133 s for them)
+    for name, cmd in caches:
+        if name.startswith("cache-") and name[len("cache-"):] in TASKS and cache(name, cmd):
+            return 1
+    corpus_rc: list[int] = []
+    corpora = threading.Thread(target=lambda: corpus_rc.extend(
+        cache(name, cmd) for name, cmd in caches if name[len("cache-"):] not in TASKS), daemon=True)
+    corpora.start()
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     done: set[str] = set()
     failed: set[str] = set()
@@ -176,18 +192,41 @@ def main() -> int:
     pretrainings = list(dict.fromkeys((m, corpus_of(m, t)) for m in METHODS if m != "scratch" for t in TASKS))
     pre_runs = {pre_name(m, corpus): (m, corpus) for m, corpus in pretrainings}   # run name -> (method, corpus)
     again_pre: set[tuple[str, str]] = set()
+    waiting_pre = []   # pre-trainings whose corpus is still being cached
     for m, corpus in pretrainings:
         name = pre_name(m, corpus)
         if backbone(m, corpus):
             say(f"pretrain {m} on {corpus}: backbone there")
             done.add(name)
-            continue
-        running[name] = (subprocess.Popen(pretrain_cmd(m, corpus), stdout=open(logs / f"{name}.log", "a"),
-                                          stderr=subprocess.STDOUT, env=env), time.time())
-    queue = [(t, n, s, m) for t in TASKS for n in LABELS for s in SEEDS for m in METHODS]
+        else:
+            waiting_pre.append((m, corpus))
+
+    def start_pretrainings() -> None:
+        """Every pre-training whose corpus is ready (supervised-task's, a fine-tuning task's tree: at once; the others
+        once the corpus thread is done), all at once as before; a corpus that failed to cache fails its
+        pre-trainings."""
+        for m, corpus in list(waiting_pre):
+            name = pre_name(m, corpus)
+            if m == "supervised-task":   # its corpus is the task's own tree, cached above
+                pass
+            elif corpora.is_alive():
+                continue
+            elif any(corpus_rc):
+                say(f"{name}: not started (a corpus cache failed, see logs/cache-*.log)")
+                done.add(name)
+                failed.add(name)
+                waiting_pre.remove((m, corpus))
+                continue
+            running[name] = (subprocess.Popen(pretrain_cmd(m, corpus), stdout=open(logs / f"{name}.log", "a"),
+                                              stderr=subprocess.STDOUT, env=env), time.time())
+            waiting_pre.remove((m, corpus))
+
+    start_pretrainings()
+    queue = [(t, n, s, m) for t, n in CELLS for s in SEEDS for m in METHODS]
     items: dict[str, tuple[str, int, int, str]] = {}   # fine-tuning run name -> its queue item
     again: set[tuple[str, int, int, str]] = set()      # items started a second time (after running out of memory)
-    while running or queue:
+    while running or queue or waiting_pre:
+        start_pretrainings()
         for name, (proc, start) in list(running.items()):
             if proc.poll() is not None:
                 say(f"{name} rc={proc.returncode} seconds={time.time() - start:.0f}")
@@ -228,7 +267,7 @@ def main() -> int:
                 queue.remove(item)
                 continue
             # the first task and label count keep the names of the runs before TASKS / LABELS existed
-            name = f"finetune-{m}-s{s}" if (t, n) == (TASKS[0], LABELS[0]) else f"finetune-{t}-l{n}-{m}-s{s}"
+            name = f"finetune-{m}-s{s}" if (t, n) == ("phantom-mmwhs", 2) else f"finetune-{t}-l{n}-{m}-s{s}"
             init = backbone(m, corpus) if corpus else None
             items[name] = item
             running[name] = (subprocess.Popen(finetune_cmd(m, s, init, t, n, again=item in again),
