@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import filecmp
 import json
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -217,9 +216,41 @@ def test_interrupted_synth_is_flagged_and_recoverable(tmp_path, monkeypatch):
     assert check.check_dataset(task("mmwhs", val_last=1), root).problems == []
 
 
-def test_generation_is_fast():
+def test_a_case_is_a_function_of_its_own_stream_only():
+    """What lets synth write cases on threads in any order (its speed: benchmarks/phantom_synth.py)."""
     for body, fn in (("abdomen", phantoms.base.abdomen), ("chest", phantoms.base.chest)):
-        start = time.perf_counter()
-        for n in range(3):
-            fn(phantoms.base._case_rng(0, body, 100 + n))
-        assert (time.perf_counter() - start) / 3 < 2.0
+        later = fn(phantoms.base._case_rng(0, body, 102))        # case 102 first, then 100 and 102 again
+        first = fn(phantoms.base._case_rng(0, body, 100))
+        again = fn(phantoms.base._case_rng(0, body, 102))
+        assert np.array_equal(later.image, again.image) and np.array_equal(later.label, again.label)
+        assert first.image.shape != later.image.shape or not np.array_equal(first.image, later.image)
+
+
+def test_cases_written_by_threads_are_the_bytes_one_thread_writes(tmp_path, monkeypatch):
+    """synth generates cases on $SSLBENCH_LOAD_WORKERS threads; each case has its own random stream, so the
+    tree is byte-identical to a one-thread synth, whatever the threads' order."""
+    roots = {}
+    for workers in ("1", "3"):
+        monkeypatch.setenv("SSLBENCH_LOAD_WORKERS", workers)
+        roots[workers] = phantoms.synth("btcv", tmp_path / f"w{workers}", cases=5, seed=2)
+    files = sorted(str(p.relative_to(roots["1"])) for p in roots["1"].rglob("*") if p.is_file())
+    assert len([f for f in files if f.endswith(".nii.gz")]) == 5 + 1 + 5   # 5 images + 1 test image, 5 labels
+    assert files == sorted(str(p.relative_to(roots["3"])) for p in roots["3"].rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(roots["1"], roots["3"], files, shallow=False)
+    assert mismatch == [] and errors == []
+
+
+def test_a_case_failing_on_a_thread_fails_the_synth_before_its_marker(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSLBENCH_LOAD_WORKERS", "2")
+    original = phantoms._Job._write_case
+
+    def failing(self, number, *args):
+        if number == 1002:   # MM-WHS cases are numbered 1001..
+            raise OSError("disk full")
+        return original(self, number, *args)
+
+    monkeypatch.setattr(phantoms._Job, "_write_case", failing)
+    with pytest.raises(OSError, match="disk full"):
+        phantoms.synth("mmwhs", tmp_path, cases=4)
+    assert not (tmp_path / phantoms.MARKER).exists() and (tmp_path / phantoms.PARTIAL_MARKER).exists()
+    assert not [p for p in tmp_path.rglob("*partial-*")]

@@ -6,13 +6,13 @@ the cache); :func:`build` is ``sslbench data cache``: every case of a task or co
 from __future__ import annotations
 
 import copy
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
 from sslbench.data.locate import locate_data
+from sslbench.data.threads import load_workers
 from sslbench.errors import DataError
 
 
@@ -24,18 +24,6 @@ def case_cache(run_cfg: Mapping[str, Any], task: Mapping[str, Any], with_label: 
     from sslbench.data.cache import CaseCache   # (torch, MONAI's readers) only where a run reads cases
 
     return CaseCache(task, with_label=with_label), mode == "write"
-
-
-def load_workers() -> int:
-    """Threads that preprocess cases: ``$SSLBENCH_LOAD_WORKERS``, else the usable cores, at most 8."""
-    env = os.environ.get("SSLBENCH_LOAD_WORKERS")
-    if env:
-        return max(1, int(env))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
 
 
 def load_cases(items: list[dict], transform, desc: str, progress=None, cache=None, write: bool = False,

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from sslbench.data.marker import GENERATOR, MARKER, NOTE, PARTIAL_MARKER, VERSION
 from sslbench.data.phantoms import brats, btcv, classification, ct, mmwhs, msd
 from sslbench.data.phantoms.base import _Job, _json_bytes, _Like, _write_atomic
+from sslbench.data.threads import load_workers
 from sslbench.errors import DataError
 
 #: Every phantom layout, by the name ``synth(like=...)`` takes.
@@ -104,8 +107,17 @@ def synth(like: str, out: Path, cases: int = 8, seed: int = 0, *, test_cases: in
     marker = {"like": like, "cases": int(cases), "seed": int(seed), "generator": GENERATOR, "version": VERSION,
               "note": NOTE, "test_cases": int(test_cases)}
     _write_atomic(root / PARTIAL_MARKER, _json_bytes(marker))
-    spec.write(_Job(like=like, root=root, cases=int(cases), test_cases=int(test_cases), seed=int(seed),
-                    body=spec.body))
+    workers = min(load_workers(), int(cases) + int(test_cases))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sslbench-phantom") if workers > 1 else \
+            nullcontext() as pool:
+        job = _Job(like=like, root=root, cases=int(cases), test_cases=int(test_cases), seed=int(seed),
+                   body=spec.body, pool=pool)
+        try:
+            spec.write(job)
+            job.wait()
+        finally:
+            for future in job.pending:   # a writer that failed: the queued cases are not written after it
+                future.cancel()
     _write_atomic(root / MARKER, _json_bytes(marker))
     (root / PARTIAL_MARKER).unlink(missing_ok=True)
     return root

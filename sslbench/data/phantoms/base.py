@@ -27,7 +27,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -372,7 +373,7 @@ def abdomen(rng: np.random.Generator) -> PhantomCase:
     """One contrast-enhanced (portal venous) abdominal CT with the 13 BTCV organs labelled 1..13."""
     g = _make_grid(rng, nz=(40, 56), inplane=(3.4, 3.9), slices=(4.0, 6.0), top_above_anchor=(110, 150))
     cv = _Canvas(g, np.uint8)
-    x, y, z = g.x, g.y, g.z
+    x, y = g.x, g.y
     a, b = rng.uniform(145, 172), rng.uniform(100, 125)
     kx, ky = a / 160.0, b / 115.0                      # body habitus scales organ positions in-plane
     size = rng.uniform(0.9, 1.1)                       # overall organ size of this patient
@@ -718,12 +719,31 @@ class _Job:
     seed: int
     body: str
 
+    #: threads that generate and write cases (``write_case`` then only queues; :func:`synth` waits for all of them
+    #: before the tree's marker): each case's random stream is its own (``_case_rng``), so the files are
+    #: byte-identical whatever the threads' order
+    pool: Executor | None = None
+    pending: list[Future] = field(default_factory=list)
+
     def case(self, number: int) -> PhantomCase:
         return _BODIES[self.body](_case_rng(self.seed, self.body, number))
 
     def write_case(self, number: int, image: Path, label: Path | None,
                    relabel: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        """Generate one case and write label first, then image (readers key on images)."""
+        """Generate one case and write label first, then image (readers key on images); queued on ``pool``."""
+        if self.pool is not None:
+            self.pending.append(self.pool.submit(self._write_case, number, image, label, relabel))
+        else:
+            self._write_case(number, image, label, relabel)
+
+    def wait(self) -> None:
+        """Every queued case written; the first failure, in the order the cases were queued, is raised."""
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+
+    def _write_case(self, number: int, image: Path, label: Path | None,
+                    relabel: Callable[[np.ndarray], np.ndarray] | None) -> None:
         c = self.case(number)
         if label is not None:
             lab = relabel(c.label) if relabel is not None else c.label
