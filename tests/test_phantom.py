@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -229,10 +230,22 @@ def test_a_case_is_a_function_of_its_own_stream_only():
 def test_cases_written_by_threads_are_the_bytes_one_thread_writes(tmp_path, monkeypatch):
     """synth generates cases on $SSLBENCH_LOAD_WORKERS threads; each case has its own random stream, so the
     tree is byte-identical to a one-thread synth, whatever the threads' order."""
+    import threading
+
+    original = phantoms._Job._write_case
+    threads: dict[str, set] = {}
+
+    def recorded(self, *args):
+        threads.setdefault(os.environ["SSLBENCH_LOAD_WORKERS"], set()).add(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(phantoms._Job, "_write_case", recorded)
     roots = {}
     for workers in ("1", "3"):
         monkeypatch.setenv("SSLBENCH_LOAD_WORKERS", workers)
         roots[workers] = phantoms.synth("btcv", tmp_path / f"w{workers}", cases=5, seed=2)
+    assert threads["1"] == {threading.current_thread().name}                    # one thread: the caller's
+    assert len(threads["3"]) > 1 and all(n.startswith("sslbench-phantom") for n in threads["3"])
     files = sorted(str(p.relative_to(roots["1"])) for p in roots["1"].rglob("*") if p.is_file())
     assert len([f for f in files if f.endswith(".nii.gz")]) == 5 + 1 + 5   # 5 images + 1 test image, 5 labels
     assert files == sorted(str(p.relative_to(roots["3"])) for p in roots["3"].rglob("*") if p.is_file())
@@ -241,16 +254,21 @@ def test_cases_written_by_threads_are_the_bytes_one_thread_writes(tmp_path, monk
 
 
 def test_a_case_failing_on_a_thread_fails_the_synth_before_its_marker(tmp_path, monkeypatch):
+    """A write that fails after its temporary file is written (the rename): the synth raises it, leaves no marker
+    and no temporary file, and the cases still queued behind it are never written."""
     monkeypatch.setenv("SSLBENCH_LOAD_WORKERS", "2")
-    original = phantoms._Job._write_case
+    real_replace = os.replace
 
-    def failing(self, number, *args):
-        if number == 1002:   # MM-WHS cases are numbered 1001..
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("ct_train_1002_image.nii.gz"):
+            assert Path(src).is_file()                                           # the temporary file exists
             raise OSError("disk full")
-        return original(self, number, *args)
+        return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(phantoms._Job, "_write_case", failing)
+    monkeypatch.setattr(phantoms.base.os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
-        phantoms.synth("mmwhs", tmp_path, cases=4)
+        phantoms.synth("mmwhs", tmp_path, cases=12)
     assert not (tmp_path / phantoms.MARKER).exists() and (tmp_path / phantoms.PARTIAL_MARKER).exists()
-    assert not [p for p in tmp_path.rglob("*partial-*")]
+    assert not [p for p in tmp_path.rglob("*partial-*")]                       # no half-written file left behind
+    assert not (tmp_path / "ct_train" / "ct_train_1002_image.nii.gz").exists()
+    assert not (tmp_path / "ct_train" / "ct_train_1012_image.nii.gz").exists()  # queued behind: cancelled

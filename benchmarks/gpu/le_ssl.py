@@ -168,9 +168,17 @@ def main() -> int:
     caches += [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task", t))) for t in TASKS]
     if "supervised" in METHODS:   # supervised's corpus: phantom BTCV at its recipe's size (not TASK_SETS')
         caches.append(("cache-phantom-btcv-corpus", sb("data", "cache", "--task", "phantom-btcv", "--preset", PRESET)))
+    cache_procs: list[subprocess.Popen] = []   # the running cache command (stopped at the deadline)
+
     def cache(name: str, cmd: list[str]) -> int:
         start = time.time()
-        rc = subprocess.call(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
+        try:
+            proc = subprocess.Popen(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
+        except OSError as exc:
+            say(f"{name}: could not start ({exc})")
+            return 1
+        cache_procs.append(proc)
+        rc = proc.wait()
         say(f"{name} rc={rc} seconds={time.time() - start:.0f}")
         return rc
 
@@ -180,8 +188,19 @@ def main() -> int:
         if name.startswith("cache-") and name[len("cache-"):] in TASKS and cache(name, cmd):
             return 1
     corpus_rc: list[int] = []
-    corpora = threading.Thread(target=lambda: corpus_rc.extend(
-        cache(name, cmd) for name, cmd in caches if name[len("cache-"):] not in TASKS), daemon=True)
+
+    def cache_corpora() -> None:
+        try:
+            for name, cmd in caches:
+                if name[len("cache-"):] not in TASKS:
+                    corpus_rc.append(cache(name, cmd))
+                    if corpus_rc[-1]:
+                        return
+        except Exception as exc:   # a crash of this thread fails the corpora, never passes for their success
+            say(f"corpus caches: {exc!r}")
+            corpus_rc.append(1)
+
+    corpora = threading.Thread(target=cache_corpora, daemon=True)
     corpora.start()
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     done: set[str] = set()
@@ -250,7 +269,7 @@ def main() -> int:
                                                       stderr=subprocess.STDOUT, env=env), time.time())
         for item in list(queue):
             t, n, s, m = item
-            if len(running) >= MAXPROC:
+            if len(running) + len(waiting_pre) >= MAXPROC:   # a slot kept for each pre-training still to start
                 break
             control()
             what = f"{t} {n} labelled {m} s{s}"
@@ -279,12 +298,26 @@ def main() -> int:
             for name, (proc, _) in running.items():
                 say(f"{name}: stopped at the deadline")
                 proc.terminate()
+            for proc in cache_procs:
+                if proc.poll() is None:
+                    say("a corpus cache: stopped at the deadline")
+                    proc.terminate()
+            for proc in [p for p, _ in running.values()] + cache_procs:   # gone before SCHEDULER_DONE says so
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            corpora.join(timeout=60)
             break
         time.sleep(2)
     say("scheduler done")
-    (out / "SCHEDULER_DONE").write_text("done\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:   # written however the scheduler ends (a failed cache, a crash), so le_ssl.sh AGAIN=1 can start again
+        (out / "SCHEDULER_DONE").write_text("done\n")
+    sys.exit(code)

@@ -4,7 +4,8 @@
 # scheduler is done) and packs the records, logs and a GPU trace into $OUT/le.tgz (no checkpoints). Call it again
 # on the same warm machine to wait longer; the scheduler's DEADLINE (seconds from its start) bounds everything.
 # AGAIN=1 on a warm machine whose scheduler is done starts another one on the same folder, with this call's
-# METHODS / CELLS / SEEDS / DEADLINE ... (finished records are kept: every run is started with --resume).
+# METHODS / CELLS / SEEDS / DEADLINE ... and this call's tree (finished records are kept: every run is started with
+# --resume). The scheduler writes SCHEDULER_DONE however it ends, after its runs have stopped.
 #   WAIT=540 DEADLINE=1450 bash benchmarks/gpu/le_ssl.sh
 #   AGAIN=1 METHODS="supervised" CELLS="phantom-btcv:2" SEEDS="1 2" DEADLINE=290 FT_EST=270 WAIT=296 bash benchmarks/gpu/le_ssl.sh
 set -u
@@ -24,6 +25,7 @@ elif [ -n "${AGAIN:-}" ]; then
   if [ ! -e $le/SCHEDULER_DONE ]; then echo "AGAIN: the scheduler is still running; waiting on it instead"
   else   # the earlier scheduler's CONTROL (its moved deadline, its FT_EST) is not the new one's
     [ -e $le/CONTROL ] && mv $le/CONTROL $le/CONTROL.old
+    rm -rf /tmp/repo && cp -r "$PWD" /tmp/repo   # this call's tree (the earlier scheduler is done with its own)
     rm -f $le/SCHEDULER_DONE; echo "AGAIN: a second scheduler on $le" >> $le/scheduler.log; start_scheduler
   fi
 fi
