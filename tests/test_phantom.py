@@ -272,3 +272,12 @@ def test_a_case_failing_on_a_thread_fails_the_synth_before_its_marker(tmp_path, 
     assert not [p for p in tmp_path.rglob("*partial-*")]                       # no half-written file left behind
     assert not (tmp_path / "ct_train" / "ct_train_1002_image.nii.gz").exists()
     assert not (tmp_path / "ct_train" / "ct_train_1012_image.nii.gz").exists()  # queued behind: cancelled
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_a_bad_thread_count_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("SSLBENCH_LOAD_WORKERS", value)
+    with pytest.raises(DataError) as err:
+        phantoms.synth("mmwhs", tmp_path / "p", cases=2)
+    assert "$SSLBENCH_LOAD_WORKERS" in str(err.value) and repr(value) in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "p").exists()

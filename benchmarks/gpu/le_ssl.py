@@ -163,11 +163,14 @@ def out_of_memory(log: Path) -> bool:
 
 def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    caches = [("cache-corpus", sb("data", "cache", "--task", "phantom-corpus", "--preset", PRESET))] * any(
+    # the fine-tuning tasks' trees (scratch and supervised-task need nothing else), then the pre-training corpora
+    task_caches = [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task", t)))
+                   for t in TASKS]
+    corpus_caches = [("cache-corpus", sb("data", "cache", "--task", "phantom-corpus", "--preset", PRESET))] * any(
         m != "scratch" and m not in CONTROLS for m in METHODS)
-    caches += [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task", t))) for t in TASKS]
     if "supervised" in METHODS:   # supervised's corpus: phantom BTCV at its recipe's size (not TASK_SETS')
-        caches.append(("cache-phantom-btcv-corpus", sb("data", "cache", "--task", "phantom-btcv", "--preset", PRESET)))
+        corpus_caches.append(("cache-phantom-btcv-corpus",
+                              sb("data", "cache", "--task", "phantom-btcv", "--preset", PRESET)))
     cache_procs: list[subprocess.Popen] = []   # the running cache command (stopped at the deadline)
 
     def cache(name: str, cmd: list[str]) -> int:
@@ -182,20 +185,18 @@ def main() -> int:
         say(f"{name} rc={rc} seconds={time.time() - start:.0f}")
         return rc
 
-    # the fine-tuning tasks' trees first (scratch and supervised-task need nothing else); the pre-training corpora
-    # then build in a thread while the GPU already fine-tunes scratch (on 2026-12-07 it sat idle 133 s for them)
-    for name, cmd in caches:
-        if name.startswith("cache-") and name[len("cache-"):] in TASKS and cache(name, cmd):
+    # the corpora build in a thread while the GPU already fine-tunes scratch (on 2026-12-07 it sat idle 133 s)
+    for name, cmd in task_caches:
+        if cache(name, cmd):
             return 1
     corpus_rc: list[int] = []
 
     def cache_corpora() -> None:
         try:
-            for name, cmd in caches:
-                if name[len("cache-"):] not in TASKS:
-                    corpus_rc.append(cache(name, cmd))
-                    if corpus_rc[-1]:
-                        return
+            for name, cmd in corpus_caches:
+                corpus_rc.append(cache(name, cmd))
+                if corpus_rc[-1]:
+                    return
         except Exception as exc:   # a crash of this thread fails the corpora, never passes for their success
             say(f"corpus caches: {exc!r}")
             corpus_rc.append(1)

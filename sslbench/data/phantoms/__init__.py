@@ -97,6 +97,7 @@ def synth(like: str, out: Path, cases: int = 8, seed: int = 0, *, test_cases: in
     if int(cases) < 1:
         raise DataError(f"phantom cases: expected at least 1, got {cases}")
     spec = PHANTOMS[like]
+    threads = load_workers()   # a bad $SSLBENCH_LOAD_WORKERS is refused before anything is written
     if test_cases is None:
         test_cases = max(1, int(cases) // 4) if spec.test else 0
     if not spec.test:
@@ -107,7 +108,7 @@ def synth(like: str, out: Path, cases: int = 8, seed: int = 0, *, test_cases: in
     marker = {"like": like, "cases": int(cases), "seed": int(seed), "generator": GENERATOR, "version": VERSION,
               "note": NOTE, "test_cases": int(test_cases)}
     _write_atomic(root / PARTIAL_MARKER, _json_bytes(marker))
-    workers = min(load_workers(), int(cases) + int(test_cases))
+    workers = min(threads, int(cases) + int(test_cases))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sslbench-phantom") if workers > 1 else \
             nullcontext() as pool:
         job = _Job(like=like, root=root, cases=int(cases), test_cases=int(test_cases), seed=int(seed),
