@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import RecipeError, SSLBenchError
+from .errors import RecipeError, sigterm_as_interrupt, SSLBenchError, Terminated
 
 DEFAULT_METHOD = "scratch"
 DEFAULT_TASK = "phantom-mmwhs"
@@ -460,6 +460,15 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with sigterm_as_interrupt():
+        try:
+            return _main(argv)
+        except Terminated:   # a command that does not catch interrupts itself (the parser, an early import)
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return 143
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     if raw[:1] and raw[0] in ("sweep", "report"):
@@ -503,9 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SSLBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -193,10 +193,16 @@ def cleanup() -> None:
     _CURRENT = SINGLE
 
 
+#: seconds `launch` gives torchrun and its workers to stop after an interrupt before it kills torchrun
+_STOP_GRACE_S = 60
+
+
 def launch(gpus: int, argv: Sequence[str]) -> int:
     """``sslbench <cmd> --gpus N ...``: re-run the same command under torchrun on N local processes.
 
-    Returns torchrun's exit status. ``--gpus`` itself is removed from the forwarded arguments.
+    Returns torchrun's exit status. ``--gpus`` itself is removed from the forwarded arguments. An interrupt of
+    this process (Ctrl-C, or SIGTERM turned into :class:`~sslbench.errors.Terminated`) is passed to torchrun as
+    SIGTERM, and torchrun is waited for, up to ``_STOP_GRACE_S``, before the interrupt goes on.
     """
     forwarded: list[str] = []
     skip = False
@@ -214,6 +220,18 @@ def launch(gpus: int, argv: Sequence[str]) -> int:
     torchrun = shutil.which("torchrun")
     head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     cmd = [*head, "--standalone", f"--nproc_per_node={int(gpus)}", "-m", "sslbench", *forwarded]
+    import signal
     import subprocess
 
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:   # Ctrl-C reached torchrun too (one process group); SIGTERM (Terminated) did not
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)   # torchrun passes it to its workers, which stop as interrupted runs
+            try:
+                proc.wait(timeout=_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise

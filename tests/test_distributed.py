@@ -84,8 +84,16 @@ def test_single_process_is_a_no_op():
 
 def test_launch_forwards_the_command_without_gpus(monkeypatch):
     seen = {}
-    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
-    distributed.launch(2, ["pretrain", "--method", "voco", "--gpus", "2", "--preset", "tiny"])
+
+    class Done:
+        def __init__(self, cmd):
+            seen["cmd"] = cmd
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Done)
+    assert distributed.launch(2, ["pretrain", "--method", "voco", "--gpus", "2", "--preset", "tiny"]) == 0
     cmd = seen["cmd"]
     assert "--nproc_per_node=2" in cmd and "--gpus" not in cmd
     assert cmd[-5:] == ["pretrain", "--method", "voco", "--preset", "tiny"]

@@ -6,7 +6,8 @@
 # AGAIN=1 on a warm machine whose scheduler is done starts another one on the same folder, with this call's
 # METHODS / CELLS / SEEDS / DEADLINE ... and this call's tree (finished records are kept: every run is started with
 # --resume). The scheduler writes SCHEDULER_DONE however it ends, after its runs have stopped.
-#   WAIT=540 DEADLINE=1450 bash benchmarks/gpu/le_ssl.sh
+# A first call installs wheels and packs besides waiting: WAIT=480 keeps it inside the 600-s call limit.
+#   WAIT=480 DEADLINE=1250 bash benchmarks/gpu/le_ssl.sh
 #   AGAIN=1 METHODS="supervised" CELLS="phantom-btcv:2" SEEDS="1 2" DEADLINE=290 FT_EST=270 WAIT=296 bash benchmarks/gpu/le_ssl.sh
 set -u
 le=/tmp/le
@@ -33,7 +34,13 @@ fi
 end=$(( $(date +%s) + ${WAIT:-540} ))
 while [ "$(date +%s)" -lt "$end" ] && [ ! -e $le/SCHEDULER_DONE ]; do sleep 5; done
 # packed before anything is printed: a reader that closes the pipe early (| head) must not cost the records
-tar czf $OUT/le.tgz --exclude='*.pt' -C /tmp le
+tar czf $OUT/le.tgz --exclude='*.pt' --exclude='*.tmp' -C /tmp le
+if [ "$(stat -c %s $OUT/le.tgz)" -gt 15728640 ]; then   # the device tool returns no file over 16 MiB
+  echo "le.tgz is over 15 MiB: packing the records' text files alone"
+  ( cd /tmp && find le -type f \( -name '*.json' -o -name '*.yaml' -o -name '*.txt' -o -name '*.csv' -o -name '*.md' \
+      -o -name '*.log' -o -name '*.png' \) -size -2M ) > /tmp/le-small.txt
+  tar czf $OUT/le.tgz -C /tmp -T /tmp/le-small.txt
+fi
 cat $le/summary.txt 2>/dev/null
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 tail -3 $le/smi.txt

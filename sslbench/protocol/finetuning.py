@@ -101,6 +101,8 @@ def _start_record(run: FinetuneRun, kind, load_report) -> None:
         record.set_status(state="running", stage="finetune", step=0, protocol=run.protocol,
                           started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         kind.on_new_record(record)
+    else:   # resumed: this process is its owner now (pid, host), no longer the interrupted or failed one
+        record.set_status(state="running", resumed=time.strftime("%Y-%m-%dT%H:%M:%S"))
     record.log(f"{run.action}: finetune {cfg['method']['name']} on {task['name']} "
                f"({'PHANTOM data' if run.phantom else 'real data'} at {run.root}), protocol {run.protocol}, "
                f"device {run.device}")

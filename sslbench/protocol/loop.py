@@ -54,10 +54,11 @@ class DataWait:
 
 
 def kill_point(step: int) -> None:
-    """Test hook: SSLBENCH_KILL_AFTER_STEP=N kills the process (SIGKILL) right after step N."""
+    """Test hook: SSLBENCH_KILL_AFTER_STEP=N kills the process right after step N, with SIGKILL, or with
+    the signal SSLBENCH_KILL_SIGNAL names (``TERM``: a scheduler's or batch system's stop)."""
     at = os.environ.get("SSLBENCH_KILL_AFTER_STEP")
     if at is not None and int(at) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("SSLBENCH_KILL_SIGNAL", "KILL").upper()))
 
 
 def stop_if_not_finite(loss: float, step: int, record, run_cfg: Mapping[str, Any], stage: str) -> None:

@@ -227,6 +227,8 @@ def _start_record(run: PretrainRun) -> None:
                          runtime=run.rt.settings())
         record.set_status(state="running", stage="pretrain", step=0, protocol=plan.protocol,
                           world_size=dist.world_size, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    else:   # resumed: this process is its owner now (pid, host), no longer the interrupted or failed one
+        record.set_status(state="running", resumed=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if run.stream is not None and run.stream.sampler == "epoch":
         record.log(run.stream.plan.describe() + f"; sampler epoch: rank 0 of {dist.world_size} reads the volumes of "
                    f"its global samples from all {len(plan.items)} volumes (each once per epoch across the ranks)")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import distributed, tasks
-from ..errors import DataError, RecipeError, RunError
+from ..errors import DataError, RecipeError, RunError, Terminated
 from ..store import lock as locks
 from ..store.records import atomic_write_json, load_state, prepare_run_folder, RunRecord
 from ..tasks.base import check_volumes
@@ -89,7 +89,9 @@ def run_scope():
     """Around one pre-training or fine-tuning: the run folders claimed inside are unlocked at the end, and an
     exception (not an interrupt, not one of a :meth:`_Scope.callback`) marks a claimed, unfinished folder
     ``failed`` with its one-line reason, so the next identical command starts it over (or resumes it from a
-    readable last.pt with --resume)."""
+    readable last.pt with --resume). An interrupt (Ctrl-C, or SIGTERM as :class:`~sslbench.errors.Terminated`)
+    marks it ``interrupted`` (``by``: ``interrupt`` or ``SIGTERM``); the next identical command resumes it from
+    its last checkpoint."""
     scope = _Scope()
     claimed = scope.claimed
     token = _CLAIMED.set(claimed)
@@ -104,6 +106,15 @@ def run_scope():
                 with contextlib.suppress(Exception):   # on a full disk even this may not be written
                     record.set_status(state="failed", reason=reason, failed=time.strftime("%Y-%m-%dT%H:%M:%S"))
                     record.log(f"failed: {reason}")
+        raise
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated): resumable, so not "failed"
+        by = "SIGTERM" if isinstance(exc, Terminated) else "interrupt"
+        for record, _ in claimed:
+            if record.path.is_dir() and not record.finished:
+                with contextlib.suppress(Exception):
+                    record.set_status(state="interrupted", by=by, interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                    record.log(f"interrupted ({by}) at step {(record.status or {}).get('step')}; "
+                               f"continue with --resume")
         raise
     finally:
         _CLAIMED.reset(token)

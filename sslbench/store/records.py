@@ -4,8 +4,9 @@ Layout of a run folder::
 
     recipe.yaml      the resolved configuration (what ran)
     env.json         python / torch / monai versions, git commit, device, host
-    status.json      {"state": "running" | "finished" | "failed", "step": ..., timestamps, protocol hash, run key;
-                     a failed run: "reason", its one-line error}
+    status.json      {"state": "running" | "finished" | "failed" | "interrupted", "step": ..., timestamps, protocol
+                     hash, run key; a failed run: "reason", its one-line error; an interrupted one (Ctrl-C or
+                     SIGTERM, resumable): "by" ("interrupt" | "SIGTERM")}
     data.json        the data it read: root, fingerprint, file count (sslbench/data/fingerprint.py)
     metrics.json     the summary (like nnU-Net's summary.json): mean and per-class metrics, per case too
     cases.csv        one row per evaluated case
@@ -290,6 +291,9 @@ class RunRecord:
         status.update(fields)
         if status.get("state") == "running":   # who works on it: a later call tells a dead run by these
             status.update(pid=os.getpid(), host=platform.node())
+            for stale in ("by", "interrupted", "reason", "failed"):   # of an earlier stop: log.txt keeps those
+                if stale not in fields:
+                    status.pop(stale, None)
         if self.run_key is not None:
             status["run_key"] = self.run_key
         status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -402,8 +406,13 @@ def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bo
                        f"recorded by pid {status.get('pid', '?')} on {host}; if it is gone pass --resume to continue "
                        f"it or --force to start over")
     # we hold the folder's lock, so its recorded owner is gone (the kernel frees a dead process's flock)
-    dead = (f"{record.path}: its run died (pid {status.get('pid', '?')} on {host or '?'}, started "
-            f"{status.get('started', '?')}, state {status.get('state')} at step {status.get('step')}; its lock is free)")
+    if status.get("state") == "interrupted":
+        dead = (f"{record.path}: its run was stopped ({status.get('by', 'interrupt')} at step {status.get('step')}, "
+                f"pid {status.get('pid', '?')} on {host or '?'}, {status.get('interrupted', '?')})")
+    else:
+        dead = (f"{record.path}: its run died (pid {status.get('pid', '?')} on {host or '?'}, started "
+                f"{status.get('started', '?')}, state {status.get('state')} at step {status.get('step')}; "
+                f"its lock is free)")
     last = record.ckpt_dir / "last.pt"
     if valid_checkpoint(last):
         (say or print)(f"{dead}: resuming from {last}")

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .. import distributed, recipes
-from ..errors import SSLBenchError
+from ..errors import sigterm_as_interrupt, SSLBenchError, Terminated
 from .spec import build_sweep, esc, show_value
 from .storage import public_url
 from .summary import print_summary
@@ -87,13 +87,14 @@ def _console():
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`sslbench sweep KEY [options]`; returns the exit status (0 done or left to other workers, 1 points
-    failed, 2 user error, 130 interrupted)."""
+    failed, 2 user error, 130 interrupted, 143 terminated by SIGTERM)."""
     raw = list(argv) if argv is not None else sys.argv[1:]
     try:
         args = _parser().parse_args(raw)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    return run(args, raw)
+    with sigterm_as_interrupt():   # as under `sslbench sweep` (a no-op there: it is installed already)
+        return run(args, raw)
 
 
 def run(args: argparse.Namespace, raw: Sequence[str]) -> int:
@@ -154,10 +155,11 @@ def _main(args: argparse.Namespace) -> int:
     except SSLBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the trial is marked failed and its run folder keeps its last checkpoint; "
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (sslbench.errors.Terminated)
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}: the trial is marked failed and its run folder keeps its last checkpoint; "
               "run the same command again to continue", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover
