@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import RecipeError, sigterm_as_interrupt, SSLBenchError, Terminated
+from .errors import RecipeError, sigterm_as_interrupt, SSLBenchError, Terminated, terminating
 
 DEFAULT_METHOD = "scratch"
 DEFAULT_TASK = "phantom-mmwhs"
@@ -463,9 +463,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     with sigterm_as_interrupt():
         try:
             return _main(argv)
-        except Terminated:   # a command that does not catch interrupts itself (the parser, an early import)
-            print("terminated (SIGTERM)", file=sys.stderr)
-            return 143
+        except KeyboardInterrupt as exc:   # where a command does not catch it itself (--gpus, an early import)
+            return _stopped(exc)
+        except Exception:
+            if not terminating():
+                raise
+            # raised while a SIGTERM unwound the command (a loader worker killed by the same signal)
+            return _stopped(Terminated())
+
+
+def _stopped(exc: KeyboardInterrupt) -> int:
+    """The one line and the exit status of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    term = isinstance(exc, Terminated) or terminating()
+    print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: the run folder keeps its last checkpoint; "
+          "continue with --resume", file=sys.stderr)
+    return 143 if term else 130
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -513,9 +525,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{what}: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return _stopped(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -201,8 +201,9 @@ def launch(gpus: int, argv: Sequence[str]) -> int:
     """``sslbench <cmd> --gpus N ...``: re-run the same command under torchrun on N local processes.
 
     Returns torchrun's exit status. ``--gpus`` itself is removed from the forwarded arguments. An interrupt of
-    this process (Ctrl-C, or SIGTERM turned into :class:`~sslbench.errors.Terminated`) is passed to torchrun as
-    SIGTERM, and torchrun is waited for, up to ``_STOP_GRACE_S``, before the interrupt goes on.
+    this process is waited out, up to ``_STOP_GRACE_S``, before it goes on: a SIGTERM (turned into
+    :class:`~sslbench.errors.Terminated`) is passed to torchrun first, which passes it to its ranks; Ctrl-C
+    reached torchrun and the ranks from the terminal already.
     """
     forwarded: list[str] = []
     skip = False
@@ -223,12 +224,17 @@ def launch(gpus: int, argv: Sequence[str]) -> int:
     import signal
     import subprocess
 
+    from .errors import Terminated, terminating
+
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()
-    except KeyboardInterrupt:   # Ctrl-C reached torchrun too (one process group); SIGTERM (Terminated) did not
+    except KeyboardInterrupt as exc:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)   # torchrun passes it to its workers, which stop as interrupted runs
+            if isinstance(exc, Terminated) or terminating():
+                # torchrun passes it to its ranks, which stop as interrupted runs; Ctrl-C reached them all already
+                # (one process group): a SIGTERM on top would hit the ranks in their cleanup
+                proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=_STOP_GRACE_S)
             except subprocess.TimeoutExpired:

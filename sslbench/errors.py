@@ -41,14 +41,30 @@ class Terminated(KeyboardInterrupt):
     killed by that signal."""
 
 
+#: seconds after a first SIGTERM during which a repeat is ignored (cleanup runs); a later repeat ends the process
+REPEAT_GRACE_S = 30.0
+_terminating: list[float] = []   # monotonic time of the SIGTERM being handled in this process, if any
+
+
+def terminating() -> bool:
+    """Whether this process is stopping on a SIGTERM (see :func:`sigterm_as_interrupt`): an exception raised
+    while it unwinds (a DataLoader worker killed by the same signal, a collective whose peer left) is part of
+    that stop, not a failure of the run."""
+    return bool(_terminating)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """While a command runs, SIGTERM raises :class:`~sslbench.errors.Terminated` (a KeyboardInterrupt) in the
     main thread, so the run stops as after Ctrl-C instead of dying mid-write: temporary files are removed, the
-    TensorBoard writer and the run folder's lock are closed. The first signal restores the default action, so a
-    second SIGTERM during that cleanup ends the process at once. Installed only where SIGTERM still has its
-    default action and only in the main thread (an embedding program's own handler is left alone); the earlier
-    handler is put back afterwards."""
+    TensorBoard writer and the run folder's lock are closed.
+
+    A batch system often signals every process of the job, and torchrun passes its own SIGTERM on to its ranks,
+    so a process may get the signal twice: a repeat within ``REPEAT_GRACE_S`` of the first is ignored while the
+    cleanup runs, a later one ends the process (schedulers escalate to SIGKILL in any case). Installed only
+    where SIGTERM still has its default action and only in the main thread (an embedding program's own handler
+    is left alone); the default action is put back afterwards. A forked child that inherited the handler (a
+    loader or pool worker) gets the default action: it dies of the signal as it would have."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
@@ -56,10 +72,15 @@ def sigterm_as_interrupt():
     owner = os.getpid()
 
     def on_term(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if os.getpid() != owner:   # a forked loader or pool worker inherited the handler: die as it would have
+        import time
+
+        if os.getpid() != owner or (_terminating and time.monotonic() - _terminating[0] > REPEAT_GRACE_S):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        if _terminating:
+            return   # a repeat while the first one's cleanup runs
+        _terminating.append(time.monotonic())
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -67,6 +88,7 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _terminating.clear()
 
 
 class RunError(SSLBenchError):

@@ -36,6 +36,59 @@ def test_sigterm_raises_terminated_inside_and_the_default_action_is_back_after()
 
 
 @main_thread_only
+def test_an_error_raised_while_a_sigterm_unwinds_marks_the_run_interrupted_not_failed(tmp_path):
+    """Under a batch system every process of the job gets the signal: a loader worker dies of it and torch
+    raises a RuntimeError in the main process while the Terminated unwinds; a repeat SIGTERM comes too."""
+    from sslbench.errors import terminating
+    from sslbench.protocol.runs import run_scope
+    from sslbench.store.records import RunRecord
+
+    rec = RunRecord(tmp_path / "run")
+    rec.path.mkdir()
+    rec.set_status(state="running", step=4, protocol="p1")
+    released = []
+
+    class Lock:
+        def release(self):
+            released.append(True)
+
+    with pytest.raises(RuntimeError, match="killed by signal"):
+        with sigterm_as_interrupt():
+            with run_scope() as scope:
+                scope.claimed.append((rec, Lock()))
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                finally:
+                    os.kill(os.getpid(), signal.SIGTERM)   # the repeat, during the cleanup: ignored
+                    assert terminating()
+                    raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated.")
+    assert not terminating() and released == [True]
+    status = json.loads((rec.path / "status.json").read_text())
+    assert (status["state"], status["by"], status["step"]) == ("interrupted", "SIGTERM", 4)
+    assert "reason" not in status
+
+
+def test_an_interrupted_run_of_another_host_is_taken_over(tmp_path):
+    """It wrote `interrupted` itself on its way out, so it is gone (a requeued job lands on another node);
+    `running` from another host may still be alive there and is refused."""
+    from sslbench.errors import RunError
+    from sslbench.store.records import prepare_run_folder, RunRecord
+
+    rec = RunRecord(tmp_path / "run")
+    rec.path.mkdir()
+    (rec.path / "status.json").write_text(json.dumps({"state": "interrupted", "by": "SIGTERM", "step": 3,
+                                                      "protocol": "p1", "pid": 7, "host": "elsewhere"}))
+    said = []
+    assert prepare_run_folder(rec, "p1", resume=False, force=False, say=said.append) == "new"   # no last.pt
+    assert said and "its run was stopped (SIGTERM at step 3, pid 7 on elsewhere" in said[0]
+    rec.path.mkdir()
+    (rec.path / "status.json").write_text(json.dumps({"state": "running", "step": 3, "protocol": "p1", "pid": 7,
+                                                      "host": "elsewhere"}))
+    with pytest.raises(RunError, match="recorded by pid 7 on elsewhere"):
+        prepare_run_folder(rec, "p1", resume=False, force=False, say=said.append)
+
+
+@main_thread_only
 def test_a_handler_installed_by_the_caller_is_left_alone():
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
@@ -87,6 +140,18 @@ def test_launch_passes_sigterm_to_torchrun_and_waits_for_it(monkeypatch):
         distributed.launch(2, ["finetune", "--task", "btcv", "--gpus", "2"])
     assert made[0].signals == [signal.SIGTERM] and made[0].waits == 2
     assert "--nproc_per_node=2" in made[0].cmd and "--gpus" not in made[0].cmd
+
+    class CtrlC(Proc):   # Ctrl-C reached torchrun and its ranks from the terminal: waited for, not signalled again
+        def wait(self, timeout=None):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt()
+            return -2
+
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd: made.append(CtrlC(cmd)) or made[-1])
+    with pytest.raises(KeyboardInterrupt):
+        distributed.launch(2, ["finetune", "--task", "btcv", "--gpus", "2"])
+    assert made[1].signals == [] and made[1].waits == 2
 
 
 def test_a_run_stopped_by_sigterm_is_marked_interrupted_and_resumes_to_the_golden_record(tmp_path, phantom_home):

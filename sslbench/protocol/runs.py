@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import distributed, tasks
-from ..errors import DataError, RecipeError, RunError, Terminated
+from ..errors import DataError, RecipeError, RunError, Terminated, terminating
 from ..store import lock as locks
 from ..store.records import atomic_write_json, load_state, prepare_run_folder, RunRecord
 from ..tasks.base import check_volumes
@@ -100,6 +100,9 @@ def run_scope():
     except Exception as exc:
         if any(exc is e for e in scope.stopped):
             raise
+        if terminating():   # raised while a SIGTERM unwound the run (a loader worker killed by the same signal)
+            _mark_interrupted(claimed, "SIGTERM")
+            raise
         reason = _one_line(exc)
         for record, _ in claimed:
             if record.path.is_dir() and not record.finished:
@@ -108,19 +111,22 @@ def run_scope():
                     record.log(f"failed: {reason}")
         raise
     except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated): resumable, so not "failed"
-        by = "SIGTERM" if isinstance(exc, Terminated) else "interrupt"
-        for record, _ in claimed:
-            if record.path.is_dir() and not record.finished:
-                with contextlib.suppress(Exception):
-                    record.set_status(state="interrupted", by=by, interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                    record.log(f"interrupted ({by}) at step {(record.status or {}).get('step')}; "
-                               f"continue with --resume")
+        _mark_interrupted(claimed, "SIGTERM" if isinstance(exc, Terminated) or terminating() else "interrupt")
         raise
     finally:
         _CLAIMED.reset(token)
         for record, lock in claimed:
             record.close_scalars()   # a run stopped unfinished (a pruned sweep trial) too
             lock.release()
+
+
+def _mark_interrupted(claimed, by: str) -> None:
+    """Status ``interrupted`` (``by`` what) on the claimed, unfinished folders: the next command resumes them."""
+    for record, _ in claimed:
+        if record.path.is_dir() and not record.finished:
+            with contextlib.suppress(Exception):
+                record.set_status(state="interrupted", by=by, interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                record.log(f"interrupted ({by}) at step {(record.status or {}).get('step')}; continue with --resume")
 
 
 def file_digest(path: Path) -> str:

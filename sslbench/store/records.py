@@ -291,9 +291,11 @@ class RunRecord:
         status.update(fields)
         if status.get("state") == "running":   # who works on it: a later call tells a dead run by these
             status.update(pid=os.getpid(), host=platform.node())
-            for stale in ("by", "interrupted", "reason", "failed"):   # of an earlier stop: log.txt keeps those
-                if stale not in fields:
-                    status.pop(stale, None)
+        stale = {"running": ("by", "interrupted", "reason", "failed"), "interrupted": ("reason", "failed"),
+                 "failed": ("by", "interrupted")}.get(str(status.get("state")), ())
+        for key in stale:   # of an earlier stop: log.txt keeps that story
+            if key not in fields:
+                status.pop(key, None)
         if self.run_key is not None:
             status["run_key"] = self.run_key
         status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -401,7 +403,9 @@ def prepare_run_folder(record: RunRecord, protocol: str, resume: bool, force: bo
     if resume:
         return "resume"
     host = status.get("host")
-    if host not in (None, platform.node()):
+    # an interrupted run wrote that state itself on its way out, so it is gone wherever it ran (a batch system
+    # that pre-empts a job and requeues it usually lands on another node)
+    if host not in (None, platform.node()) and status.get("state") != "interrupted":
         raise RunError(f"{record.path}: an unfinished run (state {status.get('state')}, step {status.get('step')}) "
                        f"recorded by pid {status.get('pid', '?')} on {host}; if it is gone pass --resume to continue "
                        f"it or --force to start over")

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .. import distributed, recipes
-from ..errors import sigterm_as_interrupt, SSLBenchError, Terminated
+from ..errors import sigterm_as_interrupt, SSLBenchError, Terminated, terminating
 from .spec import build_sweep, esc, show_value
 from .storage import public_url
 from .summary import print_summary
@@ -156,10 +156,10 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (sslbench.errors.Terminated)
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{what}: the trial is marked failed and its run folder keeps its last checkpoint; "
-              "run the same command again to continue", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        term = isinstance(exc, Terminated) or terminating()
+        print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: the trial is marked failed and its run folder "
+              "keeps its last checkpoint; run the same command again to continue", file=sys.stderr)
+        return 143 if term else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

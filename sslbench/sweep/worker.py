@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from ..errors import RecipeError, SSLBenchError
+from ..errors import RecipeError, SSLBenchError, terminating
 from ..store import lock as locks
 from ..store.records import RunRecord
 from .spec import Sweep, esc, format_value, safe_name, show_value
@@ -381,7 +381,7 @@ class Worker:
                 with contextlib.suppress(Exception):
                     running = self.storage.get_trial(tid).state == TrialState.RUNNING
                 if running and not isinstance(exc, SweepStop):
-                    self._fail(trial, tid, "interrupted" if isinstance(exc, KeyboardInterrupt)
+                    self._fail(trial, tid, "interrupted" if isinstance(exc, KeyboardInterrupt) or terminating()
                                else f"{type(exc).__name__}: {exc}")     # never leave the trial RUNNING (Ctrl-C too)
                 raise
 
