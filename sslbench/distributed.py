@@ -224,14 +224,14 @@ def launch(gpus: int, argv: Sequence[str]) -> int:
     import signal
     import subprocess
 
-    from .errors import Terminated, terminating
+    from .errors import by_sigterm
 
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()
     except KeyboardInterrupt as exc:
         if proc.poll() is None:
-            if isinstance(exc, Terminated) or terminating():
+            if by_sigterm(exc):
                 # torchrun passes it to its ranks, which stop as interrupted runs; Ctrl-C reached them all already
                 # (one process group): a SIGTERM on top would hit the ranks in their cleanup
                 proc.send_signal(signal.SIGTERM)

@@ -7,6 +7,7 @@ import difflib
 import os
 import signal
 import threading
+import time
 from typing import Iterable
 
 
@@ -53,6 +54,12 @@ def terminating() -> bool:
     return bool(_terminating)
 
 
+def by_sigterm(exc: BaseException) -> bool:
+    """Whether ``exc`` ends a stop on SIGTERM: the :class:`Terminated` itself, or any exception raised while
+    it unwinds (:func:`terminating`)."""
+    return isinstance(exc, Terminated) or terminating()
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """While a command runs, SIGTERM raises :class:`~sslbench.errors.Terminated` (a KeyboardInterrupt) in the
@@ -72,8 +79,6 @@ def sigterm_as_interrupt():
     owner = os.getpid()
 
     def on_term(signum, frame):
-        import time
-
         if os.getpid() != owner or (_terminating and time.monotonic() - _terminating[0] > REPEAT_GRACE_S):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import distributed, tasks
-from ..errors import DataError, RecipeError, RunError, Terminated, terminating
+from ..errors import by_sigterm, DataError, RecipeError, RunError, terminating
 from ..store import lock as locks
 from ..store.records import atomic_write_json, load_state, prepare_run_folder, RunRecord
 from ..tasks.base import check_volumes
@@ -111,7 +111,7 @@ def run_scope():
                     record.log(f"failed: {reason}")
         raise
     except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated): resumable, so not "failed"
-        _mark_interrupted(claimed, "SIGTERM" if isinstance(exc, Terminated) or terminating() else "interrupt")
+        _mark_interrupted(claimed, "SIGTERM" if by_sigterm(exc) else "interrupt")
         raise
     finally:
         _CLAIMED.reset(token)

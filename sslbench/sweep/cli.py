@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .. import distributed, recipes
-from ..errors import sigterm_as_interrupt, SSLBenchError, Terminated, terminating
+from ..errors import by_sigterm, sigterm_as_interrupt, SSLBenchError
 from .spec import build_sweep, esc, show_value
 from .storage import public_url
 from .summary import print_summary
@@ -156,7 +156,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (sslbench.errors.Terminated)
-        term = isinstance(exc, Terminated) or terminating()
+        term = by_sigterm(exc)
         print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: the trial is marked failed and its run folder "
               "keeps its last checkpoint; run the same command again to continue", file=sys.stderr)
         return 143 if term else 130
