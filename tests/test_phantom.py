@@ -281,3 +281,29 @@ def test_a_bad_thread_count_is_refused_in_one_line_before_anything_is_written(tm
         phantoms.synth("mmwhs", tmp_path / "p", cases=2)
     assert "$SSLBENCH_LOAD_WORKERS" in str(err.value) and repr(value) in str(err.value)
     assert "\n" not in str(err.value) and not (tmp_path / "p").exists()
+
+
+@pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader")
+def test_abdomen_cases_vary_in_organ_size_position_and_enhancement(trees):
+    """Issue 18, section 2: anatomy varies per case (habitus, organ size, position, contrast), so pre-training on
+    the phantom corpus has something to learn. Measured in world units (mm, ml, HU), not voxels."""
+    t = task("btcv")
+    splits = layouts.read_datalist(t, trees["btcv"])
+    volume, offset, enhancement = [], [], []
+    for item in splits["train"] + splits["val"]:
+        lab, img = nib.load(item["label"]), nib.load(item["image"])
+        labels, hu = np.asarray(lab.dataobj).astype(int), np.asarray(img.dataobj, dtype=np.float64)
+        voxel_ml = abs(np.linalg.det(lab.affine[:3, :3])) / 1000.0
+
+        def world_centroid(value: int) -> np.ndarray:
+            return lab.affine[:3, :3] @ np.argwhere(labels == value).mean(axis=0) + lab.affine[:3, 3]
+
+        volume.append(voxel_ml * np.count_nonzero(labels == 6))                 # liver, ml
+        offset.append(world_centroid(6) - world_centroid(8))                     # liver relative to the aorta, mm
+        enhancement.append(hu[labels == 6].mean())                              # liver, mean HU
+    volume, offset = np.array(volume), np.array(offset)
+    assert len(volume) == 6
+    assert volume.max() - volume.min() > 0.15 * volume.mean(), volume           # liver sizes differ
+    assert offset.std(axis=0).max() > 3.0, offset                               # so do organ positions
+    assert np.ptp(enhancement) > 8.0, enhancement                                # and the enhancement
+    assert len({tuple(np.round(o, 1)) for o in offset}) == len(offset)          # no two cases alike

@@ -59,8 +59,10 @@ def _gather_worker(rank: int, world: int, port: int, z_i: torch.Tensor, z_j: tor
         loss.backward()
         torch.save({"loss": loss.detach(), "grad_i": mine_i.grad, "grad_j": mine_j.grad,
                     "world": W.dist.world_size(), "rank": W.dist.rank()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch_dist.destroy_process_group()
+    finally:   # sslbench's own leave: a barrier first, so rank 0 does not tear gloo down under rank 1 (SIGABRT)
+        from sslbench import distributed
+
+        distributed.cleanup()
 
 
 def _free_port() -> int:

@@ -284,7 +284,7 @@ def test_one_of_four_forms_are_the_named_functions():
         T.one_of_four(x, perturbations="mg")
 
 
-def test_perturbations_key_default_genesis_and_bad_value(monkeypatch):
+def test_perturbations_key_default_transvw_genesis_by_key_and_bad_value(monkeypatch):
     assert T.TransVWParams().perturbations == "transvw" and make().perturbations == "transvw"
     with pytest.raises(RecipeError, match=r"method\.params\.perturbations: 'mg' for method transvw; expected one of "
                                           r"transvw, genesis"):

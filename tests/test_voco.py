@@ -369,6 +369,20 @@ def test_fidelity_keys_default_to_the_official_code():
     assert make(foreground_threshold=0).foreground_threshold == 0.0
 
 
+def test_the_step_reads_its_crops_through_the_foreground_box():
+    """make_views applies foreground_threshold: with the official 0.3 every crop and base of a volume whose
+    foreground (0.8) fills only a sub-box lies inside that box; with null the corner bases see the empty 0.0."""
+    vol = torch.zeros(1, 1, 64, 64, 32)
+    vol[:, :, 10:42, 20:60, 4:28] = 0.8
+    torch.manual_seed(0)
+    views, labels = make(sw_batch_size=3).make_views(vol)
+    assert views.shape == (3 + 4, 1, 32, 32, 32) and labels.shape == (1, 3, 4)
+    assert views.min().item() > 0.79 and views.max().item() < 0.81          # only foreground was read
+    torch.manual_seed(0)
+    whole, _ = make(sw_batch_size=3, foreground_threshold=None).make_views(vol)
+    assert whole.min().item() == 0.0 and whole.max().item() == pytest.approx(0.8)
+
+
 def test_step_gradients_reach_the_backbone():
     torch.manual_seed(0)
     model = make(augment=True)

@@ -83,7 +83,8 @@ integers ~ U[half, W - half) as in the official ``get_position_label``; bases ar
 Everything inside a step is batched on the volumes' device: crop boxes, labels, one ``grid_sample`` for
 every crop and base of the batch, augmentation by ``torch.where``, ONE backbone call for all crops and
 bases of the batch (crops first, then bases, as the official code orders them; the projection head's
-BatchNorm therefore normalises over all of them, as the official code does), and the losses as small
+BatchNorm therefore normalises over all of them, as ``voco_headv1`` and the teacher-student head do, while
+``voco_headv2_batch`` projected each volume's crops and bases on their own: the ledger), and the losses as small
 matrix products. ``forward`` returns its logs as detached 0-dim tensors so that no host sync happens
 inside the step: call ``float()`` on them when logging.
 
