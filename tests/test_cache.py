@@ -78,3 +78,24 @@ def test_cli_cache_then_a_run_reads_it_with_the_same_result(phantom_home, tmp_pa
         assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # read, not rewritten
     finally:
         os.environ.pop("SSLBENCH_CACHE", None)
+
+
+def test_cli_cache_of_a_combined_corpus_holds_every_volume_pretraining_reads(phantom_home, tmp_path, capsys):
+    """`sslbench data cache --task phantom-voco-corpus` (sources BTCV, TCIA COVID-19, LUNA16 twins, no datalist of
+    its own) caches each source's images under the keys the pre-training's stream loader looks up."""
+    from sslbench.data.corpus import corpus_items
+
+    cache_dir = tmp_path / "cache"
+    os.environ["SSLBENCH_CACHE"] = str(cache_dir)
+    try:
+        assert main(["data", "cache", "--task", "phantom-voco-corpus"]) == 0
+        assert "PHANTOM" in capsys.readouterr().out
+        corpus = recipes.resolve("voco", None, preset="tiny", corpus="phantom-voco-corpus")["corpus"]
+        _, phantom, items = corpus_items(corpus, None, log=lambda *_: None)
+        sources = {it["id"].split("/")[0] for it in items}
+        assert phantom and sources == {"phantom-btcv", "phantom-tcia-covid19", "phantom-luna16"}
+        cache = CaseCache(corpus, with_label=False)
+        assert all(cache.get(it) is not None for it in items)
+        assert len(list(cache.folder.glob("*.image.npy"))) == len(items)
+    finally:
+        os.environ.pop("SSLBENCH_CACHE", None)

@@ -24,8 +24,8 @@ pre-training per task) run with the same commands and hashes as ``label_efficien
 them, so one call can run a task's whole row set. A fine-tuning that runs out of GPU memory is queued again once.
 
     python3 benchmarks/gpu/le_ssl.py OUT_DIR
-    (environment: METHODS, SEEDS, TASKS, LABELS, CELLS, MAXPROC, DEADLINE, FT_EST; PRETRAIN_STEPS, FINETUNE_STEPS, PRESET
-    only to try the script)
+    (environment: METHODS, SEEDS, TASKS, LABELS, CELLS, MAXPROC, DEADLINE, FT_EST, CORPUS; PRETRAIN_STEPS,
+    FINETUNE_STEPS, PRESET only to try the script)
 """
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ MAXPROC = int(os.environ.get("MAXPROC") or _default_maxproc())
 DEADLINE = time.time() + float(os.environ.get("DEADLINE", "1500"))
 FT_EST = float(os.environ.get("FT_EST", "480"))
 STREAM_WORKERS = os.environ.get("STREAM_WORKERS", "2")
+#: CORPUS="phantom-voco-corpus": the SSL rows pre-train on that corpus instead of their recipes' (phantom-corpus:
+#: abdominal phantoms only), e.g. an arm with the chest twins of TCIA COVID-19 and LUNA16 for phantom MM-WHS; its
+#: pre-training hashes differ, so the report lists those rows apart. Unset: the recipes' corpus, the grid so far.
+SSL_CORPUS = os.environ.get("CORPUS", "")
 
 out = Path(sys.argv[1])
 logs = out / "logs"
@@ -104,7 +108,9 @@ def corpus_of(method: str, task: str) -> str:
     from sslbench import recipes
 
     corpus = recipes.load_method(method)["pretrain"]["corpus"]
-    return task if corpus == recipes.TASK_CORPUS else corpus
+    if corpus == recipes.TASK_CORPUS:
+        return task
+    return SSL_CORPUS if SSL_CORPUS and method not in CONTROLS else corpus
 
 
 def backbone(method: str, corpus: str) -> Path | None:
@@ -120,6 +126,8 @@ def pretrain_cmd(m: str, corpus: str, again: bool = False) -> list[str]:
         more += ["--corpus", corpus, *task_sets("corpus", corpus)]
     elif m not in CONTROLS and m != "transvw":   # TransVW discovers its visual words on the corpus in memory
         more += ["--set", "method.pretrain.loader=stream", "--set", f"run.loader_workers={STREAM_WORKERS}"]
+    if SSL_CORPUS and m not in CONTROLS:   # only when asked: the grid's hashes were made without --corpus
+        more += ["--corpus", corpus]
     return sb("pretrain", "--method", m, "--preset", PRESET, "--seed", "0", "--out", str(out),
               "--force" if again else "--resume", *more,
               "--set", f"method.pretrain.steps={PRE}", "--set", f"method.pretrain.batch_size={BATCH}",
@@ -166,7 +174,8 @@ def main() -> int:
     # the fine-tuning tasks' trees (scratch and supervised-task need nothing else), then the pre-training corpora
     task_caches = [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task", t)))
                    for t in TASKS]
-    corpus_caches = [("cache-corpus", sb("data", "cache", "--task", "phantom-corpus", "--preset", PRESET))] * any(
+    corpus_caches = [("cache-corpus", sb("data", "cache", "--task", SSL_CORPUS or "phantom-corpus", "--preset",
+                                         PRESET))] * any(
         m != "scratch" and m not in CONTROLS for m in METHODS)
     if "supervised" in METHODS:   # supervised's corpus: phantom BTCV at its recipe's size (not TASK_SETS')
         corpus_caches.append(("cache-phantom-btcv-corpus",
@@ -218,7 +227,7 @@ def main() -> int:
     done: set[str] = set()
     failed: set[str] = set()
     def pre_name(m: str, corpus: str) -> str:   # the SSL rows' pre-trainings keep their names of 2026-12-03
-        return f"pretrain-{m}" if m not in CONTROLS else f"pretrain-{m}-{corpus}"
+        return f"pretrain-{m}" if m not in CONTROLS and not SSL_CORPUS else f"pretrain-{m}-{corpus}"
 
     pretrainings = list(dict.fromkeys((m, corpus_of(m, t)) for m in METHODS if m != "scratch" for t in TASKS))
     pre_runs = {pre_name(m, corpus): (m, corpus) for m, corpus in pretrainings}   # run name -> (method, corpus)

@@ -92,13 +92,14 @@ def build(task: Mapping[str, Any], root: str | Path | None, cache_root: str | Pa
     from sslbench.data.transforms import preprocess_transforms
 
     with_label = task.get("kind") != "corpus"
-    root_path, phantom = locate_data(task, root, log=lambda *_: None)
-    splits = layouts.read_datalist(task, root_path)
     if with_label:   # what fine-tuning and evaluation read: the labelled splits
+        root_path, phantom = locate_data(task, root, log=lambda *_: None)
+        splits = layouts.read_datalist(task, root_path)
         items = [it for name in ("train", "val") for it in splits.get(name, [])]
-    else:            # a corpus: every image it lists (as pre-training reads it)
-        items = [{"id": it["id"], "image": it["image"]}
-                 for name in ("train", "val", "test") for it in splits.get(name, [])]
+    else:            # a corpus: every image pre-training reads, a combined corpus's sources included
+        from sslbench.data.corpus import corpus_items
+
+        root_path, phantom, items = corpus_items(task, None if root is None else str(root), log=lambda *_: None)
     cache = CaseCache(task, with_label=with_label, root=cache_root)
     todo = [it for it in items if cache.get(it) is None]
     if todo:
