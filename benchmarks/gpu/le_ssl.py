@@ -199,9 +199,14 @@ def main() -> int:
     # 2026-12-07 the three caches ran one after the other for 137 s, the GPU idle)
     corpus_rc: list[int] = []
 
+    stop_caching = threading.Event()   # a task tree failed: no further corpus cache starts
+
     def cache_corpora() -> None:
         try:
             for name, cmd in corpus_caches:
+                if stop_caching.is_set():
+                    corpus_rc.append(1)
+                    return
                 corpus_rc.append(cache(name, cmd))
                 if corpus_rc[-1]:
                     return
@@ -219,9 +224,11 @@ def main() -> int:
     for thread in task_threads:
         thread.join()
     if any(task_rc.get(name, 1) for name, _ in task_caches):   # a task tree that failed (or whose thread died)
+        stop_caching.set()
         for proc in cache_procs:
             if proc.poll() is None:
                 proc.terminate()
+        corpora.join(timeout=90)        # its running cache stopped, none started after it
         return 1
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     done: set[str] = set()
