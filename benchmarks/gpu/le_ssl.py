@@ -171,7 +171,7 @@ def out_of_memory(log: Path) -> bool:
 
 def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    # the fine-tuning tasks' trees (scratch and supervised-task need nothing else), then the pre-training corpora
+    # the fine-tuning tasks' trees (scratch and supervised-task need nothing else) and the pre-training corpora
     task_caches = [(f"cache-{t}", sb("data", "cache", "--task", t, "--preset", PRESET, *task_sets("task", t)))
                    for t in TASKS]
     corpus_caches = [("cache-corpus", sb("data", "cache", "--task", SSL_CORPUS or "phantom-corpus", "--preset",
@@ -198,7 +198,6 @@ def main() -> int:
     # trees', so the pre-trainings start once the corpus is cached and the GPU fine-tunes scratch meanwhile (on
     # 2026-12-07 the three caches ran one after the other for 137 s, the GPU idle)
     corpus_rc: list[int] = []
-
     stop_caching = threading.Event()   # a task tree failed: no further corpus cache starts
 
     def cache_corpora() -> None:
