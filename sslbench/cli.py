@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import by_sigterm, RecipeError, sigterm_as_interrupt, SSLBenchError, Terminated, terminating
+from .errors import RecipeError, sigterm_as_interrupt, SSLBenchError, stop_exit, Terminated, terminating
 
 DEFAULT_METHOD = "scratch"
 DEFAULT_TASK = "phantom-mmwhs"
@@ -474,10 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stopped(exc: KeyboardInterrupt) -> int:
     """The one line and the exit status of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
-    term = by_sigterm(exc)
-    print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: the run folder keeps its last checkpoint; "
-          "continue with --resume", file=sys.stderr)
-    return 143 if term else 130
+    word, status = stop_exit(exc)
+    print(f"{word}: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
+    return status
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

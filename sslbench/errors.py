@@ -60,6 +60,12 @@ def by_sigterm(exc: BaseException) -> bool:
     return isinstance(exc, Terminated) or terminating()
 
 
+def stop_exit(exc: BaseException) -> tuple[str, int]:
+    """(word for the CLI's one line, exit status) of a command ended by ``exc``, an interrupt: SIGTERM (see
+    :func:`by_sigterm`) gives ("terminated (SIGTERM)", 143 = 128 + SIGTERM), Ctrl-C ("interrupted", 130)."""
+    return ("terminated (SIGTERM)", 143) if by_sigterm(exc) else ("interrupted", 130)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """While a command runs, SIGTERM raises :class:`~sslbench.errors.Terminated` (a KeyboardInterrupt) in the

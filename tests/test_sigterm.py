@@ -177,3 +177,10 @@ def test_a_run_stopped_by_sigterm_is_marked_interrupted_and_resumes_to_the_golde
     expected = json.loads(golden.GOLDEN.read_text())["scratch-btcv"]
     problems = golden.differences(expected, golden.records("scratch-btcv", tmp_path, phantom_home), "resumed")
     assert not problems, "\n".join(problems[:20])
+
+
+def test_stop_exit_words_and_statuses():
+    from sslbench.errors import stop_exit, Terminated
+
+    assert stop_exit(Terminated()) == ("terminated (SIGTERM)", 143)
+    assert stop_exit(KeyboardInterrupt()) == ("interrupted", 130)

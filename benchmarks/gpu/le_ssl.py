@@ -216,8 +216,11 @@ def main() -> int:
     corpora = threading.Thread(target=cache_corpora, daemon=True)
     corpora.start()
     task_rc: dict[str, int] = {}
-    task_threads = [threading.Thread(target=lambda n=name, c=cmd: task_rc.__setitem__(n, cache(n, c)), daemon=True)
-                    for name, cmd in task_caches]
+
+    def cache_task(name: str, cmd: list[str]) -> None:
+        task_rc[name] = cache(name, cmd)
+
+    task_threads = [threading.Thread(target=cache_task, args=(name, cmd), daemon=True) for name, cmd in task_caches]
     for thread in task_threads:
         thread.start()
     for thread in task_threads:

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .. import distributed, recipes
-from ..errors import by_sigterm, sigterm_as_interrupt, SSLBenchError
+from ..errors import sigterm_as_interrupt, SSLBenchError, stop_exit
 from .spec import build_sweep, esc, show_value
 from .storage import public_url
 from .summary import print_summary
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(raw)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    with sigterm_as_interrupt():   # as under `sslbench sweep` (a no-op there: it is installed already)
+    with sigterm_as_interrupt():   # for a direct call; under `sslbench sweep` the CLI installed it (a no-op)
         return run(args, raw)
 
 
@@ -156,10 +156,10 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (sslbench.errors.Terminated)
-        term = by_sigterm(exc)
-        print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: the trial is marked failed and its run folder "
-              "keeps its last checkpoint; run the same command again to continue", file=sys.stderr)
-        return 143 if term else 130
+        word, status = stop_exit(exc)
+        print(f"{word}: the trial is marked failed and its run folder keeps its last checkpoint; run the same "
+              "command again to continue", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover
